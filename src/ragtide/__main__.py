@@ -1,0 +1,5 @@
+"""`python -m ragtide` runs the CLI."""
+
+from ragtide.cli import main
+
+main()

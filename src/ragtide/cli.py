@@ -1,0 +1,197 @@
+"""The `ragtide` command line (Typer): run the stack, the services, and the operator's tools."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from typing import Annotated
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ragtide.contracts.errors import RagtideError
+from ragtide.contracts.logging import setup_logging
+from ragtide.contracts.settings import RagtideSettings, load_settings
+
+app = typer.Typer(help="ragtide: CDC-driven streaming RAG ingestion.", no_args_is_help=True, add_completion=False)
+console = Console(stderr=True)
+
+
+def _settings() -> RagtideSettings:
+    return load_settings(RagtideSettings)
+
+
+@app.command()
+def up(
+    demo: Annotated[bool, typer.Option(help="load the demo corpus (pydoc topics) when the table is empty")] = True,
+    wait: Annotated[bool, typer.Option(help="wait until every source row is indexed")] = True,
+) -> None:
+    """Start Postgres, Kafka, Connect + Debezium and the ragtide node on localhost (idempotent)."""
+    from ragtide.ingest.demo import load_demo
+    from ragtide.stack.stack import Stack
+
+    s = _settings()
+    stack = Stack(s)
+    with console.status("starting") as status:
+        for name in ("postgres", "kafka", "connect", "node"):
+            status.update(f"starting {name}…")
+            t0 = time.monotonic()
+            getattr(stack, f"start_{name}")()
+            console.print(f"[green]✓[/] {name} ({time.monotonic() - t0:.1f}s)")
+            if name == "postgres" and demo:
+                n = load_demo(s.postgres.dsn())
+                console.print(f"[green]✓[/] demo corpus: {n} rows in public.docs")
+    if wait:
+        wait_indexed(s)
+    api = s.api.url
+    console.print(f"\n[bold]ragtide is up.[/]\n  search API  {api}/v1/search\n  OpenAPI     {api}/docs\n"
+                  f"  metrics     {api}/metrics\n  logs        {s.data_dir / 'logs'}\n\nTry:\n")
+    query = json.dumps({"query": "how do I catch an exception?", "k": 3})
+    print(f"curl -s {api}/v1/search -H 'content-type: application/json' -d '{query}'")
+
+
+def source_row_counts(s: RagtideSettings) -> dict[str, int]:
+    """Rows per source table in Postgres."""
+    import psycopg
+
+    from ragtide.ingest.sources import load_sources
+
+    counts: dict[str, int] = {}
+    with psycopg.connect(s.postgres.dsn()) as conn:
+        for table in load_sources(s.sources_file).tables:
+            row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()  # table names are validated
+            counts[table] = int(row[0]) if row else 0
+    return counts
+
+
+def wait_indexed(s: RagtideSettings, timeout: float = 900.0) -> None:
+    """Show a progress bar until the index holds every source row."""
+    total = sum(source_row_counts(s).values())
+    columns = (TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("index", total=total)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            stats = httpx.get(f"{s.api.url}/v1/index/stats", timeout=10).json()
+            done = sum(t["rows"] for t in stats["tables"].values())
+            progress.update(task, completed=min(done, total))
+            if done >= total:
+                return
+            time.sleep(0.5)
+    raise RagtideError(f"index did not reach {total} rows within {timeout:.0f}s")
+
+
+@app.command()
+def down() -> None:
+    """Stop every process `ragtide up` started (by pid); data is kept."""
+    from ragtide.stack.stack import Stack
+
+    Stack(_settings()).down(lambda name: console.print(f"stopping {name}"))
+
+
+@app.command()
+def clean(yes: Annotated[bool, typer.Option("--yes", help="do not ask")] = False) -> None:
+    """Stop everything and delete the data folder (Postgres, Kafka, index, logs)."""
+    from ragtide.stack.stack import Stack
+
+    s = _settings()
+    if not yes and not typer.confirm(f"delete {s.data_dir}?"):
+        raise typer.Exit(1)
+    Stack(s).down()
+    shutil.rmtree(s.data_dir, ignore_errors=True)
+    console.print(f"removed {s.data_dir}")
+
+
+@app.command()
+def status() -> None:
+    """Which processes run, and what the index holds."""
+    from ragtide.stack.stack import Stack
+
+    s = _settings()
+    table = Table("process", "pid", "state")
+    for name, pid in Stack(s).status().items():
+        table.add_row(name, str(pid or "-"), "[green]running[/]" if pid else "[red]stopped[/]")
+    console.print(table)
+    try:
+        console.print_json(httpx.get(f"{s.api.url}/v1/index/stats", timeout=5).text)
+    except httpx.HTTPError:
+        console.print("index: API not reachable")
+
+
+@app.command()
+def node() -> None:
+    """Run the node: embedder + retrieval API in one process (owner of the embedded index)."""
+    import uvicorn
+
+    from ragtide.node import create_node_app
+
+    s = _settings()
+    setup_logging(s.log_level, s.json_logs)
+    uvicorn.run(create_node_app(s), host=s.api.host, port=s.api.port, log_config=None, access_log=False)
+
+
+@app.command()
+def retriever() -> None:
+    """Run the retrieval API alone (needs QDRANT_URL)."""
+    import uvicorn
+
+    from ragtide.node import create_retriever_app
+
+    s = _settings()
+    setup_logging(s.log_level, s.json_logs)
+    uvicorn.run(create_retriever_app(s), host=s.api.host, port=s.api.port, log_config=None, access_log=False)
+
+
+@app.command()
+def embedder() -> None:
+    """Run the Faust embedder alone (with QDRANT_URL the retriever runs as its own process)."""
+    import faust
+    from prometheus_client import CollectorRegistry
+
+    from ragtide.embedder.index.factory import open_index
+    from ragtide.ingest.sources import load_sources
+    from ragtide.node import build_embedder, build_encoder
+
+    s = _settings()
+    setup_logging(s.log_level, s.json_logs)
+    encoder = build_encoder(s)
+    index = open_index(s)
+    index.ensure_collection(encoder.dim)
+    worker_app = build_embedder(s, index, encoder, load_sources(s.sources_file), CollectorRegistry())
+    faust.Worker(worker_app, loglevel=s.log_level).execute_from_commandline()
+
+
+@app.command()
+def search(
+    query: str,
+    k: Annotated[int, typer.Option(help="number of hits")] = 5,
+) -> None:
+    """Query the running API and print the hits."""
+    s = _settings()
+    resp = httpx.post(f"{s.api.url}/v1/search", json={"query": query, "k": k}, timeout=30)
+    if resp.status_code != 200:
+        console.print(f"[red]{resp.status_code}[/] {resp.text}")
+        raise typer.Exit(1)
+    table = Table("score", "table", "row", "age", "text")
+    for h in resp.json()["hits"]:
+        table.add_row(f"{h['score']:.3f}", h["table"], h["row_id"], f"{h['age_s']:.0f}s", h["text"][:100])
+    console.print(table)
+
+
+def main() -> None:
+    """Entry point: errors we raise on purpose print as one clear message, not a traceback."""
+    try:
+        app()
+    except RagtideError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Chunks and their deterministic point ids and payload schema."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+from typing import Any, TypedDict
+
+# Fixed namespace: the same (table, key, chunk_no) maps to the same point id in every process, forever.
+POINT_NAMESPACE = uuid.UUID("5b1f7c2e-3d4a-4f6b-9a8e-7c6d5e4f3a2b")
+
+
+def point_id(table: str, row_id: str, chunk_no: int) -> str:
+    """Invariant 1: uuid5(namespace, "table:primary key:chunk_no")."""
+    return str(uuid.uuid5(POINT_NAMESPACE, f"{table}:{row_id}:{chunk_no}"))
+
+
+def content_hash(text: str) -> str:
+    """Fingerprint of a chunk's text; equal hash means no re-embedding."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One embeddable piece of a row's text."""
+
+    table: str
+    row_id: str
+    chunk_no: int
+    text: str
+
+    @property
+    def id(self) -> str:
+        """The chunk's deterministic point id."""
+        return point_id(self.table, self.row_id, self.chunk_no)
+
+    @property
+    def hash(self) -> str:
+        """The chunk's content fingerprint."""
+        return content_hash(self.text)
+
+
+class PointPayload(TypedDict):
+    """What every point stores beside its vector."""
+
+    table: str
+    row_key: str  # "table:row_id": one keyword field to find/delete all chunks of a row
+    row_id: str
+    key: dict[str, Any]
+    chunk_no: int
+    chunk_count: int
+    text: str
+    hash: str
+    tenant: str
+    metadata: dict[str, Any]
+    columns: dict[str, Any]  # the text columns' values, to fill Debezium's unchanged-TOAST placeholder later
+    lsn: int
+    source_ts_ms: int
+    indexed_at_ms: int
+
+
+def row_key(table: str, row_id: str) -> str:
+    """The payload value that groups all chunks of one row."""
+    return f"{table}:{row_id}"

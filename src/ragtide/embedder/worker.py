@@ -1,0 +1,181 @@
+"""The Faust app of the embedder: consume Debezium topics in size-or-time batches, apply them to the index,
+and ack (commit) offsets only after the vector store acknowledged every write of the batch.
+
+This module is the one place that decides what is retried (the store being unavailable), what goes to the
+dead-letter topic (a record we cannot decode, or a row we cannot index), and what stops the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+
+from ragtide.contracts.errors import DecodeError
+from ragtide.contracts.events import ChangeEvent
+from ragtide.contracts.settings import RagtideSettings
+from ragtide.embedder.metrics import EmbedderMetrics
+from ragtide.embedder.writer import ApplyStats, IndexWriter
+from ragtide.ingest.decode import decode, table_of_topic
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 10.0
+ROW_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class Poison:
+    """A record that goes to the dead-letter topic, with its original bytes and the reason."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    reason: str
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors that mean "the store is unavailable right now": retry the whole batch, commit nothing."""
+    if isinstance(exc, ConnectionError | TimeoutError | OSError):
+        return True
+    name = type(exc).__name__
+    return name in {"ResponseHandlingException", "ConnectError", "ReadTimeout", "WriteTimeout", "RemoteProtocolError"}
+
+
+class BatchProcessor:
+    """Decode, apply with retries, and split out poison records. Knows nothing of Faust streams."""
+
+    def __init__(self, writer: IndexWriter, metrics: EmbedderMetrics, topic_prefix: str) -> None:
+        self.writer = writer
+        self.metrics = metrics
+        self.topic_prefix = topic_prefix
+        self.last_stats = ApplyStats()
+
+    def decode_all(self, records: Sequence[Any]) -> tuple[list[ChangeEvent], list[Poison]]:
+        """Decode Kafka messages (anything with topic/partition/offset/key/value/timestamp)."""
+        good: list[ChangeEvent] = []
+        bad: list[Poison] = []
+        for m in records:
+            try:
+                ev = decode(m.key, m.value, topic_table=table_of_topic(m.topic, self.topic_prefix),
+                            kafka_ms=int(m.timestamp * 1000) if m.timestamp < 1e11 else int(m.timestamp),
+                            partition=m.partition, offset=m.offset)
+            except DecodeError as exc:
+                bad.append(Poison(m.topic, m.partition, m.offset, m.key, m.value, f"decode: {exc}"))
+                continue
+            if ev is not None:
+                good.append(ev)
+        return good, bad
+
+    async def apply(self, events: list[ChangeEvent], stopping: asyncio.Event) -> list[tuple[ChangeEvent, str]]:
+        """Apply the batch; retry while the store is unavailable; isolate rows that fail on their own.
+
+        Returns the (event, reason) pairs that must go to the dead-letter topic.
+        """
+        attempt = 0
+        while True:
+            try:
+                stats = await asyncio.to_thread(self.writer.apply, events)
+                self._record(stats)
+                return []
+            except Exception as exc:
+                if not is_transient(exc):
+                    log.warning("batch failed; retrying row by row", extra={"error": repr(exc), "events": len(events)})
+                    return await self._apply_one_by_one(events, stopping)
+                attempt += 1
+                self.metrics.store_retries.inc()
+                delay = min(MAX_BACKOFF_S, 0.1 * 2**attempt)
+                log.error("vector store unavailable; batch will be retried",
+                          extra={"error": repr(exc), "attempt": attempt, "delay_s": delay})
+                if stopping.is_set():
+                    raise
+                await asyncio.sleep(delay)
+
+    async def _apply_one_by_one(self, events: list[ChangeEvent], stopping: asyncio.Event) -> list[tuple[ChangeEvent, str]]:
+        poison: list[tuple[ChangeEvent, str]] = []
+        for ev in events:
+            for attempt in range(1, ROW_ATTEMPTS + 1):
+                try:
+                    self._record(await asyncio.to_thread(self.writer.apply, [ev]))
+                    break
+                except Exception as exc:
+                    if is_transient(exc) and not stopping.is_set():
+                        await asyncio.sleep(min(MAX_BACKOFF_S, 0.1 * 2**attempt))
+                        continue
+                    if attempt == ROW_ATTEMPTS or not is_transient(exc):
+                        poison.append((ev, f"apply: {type(exc).__name__}: {exc}"))
+                        break
+        return poison
+
+    def _record(self, stats: ApplyStats) -> None:
+        m = self.metrics
+        now = time.time()
+        for ev in stats.applied:
+            m.events.labels(ev.table, ev.op.value).inc()
+            if ev.position.ts_ms and not ev.extra.get("snapshot"):
+                m.commit_to_ack.observe(max(0.0, now - ev.position.ts_ms / 1000))
+        m.embedded.inc(stats.embedded)
+        m.skipped.inc(stats.skipped)
+        m.payload_updates.inc(stats.payload_updates)
+        m.deleted.inc(stats.deleted_points)
+        m.stale.inc(stats.stale)
+        m.batch_size.observe(stats.events)
+        self.last_stats = stats
+
+
+def create_worker_app(settings: RagtideSettings, processor: BatchProcessor, topics: Sequence[str]) -> faust.App:
+    """The Faust app: one agent over every source topic, a dead-letter topic, manual acks."""
+    app = faust.App(
+        "ragtide-embedder",
+        broker=f"kafka://{settings.kafka.bootstrap}",
+        store="memory://",
+        key_serializer="raw",
+        value_serializer="raw",
+        web_enabled=False,
+        topic_partitions=settings.kafka.partitions,
+        topic_replication_factor=1,
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=0.5,
+        producer_linger_ms=0,
+        stream_wait_empty=False,
+        autodiscover=False,
+    )
+    source = app.topic(*topics, key_type=bytes, value_type=bytes, partitions=settings.kafka.partitions)
+    dlq = app.topic(settings.dlq_topic, key_type=bytes, value_type=bytes, partitions=1)
+    stopping = asyncio.Event()  # cancellation of the agent (shutdown) interrupts retries without acking
+    window_s = settings.batch.window_ms / 1000
+
+    async def dead_letter(p: Poison) -> None:
+        processor.metrics.dlq.labels(p.reason.split(":", 1)[0]).inc()
+        log.warning("dead-lettered record", extra={"topic": p.topic, "partition": p.partition,
+                                                   "offset": p.offset, "reason": p.reason})
+        fut = await dlq.send(key=p.key, value=p.value, headers={
+            "ragtide.reason": p.reason.encode(), "ragtide.topic": p.topic.encode(),
+            "ragtide.partition": str(p.partition).encode(), "ragtide.offset": str(p.offset).encode()})
+        await fut  # durable in the DLQ before the original offset is committed
+
+    @app.agent(source, name="ragtide-embed")
+    async def embed(stream: Any) -> None:
+        async for events in stream.noack_take(settings.batch.max_events, within=window_s):
+            messages = [e.message for e in events]
+            good, bad = processor.decode_all(messages)
+            failed = await processor.apply(good, stopping) if good else []
+            for p in bad:
+                await dead_letter(p)
+            for ev, reason in failed:
+                m = next(m for m in messages if (m.partition, m.offset) == (ev.partition, ev.offset)
+                         and table_of_topic(m.topic, settings.connect.topic_prefix) == ev.table)
+                await dead_letter(Poison(m.topic, m.partition, m.offset, m.key, m.value, reason))
+            # Step 3 of the checkpoint: the store acknowledged every write; now the offsets may be committed.
+            for e in events:
+                await stream.ack(e)
+
+    return app

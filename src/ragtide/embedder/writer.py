@@ -1,0 +1,201 @@
+"""Apply a batch of change events to the vector index: coalesce per row, diff against stored chunk hashes,
+embed only changed chunks, and write (upsert / set_payload / delete).
+
+Pure of Kafka and Faust: the worker hands it decoded events, tests hand it lists.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ragtide.contracts.chunks import Chunk, PointPayload, content_hash, point_id, row_key
+from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
+from ragtide.embedder.encoder import Encoder
+from ragtide.embedder.index.base import IndexPoint, StoredPoint, VectorIndex
+from ragtide.ingest.sources import UNAVAILABLE, SourcesConfig, SourceTable
+
+log = logging.getLogger(__name__)
+
+# Fields that describe the row version rather than one chunk: refreshed in place when a chunk's text is unchanged.
+ROW_LEVEL_FIELDS = ("key", "chunk_count", "tenant", "metadata", "columns", "lsn", "source_ts_ms", "indexed_at_ms")
+
+
+@dataclass
+class ApplyStats:
+    """What one batch did."""
+
+    events: int = 0
+    rows_written: int = 0
+    rows_deleted: int = 0
+    tables_truncated: int = 0
+    embedded: int = 0
+    skipped: int = 0
+    payload_updates: int = 0
+    deleted_points: int = 0
+    stale: int = 0
+    unknown_table: int = 0
+    applied: list[ChangeEvent] = field(default_factory=list)
+
+
+@dataclass
+class _RowPlan:
+    event: ChangeEvent
+    source: SourceTable
+    row: dict[str, Any]  # the new row state, TOAST placeholders filled from the stored version
+    chunks: list[Chunk]
+
+
+def coalesce(events: Sequence[ChangeEvent]) -> list[list[ChangeEvent] | ChangeEvent]:
+    """Split at truncates; within each segment keep only the last event per row (last state wins)."""
+    out: list[list[ChangeEvent] | ChangeEvent] = []
+    segment: dict[tuple[str, str], ChangeEvent] = {}
+    for ev in events:
+        if ev.op is Op.TRUNCATE:
+            if segment:
+                out.append(list(segment.values()))
+                segment = {}
+            out.append(ev)
+            continue
+        segment.pop((ev.table, ev.row_id), None)  # re-insert so the row keeps its latest position
+        segment[(ev.table, ev.row_id)] = ev
+    if segment:
+        out.append(list(segment.values()))
+    return out
+
+
+def _stored_position(points: Sequence[StoredPoint]) -> SourcePosition | None:
+    if not points:
+        return None
+    return max(SourcePosition(int(p.payload.get("lsn", 0)), int(p.payload.get("source_ts_ms", 0))) for p in points)
+
+
+class IndexWriter:
+    """Turns change events into exactly the index writes they need."""
+
+    def __init__(
+        self,
+        index: VectorIndex,
+        encoder: Encoder,
+        chunker: Callable[[str], list[str]],
+        sources: SourcesConfig,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.index = index
+        self.encoder = encoder
+        self.chunker = chunker
+        self.sources = sources
+        self.clock = clock
+
+    def apply(self, events: Sequence[ChangeEvent]) -> ApplyStats:
+        """Apply the batch; returns once the store has acknowledged every write."""
+        stats = ApplyStats(events=len(events))
+        for part in coalesce(events):
+            if isinstance(part, ChangeEvent):
+                self._truncate(part, stats)
+            else:
+                self._apply_rows(part, stats)
+        return stats
+
+    def _truncate(self, ev: ChangeEvent, stats: ApplyStats) -> None:
+        before = self.index.count({"table": ev.table})
+        self.index.delete_where({"table": ev.table})
+        stats.deleted_points += before
+        stats.tables_truncated += 1
+        stats.applied.append(ev)
+
+    def _apply_rows(self, events: Sequence[ChangeEvent], stats: ApplyStats) -> None:
+        known = []
+        for ev in events:
+            if self.sources.get(ev.table) is None:
+                stats.unknown_table += 1
+                log.warning("event for a table not in the sources config", extra={"table": ev.table})
+            else:
+                known.append(ev)
+        if not known:
+            return
+        keys = [row_key(ev.table, ev.row_id) for ev in known]
+        stored: dict[str, list[StoredPoint]] = {k: [] for k in keys}
+        for p in self.index.scroll({"row_key": keys}, limit=1_000_000):
+            stored.setdefault(str(p.payload.get("row_key")), []).append(p)
+
+        deletes: list[str] = []
+        plans: list[_RowPlan] = []
+        for ev, rk in zip(known, keys, strict=True):
+            have = stored[rk]
+            pos = _stored_position(have)
+            if pos is not None and ev.position.lsn and ev.position.is_older_than(pos):
+                stats.stale += 1  # invariant 3: never let an older event overwrite a newer state
+                continue
+            if not ev.op.writes_row or ev.row is None:
+                if have:
+                    deletes.append(rk)
+                    stats.deleted_points += len(have)
+                stats.rows_deleted += 1
+                stats.applied.append(ev)
+                continue
+            source = self.sources.get(ev.table)
+            assert source is not None
+            row = self._fill_unavailable(ev.row, have, source)
+            text = source.render_text(row)
+            chunks = [Chunk(ev.table, ev.row_id, i, t) for i, t in enumerate(self.chunker(text))]
+            plans.append(_RowPlan(ev, source, row, chunks))
+            stats.applied.append(ev)
+
+        if deletes:
+            self.index.delete_where({"row_key": deletes})
+        self._write_plans(plans, stored, stats)
+
+    def _fill_unavailable(self, row: dict[str, Any], have: Sequence[StoredPoint], source: SourceTable) -> dict[str, Any]:
+        """Invariant 5: an unchanged TOASTed column (Debezium's placeholder) keeps the stored value."""
+        missing = [c for c in source.text_columns if row.get(c) == UNAVAILABLE]
+        if not missing:
+            return row
+        stored_cols: dict[str, Any] = dict(have[0].payload.get("columns", {})) if have else {}
+        return {**row, **{c: stored_cols.get(c) for c in missing}}
+
+    def _write_plans(self, plans: Sequence[_RowPlan], stored: dict[str, list[StoredPoint]], stats: ApplyStats) -> None:
+        now_ms = int(self.clock() * 1000)
+        to_embed: list[tuple[Chunk, PointPayload]] = []
+        surplus: list[str] = []
+        for plan in plans:
+            ev, src, row = plan.event, plan.source, plan.row
+            rk = row_key(ev.table, ev.row_id)
+            have = {int(p.payload.get("chunk_no", -1)): p for p in stored.get(rk, [])}
+            unchanged: list[str] = []
+            for chunk in plan.chunks:
+                payload: PointPayload = {
+                    "table": ev.table, "row_key": rk, "row_id": ev.row_id, "key": ev.key,
+                    "chunk_no": chunk.chunk_no, "chunk_count": len(plan.chunks), "text": chunk.text,
+                    "hash": chunk.hash, "tenant": src.tenant_of(row), "metadata": src.render_metadata(row),
+                    "columns": {c: row.get(c) for c in src.text_columns},
+                    "lsn": ev.position.lsn, "source_ts_ms": ev.position.ts_ms, "indexed_at_ms": now_ms,
+                }
+                old = have.get(chunk.chunk_no)
+                if old is not None and old.payload.get("hash") == chunk.hash:
+                    unchanged.append(chunk.id)
+                else:
+                    to_embed.append((chunk, payload))
+            if unchanged:
+                # Invariant 4: same text, no embedding; refresh the row-level fields in place.
+                shared = {k: payload[k] for k in ROW_LEVEL_FIELDS}  # type: ignore[literal-required]
+                self.index.set_payload(unchanged, shared)
+                stats.skipped += len(unchanged)
+                stats.payload_updates += len(unchanged)
+            surplus += [point_id(ev.table, ev.row_id, n) for n in have if n >= len(plan.chunks)]
+            stats.rows_written += 1
+
+        if to_embed:
+            vectors = self.encoder.encode([c.text for c, _ in to_embed])
+            points = [IndexPoint(c.id, vec, p) for (c, p), vec in zip(to_embed, vectors, strict=True)]
+            self.index.upsert(points)
+            stats.embedded += len(points)
+        if surplus:
+            self.index.delete(surplus)
+            stats.deleted_points += len(surplus)
+
+
+__all__ = ["ApplyStats", "IndexWriter", "coalesce", "content_hash"]

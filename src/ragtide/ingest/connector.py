@@ -1,0 +1,57 @@
+"""The Debezium connector: its config (infra/config/debezium-connector.json) and registration over Connect REST."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+
+from ragtide.contracts.errors import StackError
+from ragtide.contracts.settings import RagtideSettings
+from ragtide.ingest.sources import SourcesConfig
+from ragtide.stack import templates
+
+
+def connector_config(settings: RagtideSettings, sources: SourcesConfig) -> dict[str, str]:
+    """The connector config, rendered from the template in the repo."""
+    pg, c = settings.postgres, settings.connect
+    rendered = templates.render("debezium-connector.json", {
+        "PG_HOST": pg.host, "PG_PORT": str(pg.port), "PG_USER": pg.user,
+        "PG_PASSWORD": pg.password.get_secret_value(), "PG_DATABASE": pg.database,
+        "SLOT_NAME": c.slot_name, "PUBLICATION": c.publication, "TOPIC_PREFIX": c.topic_prefix,
+        "TABLES": ",".join(sources.tables), "HEARTBEAT_INTERVAL_MS": str(c.heartbeat_interval_ms),
+        "POLL_INTERVAL_MS": str(c.poll_interval_ms), "PARTITIONS": str(settings.kafka.partitions),
+    })
+    config: dict[str, str] = json.loads(rendered)
+    return config
+
+
+def source_topics(settings: RagtideSettings, sources: SourcesConfig) -> list[str]:
+    """The Kafka topic of each source table: <prefix>.<schema>.<table>."""
+    return [f"{settings.connect.topic_prefix}.{t}" for t in sources.tables]
+
+
+def register(settings: RagtideSettings, sources: SourcesConfig, timeout: float = 120.0) -> None:
+    """Create or update the connector (PUT is idempotent) and wait until its task runs."""
+    url = f"{settings.connect.url}/connectors/{settings.connect.connector_name}"
+    config = connector_config(settings, sources)
+    with httpx.Client(timeout=30.0) as http:
+        resp = http.put(f"{url}/config", json=config)
+        if resp.status_code >= 400:
+            raise StackError(f"Connect rejected the connector config ({resp.status_code}): {resp.text}")
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            st = http.get(f"{url}/status")
+            if st.is_success:
+                body = st.json()
+                tasks = body.get("tasks", [])
+                states = [body["connector"]["state"], *(t["state"] for t in tasks)]
+                last = json.dumps(body)[:2000]
+                if tasks and all(s == "RUNNING" for s in states):
+                    return
+                if "FAILED" in states:
+                    raise StackError(f"connector failed: {last}")
+            time.sleep(0.5)
+    raise StackError(f"connector not running after {timeout:.0f}s: {last}")

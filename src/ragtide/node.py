@@ -1,0 +1,66 @@
+"""Composition roots of the long-running processes.
+
+The embedded Qdrant engine is single-process, so in embedded mode one process, the *node*, owns it: it runs
+the Faust embedder and the retrieval API on one event loop (uvicorn drives, Faust starts from the API's
+lifespan). With QDRANT_URL set, `ragtide embedder` and `ragtide retriever` run as separate processes that
+scale independently.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from ragtide.contracts.errors import ConfigError
+from ragtide.contracts.settings import RagtideSettings
+from ragtide.embedder.chunking import Chunker
+from ragtide.embedder.encoder import Encoder, SentenceTransformerEncoder
+from ragtide.embedder.index.base import VectorIndex
+from ragtide.embedder.index.factory import open_index
+from ragtide.embedder.metrics import EmbedderMetrics
+from ragtide.embedder.worker import BatchProcessor, create_worker_app
+from ragtide.embedder.writer import IndexWriter
+from ragtide.ingest.connector import source_topics
+from ragtide.ingest.sources import SourcesConfig, load_sources
+from ragtide.retriever.app import create_app
+
+
+def build_encoder(settings: RagtideSettings) -> Encoder:
+    """The configured encoder."""
+    e = settings.encoder
+    return SentenceTransformerEncoder(e.model_path, e.device, e.batch_size)
+
+
+def build_writer(settings: RagtideSettings, index: VectorIndex, encoder: Encoder, sources: SourcesConfig) -> IndexWriter:
+    """The index writer with a chunker on the model's own tokenizer."""
+    max_tokens = min(settings.chunking.max_tokens, encoder.max_tokens)
+    chunker = Chunker(encoder.tokenizer, max_tokens, settings.chunking.overlap_tokens)
+    return IndexWriter(index, encoder, chunker, sources)
+
+
+def build_embedder(settings: RagtideSettings, index: VectorIndex, encoder: Encoder, sources: SourcesConfig,
+                   registry: CollectorRegistry) -> object:
+    """The Faust app of the embedder."""
+    processor = BatchProcessor(build_writer(settings, index, encoder, sources), EmbedderMetrics(registry),
+                               settings.connect.topic_prefix)
+    return create_worker_app(settings, processor, source_topics(settings, sources))
+
+
+def create_node_app(settings: RagtideSettings) -> FastAPI:
+    """Embedder + retrieval API in one process, sharing the encoder and the (embedded) index."""
+    from faust.contrib.asgi import faust_lifespan
+
+    sources = load_sources(settings.sources_file)
+    encoder = build_encoder(settings)
+    index = open_index(settings)
+    registry = CollectorRegistry()
+    worker = build_embedder(settings, index, encoder, sources, registry)
+    return create_app(settings, index, encoder, sources, registry, lifespan=faust_lifespan(worker))
+
+
+def create_retriever_app(settings: RagtideSettings) -> FastAPI:
+    """The retrieval API alone; it reads a Qdrant server that the embedder writes."""
+    if not settings.qdrant_url:
+        raise ConfigError("QDRANT_URL: the standalone retriever needs a Qdrant server; in embedded mode run `ragtide node`")
+    sources = load_sources(settings.sources_file)
+    return create_app(settings, open_index(settings), build_encoder(settings), sources)

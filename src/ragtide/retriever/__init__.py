@@ -1,0 +1,1 @@
+"""The retrieval service: the search API (and later answers, cache, dashboard). Never imports the Faust app."""

@@ -1,0 +1,161 @@
+"""The retrieval API: `create_app(settings, index, encoder)` is its composition root."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+
+from ragtide.contracts.settings import RagtideSettings
+from ragtide.embedder.encoder import Encoder
+from ragtide.embedder.index.base import Filter, Hit, VectorIndex
+from ragtide.ingest.sources import SourcesConfig
+from ragtide.retriever.schemas import Health, IndexStats, SearchHit, SearchRequest, SearchResponse, TableStats
+
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+
+
+class Services:
+    """What the routes need, built once by the composition root."""
+
+    def __init__(self, settings: RagtideSettings, index: VectorIndex, encoder: Encoder, sources: SourcesConfig,
+                 registry: CollectorRegistry) -> None:
+        self.settings = settings
+        self.index = index
+        self.encoder = encoder
+        self.sources = sources
+        self.registry = registry
+        self.filterable = {"table"} | {m for s in sources.sources for m in s.metadata}
+        self.latency = Histogram("ragtide_request_seconds", "API request latency", ["endpoint"], registry=registry,
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
+
+
+def get_services(request: Request) -> Services:
+    """The Services of this app instance."""
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def _iso(ms: Any) -> str | None:
+    return datetime.fromtimestamp(int(ms) / 1000, UTC).isoformat() if ms else None
+
+
+def to_hit(h: Hit, now: float) -> SearchHit:
+    """A stored point as an API hit."""
+    p = h.payload
+    ts = p.get("source_ts_ms")
+    return SearchHit(
+        id=h.id, score=h.score, text=str(p.get("text", "")), table=str(p.get("table", "")), key=p.get("key") or {},
+        row_id=str(p.get("row_id", "")), chunk_no=int(p.get("chunk_no", 0)), chunk_count=int(p.get("chunk_count", 1)),
+        metadata=p.get("metadata") or {}, source_commit_ts=_iso(ts), indexed_at=_iso(p.get("indexed_at_ms")),
+        age_s=round(now - int(ts) / 1000, 3) if ts else None,
+    )
+
+
+def build_filter(services: Services, requested: dict[str, Any] | None) -> Filter:
+    """Map the request's filter onto payload paths; unknown columns are a 422 that names them."""
+    flt: dict[str, Any] = {}
+    for key, value in (requested or {}).items():
+        if key not in services.filterable:
+            allowed = ", ".join(sorted(services.filterable))
+            raise HTTPException(422, f"filter: unknown field {key!r}; filterable fields are: {allowed}")
+        if isinstance(value, list) and not value:
+            raise HTTPException(422, f"filter: {key!r} has an empty list")
+        flt["table" if key == "table" else f"metadata.{key}"] = value
+    return flt
+
+
+def create_app(
+    settings: RagtideSettings,
+    index: VectorIndex,
+    encoder: Encoder,
+    sources: SourcesConfig,
+    registry: CollectorRegistry | None = None,
+    lifespan: Lifespan | None = None,
+) -> FastAPI:
+    """Build the API; `lifespan` lets the node run the embedder in the same event loop."""
+    services = Services(settings, index, encoder, sources, registry or CollectorRegistry())
+
+    @asynccontextmanager
+    async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(index.ensure_collection, encoder.dim)
+        try:
+            if lifespan is None:
+                yield
+            else:
+                async with lifespan(app):
+                    yield
+        finally:
+            await asyncio.to_thread(index.close)
+
+    app = FastAPI(title="ragtide", version="0.1.0", lifespan=_lifespan,
+                  description="Fresh retrieval over a CDC-maintained vector index.")
+    app.state.services = services
+
+    @app.exception_handler(ValueError)
+    async def _value_error(_: Request, exc: ValueError) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"detail": str(exc)})
+
+    @app.post("/v1/search", response_model=SearchResponse, tags=["retrieval"])
+    async def search(body: SearchRequest, svc: ServicesDep) -> SearchResponse:
+        """Semantic search over the freshest indexed state of the source tables."""
+        t0 = time.perf_counter()
+        k = body.k or svc.settings.api.default_k
+        if k > svc.settings.api.max_k:
+            raise HTTPException(422, f"k: must be at most {svc.settings.api.max_k}")
+        if len(body.query) > svc.settings.api.max_query_chars:
+            raise HTTPException(422, f"query: longer than {svc.settings.api.max_query_chars} characters")
+        flt = build_filter(svc, body.filter)
+        vector = (await asyncio.to_thread(svc.encoder.encode, [body.query]))[0]
+        hits = await asyncio.to_thread(svc.index.search, vector, k, flt)
+        now = time.time()
+        took = time.perf_counter() - t0
+        svc.latency.labels("search").observe(took)
+        return SearchResponse(query=body.query, k=k, hits=[to_hit(h, now) for h in hits], took_ms=round(took * 1000, 2))
+
+    @app.get("/v1/index/stats", response_model=IndexStats, tags=["retrieval"])
+    async def index_stats(svc: ServicesDep) -> IndexStats:
+        """How many rows and chunks of each source table are indexed."""
+        tables: dict[str, TableStats] = {}
+        for table in svc.sources.tables:
+            points = await asyncio.to_thread(svc.index.count, {"table": table})
+            rows = await asyncio.to_thread(svc.index.count, {"table": table, "chunk_no": 0})
+            tables[table] = TableStats(rows=rows, chunks=points)
+        return IndexStats(points=await asyncio.to_thread(svc.index.count), tables=tables)
+
+    @app.get("/healthz", response_model=Health, tags=["ops"])
+    async def healthz() -> Health:
+        """Liveness: the process answers."""
+        return Health(status="ok")
+
+    @app.get("/readyz", response_model=Health, tags=["ops"], responses={503: {"model": Health}})
+    async def readyz(svc: ServicesDep, response: Response) -> Health:
+        """Readiness: the vector index answers and the encoder is loaded."""
+        checks: dict[str, str] = {}
+        try:
+            n = await asyncio.to_thread(svc.index.count)
+            checks["index"] = f"ok ({n} points)"
+        except Exception as exc:
+            checks["index"] = f"unavailable: {exc}"
+        checks["encoder"] = f"ok ({svc.encoder.model_name}, dim {svc.encoder.dim})"
+        ready = all(v.startswith("ok") for v in checks.values())
+        if not ready:
+            response.status_code = 503
+        return Health(status="ready" if ready else "unready", checks=checks)
+
+    @app.get("/metrics", tags=["ops"], response_class=Response)
+    async def metrics(svc: ServicesDep) -> Response:
+        """Prometheus metrics."""
+        return Response(generate_latest(svc.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,141 @@
+"""Start, watch and stop daemons by pid file; wait for ports and HTTP endpoints with deadlines."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from ragtide.contracts.errors import StackError
+
+
+@dataclass(frozen=True)
+class Daemon:
+    """A process of the stack, known by name, with its pid file and log under the data folder."""
+
+    name: str
+    run_dir: Path
+    log_dir: Path
+    stop_signal: signal.Signals = signal.SIGTERM
+
+    @property
+    def pid_file(self) -> Path:
+        """Where the pid is kept."""
+        return self.run_dir / f"{self.name}.pid"
+
+    @property
+    def log_file(self) -> Path:
+        """Where stdout and stderr go."""
+        return self.log_dir / f"{self.name}.log"
+
+    def pid(self) -> int | None:
+        """The pid, if the process is alive."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if pid_alive(pid) else None
+
+    def start(self, argv: Sequence[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> int:
+        """Start the process detached (own session), unless it is already running."""
+        if (pid := self.pid()) is not None:
+            return pid
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "ab") as log:
+            proc = subprocess.Popen(
+                list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True,
+            )
+        self.pid_file.write_text(str(proc.pid))
+        return proc.pid
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """SIGTERM, wait, then SIGKILL. True if a process was stopped."""
+        pid = self.pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return False
+        stop_pid(pid, timeout, self.stop_signal)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    def tail(self, lines: int = 40) -> str:
+        """The end of the log, for error messages."""
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+def pid_alive(pid: int) -> bool:
+    """True if `pid` is a live (not zombie) process."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            return False
+    return True
+
+
+def stop_pid(pid: int, timeout: float, first: signal.Signals = signal.SIGTERM) -> None:
+    """Terminate a process group politely, then forcefully."""
+    for sig, wait in ((first, timeout), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            try:
+                os.killpg(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not pid_alive(pid):
+                return
+            time.sleep(0.1)
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float, daemon: Daemon | None = None) -> None:
+    """Poll `check` until it is true; fail with the daemon's log tail when the deadline passes or it dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if check():
+                return
+        if daemon is not None and daemon.pid() is None:
+            raise StackError(f"{daemon.name} exited while waiting for {what}; log {daemon.log_file}:\n{daemon.tail()}")
+        time.sleep(0.25)
+    tail = f"; log {daemon.log_file}:\n{daemon.tail()}" if daemon else ""
+    raise StackError(f"timed out after {timeout:.0f}s waiting for {what}{tail}")
+
+
+def port_open(host: str, port: int) -> bool:
+    """True if something accepts TCP connections on host:port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def http_ok(url: str) -> bool:
+    """True if GET url answers 2xx."""
+    return httpx.get(url, timeout=2.0).is_success
+
+
+def free_port() -> int:
+    """A TCP port that is free right now on loopback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
