@@ -11,7 +11,14 @@ from typing import Annotated
 import httpx
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from ragtide.contracts.errors import RagtideError
@@ -49,8 +56,10 @@ def up(
     if wait:
         wait_indexed(s)
     api = s.api.url
-    console.print(f"\n[bold]ragtide is up.[/]\n  search API  {api}/v1/search\n  OpenAPI     {api}/docs\n"
-                  f"  metrics     {api}/metrics\n  logs        {s.data_dir / 'logs'}\n\nTry:\n")
+    console.print(
+        f"\n[bold]ragtide is up.[/]\n  search API  {api}/v1/search\n  OpenAPI     {api}/docs\n"
+        f"  metrics     {api}/metrics\n  logs        {s.data_dir / 'logs'}\n\nTry:\n"
+    )
     query = json.dumps({"query": "how do I catch an exception?", "k": 3})
     print(f"curl -s {api}/v1/search -H 'content-type: application/json' -d '{query}'")
 
@@ -72,8 +81,14 @@ def source_row_counts(s: RagtideSettings) -> dict[str, int]:
 def wait_indexed(s: RagtideSettings, timeout: float = 900.0) -> None:
     """Show a progress bar until the index holds every source row."""
     total = sum(source_row_counts(s).values())
-    columns = (TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
-               TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("indexing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("rows"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("index", total=total)
         deadline = time.monotonic() + timeout
@@ -85,6 +100,19 @@ def wait_indexed(s: RagtideSettings, timeout: float = 900.0) -> None:
                 return
             time.sleep(0.5)
     raise RagtideError(f"index did not reach {total} rows within {timeout:.0f}s")
+
+
+@app.command("register-connector")
+def register_connector() -> None:
+    """Create or update the Debezium connector through the Connect REST API and wait until it runs."""
+    from ragtide.ingest import connector, pgsetup
+    from ragtide.ingest.sources import load_sources
+
+    s = _settings()
+    sources = load_sources(s.sources_file)
+    pgsetup.prepare_source_db(s.postgres.dsn(), sources)
+    connector.register(s, sources)
+    console.print(f"connector {s.connect.connector_name} is running on {s.connect.url}")
 
 
 @app.command()

@@ -8,6 +8,7 @@ scale independently.
 
 from __future__ import annotations
 
+import faust
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
@@ -31,18 +32,22 @@ def build_encoder(settings: RagtideSettings) -> Encoder:
     return SentenceTransformerEncoder(e.model_path, e.device, e.batch_size)
 
 
-def build_writer(settings: RagtideSettings, index: VectorIndex, encoder: Encoder, sources: SourcesConfig) -> IndexWriter:
+def build_writer(
+    settings: RagtideSettings, index: VectorIndex, encoder: Encoder, sources: SourcesConfig
+) -> IndexWriter:
     """The index writer with a chunker on the model's own tokenizer."""
     max_tokens = min(settings.chunking.max_tokens, encoder.max_tokens)
     chunker = Chunker(encoder.tokenizer, max_tokens, settings.chunking.overlap_tokens)
     return IndexWriter(index, encoder, chunker, sources)
 
 
-def build_embedder(settings: RagtideSettings, index: VectorIndex, encoder: Encoder, sources: SourcesConfig,
-                   registry: CollectorRegistry) -> object:
+def build_embedder(
+    settings: RagtideSettings, index: VectorIndex, encoder: Encoder, sources: SourcesConfig, registry: CollectorRegistry
+) -> faust.App:
     """The Faust app of the embedder."""
-    processor = BatchProcessor(build_writer(settings, index, encoder, sources), EmbedderMetrics(registry),
-                               settings.connect.topic_prefix)
+    processor = BatchProcessor(
+        build_writer(settings, index, encoder, sources), EmbedderMetrics(registry), settings.connect.topic_prefix
+    )
     return create_worker_app(settings, processor, source_topics(settings, sources))
 
 
@@ -61,6 +66,8 @@ def create_node_app(settings: RagtideSettings) -> FastAPI:
 def create_retriever_app(settings: RagtideSettings) -> FastAPI:
     """The retrieval API alone; it reads a Qdrant server that the embedder writes."""
     if not settings.qdrant_url:
-        raise ConfigError("QDRANT_URL: the standalone retriever needs a Qdrant server; in embedded mode run `ragtide node`")
+        raise ConfigError(
+            "QDRANT_URL: the standalone retriever needs a Qdrant server; in embedded mode run `ragtide node`"
+        )
     sources = load_sources(settings.sources_file)
     return create_app(settings, open_index(settings), build_encoder(settings), sources)

@@ -22,7 +22,7 @@ class Op(StrEnum):
         return self in (Op.CREATE, Op.UPDATE, Op.READ)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, order=True)
 class SourcePosition:
     """Where in the source's history this row version comes from."""
 
@@ -31,7 +31,7 @@ class SourcePosition:
 
     def is_older_than(self, other: SourcePosition) -> bool:
         """True when this position precedes `other` in the source's WAL order."""
-        return (self.lsn, self.ts_ms) < (other.lsn, other.ts_ms)
+        return self < other
 
 
 @dataclass(frozen=True, slots=True)

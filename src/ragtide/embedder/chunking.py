@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Tokenizer(Protocol):
@@ -17,6 +17,24 @@ def token_offsets(tokenizer: Tokenizer, text: str) -> list[tuple[int, int]]:
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     offsets: Sequence[tuple[int, int]] = enc["offset_mapping"]  # type: ignore[index]
     return [(int(a), int(b)) for a, b in offsets]
+
+
+class _BackendOffsets:
+    """The fast (Rust) tokenizer behind a Hugging Face tokenizer, copied with truncation and padding off.
+
+    Chunking must see every token of a long text; the model's own wrapper would warn about (or cut at) its
+    maximum length, which is exactly what chunking exists to avoid.
+    """
+
+    def __init__(self, hf_tokenizer: Any) -> None:
+        from tokenizers import Tokenizer as RustTokenizer
+
+        self._tok = RustTokenizer.from_str(hf_tokenizer.backend_tokenizer.to_str())
+        self._tok.no_truncation()
+        self._tok.no_padding()
+
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        return [(int(a), int(b)) for a, b in self._tok.encode(text, add_special_tokens=False).offsets]
 
 
 def chunk_text(text: str, offsets: Sequence[tuple[int, int]], max_tokens: int, overlap: int) -> list[str]:
@@ -53,9 +71,16 @@ class Chunker:
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
         self.overlap = min(overlap, max_tokens - 1)
+        self._backend = _BackendOffsets(tokenizer) if hasattr(tokenizer, "backend_tokenizer") else None
+
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        """Token spans of `text`, through the fast backend when there is one."""
+        if self._backend is not None:
+            return self._backend.offsets(text)
+        return token_offsets(self.tokenizer, text)
 
     def __call__(self, text: str) -> list[str]:
         text = text.strip()
         if not text:
             return []
-        return chunk_text(text, token_offsets(self.tokenizer, text), self.max_tokens, self.overlap)
+        return chunk_text(text, self.offsets(text), self.max_tokens, self.overlap)

@@ -74,13 +74,14 @@ class SentenceTransformerEncoder:
     @property
     def dim(self) -> int:
         """Vector size."""
-        dim = self._model.get_sentence_embedding_dimension()
+        get_dim = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
+        dim = get_dim()
         return int(dim) if dim is not None else 384
 
     @property
     def max_tokens(self) -> int:
         """The longest input (in tokens, without special tokens) the model reads without truncation."""
-        return int(self._model.max_seq_length) - 2
+        return int(self._model.max_seq_length or 256) - 2
 
     @property
     def tokenizer(self) -> Any:
@@ -97,6 +98,11 @@ class SentenceTransformerEncoder:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         with self._lock:
-            out = self._model.encode(list(texts), batch_size=self._batch_size, normalize_embeddings=True,
-                                     convert_to_numpy=True, show_progress_bar=False)
+            out = self._model.encode(
+                list(texts),
+                batch_size=self._batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
         return np.asarray(out, dtype=np.float32)

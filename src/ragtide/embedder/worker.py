@@ -64,9 +64,14 @@ class BatchProcessor:
         bad: list[Poison] = []
         for m in records:
             try:
-                ev = decode(m.key, m.value, topic_table=table_of_topic(m.topic, self.topic_prefix),
-                            kafka_ms=int(m.timestamp * 1000) if m.timestamp < 1e11 else int(m.timestamp),
-                            partition=m.partition, offset=m.offset)
+                ev = decode(
+                    m.key,
+                    m.value,
+                    topic_table=table_of_topic(m.topic, self.topic_prefix),
+                    kafka_ms=int(m.timestamp * 1000) if m.timestamp < 1e11 else int(m.timestamp),
+                    partition=m.partition,
+                    offset=m.offset,
+                )
             except DecodeError as exc:
                 bad.append(Poison(m.topic, m.partition, m.offset, m.key, m.value, f"decode: {exc}"))
                 continue
@@ -92,13 +97,17 @@ class BatchProcessor:
                 attempt += 1
                 self.metrics.store_retries.inc()
                 delay = min(MAX_BACKOFF_S, 0.1 * 2**attempt)
-                log.error("vector store unavailable; batch will be retried",
-                          extra={"error": repr(exc), "attempt": attempt, "delay_s": delay})
+                log.error(
+                    "vector store unavailable; batch will be retried",
+                    extra={"error": repr(exc), "attempt": attempt, "delay_s": delay},
+                )
                 if stopping.is_set():
                     raise
                 await asyncio.sleep(delay)
 
-    async def _apply_one_by_one(self, events: list[ChangeEvent], stopping: asyncio.Event) -> list[tuple[ChangeEvent, str]]:
+    async def _apply_one_by_one(
+        self, events: list[ChangeEvent], stopping: asyncio.Event
+    ) -> list[tuple[ChangeEvent, str]]:
         poison: list[tuple[ChangeEvent, str]] = []
         for ev in events:
             for attempt in range(1, ROW_ATTEMPTS + 1):
@@ -155,11 +164,20 @@ def create_worker_app(settings: RagtideSettings, processor: BatchProcessor, topi
 
     async def dead_letter(p: Poison) -> None:
         processor.metrics.dlq.labels(p.reason.split(":", 1)[0]).inc()
-        log.warning("dead-lettered record", extra={"topic": p.topic, "partition": p.partition,
-                                                   "offset": p.offset, "reason": p.reason})
-        fut = await dlq.send(key=p.key, value=p.value, headers={
-            "ragtide.reason": p.reason.encode(), "ragtide.topic": p.topic.encode(),
-            "ragtide.partition": str(p.partition).encode(), "ragtide.offset": str(p.offset).encode()})
+        log.warning(
+            "dead-lettered record",
+            extra={"topic": p.topic, "partition": p.partition, "offset": p.offset, "reason": p.reason},
+        )
+        fut = await dlq.send(
+            key=p.key,
+            value=p.value,
+            headers={
+                "ragtide.reason": p.reason.encode(),
+                "ragtide.topic": p.topic.encode(),
+                "ragtide.partition": str(p.partition).encode(),
+                "ragtide.offset": str(p.offset).encode(),
+            },
+        )
         await fut  # durable in the DLQ before the original offset is committed
 
     @app.agent(source, name="ragtide-embed")
@@ -171,8 +189,12 @@ def create_worker_app(settings: RagtideSettings, processor: BatchProcessor, topi
             for p in bad:
                 await dead_letter(p)
             for ev, reason in failed:
-                m = next(m for m in messages if (m.partition, m.offset) == (ev.partition, ev.offset)
-                         and table_of_topic(m.topic, settings.connect.topic_prefix) == ev.table)
+                m = next(
+                    m
+                    for m in messages
+                    if (m.partition, m.offset) == (ev.partition, ev.offset)
+                    and table_of_topic(m.topic, settings.connect.topic_prefix) == ev.table
+                )
                 await dead_letter(Poison(m.topic, m.partition, m.offset, m.key, m.value, reason))
             # Step 3 of the checkpoint: the store acknowledged every write; now the offsets may be committed.
             for e in events:

@@ -149,7 +149,9 @@ class IndexWriter:
             self.index.delete_where({"row_key": deletes})
         self._write_plans(plans, stored, stats)
 
-    def _fill_unavailable(self, row: dict[str, Any], have: Sequence[StoredPoint], source: SourceTable) -> dict[str, Any]:
+    def _fill_unavailable(
+        self, row: dict[str, Any], have: Sequence[StoredPoint], source: SourceTable
+    ) -> dict[str, Any]:
         """Invariant 5: an unchanged TOASTed column (Debezium's placeholder) keeps the stored value."""
         missing = [c for c in source.text_columns if row.get(c) == UNAVAILABLE]
         if not missing:
@@ -168,11 +170,20 @@ class IndexWriter:
             unchanged: list[str] = []
             for chunk in plan.chunks:
                 payload: PointPayload = {
-                    "table": ev.table, "row_key": rk, "row_id": ev.row_id, "key": ev.key,
-                    "chunk_no": chunk.chunk_no, "chunk_count": len(plan.chunks), "text": chunk.text,
-                    "hash": chunk.hash, "tenant": src.tenant_of(row), "metadata": src.render_metadata(row),
+                    "table": ev.table,
+                    "row_key": rk,
+                    "row_id": ev.row_id,
+                    "key": ev.key,
+                    "chunk_no": chunk.chunk_no,
+                    "chunk_count": len(plan.chunks),
+                    "text": chunk.text,
+                    "hash": chunk.hash,
+                    "tenant": src.tenant_of(row),
+                    "metadata": src.render_metadata(row),
                     "columns": {c: row.get(c) for c in src.text_columns},
-                    "lsn": ev.position.lsn, "source_ts_ms": ev.position.ts_ms, "indexed_at_ms": now_ms,
+                    "lsn": ev.position.lsn,
+                    "source_ts_ms": ev.position.ts_ms,
+                    "indexed_at_ms": now_ms,
                 }
                 old = have.get(chunk.chunk_no)
                 if old is not None and old.payload.get("hash") == chunk.hash:

@@ -16,13 +16,23 @@ from ragtide.stack import templates
 def connector_config(settings: RagtideSettings, sources: SourcesConfig) -> dict[str, str]:
     """The connector config, rendered from the template in the repo."""
     pg, c = settings.postgres, settings.connect
-    rendered = templates.render("debezium-connector.json", {
-        "PG_HOST": pg.host, "PG_PORT": str(pg.port), "PG_USER": pg.user,
-        "PG_PASSWORD": pg.password.get_secret_value(), "PG_DATABASE": pg.database,
-        "SLOT_NAME": c.slot_name, "PUBLICATION": c.publication, "TOPIC_PREFIX": c.topic_prefix,
-        "TABLES": ",".join(sources.tables), "HEARTBEAT_INTERVAL_MS": str(c.heartbeat_interval_ms),
-        "POLL_INTERVAL_MS": str(c.poll_interval_ms), "PARTITIONS": str(settings.kafka.partitions),
-    })
+    rendered = templates.render(
+        "debezium-connector.json",
+        {
+            "PG_HOST": pg.host,
+            "PG_PORT": str(pg.port),
+            "PG_USER": pg.user,
+            "PG_PASSWORD": pg.password.get_secret_value(),
+            "PG_DATABASE": pg.database,
+            "SLOT_NAME": c.slot_name,
+            "PUBLICATION": c.publication,
+            "TOPIC_PREFIX": c.topic_prefix,
+            "TABLES": ",".join(sources.tables),
+            "HEARTBEAT_INTERVAL_MS": str(c.heartbeat_interval_ms),
+            "POLL_INTERVAL_MS": str(c.poll_interval_ms),
+            "PARTITIONS": str(settings.kafka.partitions),
+        },
+    )
     config: dict[str, str] = json.loads(rendered)
     return config
 

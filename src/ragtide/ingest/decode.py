@@ -44,8 +44,15 @@ def decode(
         if not isinstance(key_doc, dict) or not key_doc or topic_table is None:
             raise DecodeError("tombstone without a usable key or topic")
         return ChangeEvent(
-            table=topic_table, op=Op.DELETE, key=key_doc, row=None, position=SourcePosition(0, 0),
-            kafka_ms=kafka_ms, partition=partition, offset=offset, extra={"tombstone": True},
+            table=topic_table,
+            op=Op.DELETE,
+            key=key_doc,
+            row=None,
+            position=SourcePosition(0, 0),
+            kafka_ms=kafka_ms,
+            partition=partition,
+            offset=offset,
+            extra={"tombstone": True},
         )
     if not isinstance(value_doc, dict):
         raise DecodeError(f"record value is a JSON {type(value_doc).__name__}, not an object")
@@ -65,8 +72,17 @@ def decode(
     after = value_doc.get("after")
     before = value_doc.get("before")
     if op is Op.TRUNCATE:
-        return ChangeEvent(table=table, op=op, key={}, row=None, position=position, emitted_ms=emitted_ms,
-                           kafka_ms=kafka_ms, partition=partition, offset=offset)
+        return ChangeEvent(
+            table=table,
+            op=op,
+            key={},
+            row=None,
+            position=position,
+            emitted_ms=emitted_ms,
+            kafka_ms=kafka_ms,
+            partition=partition,
+            offset=offset,
+        )
     if op.writes_row and not isinstance(after, dict):
         raise DecodeError(f"op {op.value} without an 'after' row")
     if not isinstance(key_doc, dict) or not key_doc:
@@ -76,8 +92,15 @@ def decode(
     if op is Op.DELETE and before is not None and not isinstance(before, dict):
         raise DecodeError("delete with a malformed 'before'")
     return ChangeEvent(
-        table=table, op=op, key=key_doc, row=row, position=position, emitted_ms=emitted_ms,
-        kafka_ms=kafka_ms, partition=partition, offset=offset,
+        table=table,
+        op=op,
+        key=key_doc,
+        row=row,
+        position=position,
+        emitted_ms=emitted_ms,
+        kafka_ms=kafka_ms,
+        partition=partition,
+        offset=offset,
         extra={"snapshot": source.get("snapshot")} if source.get("snapshot") not in (None, "false") else {},
     )
 

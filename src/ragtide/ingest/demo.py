@@ -17,12 +17,58 @@ CREATE TABLE IF NOT EXISTS public.docs (
 )"""
 
 _CATEGORIES = {
-    "statements": ("assert", "assignment", "augassign", "break", "continue", "del", "exec", "for", "global",
-                   "if", "import", "nonlocal", "pass", "raise", "return", "try", "while", "with", "yield",
-                   "class", "function", "async", "match", "type"),
-    "expressions": ("atom", "attribute", "binary", "bitwise", "booleans", "calls", "comparisons", "conditional",
-                    "context", "lambda", "power", "shifting", "slicings", "subscriptions", "unary", "await",
-                    "lists", "dict", "string", "numbers", "integers", "floating", "imaginary", "formatstrings"),
+    "statements": (
+        "assert",
+        "assignment",
+        "augassign",
+        "break",
+        "continue",
+        "del",
+        "exec",
+        "for",
+        "global",
+        "if",
+        "import",
+        "nonlocal",
+        "pass",
+        "raise",
+        "return",
+        "try",
+        "while",
+        "with",
+        "yield",
+        "class",
+        "function",
+        "async",
+        "match",
+        "type",
+    ),
+    "expressions": (
+        "atom",
+        "attribute",
+        "binary",
+        "bitwise",
+        "booleans",
+        "calls",
+        "comparisons",
+        "conditional",
+        "context",
+        "lambda",
+        "power",
+        "shifting",
+        "slicings",
+        "subscriptions",
+        "unary",
+        "await",
+        "lists",
+        "dict",
+        "string",
+        "numbers",
+        "integers",
+        "floating",
+        "imaginary",
+        "formatstrings",
+    ),
 }
 
 
@@ -57,8 +103,13 @@ def demo_rows(words_per_row: int = 120) -> list[dict[str, str]]:
 
 def _row(topic: str, n: int, part: list[str]) -> dict[str, str]:
     heading = part[0].splitlines()[0][:120]
-    return {"id": f"{topic}/{n}", "title": f"{topic}: {heading}", "body": "\n\n".join(part),
-            "topic": topic, "category": category_of(topic)}
+    return {
+        "id": f"{topic}/{n}",
+        "title": f"{topic}: {heading}",
+        "body": "\n\n".join(part),
+        "topic": topic,
+        "category": category_of(topic),
+    }
 
 
 def create_demo_table(dsn: str) -> None:

@@ -25,16 +25,27 @@ Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 class Services:
     """What the routes need, built once by the composition root."""
 
-    def __init__(self, settings: RagtideSettings, index: VectorIndex, encoder: Encoder, sources: SourcesConfig,
-                 registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        settings: RagtideSettings,
+        index: VectorIndex,
+        encoder: Encoder,
+        sources: SourcesConfig,
+        registry: CollectorRegistry,
+    ) -> None:
         self.settings = settings
         self.index = index
         self.encoder = encoder
         self.sources = sources
         self.registry = registry
         self.filterable = {"table"} | {m for s in sources.sources for m in s.metadata}
-        self.latency = Histogram("ragtide_request_seconds", "API request latency", ["endpoint"], registry=registry,
-                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
+        self.latency = Histogram(
+            "ragtide_request_seconds",
+            "API request latency",
+            ["endpoint"],
+            registry=registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+        )
 
 
 def get_services(request: Request) -> Services:
@@ -55,9 +66,17 @@ def to_hit(h: Hit, now: float) -> SearchHit:
     p = h.payload
     ts = p.get("source_ts_ms")
     return SearchHit(
-        id=h.id, score=h.score, text=str(p.get("text", "")), table=str(p.get("table", "")), key=p.get("key") or {},
-        row_id=str(p.get("row_id", "")), chunk_no=int(p.get("chunk_no", 0)), chunk_count=int(p.get("chunk_count", 1)),
-        metadata=p.get("metadata") or {}, source_commit_ts=_iso(ts), indexed_at=_iso(p.get("indexed_at_ms")),
+        id=h.id,
+        score=h.score,
+        text=str(p.get("text", "")),
+        table=str(p.get("table", "")),
+        key=p.get("key") or {},
+        row_id=str(p.get("row_id", "")),
+        chunk_no=int(p.get("chunk_no", 0)),
+        chunk_count=int(p.get("chunk_count", 1)),
+        metadata=p.get("metadata") or {},
+        source_commit_ts=_iso(ts),
+        indexed_at=_iso(p.get("indexed_at_ms")),
         age_s=round(now - int(ts) / 1000, 3) if ts else None,
     )
 
@@ -98,8 +117,12 @@ def create_app(
         finally:
             await asyncio.to_thread(index.close)
 
-    app = FastAPI(title="ragtide", version="0.1.0", lifespan=_lifespan,
-                  description="Fresh retrieval over a CDC-maintained vector index.")
+    app = FastAPI(
+        title="ragtide",
+        version="0.1.0",
+        lifespan=_lifespan,
+        description="Fresh retrieval over a CDC-maintained vector index.",
+    )
     app.state.services = services
 
     @app.exception_handler(ValueError)

@@ -15,8 +15,15 @@ STACK_CACHE = REPO_ROOT / ".cache" / "stack"
 LIBS = STACK_CACHE / "libs"
 PLUGINS = STACK_CACHE / "plugins"
 # Mirrors kafka-run-class.sh's defaults.
-JVM_FLAGS = ["-server", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-XX:InitiatingHeapOccupancyPercent=35",
-             "-XX:+ExplicitGCInvokesConcurrent", "-Djava.awt.headless=true", "-XX:TieredStopAtLevel=1"]
+JVM_FLAGS = [
+    "-server",
+    "-XX:+UseG1GC",
+    "-XX:MaxGCPauseMillis=20",
+    "-XX:InitiatingHeapOccupancyPercent=35",
+    "-XX:+ExplicitGCInvokesConcurrent",
+    "-Djava.awt.headless=true",
+    "-XX:TieredStopAtLevel=1",
+]
 
 
 def ensure_jars() -> None:
@@ -26,8 +33,12 @@ def ensure_jars() -> None:
     mvn = shutil.which("mvn")
     if mvn is None:
         raise StackError("Maven (mvn) is needed to resolve Kafka and Debezium: apt-get install maven")
-    out = subprocess.run([mvn, "-q", "-B", "-f", str(REPO_ROOT / "infra" / "maven" / "pom.xml"), "package"],
-                         capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [mvn, "-q", "-B", "-f", str(REPO_ROOT / "infra" / "maven" / "pom.xml"), "package"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if out.returncode != 0:
         raise StackError(f"Maven failed to resolve the stack jars:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
 
@@ -36,8 +47,17 @@ def _java(heap: str, log_dir: Path, main: list[str]) -> list[str]:
     java = shutil.which("java")
     if java is None:
         raise StackError("java (OpenJDK 17+) not found on PATH")
-    return [java, f"-Xms{heap}", f"-Xmx{heap}", *JVM_FLAGS, f"-Dkafka.logs.dir={log_dir}",
-            f"-Dlog4j2.configurationFile={templates.CONFIG_DIR / 'log4j2.xml'}", "-cp", f"{LIBS}/*", *main]
+    return [
+        java,
+        f"-Xms{heap}",
+        f"-Xmx{heap}",
+        *JVM_FLAGS,
+        f"-Dkafka.logs.dir={log_dir}",
+        f"-Dlog4j2.configurationFile={templates.CONFIG_DIR / 'log4j2.xml'}",
+        "-cp",
+        f"{LIBS}/*",
+        *main,
+    ]
 
 
 class KafkaBroker:
@@ -52,20 +72,49 @@ class KafkaBroker:
         """Format storage once (keeping the cluster id), start, wait for the listener."""
         ensure_jars()
         k = self.s.kafka
-        conf = templates.write("server.properties", {
-            "KAFKA_HOST": k.host, "KAFKA_PORT": str(k.port), "KAFKA_CONTROLLER_PORT": str(k.controller_port),
-            "KAFKA_DATA": str(self.data / "logs"), "KAFKA_PARTITIONS": str(k.partitions),
-        }, self.data / "server.properties")
+        conf = templates.write(
+            "server.properties",
+            {
+                "KAFKA_HOST": k.host,
+                "KAFKA_PORT": str(k.port),
+                "KAFKA_CONTROLLER_PORT": str(k.controller_port),
+                "KAFKA_DATA": str(self.data / "logs"),
+                "KAFKA_PARTITIONS": str(k.partitions),
+            },
+            self.data / "server.properties",
+        )
         if not (self.data / "logs" / "meta.properties").exists():
             cluster_id_file = self.data / "cluster-id"
             if not cluster_id_file.exists():
-                cid = subprocess.run(_java("256m", self.daemon.log_dir, ["kafka.tools.StorageTool", "random-uuid"]),
-                                     capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+                cid = (
+                    subprocess.run(
+                        _java("256m", self.daemon.log_dir, ["kafka.tools.StorageTool", "random-uuid"]),
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                    )
+                    .stdout.strip()
+                    .splitlines()[-1]
+                )
                 cluster_id_file.write_text(cid)
             fmt = subprocess.run(
-                _java("256m", self.daemon.log_dir, ["kafka.tools.StorageTool", "format", "-t",
-                      cluster_id_file.read_text().strip(), "-c", str(conf), "--ignore-formatted"]),
-                capture_output=True, text=True, check=False)
+                _java(
+                    "256m",
+                    self.daemon.log_dir,
+                    [
+                        "kafka.tools.StorageTool",
+                        "format",
+                        "-t",
+                        cluster_id_file.read_text().strip(),
+                        "-c",
+                        str(conf),
+                        "--ignore-formatted",
+                    ],
+                ),
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             if fmt.returncode != 0:
                 raise StackError(f"kafka storage format failed:\n{fmt.stdout}\n{fmt.stderr}")
         self.daemon.log_dir.mkdir(parents=True, exist_ok=True)
@@ -85,10 +134,17 @@ class ConnectWorker:
         """Start the worker and wait until its REST API lists the Debezium plugin."""
         ensure_jars()
         c = self.s.connect
-        conf = templates.write("connect-distributed.properties", {
-            "KAFKA_BOOTSTRAP": self.s.kafka.bootstrap, "CONNECT_HOST": c.host, "CONNECT_PORT": str(c.port),
-            "PLUGIN_PATH": str(PLUGINS),
-        }, self.data / "connect-distributed.properties")
-        self.daemon.start(_java(c.heap, self.daemon.log_dir,
-                                ["org.apache.kafka.connect.cli.ConnectDistributed", str(conf)]))
+        conf = templates.write(
+            "connect-distributed.properties",
+            {
+                "KAFKA_BOOTSTRAP": self.s.kafka.bootstrap,
+                "CONNECT_HOST": c.host,
+                "CONNECT_PORT": str(c.port),
+                "PLUGIN_PATH": str(PLUGINS),
+            },
+            self.data / "connect-distributed.properties",
+        )
+        self.daemon.start(
+            _java(c.heap, self.daemon.log_dir, ["org.apache.kafka.connect.cli.ConnectDistributed", str(conf)])
+        )
         wait_until(lambda: http_ok(f"{c.url}/connector-plugins"), f"kafka connect on {c.url}", 180, self.daemon)

@@ -68,9 +68,22 @@ class PostgresCluster:
             _chown_to_postgres(d)
         os.chmod(self.pgdata, 0o700)
         out = subprocess.run(
-            _as_postgres([self._bin("initdb"), "-D", str(self.pgdata), "-U", self.s.postgres.user,
-                          "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"]),
-            capture_output=True, text=True, check=False,
+            _as_postgres(
+                [
+                    self._bin("initdb"),
+                    "-D",
+                    str(self.pgdata),
+                    "-U",
+                    self.s.postgres.user,
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--locale=C.UTF-8",
+                ]
+            ),
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if out.returncode != 0:
             raise StackError(f"initdb failed:\n{out.stdout}\n{out.stderr}")
@@ -80,8 +93,17 @@ class PostgresCluster:
         self.init()
         self.socket_dir.mkdir(parents=True, exist_ok=True)
         _chown_to_postgres(self.socket_dir)
-        argv = [self._bin("postgres"), "-D", str(self.pgdata), "-p", str(self.s.postgres.port),
-                "-c", f"listen_addresses={self.s.postgres.host}", "-k", str(self.socket_dir)]
+        argv = [
+            self._bin("postgres"),
+            "-D",
+            str(self.pgdata),
+            "-p",
+            str(self.s.postgres.port),
+            "-c",
+            f"listen_addresses={self.s.postgres.host}",
+            "-k",
+            str(self.socket_dir),
+        ]
         for k, v in SERVER_SETTINGS.items():
             argv += ["-c", f"{k}={v}"]
         self.daemon.start(_as_postgres(argv))
@@ -97,7 +119,9 @@ class PostgresCluster:
     def ensure_database(self) -> None:
         """Create the application database if it does not exist."""
         with psycopg.connect(self.s.postgres.dsn("postgres"), autocommit=True) as conn:
-            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.s.postgres.database,)).fetchone()
+            exists = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (self.s.postgres.database,)
+            ).fetchone()
             if not exists:
                 conn.execute(f'CREATE DATABASE "{self.s.postgres.database}"')
 

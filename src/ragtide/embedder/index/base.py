@@ -15,6 +15,7 @@ import numpy.typing as npt
 
 FilterValue = str | int | bool | Sequence[str] | Sequence[int]
 Filter = Mapping[str, FilterValue]
+NormalValue = str | int | bool | list[str | int]
 
 # Payload fields with a keyword index: finding every chunk of a row or table, and tenant separation.
 KEYWORD_FIELDS = ("row_key", "table")
@@ -79,16 +80,16 @@ class VectorIndex(Protocol):
         """Flush and release resources."""
 
 
-def normalise_filter(flt: Filter | None) -> list[tuple[str, FilterValue]]:
+def normalise_filter(flt: Filter | None) -> list[tuple[str, NormalValue]]:
     """Sorted (key, value) pairs, rejecting shapes no backend supports."""
     if not flt:
         return []
-    out: list[tuple[str, FilterValue]] = []
+    out: list[tuple[str, NormalValue]] = []
     for key, value in sorted(flt.items()):
         if isinstance(value, str | int | bool):
             out.append((key, value))
         elif isinstance(value, Sequence) and value and all(isinstance(v, str | int) for v in value):
-            out.append((key, list(value)))
+            out.append((key, [v for v in value if isinstance(v, str | int)]))
         else:
             raise ValueError(f"filter value for {key!r} must be a string, number, boolean or non-empty list of them")
     return out

@@ -29,7 +29,7 @@ def to_edge_filter(flt: Filter | None) -> qe.Filter | None:
     """Our dict filter as a qdrant-edge Filter."""
     conds: list[Any] = []
     for key, value in normalise_filter(flt):
-        match = qe.MatchAny(list(value)) if isinstance(value, list) else qe.MatchValue(value)
+        match = qe.MatchAny(value) if isinstance(value, list) else qe.MatchValue(value)  # type: ignore[arg-type]
         conds.append(qe.FieldCondition(key=key, match=match))
     return qe.Filter(must=conds) if conds else None
 
@@ -68,8 +68,11 @@ class EdgeIndex:
     def upsert(self, points: Sequence[IndexPoint]) -> None:
         """Insert or replace points."""
         if points:
-            self.shard.update(qe.UpdateOperation.upsert_points(
-                [qe.Point(p.id, p.vector.astype(np.float32).tolist(), dict(p.payload)) for p in points]))
+            self.shard.update(
+                qe.UpdateOperation.upsert_points(
+                    [qe.Point(p.id, p.vector.astype(np.float32).tolist(), dict(p.payload)) for p in points]
+                )
+            )
 
     def set_payload(self, ids: Sequence[str], payload: Mapping[str, Any]) -> None:
         """Set payload fields on existing points."""
@@ -93,9 +96,15 @@ class EdgeIndex:
         out: list[StoredPoint] = []
         offset: Any = None
         while len(out) < limit:
-            records, offset = self.shard.scroll(qe.ScrollRequest(
-                offset=offset, limit=min(1000, limit - len(out)), filter=to_edge_filter(flt),
-                with_payload=True, with_vector=False))
+            records, offset = self.shard.scroll(
+                qe.ScrollRequest(
+                    offset=offset,
+                    limit=min(1000, limit - len(out)),
+                    filter=to_edge_filter(flt),
+                    with_payload=True,
+                    with_vector=False,
+                )
+            )
             out.extend(StoredPoint(str(r.id), dict(r.payload or {})) for r in records)
             if offset is None or not records:
                 break
@@ -103,9 +112,15 @@ class EdgeIndex:
 
     def search(self, vector: npt.NDArray[np.float32], k: int, flt: Filter | None = None) -> list[Hit]:
         """Nearest neighbours by cosine."""
-        res = self.shard.search(qe.SearchRequest(
-            query=qe.Query.Nearest(vector.astype(np.float32).tolist()), limit=k, filter=to_edge_filter(flt),
-            with_payload=True, with_vector=False))
+        res = self.shard.search(
+            qe.SearchRequest(
+                query=qe.Query.Nearest(vector.astype(np.float32).tolist()),
+                limit=k,
+                filter=to_edge_filter(flt),
+                with_payload=True,
+                with_vector=False,
+            )
+        )
         return [Hit(str(p.id), float(p.score), dict(p.payload or {})) for p in res]
 
     def count(self, flt: Filter | None = None) -> int:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ragtide.embedder.index.base import Filter, Hit, IndexPoint, StoredPoint, normalise_filter
+from ragtide.embedder.index.base import Filter, Hit, IndexPoint, NormalValue, StoredPoint, normalise_filter
 
 
 def _get(payload: Mapping[str, Any], path: str) -> Any:
@@ -20,9 +20,9 @@ def _get(payload: Mapping[str, Any], path: str) -> Any:
     return value
 
 
-def matches(payload: Mapping[str, Any], flt: Filter | None) -> bool:
-    """Qdrant's `must` semantics over our dict filter."""
-    for key, want in normalise_filter(flt):
+def matches(payload: Mapping[str, Any], conds: Sequence[tuple[str, NormalValue]]) -> bool:
+    """Qdrant's `must` semantics over a normalised filter."""
+    for key, want in conds:
         have = _get(payload, key)
         values = have if isinstance(have, list) else [have]
         wanted = want if isinstance(want, list) else [want]
@@ -69,24 +69,28 @@ class MemoryIndex:
         """Delete matching points."""
         if not flt:
             raise ValueError("refusing to delete with an empty filter")
-        for i in [i for i, (_, p) in self.points.items() if matches(p, flt)]:
+        conds = normalise_filter(flt)
+        for i in [i for i, (_, p) in self.points.items() if matches(p, conds)]:
             del self.points[i]
         self.writes += 1
 
     def scroll(self, flt: Filter | None = None, limit: int = 10_000) -> list[StoredPoint]:
         """Matching points, ordered by id like Qdrant."""
-        return [StoredPoint(i, dict(p)) for i, (_, p) in sorted(self.points.items()) if matches(p, flt)][:limit]
+        conds = normalise_filter(flt)
+        return [StoredPoint(i, dict(p)) for i, (_, p) in sorted(self.points.items()) if matches(p, conds)][:limit]
 
     def search(self, vector: npt.NDArray[np.float32], k: int, flt: Filter | None = None) -> list[Hit]:
         """Brute-force cosine."""
         q = np.asarray(vector, dtype=np.float32)
         q = q / (np.linalg.norm(q) or 1.0)
-        scored = [Hit(i, float(v @ q), dict(p)) for i, (v, p) in self.points.items() if matches(p, flt)]
+        conds = normalise_filter(flt)
+        scored = [Hit(i, float(v @ q), dict(p)) for i, (v, p) in self.points.items() if matches(p, conds)]
         return sorted(scored, key=lambda h: -h.score)[:k]
 
     def count(self, flt: Filter | None = None) -> int:
         """Exact count."""
-        return sum(1 for _, p in self.points.values() if matches(p, flt))
+        conds = normalise_filter(flt)
+        return sum(1 for _, p in self.points.values() if matches(p, conds))
 
     def close(self) -> None:
         """Nothing to release."""

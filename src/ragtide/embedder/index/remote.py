@@ -43,19 +43,28 @@ class QdrantClientIndex:
         if self.client.collection_exists(self.collection):
             return
         self.client.create_collection(
-            self.collection, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE))
+            self.collection, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE)
+        )
         for field in KEYWORD_FIELDS:
             self.client.create_payload_index(self.collection, field, models.PayloadSchemaType.KEYWORD, wait=True)
         self.client.create_payload_index(
-            self.collection, TENANT_FIELD,
-            models.KeywordIndexParams(type=models.KeywordIndexType.KEYWORD, is_tenant=True), wait=True)
+            self.collection,
+            TENANT_FIELD,
+            models.KeywordIndexParams(type=models.KeywordIndexType.KEYWORD, is_tenant=True),
+            wait=True,
+        )
 
     def upsert(self, points: Sequence[IndexPoint]) -> None:
         """Insert or replace points."""
         if points:
-            self.client.upsert(self.collection, wait=True, points=[
-                models.PointStruct(id=p.id, vector=p.vector.astype(np.float32).tolist(), payload=dict(p.payload))
-                for p in points])
+            self.client.upsert(
+                self.collection,
+                wait=True,
+                points=[
+                    models.PointStruct(id=p.id, vector=p.vector.astype(np.float32).tolist(), payload=dict(p.payload))
+                    for p in points
+                ],
+            )
 
     def set_payload(self, ids: Sequence[str], payload: Mapping[str, Any]) -> None:
         """Set payload fields on existing points."""
@@ -80,8 +89,13 @@ class QdrantClientIndex:
         offset: Any = None
         while len(out) < limit:
             records, offset = self.client.scroll(
-                self.collection, scroll_filter=to_client_filter(flt), limit=min(1000, limit - len(out)),
-                offset=offset, with_payload=True, with_vectors=False)
+                self.collection,
+                scroll_filter=to_client_filter(flt),
+                limit=min(1000, limit - len(out)),
+                offset=offset,
+                with_payload=True,
+                with_vectors=False,
+            )
             out.extend(StoredPoint(str(r.id), dict(r.payload or {})) for r in records)
             if offset is None or not records:
                 break
@@ -90,8 +104,13 @@ class QdrantClientIndex:
     def search(self, vector: npt.NDArray[np.float32], k: int, flt: Filter | None = None) -> list[Hit]:
         """Nearest neighbours by cosine."""
         res = self.client.query_points(
-            self.collection, query=vector.astype(np.float32).tolist(), limit=k, query_filter=to_client_filter(flt),
-            with_payload=True, with_vectors=False)
+            self.collection,
+            query=vector.astype(np.float32).tolist(),
+            limit=k,
+            query_filter=to_client_filter(flt),
+            with_payload=True,
+            with_vectors=False,
+        )
         return [Hit(str(p.id), float(p.score), dict(p.payload or {})) for p in res.points]
 
     def count(self, flt: Filter | None = None) -> int:

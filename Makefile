@@ -1,0 +1,59 @@
+# ragtide: `make up` runs the whole stack on localhost, `make test` proves it on the real components.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+JARS   := .cache/stack/plugins/debezium-connector-postgres
+PYTEST_ARGS ?=
+
+.PHONY: help install up down clean status lint fmt test test-unit test-integration test-e2e
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-17s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml constraints.txt
+	@bash infra/scripts/system-deps.sh
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+$(JARS): infra/maven/pom.xml
+	mvn -q -B -f infra/maven/pom.xml package
+	@touch $(JARS)
+
+install: $(STAMP) $(JARS) ## install Python deps into .venv and the Kafka/Connect/Debezium jars into .cache
+
+up: install ## start Postgres, Kafka, Connect+Debezium and the node; load the demo corpus; wait until indexed
+	$(BIN)/ragtide up
+
+down: ## stop every process `make up` started (data is kept)
+	@test -x $(BIN)/ragtide && $(BIN)/ragtide down || true
+
+clean: down ## stop everything and remove the data folder
+	rm -rf .data
+
+status: ## show processes and index size
+	$(BIN)/ragtide status
+
+lint: install ## ruff + mypy --strict
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy
+
+fmt: install ## format the code
+	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests
+
+test-unit: install ## unit tests (in-memory doubles)
+	$(BIN)/pytest -m unit $(PYTEST_ARGS)
+
+test-integration: install ## integration tests (real model, Qdrant engine, Postgres)
+	$(BIN)/pytest -m integration $(PYTEST_ARGS)
+
+test-e2e: install ## end-to-end tests on the whole real stack (started on free ports, stopped by pid)
+	$(BIN)/pytest -m e2e $(PYTEST_ARGS)
+
+test: install lint ## lint, then every test: unit, integration, e2e
+	$(BIN)/pytest $(PYTEST_ARGS)

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# System packages the native stack needs: Java 17+, Maven, PostgreSQL 15 server. Installs what is missing
+# when run as root on Debian; otherwise says what to install.
+set -euo pipefail
+missing=()
+command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null || missing+=(maven)
+[ -x /usr/lib/postgresql/15/bin/postgres ] || missing+=(postgresql-15)
+command -v runuser >/dev/null || missing+=(util-linux)
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "installing system packages: ${missing[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+else
+  echo "please install: ${missing[*]}" >&2
+  exit 1
+fi

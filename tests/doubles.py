@@ -1,0 +1,72 @@
+"""Test doubles for the seams: a deterministic bag-of-words encoder and a whitespace tokenizer/chunker."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ragtide.embedder.chunking import chunk_text
+from ragtide.embedder.encoder import Vectors
+
+_WORD = re.compile(r"\S+")
+
+
+class HashEncoder:
+    """Encoder double: hashed bag of words, L2-normalised, so texts sharing words are close. Counts calls."""
+
+    def __init__(self, dim: int = 64) -> None:
+        self._dim = dim
+        self.calls: list[list[str]] = []
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def max_tokens(self) -> int:
+        return 254
+
+    @property
+    def tokenizer(self) -> Any:
+        return WhitespaceTokenizer()
+
+    @property
+    def model_name(self) -> str:
+        return "hash-bow"
+
+    @property
+    def encoded(self) -> int:
+        """How many texts were embedded in total."""
+        return sum(len(c) for c in self.calls)
+
+    def encode(self, texts: Sequence[str]) -> Vectors:
+        self.calls.append(list(texts))
+        out = np.zeros((len(texts), self._dim), dtype=np.float32)
+        for i, text in enumerate(texts):
+            for word in _WORD.findall(text.lower()):
+                h = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=4).digest(), "little")
+                out[i, h % self._dim] += 1.0
+            norm = np.linalg.norm(out[i])
+            out[i] = out[i] / norm if norm else out[i]
+        return out
+
+
+class WhitespaceTokenizer:
+    """A tokenizer double: one token per whitespace-separated word, with character offsets."""
+
+    def __call__(self, text: str, *, add_special_tokens: bool, return_offsets_mapping: bool) -> dict[str, Any]:
+        return {"offset_mapping": [(m.start(), m.end()) for m in _WORD.finditer(text)]}
+
+
+def word_chunker(max_tokens: int = 8, overlap: int = 2) -> Any:
+    """A chunker over whitespace tokens (small windows so tests exercise multi-chunk rows)."""
+
+    def chunk(text: str) -> list[str]:
+        text = text.strip()
+        return chunk_text(text, [(m.start(), m.end()) for m in _WORD.finditer(text)], max_tokens, overlap)
+
+    return chunk

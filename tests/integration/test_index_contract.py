@@ -1,0 +1,162 @@
+"""One contract suite, every VectorIndex: the embedded Qdrant engine, qdrant-client (local mode), and the double.
+
+Like qdrant-client's congruence tests: the same assertions against each backend.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from qdrant_client import QdrantClient
+
+from ragtide.contracts.chunks import point_id
+from ragtide.embedder.index.base import IndexPoint, VectorIndex
+from ragtide.embedder.index.edge import EdgeIndex
+from ragtide.embedder.index.memory import MemoryIndex
+from ragtide.embedder.index.remote import QdrantClientIndex
+
+DIM = 8
+
+
+def vec(*hot: int) -> np.ndarray:
+    v = np.zeros(DIM, dtype=np.float32)
+    for h in hot:
+        v[h] = 1.0
+    return v / np.linalg.norm(v)
+
+
+def point(row: str, n: int, v: np.ndarray, table: str = "public.docs", tenant: str = "", **meta: object) -> IndexPoint:
+    return IndexPoint(
+        point_id(table, row, n),
+        v,
+        {
+            "table": table,
+            "row_key": f"{table}:{row}",
+            "row_id": row,
+            "chunk_no": n,
+            "text": f"{row}-{n}",
+            "tenant": tenant,
+            "metadata": dict(meta),
+            "hash": "h",
+            "lsn": 1,
+        },
+    )
+
+
+@pytest.fixture(params=["edge", "qdrant-client", "memory"])
+def index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[VectorIndex]:
+    idx: VectorIndex
+    if request.param == "edge":
+        idx = EdgeIndex(tmp_path / "qdrant", "contract")
+    elif request.param == "qdrant-client":
+        idx = QdrantClientIndex(QdrantClient(location=":memory:"), "contract")
+    else:
+        idx = MemoryIndex()
+    idx.ensure_collection(DIM)
+    yield idx
+    idx.close()
+
+
+def seed(index: VectorIndex) -> None:
+    index.upsert(
+        [
+            point("1", 0, vec(0), category="a"),
+            point("1", 1, vec(0, 1), category="a"),
+            point("2", 0, vec(2), category="b", tenant="t1"),
+            point("3", 0, vec(3), table="public.other", category="a"),
+        ]
+    )
+
+
+def test_upsert_is_idempotent_by_id(index: VectorIndex) -> None:
+    seed(index)
+    seed(index)
+    assert index.count() == 4
+    assert isinstance(index, VectorIndex)
+
+
+def test_search_ranks_by_cosine_and_filters(index: VectorIndex) -> None:
+    seed(index)
+    hits = index.search(vec(0), 2)
+    assert [h.payload["text"] for h in hits] == ["1-0", "1-1"]
+    assert hits[0].score == pytest.approx(1.0, abs=1e-5) and hits[0].id == point_id("public.docs", "1", 0)
+    assert [h.payload["text"] for h in index.search(vec(0), 5, {"metadata.category": "b"})] == ["2-0"]
+    assert {h.payload["row_id"] for h in index.search(vec(0), 5, {"table": ["public.other"]})} == {"3"}
+    assert [h.payload["text"] for h in index.search(vec(0), 5, {"tenant": "t1"})] == ["2-0"]
+    assert index.search(vec(0), 5, {"tenant": "nobody"}) == []
+
+
+def test_set_payload_keeps_vector(index: VectorIndex) -> None:
+    seed(index)
+    pid = point_id("public.docs", "2", 0)
+    index.set_payload([pid], {"metadata": {"category": "z"}, "lsn": 9})
+    [hit] = index.search(vec(2), 1)
+    assert hit.id == pid and hit.score == pytest.approx(1.0, abs=1e-5)
+    assert hit.payload["metadata"] == {"category": "z"} and hit.payload["lsn"] == 9 and hit.payload["text"] == "2-0"
+
+
+def test_delete_by_id_and_by_filter(index: VectorIndex) -> None:
+    seed(index)
+    index.delete([point_id("public.docs", "2", 0)])
+    assert index.count() == 3
+    index.delete_where({"row_key": ["public.docs:1"]})
+    assert index.count({"table": "public.docs"}) == 0
+    index.delete_where({"table": "public.other"})
+    assert index.count() == 0
+    with pytest.raises(ValueError, match="empty filter"):
+        index.delete_where({})
+
+
+def test_scroll_and_count_by_row(index: VectorIndex) -> None:
+    seed(index)
+    rows = index.scroll({"row_key": ["public.docs:1", "public.docs:2"]})
+    assert sorted(p.payload["text"] for p in rows) == ["1-0", "1-1", "2-0"]
+    assert index.count({"row_key": "public.docs:1"}) == 2
+    assert index.count({"table": "public.docs", "chunk_no": 0}) == 2
+    assert len(index.scroll(limit=2)) == 2
+
+
+def test_invalid_filter_is_rejected(index: VectorIndex) -> None:
+    with pytest.raises(ValueError, match="filter value"):
+        index.count({"metadata.category": {"nested": 1}})  # type: ignore[dict-item]
+
+
+def test_concurrent_reads_and_writes(index: VectorIndex) -> None:
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            for i in range(50):
+                index.upsert([point(str(i), 0, vec(i % DIM))])
+        except BaseException as exc:
+            errors.append(exc)
+
+    def reader() -> None:
+        try:
+            for _ in range(50):
+                index.search(vec(1), 3)
+                index.count()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and index.count() == 50
+
+
+def test_edge_index_persists_across_reopen(tmp_path: Path) -> None:
+    idx = EdgeIndex(tmp_path, "persist")
+    idx.ensure_collection(DIM)
+    seed(idx)
+    idx.close()
+    again = EdgeIndex(tmp_path, "persist")
+    again.ensure_collection(DIM)
+    assert again.count() == 4 and again.search(vec(2), 1)[0].payload["text"] == "2-0"
+    again.close()

@@ -1,0 +1,50 @@
+"""Token-window chunking: every token lands in a chunk, windows respect the limit and overlap."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from ragtide.embedder.chunking import Chunker, chunk_text
+from tests.doubles import WhitespaceTokenizer
+
+
+def offsets(text: str) -> list[tuple[int, int]]:
+    return [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+
+
+def test_short_text_is_one_chunk() -> None:
+    assert chunk_text("  a b c  ", offsets("a b c"), 10, 2) == ["a b c"]
+    assert chunk_text("   ", [], 10, 2) == []
+
+
+@pytest.mark.parametrize(("n_words", "max_tokens", "overlap"), [(25, 10, 3), (100, 16, 0), (11, 10, 9), (10, 10, 2)])
+def test_windows_cover_every_token_within_the_limit(n_words: int, max_tokens: int, overlap: int) -> None:
+    words = [f"w{i}" for i in range(n_words)]
+    text = " ".join(words)
+    chunks = chunk_text(text, offsets(text), max_tokens, overlap)
+    seen: list[str] = []
+    for c in chunks:
+        toks = c.split()
+        assert 1 <= len(toks) <= max_tokens
+        seen += toks
+    assert set(seen) == set(words)  # nothing is truncated
+    if len(chunks) > 1:
+        # consecutive windows share exactly `overlap` tokens
+        assert chunks[0].split()[-overlap:] == chunks[1].split()[:overlap] if overlap else True
+
+
+def test_invalid_limits() -> None:
+    with pytest.raises(ValueError, match="overlap"):
+        chunk_text("a b", offsets("a b"), 2, 2)
+    with pytest.raises(ValueError, match="max_tokens"):
+        chunk_text("a b", offsets("a b"), 0, 0)
+
+
+def test_chunker_keeps_original_text_and_unicode() -> None:
+    text = "Ünïcode  wörds 🚀 and\nnewlines " * 5
+    chunks = Chunker(WhitespaceTokenizer(), max_tokens=6, overlap=1)(text)
+    assert len(chunks) > 1
+    assert all(c in text for c in chunks)
+    assert "🚀" in "".join(chunks)

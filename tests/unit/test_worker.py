@@ -1,0 +1,112 @@
+"""The batch processor: decode errors and rows that cannot be indexed go to the DLQ; store outages are retried."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from ragtide.contracts.events import ChangeEvent
+from ragtide.embedder.index.memory import MemoryIndex
+from ragtide.embedder.metrics import EmbedderMetrics
+from ragtide.embedder.worker import BatchProcessor, is_transient
+from ragtide.embedder.writer import IndexWriter
+from ragtide.ingest.sources import SourcesConfig
+from tests.doubles import HashEncoder, word_chunker
+
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "debezium"
+SOURCES = SourcesConfig.model_validate(
+    {"sources": [{"table": "public.docs", "key": ["id"], "text": "{title} {body}", "metadata": ["category"]}]}
+)
+
+
+@dataclass
+class Msg:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp: float
+
+
+def fixture_msg(name: str) -> Msg:
+    r = json.loads((FIXTURES / f"{name}.json").read_text(encoding="utf-8"))
+    return Msg(
+        r["topic"],
+        r["partition"],
+        r["offset"],
+        r["key"] and r["key"].encode(),
+        r["value"] and r["value"].encode(),
+        r["timestamp"] / 1000,
+    )
+
+
+class FlakyIndex(MemoryIndex):
+    """Fails the first `failures` writes as if the store were down."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def upsert(self, points: Any) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("store unavailable")
+        super().upsert(points)
+
+
+def processor(index: MemoryIndex) -> tuple[BatchProcessor, CollectorRegistry]:
+    registry = CollectorRegistry()
+    enc = HashEncoder()
+    index.ensure_collection(enc.dim)
+    return BatchProcessor(
+        IndexWriter(index, enc, word_chunker(), SOURCES), EmbedderMetrics(registry), "ragtide"
+    ), registry
+
+
+def test_decode_all_splits_poison_from_good_records() -> None:
+    proc, _ = processor(MemoryIndex())
+    bad = Msg("ragtide.public.docs", 0, 99, b'{"id":"x"}', b"{broken", 1.0)
+    good, poison = proc.decode_all([fixture_msg("create"), bad, fixture_msg("delete")])
+    assert [e.op.value for e in good] == ["c", "d"]
+    assert len(poison) == 1 and poison[0].offset == 99 and poison[0].value == b"{broken"
+    assert poison[0].reason.startswith("decode:")
+    assert good[0].kafka_ms == fixture_msg("create").timestamp * 1000
+
+
+def test_store_outage_is_retried_until_acknowledged() -> None:
+    index = FlakyIndex(failures=2)
+    proc, registry = processor(index)
+    good, _ = proc.decode_all([fixture_msg("create")])
+    failed = asyncio.run(proc.apply(good, asyncio.Event()))
+    assert failed == [] and index.count() == 1
+    assert registry.get_sample_value("ragtide_store_retries_total") == 2
+    assert registry.get_sample_value("ragtide_chunks_embedded_total") == 1
+
+
+def test_a_row_that_cannot_be_indexed_is_isolated_for_the_dlq() -> None:
+    index = MemoryIndex()
+    proc, _ = processor(index)
+    good, _ = proc.decode_all([fixture_msg("create")])
+    ok = good[0]
+    bad = ChangeEvent(ok.table, ok.op, {"id": "bad"}, {**(ok.row or {}), "id": "bad"}, ok.position, offset=7)
+
+    def apply_one(events: list[ChangeEvent]) -> Any:
+        if any(e.key == {"id": "bad"} for e in events):
+            raise ValueError("cannot index this row")
+        return IndexWriter.apply(proc.writer, events)
+
+    proc.writer.apply = apply_one  # type: ignore[method-assign]
+    failed = asyncio.run(proc.apply([ok, bad], asyncio.Event()))
+    assert [(e.key, reason.split(":")[0]) for e, reason in failed] == [({"id": "bad"}, "apply")]
+    assert index.count() == 1
+
+
+def test_transient_error_classification() -> None:
+    assert is_transient(ConnectionError()) and is_transient(TimeoutError())
+    assert not is_transient(ValueError()) and not is_transient(KeyError())

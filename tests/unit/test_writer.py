@@ -1,0 +1,172 @@
+"""The index writer against the in-memory index: exactly the writes each change needs, and no more embeddings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from ragtide.contracts.chunks import point_id
+from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
+from ragtide.embedder.index.memory import MemoryIndex
+from ragtide.embedder.writer import IndexWriter, coalesce
+from ragtide.ingest.sources import UNAVAILABLE, SourcesConfig
+from tests.doubles import HashEncoder, word_chunker
+
+SOURCES = SourcesConfig.model_validate(
+    {"sources": [{"table": "public.docs", "key": ["id"], "text": "{title} {body}", "metadata": ["category"]}]}
+)
+
+
+class Feed:
+    """Builds events with increasing LSNs, like one Postgres WAL."""
+
+    def __init__(self) -> None:
+        self.lsn = 1000
+
+    def ev(
+        self, op: Op, id_: Any, title: str = "", body: str | None = "", category: str = "a", **kw: Any
+    ) -> ChangeEvent:
+        self.lsn += 10
+        row = (
+            None if op in (Op.DELETE, Op.TRUNCATE) else {"id": id_, "title": title, "body": body, "category": category}
+        )
+        key = {} if op is Op.TRUNCATE else {"id": id_}
+        return ChangeEvent("public.docs", op, key, row, SourcePosition(self.lsn, self.lsn * 10), **kw)
+
+
+@pytest.fixture
+def env() -> tuple[IndexWriter, MemoryIndex, HashEncoder, Feed]:
+    index, encoder = MemoryIndex(), HashEncoder()
+    index.ensure_collection(encoder.dim)
+    return IndexWriter(index, encoder, word_chunker(8, 2), SOURCES, clock=lambda: 1234.5), index, encoder, Feed()
+
+
+def texts_of(index: MemoryIndex, row: str) -> list[str]:
+    pts = sorted(index.scroll({"row_key": f"public.docs:{row}"}), key=lambda p: p.payload["chunk_no"])
+    return [p.payload["text"] for p in pts]
+
+
+LONG = " ".join(f"word{i}" for i in range(20))
+N_LONG = len(word_chunker(8, 2)("Title " + LONG))  # chunks of "Title LONG": windows of 8 tokens, overlap 2
+
+
+def test_insert_writes_chunks_with_deterministic_ids_and_payload(env: Any) -> None:
+    writer, index, _encoder, feed = env
+    stats = writer.apply([feed.ev(Op.CREATE, 1, "Title", LONG)])
+    assert N_LONG > 2
+    assert stats.embedded == index.count() == N_LONG
+    ids = {p.id for p in index.scroll()}
+    assert ids == {point_id("public.docs", "1", n) for n in range(N_LONG)}
+    p = index.scroll({"row_key": "public.docs:1", "chunk_no": 0})[0].payload
+    assert p["metadata"] == {"category": "a"} and p["chunk_count"] == N_LONG and p["indexed_at_ms"] == 1234500
+    assert p["lsn"] == feed.lsn and p["key"] == {"id": 1}
+
+
+def test_metadata_only_update_embeds_nothing(env: Any) -> None:
+    writer, index, encoder, feed = env
+    writer.apply([feed.ev(Op.CREATE, 1, "Title", LONG)])
+    before = encoder.encoded
+    stats = writer.apply([feed.ev(Op.UPDATE, 1, "Title", LONG, category="b")])
+    assert encoder.encoded == before and stats.embedded == 0 and stats.skipped == N_LONG
+    assert index.count({"metadata.category": "b"}) == N_LONG
+    assert index.count({"metadata.category": "a"}) == 0
+
+
+def test_text_edit_reembeds_only_changed_chunks_and_drops_surplus(env: Any) -> None:
+    writer, index, _encoder, feed = env
+    writer.apply([feed.ev(Op.CREATE, 1, "Title", LONG)])
+    # change only the last words: chunk 0 unchanged
+    edited = " ".join(f"word{i}" for i in range(15)) + " changed tail here now ok"
+    stats = writer.apply([feed.ev(Op.UPDATE, 1, "Title", edited)])
+    assert stats.skipped >= 1 and stats.embedded == N_LONG - stats.skipped
+    assert " ".join(texts_of(index, "1")).endswith("now ok")
+    # shrink to one chunk: surplus chunks deleted
+    stats = writer.apply([feed.ev(Op.UPDATE, 1, "Short", "text")])
+    assert texts_of(index, "1") == ["Short text"]
+    assert stats.deleted_points == N_LONG - 1
+
+
+def test_delete_and_empty_text_remove_every_chunk(env: Any) -> None:
+    writer, index, _, feed = env
+    writer.apply([feed.ev(Op.CREATE, 1, "A", LONG), feed.ev(Op.CREATE, 2, "B", "b")])
+    writer.apply([feed.ev(Op.DELETE, 1)])
+    assert texts_of(index, "1") == [] and texts_of(index, "2") == ["B b"]
+    writer.apply([feed.ev(Op.UPDATE, 2, "", None)])
+    assert index.count() == 0
+
+
+def test_truncate_clears_the_table_in_order(env: Any) -> None:
+    writer, index, _, feed = env
+    batch = [feed.ev(Op.CREATE, 1, "A", "a"), feed.ev(Op.TRUNCATE, None), feed.ev(Op.CREATE, 2, "B", "b")]
+    writer.apply(batch)
+    assert texts_of(index, "1") == [] and texts_of(index, "2") == ["B b"]
+
+
+def test_burst_on_one_row_is_coalesced_into_one_embedding_pass(env: Any) -> None:
+    writer, index, encoder, feed = env
+    burst = [feed.ev(Op.UPDATE, 1, "T", f"version {i}") for i in range(50)]
+    writer.apply(burst)
+    assert encoder.calls == [["T version 49"]]
+    assert texts_of(index, "1") == ["T version 49"]
+
+
+def test_coalesce_keeps_last_state_per_row_and_truncate_boundaries() -> None:
+    feed = Feed()
+    a1, b1, a2, t, a3 = (
+        feed.ev(Op.UPDATE, 1, "x"),
+        feed.ev(Op.UPDATE, 2, "y"),
+        feed.ev(Op.UPDATE, 1, "z"),
+        feed.ev(Op.TRUNCATE, None),
+        feed.ev(Op.CREATE, 1, "w"),
+    )
+    assert coalesce([a1, b1, a2, t, a3]) == [[b1, a2], t, [a3]]
+
+
+def test_replay_is_idempotent_and_older_events_never_win(env: Any) -> None:
+    writer, index, encoder, feed = env
+    history = [feed.ev(Op.CREATE, 1, "A", LONG), feed.ev(Op.UPDATE, 1, "A", "short"), feed.ev(Op.CREATE, 2, "B", "b")]
+    for ev in history:
+        writer.apply([ev])
+    snapshot = {p.id: p.payload for p in index.scroll()}
+    embedded = encoder.encoded
+    for ev in history:  # redelivery of the whole history, one by one
+        stats = writer.apply([ev])
+    assert {p.id: p.payload for p in index.scroll()} == snapshot
+    assert encoder.encoded == embedded  # the stale create was ignored, the rest was unchanged
+    assert stats.skipped == 1
+    stale = writer.apply([history[0]])
+    assert stale.stale == 1 and texts_of(index, "1") == ["A short"]
+
+
+def test_unavailable_toast_value_keeps_the_stored_text(env: Any) -> None:
+    writer, index, encoder, feed = env
+    writer.apply([feed.ev(Op.CREATE, 1, "Title", "a long toasted body")])
+    before = encoder.encoded
+    writer.apply([feed.ev(Op.UPDATE, 1, "Title", UNAVAILABLE, category="z")])
+    assert texts_of(index, "1") == ["Title a long toasted body"]
+    assert encoder.encoded == before
+    assert index.count({"metadata.category": "z"}) == 1
+    assert UNAVAILABLE not in str(index.scroll()[0].payload)
+
+
+def test_unknown_tables_are_ignored(env: Any) -> None:
+    writer, index, _, _feed = env
+    ev = ChangeEvent("public.other", Op.CREATE, {"id": 1}, {"id": 1}, SourcePosition(1, 1))
+    stats = writer.apply([ev])
+    assert stats.unknown_table == 1 and index.count() == 0
+
+
+def test_composite_keys_have_distinct_rows() -> None:
+    sources = SourcesConfig.model_validate({"sources": [{"table": "public.t", "key": ["a", "b"], "text": "{v}"}]})
+    index, encoder = MemoryIndex(), HashEncoder()
+    writer = IndexWriter(index, encoder, word_chunker(), sources)
+    evs = [
+        ChangeEvent(
+            "public.t", Op.CREATE, {"a": a, "b": b}, {"a": a, "b": b, "v": f"{a}-{b}"}, SourcePosition(i + 1, 1)
+        )
+        for i, (a, b) in enumerate([(1, 2), (2, 1), (1, 1)])
+    ]
+    writer.apply(evs)
+    assert index.count() == 3
+    assert {p.payload["row_id"] for p in index.scroll()} == {"1|2", "2|1", "1|1"}
