@@ -1,0 +1,106 @@
+"""The real stack, started once per test session with the same code `make up` uses, on free ports and in a
+temporary data folder; stopped by pid at the end."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import psycopg
+import pytest
+
+from ragtide.contracts.settings import RagtideSettings, load_settings
+from ragtide.ingest.demo import load_demo
+from ragtide.stack.process import free_port
+from ragtide.stack.stack import Stack
+
+T = TypeVar("T")
+POLL_TIMEOUT = float(os.environ.get("RAGTIDE_E2E_POLL_TIMEOUT", "120"))
+
+
+@dataclass
+class LiveStack:
+    """Handles for tests: settings, the Stack, and small clients for SQL and the API."""
+
+    settings: RagtideSettings
+    stack: Stack
+    demo_rows: int
+
+    def sql(self, statement: str, params: Any = None) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.settings.postgres.dsn(), autocommit=True) as conn:
+            cur = conn.execute(statement, params)
+            return cur.fetchall() if cur.description else []
+
+    def search(self, query: str, k: int = 5, flt: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        body: dict[str, Any] = {"query": query, "k": k}
+        if flt:
+            body["filter"] = flt
+        resp = httpx.post(f"{self.settings.api.url}/v1/search", json=body, timeout=30)
+        resp.raise_for_status()
+        hits: list[dict[str, Any]] = resp.json()["hits"]
+        return hits
+
+    def api(self, path: str) -> httpx.Response:
+        return httpx.get(f"{self.settings.api.url}{path}", timeout=30)
+
+    def metric(self, name: str) -> float:
+        for line in self.api("/metrics").text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        raise KeyError(name)
+
+
+def poll(check: Callable[[], T | None], what: str, timeout: float = POLL_TIMEOUT) -> T:
+    """Call `check` until it returns something truthy; fail with `what` after the deadline."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except httpx.HTTPError as exc:
+            last = exc
+        if last:
+            return last  # type: ignore[no-any-return]
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+@pytest.fixture(scope="session")
+def live() -> Iterator[LiveStack]:
+    # Postgres runs as the `postgres` user: the data folder must be reachable by it (not under /tmp/pytest-of-root).
+    data = Path(tempfile.mkdtemp(prefix="ragtide-e2e-"))
+    data.chmod(0o755)
+    settings = load_settings(
+        RagtideSettings,
+        data_dir=data,
+        postgres={"port": free_port()},
+        kafka={"port": free_port(), "controller_port": free_port()},
+        connect={"port": free_port(), "heartbeat_interval_ms": 2000},
+        api={"port": free_port()},
+    )
+    stack = Stack(settings)
+    try:
+        stack.start_postgres()
+        rows = load_demo(settings.postgres.dsn())  # before the connector: indexed through Debezium's snapshot
+        stack.start_kafka()
+        stack.start_connect()
+        stack.start_node()
+        live = LiveStack(settings, stack, rows)
+
+        def all_indexed() -> bool:
+            stats = live.api("/v1/index/stats").json()
+            return bool(stats["tables"]["public.docs"]["rows"] >= rows)
+
+        poll(all_indexed, f"the {rows} demo rows to be indexed", timeout=900)
+        yield live
+    finally:
+        stack.down()
+        if os.environ.get("RAGTIDE_E2E_KEEP") != "1":
+            shutil.rmtree(data, ignore_errors=True)
