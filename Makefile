@@ -5,7 +5,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-JARS   := .cache/stack/plugins/debezium-connector-postgres
+JARS   := .cache/stack/.resolved
+DASH   := .cache/dashboard/node_modules/uplot/dist/uPlot.iife.min.js
 PYTEST_ARGS ?=
 
 .PHONY: help install up down clean status lint fmt test test-unit test-integration test-e2e
@@ -22,9 +23,15 @@ $(STAMP): pyproject.toml constraints.txt
 
 $(JARS): infra/maven/pom.xml
 	mvn -q -B -f infra/maven/pom.xml package
+	@ls .cache/stack/plugins/debezium-connector-postgres/debezium-connector-postgres-*.jar >/dev/null
 	@touch $(JARS)
 
-install: $(STAMP) $(JARS) ## install Python deps into .venv and the Kafka/Connect/Debezium jars into .cache
+$(DASH): infra/dashboard/package.json infra/dashboard/package-lock.json
+	mkdir -p .cache/dashboard && cp infra/dashboard/package.json infra/dashboard/package-lock.json .cache/dashboard/
+	cd .cache/dashboard && npm ci --no-audit --no-fund --loglevel=error
+	@touch $(DASH)
+
+install: $(STAMP) $(JARS) $(DASH) ## install Python deps into .venv, the stack jars and the dashboard assets into .cache
 
 up: install ## start Postgres, Kafka, Connect+Debezium and the node; load the demo corpus; wait until indexed
 	$(BIN)/ragtide up

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# System packages the native stack needs: Java 17+, Maven, PostgreSQL 15 server. Installs what is missing
+# System packages the native stack needs: Java 17+, Maven, PostgreSQL 15 server, npm, Chromium. Installs what is missing
 # when run as root on Debian; otherwise says what to install.
 set -euo pipefail
 missing=()
@@ -7,6 +7,9 @@ command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || missing+=(maven)
 [ -x /usr/lib/postgresql/15/bin/postgres ] || missing+=(postgresql-15)
 command -v runuser >/dev/null || missing+=(util-linux)
+command -v npm >/dev/null || missing+=(npm)
+# Headless browser for the dashboard test (Debian's Chromium; nothing is downloaded by a test tool).
+command -v chromium >/dev/null || missing+=(chromium)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "installing system packages: ${missing[*]}"

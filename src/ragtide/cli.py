@@ -55,12 +55,15 @@ def up(
                 console.print(f"[green]✓[/] demo corpus: {n} rows in public.docs")
     if wait:
         wait_indexed(s)
+        with console.status("waiting for the canary's first round trip…"):
+            stack.wait_ready()
     api = s.api.url
     console.print(
-        f"\n[bold]ragtide is up.[/]\n  search API  {api}/v1/search\n  OpenAPI     {api}/docs\n"
+        f"\n[bold]ragtide is up.[/]\n  search API  {api}/v1/search\n  dashboard   {api}/dashboard\n"
+        f"  freshness   {api}/v1/freshness\n  OpenAPI     {api}/docs\n"
         f"  metrics     {api}/metrics\n  logs        {s.data_dir / 'logs'}\n\nTry:\n"
     )
-    query = json.dumps({"query": "how do I catch an exception?", "k": 3})
+    query = json.dumps({"query": "catching exceptions with try and except", "k": 3})
     print(f"curl -s {api}/v1/search -H 'content-type: application/json' -d '{query}'")
 
 
@@ -72,7 +75,7 @@ def source_row_counts(s: RagtideSettings) -> dict[str, int]:
 
     counts: dict[str, int] = {}
     with psycopg.connect(s.postgres.dsn()) as conn:
-        for table in load_sources(s.sources_file).tables:
+        for table in load_sources(s.sources_file).user_tables:
             row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()  # table names are validated
             counts[table] = int(row[0]) if row else 0
     return counts

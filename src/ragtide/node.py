@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from ragtide.contracts.errors import ConfigError
+from ragtide.contracts.freshness import FreshnessTracker
 from ragtide.contracts.settings import RagtideSettings
 from ragtide.embedder.chunking import Chunker
 from ragtide.embedder.encoder import Encoder, SentenceTransformerEncoder
@@ -42,11 +43,19 @@ def build_writer(
 
 
 def build_embedder(
-    settings: RagtideSettings, index: VectorIndex, encoder: Encoder, sources: SourcesConfig, registry: CollectorRegistry
+    settings: RagtideSettings,
+    index: VectorIndex,
+    encoder: Encoder,
+    sources: SourcesConfig,
+    registry: CollectorRegistry,
+    tracker: FreshnessTracker | None = None,
 ) -> faust.App:
     """The Faust app of the embedder."""
     processor = BatchProcessor(
-        build_writer(settings, index, encoder, sources), EmbedderMetrics(registry), settings.connect.topic_prefix
+        build_writer(settings, index, encoder, sources),
+        EmbedderMetrics(registry),
+        settings.connect.topic_prefix,
+        tracker,
     )
     return create_worker_app(settings, processor, source_topics(settings, sources))
 
@@ -59,8 +68,9 @@ def create_node_app(settings: RagtideSettings) -> FastAPI:
     encoder = build_encoder(settings)
     index = open_index(settings)
     registry = CollectorRegistry()
-    worker = build_embedder(settings, index, encoder, sources, registry)
-    return create_app(settings, index, encoder, sources, registry, lifespan=faust_lifespan(worker))
+    tracker = FreshnessTracker(registry)
+    worker = build_embedder(settings, index, encoder, sources, registry, tracker)
+    return create_app(settings, index, encoder, sources, registry, lifespan=faust_lifespan(worker), tracker=tracker)
 
 
 def create_retriever_app(settings: RagtideSettings) -> FastAPI:

@@ -99,6 +99,7 @@ def live() -> Iterator[LiveStack]:
             return bool(stats["tables"]["public.docs"]["rows"] >= rows)
 
         poll(all_indexed, f"the {rows} demo rows to be indexed", timeout=900)
+        stack.wait_ready()
         yield live
     finally:
         stack.down()

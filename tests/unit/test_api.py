@@ -43,7 +43,7 @@ def client() -> Iterator[TestClient]:
             for i, t, b, c in ROWS
         ]
     )
-    settings = load_settings(RagtideSettings, api={"max_k": 20})
+    settings = load_settings(RagtideSettings, api={"max_k": 20}, canary={"enabled": False})
     with TestClient(create_app(settings, index, encoder, SOURCES)) as c:
         yield c
 

@@ -117,6 +117,21 @@ class BatchSettings(_Section):
     window_ms: int = Field(30, ge=1)
 
 
+class CanarySettings(_Section):
+    """The end-to-end canary: a row written to Postgres on an interval and timed until a search returns it."""
+
+    enabled: bool = True
+    interval_s: float = Field(2.0, gt=0)
+    timeout_s: float = Field(30.0, gt=0)
+    max_freshness_s: float = Field(10.0, gt=0, description="/readyz turns unready above this")
+
+
+class DashboardSettings(_Section):
+    """Where the dashboard's JavaScript dependencies were installed (npm, by `make install`)."""
+
+    assets_dir: Path = Field(default_factory=lambda: REPO_ROOT / ".cache" / "dashboard" / "node_modules")
+
+
 class RagtideSettings(BaseSettings):
     """The sections every service shares."""
 
@@ -137,6 +152,8 @@ class RagtideSettings(BaseSettings):
     chunking: ChunkingSettings = ChunkingSettings()
     api: ApiSettings = ApiSettings()
     batch: BatchSettings = BatchSettings()
+    canary: CanarySettings = CanarySettings()
+    dashboard: DashboardSettings = DashboardSettings()
 
     @property
     def index_path(self) -> Path:

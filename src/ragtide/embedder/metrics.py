@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-
-STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class EmbedderMetrics:
@@ -31,6 +29,15 @@ class EmbedderMetrics:
             buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000),
             registry=registry,
         )
-        self.commit_to_ack = Histogram(
-            "ragtide_freshness_seconds", "source commit -> vector store ack", buckets=STAGE_BUCKETS, registry=registry
+        self.lag_records = Gauge(
+            "ragtide_consumer_lag_records",
+            "records behind the partition's end",
+            ["topic", "partition"],
+            registry=registry,
+        )
+        self.lag_seconds = Gauge(
+            "ragtide_consumer_lag_seconds",
+            "age of the newest processed record while behind",
+            ["topic", "partition"],
+            registry=registry,
         )

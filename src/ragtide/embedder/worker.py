@@ -18,6 +18,7 @@ import faust
 
 from ragtide.contracts.errors import DecodeError
 from ragtide.contracts.events import ChangeEvent
+from ragtide.contracts.freshness import ChangeTiming, FreshnessTracker
 from ragtide.contracts.settings import RagtideSettings
 from ragtide.embedder.metrics import EmbedderMetrics
 from ragtide.embedder.writer import ApplyStats, IndexWriter
@@ -52,11 +53,19 @@ def is_transient(exc: BaseException) -> bool:
 class BatchProcessor:
     """Decode, apply with retries, and split out poison records. Knows nothing of Faust streams."""
 
-    def __init__(self, writer: IndexWriter, metrics: EmbedderMetrics, topic_prefix: str) -> None:
+    def __init__(
+        self,
+        writer: IndexWriter,
+        metrics: EmbedderMetrics,
+        topic_prefix: str,
+        tracker: FreshnessTracker | None = None,
+    ) -> None:
         self.writer = writer
         self.metrics = metrics
         self.topic_prefix = topic_prefix
+        self.tracker = tracker
         self.last_stats = ApplyStats()
+        self.dequeued_ms = 0  # when the batch being applied left Kafka
 
     def decode_all(self, records: Sequence[Any]) -> tuple[list[ChangeEvent], list[Poison]]:
         """Decode Kafka messages (anything with topic/partition/offset/key/value/timestamp)."""
@@ -125,11 +134,28 @@ class BatchProcessor:
 
     def _record(self, stats: ApplyStats) -> None:
         m = self.metrics
-        now = time.time()
+        acked_ms = int(time.time() * 1000)
+        dequeued_ms = self.dequeued_ms or acked_ms
+        timings = []
         for ev in stats.applied:
             m.events.labels(ev.table, ev.op.value).inc()
             if ev.position.ts_ms and not ev.extra.get("snapshot"):
-                m.commit_to_ack.observe(max(0.0, now - ev.position.ts_ms / 1000))
+                # Snapshot reads carry the snapshot's start time, not a commit: backfill, not freshness.
+                timings.append(
+                    ChangeTiming(
+                        table=ev.table,
+                        row_id=ev.row_id,
+                        op=ev.op.value,
+                        source_ms=ev.position.ts_ms,
+                        emitted_ms=ev.emitted_ms or ev.position.ts_ms,
+                        kafka_ms=ev.kafka_ms or ev.emitted_ms,
+                        dequeued_ms=dequeued_ms,
+                        embedded_ms=stats.embedded_ms or dequeued_ms,
+                        acked_ms=acked_ms,
+                    )
+                )
+        if self.tracker is not None and timings:
+            self.tracker.record(timings)
         m.embedded.inc(stats.embedded)
         m.skipped.inc(stats.skipped)
         m.payload_updates.inc(stats.payload_updates)
@@ -139,12 +165,31 @@ class BatchProcessor:
         self.last_stats = stats
 
 
+def record_lag(app: faust.App, metrics: EmbedderMetrics, messages: Sequence[Any]) -> None:
+    """Consumer lag per partition: records behind the high-water mark, and how old the newest processed one is."""
+    newest: dict[Any, Any] = {}
+    for m in messages:
+        if m.tp not in newest or m.offset > newest[m.tp].offset:
+            newest[m.tp] = m
+    now = time.time()
+    for tp, m in newest.items():
+        try:
+            highwater = app.consumer.highwater(tp)
+        except Exception:  # the consumer may be rebalancing; lag is best effort
+            continue
+        behind = max(0, int(highwater or 0) - m.offset - 1)
+        metrics.lag_records.labels(tp.topic, str(tp.partition)).set(behind)
+        ts = m.timestamp if m.timestamp < 1e11 else m.timestamp / 1000
+        metrics.lag_seconds.labels(tp.topic, str(tp.partition)).set(max(0.0, now - ts) if behind else 0.0)
+
+
 def create_worker_app(settings: RagtideSettings, processor: BatchProcessor, topics: Sequence[str]) -> faust.App:
     """The Faust app: one agent over every source topic, a dead-letter topic, manual acks."""
     app = faust.App(
         "ragtide-embedder",
         broker=f"kafka://{settings.kafka.bootstrap}",
         store="memory://",
+        datadir=str(settings.data_dir / "faust"),
         key_serializer="raw",
         value_serializer="raw",
         web_enabled=False,
@@ -183,6 +228,7 @@ def create_worker_app(settings: RagtideSettings, processor: BatchProcessor, topi
     @app.agent(source, name="ragtide-embed")
     async def embed(stream: Any) -> None:
         async for events in stream.noack_take(settings.batch.max_events, within=window_s):
+            processor.dequeued_ms = int(time.time() * 1000)
             messages = [e.message for e in events]
             good, bad = processor.decode_all(messages)
             failed = await processor.apply(good, stopping) if good else []
@@ -199,5 +245,6 @@ def create_worker_app(settings: RagtideSettings, processor: BatchProcessor, topi
             # Step 3 of the checkpoint: the store acknowledged every write; now the offsets may be committed.
             for e in events:
                 await stream.ack(e)
+            record_lag(app, processor.metrics, messages)
 
     return app

@@ -38,6 +38,7 @@ class ApplyStats:
     deleted_points: int = 0
     stale: int = 0
     unknown_table: int = 0
+    embedded_ms: int = 0  # when the batch's embeddings were done (0: nothing needed embedding)
     applied: list[ChangeEvent] = field(default_factory=list)
 
 
@@ -201,6 +202,7 @@ class IndexWriter:
 
         if to_embed:
             vectors = self.encoder.encode([c.text for c, _ in to_embed])
+            stats.embedded_ms = int(self.clock() * 1000)
             points = [IndexPoint(c.id, vec, p) for (c, p), vec in zip(to_embed, vectors, strict=True)]
             self.index.upsert(points)
             stats.embedded += len(points)

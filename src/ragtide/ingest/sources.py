@@ -13,6 +13,7 @@ from ragtide.contracts.errors import ConfigError
 from ragtide.contracts.settings import format_validation_error
 
 UNAVAILABLE = "__debezium_unavailable_value"  # Debezium's placeholder for an unchanged TOASTed column
+CANARY_TABLE = "public.ragtide_canary"  # written by the freshness canary, indexed like any source table
 
 
 class SourceTable(BaseModel):
@@ -87,9 +88,21 @@ class SourcesConfig(BaseModel):
         """Every indexed table."""
         return [s.table for s in self.sources]
 
+    @property
+    def user_tables(self) -> list[str]:
+        """The indexed tables that users search (without ragtide's own canary)."""
+        return [t for t in self.tables if t != CANARY_TABLE]
 
-def load_sources(path: Path) -> SourcesConfig:
-    """Read and validate a sources YAML file; mistakes raise ConfigError naming the field."""
+    def with_canary(self) -> SourcesConfig:
+        """This config plus the canary table."""
+        if self.get(CANARY_TABLE):
+            return self
+        canary = SourceTable(table=CANARY_TABLE, key=("id",), text="{body}")
+        return SourcesConfig(sources=(*self.sources, canary))
+
+
+def load_sources(path: Path, canary: bool = True) -> SourcesConfig:
+    """Read and validate a sources YAML file (plus the canary table); mistakes raise ConfigError naming the field."""
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
@@ -97,6 +110,7 @@ def load_sources(path: Path) -> SourcesConfig:
     except yaml.YAMLError as exc:
         raise ConfigError(f"sources file {path} is not valid YAML: {exc}") from exc
     try:
-        return SourcesConfig.model_validate(raw)
+        config = SourcesConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, f"sources file {path}")) from exc
+    return config.with_canary() if canary else config

@@ -1,8 +1,9 @@
-"""The retrieval API: `create_app(settings, index, encoder)` is its composition root."""
+"""The retrieval API: `create_app(settings, index, encoder, sources)` is its composition root."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -10,13 +11,17 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 
+from ragtide.contracts.freshness import FreshnessTracker
 from ragtide.contracts.settings import RagtideSettings
 from ragtide.embedder.encoder import Encoder
 from ragtide.embedder.index.base import Filter, Hit, VectorIndex
 from ragtide.ingest.sources import SourcesConfig
+from ragtide.retriever.canary import Canary
+from ragtide.retriever.dashboard import DASHBOARD_HTML, counters_from
 from ragtide.retriever.schemas import Health, IndexStats, SearchHit, SearchRequest, SearchResponse, TableStats
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
@@ -32,12 +37,16 @@ class Services:
         encoder: Encoder,
         sources: SourcesConfig,
         registry: CollectorRegistry,
+        tracker: FreshnessTracker,
     ) -> None:
         self.settings = settings
         self.index = index
         self.encoder = encoder
         self.sources = sources
         self.registry = registry
+        self.tracker = tracker
+        self.canary: Canary | None = None
+        self.user_tables = sources.user_tables
         self.filterable = {"table"} | {m for s in sources.sources for m in s.metadata}
         self.latency = Histogram(
             "ragtide_request_seconds",
@@ -82,15 +91,25 @@ def to_hit(h: Hit, now: float) -> SearchHit:
 
 
 def build_filter(services: Services, requested: dict[str, Any] | None) -> Filter:
-    """Map the request's filter onto payload paths; unknown columns are a 422 that names them."""
-    flt: dict[str, Any] = {}
+    """Map the request's filter onto payload paths; unknown columns are a 422 that names them.
+
+    Searches always stay within the user's source tables (never ragtide's own canary rows).
+    """
+    flt: dict[str, Any] = {"table": services.user_tables}
     for key, value in (requested or {}).items():
         if key not in services.filterable:
             allowed = ", ".join(sorted(services.filterable))
             raise HTTPException(422, f"filter: unknown field {key!r}; filterable fields are: {allowed}")
         if isinstance(value, list) and not value:
             raise HTTPException(422, f"filter: {key!r} has an empty list")
-        flt["table" if key == "table" else f"metadata.{key}"] = value
+        if key == "table":
+            wanted = value if isinstance(value, list) else [value]
+            unknown = [t for t in wanted if t not in services.user_tables]
+            if unknown:
+                raise HTTPException(422, f"filter: table {unknown[0]!r} is not indexed; tables: {services.user_tables}")
+            flt["table"] = wanted
+        else:
+            flt[f"metadata.{key}"] = value
     return flt
 
 
@@ -101,19 +120,29 @@ def create_app(
     sources: SourcesConfig,
     registry: CollectorRegistry | None = None,
     lifespan: Lifespan | None = None,
+    tracker: FreshnessTracker | None = None,
 ) -> FastAPI:
     """Build the API; `lifespan` lets the node run the embedder in the same event loop."""
-    services = Services(settings, index, encoder, sources, registry or CollectorRegistry())
+    registry = registry or CollectorRegistry()
+    svc = Services(settings, index, encoder, sources, registry, tracker or FreshnessTracker(registry))
+    if settings.canary.enabled:
+        svc.canary = Canary(settings.postgres.dsn(), index, encoder, svc.tracker, settings.canary)
 
     @asynccontextmanager
     async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(index.ensure_collection, encoder.dim)
         try:
-            if lifespan is None:
-                yield
-            else:
-                async with lifespan(app):
+            async with contextlib.AsyncExitStack() as stack:
+                if lifespan is not None:
+                    await stack.enter_async_context(lifespan(app))
+                canary_task = asyncio.create_task(svc.canary.run()) if svc.canary else None
+                try:
                     yield
+                finally:
+                    if canary_task is not None:
+                        canary_task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await canary_task
         finally:
             await asyncio.to_thread(index.close)
 
@@ -123,7 +152,9 @@ def create_app(
         lifespan=_lifespan,
         description="Fresh retrieval over a CDC-maintained vector index.",
     )
-    app.state.services = services
+    app.state.services = svc
+    if settings.dashboard.assets_dir.is_dir():
+        app.mount("/static", StaticFiles(directory=settings.dashboard.assets_dir), name="static")
 
     @app.exception_handler(ValueError)
     async def _value_error(_: Request, exc: ValueError) -> JSONResponse:
@@ -150,11 +181,34 @@ def create_app(
     async def index_stats(svc: ServicesDep) -> IndexStats:
         """How many rows and chunks of each source table are indexed."""
         tables: dict[str, TableStats] = {}
-        for table in svc.sources.tables:
+        for table in svc.user_tables:
             points = await asyncio.to_thread(svc.index.count, {"table": table})
             rows = await asyncio.to_thread(svc.index.count, {"table": table, "chunk_no": 0})
             tables[table] = TableStats(rows=rows, chunks=points)
-        return IndexStats(points=await asyncio.to_thread(svc.index.count), tables=tables)
+        return IndexStats(points=sum(t.chunks for t in tables.values()), tables=tables)
+
+    @app.get("/v1/freshness", tags=["freshness"])
+    async def freshness(svc: ServicesDep, window_s: float = 60.0) -> dict[str, Any]:
+        """Commit -> searchable now: the canary, per-change percentiles, per-stage breakdown, lag, counters."""
+        if not 1 <= window_s <= 3600:
+            raise HTTPException(422, "window_s: must be between 1 and 3600")
+        snap = svc.tracker.snapshot(window_s=window_s)
+        snap["counters"] = counters_from(svc.registry)
+        if svc.canary is not None:
+            ok, detail = svc.canary.readiness()
+            snap["canary"]["ready"], snap["canary"]["detail"] = ok, detail
+        return snap
+
+    @app.get("/v1/freshness/changes", tags=["freshness"])
+    async def freshness_changes(svc: ServicesDep, since_ms: int = 0, limit: int = 50_000) -> dict[str, Any]:
+        """Per-change stage timestamps of changes acknowledged since `since_ms` (for benchmarks)."""
+        changes = svc.tracker.changes(since_ms, limit=max(1, min(limit, 50_000)))
+        return {"changes": [c.as_dict() for c in changes], "canary": [[t, s] for t, s in svc.tracker.canary(since_ms)]}
+
+    @app.get("/dashboard", response_class=HTMLResponse, tags=["freshness"])
+    async def dashboard() -> HTMLResponse:
+        """The live freshness dashboard."""
+        return HTMLResponse(DASHBOARD_HTML)
 
     @app.get("/healthz", response_model=Health, tags=["ops"])
     async def healthz() -> Health:
@@ -163,7 +217,7 @@ def create_app(
 
     @app.get("/readyz", response_model=Health, tags=["ops"], responses={503: {"model": Health}})
     async def readyz(svc: ServicesDep, response: Response) -> Health:
-        """Readiness: the vector index answers and the encoder is loaded."""
+        """Readiness: the index answers, the encoder is loaded, and the canary is fresh enough."""
         checks: dict[str, str] = {}
         try:
             n = await asyncio.to_thread(svc.index.count)
@@ -171,6 +225,9 @@ def create_app(
         except Exception as exc:
             checks["index"] = f"unavailable: {exc}"
         checks["encoder"] = f"ok ({svc.encoder.model_name}, dim {svc.encoder.dim})"
+        if svc.canary is not None:
+            ok, detail = svc.canary.readiness()
+            checks["canary"] = detail if ok else f"unready: {detail}"
         ready = all(v.startswith("ok") for v in checks.values())
         if not ready:
             response.status_code = 503

@@ -28,7 +28,9 @@ JVM_FLAGS = [
 
 def ensure_jars() -> None:
     """Resolve Kafka, Connect and Debezium through Maven (once; cached under .cache/stack)."""
-    if (PLUGINS / "debezium-connector-postgres").is_dir() and any(LIBS.glob("kafka_2.13-*.jar")):
+    if any(PLUGINS.glob("debezium-connector-postgres/debezium-connector-postgres-*.jar")) and any(
+        LIBS.glob("kafka_2.13-*.jar")
+    ):
         return
     mvn = shutil.which("mvn")
     if mvn is None:
@@ -41,6 +43,8 @@ def ensure_jars() -> None:
     )
     if out.returncode != 0:
         raise StackError(f"Maven failed to resolve the stack jars:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    if not any(PLUGINS.glob("debezium-connector-postgres/debezium-connector-postgres-*.jar")):
+        raise StackError(f"Maven ran but the Debezium plugin is missing under {PLUGINS}")
 
 
 def _java(heap: str, log_dir: Path, main: list[str]) -> list[str]:

@@ -50,7 +50,16 @@ class Stack:
         d = self.daemon("node")
         env = {**self.settings.to_env(), "RAGTIDE_JSON_LOGS": "true", "PYTHONUNBUFFERED": "1"}
         d.start([sys.executable, "-m", "ragtide", "node"], env=env)
-        wait_until(lambda: http_ok(f"{self.settings.api.url}/readyz"), "the ragtide node to be ready", 240, d)
+        wait_until(lambda: http_ok(f"{self.settings.api.url}/healthz"), "the ragtide node to answer", 240, d)
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        """Wait until /readyz: the index answers and the canary made a round trip through every component."""
+        wait_until(
+            lambda: http_ok(f"{self.settings.api.url}/readyz"),
+            "the pipeline to be ready (canary)",
+            timeout,
+            self.daemon("node"),
+        )
 
     def up(self, progress: Callable[[str], None] = lambda _: None) -> None:
         """Start everything that is not running yet, in order."""
