@@ -6,6 +6,7 @@ import json
 import shutil
 import sys
 import time
+from pathlib import Path
 from typing import Annotated
 
 import httpx
@@ -213,6 +214,105 @@ def search(
     for h in resp.json()["hits"]:
         table.add_row(f"{h['score']:.3f}", h["table"], h["row_id"], f"{h['age_s']:.0f}s", h["text"][:100])
     console.print(table)
+
+
+bench_app = typer.Typer(help="Benchmarks against the running stack (start it with `make up`).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+FRESHNESS_TARGETS = {5.0: (0.3, 0.8), 50.0: (0.5, 1.5)}  # rate -> (p50, p99) seconds on this 2-core machine
+
+
+@bench_app.command("freshness")
+def bench_freshness(
+    rate: Annotated[list[float], typer.Option(help="changes per second; repeat for a side-by-side run")] = [5.0, 50.0],  # noqa: B006
+    duration: Annotated[float, typer.Option(help="seconds of load per rate")] = 30.0,
+    mix: Annotated[str, typer.Option(help="update:insert:meta:delete weights")] = "50:20:15:15",
+    find_max: Annotated[bool, typer.Option(help="also step up the rate until lag grows")] = False,
+    out: Annotated[Path, typer.Option(help="folder for the JSON result and the PNG plot")] = Path("bench/results"),
+) -> None:
+    """Commit -> searchable under a steady write load from a separate process: p50/p95/p99/max, per stage."""
+    from ragtide.bench.freshness import RateResult, plot, run_rate
+    from ragtide.bench.workload import parse_mix
+
+    s = _settings()
+    try:
+        weights = parse_mix(mix)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--mix") from exc
+    if any(per_s <= 0 or per_s > 1000 for per_s in rate):
+        raise typer.BadParameter("rates must be in (0, 1000]", param_hint="--rate")
+    results: list[RateResult] = []
+    for per_s in rate:
+        with console.status(f"{per_s:g} changes/s for {duration:g}s…"):
+            results.append(run_rate(s, per_s, duration, weights))
+    max_sustained: float | None = None
+    if find_max:
+        step = max(rate)
+        while step <= 400:
+            step *= 2
+            with console.status(f"looking for the sustained maximum: {step:g} changes/s…"):
+                res = run_rate(s, step, min(duration, 20.0), weights)
+            results.append(res)
+            if not res.sustained:
+                break
+        max_sustained = max((r.rate for r in results if r.sustained), default=None)
+    table = Table(
+        "rate (/s)",
+        "achieved",
+        "changes",
+        "p50",
+        "p95",
+        "p99",
+        "max",
+        "canary p50",
+        "target p50/p99",
+        "sustained",
+        title="commit -> searchable (seconds)",
+    )
+    for r in results:
+        e = r.end_to_end
+        tgt = FRESHNESS_TARGETS.get(r.rate)
+        ok = tgt is not None and (e["p50"] or 99) <= tgt[0] and (e["p99"] or 99) <= tgt[1]
+        target = f"{tgt[0]}/{tgt[1]} {'[green]met[/]' if ok else '[red]missed[/]'}" if tgt else "-"
+        table.add_row(
+            f"{r.rate:g}",
+            f"{r.achieved_per_s:g}",
+            str(e["count"]),
+            _s(e["p50"]),
+            _s(e["p95"]),
+            _s(e["p99"]),
+            _s(e["max"]),
+            _s(r.canary["p50"]),
+            target,
+            "yes" if r.sustained else "[red]no[/]",
+        )
+    console.print(table)
+    stages = Table("stage", *(f"{r.rate:g}/s p50 · p95" for r in results), title="where the time goes")
+    for stage in results[0].stages:
+        stages.add_row(stage, *(f"{_s(r.stages[stage]['p50'])} · {_s(r.stages[stage]['p95'])}" for r in results))
+    console.print(stages)
+    if max_sustained is not None:
+        console.print(f"largest sustained rate tried: {max_sustained:g} changes/s")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    result_file = out / f"freshness-{stamp}.json"
+    result_file.write_text(
+        json.dumps(
+            {
+                "mix": weights,
+                "duration_s": duration,
+                "max_sustained": max_sustained,
+                "results": [r.as_dict() for r in results],
+            },
+            indent=2,
+        )
+    )
+    png = plot(results, out / f"freshness-{stamp}.png")
+    console.print(f"wrote {result_file}" + (f" and {png}" if png else " (install matplotlib for the plot)"))
+
+
+def _s(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
 
 
 def main() -> None:

@@ -1,0 +1,157 @@
+"""`ragtide bench freshness`: drive a steady write load from a separate process and measure commit -> searchable.
+
+Per change: the embedder's stage timestamps (source commit, Debezium emit, Kafka, dequeue, embedded, store ack)
+read back from /v1/freshness/changes. Throughout: the canary (commit -> returned by a real search).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ragtide.bench.workload import Workload, run_workload, seed_rows
+from ragtide.contracts.freshness import STAGES, percentile, summarize
+from ragtide.contracts.settings import RagtideSettings
+
+
+@dataclass
+class RateResult:
+    """The outcome of one rate."""
+
+    rate: float
+    duration_s: float
+    written: int
+    achieved_per_s: float
+    end_to_end: dict[str, Any]
+    stages: dict[str, dict[str, Any]]
+    canary: dict[str, Any]
+    sustained: bool
+    first_p50: float | None
+    last_p50: float | None
+    series: list[tuple[int, float]] = field(default_factory=list)  # (commit ms, seconds)
+    canary_series: list[tuple[int, float]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form (without the raw series)."""
+        d = {k: v for k, v in self.__dict__.items() if k not in {"series", "canary_series"}}
+        d["samples"] = len(self.series)
+        return d
+
+
+def _wait_applied(api: str, rows: set[str], since_ms: int, timeout: float) -> None:
+    """Wait until every row in `rows` shows up among the changes applied since `since_ms`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = httpx.get(f"{api}/v1/freshness/changes", params={"since_ms": since_ms}, timeout=60).json()
+        if rows <= {c["row_id"] for c in body["changes"]}:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{len(rows)} seed rows not indexed within {timeout:.0f}s")
+
+
+def run_rate(
+    settings: RagtideSettings,
+    rate: float,
+    duration_s: float,
+    mix: dict[str, int],
+    seed_n: int = 200,
+    drain_s: float = 60.0,
+) -> RateResult:
+    """One steady-rate run: seed, write from a child process, drain, read the timings back."""
+    api = settings.api.url
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    seeded_at = int(time.time() * 1000) - 1000
+    seeds = seed_rows(settings.postgres.dsn(), prefix, seed_n)
+    _wait_applied(api, set(seeds), seeded_at, timeout=300)
+    time.sleep(1.0)
+    log = Path(settings.data_dir) / "bench" / f"{prefix}.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start_ms = int(time.time() * 1000)
+    ctx = mp.get_context("spawn")
+    proc = ctx.Process(
+        target=run_workload, args=(Workload(settings.postgres.dsn(), prefix, rate, duration_s, mix, seeds, log),)
+    )
+    proc.start()
+    proc.join(duration_s + 120)
+    if proc.is_alive():
+        proc.terminate()
+        raise RuntimeError("the workload process did not finish")
+    end_ms = int(time.time() * 1000)
+    sent = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
+    touched = {s["row"] for s in sent}
+
+    deadline = time.monotonic() + drain_s
+    changes: list[dict[str, Any]] = []
+    canary: list[list[float]] = []
+    while True:
+        body = httpx.get(f"{api}/v1/freshness/changes", params={"since_ms": start_ms}, timeout=60).json()
+        changes = [c for c in body["changes"] if c["table"] == "public.docs" and c["row_id"] in touched]
+        canary = body["canary"]
+        # Coalescing can fold several changes of one row into one applied change, so wait for the last per row.
+        last_sent = {s["row"]: s["sent_ms"] for s in sent}
+        newest_applied: dict[str, int] = {}
+        for c in changes:
+            newest_applied[c["row_id"]] = max(newest_applied.get(c["row_id"], 0), c["source_ms"])
+        pending = [r for r, ms in last_sent.items() if newest_applied.get(r, 0) < ms - 1000]
+        if not pending or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+
+    e2e = [c["end_to_end_s"] for c in changes]
+    ordered = sorted(changes, key=lambda c: c["source_ms"])
+    fifth = max(1, len(ordered) // 5)
+    first = percentile([c["end_to_end_s"] for c in ordered[:fifth]], 50)
+    last = percentile([c["end_to_end_s"] for c in ordered[-fifth:]], 50)
+    # Not sustained: latency at the end of the run is far above the start (lag grows), or changes never landed.
+    sustained = bool(changes) and not pending and (last or 0) <= max(1.0, 2.5 * (first or 0))
+    canary_run = [s for t, s in canary if start_ms <= t <= end_ms + 5_000]
+    return RateResult(
+        rate=rate,
+        duration_s=duration_s,
+        written=len(sent),
+        achieved_per_s=round(len(sent) / max(0.001, (end_ms - start_ms) / 1000), 2),
+        end_to_end=summarize(e2e),
+        stages={s: summarize([c["stages"][s] for c in changes]) for s in STAGES},
+        canary=summarize(canary_run),
+        sustained=sustained,
+        first_p50=first,
+        last_p50=last,
+        series=[(c["source_ms"], c["end_to_end_s"]) for c in ordered],
+        canary_series=[(int(t), float(s)) for t, s in canary if start_ms <= t <= end_ms + 5_000],
+    )
+
+
+def plot(results: list[RateResult], path: Path) -> Path | None:
+    """Latency over time per rate (PNG); None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(len(results), 1, figsize=(10, 3.2 * len(results)), squeeze=False)
+    for ax, r in zip(axes[:, 0], results, strict=True):
+        if r.series:
+            t0 = r.series[0][0]
+            ax.scatter([(t - t0) / 1000 for t, _ in r.series], [s for _, s in r.series], s=6, label="per change")
+            if r.canary_series:
+                ax.plot(
+                    [(t - t0) / 1000 for t, _ in r.canary_series], [s for _, s in r.canary_series], "g-", label="canary"
+                )
+        ax.set_title(f"{r.rate:g} changes/s: p50 {r.end_to_end['p50']} s, p99 {r.end_to_end['p99']} s")
+        ax.set_xlabel("seconds into the run")
+        ax.set_ylabel("commit -> searchable (s)")
+        ax.legend(loc="upper right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
