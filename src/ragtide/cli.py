@@ -120,6 +120,37 @@ def register_connector() -> None:
 
 
 @app.command()
+def verify(
+    table: Annotated[str | None, typer.Option(help="one source table (schema.table)")] = None,
+    repair: Annotated[bool, typer.Option("--repair", help="fix exactly the drift that was found")] = False,
+) -> None:
+    """Compare the source tables with the index: missing, stale and orphaned rows (exit 1 on drift)."""
+    s = _settings()
+    resp = httpx.post(f"{s.api.url}/v1/admin/verify", json={"table": table, "repair": repair}, timeout=900)
+    if resp.status_code != 200:
+        console.print(f"[red]{resp.status_code}[/] {resp.text}")
+        raise typer.Exit(2)
+    body = resp.json()
+    out = Table("table", "rows", "points", "missing", "stale", "orphaned", "repaired", title="index vs source")
+    for t in body["tables"]:
+        out.add_row(
+            t["table"],
+            str(t["rows"]),
+            str(t["points"]),
+            str(t["missing"]),
+            str(t["stale"]),
+            str(t["orphaned"]),
+            str(t["repaired"]),
+        )
+        for kind, rows in t["examples"].items():
+            if rows:
+                console.print(f"  {kind} in {t['table']}: {', '.join(rows)}")
+    console.print(out)
+    if body["drift"] and not repair:
+        raise typer.Exit(1)
+
+
+@app.command()
 def down() -> None:
     """Stop every process `ragtide up` started (by pid); data is kept."""
     from ragtide.stack.stack import Stack

@@ -8,9 +8,13 @@ scale independently.
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import faust
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI, HTTPException
 from prometheus_client import CollectorRegistry
+from pydantic import BaseModel, ConfigDict, Field
 
 from ragtide.contracts.errors import ConfigError
 from ragtide.contracts.freshness import FreshnessTracker
@@ -20,9 +24,11 @@ from ragtide.embedder.encoder import Encoder, SentenceTransformerEncoder
 from ragtide.embedder.index.base import VectorIndex
 from ragtide.embedder.index.factory import open_index
 from ragtide.embedder.metrics import EmbedderMetrics
+from ragtide.embedder.verify import verify_table
 from ragtide.embedder.worker import BatchProcessor, create_worker_app
 from ragtide.embedder.writer import IndexWriter
 from ragtide.ingest.connector import source_topics
+from ragtide.ingest.rows import read_rows
 from ragtide.ingest.sources import SourcesConfig, load_sources
 from ragtide.retriever.app import create_app
 
@@ -70,7 +76,42 @@ def create_node_app(settings: RagtideSettings) -> FastAPI:
     registry = CollectorRegistry()
     tracker = FreshnessTracker(registry)
     worker = build_embedder(settings, index, encoder, sources, registry, tracker)
-    return create_app(settings, index, encoder, sources, registry, lifespan=faust_lifespan(worker), tracker=tracker)
+    admin = admin_router(settings, index, build_writer(settings, index, encoder, sources), sources)
+    return create_app(
+        settings, index, encoder, sources, registry, lifespan=faust_lifespan(worker), tracker=tracker, routers=[admin]
+    )
+
+
+class VerifyRequest(BaseModel):
+    """POST /v1/admin/verify."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    table: str | None = Field(None, description="one source table (schema.table); default: all")
+    repair: bool = Field(False, description="fix exactly the drift that was found")
+
+
+def admin_router(
+    settings: RagtideSettings, index: VectorIndex, writer: IndexWriter, sources: SourcesConfig
+) -> APIRouter:
+    """Operator endpoints of the node (the owner of the embedded index)."""
+    router = APIRouter(prefix="/v1/admin", tags=["admin"])
+
+    @router.post("/verify")
+    async def verify(body: VerifyRequest) -> dict[str, Any]:
+        """Compare the source tables with the index (missing, stale, orphaned rows); optionally repair."""
+        if body.table is not None and body.table not in sources.user_tables:
+            raise HTTPException(422, f"table: {body.table!r} is not a source table; tables: {sources.user_tables}")
+        reports = []
+        for table in [body.table] if body.table else sources.user_tables:
+            source = sources.get(table)
+            assert source is not None
+            position, rows = await asyncio.to_thread(read_rows, settings.postgres.dsn(), source)
+            report = await asyncio.to_thread(verify_table, source, position, rows, index, writer, body.repair)
+            reports.append(report.as_dict())
+        return {"drift": sum(r["drift"] for r in reports), "repair": body.repair, "tables": reports}
+
+    return router
 
 
 def create_retriever_app(settings: RagtideSettings) -> FastAPI:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
@@ -121,6 +121,7 @@ def create_app(
     registry: CollectorRegistry | None = None,
     lifespan: Lifespan | None = None,
     tracker: FreshnessTracker | None = None,
+    routers: Sequence[APIRouter] = (),
 ) -> FastAPI:
     """Build the API; `lifespan` lets the node run the embedder in the same event loop."""
     registry = registry or CollectorRegistry()
@@ -155,6 +156,9 @@ def create_app(
     app.state.services = svc
     if settings.dashboard.assets_dir.is_dir():
         app.mount("/static", StaticFiles(directory=settings.dashboard.assets_dir), name="static")
+
+    for router in routers:
+        app.include_router(router)
 
     @app.exception_handler(ValueError)
     async def _value_error(_: Request, exc: ValueError) -> JSONResponse:
