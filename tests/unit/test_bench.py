@@ -1,0 +1,23 @@
+"""The freshness benchmark's workload definition."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from ragtide.bench.workload import DEFAULT_MIX, parse_mix, sentence
+
+
+def test_parse_mix() -> None:
+    assert parse_mix("50:20:15:15") == DEFAULT_MIX
+    assert parse_mix("1:0:0:0") == {"update": 1, "insert": 0, "meta": 0, "delete": 0}
+    for bad in ("50:20:15", "a:b:c:d", "0:0:0:0", "-1:2:3:4"):
+        with pytest.raises(ValueError, match="--mix"):
+            parse_mix(bad)
+
+
+def test_sentences_are_30_to_80_words_and_deterministic() -> None:
+    lengths = {len(sentence(random.Random(i)).split()) for i in range(200)}
+    assert min(lengths) >= 30 and max(lengths) <= 80
+    assert sentence(random.Random(1)) == sentence(random.Random(1))
