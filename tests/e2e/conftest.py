@@ -50,11 +50,17 @@ class LiveStack:
     def api(self, path: str) -> httpx.Response:
         return httpx.get(f"{self.settings.api.url}{path}", timeout=30)
 
-    def metric(self, name: str) -> float:
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one Prometheus series (summed over the labels not given)."""
+        total, found = 0.0, False
         for line in self.api("/metrics").text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
-        raise KeyError(name)
+            series, _, value = line.rpartition(" ")
+            named = series == name or series.startswith(name + "{")
+            if named and all(f'{k}="{v}"' in series for k, v in labels.items()):
+                total, found = total + float(value), True
+        if not found:
+            raise KeyError(f"{name} {labels}")
+        return total
 
 
 def poll(check: Callable[[], T | None], what: str, timeout: float = POLL_TIMEOUT) -> T:

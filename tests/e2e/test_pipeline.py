@@ -59,13 +59,13 @@ def test_metadata_only_update_is_not_reembedded(live: LiveStack) -> None:
     row = f"{topic}/1"
     insert(live, row, "Volcanoes", "Basaltic lava flows build shield volcanoes like Mauna Loa.", topic)
     poll(lambda: hits_of(live, "shield volcano lava", row, topic), "the row to be indexed")
-    embedded = live.metric("ragtide_chunks_embedded_total")
+    embedded = live.metric("ragtide_chunks_embedded_total", table="public.docs")
     live.sql("UPDATE public.docs SET category = 'geology' WHERE id = %s", (row,))
     poll(
         lambda: live.search("shield volcano lava", k=5, flt={"topic": topic, "category": "geology"}),
         "the new metadata to be searchable",
     )
-    assert live.metric("ragtide_chunks_embedded_total") == embedded
+    assert live.metric("ragtide_chunks_embedded_total", table="public.docs") == embedded
 
 
 def test_row_inserted_while_embedder_is_stopped_is_indexed_after_restart(live: LiveStack) -> None:

@@ -86,7 +86,7 @@ def test_store_outage_is_retried_until_acknowledged() -> None:
     failed = asyncio.run(proc.apply(good, asyncio.Event()))
     assert failed == [] and index.count() == 1
     assert registry.get_sample_value("ragtide_store_retries_total") == 2
-    assert registry.get_sample_value("ragtide_chunks_embedded_total") == 1
+    assert registry.get_sample_value("ragtide_chunks_embedded_total", {"table": "public.docs"}) == 1
 
 
 def test_a_row_that_cannot_be_indexed_is_isolated_for_the_dlq() -> None:

@@ -10,9 +10,12 @@ class EmbedderMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.events = Counter("ragtide_events_total", "change events consumed", ["table", "op"], registry=registry)
-        self.embedded = Counter("ragtide_chunks_embedded_total", "chunks embedded", registry=registry)
+        self.embedded = Counter("ragtide_chunks_embedded_total", "chunks embedded", ["table"], registry=registry)
         self.skipped = Counter(
-            "ragtide_chunks_skipped_total", "chunks whose text was unchanged (not embedded)", registry=registry
+            "ragtide_chunks_skipped_total",
+            "chunks whose text was unchanged (not embedded)",
+            ["table"],
+            registry=registry,
         )
         self.payload_updates = Counter(
             "ragtide_payload_updates_total", "points updated in place (no embedding)", registry=registry

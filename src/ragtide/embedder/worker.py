@@ -156,8 +156,10 @@ class BatchProcessor:
                 )
         if self.tracker is not None and timings:
             self.tracker.record(timings)
-        m.embedded.inc(stats.embedded)
-        m.skipped.inc(stats.skipped)
+        for table, n in stats.embedded_by_table.items():
+            m.embedded.labels(table).inc(n)
+        for table, n in stats.skipped_by_table.items():
+            m.skipped.labels(table).inc(n)
         m.payload_updates.inc(stats.payload_updates)
         m.deleted.inc(stats.deleted_points)
         m.stale.inc(stats.stale)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,8 @@ class ApplyStats:
     tables_truncated: int = 0
     embedded: int = 0
     skipped: int = 0
+    embedded_by_table: Counter[str] = field(default_factory=Counter)
+    skipped_by_table: Counter[str] = field(default_factory=Counter)
     payload_updates: int = 0
     deleted_points: int = 0
     stale: int = 0
@@ -196,6 +199,7 @@ class IndexWriter:
                 shared = {k: payload[k] for k in ROW_LEVEL_FIELDS}  # type: ignore[literal-required]
                 self.index.set_payload(unchanged, shared)
                 stats.skipped += len(unchanged)
+                stats.skipped_by_table[ev.table] += len(unchanged)
                 stats.payload_updates += len(unchanged)
             surplus += [point_id(ev.table, ev.row_id, n) for n in have if n >= len(plan.chunks)]
             stats.rows_written += 1
@@ -206,6 +210,7 @@ class IndexWriter:
             points = [IndexPoint(c.id, vec, p) for (c, p), vec in zip(to_embed, vectors, strict=True)]
             self.index.upsert(points)
             stats.embedded += len(points)
+            stats.embedded_by_table.update(c.table for c, _ in to_embed)
         if surplus:
             self.index.delete(surplus)
             stats.deleted_points += len(surplus)
