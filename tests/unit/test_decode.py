@@ -107,3 +107,10 @@ def test_table_of_topic() -> None:
     assert table_of_topic("ragtide.public.docs", "ragtide") == "public.docs"
     assert table_of_topic("__debezium-heartbeat.ragtide", "ragtide") is None
     assert table_of_topic("other.public.docs", "ragtide") is None
+
+
+def test_snapshot_read_is_marked_as_backfill() -> None:
+    ev = decode_record("snapshot_read")
+    assert ev.op is Op.READ and ev.op.writes_row
+    assert ev.extra.get("snapshot") in {"first", "true", "last", "first_in_data_collection", "last_in_data_collection"}
+    assert ev.row is not None and ev.row["id"] == ev.key["id"]
