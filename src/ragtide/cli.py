@@ -250,6 +250,7 @@ def search(
 bench_app = typer.Typer(help="Benchmarks against the running stack (start it with `make up`).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
+FIND_MAX_STEPS = (10.0, 15.0, 20.0, 25.0, 30.0, 40.0, 50.0, 70.0, 100.0, 150.0, 200.0, 300.0, 400.0)
 FRESHNESS_TARGETS = {5.0: (0.3, 0.8), 50.0: (0.5, 1.5)}  # rate -> (p50, p99) seconds on this 2-core machine
 
 
@@ -278,15 +279,17 @@ def bench_freshness(
             results.append(run_rate(s, per_s, duration, weights))
     max_sustained: float | None = None
     if find_max:
-        step = max(rate)
-        while step <= 400:
-            step *= 2
+        # Step up from the best sustained rate, staying below the lowest rate that already failed.
+        ok = max((r.rate for r in results if r.sustained), default=0.0)
+        failed = min((r.rate for r in results if not r.sustained), default=float("inf"))
+        for step in [c for c in FIND_MAX_STEPS if ok < c < failed]:
             with console.status(f"looking for the sustained maximum: {step:g} changes/s…"):
                 res = run_rate(s, step, min(duration, 20.0), weights)
             results.append(res)
             if not res.sustained:
                 break
         max_sustained = max((r.rate for r in results if r.sustained), default=None)
+        results.sort(key=lambda r: r.rate)
     table = Table(
         "rate (/s)",
         "achieved",
