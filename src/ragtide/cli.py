@@ -27,7 +27,8 @@ from ragtide.contracts.logging import setup_logging
 from ragtide.contracts.settings import RagtideSettings, load_settings
 
 app = typer.Typer(help="ragtide: CDC-driven streaming RAG ingestion.", no_args_is_help=True, add_completion=False)
-console = Console(stderr=True)
+# Wide enough for the side-by-side benchmark tables when output is piped to a file.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def _settings() -> RagtideSettings:
