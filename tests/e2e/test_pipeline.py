@@ -8,6 +8,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from ragtide.embedder.dlq import list_dead_letters, replay_dead_letters
 from tests.e2e.conftest import LiveStack, poll
 
 
@@ -121,6 +122,15 @@ def test_poison_record_goes_to_dead_letter_topic_and_the_stream_continues(live: 
     assert headers["ragtide.topic"] == source_topic.encode()
     assert dead[0].key == b'{"id":"poison"}'
     assert live.metric("ragtide_dlq_total") >= 1
+
+    # `ragtide dlq list` sees it with its reason; `ragtide dlq replay` sends it back to be retried once.
+    letters = [d for d in asyncio.run(list_dead_letters(s.kafka.bootstrap, s.dlq_topic)) if marker in (d.value or b"")]
+    assert letters[0].reason.startswith("decode:") and letters[0].topic == source_topic
+    replayed = asyncio.run(replay_dead_letters(s.kafka.bootstrap, s.dlq_topic))
+    assert marker in b"".join(d.value or b"" for d in replayed)
+    poll(lambda: len(asyncio.run(read_dlq())) == 2, "the replayed (still malformed) record to be dead-lettered again")
+    again = asyncio.run(replay_dead_letters(s.kafka.bootstrap, s.dlq_topic))
+    assert letters[0].offset not in {d.offset for d in again}  # progress is remembered: no double replay
 
 
 def test_ops_endpoints(live: LiveStack) -> None:

@@ -163,7 +163,7 @@ class RagtideSettings(BaseSettings):
     @property
     def dlq_topic(self) -> str:
         """The dead-letter topic."""
-        return f"{self.connect.topic_prefix}.ragtide.dlq"
+        return f"{self.connect.topic_prefix}.dlq"
 
     def to_env(self) -> dict[str, str]:
         """These settings as RAGTIDE_* environment variables, so child processes see exactly the same config."""
