@@ -15,7 +15,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ragtide.contracts.errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+
+def _find_root() -> Path:
+    """The checkout (editable install) or, for an installed package (the Docker image), the working directory."""
+    checkout = Path(__file__).resolve().parents[3]
+    return checkout if (checkout / "infra" / "config").is_dir() else Path.cwd()
+
+
+REPO_ROOT = _find_root()
 
 
 class _Section(BaseModel):
