@@ -7,7 +7,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import httpx
 import typer
@@ -33,6 +33,15 @@ console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 def _settings() -> RagtideSettings:
     return load_settings(RagtideSettings)
+
+
+def _post(s: RagtideSettings, path: str, body: dict[str, object], timeout: float, exit_code: int = 1) -> Any:
+    """POST to the running API; a non-200 answer is printed and ends the command."""
+    resp = httpx.post(f"{s.api.url}{path}", json=body, timeout=timeout)
+    if resp.status_code != 200:
+        console.print(f"[red]{resp.status_code}[/] {resp.text}")
+        raise typer.Exit(exit_code)
+    return resp.json()
 
 
 @app.command()
@@ -127,11 +136,7 @@ def verify(
 ) -> None:
     """Compare the source tables with the index: missing, stale and orphaned rows (exit 1 on drift)."""
     s = _settings()
-    resp = httpx.post(f"{s.api.url}/v1/admin/verify", json={"table": table, "repair": repair}, timeout=900)
-    if resp.status_code != 200:
-        console.print(f"[red]{resp.status_code}[/] {resp.text}")
-        raise typer.Exit(2)
-    body = resp.json()
+    body = _post(s, "/v1/admin/verify", {"table": table, "repair": repair}, timeout=900, exit_code=2)
     out = Table("table", "rows", "points", "missing", "stale", "orphaned", "repaired", title="index vs source")
     for t in body["tables"]:
         out.add_row(
@@ -238,12 +243,8 @@ def search(
 ) -> None:
     """Query the running API and print the hits."""
     s = _settings()
-    resp = httpx.post(f"{s.api.url}/v1/search", json={"query": query, "k": k}, timeout=30)
-    if resp.status_code != 200:
-        console.print(f"[red]{resp.status_code}[/] {resp.text}")
-        raise typer.Exit(1)
     table = Table("score", "table", "row", "age", "text")
-    for h in resp.json()["hits"]:
+    for h in _post(s, "/v1/search", {"query": query, "k": k}, timeout=30)["hits"]:
         table.add_row(f"{h['score']:.3f}", h["table"], h["row_id"], f"{h['age_s']:.0f}s", h["text"][:100])
     console.print(table)
 

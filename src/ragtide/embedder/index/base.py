@@ -6,7 +6,7 @@ services need, and it maps one-to-one onto Qdrant's `must` + MatchValue / MatchA
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -78,6 +78,18 @@ class VectorIndex(Protocol):
 
     def close(self) -> None:
         """Flush and release resources."""
+
+
+def scroll_pages(fetch_page: Callable[[Any, int], tuple[Sequence[Any], Any]], limit: int) -> list[StoredPoint]:
+    """Follow a backend's scroll pages (`fetch_page(offset, page_size) -> (records, next_offset)`) up to `limit`."""
+    out: list[StoredPoint] = []
+    offset: Any = None
+    while len(out) < limit:
+        records, offset = fetch_page(offset, min(1000, limit - len(out)))
+        out.extend(StoredPoint(str(r.id), dict(r.payload or {})) for r in records)
+        if offset is None or not records:
+            break
+    return out
 
 
 def normalise_filter(flt: Filter | None) -> list[tuple[str, NormalValue]]:

@@ -22,6 +22,7 @@ from ragtide.embedder.index.base import (
     IndexPoint,
     StoredPoint,
     normalise_filter,
+    scroll_pages,
 )
 
 
@@ -93,22 +94,13 @@ class EdgeIndex:
 
     def scroll(self, flt: Filter | None = None, limit: int = 10_000) -> list[StoredPoint]:
         """Matching points without vectors."""
-        out: list[StoredPoint] = []
-        offset: Any = None
-        while len(out) < limit:
-            records, offset = self.shard.scroll(
-                qe.ScrollRequest(
-                    offset=offset,
-                    limit=min(1000, limit - len(out)),
-                    filter=to_edge_filter(flt),
-                    with_payload=True,
-                    with_vector=False,
-                )
-            )
-            out.extend(StoredPoint(str(r.id), dict(r.payload or {})) for r in records)
-            if offset is None or not records:
-                break
-        return out
+        edge_filter = to_edge_filter(flt)
+        return scroll_pages(
+            lambda offset, size: self.shard.scroll(
+                qe.ScrollRequest(offset=offset, limit=size, filter=edge_filter, with_payload=True, with_vector=False)
+            ),
+            limit,
+        )
 
     def search(self, vector: npt.NDArray[np.float32], k: int, flt: Filter | None = None) -> list[Hit]:
         """Nearest neighbours by cosine."""

@@ -17,6 +17,7 @@ from ragtide.embedder.index.base import (
     IndexPoint,
     StoredPoint,
     normalise_filter,
+    scroll_pages,
 )
 
 
@@ -85,21 +86,18 @@ class QdrantClientIndex:
 
     def scroll(self, flt: Filter | None = None, limit: int = 10_000) -> list[StoredPoint]:
         """Matching points without vectors."""
-        out: list[StoredPoint] = []
-        offset: Any = None
-        while len(out) < limit:
-            records, offset = self.client.scroll(
+        client_filter = to_client_filter(flt)
+        return scroll_pages(
+            lambda offset, size: self.client.scroll(
                 self.collection,
-                scroll_filter=to_client_filter(flt),
-                limit=min(1000, limit - len(out)),
+                scroll_filter=client_filter,
+                limit=size,
                 offset=offset,
                 with_payload=True,
                 with_vectors=False,
-            )
-            out.extend(StoredPoint(str(r.id), dict(r.payload or {})) for r in records)
-            if offset is None or not records:
-                break
-        return out
+            ),
+            limit,
+        )
 
     def search(self, vector: npt.NDArray[np.float32], k: int, flt: Filter | None = None) -> list[Hit]:
         """Nearest neighbours by cosine."""
