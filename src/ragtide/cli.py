@@ -239,7 +239,7 @@ def embedder() -> None:
 @app.command()
 def search(
     query: str,
-    k: Annotated[int, typer.Option(help="number of hits")] = 5,
+    k: Annotated[int, typer.Option("--k", "-k", help="number of hits")] = 5,
 ) -> None:
     """Query the running API and print the hits."""
     s = _settings()
