@@ -1,122 +1,714 @@
-"""docker-compose.yml cannot run here (no Docker engine): parse it and check it agrees with the native stack."""
+"""docker-compose.yml and the Dockerfile, checked against the native stack's own config.
+
+No Docker engine runs here, so the compose file is parsed and compared with what `ragtide up` uses:
+infra/maven/pom.xml (versions), infra/config/*.properties (Kafka and Connect), the settings classes (every
+RAGTIDE_* variable) and ragtide.stack.postgres (server settings). Each check returns its problems, and a
+mutated copy of the file proves that the check can fail.
+"""
 
 from __future__ import annotations
 
+import copy
+import itertools
 import os
 import re
+import shlex
 import shutil
 import subprocess
+from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+import typer.main
 import yaml
+from pydantic import BaseModel
 
-from ragtide.contracts.settings import REPO_ROOT, RagtideSettings, load_settings
+from ragtide.cli import app as cli_app
+from ragtide.contracts.errors import ConfigError
+from ragtide.contracts.settings import REPO_ROOT, PostgresSettings, RagtideSettings, load_settings
+from ragtide.stack import templates
 from ragtide.stack.postgres import SERVER_SETTINGS
 
-COMPOSE = REPO_ROOT / "docker-compose.yml"
+pytestmark = pytest.mark.unit
+MonkeyPatch = pytest.MonkeyPatch
+
+COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+DOCKERFILE = REPO_ROOT / "Dockerfile"
+DOCKERIGNORE = REPO_ROOT / ".dockerignore"
+PROJECT_SERVICES = ("connector-init", "embedder", "retriever")
+# What a user sets in the shell: only the one secret the file insists on.
+SHELL_ENV = {"POSTGRES_PASSWORD": "compose-test-secret"}
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEY|APIKEY", re.I)
+REQUIRED_REF = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*:\?[^}]+\}")
+WILDCARD_HOSTS = {"", "0.0.0.0"}
+
+Compose = dict[str, Any]
 
 
-@pytest.fixture(scope="module")
-def compose() -> dict[str, Any]:
-    doc: dict[str, Any] = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+# --- reading the files ------------------------------------------------------------------------------------
+
+
+def load_compose() -> Compose:
+    doc: Compose = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
     return doc
 
 
+@pytest.fixture
+def compose() -> Compose:
+    return load_compose()
+
+
+def mutated(doc: Compose, change: Callable[[Compose], object]) -> Compose:
+    """A deep copy of the compose document with one change applied."""
+    out = copy.deepcopy(doc)
+    change(out)
+    return out
+
+
+_REF = re.compile(
+    r"\$(?:(?P<escaped>\$)|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}"
+    r"|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))"
+)
+
+
+def interpolate(value: str, shell: Mapping[str, str]) -> str:
+    """Compose's interpolation: $$, ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err}, ${VAR:+alt}."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m["escaped"]:
+            return "$"
+        name = m["name"] or m["bare"]
+        op, arg, val = m["op"], m["arg"] or "", shell.get(name)
+        unset_or_empty = val is None or (val == "" and op is not None and op.startswith(":"))
+        if op in (":-", "-"):
+            return arg if unset_or_empty else str(val)
+        if op in (":?", "?"):
+            if unset_or_empty:
+                raise ValueError(f"required variable {name} is missing: {arg}")
+            return str(val)
+        if op in (":+", "+"):
+            return "" if unset_or_empty else arg
+        return val or ""
+
+    return _REF.sub(sub, value)
+
+
+def raw_environment(svc: Mapping[str, Any]) -> dict[str, str | None]:
+    """A service's environment as written (mapping or list form); None = passed through from the shell."""
+    env = svc.get("environment") or {}
+    if isinstance(env, list):
+        pairs = (item.split("=", 1) if "=" in item else (item, None) for item in env)
+        return dict(pairs)
+    return {str(k): None if v is None else _scalar(v) for k, v in env.items()}
+
+
+def _scalar(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def environment(doc: Compose, service: str, shell: Mapping[str, str] = SHELL_ENV) -> dict[str, str]:
+    """A service's environment as the container sees it with `shell` as the user's environment."""
+    env = {}
+    for k, v in raw_environment(doc["services"][service]).items():
+        if v is not None:
+            env[k] = interpolate(v, shell)
+        elif k in shell:
+            env[k] = shell[k]
+    return env
+
+
+def image_tag(doc: Compose, service: str) -> tuple[str, str]:
+    repo, _, tag = str(doc["services"][service]["image"]).rpartition(":")
+    return repo, tag
+
+
 def pom_version(name: str) -> str:
-    m = re.search(rf"<{name}>([^<]+)</{name}>", (REPO_ROOT / "infra" / "maven" / "pom.xml").read_text())
-    assert m, name
-    return m.group(1)
+    pom = (REPO_ROOT / "infra" / "maven" / "pom.xml").read_text(encoding="utf-8")
+    m = re.search(rf"<{re.escape(name)}>([^<]+)</{re.escape(name)}>", pom)
+    assert m, f"{name} not in infra/maven/pom.xml"
+    return m.group(1).strip()
 
 
 def pinned(package: str) -> str:
-    m = re.search(rf"^{re.escape(package)}==(\S+)$", (REPO_ROOT / "constraints.txt").read_text(), re.M | re.I)
-    assert m, package
+    text = (REPO_ROOT / "constraints.txt").read_text()
+    m = re.search(rf"^{re.escape(package)}==(\S+)\s*$", text, re.M | re.I)
+    assert m, f"{package} not pinned in constraints.txt"
     return m.group(1)
 
 
-def image_tag(compose: dict[str, Any], service: str) -> str:
-    return str(compose["services"][service]["image"]).rsplit(":", 1)[1]
+def parse_properties(text: str) -> dict[str, str]:
+    props = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "!")):
+            key, _, value = line.partition("=")
+            props[key.strip()] = value.strip()
+    return props
 
 
-def interpolate(value: str) -> str:
-    """Compose's `${VAR:-default}` and `${VAR:?error}` as a user with only POSTGRES_PASSWORD=x set sees them."""
-    value = re.sub(r"\$\{[A-Z_]+:\?[^}]*\}", "x", value)
-    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
-
-
-def env_of(compose: dict[str, Any], service: str) -> dict[str, str]:
-    return {k: interpolate(str(v)) for k, v in compose["services"][service]["environment"].items()}
-
-
-def test_images_match_the_native_stack_versions(compose: dict[str, Any]) -> None:
-    assert image_tag(compose, "kafka") == pom_version("kafka.version")
-    assert image_tag(compose, "connect") == pom_version("debezium.version")
-    assert image_tag(compose, "postgres").split(".")[0] == "15"
-    major_minor = ".".join(pinned("qdrant-client").split(".")[:2])
-    assert image_tag(compose, "qdrant").lstrip("v").startswith(major_minor + ".")
-
-
-def test_postgres_runs_with_the_native_wal_settings(compose: dict[str, Any]) -> None:
-    command = compose["services"]["postgres"]["command"]
-    for key in ("wal_level", "max_wal_senders", "max_replication_slots", "max_slot_wal_keep_size", "wal_writer_delay"):
-        assert f"-c {key}={SERVER_SETTINGS[key]}" in command
-
-
-def test_dependencies_wait_for_health(compose: dict[str, Any]) -> None:
-    services = compose["services"]
-    for name, svc in services.items():
-        for dep, cond in (svc.get("depends_on") or {}).items():
-            assert dep in services, f"{name} depends on unknown {dep}"
-            want = "service_completed_successfully" if dep == "connector-init" else "service_healthy"
-            assert cond == {"condition": want}, f"{name} -> {dep}"
-            if want == "service_healthy":
-                assert "healthcheck" in services[dep], f"{dep} has no healthcheck"
-
-
-def test_ragtide_env_names_real_settings(compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    fields = RagtideSettings.model_fields
-    for service in ("embedder", "retriever", "connector-init"):
-        env = env_of(compose, service)
-        for key in env:
-            if key == "QDRANT_URL":
-                continue
-            assert key.startswith("RAGTIDE_"), key
-            path = key.removeprefix("RAGTIDE_").lower().split("__")
-            assert path[0] in fields, f"{service}: {key} is not a setting"
-            if len(path) == 2:
-                section = fields[path[0]].annotation
-                assert path[1] in section.model_fields, f"{service}: {key} is not a setting"  # type: ignore[union-attr]
-        for key in [k for k in os.environ if k.startswith("RAGTIDE_") or k == "QDRANT_URL"]:
+def settings_from(env: Mapping[str, str], monkeypatch: MonkeyPatch) -> RagtideSettings:
+    """RagtideSettings exactly as a container with this environment builds them (nothing from our shell)."""
+    for key in list(os.environ):
+        if key.upper().startswith("RAGTIDE_") or key.upper() == "QDRANT_URL":
             monkeypatch.delenv(key)
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
-        s = load_settings(RagtideSettings)
-        assert s.qdrant_url == "http://qdrant:6333" and s.kafka.bootstrap == "kafka:9092"
-        assert s.postgres.host == "postgres" and s.connect.url == "http://connect:8083"
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return load_settings(RagtideSettings)
 
 
-def test_no_default_secrets(compose: dict[str, Any]) -> None:
-    text = COMPOSE.read_text()
-    for m in re.finditer(r"PASSWORD:\s*(\S+)", text):
-        assert m.group(1).startswith("${POSTGRES_PASSWORD:?"), m.group(0)
+def command_words(svc: Mapping[str, Any]) -> list[str]:
+    cmd = svc.get("command") or []
+    return shlex.split(cmd) if isinstance(cmd, str) else [str(c) for c in cmd]
 
 
-def test_retriever_port_matches_its_api_setting(compose: dict[str, Any]) -> None:
-    svc = compose["services"]["retriever"]
-    port = env_of(compose, "retriever")["RAGTIDE_API__PORT"]
-    assert any(str(p).endswith(f":{port}") for p in svc["ports"])
-    assert compose["services"]["vllm"]["profiles"] == ["gpu"]
+def listener_map(value: str) -> dict[str, tuple[str, int]]:
+    """`PLAINTEXT://host:9092,CONTROLLER://:9093` -> {"PLAINTEXT": ("host", 9092), ...}."""
+    out = {}
+    for item in filter(None, (p.strip() for p in value.split(","))):
+        name, _, rest = item.partition("://")
+        host, _, port = rest.rpartition(":")
+        out[name] = (host, int(port))
+    return out
+
+
+def published_container_ports(svc: Mapping[str, Any]) -> list[int]:
+    ports = []
+    for p in svc.get("ports") or []:
+        if isinstance(p, dict):
+            ports.append(int(p["target"]))
+        else:
+            ports.append(int(str(p).split("/")[0].rsplit(":", 1)[-1]))
+    return ports
+
+
+# --- the checks -------------------------------------------------------------------------------------------
+
+
+def dependency_problems(doc: Compose) -> list[str]:
+    """depends_on waits on a condition; what is waited for as healthy has a healthcheck."""
+    services = doc["services"]
+    problems = []
+    for name, svc in services.items():
+        deps = svc.get("depends_on") or {}
+        if isinstance(deps, list):
+            problems.append(f"{name}: depends_on is a list (no condition): {deps}")
+            continue
+        for dep, spec in deps.items():
+            if dep not in services:
+                problems.append(f"{name}: depends on unknown service {dep}")
+                continue
+            cond = (spec or {}).get("condition")
+            target = services[dep]
+            if cond == "service_healthy":
+                test = (target.get("healthcheck") or {}).get("test")
+                if not test or target["healthcheck"].get("disable") or test == ["NONE"]:
+                    problems.append(f"{name} waits for {dep} to be healthy, but {dep} has no healthcheck")
+            elif cond == "service_completed_successfully":
+                if target.get("restart") in ("always", "unless-stopped"):
+                    problems.append(f"{name} waits for {dep} to complete, but {dep} restarts forever")
+            else:
+                problems.append(f"{name}: depends_on {dep} is {cond}, not healthy / completed_successfully")
+            if target.get("profiles") and not svc.get("profiles"):
+                problems.append(f"{name} (no profile) depends on {dep}, only in {target['profiles']}")
+    return problems
+
+
+def version_problems(doc: Compose) -> list[str]:
+    """Images carry the versions the native stack resolves (pom.xml, constraints.txt, PostgreSQL 15)."""
+    problems = []
+    repo, tag = image_tag(doc, "kafka")
+    kafka, debezium = pom_version("kafka.version"), pom_version("debezium.version")
+    if repo != "apache/kafka" or not re.fullmatch(r"\d+\.\d+\.\d+", tag) or tag != kafka:
+        problems.append(f"kafka image {repo}:{tag}, pom.xml has kafka.version {kafka}")
+    repo, tag = image_tag(doc, "connect")
+    if repo != "quay.io/debezium/connect" or tag != debezium:
+        problems.append(f"connect image {repo}:{tag}, pom.xml has debezium.version {debezium}")
+    repo, tag = image_tag(doc, "postgres")
+    native_major = PostgresSettings().bin_dir.parent.name  # /usr/lib/postgresql/<major>/bin
+    if repo != "postgres" or tag.split(".")[0].split("-")[0] != "15" or native_major != "15":
+        problems.append(f"postgres image {repo}:{tag}, the native stack runs PostgreSQL {native_major}")
+    repo, tag = image_tag(doc, "qdrant")
+    server = tag.removeprefix("v").split(".")
+    client = pinned("qdrant-client").split(".")
+    if repo != "qdrant/qdrant" or server[0] != client[0] or abs(int(server[1]) - int(client[1])) > 1:
+        problems.append(f"qdrant image {tag} is not within one minor of qdrant-client {'.'.join(client)}")
+    return problems
+
+
+def settings_env_problems(env: Mapping[str, object]) -> list[str]:
+    """Every RAGTIDE_* name resolves to a field of RagtideSettings or of one of its sections."""
+    problems = []
+    fields = RagtideSettings.model_fields
+    for key in env:
+        if key == "QDRANT_URL" or not key.upper().startswith("RAGTIDE_"):
+            continue
+        if key != key.upper():
+            problems.append(f"{key}: settings variables are upper case")
+        path = key[len("RAGTIDE_") :].lower().split("__")
+        field = fields.get(path[0])
+        if field is None:
+            problems.append(f"{key}: RagtideSettings has no field {path[0]!r}")
+            continue
+        section = field.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            if len(path) != 2 or path[1] not in section.model_fields:
+                problems.append(f"{key}: {section.__name__} has no field {'.'.join(path[1:])!r}")
+        elif len(path) != 1:
+            problems.append(f"{key}: {path[0]} is not a section")
+    return problems
+
+
+def secret_problems(doc: Compose) -> list[str]:
+    """A secret is never written into the file nor given a default: `${VAR:?message}` or passed through."""
+    problems = []
+    for name, svc in doc["services"].items():
+        for key, value in raw_environment(svc).items():
+            if SECRET_NAME.search(key) and value is not None and not REQUIRED_REF.fullmatch(value):
+                problems.append(f"{name}: {key} must be ${{VAR:?message}} (or passed through), not {value!r}")
+    text = yaml.safe_dump(doc)
+    for m in _REF.finditer(text):
+        name = m["name"] or m["bare"]
+        if name and SECRET_NAME.search(name) and m["op"] != ":?":
+            problems.append(f"${{{name}...}} must use the ${{{name}:?message}} form: {m.group(0)}")
+    return problems
+
+
+def postgres_problems(doc: Compose) -> list[str]:
+    """postgres runs with the native server settings, and its database/user are the ones the services use."""
+    problems = []
+    svc = doc["services"]["postgres"]
+    words = command_words(svc)
+    if not words or words[0] != "postgres":
+        problems.append(f"postgres command must start the server: {words}")
+    given = dict(w.split("=", 1) for flag, w in itertools.pairwise(words) if flag == "-c" and "=" in w)
+    for key, value in SERVER_SETTINGS.items():
+        if given.get(key) != value:
+            problems.append(f"postgres: -c {key}={value} (ragtide.stack.postgres), compose: {given.get(key)}")
+    env = environment(doc, "postgres")
+    default = PostgresSettings()
+    for service in PROJECT_SERVICES:
+        svc_env = environment(doc, service)
+        if env.get("POSTGRES_DB") != svc_env.get("RAGTIDE_POSTGRES__DATABASE", default.database):
+            problems.append(f"{service}: RAGTIDE_POSTGRES__DATABASE is not postgres' POSTGRES_DB")
+        if env.get("POSTGRES_USER", "postgres") != svc_env.get("RAGTIDE_POSTGRES__USER", default.user):
+            problems.append(f"{service}: RAGTIDE_POSTGRES__USER is not postgres' POSTGRES_USER")
+        if env.get("POSTGRES_PASSWORD") != svc_env.get("RAGTIDE_POSTGRES__PASSWORD"):
+            problems.append(f"{service}: RAGTIDE_POSTGRES__PASSWORD is not postgres' POSTGRES_PASSWORD")
+    return problems
+
+
+# Kafka's image (apache/kafka): defaults of docker/resources/common-scripts/configureDefaults, and the
+# variables its property renderer skips.
+KAFKA_IMAGE_DEFAULTS = {
+    "KAFKA_NODE_ID": "1",
+    "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP": (
+        "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,PLAINTEXT_HOST:PLAINTEXT"
+    ),
+    "KAFKA_LISTENERS": (
+        "PLAINTEXT://localhost:29092,CONTROLLER://localhost:29093,PLAINTEXT_HOST://0.0.0.0:9092"
+    ),
+    "KAFKA_ADVERTISED_LISTENERS": "PLAINTEXT://localhost:29092,PLAINTEXT_HOST://localhost:9092",
+    "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR": "1",
+    "KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS": "0",
+    "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR": "1",
+    "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR": "1",
+    "KAFKA_PROCESS_ROLES": "broker,controller",
+    "KAFKA_CONTROLLER_QUORUM_VOTERS": "1@localhost:29093",
+    "KAFKA_INTER_BROKER_LISTENER_NAME": "PLAINTEXT",
+    "KAFKA_CONTROLLER_LISTENER_NAMES": "CONTROLLER",
+    "KAFKA_LOG_DIRS": "/tmp/kraft-combined-logs",
+}
+KAFKA_NOT_PROPERTIES = {
+    "KAFKA_VERSION",
+    "KAFKA_HEAP_OPT",
+    "KAFKA_LOG4J_OPTS",
+    "KAFKA_OPTS",
+    "KAFKA_JMX_OPTS",
+    "KAFKA_JVM_PERFORMANCE_OPTS",
+    "KAFKA_GC_LOG_OPTS",
+    "KAFKA_LOG4J_ROOT_LOGLEVEL",
+    "KAFKA_LOG4J_LOGGERS",
+    "KAFKA_TOOLS_LOG4J_LOGLEVEL",
+}
+
+
+def kafka_env_key(name: str) -> str:
+    """The image's env -> property rule: _ -> ., __ -> _, ___ -> -, lower case."""
+    name = re.sub(r"(?<=[^_])_(?=[^_])", ".", name)
+    return name.replace("___", "-").replace("__", "_").lower()
+
+
+def kafka_properties(env: Mapping[str, str]) -> dict[str, str]:
+    effective = {**KAFKA_IMAGE_DEFAULTS, **env}
+    return {
+        kafka_env_key(k.removeprefix("KAFKA_")): v
+        for k, v in effective.items()
+        if k.startswith("KAFKA_") and k not in KAFKA_NOT_PROPERTIES
+    }
+
+
+def volume_targets(svc: Mapping[str, Any]) -> set[str]:
+    targets = set()
+    for v in svc.get("volumes") or []:
+        targets.add(v["target"] if isinstance(v, dict) else str(v).split(":")[1])
+    return targets
+
+
+def listener_problems(what: str, native: str, compose: str) -> list[str]:
+    """Same listener names and ports; compose may bind every interface instead of one host."""
+    n, c = listener_map(native), listener_map(compose)
+    if {k: p for k, (_, p) in n.items()} != {k: p for k, (_, p) in c.items()}:
+        return [f"{what}: {compose!r} does not listen like the native {native!r}"]
+    allowed = {name: {*WILDCARD_HOSTS, host} for name, (host, _) in n.items()}
+    return [f"{what}: {name} binds {host!r}" for name, (host, _) in c.items() if host not in allowed[name]]
+
+
+def kafka_problems(doc: Compose, settings: RagtideSettings) -> list[str]:
+    """The broker's effective properties equal infra/config/server.properties rendered for this network."""
+    env = environment(doc, "kafka")
+    props = kafka_properties(env)
+    controller = listener_map(props.get("listeners", "")).get("CONTROLLER")
+    if controller is None:
+        return ["kafka: no CONTROLLER listener"]
+    native = parse_properties(
+        templates.render(
+            "server.properties",
+            {
+                "KAFKA_HOST": settings.kafka.host,
+                "KAFKA_PORT": str(settings.kafka.port),
+                "KAFKA_CONTROLLER_PORT": str(controller[1]),
+                "KAFKA_DATA": props.get("log.dirs", ""),
+                "KAFKA_PARTITIONS": str(settings.kafka.partitions),
+            },
+        )
+    )
+    extra = sorted(set(props) - set(native))
+    problems = [f"kafka: {k} is set in compose, not in server.properties" for k in extra]
+    for key, value in native.items():
+        if key not in props:
+            problems.append(f"kafka: server.properties sets {key}={value}, compose does not")
+        elif key == "listeners":
+            problems += listener_problems("kafka listeners", value, props[key])
+        elif props[key] != value:
+            problems.append(f"kafka: {key}={props[key]!r}, server.properties has {value!r}")
+    if props.get("log.dirs") not in volume_targets(doc["services"]["kafka"]):
+        problems.append(f"kafka: log.dirs {props.get('log.dirs')} is not on a volume")
+    if "CLUSTER_ID" not in env:
+        problems.append("kafka: CLUSTER_ID must be fixed (the storage is formatted with it once)")
+    return problems
+
+
+# Debezium's Connect image (connect-base/docker-entrypoint.sh): its own variables, their defaults, and the
+# property each one sets (overwriting a CONNECT_* variable for the same property).
+CONNECT_IMAGE_VARS = {
+    "BOOTSTRAP_SERVERS": "bootstrap.servers",
+    "GROUP_ID": "group.id",
+    "CONFIG_STORAGE_TOPIC": "config.storage.topic",
+    "OFFSET_STORAGE_TOPIC": "offset.storage.topic",
+    "STATUS_STORAGE_TOPIC": "status.storage.topic",
+    "KEY_CONVERTER": "key.converter",
+    "VALUE_CONVERTER": "value.converter",
+    "OFFSET_FLUSH_INTERVAL_MS": "offset.flush.interval.ms",
+    "OFFSET_FLUSH_TIMEOUT_MS": "offset.flush.timeout.ms",
+    "SHUTDOWN_TIMEOUT": "task.shutdown.graceful.timeout.ms",
+    "REST_PORT": "rest.port",
+    "REST_HOST_NAME": "rest.host.name",
+    "ADVERTISED_PORT": "rest.advertised.port",
+    "ADVERTISED_HOST_NAME": "rest.advertised.host.name",
+}
+CONNECT_IMAGE_DEFAULTS = {
+    "REST_PORT": "8083",
+    "ADVERTISED_PORT": "8083",
+    "REST_HOST_NAME": "<container ip>",
+    "ADVERTISED_HOST_NAME": "<container ip>",
+    "GROUP_ID": "1",
+    "OFFSET_FLUSH_INTERVAL_MS": "60000",
+    "OFFSET_FLUSH_TIMEOUT_MS": "5000",
+    "SHUTDOWN_TIMEOUT": "10000",
+    "KEY_CONVERTER": "org.apache.kafka.connect.json.JsonConverter",
+    "VALUE_CONVERTER": "org.apache.kafka.connect.json.JsonConverter",
+}
+# Set by the image whatever we do; not in our properties file.
+CONNECT_IMAGE_ONLY = {"rest.port", "rest.host.name", "offset.flush.timeout.ms"} | {
+    "task.shutdown.graceful.timeout.ms"
+}
+
+
+def connect_properties(env: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
+    """The worker's properties from the container environment; CONNECT_* variables the image overwrites."""
+    props, shadowed = {}, []
+    for key, value in env.items():
+        if key.startswith("CONNECT_"):
+            prop = key.removeprefix("CONNECT_").lower().replace("_", ".")
+            if prop in CONNECT_IMAGE_VARS.values():
+                own = next(k for k, p in CONNECT_IMAGE_VARS.items() if p == prop)
+                shadowed.append(f"connect: the image overwrites {key}; set {own} instead")
+            props[prop] = value
+    effective = {**CONNECT_IMAGE_DEFAULTS, **env}
+    for var, prop in CONNECT_IMAGE_VARS.items():
+        if var in effective:
+            props[prop] = effective[var]
+    return props, shadowed
+
+
+def connect_problems(doc: Compose, settings: RagtideSettings) -> list[str]:
+    """The worker's effective properties equal infra/config/connect-distributed.properties here."""
+    props, problems = connect_properties(environment(doc, "connect"))
+    native = parse_properties(
+        templates.render(
+            "connect-distributed.properties",
+            {
+                "KAFKA_BOOTSTRAP": settings.kafka.bootstrap,
+                "CONNECT_HOST": settings.connect.host,
+                "CONNECT_PORT": str(settings.connect.port),
+                "PLUGIN_PATH": "(the image's)",
+            },
+        )
+    )
+    native.pop("plugin.path")  # the image puts the Debezium plugins on its own plugin.path
+    extra = sorted(set(props) - set(native) - CONNECT_IMAGE_ONLY)
+    problems += [f"connect: {k} is set in compose, not in connect-distributed.properties" for k in extra]
+    for key, value in native.items():
+        if key not in props:
+            problems.append(f"connect: connect-distributed.properties sets {key}={value}, compose does not")
+        elif key == "listeners":
+            problems += listener_problems("connect listeners", value, props[key])
+        elif props[key] != value:
+            problems.append(f"connect: {key}={props[key]!r}, connect-distributed.properties has {value!r}")
+    return problems
+
+
+def wiring_problems(doc: Compose, settings: RagtideSettings, service: str) -> list[str]:
+    """A project service's settings point at the compose services, on the ports those listen on."""
+    services = doc["services"]
+    problems = []
+    kafka = kafka_properties(environment(doc, "kafka"))
+    advertised = listener_map(kafka.get("advertised.listeners", "")).get("PLAINTEXT")
+    if advertised != (settings.kafka.host, settings.kafka.port):
+        problems.append(f"{service}: kafka {settings.kafka.bootstrap} is not kafka's advertised {advertised}")
+    connect, _ = connect_properties(environment(doc, "connect"))
+    if settings.kafka.bootstrap != connect.get("bootstrap.servers"):
+        problems.append(f"{service}: kafka {settings.kafka.bootstrap} is not Connect's bootstrap.servers")
+    connect_port = urlsplit(connect.get("listeners", "")).port
+    if settings.connect.host != "connect" or settings.connect.port != connect_port:
+        problems.append(f"{service}: Connect at {settings.connect.url}, connect listens on {connect_port}")
+    pg = settings.postgres
+    if (pg.host, pg.port) != ("postgres", 5432):
+        problems.append(f"{service}: postgres at {pg.host}:{pg.port}, not postgres:5432")
+    url = urlsplit(settings.qdrant_url or "")
+    if (url.hostname, url.port) != ("qdrant", 6333):
+        problems.append(f"{service}: QDRANT_URL {settings.qdrant_url!r} is not the qdrant service")
+    for host in (settings.postgres.host, settings.kafka.host, settings.connect.host, url.hostname):
+        if host not in services:
+            problems.append(f"{service}: {host} is not a service")
+    return problems
+
+
+def retriever_port_problems(doc: Compose) -> list[str]:
+    svc = doc["services"]["retriever"]
+    port = int(environment(doc, "retriever")["RAGTIDE_API__PORT"])
+    problems = []
+    if published_container_ports(svc) != [port]:
+        problems.append(f"retriever publishes {svc.get('ports')}, its API is on {port} (RAGTIDE_API__PORT)")
+    test = " ".join(map(str, (svc.get("healthcheck") or {}).get("test") or []))
+    if f":{port}/readyz" not in test:
+        problems.append(f"retriever healthcheck must ask /readyz on port {port}: {test}")
+    return problems
+
+
+# --- the tests --------------------------------------------------------------------------------------------
+
+
+def set_env(service: str, **values: str) -> Callable[[Compose], object]:
+    return lambda d: d["services"][service]["environment"].update(values)
+
+
+def drop_env(service: str, key: str) -> Callable[[Compose], object]:
+    return lambda d: d["services"][service]["environment"].pop(key)
+
+
+def set_key(service: str, **values: object) -> Callable[[Compose], object]:
+    return lambda d: d["services"][service].update(values)
+
+
+def test_the_topology_is_complete(compose: Compose) -> None:
+    expected = {"postgres", "kafka", "connect", "connector-init", "qdrant", "embedder", "retriever", "vllm"}
+    assert set(compose["services"]) == expected
+    image = compose["services"]["retriever"]["image"]
+    for name in PROJECT_SERVICES:
+        svc = compose["services"][name]
+        assert svc["build"]["dockerfile"] == "Dockerfile" and svc["image"] == image
+    assert command_words(compose["services"]["embedder"]) == ["ragtide", "embedder"]
+    assert command_words(compose["services"]["retriever"]) == ["ragtide", "retriever"]
+    assert "ragtide register-connector" in " ".join(command_words(compose["services"]["connector-init"]))
+    cli = set(typer.main.get_command(cli_app).commands)  # type: ignore[attr-defined]
+    assert {"embedder", "retriever", "register-connector"} <= cli
+
+
+def test_depends_on_waits_for_health(compose: Compose) -> None:
+    assert dependency_problems(compose) == []
+    no_healthcheck = mutated(compose, lambda d: d["services"]["kafka"].pop("healthcheck"))
+    assert any("kafka has no healthcheck" in p for p in dependency_problems(no_healthcheck))
+    no_condition = mutated(compose, set_key("embedder", depends_on=["kafka"]))
+    assert any("no condition" in p for p in dependency_problems(no_condition))
+    started = mutated(compose, set_key("embedder", depends_on={"kafka": {"condition": "service_started"}}))
+    assert any("service_started" in p for p in dependency_problems(started))
+    gpu = mutated(compose, lambda d: d["services"]["retriever"]["depends_on"].update(vllm={}))
+    assert any("only in" in p for p in dependency_problems(gpu))
+
+
+def test_images_follow_the_native_stack_versions(compose: Compose) -> None:
+    assert version_problems(compose) == []
+    for service, image in [
+        ("kafka", "apache/kafka:4.1.0"),
+        ("kafka", "apache/kafka:4.1"),
+        ("connect", "quay.io/debezium/connect:3.4.2.Final"),
+        ("connect", "debezium/connect:3.4.3.Final"),
+        ("postgres", "postgres:16"),
+        ("qdrant", "qdrant/qdrant:v1.16.3"),
+    ]:
+        assert version_problems(mutated(compose, set_key(service, image=image))), image
+
+
+@pytest.mark.parametrize("service", PROJECT_SERVICES)
+def test_ragtide_env_names_real_settings(compose: Compose, service: str, monkeypatch: MonkeyPatch) -> None:
+    env = environment(compose, service)
+    assert settings_env_problems(env) == []
+    s = settings_from(env, monkeypatch)
+    assert s.postgres.password.get_secret_value() == SHELL_ENV["POSTGRES_PASSWORD"]
+    assert wiring_problems(compose, s, service) == []
+
+
+def test_unknown_ragtide_env_fails(compose: Compose, monkeypatch: MonkeyPatch) -> None:
+    for bad in ("RAGTIDE_POSTGRES__HOST_NAME", "RAGTIDE_COLOUR", "RAGTIDE_KAFKA__HOST__X", "RAGTIDE_LOG__X"):
+        wrong = mutated(compose, set_env("embedder", **{bad: "1"}))
+        assert settings_env_problems(environment(wrong, "embedder")), bad
+    # pydantic alone lets a top-level typo through (extra="ignore"): hence the name check above
+    assert settings_from({"RAGTIDE_COLOUR": "1"}, monkeypatch).log_level == "INFO"
+    with pytest.raises(ConfigError, match=r"api\.portt"):
+        settings_from({**environment(compose, "retriever"), "RAGTIDE_API__PORTT": "8000"}, monkeypatch)
+    bad_value = mutated(compose, set_env("retriever", RAGTIDE_API__PORT="http"))
+    with pytest.raises(ConfigError, match=r"api\.port"):
+        settings_from(environment(bad_value, "retriever"), monkeypatch)
+    elsewhere = mutated(compose, set_env("retriever", RAGTIDE_POSTGRES__HOST="db"))
+    s = settings_from(environment(elsewhere, "retriever"), monkeypatch)
+    assert any("not a service" in p for p in wiring_problems(elsewhere, s, "retriever"))
+
+
+def test_postgres_runs_with_the_native_server_settings(compose: Compose) -> None:
+    assert SERVER_SETTINGS["wal_level"] == "logical"
+    assert postgres_problems(compose) == []
+
+    def replica(d: Compose) -> None:
+        cmd = d["services"]["postgres"]["command"]
+        cmd[cmd.index("wal_level=logical")] = "wal_level=replica"
+
+    assert any("wal_level" in p for p in postgres_problems(mutated(compose, replica)))
+    assert postgres_problems(mutated(compose, set_env("postgres", POSTGRES_DB="other")))
+    as_string = mutated(compose, set_key("postgres", command="postgres -c wal_level=logical"))
+    assert any("max_slot_wal_keep_size" in p for p in postgres_problems(as_string))
+
+
+def test_secrets_are_required_never_defaulted(compose: Compose) -> None:
+    assert secret_problems(compose) == []
+    with pytest.raises(ValueError, match="POSTGRES_PASSWORD"):
+        environment(compose, "postgres", shell={})
+    for value in ("${POSTGRES_PASSWORD:-postgres}", "${POSTGRES_PASSWORD}", "hunter2"):
+        wrong = mutated(compose, set_env("postgres", POSTGRES_PASSWORD=value))
+        assert secret_problems(wrong), value
+    in_command = mutated(compose, set_key("connect", command="echo ${DB_PASSWORD-x}"))
+    assert secret_problems(in_command)
+
+
+def test_retriever_publishes_its_api_port(compose: Compose) -> None:
+    assert retriever_port_problems(compose) == []
+    assert published_container_ports({"ports": ["127.0.0.1:8080:8000/tcp", {"target": 9}]}) == [8000, 9]
+    assert retriever_port_problems(mutated(compose, set_key("retriever", ports=["8000:8080"])))
+    assert retriever_port_problems(mutated(compose, set_env("retriever", RAGTIDE_API__PORT="9000")))
+
+
+def test_kafka_matches_server_properties(compose: Compose, monkeypatch: MonkeyPatch) -> None:
+    assert kafka_env_key("OFFSETS_TOPIC_REPLICATION_FACTOR") == "offsets.topic.replication.factor"
+    assert kafka_env_key("A__B___C_D") == "a_b-c.d"
+    s = settings_from(environment(compose, "embedder"), monkeypatch)
+    assert kafka_problems(compose, s) == []
+    partitions = mutated(compose, set_env("kafka", KAFKA_NUM_PARTITIONS="3"))
+    assert any("num.partitions" in p for p in kafka_problems(partitions, s))
+    missing = mutated(compose, drop_env("kafka", "KAFKA_SHARE_COORDINATOR_STATE_TOPIC_MIN_ISR"))
+    assert any("share.coordinator.state.topic.min.isr" in p for p in kafka_problems(missing, s))
+    voters = mutated(compose, set_env("kafka", KAFKA_CONTROLLER_QUORUM_VOTERS="1@kafka:9094"))
+    assert any("controller.quorum.voters" in p for p in kafka_problems(voters, s))
+    assert kafka_problems(mutated(compose, drop_env("kafka", "KAFKA_LISTENERS")), s)
+    extra = mutated(compose, set_env("kafka", KAFKA_AUTO_LEADER_REBALANCE_ENABLE="false"))
+    assert any("auto.leader.rebalance.enable" in p for p in kafka_problems(extra, s))
+
+
+def test_connect_matches_connect_distributed_properties(compose: Compose, monkeypatch: MonkeyPatch) -> None:
+    s = settings_from(environment(compose, "connector-init"), monkeypatch)
+    assert connect_problems(compose, s) == []
+    shadowed = mutated(compose, drop_env("connect", "OFFSET_FLUSH_INTERVAL_MS"))
+    shadowed["services"]["connect"]["environment"]["CONNECT_OFFSET_FLUSH_INTERVAL_MS"] = "1000"
+    problems = connect_problems(shadowed, s)
+    assert any("overwrites CONNECT_OFFSET_FLUSH_INTERVAL_MS" in p for p in problems)
+    assert any("offset.flush.interval.ms='60000'" in p for p in problems)
+    no_override = mutated(compose, drop_env("connect", "CONNECT_CONNECTOR_CLIENT_CONFIG_OVERRIDE_POLICY"))
+    assert any("connector.client.config.override.policy" in p for p in connect_problems(no_override, s))
+    no_host = mutated(compose, drop_env("connect", "ADVERTISED_HOST_NAME"))
+    assert any("rest.advertised.host.name" in p for p in connect_problems(no_host, s))
+
+
+def test_vllm_runs_only_with_the_gpu_profile(compose: Compose) -> None:
+    vllm = compose["services"]["vllm"]
+    assert vllm["profiles"] == ["gpu"] and vllm["image"].startswith("vllm/vllm-openai:")
+    assert "--model" in command_words(vllm)
+    devices = vllm["deploy"]["resources"]["reservations"]["devices"]
+    assert any("gpu" in d.get("capabilities", []) for d in devices)
+    assert all(not s.get("profiles") for n, s in compose["services"].items() if n != "vllm")
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text(encoding="utf-8"))
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            op, _, rest = line.partition(" ")
+            out.append((op.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile_builds_the_project_image() -> None:
+    steps = dockerfile_instructions()
+    final = steps[max(i for i, (op, _) in enumerate(steps) if op == "FROM") :]
+    assert final[0] == ("FROM", "python:3.11-slim")
+    runs = " ".join(rest for op, rest in final if op == "RUN")
+    assert re.search(r"pip install -c constraints\.txt [^&]*-r ", runs)  # the pinned dependencies
+    assert re.search(r"pip install -c constraints\.txt [^&]*-e \.", runs)  # the project, in place
+    env: dict[str, str] = {}
+    for op, rest in final:
+        if op == "ENV":
+            env.update(word.split("=", 1) for word in shlex.split(rest))  # type: ignore[misc]
+    assert env.get("HF_HUB_OFFLINE") == "1"
+    assert settings_env_problems(env) == []
+    copies = " ".join(rest for op, rest in final if op == "COPY")
+    for path in ("src/", "config/", "infra/config/", "constraints.txt", "pyproject.toml"):
+        assert path in copies, path
+    users = [rest for op, rest in final if op == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    assert [rest for op, rest in final if op == "CMD"][-1] == '["ragtide", "retriever"]'
+    ignored = set(DOCKERIGNORE.read_text(encoding="utf-8").split())
+    assert {".venv", ".cache", ".data", ".git", "tests"} <= ignored
 
 
 def test_docker_compose_config_when_the_client_can() -> None:
     docker = shutil.which("docker")
-    if docker is None or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
-        pytest.skip("no docker compose client")
-    out = subprocess.run(
-        [docker, "compose", "-f", str(COMPOSE), "config", "-q"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "POSTGRES_PASSWORD": "test"},
-    )
-    assert out.returncode == 0, out.stderr
+    version = [docker or "docker", "compose", "version"]
+    if docker is None or subprocess.run(version, capture_output=True, check=False).returncode != 0:
+        pytest.skip("no `docker compose` client on this machine")
+    env = {k: v for k, v in os.environ.items() if k != "POSTGRES_PASSWORD"}
+    cmd = [docker, "compose", "-f", str(COMPOSE_FILE), "config", "-q"]
+    ok = subprocess.run(cmd, capture_output=True, text=True, env={**env, **SHELL_ENV}, check=False)
+    assert ok.returncode == 0, ok.stderr
+    missing = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    assert missing.returncode != 0 and "POSTGRES_PASSWORD" in missing.stderr

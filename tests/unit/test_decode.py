@@ -114,3 +114,11 @@ def test_snapshot_read_is_marked_as_backfill() -> None:
     assert ev.op is Op.READ and ev.op.writes_row
     assert ev.extra.get("snapshot") in {"first", "true", "last", "first_in_data_collection", "last_in_data_collection"}
     assert ev.row is not None and ev.row["id"] == ev.key["id"]
+
+
+def test_unchanged_toast_column_arrives_as_the_placeholder() -> None:
+    from ragtide.ingest.sources import UNAVAILABLE
+
+    ev = decode_record("update_toast_unchanged")
+    assert ev.op is Op.UPDATE and ev.row is not None
+    assert ev.row["body"] == UNAVAILABLE and ev.row["category"] == "b"
