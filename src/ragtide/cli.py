@@ -117,12 +117,18 @@ def wait_indexed(s: RagtideSettings, timeout: float = 900.0) -> None:
 
 
 @app.command("register-connector")
-def register_connector() -> None:
+def register_connector(
+    demo: Annotated[bool, typer.Option(help="create the demo table and load its rows first (when empty)")] = False,
+) -> None:
     """Create or update the Debezium connector through the Connect REST API and wait until it runs."""
     from ragtide.ingest import connector, pgsetup
+    from ragtide.ingest.demo import create_demo_table, load_demo
     from ragtide.ingest.sources import load_sources
 
     s = _settings()
+    if demo:
+        create_demo_table(s.postgres.dsn())
+        console.print(f"demo corpus: {load_demo(s.postgres.dsn())} rows in public.docs")
     sources = load_sources(s.sources_file)
     pgsetup.prepare_source_db(s.postgres.dsn(), sources)
     connector.register(s, sources)
@@ -219,10 +225,11 @@ def retriever() -> None:
 
 @app.command()
 def embedder() -> None:
-    """Run the Faust embedder alone (with QDRANT_URL the retriever runs as its own process)."""
+    """Run the Faust embedder alone (with QDRANT_URL the retriever is its own process); /metrics on the API port."""
     import faust
-    from prometheus_client import CollectorRegistry
+    from prometheus_client import CollectorRegistry, start_http_server
 
+    from ragtide.contracts.freshness import FreshnessTracker
     from ragtide.embedder.index.factory import open_index
     from ragtide.ingest.sources import load_sources
     from ragtide.node import build_embedder, build_encoder
@@ -232,7 +239,10 @@ def embedder() -> None:
     encoder = build_encoder(s)
     index = open_index(s)
     index.ensure_collection(encoder.dim)
-    worker_app = build_embedder(s, index, encoder, load_sources(s.sources_file), CollectorRegistry())
+    registry = CollectorRegistry()
+    tracker = FreshnessTracker(registry)
+    worker_app = build_embedder(s, index, encoder, load_sources(s.sources_file), registry, tracker)
+    start_http_server(s.api.port, addr=s.api.host, registry=registry)
     faust.Worker(worker_app, loglevel=s.log_level).execute_from_commandline()
 
 

@@ -266,7 +266,7 @@ def secret_problems(doc: Compose) -> list[str]:
         for key, value in raw_environment(svc).items():
             if SECRET_NAME.search(key) and value is not None and not REQUIRED_REF.fullmatch(value):
                 problems.append(f"{name}: {key} must be ${{VAR:?message}} (or passed through), not {value!r}")
-    text = yaml.safe_dump(doc)
+    text = yaml.safe_dump(doc, width=1 << 20)  # no folded lines: every ${...} stays whole
     for m in _REF.finditer(text):
         name = m["name"] or m["bare"]
         if name and SECRET_NAME.search(name) and m["op"] != ":?":
@@ -300,14 +300,12 @@ def postgres_problems(doc: Compose) -> list[str]:
 
 # Kafka's image (apache/kafka): defaults of docker/resources/common-scripts/configureDefaults, and the
 # variables its property renderer skips.
+_PROTOCOLS = "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,PLAINTEXT_HOST:PLAINTEXT"
+_LISTENERS = "PLAINTEXT://localhost:29092,CONTROLLER://localhost:29093,PLAINTEXT_HOST://0.0.0.0:9092"
 KAFKA_IMAGE_DEFAULTS = {
     "KAFKA_NODE_ID": "1",
-    "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP": (
-        "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,PLAINTEXT_HOST:PLAINTEXT"
-    ),
-    "KAFKA_LISTENERS": (
-        "PLAINTEXT://localhost:29092,CONTROLLER://localhost:29093,PLAINTEXT_HOST://0.0.0.0:9092"
-    ),
+    "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP": _PROTOCOLS,
+    "KAFKA_LISTENERS": _LISTENERS,
     "KAFKA_ADVERTISED_LISTENERS": "PLAINTEXT://localhost:29092,PLAINTEXT_HOST://localhost:9092",
     "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR": "1",
     "KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS": "0",
@@ -430,8 +428,11 @@ CONNECT_IMAGE_DEFAULTS = {
     "VALUE_CONVERTER": "org.apache.kafka.connect.json.JsonConverter",
 }
 # Set by the image whatever we do; not in our properties file.
-CONNECT_IMAGE_ONLY = {"rest.port", "rest.host.name", "offset.flush.timeout.ms"} | {
-    "task.shutdown.graceful.timeout.ms"
+CONNECT_IMAGE_ONLY = {
+    "rest.port",
+    "rest.host.name",
+    "offset.flush.timeout.ms",
+    "task.shutdown.graceful.timeout.ms",
 }
 
 
