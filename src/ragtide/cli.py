@@ -135,6 +135,19 @@ def register_connector(
     console.print(f"connector {s.connect.connector_name} is running on {s.connect.url}")
 
 
+@app.command("apply-sources")
+def apply_sources() -> None:
+    """After editing the sources file: update the connector, snapshot new tables' rows, restart the node."""
+    from ragtide.stack.stack import Stack
+
+    s = _settings()
+    stack = Stack(s)
+    added = stack.apply_sources()
+    console.print(f"sources applied; incremental snapshot of: {', '.join(added) or 'no new table'}")
+    with console.status("waiting until ready…"):
+        stack.wait_ready()
+
+
 @app.command()
 def verify(
     table: Annotated[str | None, typer.Option(help="one source table (schema.table)")] = None,

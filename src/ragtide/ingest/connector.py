@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 
 import httpx
+import psycopg
 
 from ragtide.contracts.errors import StackError
 from ragtide.contracts.settings import RagtideSettings
@@ -42,11 +44,17 @@ def source_topics(settings: RagtideSettings, sources: SourcesConfig) -> list[str
     return [f"{settings.connect.topic_prefix}.{t}" for t in sources.tables]
 
 
-def register(settings: RagtideSettings, sources: SourcesConfig, timeout: float = 120.0) -> None:
-    """Create or update the connector (PUT is idempotent) and wait until its task runs."""
+def register(settings: RagtideSettings, sources: SourcesConfig, timeout: float = 120.0) -> list[str]:
+    """Create or update the connector (PUT is idempotent) and wait until its task runs.
+
+    Tables added to an existing connector get their existing rows through an incremental snapshot (a signal
+    row in Debezium's signal table) while the stream goes on. Returns those tables.
+    """
     url = f"{settings.connect.url}/connectors/{settings.connect.connector_name}"
     config = connector_config(settings, sources)
     with httpx.Client(timeout=30.0) as http:
+        current = http.get(f"{url}/config")
+        before = set(current.json().get("table.include.list", "").split(",")) if current.is_success else None
         resp = http.put(f"{url}/config", json=config)
         if resp.status_code >= 400:
             raise StackError(f"Connect rejected the connector config ({resp.status_code}): {resp.text}")
@@ -60,8 +68,22 @@ def register(settings: RagtideSettings, sources: SourcesConfig, timeout: float =
                 states = [body["connector"]["state"], *(t["state"] for t in tasks)]
                 last = json.dumps(body)[:2000]
                 if tasks and all(s == "RUNNING" for s in states):
-                    return
+                    added = [] if before is None else [t for t in sources.tables if t not in before]
+                    if added:
+                        signal_incremental_snapshot(settings.postgres.dsn(), added)
+                    return added
                 if "FAILED" in states:
                     raise StackError(f"connector failed: {last}")
             time.sleep(0.5)
     raise StackError(f"connector not running after {timeout:.0f}s: {last}")
+
+
+def signal_incremental_snapshot(dsn: str, tables: list[str]) -> str:
+    """Ask Debezium (through its signal table) to snapshot `tables` incrementally; returns the signal id."""
+    signal_id = uuid.uuid4().hex
+    data = json.dumps({"data-collections": tables, "type": "incremental"})
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO public.debezium_signal (id, type, data) VALUES (%s, 'execute-snapshot', %s)", (signal_id, data)
+        )
+    return signal_id

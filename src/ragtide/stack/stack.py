@@ -61,6 +61,15 @@ class Stack:
             self.daemon("node"),
         )
 
+    def apply_sources(self) -> list[str]:
+        """After the sources file changed: update the connector (snapshotting new tables) and restart the node."""
+        sources = load_sources(self.settings.sources_file)
+        pgsetup.prepare_source_db(self.settings.postgres.dsn(), sources)
+        added = connector.register(self.settings, sources)
+        self.daemon("node").stop(timeout=60)
+        self.start_node()
+        return added
+
     def up(self, progress: Callable[[str], None] = lambda _: None) -> None:
         """Start everything that is not running yet, in order."""
         for name in ORDER:
