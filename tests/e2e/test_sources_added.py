@@ -38,6 +38,7 @@ def test_new_table_is_backfilled_by_incremental_snapshot_and_then_streamed(live:
         return ids if ids == ["1", "2", "3"] else []
 
     poll(backfilled, "the existing rows of the new table (incremental snapshot)", timeout=180)
+    assert live.metric("ragtide_backfill_rows_total", table="public.field_notes") >= 3
     marker = uuid.uuid4().hex[:6]
     live.sql("INSERT INTO public.field_notes VALUES (4, 'west', %s)", (f"Gannets plunge-dive {marker}",))
     poll(

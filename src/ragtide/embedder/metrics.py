@@ -21,6 +21,12 @@ class EmbedderMetrics:
             "ragtide_payload_updates_total", "points updated in place (no embedding)", registry=registry
         )
         self.deleted = Counter("ragtide_chunks_deleted_total", "points deleted", registry=registry)
+        self.backfilled = Counter(
+            "ragtide_backfill_rows_total",
+            "rows indexed from Debezium snapshots (initial or incremental)",
+            ["table"],
+            registry=registry,
+        )
         self.stale = Counter(
             "ragtide_events_stale_total", "events older than the stored row version (ignored)", registry=registry
         )

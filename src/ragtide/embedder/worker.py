@@ -139,6 +139,8 @@ class BatchProcessor:
         timings = []
         for ev in stats.applied:
             m.events.labels(ev.table, ev.op.value).inc()
+            if ev.extra.get("snapshot"):
+                m.backfilled.labels(ev.table).inc()
             if ev.position.ts_ms and not ev.extra.get("snapshot"):
                 # Snapshot reads carry the snapshot's start time, not a commit: backfill, not freshness.
                 timings.append(
