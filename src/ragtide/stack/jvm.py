@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 from ragtide.contracts.errors import StackError
 from ragtide.contracts.settings import REPO_ROOT, RagtideSettings
 from ragtide.stack import templates
-from ragtide.stack.process import Daemon, http_ok, port_open, wait_until
+from ragtide.stack.process import Daemon, http_ok, port_open, run_checked, wait_until
 
 STACK_CACHE = REPO_ROOT / ".cache" / "stack"
 LIBS = STACK_CACHE / "libs"
@@ -35,14 +34,10 @@ def ensure_jars() -> None:
     mvn = shutil.which("mvn")
     if mvn is None:
         raise StackError("Maven (mvn) is needed to resolve Kafka and Debezium: apt-get install maven")
-    out = subprocess.run(
+    run_checked(
         [mvn, "-q", "-B", "-f", str(REPO_ROOT / "infra" / "maven" / "pom.xml"), "package"],
-        capture_output=True,
-        text=True,
-        check=False,
+        "Maven resolving the stack jars",
     )
-    if out.returncode != 0:
-        raise StackError(f"Maven failed to resolve the stack jars:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     if not any(PLUGINS.glob("debezium-connector-postgres/debezium-connector-postgres-*.jar")):
         raise StackError(f"Maven ran but the Debezium plugin is missing under {PLUGINS}")
 
@@ -90,37 +85,12 @@ class KafkaBroker:
         if not (self.data / "logs" / "meta.properties").exists():
             cluster_id_file = self.data / "cluster-id"
             if not cluster_id_file.exists():
-                cid = (
-                    subprocess.run(
-                        _java("256m", self.daemon.log_dir, ["kafka.tools.StorageTool", "random-uuid"]),
-                        capture_output=True,
-                        text=True,
-                        check=True,
-                    )
-                    .stdout.strip()
-                    .splitlines()[-1]
-                )
+                storage_tool = _java("256m", self.daemon.log_dir, ["kafka.tools.StorageTool", "random-uuid"])
+                cid = run_checked(storage_tool, "kafka random-uuid").strip().splitlines()[-1]
                 cluster_id_file.write_text(cid)
-            fmt = subprocess.run(
-                _java(
-                    "256m",
-                    self.daemon.log_dir,
-                    [
-                        "kafka.tools.StorageTool",
-                        "format",
-                        "-t",
-                        cluster_id_file.read_text().strip(),
-                        "-c",
-                        str(conf),
-                        "--ignore-formatted",
-                    ],
-                ),
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if fmt.returncode != 0:
-                raise StackError(f"kafka storage format failed:\n{fmt.stdout}\n{fmt.stderr}")
+            cluster_id = cluster_id_file.read_text().strip()
+            fmt_args = ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(conf), "--ignore-formatted"]
+            run_checked(_java("256m", self.daemon.log_dir, fmt_args), "kafka storage format")
         self.daemon.log_dir.mkdir(parents=True, exist_ok=True)
         self.daemon.start(_java(k.heap, self.daemon.log_dir, ["kafka.Kafka", str(conf)]))
         wait_until(lambda: port_open(k.host, k.port), f"kafka on {k.bootstrap}", 90, self.daemon)

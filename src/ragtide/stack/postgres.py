@@ -6,14 +6,13 @@ import os
 import pwd
 import shutil
 import signal
-import subprocess
 from pathlib import Path
 
 import psycopg
 
 from ragtide.contracts.errors import StackError
 from ragtide.contracts.settings import RagtideSettings
-from ragtide.stack.process import Daemon, wait_until
+from ragtide.stack.process import Daemon, run_checked, wait_until
 
 SERVER_SETTINGS = {
     "wal_level": "logical",
@@ -67,26 +66,18 @@ class PostgresCluster:
             d.mkdir(parents=True, exist_ok=True)
             _chown_to_postgres(d)
         os.chmod(self.pgdata, 0o700)
-        out = subprocess.run(
-            _as_postgres(
-                [
-                    self._bin("initdb"),
-                    "-D",
-                    str(self.pgdata),
-                    "-U",
-                    self.s.postgres.user,
-                    "--auth=trust",
-                    "-E",
-                    "UTF8",
-                    "--locale=C.UTF-8",
-                ]
-            ),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if out.returncode != 0:
-            raise StackError(f"initdb failed:\n{out.stdout}\n{out.stderr}")
+        initdb = [
+            self._bin("initdb"),
+            "-D",
+            str(self.pgdata),
+            "-U",
+            self.s.postgres.user,
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+        ]
+        run_checked(_as_postgres(initdb), "initdb")
 
     def start(self) -> None:
         """Start the server (idempotent) and wait until it accepts connections."""

@@ -144,3 +144,11 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def run_checked(argv: Sequence[str], what: str) -> str:
+    """Run a short command to completion; its stdout, or a StackError that says `what` failed and shows why."""
+    out = subprocess.run(list(argv), capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise StackError(f"{what} failed (exit {out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out.stdout
