@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,11 +33,36 @@ def to_client_filter(flt: Filter | None) -> models.Filter | None:
     return models.Filter(must=conds) if conds else None
 
 
+def _is_local(client: QdrantClient) -> bool:
+    return type(getattr(client, "_client", None)).__name__ == "QdrantLocal"
+
+
+class _Serialized:
+    """Forwards method calls to `target`, one at a time."""
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._target, name)
+        if not callable(attr):
+            return attr
+
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return attr(*args, **kwargs)
+
+        return locked
+
+
 class QdrantClientIndex:
     """VectorIndex over one Qdrant collection. `wait=True` on every write: it returns once acknowledged."""
 
     def __init__(self, client: QdrantClient, collection: str) -> None:
-        self.client = client
+        # qdrant-client's local mode (tests, no server) is plain Python and not safe across threads; the node
+        # calls the index from worker threads, so calls to it are serialised. A real server needs no lock.
+        self.client: Any = _Serialized(client) if _is_local(client) else client
         self.collection = collection
 
     def ensure_collection(self, dim: int) -> None:
