@@ -142,11 +142,15 @@ class FreshnessTracker:
     def snapshot(self, window_s: float = 60.0, history_s: float = 3600.0, now_ms: int | None = None) -> dict[str, Any]:
         """Everything /v1/freshness and the dashboard show."""
         now = now_ms or int(time.time() * 1000)
-        recent = self.changes(now - int(window_s * 1000))
-        canary_recent = [s for _, s in self.canary(now - int(window_s * 1000))]
+        window_start = now - int(window_s * 1000)
+        everything = self.changes()
+        recent = [t for t in everything if t.acked_ms >= window_start]
+        per_change = [t.stages() for t in recent]
+        canary = self.canary(now - int(max(window_s, history_s) * 1000))
+        canary_recent = [s for t, s in canary if t >= window_start]
         e2e = [t.end_to_end_s for t in recent]
-        stages = {s: summarize([t.stages()[s] for t in recent]) for s in STAGES}
-        last_canary = self.canary()[-1:] if self._canary else []
+        stages = {s: summarize([st[s] for st in per_change]) for s in STAGES}
+        last_canary = self.canary()[-1:]
         return {
             "now_ms": now,
             "window_s": window_s,
@@ -154,13 +158,13 @@ class FreshnessTracker:
                 "last_s": last_canary[0][1] if last_canary else None,
                 "last_at_ms": last_canary[0][0] if last_canary else None,
                 **summarize(canary_recent),
-                "history": [[t, round(s, 4)] for t, s in self.canary(now - int(history_s * 1000))],
+                "history": [[t, round(s, 4)] for t, s in canary if t >= now - int(history_s * 1000)],
             },
             "changes": {**summarize(e2e), "per_s": round(len(recent) / window_s, 3)},
             "stages": stages,
             "stage_help": STAGE_HELP,
             "newest": [
                 t.as_dict() | {"age_s": round((now - t.source_ms) / 1000, 3)}
-                for t in heapq.nlargest(10, self.changes(), key=lambda t: t.acked_ms)
+                for t in heapq.nlargest(10, everything, key=lambda t: t.acked_ms)
             ],
         }

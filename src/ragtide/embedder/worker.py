@@ -64,7 +64,6 @@ class BatchProcessor:
         self.metrics = metrics
         self.topic_prefix = topic_prefix
         self.tracker = tracker
-        self.last_stats = ApplyStats()
         self.dequeued_ms = 0  # when the batch being applied left Kafka
 
     def decode_all(self, records: Sequence[Any]) -> tuple[list[ChangeEvent], list[Poison]]:
@@ -166,7 +165,6 @@ class BatchProcessor:
         m.deleted.inc(stats.deleted_points)
         m.stale.inc(stats.stale)
         m.batch_size.observe(stats.events)
-        self.last_stats = stats
 
 
 def record_lag(app: faust.App, metrics: EmbedderMetrics, messages: Sequence[Any]) -> None:

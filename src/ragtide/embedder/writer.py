@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from ragtide.contracts.chunks import Chunk, PointPayload, content_hash, point_id, row_key
 from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
@@ -20,9 +20,6 @@ from ragtide.embedder.index.base import IndexPoint, StoredPoint, VectorIndex
 from ragtide.ingest.sources import UNAVAILABLE, SourcesConfig, SourceTable
 
 log = logging.getLogger(__name__)
-
-# Fields that describe the row version rather than one chunk: refreshed in place when a chunk's text is unchanged.
-ROW_LEVEL_FIELDS = ("key", "chunk_count", "tenant", "metadata", "columns", "lsn", "source_ts_ms", "indexed_at_ms")
 
 
 @dataclass
@@ -172,23 +169,30 @@ class IndexWriter:
             rk = row_key(ev.table, ev.row_id)
             have = {int(p.payload.get("chunk_no", -1)): p for p in stored.get(rk, [])}
             unchanged: list[str] = []
+            # The fields that describe the row version, identical for every chunk of the row.
+            row_fields: dict[str, Any] = {
+                "key": ev.key,
+                "chunk_count": len(plan.chunks),
+                "tenant": src.tenant_of(row),
+                "metadata": src.render_metadata(row),
+                "columns": {c: row.get(c) for c in src.text_columns},
+                "lsn": ev.position.lsn,
+                "source_ts_ms": ev.position.ts_ms,
+                "indexed_at_ms": now_ms,
+            }
             for chunk in plan.chunks:
-                payload: PointPayload = {
-                    "table": ev.table,
-                    "row_key": rk,
-                    "row_id": ev.row_id,
-                    "key": ev.key,
-                    "chunk_no": chunk.chunk_no,
-                    "chunk_count": len(plan.chunks),
-                    "text": chunk.text,
-                    "hash": chunk.hash,
-                    "tenant": src.tenant_of(row),
-                    "metadata": src.render_metadata(row),
-                    "columns": {c: row.get(c) for c in src.text_columns},
-                    "lsn": ev.position.lsn,
-                    "source_ts_ms": ev.position.ts_ms,
-                    "indexed_at_ms": now_ms,
-                }
+                payload = cast(
+                    PointPayload,
+                    {
+                        "table": ev.table,
+                        "row_key": rk,
+                        "row_id": ev.row_id,
+                        "chunk_no": chunk.chunk_no,
+                        "text": chunk.text,
+                        "hash": chunk.hash,
+                        **row_fields,
+                    },
+                )
                 old = have.get(chunk.chunk_no)
                 if old is not None and old.payload.get("hash") == chunk.hash:
                     unchanged.append(chunk.id)
@@ -196,8 +200,7 @@ class IndexWriter:
                     to_embed.append((chunk, payload))
             if unchanged:
                 # Invariant 4: same text, no embedding; refresh the row-level fields in place.
-                shared = {k: payload[k] for k in ROW_LEVEL_FIELDS}  # type: ignore[literal-required]
-                self.index.set_payload(unchanged, shared)
+                self.index.set_payload(unchanged, row_fields)
                 stats.skipped += len(unchanged)
                 stats.skipped_by_table[ev.table] += len(unchanged)
                 stats.payload_updates += len(unchanged)

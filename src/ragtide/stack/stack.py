@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,8 +84,3 @@ class Stack:
     def status(self) -> dict[str, int | None]:
         """name -> pid (None when not running)."""
         return {name: self.daemon(name).pid() for name in ORDER}
-
-
-def child_env(settings: RagtideSettings) -> dict[str, str]:
-    """The environment a child process needs to see the same settings."""
-    return {**os.environ, **settings.to_env()}
