@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import sys
@@ -176,6 +177,55 @@ def verify(
 
 
 @app.command()
+def reindex(
+    table: Annotated[
+        str | None, typer.Option(help="re-embed one table's rows in place (default: a new generation of all)")
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="follow the build until it is live")] = True,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the switch")] = 3600.0,
+) -> None:
+    """Rebuild the index: one table in place, or everything as a new generation beside the live one (blue/green:
+    search keeps the live one until the new one has caught up, then switches in one step)."""
+    s = _settings()
+    body = _post(s, "/v1/admin/reindex", {"table": table}, timeout=3600, exit_code=2)
+    if table is not None:
+        console.print(f"{table}: re-embedded {body['reembedded_rows']} rows ({body['embedded_chunks']} chunks)")
+        return
+    building = body["building"]
+    console.print(f"building generation {building['fingerprint']} (live: {body['live']['fingerprint']})")
+    if wait:
+        follow_build(s, building["fingerprint"], timeout)
+
+
+def follow_build(s: RagtideSettings, fingerprint: str, timeout: float) -> None:
+    """A progress bar (rows done / total, ETA) until the generation `fingerprint` is live."""
+    columns = (
+        TextColumn("reindexing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("rows"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("reindex", total=None)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = httpx.get(f"{s.api.url}/v1/admin/generations", timeout=10).json()
+            if status["live"]["fingerprint"] == fingerprint:
+                progress.update(task, completed=progress.tasks[0].total or 1, total=progress.tasks[0].total or 1)
+                console.print(f"generation {fingerprint} is live")
+                return
+            if status["building"] is None or status["building"]["fingerprint"] != fingerprint:
+                raise RagtideError(f"the build of {fingerprint} was abandoned: {status}")
+            if status["progress"] and status["progress"]["rows_total"]:
+                p = status["progress"]
+                progress.update(task, completed=p["rows_done"], total=p["rows_total"])
+            time.sleep(0.5)
+    raise RagtideError(f"generation {fingerprint} not live within {timeout:.0f}s")
+
+
+@app.command()
 def down() -> None:
     """Stop every process `ragtide up` started (by pid); data is kept."""
     from ragtide.stack.stack import Stack
@@ -243,18 +293,22 @@ def embedder() -> None:
     from prometheus_client import CollectorRegistry, start_http_server
 
     from ragtide.contracts.freshness import FreshnessTracker
-    from ragtide.embedder.index.factory import open_index
     from ragtide.ingest.sources import load_sources
-    from ragtide.node import build_embedder, build_encoder
+    from ragtide.node import build_embedder, build_encoder, build_lifecycle, open_generations
 
     s = _settings()
     setup_logging(s.log_level, s.json_logs)
-    encoder = build_encoder(s)
-    index = open_index(s)
-    index.ensure_collection(encoder.dim)
+    sources = load_sources(s.sources_file)
     registry = CollectorRegistry()
     tracker = FreshnessTracker(registry)
-    worker_app = build_embedder(s, index, encoder, load_sources(s.sources_file), registry, tracker)
+    generations, snapshot = open_generations(s, build_encoder(s), sources, registry)
+    worker_app = build_embedder(s, generations, sources, registry, tracker)
+
+    @worker_app.task  # type: ignore[untyped-decorator]
+    async def builds() -> None:  # the blue/green switch is the embedder's job: it owns the writes
+        async with build_lifecycle(s, generations, sources, snapshot):
+            await asyncio.Event().wait()
+
     start_http_server(s.api.port, addr=s.api.host, registry=registry)
     faust.Worker(worker_app, loglevel=s.log_level).execute_from_commandline()
 
@@ -306,6 +360,34 @@ def dlq_replay() -> None:
 
 bench_app = typer.Typer(help="Benchmarks against the running stack (start it with `make up`).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("embed")
+def bench_embed(
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "auto",
+    n: Annotated[int, typer.Option("--n", help="chunks in the corpus")] = 2000,
+    repeats: Annotated[int, typer.Option(help="timed runs per contender (best counts)")] = 3,
+    dtype: Annotated[
+        str, typer.Option(help="engine precision: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16")
+    ] = "auto",
+    model: Annotated[Path | None, typer.Option(help="model folder (default: the packaged all-MiniLM-L6-v2)")] = None,
+    out: Annotated[Path, typer.Option(help="folder for the JSON result")] = Path("bench/results"),
+) -> None:
+    """Naive sentence-transformers vs the embedding engine, side by side: chunks/s, tokens/s, small-batch
+    latency, peak GPU memory and cosine deviation from the fp32 reference (needs no running stack)."""
+    from ragtide.bench import embed
+    from ragtide.embedder.encoder import resolve_device
+
+    if dtype not in ("auto", "fp32", "fp16", "bf16"):
+        raise typer.BadParameter("one of auto, fp32, fp16, bf16", param_hint="--dtype")
+    if n < 64:
+        raise typer.BadParameter("at least 64 chunks", param_hint="--n")
+    result = embed.run(
+        model or embed.default_model_dir(), resolve_device(device), n, repeats, dtype=dtype, log=console.print
+    )
+    print(embed.render(result))
+    console.print(f"result: {embed.save(result, out)}")
+
 
 FIND_MAX_STEPS = (10.0, 15.0, 20.0, 25.0, 30.0, 40.0, 50.0, 70.0, 100.0, 150.0, 200.0, 300.0, 400.0)
 FRESHNESS_TARGETS = {5.0: (0.3, 0.8), 50.0: (0.5, 1.5)}  # rate -> (p50, p99) seconds on this 2-core machine

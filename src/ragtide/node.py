@@ -9,6 +9,9 @@ scale independently.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -21,49 +24,106 @@ from ragtide.contracts.freshness import FreshnessTracker
 from ragtide.contracts.settings import RagtideSettings
 from ragtide.embedder.chunking import Chunker
 from ragtide.embedder.encoder import Encoder, SentenceTransformerEncoder
-from ragtide.embedder.index.base import VectorIndex
+from ragtide.embedder.generations import (
+    BuildWatcher,
+    Catalog,
+    CatalogFollower,
+    Generation,
+    GenerationFactory,
+    Generations,
+    GenerationSpec,
+    LockedWriter,
+    verifier,
+)
 from ragtide.embedder.index.factory import open_index
 from ragtide.embedder.metrics import EmbedderMetrics
 from ragtide.embedder.verify import verify_table
 from ragtide.embedder.worker import BatchProcessor, create_worker_app
 from ragtide.embedder.writer import IndexWriter
-from ragtide.ingest.connector import source_topics
+from ragtide.ingest.connector import signal_incremental_snapshot, source_topics
 from ragtide.ingest.rows import read_rows
 from ragtide.ingest.sources import SourcesConfig, load_sources
 from ragtide.retriever.app import create_app
 
 
-def build_encoder(settings: RagtideSettings) -> Encoder:
-    """The configured encoder."""
+def build_encoder(settings: RagtideSettings, model_path: Path | None = None) -> Encoder:
+    """The configured encoder (or the model at `model_path`, for an older generation)."""
     e = settings.encoder
-    return SentenceTransformerEncoder(e.model_path, e.device, e.batch_size)
+    return SentenceTransformerEncoder(model_path or e.model_path, e.device, e.batch_size)
 
 
-def build_writer(
-    settings: RagtideSettings, index: VectorIndex, encoder: Encoder, sources: SourcesConfig
-) -> IndexWriter:
-    """The index writer with a chunker on the model's own tokenizer."""
-    max_tokens = min(settings.chunking.max_tokens, encoder.max_tokens)
-    chunker = Chunker(encoder.tokenizer, max_tokens, settings.chunking.overlap_tokens)
-    return IndexWriter(index, encoder, chunker, sources)
+def desired_generation(settings: RagtideSettings, encoder: Encoder) -> GenerationSpec:
+    """The generation the configuration asks for."""
+    return GenerationSpec(
+        model=encoder.model_name,
+        dim=encoder.dim,
+        max_tokens=min(settings.chunking.max_tokens, encoder.max_tokens),
+        overlap=settings.chunking.overlap_tokens,
+        model_path=str(settings.encoder.model_path) if settings.encoder.model_path else None,
+    )
+
+
+def generation_factory(settings: RagtideSettings, encoder: Encoder, sources: SourcesConfig) -> GenerationFactory:
+    """Opens a generation's collection with an encoder of its model (loaded once per model) and its chunking."""
+    encoders = {encoder.model_name: encoder}
+
+    def make(spec: GenerationSpec) -> Generation:
+        enc = encoders.get(spec.model)
+        if enc is None:
+            enc = build_encoder(settings, Path(spec.model_path) if spec.model_path else None)
+            if enc.model_name != spec.model or enc.dim != spec.dim:
+                raise ConfigError(
+                    f"encoder.model_path: generation {spec.fingerprint} needs {spec.model} (dim {spec.dim}) "
+                    f"but {spec.model_path or 'the default model'} is {enc.model_name} (dim {enc.dim})"
+                )
+            encoders[spec.model] = enc
+        index = open_index(settings, spec.collection(settings.index.collection))
+        chunker = Chunker(enc.tokenizer, spec.max_tokens, spec.overlap)
+        return Generation(spec, index, enc, IndexWriter(index, enc, chunker, sources))
+
+    return make
+
+
+def open_catalog(settings: RagtideSettings) -> Catalog:
+    """The alias of the configured collection, in the same store."""
+    return Catalog(open_index(settings, f"{settings.index.collection}-catalog"))
+
+
+def open_generations(
+    settings: RagtideSettings, encoder: Encoder, sources: SourcesConfig, registry: CollectorRegistry
+) -> tuple[Generations, bool]:
+    """The live generation, and the build the configuration asks for; True when that build needs a snapshot."""
+    gens = Generations(open_catalog(settings), generation_factory(settings, encoder, sources), registry)
+    return gens, gens.converge(desired_generation(settings, encoder))
 
 
 def build_embedder(
     settings: RagtideSettings,
-    index: VectorIndex,
-    encoder: Encoder,
+    generations: Generations,
     sources: SourcesConfig,
     registry: CollectorRegistry,
     tracker: FreshnessTracker | None = None,
 ) -> faust.App:
-    """The Faust app of the embedder."""
-    processor = BatchProcessor(
-        build_writer(settings, index, encoder, sources),
-        EmbedderMetrics(registry),
-        settings.connect.topic_prefix,
-        tracker,
-    )
+    """The Faust app of the embedder, writing to every open generation."""
+    processor = BatchProcessor(generations, EmbedderMetrics(registry), settings.connect.topic_prefix, tracker)
     return create_worker_app(settings, processor, source_topics(settings, sources))
+
+
+@contextlib.asynccontextmanager
+async def build_lifecycle(
+    settings: RagtideSettings, generations: Generations, sources: SourcesConfig, snapshot: bool
+) -> AsyncIterator[None]:
+    """While the embedder runs: ask Debezium for the rows a new generation needs, and switch it live once built."""
+    if snapshot:
+        await asyncio.to_thread(signal_incremental_snapshot, settings.postgres.dsn(), sources.user_tables)
+    watcher = BuildWatcher(generations, sources, verifier(settings.postgres.dsn(), generations, sources))
+    task = asyncio.create_task(watcher.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def create_node_app(settings: RagtideSettings) -> FastAPI:
@@ -72,13 +132,27 @@ def create_node_app(settings: RagtideSettings) -> FastAPI:
 
     sources = load_sources(settings.sources_file)
     encoder = build_encoder(settings)
-    index = open_index(settings)
     registry = CollectorRegistry()
     tracker = FreshnessTracker(registry)
-    worker = build_embedder(settings, index, encoder, sources, registry, tracker)
-    admin = admin_router(settings, index, build_writer(settings, index, encoder, sources), sources)
+    generations, snapshot = open_generations(settings, encoder, sources, registry)
+    worker = build_embedder(settings, generations, sources, registry, tracker)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with faust_lifespan(worker)(app), build_lifecycle(settings, generations, sources, snapshot):
+            yield
+
+    admin = admin_router(settings, generations, sources)
     return create_app(
-        settings, index, encoder, sources, registry, lifespan=faust_lifespan(worker), tracker=tracker, routers=[admin]
+        settings,
+        generations,
+        None,
+        sources,
+        registry,
+        lifespan=lifespan,
+        tracker=tracker,
+        routers=[admin],
+        status=generations.status,
     )
 
 
@@ -91,25 +165,62 @@ class VerifyRequest(BaseModel):
     repair: bool = Field(False, description="fix exactly the drift that was found")
 
 
-def admin_router(
-    settings: RagtideSettings, index: VectorIndex, writer: IndexWriter, sources: SourcesConfig
-) -> APIRouter:
+class ReindexRequest(BaseModel):
+    """POST /v1/admin/reindex."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    table: str | None = Field(
+        None,
+        description="re-embed one table's rows in place; default: build a new generation of every table "
+        "beside the live one and switch when it has caught up",
+    )
+
+
+def admin_router(settings: RagtideSettings, generations: Generations, sources: SourcesConfig) -> APIRouter:
     """Operator endpoints of the node (the owner of the embedded index)."""
     router = APIRouter(prefix="/v1/admin", tags=["admin"])
+    dsn = settings.postgres.dsn()
+
+    def check_table(table: str | None) -> list[str]:
+        if table is not None and table not in sources.user_tables:
+            raise HTTPException(422, f"table: {table!r} is not a source table; tables: {sources.user_tables}")
+        return [table] if table else sources.user_tables
+
+    def run_verify(table: str, repair: bool, reembed: bool) -> dict[str, Any]:
+        source = sources.get(table)
+        assert source is not None
+        gen = generations.live
+        position, rows = read_rows(dsn, source)
+        writer = LockedWriter(generations, gen)
+        report = verify_table(source, position, rows, gen.index, writer, repair, reembed).as_dict()
+        return {**report, "embedded_chunks": writer.embedded}
 
     @router.post("/verify")
     async def verify(body: VerifyRequest) -> dict[str, Any]:
-        """Compare the source tables with the index (missing, stale, orphaned rows); optionally repair."""
-        if body.table is not None and body.table not in sources.user_tables:
-            raise HTTPException(422, f"table: {body.table!r} is not a source table; tables: {sources.user_tables}")
-        reports = []
-        for table in [body.table] if body.table else sources.user_tables:
-            source = sources.get(table)
-            assert source is not None
-            position, rows = await asyncio.to_thread(read_rows, settings.postgres.dsn(), source)
-            report = await asyncio.to_thread(verify_table, source, position, rows, index, writer, body.repair)
-            reports.append(report.as_dict())
+        """Compare the source tables with the live index (missing, stale, orphaned rows); optionally repair."""
+        reports = [await asyncio.to_thread(run_verify, t, body.repair, False) for t in check_table(body.table)]
         return {"drift": sum(r["drift"] for r in reports), "repair": body.repair, "tables": reports}
+
+    @router.post("/reindex")
+    async def reindex(body: ReindexRequest) -> dict[str, Any]:
+        """Re-embed one table in place, or build a new generation of the whole index (blue/green)."""
+        if body.table is not None:
+            report = await asyncio.to_thread(run_verify, check_table(body.table)[0], True, True)
+            return {
+                "table": body.table,
+                "reembedded_rows": report["repaired"],
+                "embedded_chunks": report["embedded_chunks"],
+                "report": report,
+            }
+        spec = await asyncio.to_thread(generations.rebuild)
+        await asyncio.to_thread(signal_incremental_snapshot, dsn, sources.user_tables)
+        return {"building": spec.as_dict(), **generations.status()}
+
+    @router.get("/generations")
+    async def generations_status() -> dict[str, Any]:
+        """The live generation and the build in progress, with rows done / total, rate and ETA."""
+        return generations.status()
 
     return router
 
@@ -121,4 +232,8 @@ def create_retriever_app(settings: RagtideSettings) -> FastAPI:
             "QDRANT_URL: the standalone retriever needs a Qdrant server; in embedded mode run `ragtide node`"
         )
     sources = load_sources(settings.sources_file)
-    return create_app(settings, open_index(settings), build_encoder(settings), sources)
+    encoder = build_encoder(settings)
+    follower = CatalogFollower(
+        open_catalog(settings), generation_factory(settings, encoder, sources), desired_generation(settings, encoder)
+    )
+    return create_app(settings, follower, None, sources)

@@ -17,6 +17,8 @@ import psycopg
 import pytest
 
 from ragtide.contracts.settings import RagtideSettings, load_settings
+from ragtide.embedder.generations import Catalog
+from ragtide.embedder.index.edge import EdgeIndex
 from ragtide.ingest.demo import load_demo
 from ragtide.stack.process import free_port
 from ragtide.stack.stack import Stack
@@ -61,6 +63,19 @@ class LiveStack:
         if not found:
             raise KeyError(f"{name} {labels}")
         return total
+
+
+def live_index(settings: RagtideSettings) -> EdgeIndex:
+    """The live generation's collection, opened directly (the node must be stopped: one process owns it)."""
+    catalog = EdgeIndex(settings.index_path, f"{settings.index.collection}-catalog")
+    try:
+        spec = Catalog(catalog).read().live
+    finally:
+        catalog.close()
+    assert spec is not None, "no live generation in the catalog"
+    idx = EdgeIndex(settings.index_path, spec.collection(settings.index.collection))
+    idx.ensure_collection(spec.dim)
+    return idx
 
 
 def poll(check: Callable[[], T | None], what: str, timeout: float = POLL_TIMEOUT) -> T:

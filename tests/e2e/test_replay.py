@@ -7,15 +7,13 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from ragtide.embedder.index.edge import EdgeIndex
-from tests.e2e.conftest import LiveStack, poll
+from tests.e2e.conftest import LiveStack, live_index, poll
 
 VOLATILE = {"indexed_at_ms"}  # when a point was (re)written: the only field a replay may change
 
 
 def index_state(live: LiveStack) -> dict[str, dict[str, Any]]:
-    idx = EdgeIndex(live.settings.index_path, live.settings.index.collection)
-    idx.ensure_collection(384)
+    idx = live_index(live.settings)
     try:
         return {
             p.id: {k: v for k, v in p.payload.items() if k not in VOLATILE}
@@ -70,4 +68,13 @@ def test_replay_from_zero_rebuilds_an_identical_index(live: LiveStack) -> None:
         live.stack.start_node()
         live.stack.wait_ready()
     assert after.keys() == before.keys()
-    assert after == before
+    changed = {
+        pid: {
+            k: (before[pid].get(k), after[pid].get(k))
+            for k in before[pid].keys() | after[pid].keys()
+            if before[pid].get(k) != after[pid].get(k)
+        }
+        for pid in before
+        if after[pid] != before[pid]
+    }
+    assert not changed, f"{len(changed)} points changed, e.g. {list(changed.items())[:3]}"

@@ -12,8 +12,7 @@ import numpy as np
 
 from ragtide.contracts.chunks import point_id
 from ragtide.embedder.index.base import IndexPoint
-from ragtide.embedder.index.edge import EdgeIndex
-from tests.e2e.conftest import LiveStack, poll
+from tests.e2e.conftest import LiveStack, live_index, poll
 
 
 def verify(live: LiveStack, repair: bool = False) -> dict:
@@ -36,8 +35,7 @@ def test_verify_finds_and_repairs_exactly_the_injected_drift(live: LiveStack) ->
     node = live.stack.daemon("node")
     assert node.stop(timeout=60)
     try:
-        idx = EdgeIndex(live.settings.index_path, live.settings.index.collection)
-        idx.ensure_collection(384)
+        idx = live_index(live.settings)
         idx.delete_where({"row_key": "public.docs:try/0"})  # missing
         idx.set_payload([point_id("public.docs", "for/0", 0)], {"hash": "tampered"})  # stale
         ghost = f"ghost-{uuid.uuid4().hex[:6]}"  # a row whose delete event was lost: orphaned

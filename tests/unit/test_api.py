@@ -115,6 +115,6 @@ def test_readyz_is_503_when_the_index_fails(client: TestClient) -> None:
     def broken(*_: Any, **__: Any) -> int:
         raise ConnectionError("store down")
 
-    services.index.count = broken
+    services.active.index.count = broken
     resp = client.get("/readyz")
     assert resp.status_code == 503 and "store down" in resp.text

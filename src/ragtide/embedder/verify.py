@@ -7,17 +7,26 @@ snapshot reads at the snapshot's WAL position), and deleting orphans.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ragtide.contracts.chunks import content_hash, row_key
 from ragtide.contracts.events import ChangeEvent, Op, SourcePosition, row_id
 from ragtide.embedder.index.base import StoredPoint, VectorIndex
-from ragtide.embedder.writer import IndexWriter
+from ragtide.embedder.writer import ApplyStats
 from ragtide.ingest.sources import SourceTable
 
 EXAMPLES = 10
+
+
+class RowWriter(Protocol):
+    """What verify needs of a writer: its chunker (to know the expected chunks) and apply (to repair)."""
+
+    @property
+    def chunker(self) -> Callable[[str], list[str]]: ...
+
+    def apply(self, events: Sequence[ChangeEvent]) -> ApplyStats: ...
 
 
 @dataclass
@@ -82,10 +91,12 @@ def verify_table(
     position: SourcePosition,
     rows: Iterable[dict[str, Any]],
     index: VectorIndex,
-    writer: IndexWriter,
+    writer: RowWriter,
     repair: bool = False,
+    reembed: bool = False,
 ) -> TableDrift:
-    """Diff one table against the index; with `repair`, fix what differs."""
+    """Diff one table against the index; with `repair`, fix what differs; with `reembed`, rewrite every row
+    with fresh embeddings (a one-table reindex), still at the snapshot's position so newer stream states win."""
     report = TableDrift(source.table)
     by_row: dict[str, list[StoredPoint]] = defaultdict(list)
     for p in index.scroll({"table": source.table}, limit=10_000_000):
@@ -113,18 +124,19 @@ def verify_table(
                 and stored["tenant"] == expected["tenant"]
             ):
                 report.stale.append(rid)
-            else:
+            elif not reembed:
                 continue
-        if repair:
+        if repair or reembed:
             # Written as a snapshot read at the snapshot's position: newer stream events still win.
-            fixes.append(ChangeEvent(source.table, Op.READ, key, dict(row), position, extra={"repair": True}))
+            extra = {"repair": True, "reembed": True} if reembed else {"repair": True}
+            fixes.append(ChangeEvent(source.table, Op.READ, key, dict(row), position, extra=extra))
     # A row inserted after the snapshot may already be indexed: only points older than the snapshot are orphans.
     report.orphaned = sorted(
         r
         for r, pts in by_row.items()
         if r not in seen and max(int(p.payload.get("lsn", 0)) for p in pts) < position.lsn
     )
-    if repair:
+    if repair or reembed:
         for i in range(0, len(fixes), 256):
             writer.apply(fixes[i : i + 256])
         if report.orphaned:

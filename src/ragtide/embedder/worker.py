@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import faust
 
@@ -21,7 +21,7 @@ from ragtide.contracts.events import ChangeEvent
 from ragtide.contracts.freshness import ChangeTiming, FreshnessTracker
 from ragtide.contracts.settings import RagtideSettings
 from ragtide.embedder.metrics import EmbedderMetrics
-from ragtide.embedder.writer import ApplyStats, IndexWriter
+from ragtide.embedder.writer import ApplyStats
 from ragtide.ingest.decode import decode, table_of_topic
 
 log = logging.getLogger(__name__)
@@ -50,12 +50,18 @@ def is_transient(exc: BaseException) -> bool:
     return name in {"ResponseHandlingException", "ConnectError", "ReadTimeout", "WriteTimeout", "RemoteProtocolError"}
 
 
+class Applier(Protocol):
+    """Applies decoded events to the index (an IndexWriter, or every open generation)."""
+
+    def apply(self, events: Sequence[ChangeEvent]) -> ApplyStats: ...
+
+
 class BatchProcessor:
     """Decode, apply with retries, and split out poison records. Knows nothing of Faust streams."""
 
     def __init__(
         self,
-        writer: IndexWriter,
+        writer: Applier,
         metrics: EmbedderMetrics,
         topic_prefix: str,
         tracker: FreshnessTracker | None = None,

@@ -194,7 +194,7 @@ class IndexWriter:
                     },
                 )
                 old = have.get(chunk.chunk_no)
-                if old is not None and old.payload.get("hash") == chunk.hash:
+                if old is not None and old.payload.get("hash") == chunk.hash and not ev.extra.get("reembed"):
                     unchanged.append(chunk.id)
                 else:
                     to_embed.append((chunk, payload))

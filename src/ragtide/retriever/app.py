@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 from ragtide.contracts.freshness import FreshnessTracker
 from ragtide.contracts.settings import RagtideSettings
 from ragtide.embedder.encoder import Encoder
-from ragtide.embedder.index.base import Filter, Hit, VectorIndex
+from ragtide.embedder.index.base import ActiveIndex, Filter, FixedIndex, Hit, VectorIndex
 from ragtide.ingest.sources import SourcesConfig
 from ragtide.retriever.canary import Canary
 from ragtide.retriever.dashboard import DASHBOARD_HTML, counters_from
@@ -33,15 +33,15 @@ class Services:
     def __init__(
         self,
         settings: RagtideSettings,
-        index: VectorIndex,
-        encoder: Encoder,
+        active: ActiveIndex,
         sources: SourcesConfig,
         registry: CollectorRegistry,
         tracker: FreshnessTracker,
+        status: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.settings = settings
-        self.index = index
-        self.encoder = encoder
+        self.active = active
+        self.generation_status = status
         self.sources = sources
         self.registry = registry
         self.tracker = tracker
@@ -115,23 +115,31 @@ def build_filter(services: Services, requested: dict[str, Any] | None) -> Filter
 
 def create_app(
     settings: RagtideSettings,
-    index: VectorIndex,
-    encoder: Encoder,
+    active: ActiveIndex | VectorIndex,
+    encoder: Encoder | None,
     sources: SourcesConfig,
     registry: CollectorRegistry | None = None,
     lifespan: Lifespan | None = None,
     tracker: FreshnessTracker | None = None,
     routers: Sequence[APIRouter] = (),
+    status: Callable[[], dict[str, Any]] | None = None,
 ) -> FastAPI:
-    """Build the API; `lifespan` lets the node run the embedder in the same event loop."""
+    """Build the API over `active` (a switching view of the live generation) or one fixed index + encoder;
+    `lifespan` lets the node run the embedder in the same event loop; `status` reports the generations."""
+    if not isinstance(active, ActiveIndex):
+        if encoder is None:
+            raise TypeError("a fixed index needs its encoder")
+        active = FixedIndex(active, encoder)
     registry = registry or CollectorRegistry()
-    svc = Services(settings, index, encoder, sources, registry, tracker or FreshnessTracker(registry))
+    svc = Services(settings, active, sources, registry, tracker or FreshnessTracker(registry), status)
     if settings.canary.enabled:
-        svc.canary = Canary(settings.postgres.dsn(), index, encoder, svc.tracker, settings.canary)
+        svc.canary = Canary(settings.postgres.dsn(), active, svc.tracker, settings.canary)
+    live = active
 
     @asynccontextmanager
     async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await asyncio.to_thread(index.ensure_collection, encoder.dim)
+        index, enc = live.current()
+        await asyncio.to_thread(index.ensure_collection, enc.dim)
         try:
             async with contextlib.AsyncExitStack() as stack:
                 if lifespan is not None:
@@ -145,7 +153,7 @@ def create_app(
                         with contextlib.suppress(asyncio.CancelledError):
                             await canary_task
         finally:
-            await asyncio.to_thread(index.close)
+            await asyncio.to_thread(live.close)
 
     app = FastAPI(
         title="ragtide",
@@ -174,8 +182,9 @@ def create_app(
         if len(body.query) > svc.settings.api.max_query_chars:
             raise HTTPException(422, f"query: longer than {svc.settings.api.max_query_chars} characters")
         flt = build_filter(svc, body.filter)
-        vector = (await asyncio.to_thread(svc.encoder.encode, [body.query]))[0]
-        hits = await asyncio.to_thread(svc.index.search, vector, k, flt)
+        index, encoder = svc.active.current()
+        vector = (await asyncio.to_thread(encoder.encode, [body.query]))[0]
+        hits = await asyncio.to_thread(index.search, vector, k, flt)
         now = time.time()
         took = time.perf_counter() - t0
         svc.latency.labels("search").observe(took)
@@ -185,11 +194,13 @@ def create_app(
     async def index_stats(svc: ServicesDep) -> IndexStats:
         """How many rows and chunks of each source table are indexed."""
         tables: dict[str, TableStats] = {}
+        index, _ = svc.active.current()
         for table in svc.user_tables:
-            points = await asyncio.to_thread(svc.index.count, {"table": table})
-            rows = await asyncio.to_thread(svc.index.count, {"table": table, "chunk_no": 0})
+            points = await asyncio.to_thread(index.count, {"table": table})
+            rows = await asyncio.to_thread(index.count, {"table": table, "chunk_no": 0})
             tables[table] = TableStats(rows=rows, chunks=points)
-        return IndexStats(points=sum(t.chunks for t in tables.values()), tables=tables)
+        generation = svc.generation_status() if svc.generation_status else None
+        return IndexStats(points=sum(t.chunks for t in tables.values()), tables=tables, generation=generation)
 
     @app.get("/v1/freshness", tags=["freshness"])
     async def freshness(svc: ServicesDep, window_s: float = 60.0) -> dict[str, Any]:
@@ -224,11 +235,12 @@ def create_app(
         """Readiness: the index answers, the encoder is loaded, and the canary is fresh enough."""
         checks: dict[str, str] = {}
         try:
-            n = await asyncio.to_thread(svc.index.count)
+            index, encoder = svc.active.current()
+            n = await asyncio.to_thread(index.count)
             checks["index"] = f"ok ({n} points)"
+            checks["encoder"] = f"ok ({encoder.model_name}, dim {encoder.dim})"
         except Exception as exc:
             checks["index"] = f"unavailable: {exc}"
-        checks["encoder"] = f"ok ({svc.encoder.model_name}, dim {svc.encoder.dim})"
         if svc.canary is not None:
             ok, detail = svc.canary.readiness()
             checks["canary"] = detail if ok else f"unready: {detail}"

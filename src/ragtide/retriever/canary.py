@@ -17,8 +17,7 @@ import psycopg
 
 from ragtide.contracts.freshness import FreshnessTracker
 from ragtide.contracts.settings import CanarySettings
-from ragtide.embedder.encoder import Encoder
-from ragtide.embedder.index.base import VectorIndex
+from ragtide.embedder.index.base import ActiveIndex
 from ragtide.ingest.sources import CANARY_TABLE
 
 log = logging.getLogger(__name__)
@@ -27,19 +26,16 @@ log = logging.getLogger(__name__)
 class Canary:
     """Probes on an interval; remembers the last result for readiness."""
 
-    def __init__(
-        self, dsn: str, index: VectorIndex, encoder: Encoder, tracker: FreshnessTracker, settings: CanarySettings
-    ) -> None:
+    def __init__(self, dsn: str, active: ActiveIndex, tracker: FreshnessTracker, settings: CanarySettings) -> None:
         self.dsn = dsn
-        self.index = index
-        self.encoder = encoder
+        self.active = active
         self.tracker = tracker
         self.settings = settings
         self.last_ok_ms: int | None = None
         self.last_s: float | None = None
         self.last_error: str | None = "waiting for the first round trip"
         self._conn: psycopg.Connection[Any] | None = None
-        self._query: Any = None
+        self._queries: dict[int, Any] = {}  # the canary query per encoder (a generation switch may change it)
 
     def _write(self, nonce: str) -> float:
         """Commit the canary row; returns the wall time just before the commit was sent."""
@@ -52,13 +48,15 @@ class Canary:
         return t0
 
     def _found(self, nonce: str) -> bool:
-        hits = self.index.search(self._query, 1, {"table": CANARY_TABLE})
+        index, encoder = self.active.current()
+        query = self._queries.get(id(encoder))
+        if query is None:
+            query = self._queries[id(encoder)] = encoder.encode(["ragtide canary"])[0]
+        hits = index.search(query, 1, {"table": CANARY_TABLE})
         return bool(hits) and nonce in str(hits[0].payload.get("text", ""))
 
     async def probe(self) -> float:
         """One round trip; returns seconds from commit to searchable."""
-        if self._query is None:
-            self._query = (await asyncio.to_thread(self.encoder.encode, ["ragtide canary"]))[0]
         nonce = uuid.uuid4().hex
         committed = await asyncio.to_thread(self._write, nonce)
         deadline = committed + self.settings.timeout_s

@@ -77,3 +77,6 @@ class IndexStats(BaseModel):
 
     points: int
     tables: dict[str, TableStats]
+    generation: dict[str, Any] | None = Field(
+        None, description="the live generation (model, chunking) and the one being built, with its progress"
+    )

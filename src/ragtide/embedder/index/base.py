@@ -13,6 +13,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from ragtide.embedder.encoder import Encoder
+
 FilterValue = str | int | bool | Sequence[str] | Sequence[int]
 Filter = Mapping[str, FilterValue]
 NormalValue = str | int | bool | list[str | int]
@@ -79,6 +81,9 @@ class VectorIndex(Protocol):
     def close(self) -> None:
         """Flush and release resources."""
 
+    def drop(self) -> None:
+        """Delete the whole collection (a retired generation)."""
+
 
 def scroll_pages(fetch_page: Callable[[Any, int], tuple[Sequence[Any], Any]], limit: int) -> list[StoredPoint]:
     """Follow a backend's scroll pages (`fetch_page(offset, page_size) -> (records, next_offset)`) up to `limit`."""
@@ -105,3 +110,31 @@ def normalise_filter(flt: Filter | None) -> list[tuple[str, NormalValue]]:
         else:
             raise ValueError(f"filter value for {key!r} must be a string, number, boolean or non-empty list of them")
     return out
+
+
+@runtime_checkable
+class ActiveIndex(Protocol):
+    """What search reads: the live collection and the encoder its vectors came from, always as a pair (a
+    generation switch changes both at once)."""
+
+    def current(self) -> tuple[VectorIndex, Encoder]:
+        """(index, encoder) of the live generation."""
+
+    def close(self) -> None:
+        """Release the collections."""
+
+
+class FixedIndex:
+    """An ActiveIndex that never switches: one collection, one encoder (tests, tools)."""
+
+    def __init__(self, index: VectorIndex, encoder: Encoder) -> None:
+        self.index = index
+        self.encoder = encoder
+
+    def current(self) -> tuple[VectorIndex, Encoder]:
+        """The pair."""
+        return self.index, self.encoder
+
+    def close(self) -> None:
+        """Close the index."""
+        self.index.close()

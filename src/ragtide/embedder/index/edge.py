@@ -5,6 +5,7 @@ One process owns a shard directory: the node process, which runs the embedder an
 
 from __future__ import annotations
 
+import shutil
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -126,3 +127,8 @@ class EdgeIndex:
                 self._shard.flush()
                 self._shard.close()
                 self._shard = None
+
+    def drop(self) -> None:
+        """Close the shard and delete its directory."""
+        self.close()
+        shutil.rmtree(self.dir, ignore_errors=True)

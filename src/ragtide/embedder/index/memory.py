@@ -94,3 +94,8 @@ class MemoryIndex:
 
     def close(self) -> None:
         """Nothing to release."""
+
+    def drop(self) -> None:
+        """Forget every point."""
+        self.points.clear()
+        self.dim = None

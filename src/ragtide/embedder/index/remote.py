@@ -144,3 +144,8 @@ class QdrantClientIndex:
     def close(self) -> None:
         """Close the client."""
         self.client.close()
+
+    def drop(self) -> None:
+        """Delete the collection."""
+        if self.client.collection_exists(self.collection):
+            self.client.delete_collection(self.collection)

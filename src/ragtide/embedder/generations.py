@@ -1,0 +1,438 @@
+"""Index generations: blue/green collections behind one alias, so a model change or a full reindex never shows
+search a half-built index.
+
+A *generation* is everything that decides the vectors: the model, its dimension, the chunking, and a revision.
+Each generation lives in its own collection `<collection>-<fingerprint>`. The *catalog* (one point in a small
+collection of the same store, so it lives wherever the index lives) is the alias: it names the live generation
+and the one being built.
+
+While a build runs, the embedder applies every change to both generations (dual write); the new one receives the
+existing rows through Debezium's incremental snapshot, which Debezium interleaves correctly with the live stream.
+`BuildWatcher` verifies the new generation against the source; once there is no drift it becomes live in one
+step (search switches its collection and its query encoder together) and the old collection is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Gauge
+
+from ragtide.contracts.events import ChangeEvent
+from ragtide.embedder.encoder import Encoder
+from ragtide.embedder.index.base import IndexPoint, VectorIndex
+from ragtide.embedder.verify import TableDrift, verify_table
+from ragtide.embedder.writer import ApplyStats, IndexWriter
+from ragtide.ingest.sources import SourcesConfig
+
+log = logging.getLogger(__name__)
+
+CATALOG_POINT = str(uuid.uuid5(uuid.NAMESPACE_URL, "ragtide:catalog"))
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """What decides the vectors of a collection. `model_path` says where to load the model, not what it is."""
+
+    model: str
+    dim: int
+    max_tokens: int
+    overlap: int
+    revision: int = 1
+    model_path: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """Stable across machines: the model's name, not its path."""
+        ident = f"{self.model}|{self.dim}|{self.max_tokens}|{self.overlap}|{self.revision}"
+        return hashlib.sha256(ident.encode()).hexdigest()[:10]
+
+    def collection(self, base: str) -> str:
+        """The physical collection of this generation."""
+        return f"{base}-{self.fingerprint}"
+
+    def same_vectors(self, other: GenerationSpec) -> bool:
+        """Same model and chunking: the vectors would be identical, whatever the revision."""
+        return (self.model, self.dim, self.max_tokens, self.overlap) == (
+            other.model,
+            other.dim,
+            other.max_tokens,
+            other.overlap,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form (catalog payload, API)."""
+        return {**asdict(self), "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GenerationSpec:
+        """Inverse of as_dict."""
+        return cls(
+            model=str(d["model"]),
+            dim=int(d["dim"]),
+            max_tokens=int(d["max_tokens"]),
+            overlap=int(d["overlap"]),
+            revision=int(d.get("revision", 1)),
+            model_path=d.get("model_path"),
+        )
+
+
+@dataclass(frozen=True)
+class CatalogState:
+    """Which generation is live, and which is being built."""
+
+    live: GenerationSpec | None = None
+    building: GenerationSpec | None = None
+
+
+class Catalog:
+    """The alias, stored as one point of a 1-d collection in the same store as the generations."""
+
+    def __init__(self, index: VectorIndex) -> None:
+        self.index = index
+        index.ensure_collection(1)
+
+    def read(self) -> CatalogState:
+        """The current state (empty on a new store)."""
+        points = self.index.scroll(limit=10)
+        payload = next((p.payload for p in points if p.id == CATALOG_POINT), None)
+        if not payload:
+            return CatalogState()
+        live, building = payload.get("live"), payload.get("building")
+        return CatalogState(
+            GenerationSpec.from_dict(live) if live else None,
+            GenerationSpec.from_dict(building) if building else None,
+        )
+
+    def write(self, state: CatalogState) -> None:
+        """Replace the state in one write."""
+        payload = {
+            "live": state.live.as_dict() if state.live else None,
+            "building": state.building.as_dict() if state.building else None,
+            "updated_ms": int(time.time() * 1000),
+        }
+        self.index.upsert([IndexPoint(CATALOG_POINT, np.ones(1, dtype=np.float32), payload)])
+
+
+@dataclass
+class Generation:
+    """A generation at run time: its collection, its encoder and the writer that keeps it equal to the source."""
+
+    spec: GenerationSpec
+    index: VectorIndex
+    encoder: Encoder
+    writer: IndexWriter
+
+
+@dataclass
+class BuildProgress:
+    """Rows of the source that the generation being built already holds correctly."""
+
+    rows_done: int = 0
+    rows_total: int = 0
+    started: float = field(default_factory=time.time)
+    checks: int = 0
+    drift: int = -1
+
+    @property
+    def rate(self) -> float:
+        """Rows per second since the build started."""
+        return self.rows_done / max(1e-3, time.time() - self.started)
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds left at the current rate (None before any progress)."""
+        rate = self.rate
+        return max(0.0, (self.rows_total - self.rows_done) / rate) if rate > 0 else None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        eta = self.eta_s
+        return {
+            "rows_done": self.rows_done,
+            "rows_total": self.rows_total,
+            "rows_per_s": round(self.rate, 2),
+            "eta_s": round(eta, 1) if eta is not None else None,
+            "drift": self.drift,
+            "checks": self.checks,
+        }
+
+
+GenerationFactory = Callable[[GenerationSpec], Generation]
+
+
+class Generations:
+    """The live generation and the one being built. Implements the writer side (`apply`) for the worker and the
+    read side (`current`) for search; a switch changes both at once."""
+
+    def __init__(self, catalog: Catalog, factory: GenerationFactory, registry: CollectorRegistry | None = None) -> None:
+        self.catalog = catalog
+        self.factory = factory
+        self._lock = threading.RLock()  # one writer at a time across both generations, and the switch
+        self._live: Generation | None = None
+        self.building: Generation | None = None
+        self.progress: BuildProgress | None = None
+        self.switches = 0
+        registry = registry or CollectorRegistry()
+        self._rows = Gauge(
+            "ragtide_reindex_rows", "Rows of the generation being built: done and total", ["kind"], registry=registry
+        )
+        self._eta = Gauge(
+            "ragtide_reindex_eta_seconds", "Estimated seconds until the build switches", registry=registry
+        )
+        self._building = Gauge("ragtide_reindex_building", "1 while a new generation is being built", registry=registry)
+
+    @property
+    def live(self) -> Generation:
+        """The generation that search reads."""
+        if self._live is None:
+            raise RuntimeError("generations not opened: call converge(desired) first")
+        return self._live
+
+    def current(self) -> tuple[VectorIndex, Encoder]:
+        """The live collection and the encoder its vectors came from, read together."""
+        g = self.live
+        return g.index, g.encoder
+
+    def converge(self, desired: GenerationSpec) -> bool:
+        """Open the live generation and, when the configuration asks for other vectors, start building them.
+
+        Returns True when a build (new or resumed) needs the existing rows (an incremental snapshot).
+        """
+        state = self.catalog.read()
+        with self._lock:
+            if state.live is None:
+                self._live = self._open(desired)
+                self.catalog.write(CatalogState(live=desired))
+                return False
+            self._live = self._open(state.live)
+            if state.building is not None and state.building.same_vectors(desired):
+                self._start(state.building)  # resume the build that a restart interrupted
+                return True
+            if state.building is not None:
+                self._open(state.building).index.drop()  # the configuration moved on: abandon that build
+                self.catalog.write(CatalogState(live=state.live))
+            if not state.live.same_vectors(desired):
+                self._start(replace(desired, revision=state.live.revision + 1))
+                return True
+            return False
+
+    def rebuild(self) -> GenerationSpec:
+        """Build a fresh copy of the live generation (same model and chunking, next revision): `ragtide reindex`."""
+        with self._lock:
+            if self.building is None:
+                self._start(replace(self.live.spec, revision=self.live.spec.revision + 1))
+            assert self.building is not None
+            return self.building.spec
+
+    def _open(self, spec: GenerationSpec) -> Generation:
+        gen = self.factory(spec)
+        gen.index.ensure_collection(spec.dim)
+        return gen
+
+    def _start(self, spec: GenerationSpec) -> None:
+        self.building = self._open(spec)
+        self.progress = BuildProgress()
+        self.catalog.write(CatalogState(live=self.live.spec, building=spec))
+        self._building.set(1)
+        log.info("building generation", extra={"generation": spec.as_dict(), "live": self.live.spec.fingerprint})
+
+    def apply(self, events: Sequence[ChangeEvent]) -> ApplyStats:
+        """Apply a batch to the live generation and, during a build, to the new one as well."""
+        with self._lock:
+            stats = self.live.writer.apply(events)
+            if self.building is not None:
+                extra = self.building.writer.apply(events)
+                stats.embedded += extra.embedded
+                stats.embedded_by_table.update(extra.embedded_by_table)
+                stats.skipped += extra.skipped
+                stats.skipped_by_table.update(extra.skipped_by_table)
+                stats.payload_updates += extra.payload_updates
+                stats.deleted_points += extra.deleted_points
+            return stats
+
+    def apply_to(self, gen: Generation, events: Sequence[ChangeEvent]) -> ApplyStats:
+        """Apply to one generation, serialised with the stream (repairs)."""
+        with self._lock:
+            return gen.writer.apply(events)
+
+    def record_progress(self, reports: Sequence[TableDrift]) -> BuildProgress | None:
+        """Update the build's progress from a verify pass over it."""
+        p = self.progress
+        if p is None:
+            return None
+        p.rows_total = sum(r.rows for r in reports)
+        p.rows_done = max(0, p.rows_total - sum(len(r.missing) + len(r.stale) for r in reports))
+        p.drift = sum(r.drift for r in reports)
+        p.checks += 1
+        self._rows.labels("done").set(p.rows_done)
+        self._rows.labels("total").set(p.rows_total)
+        eta = p.eta_s
+        self._eta.set(eta if eta is not None else -1)
+        return p
+
+    def promote(self) -> GenerationSpec:
+        """Make the generation being built live, then drop the old collection."""
+        with self._lock:
+            if self.building is None:
+                raise RuntimeError("no generation is being built")
+            old, self._live, self.building = self.live, self.building, None
+            self.catalog.write(CatalogState(live=self.live.spec))
+            self.switches += 1
+            self._building.set(0)
+        log.info("generation is live", extra={"live": self.live.spec.as_dict(), "dropped": old.spec.fingerprint})
+        if old.index is not self.live.index:
+            old.index.drop()
+        return self.live.spec
+
+    def status(self) -> dict[str, Any]:
+        """For /v1/index/stats and the reindex CLI."""
+        return {
+            "live": self.live.spec.as_dict(),
+            "building": self.building.spec.as_dict() if self.building else None,
+            "progress": self.progress.as_dict() if self.progress and self.building else None,
+            "switches": self.switches,
+        }
+
+    def close(self) -> None:
+        """Close every open collection."""
+        for gen in (self._live, self.building):
+            if gen is not None:
+                gen.index.close()
+        self.catalog.index.close()
+
+
+VerifyTable = Callable[[Generation, str, bool], TableDrift]
+
+
+class BuildWatcher:
+    """Verifies the generation being built and switches it live when it equals the source.
+
+    Checks get rarer as they get longer (at least `interval_s`, at most a quarter of the time spent verifying).
+    When the drift stops shrinking while nothing else moves (a lost snapshot signal), the drift is repaired.
+    """
+
+    def __init__(
+        self,
+        generations: Generations,
+        sources: SourcesConfig,
+        verify: VerifyTable,
+        interval_s: float = 2.0,
+        stall_checks: int = 5,
+    ) -> None:
+        self.generations = generations
+        self.sources = sources
+        self.verify = verify
+        self.interval_s = interval_s
+        self.stall_checks = stall_checks
+        self._unchanged = 0
+
+    def check(self) -> bool:
+        """One verify pass over the build; True when it switched live."""
+        gens = self.generations
+        gen = gens.building
+        if gen is None:
+            return False
+        before = gens.progress.drift if gens.progress else -1
+        reports = [self.verify(gen, table, False) for table in self.sources.user_tables]
+        progress = gens.record_progress(reports)
+        drift = sum(r.drift for r in reports)
+        if drift == 0:
+            gens.promote()
+            return True
+        self._unchanged = self._unchanged + 1 if drift == before else 0
+        if self._unchanged >= self.stall_checks:
+            log.warning("build stalled; repairing its drift from the source", extra={"drift": drift})
+            for table in self.sources.user_tables:
+                self.verify(gen, table, True)
+            self._unchanged = 0
+        log.info("building", extra=progress.as_dict() if progress else {})
+        return False
+
+    async def run(self) -> None:
+        """Check until cancelled."""
+        delay = self.interval_s
+        while True:
+            await asyncio.sleep(delay)
+            if self.generations.building is None:
+                delay = self.interval_s
+                continue
+            t0 = time.monotonic()
+            try:
+                await asyncio.to_thread(self.check)
+            except Exception:
+                log.exception("build check failed; will retry")
+            delay = max(self.interval_s, 4 * (time.monotonic() - t0))
+
+
+def verifier(dsn: str, generations: Generations, sources: SourcesConfig) -> VerifyTable:
+    """verify_table against one generation, reading the source at a REPEATABLE READ snapshot."""
+    from ragtide.ingest.rows import read_rows
+
+    def run(gen: Generation, table: str, repair: bool) -> TableDrift:
+        source = sources.get(table)
+        assert source is not None
+        position, rows = read_rows(dsn, source)
+        return verify_table(source, position, rows, gen.index, LockedWriter(generations, gen), repair)
+
+    return run
+
+
+class LockedWriter:
+    """A generation's writer whose writes are serialised with the stream's (what verify's repair needs)."""
+
+    def __init__(self, generations: Generations, gen: Generation) -> None:
+        self.generations = generations
+        self.gen = gen
+        self.chunker = gen.writer.chunker
+        self.embedded = 0
+
+    def apply(self, events: Sequence[ChangeEvent]) -> ApplyStats:
+        """Apply under the generations' lock; counts the embeddings it cost."""
+        stats = self.generations.apply_to(self.gen, events)
+        self.embedded += stats.embedded
+        return stats
+
+
+class CatalogFollower:
+    """The standalone retriever's view of the live generation: it re-reads the catalog every `every_s` seconds
+    and, after a switch, opens the new collection and its encoder before serving from them."""
+
+    def __init__(self, catalog: Catalog, factory: GenerationFactory, desired: GenerationSpec, every_s: float = 2.0):
+        self.catalog = catalog
+        self.factory = factory
+        self.every_s = every_s
+        self._checked = 0.0
+        self._lock = threading.Lock()
+        live = catalog.read().live or desired  # an empty store: the embedder will create this one
+        self._gen = factory(live)
+        self._gen.index.ensure_collection(live.dim)
+
+    def current(self) -> tuple[VectorIndex, Encoder]:
+        """The live pair, refreshed from the catalog at most every `every_s`."""
+        now = time.monotonic()
+        if now - self._checked >= self.every_s:
+            with self._lock:
+                self._checked = now
+                live = self.catalog.read().live
+                if live is not None and live.fingerprint != self._gen.spec.fingerprint:
+                    gen = self.factory(live)
+                    gen.index.ensure_collection(live.dim)
+                    old, self._gen = self._gen, gen
+                    old.index.close()
+                    log.info("following the switch to a new generation", extra={"live": live.as_dict()})
+        return self._gen.index, self._gen.encoder
+
+    def close(self) -> None:
+        """Close the collection and the catalog."""
+        self._gen.index.close()
+        self.catalog.index.close()

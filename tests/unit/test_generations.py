@@ -1,0 +1,226 @@
+"""Blue/green generations over in-memory collections: dual writes during a build, search on the live one until
+the switch, encoder and collection switched together, catalog kept, builds resumed or abandoned on restart."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
+from ragtide.embedder.generations import (
+    BuildWatcher,
+    Catalog,
+    CatalogFollower,
+    Generation,
+    Generations,
+    GenerationSpec,
+    LockedWriter,
+)
+from ragtide.embedder.index.memory import MemoryIndex
+from ragtide.embedder.verify import TableDrift, verify_table
+from ragtide.embedder.writer import IndexWriter
+from ragtide.ingest.sources import SourcesConfig
+from tests.doubles import HashEncoder, word_chunker
+
+SOURCES = SourcesConfig.model_validate({"sources": [{"table": "public.docs", "key": ["id"], "text": "{body}"}]})
+TEXT = " ".join(f"w{i}" for i in range(30))
+
+
+class OtherModel(HashEncoder):
+    """A second "model": another name and dimension."""
+
+    def __init__(self) -> None:
+        super().__init__(dim=16)
+
+    @property
+    def model_name(self) -> str:
+        return "other-model"
+
+
+class Store:
+    """Collections by name, like one Qdrant store, and a factory of generations over it."""
+
+    def __init__(self) -> None:
+        self.collections: dict[str, MemoryIndex] = {}
+        self.encoders: dict[str, HashEncoder] = {"hash-bow": HashEncoder(), "other-model": OtherModel()}
+
+    def index(self, name: str) -> MemoryIndex:
+        return self.collections.setdefault(name, MemoryIndex())
+
+    def factory(self, spec: GenerationSpec) -> Generation:
+        index, enc = self.index(spec.collection("chunks")), self.encoders[spec.model]
+        writer = IndexWriter(index, enc, word_chunker(spec.max_tokens, spec.overlap), SOURCES)
+        return Generation(spec, index, enc, writer)
+
+    def generations(self) -> Generations:
+        return Generations(Catalog(self.index("chunks-catalog")), self.factory)
+
+
+def spec(model: str = "hash-bow", dim: int = 64, max_tokens: int = 8, revision: int = 1) -> GenerationSpec:
+    return GenerationSpec(model=model, dim=dim, max_tokens=max_tokens, overlap=2, revision=revision)
+
+
+def ev(lsn: int, id_: int, body: str | None, op: Op = Op.UPDATE) -> ChangeEvent:
+    row = None if op is Op.DELETE else {"id": id_, "body": body}
+    return ChangeEvent("public.docs", op, {"id": id_}, row, SourcePosition(lsn, lsn))
+
+
+def rows_of(index: Any) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for p in sorted(index.scroll(), key=lambda p: (p.payload["row_id"], p.payload["chunk_no"])):
+        out.setdefault(p.payload["row_id"], []).append(p.payload["text"])
+    return out
+
+
+def test_first_start_makes_the_configured_generation_live() -> None:
+    store = Store()
+    gens = store.generations()
+    assert gens.converge(spec()) is False
+    assert gens.building is None
+    assert Catalog(store.index("chunks-catalog")).read().live == spec()
+    # The same configuration again: nothing to build.
+    again = store.generations()
+    assert again.converge(spec()) is False and again.live.spec == spec()
+
+
+def test_a_chunking_change_builds_beside_the_live_generation_and_switches_when_verified() -> None:
+    store = Store()
+    blue = store.generations()
+    blue.converge(spec(max_tokens=8))
+    blue.apply([ev(10, 1, TEXT, Op.CREATE), ev(11, 2, "short text", Op.CREATE)])
+    before = rows_of(blue.live.index)
+
+    gens = store.generations()  # a restart with max_tokens=12
+    assert gens.converge(spec(max_tokens=12)) is True
+    assert gens.building is not None and gens.building.spec.revision == 2
+    assert gens.current()[0] is gens.live.index and rows_of(gens.current()[0]) == before  # search: still blue
+
+    # The stream goes on during the build: both generations get every change.
+    gens.apply([ev(20, 2, "short text edited")])
+    assert rows_of(gens.live.index)["2"] == ["short text edited"]
+    assert rows_of(gens.building.index)["2"] == ["short text edited"]
+
+    source = [{"id": 1, "body": TEXT}, {"id": 2, "body": "short text edited"}]
+
+    def verify(gen: Generation, table: str, repair: bool) -> TableDrift:
+        return verify_table(
+            SOURCES.sources[0], SourcePosition(15, 15), source, gen.index, LockedWriter(gens, gen), repair
+        )
+
+    watcher = BuildWatcher(gens, SOURCES, verify)
+    assert watcher.check() is False  # row 1 has not arrived in the new generation yet
+    progress = gens.status()["progress"]
+    assert progress["rows_total"] == 2 and progress["rows_done"] == 1 and progress["drift"] == 1
+
+    gens.apply([ev(30, 1, TEXT, Op.READ)])  # Debezium's incremental snapshot delivers row 1
+    assert watcher.check() is True
+    assert gens.building is None and gens.live.spec.max_tokens == 12 and gens.switches == 1
+    new_rows = rows_of(gens.current()[0])
+    assert len(new_rows["1"]) < len(before["1"])  # bigger windows: fewer chunks
+    assert Catalog(store.index("chunks-catalog")).read().live == gens.live.spec
+    assert store.collections[spec(max_tokens=8).collection("chunks")].count() == 0  # the old one is dropped
+
+
+def test_a_model_change_switches_collection_and_query_encoder_together() -> None:
+    store = Store()
+    store.generations().converge(spec())
+    gens = store.generations()
+    assert gens.converge(spec(model="other-model", dim=16)) is True
+    gens.apply([ev(10, 1, TEXT, Op.CREATE)])
+    index, encoder = gens.current()
+    assert encoder.model_name == "hash-bow" and encoder.dim == 64
+    gens.promote()
+    index, encoder = gens.current()
+    assert encoder.model_name == "other-model"
+    hits = index.search(encoder.encode([TEXT])[0], 1)
+    assert hits and hits[0].payload["row_id"] == "1"
+
+
+def test_a_restart_resumes_the_build_it_was_doing_or_abandons_it_when_the_configuration_moved_on() -> None:
+    store = Store()
+    store.generations().converge(spec())
+    gens = store.generations()
+    gens.converge(spec(max_tokens=12))
+    building = gens.building
+    assert building is not None
+    building.writer.apply([ev(10, 1, TEXT, Op.CREATE)])
+
+    resumed = store.generations()
+    assert resumed.converge(spec(max_tokens=12)) is True
+    assert resumed.building is not None and resumed.building.spec == building.spec
+    assert resumed.building.index.count() > 0  # kept what it had built
+
+    reverted = store.generations()
+    assert reverted.converge(spec()) is False  # back to the live configuration: the build is dropped
+    assert reverted.building is None
+    assert store.collections[building.spec.collection("chunks")].count() == 0
+    assert Catalog(store.index("chunks-catalog")).read().building is None
+
+
+def test_rebuild_makes_a_new_revision_of_the_same_vectors() -> None:
+    store = Store()
+    gens = store.generations()
+    gens.converge(spec())
+    gens.apply([ev(10, 1, TEXT, Op.CREATE)])
+    new = gens.rebuild()
+    assert new.revision == 2 and new.same_vectors(spec()) and new.fingerprint != spec().fingerprint
+    assert gens.rebuild() == new  # a second request joins the running build
+    gens.apply([ev(11, 1, TEXT, Op.READ)])
+    gens.promote()
+    assert rows_of(gens.current()[0]) == rows_of(store.collections[new.collection("chunks")])
+
+
+def test_a_stalled_build_is_repaired_from_the_source() -> None:
+    store = Store()
+    store.generations().converge(spec())
+    gens = store.generations()
+    gens.converge(spec(max_tokens=12))
+    source = [{"id": 1, "body": TEXT}]
+    repairs = []
+
+    def verify(gen: Generation, table: str, repair: bool) -> TableDrift:
+        repairs.append(repair)
+        return verify_table(
+            SOURCES.sources[0], SourcePosition(15, 15), source, gen.index, LockedWriter(gens, gen), repair
+        )
+
+    watcher = BuildWatcher(gens, SOURCES, verify, stall_checks=2)
+    assert [watcher.check() for _ in range(3)] == [False, False, False]
+    assert True in repairs  # the snapshot never came: the watcher repaired the drift itself
+    assert watcher.check() is True
+
+
+def test_the_standalone_retriever_follows_a_switch() -> None:
+    store = Store()
+    gens = store.generations()
+    gens.converge(spec())
+    follower = CatalogFollower(Catalog(store.index("chunks-catalog")), store.factory, spec(), every_s=0)
+    assert follower.current()[1].model_name == "hash-bow"
+    gens2 = store.generations()  # the embedder restarts with another model, builds, and switches
+    gens2.converge(spec(model="other-model", dim=16))
+    assert follower.current()[1].model_name == "hash-bow"
+    gens2.promote()
+    index, encoder = follower.current()
+    assert encoder.model_name == "other-model" and index is store.collections[gens2.live.spec.collection("chunks")]
+
+
+def test_spec_identity_ignores_where_the_model_is_loaded_from() -> None:
+    a = spec()
+    b = GenerationSpec(model="hash-bow", dim=64, max_tokens=8, overlap=2, model_path="/somewhere/else")
+    assert a.fingerprint == b.fingerprint and GenerationSpec.from_dict(b.as_dict()) == b
+    assert spec(max_tokens=9).fingerprint != a.fingerprint
+
+
+def test_catalog_is_empty_on_a_new_store() -> None:
+    catalog = Catalog(MemoryIndex())
+    assert catalog.read().live is None
+    catalog.write(catalog.read())
+    assert catalog.read().live is None
+
+
+def test_promote_without_a_build_is_an_error() -> None:
+    gens = Store().generations()
+    gens.converge(spec())
+    with pytest.raises(RuntimeError, match="no generation"):
+        gens.promote()
