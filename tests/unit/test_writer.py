@@ -170,3 +170,21 @@ def test_composite_keys_have_distinct_rows() -> None:
     writer.apply(evs)
     assert index.count() == 3
     assert {p.payload["row_id"] for p in index.scroll()} == {"1|2", "2|1", "1|1"}
+
+
+def test_incremental_snapshot_reads_without_lsn_are_ordered_by_time(env: Any) -> None:
+    writer, index, _encoder, _feed = env
+
+    def at(lsn: int, ts: int, body: str, op: Op = Op.UPDATE) -> ChangeEvent:
+        row = {"id": 1, "title": "T", "body": body, "category": "a"}
+        return ChangeEvent("public.docs", op, {"id": 1}, row, SourcePosition(lsn, ts))
+
+    writer.apply([at(500, 2_000, "committed at two seconds")])
+    # A read taken before that commit (Debezium's incremental snapshot: no LSN, the read's time) is older.
+    assert writer.apply([at(0, 1_500, "read before the commit", Op.READ)]).stale == 1
+    assert "committed" in texts_of(index, "1")[0]
+    # A read taken after it already contains it, and wins; a replayed older stream event then loses to it.
+    assert writer.apply([at(0, 2_500, "read after the commit", Op.READ)]).stale == 0
+    assert "read after" in texts_of(index, "1")[0]
+    assert writer.apply([at(400, 1_900, "an older stream event")]).stale == 1
+    assert "read after" in texts_of(index, "1")[0]

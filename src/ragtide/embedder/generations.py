@@ -182,6 +182,8 @@ class Generations:
         self.building: Generation | None = None
         self.progress: BuildProgress | None = None
         self.switches = 0
+        self.build_batches = 0  # batches applied to the generation being built (the watcher's sign of progress)
+        self.applying_build = False
         registry = registry or CollectorRegistry()
         self._rows = Gauge(
             "ragtide_reindex_rows", "Rows of the generation being built: done and total", ["kind"], registry=registry
@@ -251,7 +253,12 @@ class Generations:
         with self._lock:
             stats = self.live.writer.apply(events)
             if self.building is not None:
-                extra = self.building.writer.apply(events)
+                self.build_batches += 1
+                self.applying_build = True
+                try:
+                    extra = self.building.writer.apply(events)
+                finally:
+                    self.applying_build = False
                 stats.embedded += extra.embedded
                 stats.embedded_by_table.update(extra.embedded_by_table)
                 stats.skipped += extra.skipped
@@ -335,6 +342,7 @@ class BuildWatcher:
         self.interval_s = interval_s
         self.stall_checks = stall_checks
         self._unchanged = 0
+        self._batches_seen = -1
 
     def check(self) -> bool:
         """One verify pass over the build; True when it switched live."""
@@ -343,13 +351,18 @@ class BuildWatcher:
         if gen is None:
             return False
         before = gens.progress.drift if gens.progress else -1
+        batches = gens.build_batches
         reports = [self.verify(gen, table, False) for table in self.sources.user_tables]
         progress = gens.record_progress(reports)
         drift = sum(r.drift for r in reports)
         if drift == 0:
             gens.promote()
             return True
-        self._unchanged = self._unchanged + 1 if drift == before else 0
+        # Stalled: the drift stays the same while the stream brings the build nothing (a lost snapshot signal).
+        # A big snapshot batch still being embedded is not a stall.
+        idle = batches == self._batches_seen and not gens.applying_build
+        self._batches_seen = gens.build_batches
+        self._unchanged = self._unchanged + 1 if drift == before and idle else 0
         if self._unchanged >= self.stall_checks:
             log.warning("build stalled; repairing its drift from the source", extra={"drift": drift})
             for table in self.sources.user_tables:

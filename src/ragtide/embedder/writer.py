@@ -128,7 +128,7 @@ class IndexWriter:
         for ev, rk in zip(known, keys, strict=True):
             have = stored[rk]
             pos = _stored_position(have)
-            if pos is not None and ev.position.lsn and ev.position.is_older_than(pos):
+            if pos is not None and ev.position.is_older_than(pos):
                 stats.stale += 1  # invariant 3: never let an older event overwrite a newer state
                 continue
             if not ev.op.writes_row or ev.row is None:
