@@ -9,7 +9,7 @@ JARS   := .cache/stack/.resolved
 DASH   := .cache/dashboard/node_modules/uplot/dist/uPlot.iife.min.js
 PYTEST_ARGS ?=
 
-.PHONY: help install up down clean status lint fmt test test-unit test-integration test-e2e bench-freshness
+.PHONY: help install up down clean status lint fmt test test-unit test-integration test-e2e bench-freshness bench-embed
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-17s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -68,3 +68,6 @@ test: install lint ## lint, then every test: unit, integration, e2e
 bench-freshness: install ## freshness benchmark against the running stack (make up first): 5 and 50 changes/s side by side
 	$(BIN)/pip install -q -c constraints.txt -e '.[bench]'
 	$(BIN)/ragtide bench freshness --rate 5 --rate 50 --duration 30 --find-max
+
+bench-embed: install ## embedding benchmark (no stack needed): naive sentence-transformers vs the engine, side by side
+	$(BIN)/ragtide bench embed --device auto

@@ -365,8 +365,8 @@ app.add_typer(bench_app, name="bench")
 @bench_app.command("embed")
 def bench_embed(
     device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "auto",
-    n: Annotated[int, typer.Option("--n", help="chunks in the corpus")] = 2000,
-    repeats: Annotated[int, typer.Option(help="timed runs per contender (best counts)")] = 3,
+    n: Annotated[int, typer.Option("--n", help="chunks in the corpus (100000 on a GPU)")] = 1000,
+    repeats: Annotated[int, typer.Option(help="timed runs per contender (best counts)")] = 2,
     dtype: Annotated[
         str, typer.Option(help="engine precision: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16")
     ] = "auto",

@@ -23,7 +23,7 @@ from ragtide.contracts.errors import ConfigError
 from ragtide.contracts.freshness import FreshnessTracker
 from ragtide.contracts.settings import RagtideSettings
 from ragtide.embedder.chunking import Chunker
-from ragtide.embedder.encoder import Encoder, SentenceTransformerEncoder
+from ragtide.embedder.encoder import Encoder, SentenceTransformerEncoder, default_model_path
 from ragtide.embedder.generations import (
     BuildWatcher,
     Catalog,
@@ -49,7 +49,12 @@ from ragtide.retriever.app import create_app
 def build_encoder(settings: RagtideSettings, model_path: Path | None = None) -> Encoder:
     """The configured encoder (or the model at `model_path`, for an older generation)."""
     e = settings.encoder
-    return SentenceTransformerEncoder(model_path or e.model_path, e.device, e.batch_size)
+    path = model_path or e.model_path
+    if e.backend == "sentence-transformers":
+        return SentenceTransformerEncoder(path, e.device, e.batch_size)
+    from ragtide.embedder.engine import EmbeddingEngine
+
+    return EmbeddingEngine(path or default_model_path(), e.device, e.dtype, e.token_budget)
 
 
 def desired_generation(settings: RagtideSettings, encoder: Encoder) -> GenerationSpec:

