@@ -137,7 +137,9 @@ def register_connector(
 
 
 @app.command("apply-sources")
-def apply_sources() -> None:
+def apply_sources(
+    wait: Annotated[bool, typer.Option(help="show a progress bar until the new tables' rows are indexed")] = True,
+) -> None:
     """After editing the sources file: update the connector, snapshot new tables' rows, restart the node."""
     from ragtide.stack.stack import Stack
 
@@ -147,6 +149,8 @@ def apply_sources() -> None:
     console.print(f"sources applied; incremental snapshot of: {', '.join(added) or 'no new table'}")
     with console.status("waiting until ready…"):
         stack.wait_ready()
+    if added and wait:
+        wait_indexed(s)
 
 
 @app.command()
@@ -306,7 +310,7 @@ def embedder() -> None:
 
     @worker_app.task  # type: ignore[untyped-decorator]
     async def builds() -> None:  # the blue/green switch is the embedder's job: it owns the writes
-        async with build_lifecycle(s, generations, sources, snapshot):
+        async with build_lifecycle(s, generations, sources, snapshot, registry):
             await asyncio.Event().wait()
 
     start_http_server(s.api.port, addr=s.api.host, registry=registry)

@@ -37,6 +37,7 @@ from ragtide.embedder.generations import (
 )
 from ragtide.embedder.index.factory import open_index
 from ragtide.embedder.metrics import EmbedderMetrics
+from ragtide.embedder.progress import BackfillMonitor, source_counts
 from ragtide.embedder.verify import verify_table
 from ragtide.embedder.worker import BatchProcessor, create_worker_app
 from ragtide.embedder.writer import IndexWriter
@@ -116,19 +117,30 @@ def build_embedder(
 
 @contextlib.asynccontextmanager
 async def build_lifecycle(
-    settings: RagtideSettings, generations: Generations, sources: SourcesConfig, snapshot: bool
+    settings: RagtideSettings,
+    generations: Generations,
+    sources: SourcesConfig,
+    snapshot: bool,
+    registry: CollectorRegistry,
 ) -> AsyncIterator[None]:
-    """While the embedder runs: ask Debezium for the rows a new generation needs, and switch it live once built."""
+    """While the embedder runs: ask Debezium for the rows a new generation needs, switch it live once built, and
+    export backfill progress (rows done / total, rate, ETA per table)."""
+    dsn = settings.postgres.dsn()
     if snapshot:
-        await asyncio.to_thread(signal_incremental_snapshot, settings.postgres.dsn(), sources.user_tables)
-    watcher = BuildWatcher(generations, sources, verifier(settings.postgres.dsn(), generations, sources))
-    task = asyncio.create_task(watcher.run())
+        await asyncio.to_thread(signal_incremental_snapshot, dsn, sources.user_tables)
+    watcher = BuildWatcher(generations, sources, verifier(dsn, generations, sources))
+    monitor = BackfillMonitor(
+        generations, lambda: sources.user_tables, lambda tables: source_counts(dsn, tables), registry
+    )
+    tasks = [asyncio.create_task(watcher.run()), asyncio.create_task(monitor.run())]
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 def create_node_app(settings: RagtideSettings) -> FastAPI:
@@ -144,7 +156,7 @@ def create_node_app(settings: RagtideSettings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with faust_lifespan(worker)(app), build_lifecycle(settings, generations, sources, snapshot):
+        async with faust_lifespan(worker)(app), build_lifecycle(settings, generations, sources, snapshot, registry):
             yield
 
     admin = admin_router(settings, generations, sources)

@@ -89,3 +89,14 @@ def test_reindex_all_builds_a_new_generation_and_switches_when_it_has_caught_up(
 def test_reindex_rejects_unknown_tables(live: LiveStack) -> None:
     resp = httpx.post(f"{live.settings.api.url}/v1/admin/reindex", json={"table": "public.nope"}, timeout=60)
     assert resp.status_code == 422 and "not a source table" in resp.text
+
+
+def test_backfill_progress_is_exported_per_table(live: LiveStack) -> None:
+    def caught_up() -> bool:
+        total = live.metric("ragtide_backfill_source_rows", table="public.docs")
+        done = live.metric("ragtide_backfill_indexed_rows", table="public.docs")
+        in_sql = live.sql("SELECT count(*) FROM public.docs")[0][0]
+        return total == in_sql and done == docs_rows(live)
+
+    poll(caught_up, "the backfill gauges to match Postgres and the index")
+    assert live.metric("ragtide_backfill_rows_per_second", table="public.docs") >= 0
