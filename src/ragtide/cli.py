@@ -393,6 +393,27 @@ def bench_embed(
     console.print(f"result: {embed.save(result, out)}")
 
 
+@app.command("export-model")
+def export_model(
+    out: Annotated[Path, typer.Option(help="folder to write")] = Path(".cache/models/all-MiniLM-L6-v2-fp16"),
+) -> None:
+    """Write the packaged model as an fp16 sentence-transformers folder (~45 MB): what a GPU box without a
+    registry needs (`ragtide bench embed --model FOLDER --device cuda`)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    from ragtide.embedder.encoder import MODEL_NAME_FILE, default_model_path, model_name_of
+
+    source = default_model_path()
+    model = SentenceTransformer(str(source), device="cpu", local_files_only=True).half()
+    model.save(str(out))
+    (out / MODEL_NAME_FILE).write_text(json.dumps({"name": model_name_of(source), "dtype": "fp16"}))
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    console.print(f"wrote {out} ({size / 2**20:.1f} MiB)")
+
+
 FIND_MAX_STEPS = (10.0, 15.0, 20.0, 25.0, 30.0, 40.0, 50.0, 70.0, 100.0, 150.0, 200.0, 300.0, 400.0)
 FRESHNESS_TARGETS = {5.0: (0.3, 0.8), 50.0: (0.5, 1.5)}  # rate -> (p50, p99) seconds on this 2-core machine
 

