@@ -93,18 +93,23 @@ def source_row_counts(s: RagtideSettings) -> dict[str, int]:
     return counts
 
 
-def wait_indexed(s: RagtideSettings, timeout: float = 900.0) -> None:
-    """Show a progress bar until the index holds every source row."""
-    total = sum(source_row_counts(s).values())
+def rows_progress(label: str) -> Progress:
+    """A progress bar over rows: done / total, elapsed, remaining."""
     columns = (
-        TextColumn("indexing"),
+        TextColumn(label),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("rows"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console) as progress:
+    return Progress(*columns, console=console)
+
+
+def wait_indexed(s: RagtideSettings, timeout: float = 900.0) -> None:
+    """Show a progress bar until the index holds every source row."""
+    total = sum(source_row_counts(s).values())
+    with rows_progress("indexing") as progress:
         task = progress.add_task("index", total=total)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -203,15 +208,7 @@ def reindex(
 
 def follow_build(s: RagtideSettings, fingerprint: str, timeout: float) -> None:
     """A progress bar (rows done / total, ETA) until the generation `fingerprint` is live."""
-    columns = (
-        TextColumn("reindexing"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("rows"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console) as progress:
+    with rows_progress("reindexing") as progress:
         task = progress.add_task("reindex", total=None)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
