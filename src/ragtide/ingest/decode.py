@@ -71,37 +71,30 @@ def decode(
         raise DecodeError(f"source position is not numeric: {exc}") from exc
     after = value_doc.get("after")
     before = value_doc.get("before")
-    if op is Op.TRUNCATE:
-        return ChangeEvent(
-            table=table,
-            op=op,
-            key={},
-            row=None,
-            position=position,
-            emitted_ms=emitted_ms,
-            kafka_ms=kafka_ms,
-            partition=partition,
-            offset=offset,
-        )
-    if op.writes_row and not isinstance(after, dict):
-        raise DecodeError(f"op {op.value} without an 'after' row")
-    if not isinstance(key_doc, dict) or not key_doc:
-        # Fall back to the row image when the record has no key (should not happen for tables with a PK).
-        raise DecodeError("record has no primary key (tables need a primary key)")
-    row = after if op.writes_row else None
-    if op is Op.DELETE and before is not None and not isinstance(before, dict):
-        raise DecodeError("delete with a malformed 'before'")
+    pk: dict[str, Any] = {}
+    row: dict[str, Any] | None = None
+    extra: dict[str, Any] = {}
+    if op is not Op.TRUNCATE:  # a truncate names a table, not a row
+        if op.writes_row and not isinstance(after, dict):
+            raise DecodeError(f"op {op.value} without an 'after' row")
+        if not isinstance(key_doc, dict) or not key_doc:
+            raise DecodeError("record has no primary key (tables need a primary key)")
+        if op is Op.DELETE and before is not None and not isinstance(before, dict):
+            raise DecodeError("delete with a malformed 'before'")
+        pk, row = key_doc, after if op.writes_row else None
+        if source.get("snapshot") not in (None, "false"):
+            extra = {"snapshot": source.get("snapshot")}
     return ChangeEvent(
         table=table,
         op=op,
-        key=key_doc,
+        key=pk,
         row=row,
         position=position,
         emitted_ms=emitted_ms,
         kafka_ms=kafka_ms,
         partition=partition,
         offset=offset,
-        extra={"snapshot": source.get("snapshot")} if source.get("snapshot") not in (None, "false") else {},
+        extra=extra,
     )
 
 
