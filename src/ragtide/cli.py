@@ -80,17 +80,11 @@ def up(
 
 
 def source_row_counts(s: RagtideSettings) -> dict[str, int]:
-    """Rows per source table in Postgres."""
-    import psycopg
-
+    """Rows per source table in Postgres (exact: the progress bar waits until the index holds them all)."""
+    from ragtide.embedder.progress import source_counts
     from ragtide.ingest.sources import load_sources
 
-    counts: dict[str, int] = {}
-    with psycopg.connect(s.postgres.dsn()) as conn:
-        for table in load_sources(s.sources_file).user_tables:
-            row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()  # table names are validated
-            counts[table] = int(row[0]) if row else 0
-    return counts
+    return source_counts(s.postgres.dsn(), load_sources(s.sources_file).user_tables, exact_up_to=None)
 
 
 def rows_progress(label: str) -> Progress:

@@ -32,17 +32,15 @@ from ragtide.embedder.generations import (
     GenerationFactory,
     Generations,
     GenerationSpec,
-    LockedWriter,
     verifier,
+    verify_generation,
 )
 from ragtide.embedder.index.factory import open_index
 from ragtide.embedder.metrics import EmbedderMetrics
 from ragtide.embedder.progress import BackfillMonitor, source_counts
-from ragtide.embedder.verify import verify_table
 from ragtide.embedder.worker import BatchProcessor, create_worker_app
 from ragtide.embedder.writer import IndexWriter
 from ragtide.ingest.connector import signal_incremental_snapshot, source_topics
-from ragtide.ingest.rows import read_rows
 from ragtide.ingest.sources import SourcesConfig, load_sources
 from ragtide.retriever.app import create_app
 
@@ -205,13 +203,8 @@ def admin_router(settings: RagtideSettings, generations: Generations, sources: S
         return [table] if table else sources.user_tables
 
     def run_verify(table: str, repair: bool, reembed: bool) -> dict[str, Any]:
-        source = sources.get(table)
-        assert source is not None
-        gen = generations.live
-        position, rows = read_rows(dsn, source)
-        writer = LockedWriter(generations, gen)
-        report = verify_table(source, position, rows, gen.index, writer, repair, reembed).as_dict()
-        return {**report, "embedded_chunks": writer.embedded}
+        report, embedded = verify_generation(dsn, generations, sources, generations.live, table, repair, reembed)
+        return {**report.as_dict(), "embedded_chunks": embedded}
 
     @router.post("/verify")
     async def verify(body: VerifyRequest) -> dict[str, Any]:

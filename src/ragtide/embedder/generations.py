@@ -387,17 +387,29 @@ class BuildWatcher:
             delay = max(self.interval_s, 4 * (time.monotonic() - t0))
 
 
-def verifier(dsn: str, generations: Generations, sources: SourcesConfig) -> VerifyTable:
-    """verify_table against one generation, reading the source at a REPEATABLE READ snapshot."""
+def verify_generation(
+    dsn: str,
+    generations: Generations,
+    sources: SourcesConfig,
+    gen: Generation,
+    table: str,
+    repair: bool,
+    reembed: bool = False,
+) -> tuple[TableDrift, int]:
+    """verify_table against one generation, reading the source at a REPEATABLE READ snapshot; its writes are
+    serialised with the stream's. Returns the report and how many chunks its writes embedded."""
     from ragtide.ingest.rows import read_rows
 
-    def run(gen: Generation, table: str, repair: bool) -> TableDrift:
-        source = sources.get(table)
-        assert source is not None
-        position, rows = read_rows(dsn, source)
-        return verify_table(source, position, rows, gen.index, LockedWriter(generations, gen), repair)
+    source = sources.get(table)
+    assert source is not None
+    position, rows = read_rows(dsn, source)
+    writer = LockedWriter(generations, gen)
+    return verify_table(source, position, rows, gen.index, writer, repair, reembed), writer.embedded
 
-    return run
+
+def verifier(dsn: str, generations: Generations, sources: SourcesConfig) -> VerifyTable:
+    """The BuildWatcher's verify: verify_generation without the embedding count."""
+    return lambda gen, table, repair: verify_generation(dsn, generations, sources, gen, table, repair)[0]
 
 
 class LockedWriter:

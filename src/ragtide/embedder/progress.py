@@ -22,14 +22,15 @@ log = logging.getLogger(__name__)
 EXACT_COUNT_LIMIT = 1_000_000  # above this, use the planner's estimate instead of count(*)
 
 
-def source_counts(dsn: str, tables: list[str]) -> dict[str, int]:
-    """Rows per table: exact for small tables, the planner's estimate (pg_class.reltuples) for large ones."""
+def source_counts(dsn: str, tables: list[str], exact_up_to: int | None = EXACT_COUNT_LIMIT) -> dict[str, int]:
+    """Rows per table: exact for tables up to `exact_up_to` rows (None: always), else the planner's estimate
+    (pg_class.reltuples)."""
     out: dict[str, int] = {}
     with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
         for table in tables:
             row = conn.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass", (table,)).fetchone()
             estimate = int(row[0]) if row else -1
-            if estimate < EXACT_COUNT_LIMIT:
+            if exact_up_to is None or estimate < exact_up_to:
                 exact = conn.execute(f"SELECT count(*) FROM {table}").fetchone()  # names come from the sources file
                 estimate = int(exact[0]) if exact else 0
             out[table] = estimate
