@@ -85,7 +85,7 @@ def poll(check: Callable[[], T | None], what: str, timeout: float = POLL_TIMEOUT
     while time.monotonic() < deadline:
         try:
             last = check()
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, KeyError) as exc:  # KeyError: a metric series not exported yet
             last = exc
         if last:
             return last  # type: ignore[no-any-return]
