@@ -70,7 +70,7 @@ def register(settings: RagtideSettings, sources: SourcesConfig, timeout: float =
                 if tasks and all(s == "RUNNING" for s in states):
                     added = [] if before is None else [t for t in sources.tables if t not in before]
                     if added:
-                        signal_incremental_snapshot(settings.postgres.dsn(), added)
+                        snapshot_until_started(settings, added)
                     return added
                 if "FAILED" in states:
                     raise StackError(f"connector failed: {last}")
@@ -87,3 +87,60 @@ def signal_incremental_snapshot(dsn: str, tables: list[str]) -> str:
             "INSERT INTO public.debezium_signal (id, type, data) VALUES (%s, 'execute-snapshot', %s)", (signal_id, data)
         )
     return signal_id
+
+
+def _rows_in_source(dsn: str, table: str) -> bool:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(f"SELECT EXISTS (SELECT 1 FROM {table})").fetchone() == (True,)  # validated name
+
+
+async def _topic_has_records(bootstrap: str, topic: str) -> bool:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        if topic not in await admin.list_topics():
+            return False
+        described = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    parts = [TopicPartition(topic, int(p["partition"])) for d in described for p in d.get("partitions", [])]
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        ends = await consumer.end_offsets(parts) if parts else {}
+        return bool(sum(ends.values()) > 0)
+    finally:
+        await consumer.stop()
+
+
+def snapshot_until_started(
+    settings: RagtideSettings, tables: list[str], attempts: int = 4, wait_s: float = 20.0
+) -> None:
+    """Signal an incremental snapshot of `tables`; return once each table with rows has records in its topic
+    (so a consumer started next finds the topic: Faust ignores topics that do not exist yet), signalling again
+    while one has produced nothing.
+
+    Right after a connector reconfiguration Connect may still be restarting the task: a signal that the old task
+    picks up is lost with it (Debezium then logs "Received request to close window ... request ignored").
+    A repeated signal is harmless: snapshot reads are idempotent in the index.
+    """
+    import asyncio
+
+    dsn = settings.postgres.dsn()
+    pending = [t for t in tables if _rows_in_source(dsn, t)]
+    for attempt in range(1, attempts + 1):
+        signal_incremental_snapshot(dsn, tables if attempt == 1 else pending)
+        deadline = time.monotonic() + wait_s
+        while pending and time.monotonic() < deadline:
+            pending = [
+                t
+                for t in pending
+                if not asyncio.run(_topic_has_records(settings.kafka.bootstrap, f"{settings.connect.topic_prefix}.{t}"))
+            ]
+            time.sleep(0.5)
+        if not pending:
+            return
+    raise StackError(f"Debezium did not start the incremental snapshot of {pending} after {attempts} signals")
