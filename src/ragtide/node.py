@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ from ragtide.ingest.connector import signal_incremental_snapshot, source_topics
 from ragtide.ingest.sources import SourcesConfig, load_sources
 from ragtide.retriever.app import create_app
 
+log = logging.getLogger(__name__)
+
 
 def build_encoder(settings: RagtideSettings, model_path: Path | None = None) -> Encoder:
     """The configured encoder (or the model at `model_path`, for an older generation)."""
@@ -74,7 +77,7 @@ def generation_factory(settings: RagtideSettings, encoder: Encoder, sources: Sou
     def make(spec: GenerationSpec) -> Generation:
         enc = encoders.get(spec.model)
         if enc is None:
-            enc = build_encoder(settings, Path(spec.model_path) if spec.model_path else None)
+            enc = build_encoder(settings, Path(spec.model_path) if spec.model_path else default_model_path())
             if enc.model_name != spec.model or enc.dim != spec.dim:
                 raise ConfigError(
                     f"encoder.model_path: generation {spec.fingerprint} needs {spec.model} (dim {spec.dim}) "
@@ -97,7 +100,14 @@ def open_generations(
     settings: RagtideSettings, encoder: Encoder, sources: SourcesConfig, registry: CollectorRegistry
 ) -> tuple[Generations, bool]:
     """The live generation, and the build the configuration asks for; True when that build needs a snapshot."""
-    gens = Generations(open_catalog(settings), generation_factory(settings, encoder, sources), registry)
+    base = settings.index.collection
+    gens = Generations(
+        open_catalog(settings),
+        generation_factory(settings, encoder, sources),
+        registry,
+        drop_collection=lambda spec: open_index(settings, spec.collection(base)).drop(),
+        grace_s=settings.index.retire_grace_s,
+    )
     return gens, gens.converge(desired_generation(settings, encoder))
 
 
@@ -125,7 +135,10 @@ async def build_lifecycle(
     export backfill progress (rows done / total, rate, ETA per table)."""
     dsn = settings.postgres.dsn()
     if snapshot:
-        await asyncio.to_thread(signal_incremental_snapshot, dsn, sources.user_tables)
+        try:
+            await asyncio.to_thread(signal_incremental_snapshot, dsn, sources.user_tables)
+        except Exception as exc:  # the watcher's stall repair fills the build from Postgres instead
+            log.warning("could not signal the incremental snapshot", extra={"error": repr(exc)})
     watcher = BuildWatcher(generations, sources, verifier(dsn, generations, sources))
     monitor = BackfillMonitor(
         generations, lambda: sources.user_tables, lambda tables: source_counts(dsn, tables), registry

@@ -105,6 +105,7 @@ def live() -> Iterator[LiveStack]:
         kafka={"port": free_port(), "controller_port": free_port()},
         connect={"port": free_port(), "heartbeat_interval_ms": 2000},
         api={"port": free_port()},
+        index={"retire_grace_s": 5},
     )
     stack = Stack(settings)
     try:

@@ -78,9 +78,9 @@ def test_reindex_all_builds_a_new_generation_and_switches_when_it_has_caught_up(
     poll(found, "the change made during the build to be searchable in the new generation")
     assert admin(live, "verify", {"repair": False})["drift"] == 0
     assert docs_rows(live) == rows
-    # The old generation's collection is gone.
+    # The old generation's collection is dropped once no request can still be using it (the grace period).
     old = live.settings.index_path / f"{live.settings.index.collection}-{before['live']['fingerprint']}"
-    assert not old.exists()
+    poll(lambda: not old.exists(), "the retired collection to be dropped after its grace period")
     assert live.metric("ragtide_reindex_building") == 0
     stats = live.api("/v1/index/stats").json()
     assert stats["generation"]["live"]["fingerprint"] == building["fingerprint"]

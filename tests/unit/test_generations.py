@@ -3,6 +3,7 @@ the switch, encoder and collection switched together, catalog kept, builds resum
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -118,8 +119,12 @@ def test_a_chunking_change_builds_beside_the_live_generation_and_switches_when_v
     assert gens.building is None and gens.live.spec.max_tokens == 12 and gens.switches == 1
     new_rows = rows_of(gens.current()[0])
     assert len(new_rows["1"]) < len(before["1"])  # bigger windows: fewer chunks
-    assert Catalog(store.index("chunks-catalog")).read().live == gens.live.spec
-    assert store.collections[spec(max_tokens=8).collection("chunks")].count() == 0  # the old one is dropped
+    catalog = Catalog(store.index("chunks-catalog")).read()
+    assert catalog.live == gens.live.spec and catalog.retired == (spec(max_tokens=8),)
+    old = store.collections[spec(max_tokens=8).collection("chunks")]
+    assert gens.reap() == 0 and old.count() > 0  # requests that hold the old pair may still be searching it
+    assert gens.reap(now=time.monotonic() + gens.grace_s) == 1
+    assert old.count() == 0 and Catalog(store.index("chunks-catalog")).read().retired == ()
 
 
 def test_a_model_change_switches_collection_and_query_encoder_together() -> None:
@@ -199,8 +204,9 @@ def test_the_standalone_retriever_follows_a_switch() -> None:
     assert follower.current()[1].model_name == "hash-bow"
     gens2 = store.generations()  # the embedder restarts with another model, builds, and switches
     gens2.converge(spec(model="other-model", dim=16))
-    assert follower.current()[1].model_name == "hash-bow"
+    assert follower.refresh() is False and follower.current()[1].model_name == "hash-bow"
     gens2.promote()
+    assert follower.refresh() is True
     index, encoder = follower.current()
     assert encoder.model_name == "other-model" and index is store.collections[gens2.live.spec.collection("chunks")]
 
@@ -224,3 +230,44 @@ def test_promote_without_a_build_is_an_error() -> None:
     gens.converge(spec())
     with pytest.raises(RuntimeError, match="no generation"):
         gens.promote()
+
+
+def test_a_restart_drops_what_the_previous_run_retired() -> None:
+    store = Store()
+    store.generations().converge(spec())
+    gens = store.generations()
+    gens.converge(spec(max_tokens=12))
+    gens.apply([ev(10, 1, TEXT, Op.CREATE)])
+    gens.promote()
+    old = store.collections[spec().collection("chunks")]
+    assert old.count() > 0
+    restarted = store.generations()  # before the grace period ran out
+    assert restarted.converge(spec(max_tokens=12)) is False
+    assert old.count() == 0 and Catalog(store.index("chunks-catalog")).read().retired == ()
+
+
+def test_a_failed_alias_write_switches_nothing() -> None:
+    store = Store()
+    store.generations().converge(spec())
+    gens = store.generations()
+    gens.converge(spec(max_tokens=12))
+    live_before = gens.live
+
+    def broken(_: Any) -> None:
+        raise ConnectionError("store down")
+
+    gens.catalog.write = broken  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        gens.promote()
+    assert gens.live is live_before and gens.building is not None  # the watcher will try again
+
+
+def test_only_snapshot_reads_count_as_build_progress() -> None:
+    store = Store()
+    store.generations().converge(spec())
+    gens = store.generations()
+    gens.converge(spec(max_tokens=12))
+    gens.apply([ev(10, 1, "canary tick")])  # live traffic (the canary) is not the snapshot arriving
+    assert gens.build_batches == 0
+    gens.apply([ev(11, 2, TEXT, Op.READ)])
+    assert gens.build_batches == 1

@@ -62,3 +62,14 @@ def test_rows_newer_than_the_snapshot_are_not_orphans() -> None:
     # row 2 was indexed from a change newer (lsn 102) than the snapshot (lsn 101) that does not include it yet
     report = verify_table(SRC, SourcePosition(101, 2), data[:2], index, writer, repair=True)
     assert report.orphaned == [] and index.count({"row_key": "public.docs:2"}) > 0
+
+
+def test_rows_from_an_incremental_snapshot_read_after_the_snapshot_are_not_orphans() -> None:
+    index, writer, data = setup(2)
+    late = {"id": 7, "title": "t7", "body": "inserted after the verify snapshot", "category": "a"}
+    writer.apply([ChangeEvent("public.docs", Op.READ, {"id": 7}, late, SourcePosition(0, 5_000))])  # no LSN
+    report = verify_table(SRC, SourcePosition(1_000, 4_000), data, index, writer, repair=True)
+    assert report.orphaned == [] and index.count({"row_key": "public.docs:7"}) > 0
+    # ...while one read before the snapshot, and gone from the source, is an orphan.
+    report = verify_table(SRC, SourcePosition(1_000, 6_000), data, index, writer)
+    assert report.orphaned == ["7"]

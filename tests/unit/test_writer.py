@@ -172,19 +172,34 @@ def test_composite_keys_have_distinct_rows() -> None:
     assert {p.payload["row_id"] for p in index.scroll()} == {"1|2", "2|1", "1|1"}
 
 
-def test_incremental_snapshot_reads_without_lsn_are_ordered_by_time(env: Any) -> None:
+def test_incremental_snapshot_reads_follow_topic_order_and_keep_the_stored_position(env: Any) -> None:
     writer, index, _encoder, _feed = env
 
     def at(lsn: int, ts: int, body: str, op: Op = Op.UPDATE) -> ChangeEvent:
         row = {"id": 1, "title": "T", "body": body, "category": "a"}
         return ChangeEvent("public.docs", op, {"id": 1}, row, SourcePosition(lsn, ts))
 
-    writer.apply([at(500, 2_000, "committed at two seconds")])
-    # A read taken before that commit (Debezium's incremental snapshot: no LSN, the read's time) is older.
-    assert writer.apply([at(0, 1_500, "read before the commit", Op.READ)]).stale == 1
-    assert "committed" in texts_of(index, "1")[0]
-    # A read taken after it already contains it, and wins; a replayed older stream event then loses to it.
-    assert writer.apply([at(0, 2_500, "read after the commit", Op.READ)]).stale == 0
-    assert "read after" in texts_of(index, "1")[0]
+    writer.apply([at(500, 2_000, "committed")])
+    # Debezium's incremental-snapshot read carries no LSN and is newer than what precedes it in the topic.
+    assert writer.apply([at(0, 9_000, "read by the incremental snapshot", Op.READ)]).stale == 0
+    p = index.scroll({"row_key": "public.docs:1", "chunk_no": 0})[0].payload
+    assert "incremental" in p["text"] and (p["lsn"], p["source_ts_ms"]) == (500, 2_000)  # position kept
+    # So a replayed older event is still recognised as older, and a later commit (earlier clock) still wins.
     assert writer.apply([at(400, 1_900, "an older stream event")]).stale == 1
-    assert "read after" in texts_of(index, "1")[0]
+    assert writer.apply([at(600, 3_000, "committed after the read")]).stale == 0
+    assert "after the read" in texts_of(index, "1")[0]
+
+
+def test_without_an_lsn_the_topic_offset_orders_a_rows_events(env: Any) -> None:
+    writer, index, _encoder, _feed = env
+
+    def at(lsn: int, offset: int, body: str, op: Op = Op.UPDATE) -> ChangeEvent:
+        row = {"id": 1, "title": "T", "body": body, "category": "a"}
+        return ChangeEvent("public.docs", op, {"id": 1}, row, SourcePosition(lsn, 1), partition=0, offset=offset)
+
+    writer.apply([at(0, 50, "from the incremental snapshot", Op.READ)])  # a new generation's first state
+    # A replay from offset 0 re-delivers the older history: recognised by its offset, not applied.
+    assert writer.apply([at(300, 10, "the initial snapshot, long ago", Op.READ)]).stale == 1
+    assert writer.apply([at(0, 50, "from the incremental snapshot", Op.READ)]).stale == 0  # itself: idempotent
+    assert writer.apply([at(900, 60, "a later commit")]).stale == 0
+    assert "later commit" in texts_of(index, "1")[0]

@@ -30,17 +30,10 @@ class SourcePosition:
     ts_ms: int  # source commit time
 
     def is_older_than(self, other: SourcePosition) -> bool:
-        """True when this position precedes `other`: by WAL order when both have an LSN, else by time.
-
-        Debezium's incremental-snapshot reads carry no LSN, only the time of the read. A read taken after a
-        change was committed already contains it, so comparing the read's time with the commit time orders them
-        (this assumes the Connect host's clock and Postgres' agree to the millisecond scale of a commit).
-        Positions with neither are never older: there is nothing to order them by.
-        """
+        """True when this position precedes `other` in WAL order. Without an LSN on either side there is no
+        order to compare (Debezium's incremental-snapshot reads carry none): never older; topic order decides."""
         if self.lsn and other.lsn:
             return self < other
-        if self.ts_ms and other.ts_ms:
-            return self.ts_ms < other.ts_ms
         return False
 
 

@@ -84,6 +84,9 @@ class IndexSettings(_Section):
     """The vector index: embedded Qdrant engine at `path`, or a Qdrant server at `url`."""
 
     collection: str = Field("ragtide_chunks", pattern=r"^[A-Za-z0-9_-]+$")
+    retire_grace_s: float = Field(
+        30.0, ge=0, le=86_400, description="seconds a switched-away generation is kept before it is dropped"
+    )
     api_key: SecretStr | None = None
 
 

@@ -169,7 +169,10 @@ class EmbeddingEngine:
 
     def encode_ids(self, ids: Sequence[Sequence[int]], special: bool = False) -> Vectors:
         """Token ids (without [CLS]/[SEP] unless `special`) -> vectors; the chunker's ids need no second pass."""
-        seqs = [list(s) for s in ids] if special else [[self.cls_id, *s[: self.max_seq - 2], self.sep_id] for s in ids]
+        if special:  # keep the final [SEP] when cutting to the model's window
+            seqs = [[*s[: self.max_seq - 1], s[-1]] if len(s) > self.max_seq else list(s) for s in ids]
+        else:
+            seqs = [[self.cls_id, *s[: self.max_seq - 2], self.sep_id] for s in ids]
         if not seqs:
             return np.zeros((0, self._dim), dtype=np.float32)
         return self._run(iter([seqs]))

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry, Gauge
 
-from ragtide.contracts.events import ChangeEvent
+from ragtide.contracts.events import ChangeEvent, Op
 from ragtide.embedder.encoder import Encoder
 from ragtide.embedder.index.base import IndexPoint, VectorIndex
 from ragtide.embedder.verify import TableDrift, verify_table
@@ -92,6 +92,7 @@ class CatalogState:
 
     live: GenerationSpec | None = None
     building: GenerationSpec | None = None
+    retired: tuple[GenerationSpec, ...] = ()  # switched away from; dropped after a grace period
 
 
 class Catalog:
@@ -111,6 +112,7 @@ class Catalog:
         return CatalogState(
             GenerationSpec.from_dict(live) if live else None,
             GenerationSpec.from_dict(building) if building else None,
+            tuple(GenerationSpec.from_dict(r) for r in payload.get("retired") or []),
         )
 
     def write(self, state: CatalogState) -> None:
@@ -118,6 +120,7 @@ class Catalog:
         payload = {
             "live": state.live.as_dict() if state.live else None,
             "building": state.building.as_dict() if state.building else None,
+            "retired": [r.as_dict() for r in state.retired],
             "updated_ms": int(time.time() * 1000),
         }
         self.index.upsert([IndexPoint(CATALOG_POINT, np.ones(1, dtype=np.float32), payload)])
@@ -174,9 +177,20 @@ class Generations:
     """The live generation and the one being built. Implements the writer side (`apply`) for the worker and the
     read side (`current`) for search; a switch changes both at once."""
 
-    def __init__(self, catalog: Catalog, factory: GenerationFactory, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        factory: GenerationFactory,
+        registry: CollectorRegistry | None = None,
+        drop_collection: Callable[[GenerationSpec], None] | None = None,
+        grace_s: float = 30.0,
+    ) -> None:
         self.catalog = catalog
         self.factory = factory
+        # Dropping a collection must not load its model (it may be gone): the node passes a plain index opener.
+        self.drop_collection = drop_collection or (lambda spec: self.factory(spec).index.drop())
+        self.grace_s = grace_s
+        self._retired: list[tuple[float, Generation | None, GenerationSpec]] = []
         self._lock = threading.RLock()  # one writer at a time across both generations, and the switch
         self._live: Generation | None = None
         self.building: Generation | None = None
@@ -216,15 +230,20 @@ class Generations:
                 self._live = self._open(desired)
                 self.catalog.write(CatalogState(live=desired))
                 return False
-            self._live = self._open(state.live)
-            if state.building is not None and state.building.same_vectors(desired):
-                self._start(state.building)  # resume the build that a restart interrupted
+            live, building = state.live, state.building
+            self._live = self._open(live)
+            for spec in state.retired:  # a previous run switched away from these: nobody reads them any more
+                self.drop_collection(spec)
+            if state.retired:
+                self.catalog.write(CatalogState(live=live, building=building))
+            if building is not None and building.same_vectors(desired):
+                self._start(building)  # resume the build that a restart interrupted
                 return True
-            if state.building is not None:
-                self._open(state.building).index.drop()  # the configuration moved on: abandon that build
-                self.catalog.write(CatalogState(live=state.live))
-            if not state.live.same_vectors(desired):
-                self._start(replace(desired, revision=state.live.revision + 1))
+            if building is not None:
+                self.drop_collection(building)  # the configuration moved on: abandon that build
+                self.catalog.write(CatalogState(live=live))
+            if not live.same_vectors(desired):
+                self._start(replace(desired, revision=live.revision + 1))
                 return True
             return False
 
@@ -253,8 +272,9 @@ class Generations:
         with self._lock:
             stats = self.live.writer.apply(events)
             if self.building is not None:
-                self.build_batches += 1
-                self.applying_build = True
+                reads = any(ev.op is Op.READ for ev in events)  # the snapshot filling the build
+                self.build_batches += reads
+                self.applying_build = reads
                 try:
                     extra = self.building.writer.apply(events)
                 finally:
@@ -290,24 +310,47 @@ class Generations:
     def promote(self) -> GenerationSpec:
         """Make the generation being built live, then drop the old collection."""
         with self._lock:
-            if self.building is None:
+            new = self.building
+            if new is None:
                 raise RuntimeError("no generation is being built")
-            old, self._live, self.building = self.live, self.building, None
-            self.catalog.write(CatalogState(live=self.live.spec))
+            old = self.live
+            # The alias first: if that write fails, nothing has switched and the watcher tries again.
+            self.catalog.write(CatalogState(live=new.spec, retired=(old.spec,)))
+            self._live, self.building = new, None
+            self._retired.append((time.monotonic(), old, old.spec))
             self.switches += 1
             self._building.set(0)
-        log.info("generation is live", extra={"live": self.live.spec.as_dict(), "dropped": old.spec.fingerprint})
-        if old.index is not self.live.index:
-            old.index.drop()
-        return self.live.spec
+        log.info("generation is live", extra={"live": new.spec.as_dict(), "retired": old.spec.fingerprint})
+        return new.spec
+
+    def reap(self, now: float | None = None) -> int:
+        """Drop retired collections once no request can still be using them (after `grace_s`)."""
+        now = time.monotonic() if now is None else now
+        due = [r for r in self._retired if now - r[0] >= self.grace_s]
+        if not due:
+            return 0
+        with self._lock:
+            self._retired = [r for r in self._retired if r not in due]
+            keep = tuple(spec for _, _, spec in self._retired)
+            building = self.building.spec if self.building else None
+            self.catalog.write(CatalogState(live=self.live.spec, building=building, retired=keep))
+        for _, gen, spec in due:
+            if gen is not None:
+                gen.index.drop()
+            else:
+                self.drop_collection(spec)
+            log.info("dropped retired generation", extra={"generation": spec.fingerprint})
+        return len(due)
 
     def status(self) -> dict[str, Any]:
         """For /v1/index/stats and the reindex CLI."""
+        live, building, progress = self.live, self.building, self.progress  # the watcher may switch meanwhile
         return {
-            "live": self.live.spec.as_dict(),
-            "building": self.building.spec.as_dict() if self.building else None,
-            "progress": self.progress.as_dict() if self.progress and self.building else None,
+            "live": live.spec.as_dict(),
+            "building": building.spec.as_dict() if building else None,
+            "progress": progress.as_dict() if progress and building else None,
             "switches": self.switches,
+            "retired": [spec.fingerprint for _, _, spec in self._retired],
         }
 
     def close(self) -> None:
@@ -376,6 +419,10 @@ class BuildWatcher:
         delay = self.interval_s
         while True:
             await asyncio.sleep(delay)
+            try:
+                await asyncio.to_thread(self.generations.reap)
+            except Exception:
+                log.exception("dropping a retired generation failed; will retry")
             if self.generations.building is None:
                 delay = self.interval_s
                 continue
@@ -429,35 +476,48 @@ class LockedWriter:
 
 
 class CatalogFollower:
-    """The standalone retriever's view of the live generation: it re-reads the catalog every `every_s` seconds
-    and, after a switch, opens the new collection and its encoder before serving from them."""
+    """The standalone retriever's view of the live generation. A background thread re-reads the catalog every
+    `every_s` seconds; after a switch it opens the new collection and its encoder, and only then serves them
+    (search never waits on it; the embedder keeps the old collection for a grace period)."""
 
     def __init__(self, catalog: Catalog, factory: GenerationFactory, desired: GenerationSpec, every_s: float = 2.0):
         self.catalog = catalog
         self.factory = factory
         self.every_s = every_s
-        self._checked = 0.0
-        self._lock = threading.Lock()
         live = catalog.read().live or desired  # an empty store: the embedder will create this one
         self._gen = factory(live)
         self._gen.index.ensure_collection(live.dim)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def refresh(self) -> bool:
+        """Follow the catalog once; True when it switched."""
+        live = self.catalog.read().live
+        if live is None or live.fingerprint == self._gen.spec.fingerprint:
+            return False
+        gen = self.factory(live)
+        gen.index.ensure_collection(live.dim)
+        self._gen = gen  # the old pair stays usable by requests holding it; the embedder drops it later
+        log.info("following the switch to a new generation", extra={"live": live.as_dict()})
+        return True
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.refresh()
+            except Exception:
+                log.exception("reading the catalog failed; serving the current generation")
 
     def current(self) -> tuple[VectorIndex, Encoder]:
-        """The live pair, refreshed from the catalog at most every `every_s`."""
-        now = time.monotonic()
-        if now - self._checked >= self.every_s:
-            with self._lock:
-                self._checked = now
-                live = self.catalog.read().live
-                if live is not None and live.fingerprint != self._gen.spec.fingerprint:
-                    gen = self.factory(live)
-                    gen.index.ensure_collection(live.dim)
-                    old, self._gen = self._gen, gen
-                    old.index.close()
-                    log.info("following the switch to a new generation", extra={"live": live.as_dict()})
-        return self._gen.index, self._gen.encoder
+        """The live pair (never blocks); starts the follower thread on first use."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="catalog-follower", daemon=True)
+            self._thread.start()
+        gen = self._gen
+        return gen.index, gen.encoder
 
     def close(self) -> None:
-        """Close the collection and the catalog."""
+        """Stop following; close the collection and the catalog."""
+        self._stop.set()
         self._gen.index.close()
         self.catalog.index.close()

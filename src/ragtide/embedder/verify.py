@@ -86,6 +86,14 @@ def _stored(points: list[StoredPoint]) -> dict[str, Any]:
     }
 
 
+def _older_than_snapshot(p: StoredPoint, position: SourcePosition) -> bool:
+    """Written before the snapshot was read: by LSN, or by time for LSN-less incremental-snapshot reads."""
+    lsn = int(p.payload.get("lsn", 0) or 0)
+    if lsn:
+        return lsn < position.lsn
+    return int(p.payload.get("source_ts_ms", 0) or 0) < position.ts_ms
+
+
 def verify_table(
     source: SourceTable,
     position: SourcePosition,
@@ -132,9 +140,7 @@ def verify_table(
             fixes.append(ChangeEvent(source.table, Op.READ, key, dict(row), position, extra=extra))
     # A row inserted after the snapshot may already be indexed: only points older than the snapshot are orphans.
     report.orphaned = sorted(
-        r
-        for r, pts in by_row.items()
-        if r not in seen and max(int(p.payload.get("lsn", 0)) for p in pts) < position.lsn
+        r for r, pts in by_row.items() if r not in seen and all(_older_than_snapshot(p, position) for p in pts)
     )
     if repair or reembed:
         for i in range(0, len(fixes), 256):

@@ -48,6 +48,7 @@ class _RowPlan:
     source: SourceTable
     row: dict[str, Any]  # the new row state, TOAST placeholders filled from the stored version
     chunks: list[Chunk]
+    position: SourcePosition  # what the points record as their version
 
 
 def coalesce(events: Sequence[ChangeEvent]) -> list[list[ChangeEvent] | ChangeEvent]:
@@ -72,6 +73,15 @@ def _stored_position(points: Sequence[StoredPoint]) -> SourcePosition | None:
     if not points:
         return None
     return max(SourcePosition(int(p.payload.get("lsn", 0)), int(p.payload.get("source_ts_ms", 0))) for p in points)
+
+
+def _earlier_in_topic(ev: ChangeEvent, have: Sequence[StoredPoint], pos: SourcePosition) -> bool:
+    """When one side has no LSN (Debezium's incremental-snapshot reads), the topic decides: the row's events
+    share a partition (keyed by primary key), so an event before the stored one's offset is older."""
+    if (ev.position.lsn and pos.lsn) or ev.offset < 0:
+        return False
+    stored = have[0].payload.get("offset") or [-1, -1]
+    return bool(stored[1] >= 0 and stored[0] == ev.partition and ev.offset < stored[1])
 
 
 class IndexWriter:
@@ -128,7 +138,7 @@ class IndexWriter:
         for ev, rk in zip(known, keys, strict=True):
             have = stored[rk]
             pos = _stored_position(have)
-            if pos is not None and ev.position.is_older_than(pos):
+            if pos is not None and (ev.position.is_older_than(pos) or _earlier_in_topic(ev, have, pos)):
                 stats.stale += 1  # invariant 3: never let an older event overwrite a newer state
                 continue
             if not ev.op.writes_row or ev.row is None:
@@ -143,7 +153,10 @@ class IndexWriter:
             row = self._fill_unavailable(ev.row, have, source)
             text = source.render_text(row)
             chunks = [Chunk(ev.table, ev.row_id, i, t) for i, t in enumerate(self.chunker(text))]
-            plans.append(_RowPlan(ev, source, row, chunks))
+            # An incremental-snapshot read has no LSN: it is newer than what it follows in the topic, but keeps
+            # the stored position so that replayed older events stay recognisably older (replay is idempotent).
+            position = pos if pos is not None and pos.lsn and not ev.position.lsn else ev.position
+            plans.append(_RowPlan(ev, source, row, chunks, position))
             stats.applied.append(ev)
 
         if deletes:
@@ -172,12 +185,13 @@ class IndexWriter:
             # The fields that describe the row version, identical for every chunk of the row.
             row_fields: dict[str, Any] = {
                 "key": ev.key,
+                "offset": [ev.partition, ev.offset],  # topic order, for events that carry no LSN
                 "chunk_count": len(plan.chunks),
                 "tenant": src.tenant_of(row),
                 "metadata": src.render_metadata(row),
                 "columns": {c: row.get(c) for c in src.text_columns},
-                "lsn": ev.position.lsn,
-                "source_ts_ms": ev.position.ts_ms,
+                "lsn": plan.position.lsn,
+                "source_ts_ms": plan.position.ts_ms,
                 "indexed_at_ms": now_ms,
             }
             for chunk in plan.chunks:
