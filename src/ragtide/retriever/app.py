@@ -5,112 +5,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
+from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from ragtide.contracts.freshness import FreshnessTracker
 from ragtide.contracts.settings import RagtideSettings
 from ragtide.embedder.encoder import Encoder
-from ragtide.embedder.index.base import ActiveIndex, Filter, FixedIndex, Hit, VectorIndex
+from ragtide.embedder.index.base import ActiveIndex, FixedIndex, VectorIndex
+from ragtide.gateway.gateway import Gateway, check_config
+from ragtide.gateway.store import PostgresGatewayStore
+from ragtide.generator.client import Generator, OpenAIGenerator
 from ragtide.ingest.sources import SourcesConfig
+from ragtide.retriever.answer import answer_router
 from ragtide.retriever.canary import Canary
 from ragtide.retriever.dashboard import DASHBOARD_HTML, counters_from
-from ragtide.retriever.schemas import Health, IndexStats, SearchHit, SearchRequest, SearchResponse, TableStats
+from ragtide.retriever.schemas import Health, IndexStats, SearchRequest, SearchResponse, TableStats
+from ragtide.retriever.services import (
+    CallerDep,
+    Services,
+    ServicesDep,
+    build_filter,
+    check_query,
+    query_tokens,
+    retrieve,
+    to_hit,
+)
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
-
-
-class Services:
-    """What the routes need, built once by the composition root."""
-
-    def __init__(
-        self,
-        settings: RagtideSettings,
-        active: ActiveIndex,
-        sources: SourcesConfig,
-        registry: CollectorRegistry,
-        tracker: FreshnessTracker,
-        status: Callable[[], dict[str, Any]] | None = None,
-    ) -> None:
-        self.settings = settings
-        self.active = active
-        self.generation_status = status
-        self.sources = sources
-        self.registry = registry
-        self.tracker = tracker
-        self.canary: Canary | None = None
-        self.user_tables = sources.user_tables
-        self.filterable = {"table"} | {m for s in sources.sources for m in s.metadata}
-        self.latency = Histogram(
-            "ragtide_request_seconds",
-            "API request latency",
-            ["endpoint"],
-            registry=registry,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
-        )
-
-
-def get_services(request: Request) -> Services:
-    """The Services of this app instance."""
-    services: Services = request.app.state.services
-    return services
-
-
-ServicesDep = Annotated[Services, Depends(get_services)]
-
-
-def _iso(ms: Any) -> str | None:
-    return datetime.fromtimestamp(int(ms) / 1000, UTC).isoformat() if ms else None
-
-
-def to_hit(h: Hit, now: float) -> SearchHit:
-    """A stored point as an API hit."""
-    p = h.payload
-    ts = p.get("source_ts_ms")
-    return SearchHit(
-        id=h.id,
-        score=h.score,
-        text=str(p.get("text", "")),
-        table=str(p.get("table", "")),
-        key=p.get("key") or {},
-        row_id=str(p.get("row_id", "")),
-        chunk_no=int(p.get("chunk_no", 0)),
-        chunk_count=int(p.get("chunk_count", 1)),
-        metadata=p.get("metadata") or {},
-        source_commit_ts=_iso(ts),
-        indexed_at=_iso(p.get("indexed_at_ms")),
-        age_s=round(now - int(ts) / 1000, 3) if ts else None,
-    )
-
-
-def build_filter(services: Services, requested: dict[str, Any] | None) -> Filter:
-    """Map the request's filter onto payload paths; unknown columns are a 422 that names them.
-
-    Searches always stay within the user's source tables (never ragtide's own canary rows).
-    """
-    flt: dict[str, Any] = {"table": services.user_tables}
-    for key, value in (requested or {}).items():
-        if key not in services.filterable:
-            allowed = ", ".join(sorted(services.filterable))
-            raise HTTPException(422, f"filter: unknown field {key!r}; filterable fields are: {allowed}")
-        if isinstance(value, list) and not value:
-            raise HTTPException(422, f"filter: {key!r} has an empty list")
-        if key == "table":
-            wanted = value if isinstance(value, list) else [value]
-            unknown = [t for t in wanted if t not in services.user_tables]
-            if unknown:
-                raise HTTPException(422, f"filter: table {unknown[0]!r} is not indexed; tables: {services.user_tables}")
-            flt["table"] = wanted
-        else:
-            flt[f"metadata.{key}"] = value
-    return flt
 
 
 def create_app(
@@ -123,15 +50,26 @@ def create_app(
     tracker: FreshnessTracker | None = None,
     routers: Sequence[APIRouter] = (),
     status: Callable[[], dict[str, Any]] | None = None,
+    gateway: Gateway | None = None,
+    generator: Generator | None = None,
 ) -> FastAPI:
     """Build the API over `active` (a switching view of the live generation) or one fixed index + encoder;
-    `lifespan` lets the node run the embedder in the same event loop; `status` reports the generations."""
+    `lifespan` lets the node run the embedder in the same event loop; `status` reports the generations;
+    `gateway` and `generator` default to the configured ones (Postgres-backed keys, the OpenAI-compatible URL)."""
+    check_config(settings)
     if not isinstance(active, ActiveIndex):
         if encoder is None:
             raise TypeError("a fixed index needs its encoder")
         active = FixedIndex(active, encoder)
     registry = registry or CollectorRegistry()
-    svc = Services(settings, active, sources, registry, tracker or FreshnessTracker(registry), status)
+    store: PostgresGatewayStore | None = None
+    if gateway is None:
+        store = PostgresGatewayStore(settings.postgres.dsn())
+        gateway = Gateway(settings.gateway, store)
+    if generator is None and settings.generator.endpoint:
+        generator = OpenAIGenerator(settings.generator)
+    tracker = tracker or FreshnessTracker(registry)
+    svc = Services(settings, active, sources, registry, tracker, gateway, generator, status)
     if settings.canary.enabled:
         svc.canary = Canary(settings.postgres.dsn(), active, svc.tracker, settings.canary)
     live = active
@@ -145,9 +83,15 @@ def create_app(
                 if lifespan is not None:
                     await stack.enter_async_context(lifespan(app))
                 canary_task = asyncio.create_task(svc.canary.run()) if svc.canary else None
+                if store is not None:
+                    await asyncio.to_thread(store.migrate)
                 try:
                     yield
                 finally:
+                    if svc.generator is not None:
+                        await svc.generator.aclose()
+                    if store is not None:
+                        store.close()
                     if canary_task is not None:
                         canary_task.cancel()
                         with contextlib.suppress(asyncio.CancelledError):
@@ -165,26 +109,32 @@ def create_app(
     if settings.dashboard.assets_dir.is_dir():
         app.mount("/static", StaticFiles(directory=settings.dashboard.assets_dir), name="static")
 
-    for router in routers:
+    for router in (*routers, answer_router()):
         app.include_router(router)
+
+    @app.middleware("http")
+    async def _gateway_headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        """Refuse oversized bodies before reading them; put the gateway's rate/quota headers on the response."""
+        length = request.headers.get("content-length")
+        limit = settings.gateway.max_body_bytes
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return JSONResponse(status_code=413, content={"detail": f"request body: larger than {limit} bytes"})
+        response = await call_next(request)
+        response.headers.update(getattr(request.state, "gateway_headers", None) or {})
+        return response
 
     @app.exception_handler(ValueError)
     async def _value_error(_: Request, exc: ValueError) -> JSONResponse:
         return JSONResponse(status_code=422, content={"detail": str(exc)})
 
     @app.post("/v1/search", response_model=SearchResponse, tags=["retrieval"])
-    async def search(body: SearchRequest, svc: ServicesDep) -> SearchResponse:
-        """Semantic search over the freshest indexed state of the source tables."""
+    async def search(body: SearchRequest, svc: ServicesDep, caller: CallerDep) -> SearchResponse:
+        """Semantic search over the freshest indexed state of the source tables (the caller's tenant only)."""
         t0 = time.perf_counter()
-        k = body.k or svc.settings.api.default_k
-        if k > svc.settings.api.max_k:
-            raise HTTPException(422, f"k: must be at most {svc.settings.api.max_k}")
-        if len(body.query) > svc.settings.api.max_query_chars:
-            raise HTTPException(422, f"query: longer than {svc.settings.api.max_query_chars} characters")
-        flt = build_filter(svc, body.filter)
-        index, encoder = svc.active.current()
-        vector = (await asyncio.to_thread(encoder.encode, [body.query]))[0]
-        hits = await asyncio.to_thread(index.search, vector, k, flt)
+        k = check_query(svc, body.query, body.k)
+        flt = build_filter(svc, body.filter, caller)
+        hits = await retrieve(svc, body.query, k, flt)
+        await asyncio.to_thread(svc.gateway.charge, caller, query_tokens(body.query))
         now = time.time()
         took = time.perf_counter() - t0
         svc.latency.labels("search").observe(took)

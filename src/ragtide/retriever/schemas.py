@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -26,10 +26,7 @@ class SearchRequest(BaseModel):
     @field_validator("query")
     @classmethod
     def _clean(cls, value: str) -> str:
-        value = _CONTROL.sub("", value).strip()
-        if not value:
-            raise ValueError("query is empty after removing whitespace and control characters")
-        return value
+        return clean_text(value, "query")
 
 
 class SearchHit(BaseModel):
@@ -80,3 +77,96 @@ class IndexStats(BaseModel):
     generation: dict[str, Any] | None = Field(
         None, description="the live generation (model, chunking) and the one being built, with its progress"
     )
+
+
+def clean_text(value: str, what: str) -> str:
+    """Strip control characters and surrounding whitespace; empty afterwards is an error naming `what`."""
+    value = _CONTROL.sub("", value).strip()
+    if not value:
+        raise ValueError(f"{what} is empty after removing whitespace and control characters")
+    return value
+
+
+class AnswerRequest(BaseModel):
+    """POST /v1/answer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: str = Field(min_length=1, max_length=2000, description="the question")
+    k: int | None = Field(None, ge=1, le=50, description="retrieved chunks put into the prompt (default from settings)")
+    filter: dict[str, FilterScalar | list[FilterScalar]] | None = Field(None, description="as in /v1/search")
+    stream: bool = Field(False, description="Server-Sent Events: citations first, then tokens, then done")
+    max_tokens: int | None = Field(None, ge=1, le=32_768, description="completion length (default from settings)")
+    temperature: float | None = Field(None, ge=0, le=2)
+
+    @field_validator("query")
+    @classmethod
+    def _clean(cls, value: str) -> str:
+        return clean_text(value, "query")
+
+
+class Citation(BaseModel):
+    """One numbered source of an answer: where it came from and how old that row version is."""
+
+    n: int = Field(description="the number the answer cites as [n]")
+    table: str
+    key: dict[str, Any]
+    row_id: str
+    chunk_no: int
+    score: float
+    text: str = Field(description="the chunk text the generator saw (possibly shortened to the prompt budget)")
+    source_commit_ts: str | None
+    indexed_at: str | None
+    age_s: float | None = Field(description="seconds since that row version was committed in Postgres")
+    cited: bool = Field(False, description="the answer cites it")
+
+
+class Usage(BaseModel):
+    """Generator tokens of one answer."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    estimated: bool = Field(False, description="the generator reported no usage; counted from the stream")
+
+
+class AnswerResponse(BaseModel):
+    """POST /v1/answer (stream: false)."""
+
+    query: str
+    answer: str
+    citations: list[Citation]
+    model: str
+    finish_reason: str
+    usage: Usage
+    cost: float
+    ttft_ms: float
+    took_ms: float
+
+
+class ChatMessageIn(BaseModel):
+    """One message of an OpenAI chat request."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=8000)
+
+    @field_validator("content")
+    @classmethod
+    def _clean(cls, value: str) -> str:
+        return _CONTROL.sub("", value).strip()
+
+
+class ChatCompletionRequest(BaseModel):
+    """POST /v1/chat/completions: the OpenAI request; the last user message is the retrieval query."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(None, max_length=200, description="ignored: the configured generator answers")
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=50)
+    stream: bool = False
+    max_tokens: int | None = Field(None, ge=1, le=32_768)
+    max_completion_tokens: int | None = Field(None, ge=1, le=32_768)
+    temperature: float | None = Field(None, ge=0, le=2)
+    n: int = Field(1, ge=1, le=1, description="only 1 is supported")

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ragtide.contracts.settings import RagtideSettings
+from ragtide.generator.local import server_argv, server_available
 from ragtide.ingest import connector, demo, pgsetup
 from ragtide.ingest.sources import load_sources
 from ragtide.stack.jvm import ConnectWorker, KafkaBroker
 from ragtide.stack.postgres import PostgresCluster, postgres_daemon
 from ragtide.stack.process import Daemon, http_ok, wait_until
 
-ORDER = ("postgres", "kafka", "connect", "node")
+log = logging.getLogger(__name__)
+
+ORDER = ("postgres", "kafka", "connect", "generator", "node")
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,18 @@ class Stack:
         """Connect up and the Debezium connector registered and running."""
         ConnectWorker(self.settings, self.daemon("connect")).start()
         connector.register(self.settings, load_sources(self.settings.sources_file))
+
+    def start_generator(self) -> None:
+        """The local OpenAI-compatible generator (llama.cpp's server, SmolLM2), unless an external one is set."""
+        g = self.settings.generator
+        if not g.local or g.url:
+            return
+        if not server_available():
+            log.warning("llama-cpp-python[server] is not installed: /v1/answer will answer 503 (search works)")
+            return
+        d = self.daemon("generator")
+        d.start(server_argv(g))
+        wait_until(lambda: http_ok(f"{g.endpoint}/models"), "the local generator (llama.cpp) to answer", 120, d)
 
     def start_node(self) -> None:
         """The ragtide node (embedder + retrieval API, owner of the embedded vector index)."""

@@ -1,0 +1,263 @@
+"""The gateway in front of the data endpoints: who is calling (API key → tenant), may they (token bucket per
+key, token quota per tenant per UTC day), and what it cost (charged after the work, from real token counts).
+
+Answers are HTTP errors with reasons: 401 (no or unknown or revoked key), 403 (admin only), 429 with
+`Retry-After` (rate or quota). Every admitted request gets rate and quota headers. The check at start-up
+refuses a prod configuration without a real admin key, and dev mode on a non-loopback address.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+
+from fastapi import HTTPException
+
+from ragtide.contracts.errors import ConfigError
+from ragtide.contracts.settings import GatewaySettings, RagtideSettings
+from ragtide.gateway.store import ApiKey, GatewayStore, key_id_of, matches
+
+_PLACEHOLDER_WORDS = ("change", "secret", "placeholder", "example", "default", "password", "replace", "todo", "xxx")
+
+
+def check_config(settings: RagtideSettings) -> None:
+    """Refuse a configuration that would expose the API: each message names the field."""
+    g = settings.gateway
+    if g.mode == "dev":
+        host = settings.api.host
+        loopback = host == "localhost" or _is_loopback(host)
+        if not loopback:
+            raise ConfigError(
+                f"gateway.mode: dev mode serves requests without a key, so the API must listen on loopback "
+                f"(api.host is {host!r}); set RAGTIDE_GATEWAY__MODE=prod and an admin key"
+            )
+        return
+    if g.admin_key is None:
+        raise ConfigError("gateway.admin_key: required in prod mode (RAGTIDE_GATEWAY__ADMIN_KEY)")
+    problem = placeholder_problem(g.admin_key.get_secret_value())
+    if problem:
+        raise ConfigError(f"gateway.admin_key: {problem}; generate one with `ragtide keys new-admin-key`")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def placeholder_problem(key: str) -> str | None:
+    """Why `key` is not a real secret, or None."""
+    if len(key) < 32:
+        return f"too short ({len(key)} characters; at least 32)"
+    lowered = key.lower()
+    for word in _PLACEHOLDER_WORDS:
+        if word in lowered:
+            return f"looks like a placeholder (contains {word!r})"
+    if len(set(key)) < 12:
+        return "too little variety to be random"
+    return None
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a request acts for. tenant None: every tenant (admin, or dev mode without a key)."""
+
+    tenant: str | None
+    key_id: str | None = None
+    admin: bool = False
+
+    @property
+    def label(self) -> str:
+        """For metrics and logs (never the key)."""
+        return self.tenant if self.tenant is not None else ("admin" if self.admin else "anonymous")
+
+
+class TokenBucket:
+    """`rate` tokens per second, at most `capacity`; `take()` says how long to wait when empty."""
+
+    def __init__(self, rate: float, capacity: int, now: float) -> None:
+        self.rate = rate
+        self.capacity = capacity
+        self.tokens = float(capacity)
+        self.at = now
+
+    def take(self, now: float) -> float:
+        """0.0 when a token was taken, else the seconds until one will be there."""
+        self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
+def _utc_day(now: datetime) -> date:
+    return now.date()
+
+
+def seconds_to_midnight(now: datetime) -> int:
+    """Until the quota day (UTC) rolls over."""
+    tomorrow = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), UTC)
+    return max(1, math.ceil((tomorrow - now).total_seconds()))
+
+
+def bearer(authorization: str | None, x_api_key: str | None) -> str | None:
+    """The presented key: `Authorization: Bearer <key>` or `X-API-Key: <key>`."""
+    if x_api_key:
+        return x_api_key.strip()
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        raise HTTPException(401, "Authorization: expected 'Bearer <api key>'", headers={"WWW-Authenticate": "Bearer"})
+    return None
+
+
+class Gateway:
+    """Authentication, admission (rate + quota) and charging; thread-safe, one per app."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        store: GatewayStore | None,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.monotonic = monotonic
+        self.wall = wall
+        self._lock = threading.Lock()
+        self._keys: dict[str, tuple[ApiKey | None, float]] = {}
+        self._buckets: dict[str, TokenBucket] = {}
+        self._quotas: dict[str, tuple[int, float]] = {}
+        self._used: dict[tuple[str, date], int] = {}
+
+    # --- who ---------------------------------------------------------------------------------------------
+    def _lookup(self, key_id: str) -> ApiKey | None:
+        now = self.monotonic()
+        with self._lock:
+            cached = self._keys.get(key_id)
+        if cached is not None and now - cached[1] < self.settings.key_cache_s:
+            return cached[0]
+        record = self.store.get_key(key_id) if self.store is not None else None
+        with self._lock:
+            self._keys[key_id] = (record, now)
+        return record
+
+    def authenticate(self, key: str | None) -> Caller:
+        """The caller of a request, or 401."""
+        admin = self.settings.admin_key.get_secret_value() if self.settings.admin_key else None
+        if key is None:
+            if self.settings.mode == "dev":
+                return Caller(tenant=None)
+            raise HTTPException(
+                401, "missing API key: send 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"}
+            )
+        if admin is not None and hmac.compare_digest(key.encode(), admin.encode()):
+            return Caller(tenant=None, admin=True)
+        key_id = key_id_of(key)
+        record = self._lookup(key_id) if key_id else None
+        if record is None or not matches(record, key):
+            raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+        if not record.active:
+            raise HTTPException(401, f"API key {record.id} was revoked", headers={"WWW-Authenticate": "Bearer"})
+        return Caller(tenant=record.tenant, key_id=record.id)
+
+    def require_admin(self, key: str | None) -> Caller:
+        """Admin endpoints: the admin key (dev mode: also no key)."""
+        caller = self.authenticate(key)
+        if caller.admin or (caller.tenant is None and self.settings.mode == "dev"):
+            return caller
+        raise HTTPException(403, "this endpoint needs the admin key (gateway.admin_key)")
+
+    # --- may they ----------------------------------------------------------------------------------------
+    def _limit(self, tenant: str) -> int:
+        now = self.monotonic()
+        with self._lock:
+            cached = self._quotas.get(tenant)
+        if cached is not None and now - cached[1] < self.settings.key_cache_s:
+            return cached[0]
+        own = self.store.quota(tenant) if self.store is not None else None
+        limit = self.settings.daily_tokens if own is None else own
+        with self._lock:
+            self._quotas[tenant] = (limit, now)
+        return limit
+
+    def _usage(self, tenant: str, day: date) -> int:
+        with self._lock:
+            used = self._used.get((tenant, day))
+        if used is None:
+            used = self.store.usage(tenant, day) if self.store is not None else 0
+            with self._lock:
+                self._used[(tenant, day)] = max(used, self._used.get((tenant, day), 0))
+        return used
+
+    def admit(self, caller: Caller) -> dict[str, str]:
+        """Take a rate token and check the quota; the headers to send, or 429 with Retry-After."""
+        if caller.tenant is None:
+            return {}
+        headers: dict[str, str] = {}
+        record = self._lookup(caller.key_id) if caller.key_id else None
+        rate = (record.rate_per_s if record else None) or self.settings.rate_per_s
+        burst = (record.burst if record else None) or self.settings.burst
+        bucket_key = caller.key_id or caller.tenant
+        now = self.monotonic()
+        with self._lock:
+            bucket = self._buckets.get(bucket_key)
+            if bucket is None or bucket.rate != rate or bucket.capacity != burst:
+                bucket = self._buckets[bucket_key] = TokenBucket(rate, burst, now)
+            wait = bucket.take(now)
+            remaining = int(bucket.tokens)
+        headers["X-RateLimit-Limit"] = f"{burst}, {burst};w={burst / rate:g}"
+        headers["X-RateLimit-Remaining"] = str(remaining)
+        if wait > 0:
+            retry = max(1, math.ceil(wait))
+            raise HTTPException(
+                429,
+                f"rate limit: {rate:g} requests/s (burst {burst}) for key {caller.key_id}; retry in {wait:.2f} s",
+                headers={**headers, "Retry-After": str(retry)},
+            )
+        headers.update(self.quota_headers(caller))
+        if int(headers["X-Quota-Remaining"]) <= 0:
+            raise HTTPException(
+                429,
+                f"daily token quota of tenant {caller.tenant!r} used up ({headers['X-Quota-Limit']} tokens); "
+                f"resets at 00:00 UTC",
+                headers={**headers, "Retry-After": headers["X-Quota-Reset"]},
+            )
+        return headers
+
+    def quota_headers(self, caller: Caller) -> dict[str, str]:
+        """Limit, remaining and seconds to reset of the caller's tenant quota."""
+        if caller.tenant is None:
+            return {}
+        now = self.wall()
+        limit = self._limit(caller.tenant)
+        used = self._usage(caller.tenant, _utc_day(now))
+        return {
+            "X-Quota-Limit": str(limit),
+            "X-Quota-Remaining": str(max(0, limit - used)),
+            "X-Quota-Reset": str(seconds_to_midnight(now)),
+        }
+
+    # --- what it cost ------------------------------------------------------------------------------------
+    def charge(self, caller: Caller, tokens: int) -> None:
+        """Add the request's tokens to the tenant's day (persisted; the store's total wins)."""
+        if caller.tenant is None:
+            return
+        day = _utc_day(self.wall())
+        total = (
+            self.store.add_usage(caller.tenant, day, tokens)
+            if self.store is not None
+            else self._used.get((caller.tenant, day), 0) + tokens
+        )
+        with self._lock:
+            self._used[(caller.tenant, day)] = total

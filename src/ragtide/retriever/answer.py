@@ -1,0 +1,347 @@
+"""Answering: retrieve fresh chunks, prompt the generator with them as numbered untrusted sources, and return
+(or stream) the answer with citations. `POST /v1/answer` is ragtide's own shape; `POST /v1/chat/completions`
+is the OpenAI shape, so existing OpenAI clients get retrieval-augmented answers unchanged.
+
+Both go through the gateway (tenant filter, rate limit, quota) and charge prompt + completion tokens to the
+tenant when the answer ends, including answers the client abandoned halfway.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import StreamingResponse
+
+from ragtide.embedder.index.base import Filter
+from ragtide.gateway.gateway import Caller
+from ragtide.generator.client import Delta, GenerationParams, GeneratorUnavailable, Message
+from ragtide.generator.prompt import Source, build_messages, cited_numbers, fit
+from ragtide.retriever.schemas import (
+    AnswerRequest,
+    AnswerResponse,
+    ChatCompletionRequest,
+    Citation,
+    Usage,
+)
+from ragtide.retriever.services import CallerDep, Services, ServicesDep, build_filter, check_query, retrieve, to_hit
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass
+class Answering:
+    """One answer in progress: its sources, the generator stream, and the accounting."""
+
+    svc: Services
+    caller: Caller
+    endpoint: str
+    citations: list[Citation]
+    deltas: AsyncIterator[Delta]
+    first: Delta
+    prompt_chars: int
+    t0: float
+    ttft: float
+    text: list[str] = field(default_factory=list)
+    finish_reason: str = "stop"
+    usage: Usage | None = None
+    cost: float = 0.0
+    _charged: bool = False
+
+    async def tokens(self) -> AsyncIterator[str]:
+        """The completion's text pieces; records inter-token latency; ends with usage set."""
+        serving = self.svc.serving
+        last = time.perf_counter()
+        delta: Delta | None = self.first
+        while delta is not None:
+            if delta.text:
+                self.text.append(delta.text)
+                yield delta.text
+            if delta.finish_reason is not None:
+                self.finish_reason = delta.finish_reason
+                self._settle(delta)
+            delta = await anext(self.deltas, None)
+            now = time.perf_counter()
+            if delta is not None and delta.text:
+                serving.itl.labels(self.endpoint).observe(now - last)
+                last = now
+        generating = time.perf_counter() - self.t0 - self.ttft
+        if self.usage and self.usage.completion_tokens > 1 and generating > 0:
+            serving.tokens_per_s.observe((self.usage.completion_tokens - 1) / generating)
+
+    def _settle(self, last: Delta) -> None:
+        u = last.usage
+        prompt = u.prompt_tokens if u and u.prompt_tokens else math.ceil(self.prompt_chars / 4)
+        completion = u.completion_tokens if u else len(self.text)
+        estimated = not (u and u.prompt_tokens)
+        self.usage = Usage(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            estimated=estimated,
+        )
+
+    def finish(self, outcome: str = "ok") -> None:
+        """Charge the tenant and record metrics once (also for an abandoned stream)."""
+        if self._charged:
+            return
+        self._charged = True
+        if self.usage is None:
+            self._settle(Delta())
+        assert self.usage is not None
+        g = self.svc.settings.generator
+        self.cost = round(
+            self.usage.prompt_tokens / 1000 * g.price_per_1k_prompt
+            + self.usage.completion_tokens / 1000 * g.price_per_1k_completion,
+            8,
+        )
+        serving, tenant = self.svc.serving, self.caller.label
+        serving.tokens.labels("prompt", tenant).inc(self.usage.prompt_tokens)
+        serving.tokens.labels("completion", tenant).inc(self.usage.completion_tokens)
+        serving.cost.labels(tenant).inc(self.cost)
+        serving.outcomes.labels(self.endpoint, outcome).inc()
+        self.svc.latency.labels(self.endpoint).observe(time.perf_counter() - self.t0)
+        self.svc.gateway.charge(self.caller, self.usage.total_tokens)
+        used = set(cited_numbers(self.answer, len(self.citations)))
+        for c in self.citations:
+            c.cited = c.n in used
+
+    async def aclose(self) -> None:
+        """Stop the generator stream (a client that went away must not keep the generator busy)."""
+        closer = getattr(self.deltas, "aclose", None)
+        if closer is not None:
+            await closer()
+
+    @property
+    def answer(self) -> str:
+        """The text so far."""
+        return "".join(self.text).strip()
+
+    @property
+    def took_ms(self) -> float:
+        """Request to now."""
+        return round((time.perf_counter() - self.t0) * 1000, 2)
+
+
+async def start_answer(
+    svc: Services,
+    caller: Caller,
+    endpoint: str,
+    query: str,
+    k: int | None,
+    flt: Filter,
+    params: GenerationParams,
+    history: Sequence[Message] = (),
+) -> Answering:
+    """Retrieve, build the prompt, and start the generator; 503 with the reason when it cannot answer.
+
+    The first delta is awaited here, before any response is sent, so an unreachable generator is a clean 503
+    even for a streamed answer (and the time to first token is exact).
+    """
+    t0 = time.perf_counter()
+    if svc.generator is None:
+        svc.serving.outcomes.labels(endpoint, "unavailable").inc()
+        raise HTTPException(503, "answering is off: no generator is configured (generator.url); /v1/search works")
+    k = check_query(svc, query, k or svc.settings.generator.context_chunks)
+    hits = await retrieve(svc, query, k, flt)
+    now = time.time()
+    found = [to_hit(h, now) for h in hits]
+    texts = fit([h.text for h in found], svc.settings.generator.max_context_chars)
+    citations = [
+        Citation(
+            n=i + 1,
+            table=h.table,
+            key=h.key,
+            row_id=h.row_id,
+            chunk_no=h.chunk_no,
+            score=h.score,
+            text=text,
+            source_commit_ts=h.source_commit_ts,
+            indexed_at=h.indexed_at,
+            age_s=h.age_s,
+        )
+        for i, (h, text) in enumerate(zip(found, texts, strict=False))
+    ]
+    sources = [Source(c.n, c.table, c.key, c.text) for c in citations]
+    messages = build_messages(query, sources, history)
+    deltas = svc.generator.stream(messages, params).__aiter__()
+    try:
+        first = await anext(deltas)
+    except GeneratorUnavailable as exc:
+        svc.serving.outcomes.labels(endpoint, "unavailable").inc()
+        raise HTTPException(503, f"the generator is unavailable: {exc}; /v1/search still works") from exc
+    ttft = time.perf_counter() - t0
+    svc.serving.ttft.labels(endpoint).observe(ttft)
+    return Answering(
+        svc,
+        caller,
+        endpoint,
+        citations,
+        deltas,
+        first,
+        prompt_chars=sum(len(m.content) for m in messages),
+        t0=t0,
+        ttft=ttft,
+    )
+
+
+def _params(svc: Services, max_tokens: int | None, temperature: float | None) -> GenerationParams:
+    g = svc.settings.generator
+    wanted = max_tokens or g.max_tokens
+    if wanted > g.max_tokens_limit:
+        raise HTTPException(422, f"max_tokens: must be at most {g.max_tokens_limit}")
+    return GenerationParams(max_tokens=wanted, temperature=g.temperature if temperature is None else temperature)
+
+
+def _sse(event: str | None, data: Any) -> str:
+    head = f"event: {event}\n" if event else ""
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"{head}data: {payload}\n\n"
+
+
+def answer_router() -> APIRouter:
+    """POST /v1/answer and the OpenAI-compatible POST /v1/chat/completions."""
+    router = APIRouter(tags=["answering"])
+
+    @router.post(
+        "/v1/answer",
+        response_model=AnswerResponse,
+        responses={
+            200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream is true"},
+            503: {"description": "no generator reachable (the reason is in detail)"},
+            429: {"description": "rate limit or daily token quota (see Retry-After)"},
+        },
+    )
+    async def answer(body: AnswerRequest, svc: ServicesDep, caller: CallerDep) -> Any:
+        """Answer from the freshest indexed rows, citing them; `stream: true` streams Server-Sent Events."""
+        params = _params(svc, body.max_tokens, body.temperature)
+        flt = build_filter(svc, body.filter, caller)
+        run = await start_answer(svc, caller, "answer", body.query, body.k, flt, params)
+        if not body.stream:
+            try:
+                async for _ in run.tokens():
+                    pass
+            except GeneratorUnavailable as exc:
+                run.finish("broken")
+                raise HTTPException(503, f"the generator failed mid-answer: {exc}") from exc
+            run.finish()
+            assert run.usage is not None
+            return AnswerResponse(
+                query=body.query,
+                answer=run.answer,
+                citations=run.citations,
+                model=svc.generator.model if svc.generator else "",
+                finish_reason=run.finish_reason,
+                usage=run.usage,
+                cost=run.cost,
+                ttft_ms=round(run.ttft * 1000, 2),
+                took_ms=run.took_ms,
+            )
+
+        async def events() -> AsyncIterator[str]:
+            outcome = "abandoned"
+            try:
+                yield _sse("citations", {"citations": [c.model_dump() for c in run.citations]})
+                async for text in run.tokens():
+                    yield _sse("token", {"text": text})
+                outcome = "ok"
+            except GeneratorUnavailable as exc:
+                outcome = "broken"
+                yield _sse("error", {"detail": f"the generator failed mid-answer: {exc}"})
+            finally:
+                run.finish(outcome)
+                await run.aclose()
+            assert run.usage is not None
+            yield _sse(
+                "done",
+                {
+                    "finish_reason": run.finish_reason,
+                    "usage": run.usage.model_dump(),
+                    "cost": run.cost,
+                    "cited": [c.n for c in run.citations if c.cited],
+                    "ttft_ms": round(run.ttft * 1000, 2),
+                    "took_ms": run.took_ms,
+                },
+            )
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    @router.post(
+        "/v1/chat/completions",
+        responses={
+            200: {"content": {"text/event-stream": {}}, "description": "an OpenAI chat.completion, or chunks"},
+            503: {"description": "no generator reachable"},
+        },
+    )
+    async def chat_completions(body: ChatCompletionRequest, svc: ServicesDep, caller: CallerDep) -> Any:
+        """OpenAI-compatible chat completions, answered with retrieval over the freshest index.
+
+        The last user message is the query; earlier user/assistant turns are kept as history. Citations come as
+        an extra `citations` field (in the first chunk when streaming)."""
+        users = [i for i, m in enumerate(body.messages) if m.role == "user" and m.content]
+        if not users:
+            raise HTTPException(422, "messages: needs at least one non-empty user message")
+        last = users[-1]
+        query = body.messages[last].content[: svc.settings.api.max_query_chars]
+        history = [Message(m.role, m.content) for m in body.messages[:last] if m.content]
+        params = _params(svc, body.max_completion_tokens or body.max_tokens, body.temperature)
+        flt = build_filter(svc, None, caller)
+        run = await start_answer(svc, caller, "chat", query, None, flt, params, history)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        model = svc.generator.model if svc.generator else ""
+        base = {"id": cid, "created": created, "model": model}
+
+        if not body.stream:
+            try:
+                async for _ in run.tokens():
+                    pass
+            except GeneratorUnavailable as exc:
+                run.finish("broken")
+                raise HTTPException(503, f"the generator failed mid-answer: {exc}") from exc
+            run.finish()
+            assert run.usage is not None
+            return {
+                **base,
+                "object": "chat.completion",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": run.answer},
+                        "finish_reason": run.finish_reason,
+                    }
+                ],
+                "usage": run.usage.model_dump(exclude={"estimated"}),
+                "citations": [c.model_dump() for c in run.citations],
+            }
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+            body = {**base, "object": "chat.completion.chunk", **extra}
+            body["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish}]
+            return _sse(None, body)
+
+        async def events() -> AsyncIterator[str]:
+            outcome = "abandoned"
+            try:
+                yield chunk({"role": "assistant"}, citations=[c.model_dump() for c in run.citations])
+                async for text in run.tokens():
+                    yield chunk({"content": text})
+                outcome = "ok"
+            except GeneratorUnavailable:
+                outcome = "broken"
+            finally:
+                run.finish(outcome)
+                await run.aclose()
+            assert run.usage is not None
+            finish = run.finish_reason if outcome == "ok" else "error"
+            yield chunk({}, finish, usage=run.usage.model_dump(exclude={"estimated"}))
+            yield _sse(None, "[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    return router

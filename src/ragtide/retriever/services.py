@@ -1,0 +1,167 @@
+"""What the routes share: the Services object built by `create_app`, the request dependencies (services,
+caller, admin), the tenant-safe filter, and retrieval itself (used by search, answer and chat completions)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import Depends, Header, HTTPException, Request
+from prometheus_client import CollectorRegistry, Histogram
+
+from ragtide.contracts.freshness import FreshnessTracker
+from ragtide.contracts.settings import RagtideSettings
+from ragtide.embedder.index.base import TENANT_FIELD, ActiveIndex, Filter, Hit
+from ragtide.gateway.gateway import Caller, Gateway, bearer
+from ragtide.generator.client import Generator
+from ragtide.generator.metrics import ServingMetrics
+from ragtide.ingest.sources import SourcesConfig
+from ragtide.retriever.canary import Canary
+from ragtide.retriever.schemas import SearchHit
+
+
+class Services:
+    """What the routes need, built once by the composition root."""
+
+    def __init__(
+        self,
+        settings: RagtideSettings,
+        active: ActiveIndex,
+        sources: SourcesConfig,
+        registry: CollectorRegistry,
+        tracker: FreshnessTracker,
+        gateway: Gateway,
+        generator: Generator | None = None,
+        status: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.active = active
+        self.generation_status = status
+        self.sources = sources
+        self.registry = registry
+        self.tracker = tracker
+        self.gateway = gateway
+        self.generator = generator
+        self.canary: Canary | None = None
+        self.user_tables = sources.user_tables
+        self.filterable = {"table"} | {m for s in sources.sources for m in s.metadata}
+        self.latency = Histogram(
+            "ragtide_request_seconds",
+            "API request latency",
+            ["endpoint"],
+            registry=registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+        )
+        self.serving = ServingMetrics(registry)
+
+
+def get_services(request: Request) -> Services:
+    """The Services of this app instance."""
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+async def get_caller(
+    request: Request,
+    svc: ServicesDep,
+    authorization: Annotated[str | None, Header(description="Bearer <API key>")] = None,
+    x_api_key: Annotated[str | None, Header(description="the API key (instead of Authorization)")] = None,
+) -> Caller:
+    """Authenticate and admit (rate limit, quota); the gateway headers go on the response."""
+    key = bearer(authorization, x_api_key)
+    caller = await asyncio.to_thread(svc.gateway.authenticate, key)
+    request.state.gateway_headers = await asyncio.to_thread(svc.gateway.admit, caller)
+    request.state.caller = caller
+    return caller
+
+
+async def get_admin(
+    svc: ServicesDep,
+    authorization: Annotated[str | None, Header(description="Bearer <admin key>")] = None,
+    x_api_key: Annotated[str | None, Header(description="the admin key (instead of Authorization)")] = None,
+) -> Caller:
+    """Admin endpoints: the admin key (dev mode: also no key)."""
+    return await asyncio.to_thread(svc.gateway.require_admin, bearer(authorization, x_api_key))
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]
+AdminDep = Annotated[Caller, Depends(get_admin)]
+
+
+def _iso(ms: Any) -> str | None:
+    return datetime.fromtimestamp(int(ms) / 1000, UTC).isoformat() if ms else None
+
+
+def to_hit(h: Hit, now: float) -> SearchHit:
+    """A stored point as an API hit."""
+    p = h.payload
+    ts = p.get("source_ts_ms")
+    return SearchHit(
+        id=h.id,
+        score=h.score,
+        text=str(p.get("text", "")),
+        table=str(p.get("table", "")),
+        key=p.get("key") or {},
+        row_id=str(p.get("row_id", "")),
+        chunk_no=int(p.get("chunk_no", 0)),
+        chunk_count=int(p.get("chunk_count", 1)),
+        metadata=p.get("metadata") or {},
+        source_commit_ts=_iso(ts),
+        indexed_at=_iso(p.get("indexed_at_ms")),
+        age_s=round(now - int(ts) / 1000, 3) if ts else None,
+    )
+
+
+def build_filter(services: Services, requested: dict[str, Any] | None, caller: Caller | None = None) -> Filter:
+    """Map the request's filter onto payload paths; unknown columns are a 422 that names them.
+
+    Searches always stay within the user's source tables (never ragtide's own canary rows), and a caller with a
+    tenant sees only its tenant's rows plus rows of tables without a tenant column (stored with tenant ''),
+    whatever the request's filter says: `tenant` is not a filterable field.
+    """
+    flt: dict[str, Any] = {"table": services.user_tables}
+    for key, value in (requested or {}).items():
+        if key not in services.filterable:
+            allowed = ", ".join(sorted(services.filterable))
+            raise HTTPException(422, f"filter: unknown field {key!r}; filterable fields are: {allowed}")
+        if isinstance(value, list) and not value:
+            raise HTTPException(422, f"filter: {key!r} has an empty list")
+        if key == "table":
+            wanted = value if isinstance(value, list) else [value]
+            unknown = [t for t in wanted if t not in services.user_tables]
+            if unknown:
+                raise HTTPException(422, f"filter: table {unknown[0]!r} is not indexed; tables: {services.user_tables}")
+            flt["table"] = wanted
+        else:
+            flt[f"metadata.{key}"] = value
+    if caller is not None and caller.tenant is not None:
+        flt[TENANT_FIELD] = [caller.tenant, ""]
+    return flt
+
+
+def check_query(svc: Services, query: str, k: int | None) -> int:
+    """The effective k; 422 for a k or query over the configured limits."""
+    k = k or svc.settings.api.default_k
+    if k > svc.settings.api.max_k:
+        raise HTTPException(422, f"k: must be at most {svc.settings.api.max_k}")
+    if len(query) > svc.settings.api.max_query_chars:
+        raise HTTPException(422, f"query: longer than {svc.settings.api.max_query_chars} characters")
+    return k
+
+
+async def retrieve(svc: Services, query: str, k: int, flt: Filter) -> list[Hit]:
+    """Encode the query with the live generation's encoder and search its collection."""
+    index, encoder = svc.active.current()
+    vector = (await asyncio.to_thread(encoder.encode, [query]))[0]
+    return await asyncio.to_thread(index.search, vector, k, flt)
+
+
+def query_tokens(query: str) -> int:
+    """What a search costs against the quota: the query's approximate token count (4 characters a token)."""
+    return max(1, math.ceil(len(query) / 4))
