@@ -74,7 +74,7 @@ def word_chunker(max_tokens: int = 8, overlap: int = 2) -> Any:
 
 
 class EchoGenerator:
-    """Test double: answers with the numbers of the sources it was given, one word per delta."""
+    """Test double: cites the first source it was given (if any), one word per delta; records the prompts."""
 
     model = "echo"
 
@@ -83,13 +83,12 @@ class EchoGenerator:
         self.calls: list[list[Message]] = []
 
     async def stream(self, messages: Sequence[Message], params: GenerationParams) -> AsyncIterator[Delta]:
-        """Echo which [n] sources the prompt holds."""
+        """'According to [1]', or 'No sources.'."""
         if self.fail:
             raise GeneratorUnavailable(self.fail)
         self.calls.append(list(messages))
         prompt = messages[-1].content
-        cited = [f"[{n}]" for n in range(1, 51) if f'<source id="{n}"' in prompt]
-        words = ["According", "to", *cited] if cited else ["No", "sources."]
+        words = ["According", "to", "[1]."] if '<source id="1"' in prompt else ["No", "sources."]
         words = words[: params.max_tokens]
         for word in words:
             yield Delta(text=word + " ")

@@ -15,11 +15,13 @@ from typing import Any, TypeVar
 import httpx
 import psycopg
 import pytest
+import yaml
 
-from ragtide.contracts.settings import RagtideSettings, load_settings
+from ragtide.contracts.settings import REPO_ROOT, RagtideSettings, load_settings
 from ragtide.embedder.generations import Catalog
 from ragtide.embedder.index.edge import EdgeIndex
 from ragtide.ingest.demo import load_demo
+from ragtide.stack.postgres import PostgresCluster
 from ragtide.stack.process import free_port
 from ragtide.stack.stack import Stack
 
@@ -34,6 +36,7 @@ class LiveStack:
     settings: RagtideSettings
     stack: Stack
     demo_rows: int
+    tenant_rows: dict[str, list[int]]  # public.tickets ids by org
 
     def sql(self, statement: str, params: Any = None) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.settings.postgres.dsn(), autocommit=True) as conn:
@@ -63,6 +66,29 @@ class LiveStack:
         if not found:
             raise KeyError(f"{name} {labels}")
         return total
+
+
+TICKETS_SOURCE = {"table": "public.tickets", "key": ["id"], "text": "{subject}\n\n{body}", "tenant_column": "org"}
+TICKETS = [
+    (9001, "acme", "Invoice export fails", "The acme billing export to the ledger times out after the vault rotation."),
+    (9002, "acme", "SSO login loop", "Acme staff are redirected back to the login page by the okta connector."),
+    (9003, "globex", "Payroll export fails", "The globex payroll export to the ledger times out every Friday night."),
+    (9004, "globex", "Badge reader offline", "Globex badge readers in the north wing stopped syncing at noon."),
+]
+
+
+def create_tickets(dsn: str) -> dict[str, list[int]]:
+    """A multi-tenant table (tenant column `org`) with two tenants' rows."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS public.tickets (id int PRIMARY KEY, org text NOT NULL, subject text, body text)"
+        )
+        for row in TICKETS:
+            conn.execute("INSERT INTO public.tickets VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING", row)
+    by_org: dict[str, list[int]] = {}
+    for i, org, _, _ in TICKETS:
+        by_org.setdefault(org, []).append(i)
+    return by_org
 
 
 def live_index(settings: RagtideSettings) -> EdgeIndex:
@@ -98,9 +124,15 @@ def live() -> Iterator[LiveStack]:
     # Postgres runs as the `postgres` user: the data folder must be reachable by it (not under /tmp/pytest-of-root).
     data = Path(tempfile.mkdtemp(prefix="ragtide-e2e-"))
     data.chmod(0o755)
+    # The product's sources plus a multi-tenant table (snapshotted with the rest) for the gateway's tests.
+    sources = yaml.safe_load((REPO_ROOT / "config" / "sources.yaml").read_text())
+    sources["sources"].append(TICKETS_SOURCE)
+    (data / "sources.yaml").write_text(yaml.safe_dump(sources))
     settings = load_settings(
         RagtideSettings,
         data_dir=data,
+        sources_file=data / "sources.yaml",
+        generator={"port": free_port()},
         postgres={"port": free_port()},
         kafka={"port": free_port(), "controller_port": free_port()},
         connect={"port": free_port(), "heartbeat_interval_ms": 2000},
@@ -109,12 +141,15 @@ def live() -> Iterator[LiveStack]:
     )
     stack = Stack(settings)
     try:
+        PostgresCluster(settings, stack.daemon("postgres")).start()
+        tenants = create_tickets(settings.postgres.dsn())
         stack.start_postgres()
         rows = load_demo(settings.postgres.dsn())  # before the connector: indexed through Debezium's snapshot
         stack.start_kafka()
         stack.start_connect()
+        stack.start_generator()
         stack.start_node()
-        live = LiveStack(settings, stack, rows)
+        live = LiveStack(settings, stack, rows, tenants)
 
         def all_indexed() -> bool:
             stats = live.api("/v1/index/stats").json()

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import yaml
 
-from ragtide.contracts.settings import REPO_ROOT
 from ragtide.stack.stack import Stack
 from tests.e2e.conftest import LiveStack, poll
 
@@ -22,7 +21,7 @@ def test_new_table_is_backfilled_by_incremental_snapshot_and_then_streamed(live:
         " ('south', 1, 'Seals haul out on the sandbar at low tide'), ('east', 1, 'Terns dive for sand eels')"
         " ON CONFLICT DO NOTHING"
     )
-    config = yaml.safe_load((REPO_ROOT / "config" / "sources.yaml").read_text())
+    config = yaml.safe_load(live.settings.sources_file.read_text())
     config["sources"].append(
         {"table": "public.field_notes", "key": ["site", "id"], "text": "{note}", "metadata": ["site"]}
     )

@@ -90,6 +90,15 @@ def test_search_ranks_by_cosine_and_filters(index: VectorIndex) -> None:
     assert index.search(vec(0), 5, {"tenant": "nobody"}) == []
 
 
+def test_a_tenant_scope_is_its_rows_plus_the_shared_ones(index: VectorIndex) -> None:
+    """The gateway's filter: tenant in [caller, ''] ('' = a table without a tenant column)."""
+    seed(index)
+    index.upsert([point("4", 0, vec(2), category="b", tenant="t2")])
+    scoped = {h.payload["row_id"] for h in index.search(vec(2), 10, {"tenant": ["t1", ""]})}
+    assert scoped == {"1", "2", "3"}
+    assert index.count({"tenant": ["t2", ""], "table": ["public.docs"]}) == 3
+
+
 def test_set_payload_keeps_vector(index: VectorIndex) -> None:
     seed(index)
     pid = point_id("public.docs", "2", 0)

@@ -120,7 +120,11 @@ def create_app(
         if length is not None and (not length.isdigit() or int(length) > limit):
             return JSONResponse(status_code=413, content={"detail": f"request body: larger than {limit} bytes"})
         response = await call_next(request)
-        response.headers.update(getattr(request.state, "gateway_headers", None) or {})
+        headers = dict(getattr(request.state, "gateway_headers", None) or {})
+        caller = getattr(request.state, "caller", None)
+        if caller is not None and "X-Quota-Limit" in headers:  # after the charge (a stream is charged at its end)
+            headers.update(await asyncio.to_thread(svc.gateway.quota_headers, caller))
+        response.headers.update(headers)
         return response
 
     @app.exception_handler(ValueError)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
@@ -95,7 +95,7 @@ class AnswerRequest(BaseModel):
     query: str = Field(min_length=1, max_length=2000, description="the question")
     k: int | None = Field(None, ge=1, le=50, description="retrieved chunks put into the prompt (default from settings)")
     filter: dict[str, FilterScalar | list[FilterScalar]] | None = Field(None, description="as in /v1/search")
-    stream: bool = Field(False, description="Server-Sent Events: citations first, then tokens, then done")
+    stream: StrictBool = Field(False, description="Server-Sent Events: citations first, then tokens, then done")
     max_tokens: int | None = Field(None, ge=1, le=32_768, description="completion length (default from settings)")
     temperature: float | None = Field(None, ge=0, le=2)
 
@@ -165,7 +165,7 @@ class ChatCompletionRequest(BaseModel):
 
     model: str | None = Field(None, max_length=200, description="ignored: the configured generator answers")
     messages: list[ChatMessageIn] = Field(min_length=1, max_length=50)
-    stream: bool = False
+    stream: StrictBool = False
     max_tokens: int | None = Field(None, ge=1, le=32_768)
     max_completion_tokens: int | None = Field(None, ge=1, le=32_768)
     temperature: float | None = Field(None, ge=0, le=2)

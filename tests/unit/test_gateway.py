@@ -1,0 +1,156 @@
+"""The gateway's rules on its in-memory store: keys, admin, rate limits, daily quotas, start-up refusals."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from fastapi import HTTPException
+
+from ragtide.contracts.errors import ConfigError
+from ragtide.contracts.settings import GatewaySettings, RagtideSettings, load_settings
+from ragtide.gateway.gateway import Caller, Gateway, bearer, check_config, placeholder_problem, seconds_to_midnight
+from ragtide.gateway.store import MemoryGatewayStore, key_id_of, matches, new_key
+
+ADMIN = "3f9c1a7b5e2d4c6a8b0f1e3d5c7a9b2e4f6a8c0e1d3b5a7c9e2f4a6b8d0c1e3f"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+        self.day = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+
+    def mono(self) -> float:
+        return self.t
+
+    def wall(self) -> datetime:
+        return self.day
+
+
+def gateway(store: MemoryGatewayStore, clock: Clock, **overrides: object) -> Gateway:
+    settings = GatewaySettings(**{"key_cache_s": 0.0, "admin_key": ADMIN, **overrides})  # type: ignore[arg-type]
+    return Gateway(settings, store, clock.mono, clock.wall)
+
+
+def test_a_key_is_stored_only_as_its_hash_and_matches_itself() -> None:
+    key, record = new_key("acme", "ci")
+    assert key.startswith(f"rtk_{record.id}_") and key_id_of(key) == record.id
+    assert key.encode() not in record.digest and len(record.digest) == 32
+    assert matches(record, key) and not matches(record, key[:-1] + ("A" if key[-1] != "A" else "B"))
+    assert key_id_of("rtk_nothex_zzz") is None
+    with pytest.raises(ValueError, match="tenant"):
+        new_key("bad tenant!")
+
+
+def test_authentication_dev_prod_revoked_and_admin() -> None:
+    store, clock = MemoryGatewayStore(), Clock()
+    key, record = new_key("acme")
+    store.add_key(record)
+    dev = gateway(store, clock, mode="dev")
+    assert dev.authenticate(None) == Caller(tenant=None)
+    assert dev.authenticate(key) == Caller(tenant="acme", key_id=record.id)
+    assert dev.authenticate(ADMIN).admin
+
+    prod = gateway(store, clock, mode="prod")
+    with pytest.raises(HTTPException) as missing:
+        prod.authenticate(None)
+    assert missing.value.status_code == 401 and "missing API key" in missing.value.detail
+    with pytest.raises(HTTPException) as wrong:
+        prod.authenticate(key[:-2] + "xx")
+    assert wrong.value.status_code == 401
+    with pytest.raises(HTTPException) as not_admin:
+        prod.require_admin(key)
+    assert not_admin.value.status_code == 403
+    assert prod.require_admin(ADMIN).admin
+
+    assert store.revoke_key(record.id) and not store.revoke_key(record.id)
+    with pytest.raises(HTTPException) as revoked:
+        prod.authenticate(key)
+    assert revoked.value.status_code == 401 and "revoked" in revoked.value.detail
+
+
+def test_bearer_header_forms() -> None:
+    assert bearer("Bearer abc", None) == "abc"
+    assert bearer(None, " abc ") == "abc"
+    assert bearer(None, None) is None
+    with pytest.raises(HTTPException) as exc:
+        bearer("Basic dXNlcjpwdw==", None)
+    assert exc.value.status_code == 401
+
+
+def test_token_bucket_per_key_then_429_with_retry_after() -> None:
+    store, clock = MemoryGatewayStore(), Clock()
+    key, record = new_key("acme", rate_per_s=2.0, burst=3)
+    store.add_key(record)
+    gw = gateway(store, clock)
+    caller = gw.authenticate(key)
+    remaining = [int(gw.admit(caller)["X-RateLimit-Remaining"]) for _ in range(3)]
+    assert remaining == [2, 1, 0]
+    with pytest.raises(HTTPException) as limited:
+        gw.admit(caller)
+    assert limited.value.status_code == 429 and limited.value.headers is not None
+    assert limited.value.headers["Retry-After"] == "1" and "2 requests/s" in limited.value.detail
+    clock.t += 0.5  # one token back at 2/s
+    gw.admit(caller)
+    other_key, other = new_key("acme")
+    store.add_key(other)
+    gw.admit(gw.authenticate(other_key))  # buckets are per key, not per tenant
+
+
+def test_daily_quota_is_charged_persisted_and_resets_at_midnight_utc() -> None:
+    store, clock = MemoryGatewayStore(), Clock()
+    key, record = new_key("acme")
+    store.add_key(record)
+    store.set_quota("acme", 100)
+    gw = gateway(store, clock)
+    caller = gw.authenticate(key)
+    headers = gw.admit(caller)
+    assert headers["X-Quota-Limit"] == "100" and headers["X-Quota-Remaining"] == "100"
+    assert headers["X-Quota-Reset"] == str(12 * 3600)
+    gw.charge(caller, 60)
+    assert gw.admit(caller)["X-Quota-Remaining"] == "40"
+    gw.charge(caller, 45)
+    with pytest.raises(HTTPException) as over:
+        gw.admit(caller)
+    assert over.value.status_code == 429 and over.value.headers is not None
+    assert over.value.headers["Retry-After"] == str(12 * 3600) and "acme" in over.value.detail
+
+    restarted = gateway(store, clock)  # the counters live in the store
+    with pytest.raises(HTTPException):
+        restarted.admit(restarted.authenticate(key))
+    clock.day += timedelta(days=1)
+    assert restarted.admit(caller)["X-Quota-Remaining"] == "100"
+
+
+def test_admin_and_anonymous_dev_callers_are_not_limited() -> None:
+    store, clock = MemoryGatewayStore(), Clock()
+    gw = gateway(store, clock, burst=1, daily_tokens=0)
+    for _ in range(5):
+        assert gw.admit(Caller(tenant=None, admin=True)) == {}
+        assert gw.admit(Caller(tenant=None)) == {}
+
+
+def test_seconds_to_midnight() -> None:
+    assert seconds_to_midnight(datetime(2026, 1, 1, 23, 59, 30, tzinfo=UTC)) == 30
+    assert seconds_to_midnight(datetime(2026, 1, 1, 0, 0, 0, tzinfo=UTC)) == 86400
+
+
+def test_config_refuses_prod_without_a_real_admin_key_and_dev_off_loopback() -> None:
+    def settings(**kw: object) -> RagtideSettings:
+        return load_settings(RagtideSettings, **kw)
+
+    with pytest.raises(ConfigError, match=r"gateway\.admin_key: required"):
+        check_config(settings(gateway={"mode": "prod"}))
+    for bad in (
+        "changeme",
+        "changeme-changeme-changeme-changeme-1234",
+        "a" * 40,
+        "my-secret-key-0123456789abcdefghijklmn",
+    ):
+        with pytest.raises(ConfigError, match=r"gateway\.admin_key"):
+            check_config(settings(gateway={"mode": "prod", "admin_key": bad}))
+    check_config(settings(gateway={"mode": "prod", "admin_key": ADMIN}, api={"host": "0.0.0.0"}))
+    with pytest.raises(ConfigError, match=r"gateway\.mode"):
+        check_config(settings(api={"host": "0.0.0.0"}))
+    check_config(settings(api={"host": "localhost"}))
+    assert placeholder_problem(ADMIN) is None
