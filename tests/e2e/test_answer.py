@@ -29,11 +29,11 @@ def sse(resp: httpx.Response) -> list[tuple[str | None, Any]]:
     return events
 
 
-def cli(live: LiveStack, *args: str) -> str:
-    env = {**live.settings.to_env(), "PATH": "/usr/bin:/bin"}
+def cli(live: LiveStack, *args: str, output: str = "stdout") -> str:
+    env = {**live.settings.to_env(), "PATH": "/usr/bin:/bin", "COLUMNS": "200"}
     done = subprocess.run([sys.executable, "-m", "ragtide.cli", *args], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr + done.stdout
-    return done.stdout
+    return str(getattr(done, output))
 
 
 def new_key(live: LiveStack, tenant: str, *extra: str) -> dict[str, str]:
@@ -49,12 +49,12 @@ def post(live: LiveStack, path: str, body: dict[str, Any], headers: dict[str, st
 def test_a_fresh_row_is_cited_in_a_streamed_answer_from_the_real_generator(live: LiveStack) -> None:
     marker = f"zq{uuid.uuid4().hex[:6]}"
     fact = f"The {marker} lighthouse keeper repairs the fog horn every Tuesday with brass screws."
-    (row_id,) = live.sql(
-        "INSERT INTO public.docs (id, title, body, topic, category) "
-        "VALUES ((SELECT max(id) + 1 FROM public.docs), 'Lighthouse', %s, 'e2e', 'e2e') RETURNING id",
-        (fact,),
-    )[0]
-    poll(lambda: any(h["row_id"] == str(row_id) for h in live.search(f"{marker} lighthouse keeper")), "the new row")
+    row_id = f"answer-{marker}"
+    live.sql(
+        "INSERT INTO public.docs (id, title, body, topic, category) VALUES (%s, 'Lighthouse', %s, 'e2e', 'e2e')",
+        (row_id, fact),
+    )
+    poll(lambda: any(h["row_id"] == row_id for h in live.search(f"{marker} lighthouse keeper")), "the new row")
 
     body = {"query": f"What does the {marker} lighthouse keeper repair?", "k": 3, "stream": True, "max_tokens": 40}
     with httpx.stream("POST", f"{live.settings.api.url}/v1/answer", json=body, timeout=120) as resp:
@@ -126,6 +126,6 @@ def test_tenants_are_isolated_and_keys_are_limited_on_the_real_stack(live: LiveS
     assert over.status_code == 429 and "quota" in over.json()["detail"] and int(over.headers["Retry-After"]) > 0
 
     key_id = key_id_of(globex["Authorization"].split()[1])
-    assert key_id and key_id in cli(live, "keys", "list", "--tenant", "globex")
+    assert key_id and key_id in cli(live, "keys", "list", "--tenant", "globex", output="stderr")  # rich table
     cli(live, "keys", "revoke", key_id)
     poll(lambda: post(live, "/v1/search", {"query": "x"}, globex).status_code == 401, "the revoked key to be refused")
