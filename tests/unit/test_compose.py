@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from ragtide.cli import app as cli_app
 from ragtide.contracts.errors import ConfigError
 from ragtide.contracts.settings import REPO_ROOT, PostgresSettings, RagtideSettings, load_settings
+from ragtide.gateway.gateway import check_config
 from ragtide.stack import templates
 from ragtide.stack.postgres import SERVER_SETTINGS
 
@@ -38,8 +39,11 @@ DOCKERFILE = REPO_ROOT / "Dockerfile"
 DOCKERIGNORE = REPO_ROOT / ".dockerignore"
 PROJECT_SERVICES = ("connector-init", "embedder", "retriever")
 # What a user sets in the shell: only the one secret the file insists on.
-SHELL_ENV = {"POSTGRES_PASSWORD": "compose-test-secret"}
-SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEY|APIKEY", re.I)
+SHELL_ENV = {
+    "POSTGRES_PASSWORD": "compose-test-secret",
+    "RAGTIDE_ADMIN_KEY": "5d0f8e2a9c4b7163e8f1a2d4c6b9e0f37a5c8d1e2b4f6a9c0d3e5f7a1b2c4d6e",
+}
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEY|APIKEY|ADMIN_KEY", re.I)
 REQUIRED_REF = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*:\?[^}]+\}")
 WILDCARD_HOSTS = {"", "0.0.0.0"}
 
@@ -579,6 +583,19 @@ def test_ragtide_env_names_real_settings(compose: Compose, service: str, monkeyp
     s = settings_from(env, monkeypatch)
     assert s.postgres.password.get_secret_value() == SHELL_ENV["POSTGRES_PASSWORD"]
     assert wiring_problems(compose, s, service) == []
+    check_config(s)  # prod mode with a real admin key: the API may listen on every interface
+    assert s.gateway.mode == "prod" and s.generator.endpoint == "http://vllm:8000/v1"
+
+
+def test_the_gateway_refuses_compose_without_a_real_admin_key(compose: Compose, monkeypatch: MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="RAGTIDE_ADMIN_KEY"):
+        environment(compose, "retriever", shell={"POSTGRES_PASSWORD": "x"})
+    weak = {**SHELL_ENV, "RAGTIDE_ADMIN_KEY": "change-me"}
+    with pytest.raises(ConfigError, match=r"gateway\.admin_key"):
+        check_config(settings_from(environment(compose, "retriever", shell=weak), monkeypatch))
+    dev = mutated(compose, set_env("retriever", RAGTIDE_GATEWAY__MODE="dev"))
+    with pytest.raises(ConfigError, match=r"gateway\.mode"):
+        check_config(settings_from(environment(dev, "retriever"), monkeypatch))
 
 
 def test_unknown_ragtide_env_fails(compose: Compose, monkeypatch: MonkeyPatch) -> None:
