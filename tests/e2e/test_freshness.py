@@ -68,6 +68,14 @@ def test_dashboard_renders_live_data_in_headless_chromium(live: LiveStack) -> No
             assert page.inner_text("#k-canary").endswith(("ms", " s"))
             assert page.locator("#stages tbody tr").count() == 5
             assert "live" in page.inner_text("#status")
+            # serving beside freshness: a search shows up in the per-endpoint table within a poll or two
+            live.search("how do exceptions work")
+            page.wait_for_function(
+                "Array.from(document.querySelectorAll('#serving tbody td')).some(td => td.textContent === 'search')",
+                timeout=30_000,
+            )
+            assert page.inner_text("#k-search").endswith(("ms", " s"))
+            assert page.inner_text("#k-gen") == "ok"  # the local llama.cpp server, circuit closed
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
         finally:
             browser.close()

@@ -245,3 +245,22 @@ def test_bad_answer_requests_get_a_4xx_that_says_what_is_wrong(
     resp = api.client.post(path, json=body)
     assert resp.status_code == status, resp.text
     assert needle in resp.text
+
+
+def test_serving_snapshot_has_percentiles_per_endpoint_and_totals(api: Api) -> None:
+    for _ in range(3):
+        api.client.post("/v1/search", json={"query": "kafka"})
+    api.client.post("/v1/answer", json={"query": "kafka", "stream": True})
+    snap = api.client.get("/v1/serving", params={"window_s": 60}).json()
+    assert snap["latency"]["search"]["count"] == 3 and snap["latency"]["search"]["p99"] > 0
+    assert snap["latency"]["answer"]["count"] == 1 and snap["ttft"]["answer"]["count"] == 1
+    assert snap["itl"]["answer"]["count"] == 2  # three tokens, two gaps
+    assert snap["totals"]["completion_tokens"] == 3 and snap["totals"]["prompt_tokens"] > 0
+    assert snap["generator"] == {
+        "configured": True,
+        "model": "echo",
+        "url": None,
+        "circuit": "closed",
+        "last_error": "",
+    }
+    assert api.client.get("/v1/serving", params={"window_s": 0}).status_code == 422

@@ -69,11 +69,11 @@ class Answering:
             delta = await anext(self.deltas, None)
             now = time.perf_counter()
             if delta is not None and delta.text:
-                serving.itl.labels(self.endpoint).observe(now - last)
+                serving.inter_token(self.endpoint, now - last)
                 last = now
         generating = time.perf_counter() - self.t0 - self.ttft
         if self.usage and self.usage.completion_tokens > 1 and generating > 0:
-            serving.tokens_per_s.observe((self.usage.completion_tokens - 1) / generating)
+            serving.rate((self.usage.completion_tokens - 1) / generating)
 
     def _settle(self, last: Delta) -> None:
         u = last.usage
@@ -101,12 +101,10 @@ class Answering:
             + self.usage.completion_tokens / 1000 * g.price_per_1k_completion,
             8,
         )
-        serving, tenant = self.svc.serving, self.caller.label
-        serving.tokens.labels("prompt", tenant).inc(self.usage.prompt_tokens)
-        serving.tokens.labels("completion", tenant).inc(self.usage.completion_tokens)
-        serving.cost.labels(tenant).inc(self.cost)
+        serving = self.svc.serving
+        serving.account(self.caller.label, self.usage.prompt_tokens, self.usage.completion_tokens, self.cost)
         serving.outcomes.labels(self.endpoint, outcome).inc()
-        self.svc.latency.labels(self.endpoint).observe(time.perf_counter() - self.t0)
+        serving.request(self.endpoint, time.perf_counter() - self.t0)
         self.svc.gateway.charge(self.caller, self.usage.total_tokens)
         used = set(cited_numbers(self.answer, len(self.citations)))
         for c in self.citations:
@@ -177,7 +175,7 @@ async def start_answer(
         svc.serving.outcomes.labels(endpoint, "unavailable").inc()
         raise HTTPException(503, f"the generator is unavailable: {exc}; /v1/search still works") from exc
     ttft = time.perf_counter() - t0
-    svc.serving.ttft.labels(endpoint).observe(ttft)
+    svc.serving.first_token(endpoint, ttft)
     return Answering(
         svc,
         caller,

@@ -141,7 +141,7 @@ def create_app(
         await asyncio.to_thread(svc.gateway.charge, caller, query_tokens(body.query))
         now = time.time()
         took = time.perf_counter() - t0
-        svc.latency.labels("search").observe(took)
+        svc.serving.request("search", took)
         return SearchResponse(query=body.query, k=k, hits=[to_hit(h, now) for h in hits], took_ms=round(took * 1000, 2))
 
     @app.get("/v1/index/stats", response_model=IndexStats, tags=["retrieval"])
@@ -173,6 +173,16 @@ def create_app(
         """Per-change stage timestamps of changes acknowledged since `since_ms` (for benchmarks)."""
         changes = svc.tracker.changes(since_ms, limit=max(1, min(limit, 50_000)))
         return {"changes": [c.as_dict() for c in changes], "canary": [[t, s] for t, s in svc.tracker.canary(since_ms)]}
+
+    @app.get("/v1/serving", tags=["ops"])
+    async def serving(svc: ServicesDep, window_s: float = 60.0) -> dict[str, Any]:
+        """Serving now: request latency p50/p95/p99 and rate per endpoint, time to first token, inter-token
+        latency, tokens/s, tokens and cost since start, and the generator's circuit."""
+        if not 1 <= window_s <= 3600:
+            raise HTTPException(422, "window_s: must be between 1 and 3600")
+        snap = svc.serving.snapshot(window_s)
+        snap["generator"] = svc.generator_state()
+        return snap
 
     @app.get("/dashboard", response_class=HTMLResponse, tags=["freshness"])
     async def dashboard() -> HTMLResponse:

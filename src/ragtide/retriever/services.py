@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, HTTPException, Request
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry
 
 from ragtide.contracts.freshness import FreshnessTracker
 from ragtide.contracts.settings import RagtideSettings
@@ -48,14 +48,20 @@ class Services:
         self.canary: Canary | None = None
         self.user_tables = sources.user_tables
         self.filterable = {"table"} | {m for s in sources.sources for m in s.metadata}
-        self.latency = Histogram(
-            "ragtide_request_seconds",
-            "API request latency",
-            ["endpoint"],
-            registry=registry,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
-        )
         self.serving = ServingMetrics(registry)
+
+    def generator_state(self) -> dict[str, Any]:
+        """Which generator answers, and whether its circuit is closed."""
+        if self.generator is None:
+            return {"configured": False}
+        breaker = getattr(self.generator, "breaker", None)
+        return {
+            "configured": True,
+            "model": self.generator.model,
+            "url": getattr(self.generator, "url", None),
+            "circuit": breaker.state if breaker is not None else "closed",
+            "last_error": breaker.last_error if breaker is not None else "",
+        }
 
 
 def get_services(request: Request) -> Services:
