@@ -63,7 +63,7 @@ def up(
     s = _settings()
     stack = Stack(s)
     with console.status("starting") as status:
-        for name in ("postgres", "kafka", "connect", "node"):
+        for name in ("postgres", "kafka", "connect", "generator", "node"):
             status.update(f"starting {name}…")
             t0 = time.monotonic()
             getattr(stack, f"start_{name}")()
@@ -77,12 +77,15 @@ def up(
             stack.wait_ready()
     api = s.api.url
     console.print(
-        f"\n[bold]ragtide is up.[/]\n  search API  {api}/v1/search\n  dashboard   {api}/dashboard\n"
+        f"\n[bold]ragtide is up.[/]\n  search API  {api}/v1/search\n  answers     {api}/v1/answer, "
+        f"{api}/v1/chat/completions\n  dashboard   {api}/dashboard\n"
         f"  freshness   {api}/v1/freshness\n  OpenAPI     {api}/docs\n"
         f"  metrics     {api}/metrics\n  logs        {s.data_dir / 'logs'}\n\nTry:\n"
     )
     query = json.dumps({"query": "catching exceptions with try and except", "k": 3})
     print(f"curl -s {api}/v1/search -H 'content-type: application/json' -d '{query}'")
+    ask = json.dumps({"query": "How do I catch an exception?", "stream": True})
+    print(f"curl -sN {api}/v1/answer -H 'content-type: application/json' -d '{ask}'")
 
 
 def source_row_counts(s: RagtideSettings) -> dict[str, int]:
@@ -499,6 +502,65 @@ def export_model(
 
 FIND_MAX_STEPS = (10.0, 15.0, 20.0, 25.0, 30.0, 40.0, 50.0, 70.0, 100.0, 150.0, 200.0, 300.0, 400.0)
 FRESHNESS_TARGETS = {5.0: (0.3, 0.8), 50.0: (0.5, 1.5)}  # rate -> (p50, p99) seconds on this 2-core machine
+
+
+@bench_app.command("serve")
+def bench_serve(
+    duration: Annotated[float, typer.Option(min=1, max=300, help="seconds per search phase")] = 10.0,
+    clients: Annotated[int, typer.Option(min=2, max=64, help="concurrent clients of the second search phase")] = 8,
+    answers: Annotated[int, typer.Option(min=0, max=200, help="streamed answers (0: skip)")] = 5,
+    max_tokens: Annotated[int, typer.Option(min=1, max=1024, help="completion length of each answer")] = 32,
+    key: Annotated[str | None, typer.Option(help="API key (default: none, which dev mode allows)")] = None,
+    out: Annotated[Path, typer.Option(help="folder for the JSON result")] = Path("bench/results"),
+) -> None:
+    """Search latency with 1 client and the QPS N clients hold, then TTFT of streamed answers, side by side."""
+    from ragtide.bench.serve import ServeResult, answer_phase, indexed_chunks, require_loopback, search_phase
+
+    s = _settings()
+    api = s.api.url
+    try:
+        require_loopback(api)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="api.host") from exc
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    phases = []
+    for n in (1, clients):
+        with console.status(f"/v1/search with {n} client(s) for {duration:g}s…"):
+            phases.append(search_phase(api, headers, n, duration, max_requests=200_000))
+    if answers:
+        with console.status(f"{answers} streamed answers…"):
+            phases.append(answer_phase(api, headers, answers, max_tokens, timeout=300))
+    result = ServeResult(api, indexed_chunks(api, headers), phases, time.strftime("%Y%m%d-%H%M%S"))
+    table = Table(
+        "phase",
+        "requests",
+        "errors",
+        "QPS",
+        "p50",
+        "p95",
+        "p99",
+        "server p50",
+        "TTFT p50",
+        "TTFT p95",
+        "tokens/s",
+        title=f"bench serve: {api}, {result.indexed_chunks} indexed chunks",
+    )
+    for p in phases:
+        lat, ttft = p.latency_ms, p.extra.get("ttft_ms", {})
+        tps = p.extra.get("tokens_per_s", {}).get("p50")
+        table.add_row(
+            p.name,
+            str(p.requests),
+            str(p.errors),
+            f"{p.qps:g}",
+            *(f"{lat.get(q)} ms" for q in ("p50", "p95", "p99")),
+            f"{p.server_ms.get('p50', '–')} ms" if p.server_ms else "–",
+            f"{ttft.get('p50')} ms" if ttft else "–",
+            f"{ttft.get('p95')} ms" if ttft else "–",
+            f"{tps:.0f}" if tps else "–",
+        )
+    Console(width=200).print(table)
+    console.print(f"result: {result.save(out)}")
 
 
 @bench_app.command("freshness")

@@ -1,0 +1,196 @@
+"""`ragtide bench serve`: concurrent search and answer requests against the running stack, from this process.
+
+Phases, each bounded in time and count and aimed at a loopback API only:
+1. /v1/search with one client (latency), 2. /v1/search with N concurrent clients (QPS it holds),
+3. streamed /v1/answer with one client (time to first token, tokens/s, total).
+Latencies are measured client-side (what a caller sees), with the server's `took_ms` beside them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import httpx
+
+from ragtide.contracts.freshness import summarize
+
+QUERIES = [
+    "how do I catch an exception",
+    "for loops over a sequence",
+    "what does the with statement do",
+    "string formatting with f-strings",
+    "how are dictionaries ordered",
+    "import a module from a package",
+    "define a class with properties",
+    "what is a generator expression",
+    "integer division and remainders",
+    "how does garbage collection work",
+    "async functions and await",
+    "unpack a tuple into variables",
+]
+
+
+def require_loopback(url: str) -> None:
+    """Load goes to this machine only."""
+    host = urlparse(url).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(f"bench serve targets loopback addresses only, not {host!r}")
+
+
+@dataclass
+class Phase:
+    """One phase's outcome."""
+
+    name: str
+    clients: int
+    requests: int
+    errors: int
+    seconds: float
+    qps: float
+    latency_ms: dict[str, Any]
+    server_ms: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _ms(values: list[float]) -> dict[str, Any]:
+    return {k: (round(v * 1000, 2) if isinstance(v, float) else v) for k, v in summarize(values).items()}
+
+
+def search_phase(api: str, headers: dict[str, str], clients: int, duration: float, max_requests: int) -> Phase:
+    """`clients` threads, each with its own keep-alive connection, searching until the time or count runs out."""
+    lock = threading.Lock()
+    latencies: list[float] = []
+    server: list[float] = []
+    errors = [0]
+    issued = [0]
+    deadline = time.perf_counter() + duration
+
+    def client(n: int) -> None:
+        with httpx.Client(base_url=api, headers=headers, timeout=30) as http:
+            i = n
+            while time.perf_counter() < deadline:
+                with lock:
+                    if issued[0] >= max_requests:
+                        return
+                    issued[0] += 1
+                t0 = time.perf_counter()
+                try:
+                    resp = http.post("/v1/search", json={"query": QUERIES[i % len(QUERIES)], "k": 5})
+                    took = time.perf_counter() - t0
+                    ok = resp.status_code == 200
+                except httpx.HTTPError:
+                    took, ok = time.perf_counter() - t0, False
+                with lock:
+                    if ok:
+                        latencies.append(took)
+                        server.append(resp.json()["took_ms"] / 1000)
+                    else:
+                        errors[0] += 1
+                i += clients
+
+    # warm-up: connections, the encoder's first call
+    with httpx.Client(base_url=api, headers=headers, timeout=30) as http:
+        for q in QUERIES[:3]:
+            http.post("/v1/search", json={"query": q, "k": 5})
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    return Phase(
+        f"search ×{clients}",
+        clients,
+        len(latencies),
+        errors[0],
+        round(elapsed, 2),
+        round(len(latencies) / elapsed, 1),
+        _ms(latencies),
+        _ms(server),
+    )
+
+
+def answer_phase(api: str, headers: dict[str, str], count: int, max_tokens: int, timeout: float) -> Phase:
+    """Streamed answers one after another: TTFT, total, completion tokens/s."""
+    ttft: list[float] = []
+    total: list[float] = []
+    rates: list[float] = []
+    errors = 0
+    t0 = time.perf_counter()
+    deadline = t0 + timeout
+    with httpx.Client(base_url=api, headers=headers, timeout=120) as http:
+        for i in range(count):
+            if time.perf_counter() > deadline:
+                break
+            body = {"query": QUERIES[i % len(QUERIES)], "k": 3, "stream": True, "max_tokens": max_tokens}
+            start = time.perf_counter()
+            first: float | None = None
+            done: dict[str, Any] | None = None
+            event = None
+            with http.stream("POST", "/v1/answer", json=body) as resp:
+                if resp.status_code != 200:
+                    errors += 1
+                    continue
+                for line in resp.iter_lines():
+                    if line.startswith("event: "):
+                        event = line[7:]
+                    elif line.startswith("data: "):
+                        if event == "token" and first is None:
+                            first = time.perf_counter() - start
+                        elif event == "done":
+                            done = json.loads(line[6:])
+            end = time.perf_counter() - start
+            if first is None or done is None:
+                errors += 1
+                continue
+            ttft.append(first)
+            total.append(end)
+            tokens = done["usage"]["completion_tokens"]
+            if tokens > 1 and end > first:
+                rates.append((tokens - 1) / (end - first))
+    elapsed = time.perf_counter() - t0
+    return Phase(
+        "answer (stream) ×1",
+        1,
+        len(total),
+        errors,
+        round(elapsed, 2),
+        round(len(total) / elapsed, 2) if elapsed else 0.0,
+        _ms(total),
+        extra={"ttft_ms": _ms(ttft), "tokens_per_s": summarize(rates), "max_tokens": max_tokens},
+    )
+
+
+@dataclass
+class ServeResult:
+    """The whole run."""
+
+    api: str
+    indexed_chunks: int
+    phases: list[Phase]
+    started: str
+
+    def save(self, out: Path) -> Path:
+        """bench/results/serve-<time>.json"""
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"serve-{self.started}.json"
+        path.write_text(json.dumps(asdict(self), indent=2))
+        return path
+
+
+def indexed_chunks(api: str, headers: dict[str, str]) -> int:
+    """Points in the live generation (what search runs over)."""
+    stats = httpx.get(f"{api}/v1/index/stats", headers=headers, timeout=30).json()
+    return int(stats["points"])
