@@ -129,3 +129,27 @@ def test_tenants_are_isolated_and_keys_are_limited_on_the_real_stack(live: LiveS
     assert key_id and key_id in cli(live, "keys", "list", "--tenant", "globex", output="stderr")  # rich table
     cli(live, "keys", "revoke", key_id)
     poll(lambda: post(live, "/v1/search", {"query": "x"}, globex).status_code == 401, "the revoked key to be refused")
+
+
+def test_bench_serve_runs_from_a_separate_process(live: LiveStack, tmp_path: Any) -> None:
+    out = cli(
+        live,
+        "bench",
+        "serve",
+        "--duration",
+        "2",
+        "--clients",
+        "2",
+        "--answers",
+        "1",
+        "--max-tokens",
+        "4",
+        "--out",
+        str(tmp_path),
+    )
+    assert "search ×1" in out and "search ×2" in out and "answer (stream)" in out
+    (result,) = tmp_path.glob("serve-*.json")
+    phases = json.loads(result.read_text())["phases"]
+    assert [p["clients"] for p in phases] == [1, 2, 1]
+    assert phases[0]["requests"] > 0 and phases[0]["errors"] == 0 and phases[0]["latency_ms"]["p99"] > 0
+    assert phases[2]["requests"] == 1 and phases[2]["extra"]["ttft_ms"]["p50"] > 0

@@ -21,3 +21,13 @@ def test_sentences_are_30_to_80_words_and_deterministic() -> None:
     lengths = {len(sentence(random.Random(i)).split()) for i in range(200)}
     assert min(lengths) >= 30 and max(lengths) <= 80
     assert sentence(random.Random(1)) == sentence(random.Random(1))
+
+
+def test_bench_serve_targets_loopback_only() -> None:
+    from ragtide.bench.serve import require_loopback
+
+    require_loopback("http://127.0.0.1:58000")
+    require_loopback("http://localhost:8000")
+    for url in ("http://10.0.0.5:8000", "http://example.com", "http://0.0.0.0:8000"):
+        with pytest.raises(ValueError, match="loopback"):
+            require_loopback(url)
