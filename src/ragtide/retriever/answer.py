@@ -24,10 +24,12 @@ from ragtide.gateway.gateway import Caller
 from ragtide.generator.client import Delta, GenerationParams, GeneratorUnavailable, Message
 from ragtide.generator.prompt import Source, build_messages, cited_numbers, fit
 from ragtide.retriever.schemas import (
+    GATEWAY_RESPONSES,
     AnswerRequest,
     AnswerResponse,
     ChatCompletionRequest,
     Citation,
+    ErrorBody,
     Usage,
 )
 from ragtide.retriever.services import CallerDep, Services, ServicesDep, build_filter, check_query, retrieve, to_hit
@@ -212,8 +214,8 @@ def answer_router() -> APIRouter:
         response_model=AnswerResponse,
         responses={
             200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream is true"},
-            503: {"description": "no generator reachable (the reason is in detail)"},
-            429: {"description": "rate limit or daily token quota (see Retry-After)"},
+            503: {"model": ErrorBody, "description": "no generator reachable (the reason is in detail)"},
+            **GATEWAY_RESPONSES,
         },
     )
     async def answer(body: AnswerRequest, svc: ServicesDep, caller: CallerDep) -> Any:
@@ -274,7 +276,8 @@ def answer_router() -> APIRouter:
         "/v1/chat/completions",
         responses={
             200: {"content": {"text/event-stream": {}}, "description": "an OpenAI chat.completion, or chunks"},
-            503: {"description": "no generator reachable"},
+            503: {"model": ErrorBody, "description": "no generator reachable"},
+            **GATEWAY_RESPONSES,
         },
     )
     async def chat_completions(body: ChatCompletionRequest, svc: ServicesDep, caller: CallerDep) -> Any:

@@ -7,9 +7,9 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
+from fastapi import APIRouter, FastAPI, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -25,7 +25,16 @@ from ragtide.ingest.sources import SourcesConfig
 from ragtide.retriever.answer import answer_router
 from ragtide.retriever.canary import Canary
 from ragtide.retriever.dashboard import DASHBOARD_HTML, counters_from
-from ragtide.retriever.schemas import Health, IndexStats, SearchRequest, SearchResponse, TableStats
+from ragtide.retriever.openapi import tailored_openapi
+from ragtide.retriever.schemas import (
+    GATEWAY_RESPONSES,
+    Health,
+    IndexStats,
+    SearchRequest,
+    SearchResponse,
+    TableStats,
+    ValidationErrorBody,
+)
 from ragtide.retriever.services import (
     CallerDep,
     Services,
@@ -37,6 +46,7 @@ from ragtide.retriever.services import (
     to_hit,
 )
 
+WindowS = Annotated[float, Query(ge=1, le=3600, description="seconds of history the percentiles cover")]
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
 
@@ -104,8 +114,11 @@ def create_app(
         version="0.1.0",
         lifespan=_lifespan,
         description="Fresh retrieval over a CDC-maintained vector index.",
+        responses={422: {"model": ValidationErrorBody, "description": "the request is invalid; detail says how"}},
     )
     app.state.services = svc
+    metadata = sorted({m for src in sources.sources for m in src.metadata})
+    app.openapi = tailored_openapi(app, settings, svc.user_tables, metadata)  # type: ignore[method-assign]
     if settings.dashboard.assets_dir.is_dir():
         app.mount("/static", StaticFiles(directory=settings.dashboard.assets_dir), name="static")
 
@@ -131,7 +144,7 @@ def create_app(
     async def _value_error(_: Request, exc: ValueError) -> JSONResponse:
         return JSONResponse(status_code=422, content={"detail": str(exc)})
 
-    @app.post("/v1/search", response_model=SearchResponse, tags=["retrieval"])
+    @app.post("/v1/search", response_model=SearchResponse, tags=["retrieval"], responses=GATEWAY_RESPONSES)
     async def search(body: SearchRequest, svc: ServicesDep, caller: CallerDep) -> SearchResponse:
         """Semantic search over the freshest indexed state of the source tables (the caller's tenant only)."""
         t0 = time.perf_counter()
@@ -157,10 +170,8 @@ def create_app(
         return IndexStats(points=sum(t.chunks for t in tables.values()), tables=tables, generation=generation)
 
     @app.get("/v1/freshness", tags=["freshness"])
-    async def freshness(svc: ServicesDep, window_s: float = 60.0) -> dict[str, Any]:
+    async def freshness(svc: ServicesDep, window_s: WindowS = 60.0) -> dict[str, Any]:
         """Commit -> searchable now: the canary, per-change percentiles, per-stage breakdown, lag, counters."""
-        if not 1 <= window_s <= 3600:
-            raise HTTPException(422, "window_s: must be between 1 and 3600")
         snap = svc.tracker.snapshot(window_s=window_s)
         snap["counters"] = counters_from(svc.registry)
         if svc.canary is not None:
@@ -169,17 +180,19 @@ def create_app(
         return snap
 
     @app.get("/v1/freshness/changes", tags=["freshness"])
-    async def freshness_changes(svc: ServicesDep, since_ms: int = 0, limit: int = 50_000) -> dict[str, Any]:
+    async def freshness_changes(
+        svc: ServicesDep,
+        since_ms: Annotated[int, Query(ge=0, description="epoch ms")] = 0,
+        limit: Annotated[int, Query(ge=1, le=50_000)] = 50_000,
+    ) -> dict[str, Any]:
         """Per-change stage timestamps of changes acknowledged since `since_ms` (for benchmarks)."""
-        changes = svc.tracker.changes(since_ms, limit=max(1, min(limit, 50_000)))
+        changes = svc.tracker.changes(since_ms, limit=limit)
         return {"changes": [c.as_dict() for c in changes], "canary": [[t, s] for t, s in svc.tracker.canary(since_ms)]}
 
     @app.get("/v1/serving", tags=["ops"])
-    async def serving(svc: ServicesDep, window_s: float = 60.0) -> dict[str, Any]:
+    async def serving(svc: ServicesDep, window_s: WindowS = 60.0) -> dict[str, Any]:
         """Serving now: request latency p50/p95/p99 and rate per endpoint, time to first token, inter-token
         latency, tokens/s, tokens and cost since start, and the generator's circuit."""
-        if not 1 <= window_s <= 3600:
-            raise HTTPException(422, "window_s: must be between 1 and 3600")
         snap = svc.serving.snapshot(window_s)
         snap["generator"] = svc.generator_state()
         return snap

@@ -170,3 +170,24 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1, le=32_768)
     temperature: float | None = Field(None, ge=0, le=2)
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx that ragtide raises itself: what is wrong, in words."""
+
+    detail: str
+
+
+class ValidationErrorBody(BaseModel):
+    """422: a request that does not validate. `detail` is pydantic's list of errors (each with `loc` and `msg`)
+    for a malformed body, or one sentence naming the field for a rule checked after parsing."""
+
+    detail: str | list[dict[str, Any]]
+
+
+GATEWAY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "the body could not be parsed (not UTF-8 JSON)"},
+    401: {"model": ErrorBody, "description": "no, unknown or revoked API key"},
+    413: {"model": ErrorBody, "description": "request body larger than gateway.max_body_bytes"},
+    429: {"model": ErrorBody, "description": "rate limit or daily token quota; see Retry-After"},
+}
