@@ -511,10 +511,21 @@ def bench_serve(
     answers: Annotated[int, typer.Option(min=0, max=200, help="streamed answers (0: skip)")] = 5,
     max_tokens: Annotated[int, typer.Option(min=1, max=1024, help="completion length of each answer")] = 32,
     key: Annotated[str | None, typer.Option(help="API key (default: none, which dev mode allows)")] = None,
+    grow_to: Annotated[
+        int | None,
+        typer.Option(min=1, max=2_000_000, help="first insert synthetic rows until the index holds this many chunks"),
+    ] = None,
     out: Annotated[Path, typer.Option(help="folder for the JSON result")] = Path("bench/results"),
 ) -> None:
     """Search latency with 1 client and the QPS N clients hold, then TTFT of streamed answers, side by side."""
-    from ragtide.bench.serve import ServeResult, answer_phase, indexed_chunks, require_loopback, search_phase
+    from ragtide.bench.serve import (
+        ServeResult,
+        answer_phase,
+        grow_index,
+        indexed_chunks,
+        require_loopback,
+        search_phase,
+    )
 
     s = _settings()
     api = s.api.url
@@ -523,6 +534,9 @@ def bench_serve(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="api.host") from exc
     headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if grow_to:
+        with console.status(f"growing the index to {grow_to} chunks through the pipeline…") as status:
+            grow_index(s.postgres.dsn(), api, grow_to, timeout=3600, progress=lambda n: status.update(f"{n} chunks"))
     phases = []
     for n in (1, clients):
         with console.status(f"/v1/search with {n} client(s) for {duration:g}s…"):

@@ -194,3 +194,40 @@ def indexed_chunks(api: str, headers: dict[str, str]) -> int:
     """Points in the live generation (what search runs over)."""
     stats = httpx.get(f"{api}/v1/index/stats", headers=headers, timeout=30).json()
     return int(stats["points"])
+
+
+def grow_index(dsn: str, api: str, target_points: int, timeout: float, progress: Any = None, batch: int = 5000) -> int:
+    """Insert synthetic one-chunk rows (category 'bench', ids `bench-serve/<n>`) into public.docs until the
+    index holds `target_points`, through the real pipeline; wait until they are indexed. Returns the points."""
+    import random
+
+    import psycopg
+
+    from ragtide.bench.workload import sentence
+
+    have = indexed_chunks(api, {})
+    missing = max(0, target_points - have)
+    rng = random.Random(11)
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM public.docs WHERE id LIKE 'bench-serve/%'").fetchone()
+        start = int(row[0]) if row else 0
+        for first in range(0, missing, batch):
+            rows = [
+                (f"bench-serve/{start + first + i}", "bench", sentence(rng), "bench-serve")
+                for i in range(min(batch, missing - first))
+            ]
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO public.docs (id, title, body, topic, category) VALUES (%s, %s, %s, %s, 'bench')"
+                    " ON CONFLICT (id) DO NOTHING",
+                    rows,
+                )
+            conn.commit()
+    deadline = time.monotonic() + timeout
+    while (points := indexed_chunks(api, {})) < target_points:
+        if progress is not None:
+            progress(points)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {points} of {target_points} points indexed after {timeout:.0f}s")
+        time.sleep(2)
+    return points
