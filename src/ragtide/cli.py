@@ -299,14 +299,17 @@ def embedder() -> None:
     from ragtide.contracts.freshness import FreshnessTracker
     from ragtide.ingest.sources import load_sources
     from ragtide.node import build_embedder, build_encoder, build_lifecycle, open_generations
+    from ragtide.retriever.cache import build_cache
 
     s = _settings()
     setup_logging(s.log_level, s.json_logs)
     sources = load_sources(s.sources_file)
     registry = CollectorRegistry()
     tracker = FreshnessTracker(registry)
-    generations, snapshot = open_generations(s, build_encoder(s), sources, registry)
-    worker_app = build_embedder(s, generations, sources, registry, tracker)
+    encoder = build_encoder(s)
+    generations, snapshot = open_generations(s, encoder, sources, registry)
+    cache = build_cache(s, registry, encoder.dim, sole_writer=False)  # the retrievers store, we invalidate
+    worker_app = build_embedder(s, generations, sources, registry, tracker, cache)
 
     @worker_app.task  # type: ignore[untyped-decorator]
     async def builds() -> None:  # the blue/green switch is the embedder's job: it owns the writes

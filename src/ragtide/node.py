@@ -44,6 +44,7 @@ from ragtide.embedder.writer import IndexWriter
 from ragtide.ingest.connector import signal_incremental_snapshot, source_topics
 from ragtide.ingest.sources import SourcesConfig, load_sources
 from ragtide.retriever.app import create_app
+from ragtide.retriever.cache import InvalidatingApplier, SemanticCache, build_cache
 from ragtide.retriever.services import get_admin
 
 log = logging.getLogger(__name__)
@@ -118,9 +119,11 @@ def build_embedder(
     sources: SourcesConfig,
     registry: CollectorRegistry,
     tracker: FreshnessTracker | None = None,
+    cache: SemanticCache | None = None,
 ) -> faust.App:
-    """The Faust app of the embedder, writing to every open generation."""
-    processor = BatchProcessor(generations, EmbedderMetrics(registry), settings.connect.topic_prefix, tracker)
+    """The Faust app of the embedder, writing to every open generation (and invalidating cached answers)."""
+    applier = InvalidatingApplier(generations, cache) if cache is not None else generations
+    processor = BatchProcessor(applier, EmbedderMetrics(registry), settings.connect.topic_prefix, tracker)
     return create_worker_app(settings, processor, source_topics(settings, sources))
 
 
@@ -164,7 +167,8 @@ def create_node_app(settings: RagtideSettings) -> FastAPI:
     registry = CollectorRegistry()
     tracker = FreshnessTracker(registry)
     generations, snapshot = open_generations(settings, encoder, sources, registry)
-    worker = build_embedder(settings, generations, sources, registry, tracker)
+    cache = build_cache(settings, registry, encoder.dim)
+    worker = build_embedder(settings, generations, sources, registry, tracker, cache)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -182,6 +186,7 @@ def create_node_app(settings: RagtideSettings) -> FastAPI:
         tracker=tracker,
         routers=[admin],
         status=generations.status,
+        cache=cache,
     )
 
 
@@ -260,4 +265,6 @@ def create_retriever_app(settings: RagtideSettings) -> FastAPI:
     follower = CatalogFollower(
         open_catalog(settings), generation_factory(settings, encoder, sources), desired_generation(settings, encoder)
     )
-    return create_app(settings, follower, None, sources)
+    registry = CollectorRegistry()
+    cache = build_cache(settings, registry, encoder.dim, sole_writer=False)
+    return create_app(settings, follower, None, sources, registry, cache=cache)

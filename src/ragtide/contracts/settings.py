@@ -180,6 +180,15 @@ class GatewaySettings(_Section):
     max_body_bytes: int = Field(65_536, ge=1024, le=16_777_216, description="larger request bodies get 413")
 
 
+class CacheSettings(_Section):
+    """The semantic answer cache in front of /v1/answer and /v1/chat/completions."""
+
+    enabled: bool = True
+    threshold: float = Field(0.95, gt=0, le=1, description="cosine between questions for a hit")
+    ttl_s: float = Field(3600.0, gt=0, le=30 * 86_400, description="a cached answer expires after this")
+    max_entries: int = Field(10_000, ge=1, le=1_000_000, description="oldest answers are evicted beyond this")
+
+
 class BatchSettings(_Section):
     """How the embedder batches: by size and by time window (`stream.noack_take(max, within)`)."""
 
@@ -223,6 +232,7 @@ class RagtideSettings(BaseSettings):
     api: ApiSettings = ApiSettings()
     generator: GeneratorSettings = GeneratorSettings()
     gateway: GatewaySettings = GatewaySettings()
+    cache: CacheSettings = CacheSettings()
     batch: BatchSettings = BatchSettings()
     canary: CanarySettings = CanarySettings()
     dashboard: DashboardSettings = DashboardSettings()

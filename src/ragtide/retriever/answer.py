@@ -8,31 +8,47 @@ tenant when the answer ends, including answers the client abandoned halfway.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import StreamingResponse
 
 from ragtide.embedder.index.base import Filter
 from ragtide.gateway.gateway import Caller
 from ragtide.generator.client import Delta, GenerationParams, GeneratorUnavailable, Message
+from ragtide.generator.client import Usage as GenUsage
 from ragtide.generator.prompt import Source, build_messages, cited_numbers, fit
+from ragtide.retriever.cache import ALL_TENANTS, CachedAnswer, scope_key
 from ragtide.retriever.schemas import (
     GATEWAY_RESPONSES,
     AnswerRequest,
     AnswerResponse,
+    CacheInfo,
     ChatCompletionRequest,
     Citation,
     ErrorBody,
     Usage,
 )
-from ragtide.retriever.services import CallerDep, Services, ServicesDep, build_filter, check_query, retrieve, to_hit
+from ragtide.retriever.services import (
+    CallerDep,
+    Services,
+    ServicesDep,
+    build_filter,
+    check_query,
+    query_tokens,
+    retrieve,
+    to_hit,
+)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -50,11 +66,21 @@ class Answering:
     prompt_chars: int
     t0: float
     ttft: float
+    question: str = ""
+    cached: CachedAnswer | None = None
+    lookup: CacheLookup | None = None
     text: list[str] = field(default_factory=list)
     finish_reason: str = "stop"
     usage: Usage | None = None
     cost: float = 0.0
     _charged: bool = False
+
+    @property
+    def cache_info(self) -> CacheInfo:
+        """Whether this answer came from the cache, how old and how close it is."""
+        if self.cached is None:
+            return CacheInfo(hit=False)
+        return CacheInfo(hit=True, age_s=round(self.cached.age_s(time.time()), 3), similarity=self.cached.similarity)
 
     async def tokens(self) -> AsyncIterator[str]:
         """The completion's text pieces; records inter-token latency; ends with usage set."""
@@ -89,14 +115,17 @@ class Answering:
             estimated=estimated,
         )
 
-    def finish(self, outcome: str = "ok") -> None:
-        """Charge the tenant and record metrics once (also for an abandoned stream)."""
+    async def finish(self, outcome: str = "ok") -> None:
+        """Charge the tenant, record metrics and cache the answer, once (also for an abandoned stream)."""
         if self._charged:
             return
         self._charged = True
         if self.usage is None:
             self._settle(Delta())
         assert self.usage is not None
+        used = set(cited_numbers(self.answer, len(self.citations)))
+        for c in self.citations:
+            c.cited = c.n in used
         g = self.svc.settings.generator
         self.cost = round(
             self.usage.prompt_tokens / 1000 * g.price_per_1k_prompt
@@ -107,10 +136,27 @@ class Answering:
         serving.account(self.caller.label, self.usage.prompt_tokens, self.usage.completion_tokens, self.cost)
         serving.outcomes.labels(self.endpoint, outcome).inc()
         serving.request(self.endpoint, time.perf_counter() - self.t0)
-        self.svc.gateway.charge(self.caller, self.usage.total_tokens)
-        used = set(cited_numbers(self.answer, len(self.citations)))
-        for c in self.citations:
-            c.cited = c.n in used
+        # a hit used no generator: it costs what a search costs
+        charged = query_tokens(self.question) if self.cached else self.usage.total_tokens
+        await asyncio.to_thread(self.svc.gateway.charge, self.caller, charged)
+        if self.lookup is not None and self.cached is None and outcome == "ok" and self.answer:
+            await asyncio.to_thread(self._remember)
+
+    def _remember(self) -> None:
+        assert self.lookup is not None and self.svc.cache is not None and self.usage is not None
+        self.svc.cache.store(
+            self.lookup.vector,
+            self.lookup.tenant,
+            self.lookup.scope,
+            self.lookup.since_seq,
+            self.question,
+            self.answer,
+            [c.model_dump(exclude={"age_s", "cited"}) for c in self.citations],
+            self.finish_reason,
+            time.perf_counter() - self.t0,
+            self.usage.prompt_tokens,
+            self.usage.completion_tokens,
+        )
 
     async def aclose(self) -> None:
         """Stop the generator stream (a client that went away must not keep the generator busy)."""
@@ -129,6 +175,31 @@ class Answering:
         return round((time.perf_counter() - self.t0) * 1000, 2)
 
 
+@dataclass(frozen=True)
+class CacheLookup:
+    """What a miss needs to store its answer later."""
+
+    vector: npt.NDArray[np.float32]
+    tenant: str
+    scope: str
+    since_seq: int
+
+
+async def _replay(cached: CachedAnswer) -> AsyncIterator[Delta]:
+    yield Delta(text=cached.answer)
+    yield Delta(finish_reason=cached.finish_reason, usage=GenUsage(prompt_tokens=0, completion_tokens=0))
+
+
+def _from_cache(cached: CachedAnswer, now: float) -> list[Citation]:
+    """Stored citations with their ages brought up to now."""
+    out = []
+    for c in cached.citations:
+        ts = c.get("source_commit_ts")
+        age = round(now - datetime.fromisoformat(ts).timestamp(), 3) if ts else None
+        out.append(Citation(**c, age_s=age))
+    return out
+
+
 async def start_answer(
     svc: Services,
     caller: Caller,
@@ -138,8 +209,10 @@ async def start_answer(
     flt: Filter,
     params: GenerationParams,
     history: Sequence[Message] = (),
+    use_cache: bool = True,
 ) -> Answering:
-    """Retrieve, build the prompt, and start the generator; 503 with the reason when it cannot answer.
+    """Answer from the cache, or retrieve, build the prompt, and start the generator; 503 with the reason when
+    it cannot answer.
 
     The first delta is awaited here, before any response is sent, so an unreachable generator is a clean 503
     even for a streamed answer (and the time to first token is exact).
@@ -149,7 +222,41 @@ async def start_answer(
         svc.serving.outcomes.labels(endpoint, "unavailable").inc()
         raise HTTPException(503, "answering is off: no generator is configured (generator.url); /v1/search works")
     k = check_query(svc, query, k or svc.settings.generator.context_chunks)
-    hits = await retrieve(svc, query, k, flt)
+    index, encoder = svc.active.current()
+    lookup: CacheLookup | None = None
+    if svc.cache is not None and use_cache:
+        since = svc.cache.seq  # before retrieval: a change after this point keeps the answer out of the cache
+        vector = (await asyncio.to_thread(encoder.encode, [query]))[0]
+        scope = scope_key(
+            filter=flt,
+            k=k,
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            history=[(m.role, m.content) for m in history],
+            encoder=encoder.model_name,
+            generator=svc.generator.model,
+        )
+        lookup = CacheLookup(vector, caller.tenant if caller.tenant is not None else ALL_TENANTS, scope, since)
+        cached = await asyncio.to_thread(svc.cache.lookup, vector, lookup.tenant, scope)
+        if cached is not None:
+            ttft = time.perf_counter() - t0
+            deltas = _replay(cached).__aiter__()
+            return Answering(
+                svc,
+                caller,
+                endpoint,
+                _from_cache(cached, time.time()),
+                deltas,
+                await anext(deltas),
+                prompt_chars=0,
+                t0=t0,
+                ttft=ttft,
+                question=query,
+                cached=cached,
+            )
+        hits = await asyncio.to_thread(index.search, vector, k, flt)
+    else:
+        hits = await retrieve(svc, query, k, flt)
     now = time.time()
     found = [to_hit(h, now) for h in hits]
     texts = fit([h.text for h in found], svc.settings.generator.max_context_chars)
@@ -188,6 +295,8 @@ async def start_answer(
         prompt_chars=sum(len(m.content) for m in messages),
         t0=t0,
         ttft=ttft,
+        question=query,
+        lookup=lookup,
     )
 
 
@@ -222,15 +331,15 @@ def answer_router() -> APIRouter:
         """Answer from the freshest indexed rows, citing them; `stream: true` streams Server-Sent Events."""
         params = _params(svc, body.max_tokens, body.temperature)
         flt = build_filter(svc, body.filter, caller)
-        run = await start_answer(svc, caller, "answer", body.query, body.k, flt, params)
+        run = await start_answer(svc, caller, "answer", body.query, body.k, flt, params, use_cache=body.cache)
         if not body.stream:
             try:
                 async for _ in run.tokens():
                     pass
             except GeneratorUnavailable as exc:
-                run.finish("broken")
+                await run.finish("broken")
                 raise HTTPException(503, f"the generator failed mid-answer: {exc}") from exc
-            run.finish()
+            await run.finish()
             assert run.usage is not None
             return AnswerResponse(
                 query=body.query,
@@ -242,12 +351,14 @@ def answer_router() -> APIRouter:
                 cost=run.cost,
                 ttft_ms=round(run.ttft * 1000, 2),
                 took_ms=run.took_ms,
+                cache=run.cache_info,
             )
 
         async def events() -> AsyncIterator[str]:
             outcome = "abandoned"
             try:
-                yield _sse("citations", {"citations": [c.model_dump() for c in run.citations]})
+                citations = [c.model_dump() for c in run.citations]
+                yield _sse("citations", {"citations": citations, "cache": run.cache_info.model_dump()})
                 async for text in run.tokens():
                     yield _sse("token", {"text": text})
                 outcome = "ok"
@@ -255,7 +366,7 @@ def answer_router() -> APIRouter:
                 outcome = "broken"
                 yield _sse("error", {"detail": f"the generator failed mid-answer: {exc}"})
             finally:
-                run.finish(outcome)
+                await run.finish(outcome)
                 await run.aclose()
             assert run.usage is not None
             yield _sse(
@@ -267,6 +378,7 @@ def answer_router() -> APIRouter:
                     "cited": [c.n for c in run.citations if c.cited],
                     "ttft_ms": round(run.ttft * 1000, 2),
                     "took_ms": run.took_ms,
+                    "cache": run.cache_info.model_dump(),
                 },
             )
 
@@ -293,7 +405,7 @@ def answer_router() -> APIRouter:
         history = [Message(m.role, m.content) for m in body.messages[:last] if m.content]
         params = _params(svc, body.max_completion_tokens or body.max_tokens, body.temperature)
         flt = build_filter(svc, None, caller)
-        run = await start_answer(svc, caller, "chat", query, None, flt, params, history)
+        run = await start_answer(svc, caller, "chat", query, None, flt, params, history, use_cache=body.cache)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         model = svc.generator.model if svc.generator else ""
         base = {"id": cid, "created": created, "model": model}
@@ -303,9 +415,9 @@ def answer_router() -> APIRouter:
                 async for _ in run.tokens():
                     pass
             except GeneratorUnavailable as exc:
-                run.finish("broken")
+                await run.finish("broken")
                 raise HTTPException(503, f"the generator failed mid-answer: {exc}") from exc
-            run.finish()
+            await run.finish()
             assert run.usage is not None
             return {
                 **base,
@@ -319,6 +431,7 @@ def answer_router() -> APIRouter:
                 ],
                 "usage": run.usage.model_dump(exclude={"estimated"}),
                 "citations": [c.model_dump() for c in run.citations],
+                "cache": run.cache_info.model_dump(),
             }
 
         def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
@@ -329,14 +442,15 @@ def answer_router() -> APIRouter:
         async def events() -> AsyncIterator[str]:
             outcome = "abandoned"
             try:
-                yield chunk({"role": "assistant"}, citations=[c.model_dump() for c in run.citations])
+                citations = [c.model_dump() for c in run.citations]
+                yield chunk({"role": "assistant"}, citations=citations, cache=run.cache_info.model_dump())
                 async for text in run.tokens():
                     yield chunk({"content": text})
                 outcome = "ok"
             except GeneratorUnavailable:
                 outcome = "broken"
             finally:
-                run.finish(outcome)
+                await run.finish(outcome)
                 await run.aclose()
             assert run.usage is not None
             finish = run.finish_reason if outcome == "ok" else "error"

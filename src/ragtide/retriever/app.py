@@ -23,6 +23,7 @@ from ragtide.gateway.store import PostgresGatewayStore
 from ragtide.generator.client import Generator, OpenAIGenerator
 from ragtide.ingest.sources import SourcesConfig
 from ragtide.retriever.answer import answer_router
+from ragtide.retriever.cache import SemanticCache
 from ragtide.retriever.canary import Canary
 from ragtide.retriever.dashboard import DASHBOARD_HTML, counters_from
 from ragtide.retriever.openapi import tailored_openapi
@@ -62,6 +63,7 @@ def create_app(
     status: Callable[[], dict[str, Any]] | None = None,
     gateway: Gateway | None = None,
     generator: Generator | None = None,
+    cache: SemanticCache | None = None,
 ) -> FastAPI:
     """Build the API over `active` (a switching view of the live generation) or one fixed index + encoder;
     `lifespan` lets the node run the embedder in the same event loop; `status` reports the generations;
@@ -79,7 +81,7 @@ def create_app(
     if generator is None and settings.generator.endpoint:
         generator = OpenAIGenerator(settings.generator)
     tracker = tracker or FreshnessTracker(registry)
-    svc = Services(settings, active, sources, registry, tracker, gateway, generator, status)
+    svc = Services(settings, active, sources, registry, tracker, gateway, generator, status, cache)
     if settings.canary.enabled:
         svc.canary = Canary(settings.postgres.dsn(), active, svc.tracker, settings.canary)
     live = active
@@ -102,6 +104,8 @@ def create_app(
                         await svc.generator.aclose()
                     if store is not None:
                         store.close()
+                    if cache is not None:
+                        cache.close()
                     if canary_task is not None:
                         canary_task.cancel()
                         with contextlib.suppress(asyncio.CancelledError):

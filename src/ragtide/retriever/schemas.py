@@ -98,6 +98,7 @@ class AnswerRequest(BaseModel):
     stream: StrictBool = Field(False, description="Server-Sent Events: citations first, then tokens, then done")
     max_tokens: int | None = Field(None, ge=1, le=32_768, description="completion length (default from settings)")
     temperature: float | None = Field(None, ge=0, le=2)
+    cache: StrictBool = Field(True, description="false: never answer from the semantic cache (nor store)")
 
     @field_validator("query")
     @classmethod
@@ -130,6 +131,14 @@ class Usage(BaseModel):
     estimated: bool = Field(False, description="the generator reported no usage; counted from the stream")
 
 
+class CacheInfo(BaseModel):
+    """Whether an answer came from the semantic cache."""
+
+    hit: bool
+    age_s: float | None = Field(None, description="seconds since the cached answer was generated")
+    similarity: float | None = Field(None, description="cosine between this question and the cached one")
+
+
 class AnswerResponse(BaseModel):
     """POST /v1/answer (stream: false)."""
 
@@ -142,6 +151,7 @@ class AnswerResponse(BaseModel):
     cost: float
     ttft_ms: float
     took_ms: float
+    cache: CacheInfo
 
 
 class ChatMessageIn(BaseModel):
@@ -170,6 +180,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1, le=32_768)
     temperature: float | None = Field(None, ge=0, le=2)
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    cache: StrictBool = Field(True, description="ragtide extension: false bypasses the semantic cache")
 
 
 class ErrorBody(BaseModel):

@@ -19,6 +19,7 @@ from ragtide.gateway.gateway import Caller, Gateway, bearer
 from ragtide.generator.client import Generator
 from ragtide.generator.metrics import ServingMetrics
 from ragtide.ingest.sources import SourcesConfig
+from ragtide.retriever.cache import SemanticCache
 from ragtide.retriever.canary import Canary
 from ragtide.retriever.schemas import SearchHit
 
@@ -36,6 +37,7 @@ class Services:
         gateway: Gateway,
         generator: Generator | None = None,
         status: Callable[[], dict[str, Any]] | None = None,
+        cache: SemanticCache | None = None,
     ) -> None:
         self.settings = settings
         self.active = active
@@ -45,6 +47,7 @@ class Services:
         self.tracker = tracker
         self.gateway = gateway
         self.generator = generator
+        self.cache = cache
         self.canary: Canary | None = None
         self.user_tables = sources.user_tables
         self.filterable = {"table"} | {m for s in sources.sources for m in s.metadata}
