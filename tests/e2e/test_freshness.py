@@ -75,7 +75,7 @@ def test_dashboard_renders_live_data_in_headless_chromium(live: LiveStack) -> No
                 timeout=30_000,
             )
             assert page.inner_text("#k-search").endswith(("ms", " s"))
-            assert page.inner_text("#k-gen") == "ok"  # the local llama.cpp server, circuit closed
+            assert page.inner_text("#k-gen").startswith("ok")  # the local llama.cpp server, circuit closed
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
         finally:
             browser.close()

@@ -9,15 +9,17 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
 
 from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
-from ragtide.contracts.settings import RagtideSettings, load_settings
+from ragtide.contracts.settings import CacheSettings, RagtideSettings, load_settings
 from ragtide.embedder.index.memory import MemoryIndex
 from ragtide.embedder.writer import IndexWriter
 from ragtide.gateway.gateway import Gateway
 from ragtide.gateway.store import MemoryGatewayStore, new_key
 from ragtide.ingest.sources import SourcesConfig
 from ragtide.retriever.app import create_app
+from ragtide.retriever.cache import SemanticCache
 from tests.doubles import EchoGenerator, HashEncoder, word_chunker
 
 SOURCES = SourcesConfig.model_validate(
@@ -37,8 +39,16 @@ def event(table: str, i: int, body: str, org: str | None = None) -> ChangeEvent:
 
 
 class Api:
-    def __init__(self, client: TestClient, store: MemoryGatewayStore, generator: EchoGenerator) -> None:
+    def __init__(
+        self,
+        client: TestClient,
+        store: MemoryGatewayStore,
+        generator: EchoGenerator,
+        writer: IndexWriter,
+        cache: SemanticCache | None,
+    ) -> None:
         self.client, self.store, self.generator = client, store, generator
+        self.writer, self.cache = writer, cache
 
     def key(self, tenant: str, **kw: Any) -> dict[str, str]:
         key, record = new_key(tenant, **kw)
@@ -46,7 +56,7 @@ class Api:
         return {"Authorization": f"Bearer {key}"}
 
 
-def make_api(generator: EchoGenerator, **settings: Any) -> Iterator[Api]:
+def make_api(generator: EchoGenerator, cache: CacheSettings | None = None, **settings: Any) -> Iterator[Api]:
     index, encoder = MemoryIndex(), HashEncoder()
     index.ensure_collection(encoder.dim)
     writer = IndexWriter(index, encoder, word_chunker(50, 5), SOURCES)
@@ -61,9 +71,13 @@ def make_api(generator: EchoGenerator, **settings: Any) -> Iterator[Api]:
     store = MemoryGatewayStore()
     gateway = {"admin_key": ADMIN, "key_cache_s": 0, **settings.pop("gateway", {})}
     s = load_settings(RagtideSettings, canary={"enabled": False}, gateway=gateway, **settings)
-    app = create_app(s, index, encoder, SOURCES, gateway=Gateway(s.gateway, store), generator=generator)
+    semantic = None
+    if cache is not None:
+        semantic = SemanticCache(MemoryIndex(), cache, CollectorRegistry())
+        semantic.ensure(encoder.dim)
+    app = create_app(s, index, encoder, SOURCES, gateway=Gateway(s.gateway, store), generator=generator, cache=semantic)
     with TestClient(app) as client:
-        yield Api(client, store, generator)
+        yield Api(client, store, generator, writer, semantic)
 
 
 @pytest.fixture

@@ -199,6 +199,7 @@ def create_app(
         latency, tokens/s, tokens and cost since start, and the generator's circuit."""
         snap = svc.serving.snapshot(window_s)
         snap["generator"] = svc.generator_state()
+        snap["cache"] = svc.cache.stats() if svc.cache is not None else None
         return snap
 
     @app.get("/dashboard", response_class=HTMLResponse, tags=["freshness"])

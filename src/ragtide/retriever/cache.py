@@ -83,6 +83,10 @@ class CacheMetrics:
         self.entries = Gauge("ragtide_cache_entries", "Answers in the cache", registry=registry)
 
 
+def _totals(counter: Counter) -> list[Any]:
+    return [s for c in counter.collect() for s in c.samples if s.name.endswith("_total")]
+
+
 class SemanticCache:
     """Lookup, store, invalidate; thread-safe (the embedder invalidates from its worker thread)."""
 
@@ -242,6 +246,21 @@ class SemanticCache:
             for i in ids:
                 self._order.pop(i, None)
             self.metrics.entries.set(len(self._order))
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since start: lookups by result, hit rate, invalidations, what hits saved, entries."""
+        m = self.metrics
+        results = {s.labels["result"]: s.value for s in _totals(m.requests)}
+        lookups = sum(results.values())
+        return {
+            "hits": int(results.get("hit", 0)),
+            "misses": int(results.get("miss", 0) + results.get("expired", 0)),
+            "hit_rate": round(results.get("hit", 0) / lookups, 4) if lookups else None,
+            "invalidations": int(sum(s.value for s in _totals(m.invalidated))),
+            "saved_seconds": round(sum(s.value for s in _totals(m.saved_seconds)), 3),
+            "saved_tokens": int(sum(s.value for s in _totals(m.saved_tokens))),
+            "entries": len(self),
+        }
 
     def __len__(self) -> int:
         with self._lock:
