@@ -580,6 +580,41 @@ def bench_serve(
     console.print(f"result: {result.save(out)}")
 
 
+@bench_app.command("cache")
+def bench_cache(
+    k: Annotated[int, typer.Option(min=1, max=20, help="chunks per answer")] = 3,
+    max_tokens: Annotated[int, typer.Option(min=1, max=256, help="completion length of each answer")] = 16,
+    stale_rows: Annotated[int, typer.Option(min=0, max=50, help="rows changed after their answer was cached")] = 5,
+    out: Annotated[Path, typer.Option(help="folder for the JSON result")] = Path("bench/results"),
+) -> None:
+    """Replay paraphrased questions: hit rate, wrong-hit rate, latency hit vs miss, and stale hits after a
+    cited row changed, in one run (against the running stack)."""
+    from ragtide.bench.cache import replay
+    from ragtide.bench.serve import require_loopback
+
+    s = _settings()
+    try:
+        require_loopback(s.api.url)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="api.host") from exc
+    with console.status("replaying questions…"):
+        bench = replay(s.api.url, s.postgres.dsn(), k, max_tokens, stale_rows, log=console.print)
+    bench.threshold = s.cache.threshold
+    summary = bench.summary()
+    table = Table(
+        "", "hit", "miss", title=f"bench cache: {summary['questions']} questions, threshold {s.cache.threshold}"
+    )
+    table.add_row("p50", f"{summary['hit_ms']['p50']} ms", f"{summary['miss_ms']['p50']} ms")
+    table.add_row("p99", f"{summary['hit_ms']['p99']} ms", f"{summary['miss_ms']['p99']} ms")
+    table.add_row("count", str(summary["hit_ms"]["count"]), str(summary["miss_ms"]["count"]))
+    Console(width=160).print(table)
+    kinds = ", ".join(f"{kind} {v['hits']}/{v['asked']}" for kind, v in summary["by_kind"].items())
+    print(f"hit rate {summary['hit_rate']} ({kinds})")
+    print(f"wrong hits {summary['wrong_hits']} (rate {summary['wrong_hit_rate']})")
+    print(f"stale hits after a cited row changed: {summary['stale_hits']} of {summary['stale_checks']} checks")
+    console.print(f"result: {bench.save(out)}")
+
+
 @bench_app.command("freshness")
 def bench_freshness(
     rate: Annotated[list[float], typer.Option(help="changes per second; repeat for a side-by-side run")] = [5.0, 50.0],  # noqa: B006

@@ -31,3 +31,14 @@ def test_bench_serve_targets_loopback_only() -> None:
     for url in ("http://10.0.0.5:8000", "http://example.com", "http://0.0.0.0:8000"):
         with pytest.raises(ValueError, match="loopback"):
             require_loopback(url)
+
+
+def test_bench_cache_questions_are_deterministic_and_mixed() -> None:
+    from ragtide.bench.cache import TOPICS, questions
+
+    qs = questions()
+    assert qs == questions() and len(qs) == len(TOPICS) * 9
+    kinds = [k for k, _, _ in qs]
+    assert kinds[: len(TOPICS)] == ["first"] * len(TOPICS)  # every topic is asked once before any repeat
+    assert {"repeat", "paraphrase", "new"} <= set(kinds[len(TOPICS) :])
+    assert len({q for kind, _, q in qs if kind == "first"}) == len(TOPICS)

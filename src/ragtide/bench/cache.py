@@ -1,0 +1,189 @@
+"""`ragtide bench cache`: replay paraphrased questions against the running stack and measure the answer cache.
+
+The question set is generated deterministically from the demo corpus' topics: each topic's first question,
+then repeats, near-duplicates (case, punctuation) and paraphrases of it, interleaved with questions about other
+topics. For every hit, a fresh retrieval with the same query and k tells whether the cached answer cites the
+rows a fresh answer would (a *wrong hit* when not). Then staleness: for rows the bench owns, an answer is cached,
+the row is changed in Postgres, and the same question is asked again once the change is searchable; a hit
+there is a *stale hit* (the target is zero).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+
+from ragtide.contracts.freshness import summarize
+
+TOPICS = [
+    ("exceptions", "exceptions"),
+    ("try", "the try statement"),
+    ("for", "the for loop"),
+    ("with", "the with statement"),
+    ("lambda", "lambda expressions"),
+    ("import", "the import statement"),
+    ("class", "class definitions"),
+    ("yield", "yield expressions"),
+    ("formatstrings", "format strings"),
+    ("slicings", "slicing"),
+    ("global", "the global statement"),
+    ("async", "async functions"),
+]
+FIRST = "How does {t} work in Python?"
+REPEATS = [
+    "How does {t} work in Python?",  # verbatim
+    "how does {t} work in python?",  # case
+    "How does {t} work in Python",  # punctuation
+    "How does {t} work in Python ?",
+]
+PARAPHRASES = [
+    "In Python, how does {t} work?",
+    "How do {t} work in Python?",
+    "Explain how {t} works in Python.",
+]
+NEW = "What are common mistakes with {t} in Python?"
+
+
+def questions(seed: int = 7) -> list[tuple[str, str, str]]:
+    """(kind, topic id, question) in replay order: first asks, then a shuffled mix of the rest."""
+    rng = random.Random(seed)
+    first = [("first", tid, FIRST.format(t=t)) for tid, t in TOPICS]
+    rest = [("repeat", tid, q.format(t=t)) for tid, t in TOPICS for q in REPEATS]
+    rest += [("paraphrase", tid, q.format(t=t)) for tid, t in TOPICS for q in PARAPHRASES]
+    rest += [("new", tid, NEW.format(t=t)) for tid, t in TOPICS]
+    rng.shuffle(rest)
+    return first + rest
+
+
+@dataclass
+class Asked:
+    """One replayed question."""
+
+    kind: str
+    question: str
+    hit: bool
+    seconds: float
+    similarity: float | None = None
+    wrong: bool = False
+
+
+@dataclass
+class CacheBench:
+    """The whole run."""
+
+    api: str
+    k: int
+    max_tokens: int
+    threshold: float | None
+    asked: list[Asked] = field(default_factory=list)
+    stale_checks: int = 0
+    stale_hits: int = 0
+    started: str = ""
+
+    def summary(self) -> dict[str, Any]:
+        """Hit rate by kind, wrong-hit rate, latency hit vs miss, stale hits."""
+        hits = [a for a in self.asked if a.hit]
+        misses = [a for a in self.asked if not a.hit]
+        by_kind = {}
+        for kind in ("first", "repeat", "paraphrase", "new"):
+            group = [a for a in self.asked if a.kind == kind]
+            by_kind[kind] = {"asked": len(group), "hits": sum(a.hit for a in group)}
+        return {
+            "questions": len(self.asked),
+            "hit_rate": round(len(hits) / len(self.asked), 4) if self.asked else None,
+            "wrong_hits": sum(a.wrong for a in hits),
+            "wrong_hit_rate": round(sum(a.wrong for a in hits) / len(hits), 4) if hits else None,
+            "by_kind": by_kind,
+            "hit_ms": {k: _ms(v) for k, v in summarize([a.seconds for a in hits]).items()},
+            "miss_ms": {k: _ms(v) for k, v in summarize([a.seconds for a in misses]).items()},
+            "stale_checks": self.stale_checks,
+            "stale_hits": self.stale_hits,
+        }
+
+    def save(self, out: Path) -> Path:
+        """bench/results/cache-<time>.json"""
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"cache-{self.started}.json"
+        path.write_text(json.dumps({**asdict(self), "summary": self.summary()}, indent=2))
+        return path
+
+
+def _ms(v: Any) -> Any:
+    return round(v * 1000, 2) if isinstance(v, float) else v
+
+
+def _answer(http: httpx.Client, query: str, k: int, max_tokens: int) -> tuple[dict[str, Any], float]:
+    t0 = time.perf_counter()
+    resp = http.post("/v1/answer", json={"query": query, "k": k, "max_tokens": max_tokens})
+    took = time.perf_counter() - t0
+    resp.raise_for_status()
+    return resp.json(), took
+
+
+def _fresh_sources(http: httpx.Client, query: str, k: int) -> set[tuple[str, str, int]]:
+    hits = http.post("/v1/search", json={"query": query, "k": k}).json()["hits"]
+    return {(h["table"], h["row_id"], h["chunk_no"]) for h in hits}
+
+
+def replay(api: str, dsn: str, k: int, max_tokens: int, stale_rows: int, log: Any = print) -> CacheBench:
+    """Run the replay and the staleness checks; bounded by the fixed question set."""
+    bench = CacheBench(api, k, max_tokens, None, started=time.strftime("%Y%m%d-%H%M%S"))
+    run = uuid.uuid4().hex[:6]  # tags this run's questions: earlier runs' cached answers must not count
+    with httpx.Client(base_url=api, timeout=180) as http:
+        for kind, _, question in questions():
+            q = f"{question} [{run}]"
+            body, took = _answer(http, q, k, max_tokens)
+            asked = Asked(kind, question, bool(body["cache"]["hit"]), took, body["cache"].get("similarity"))
+            if asked.hit:
+                cited = {(c["table"], c["row_id"], c["chunk_no"]) for c in body["citations"]}
+                asked.wrong = cited != _fresh_sources(http, q, k)
+            bench.asked.append(asked)
+        log(f"replayed {len(bench.asked)} questions")
+        bench.stale_checks, bench.stale_hits = staleness(http, dsn, run, k, max_tokens, stale_rows)
+    return bench
+
+
+def staleness(http: httpx.Client, dsn: str, run: str, k: int, max_tokens: int, rows: int) -> tuple[int, int]:
+    """Cache an answer about a row, change the row, ask again once the change is searchable: hits are stale."""
+    checks = stale = 0
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for i in range(rows):
+            rid = f"bench-cache/{run}/{i}"
+            word = f"zx{run}{i}"
+            conn.execute(
+                "INSERT INTO public.docs (id, title, body, topic, category) VALUES (%s, 'bench', %s, 'bench-cache',"
+                " 'bench')",
+                (rid, f"The {word} lighthouse keeps a red lantern in its tower."),
+            )
+            question = f"What does the {word} lighthouse keep?"
+            _wait(http, word, rid, "red lantern")
+            _answer(http, question, k, max_tokens)
+            second, _ = _answer(http, question, k, max_tokens)
+            if not second["cache"]["hit"]:
+                continue  # nothing cached to go stale
+            conn.execute("UPDATE public.docs SET body = %s WHERE id = %s",
+                         (f"The {word} lighthouse keeps a green lantern in its tower.", rid))  # fmt: skip
+            _wait(http, word, rid, "green lantern")
+            third, _ = _answer(http, question, k, max_tokens)
+            checks += 1
+            stale += bool(third["cache"]["hit"])
+        conn.execute("DELETE FROM public.docs WHERE id LIKE %s", (f"bench-cache/{run}/%",))
+    return checks, stale
+
+
+def _wait(http: httpx.Client, word: str, rid: str, text: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        hits = http.post("/v1/search", json={"query": f"{word} lighthouse", "k": 3}).json()["hits"]
+        if any(h["row_id"] == rid and text in h["text"] for h in hits):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{rid} did not become searchable with {text!r}")
