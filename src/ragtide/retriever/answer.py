@@ -158,6 +158,16 @@ class Answering:
             self.usage.completion_tokens,
         )
 
+    async def complete(self) -> None:
+        """Generate to the end (a non-streamed answer) and finish; 503 when the generator breaks off."""
+        try:
+            async for _ in self.tokens():
+                pass
+        except GeneratorUnavailable as exc:
+            await self.finish("broken")
+            raise HTTPException(503, f"the generator failed mid-answer: {exc}") from exc
+        await self.finish()
+
     async def aclose(self) -> None:
         """Stop the generator stream (a client that went away must not keep the generator busy)."""
         closer = getattr(self.deltas, "aclose", None)
@@ -333,13 +343,7 @@ def answer_router() -> APIRouter:
         flt = build_filter(svc, body.filter, caller)
         run = await start_answer(svc, caller, "answer", body.query, body.k, flt, params, use_cache=body.cache)
         if not body.stream:
-            try:
-                async for _ in run.tokens():
-                    pass
-            except GeneratorUnavailable as exc:
-                await run.finish("broken")
-                raise HTTPException(503, f"the generator failed mid-answer: {exc}") from exc
-            await run.finish()
+            await run.complete()
             assert run.usage is not None
             return AnswerResponse(
                 query=body.query,
@@ -411,13 +415,7 @@ def answer_router() -> APIRouter:
         base = {"id": cid, "created": created, "model": model}
 
         if not body.stream:
-            try:
-                async for _ in run.tokens():
-                    pass
-            except GeneratorUnavailable as exc:
-                await run.finish("broken")
-                raise HTTPException(503, f"the generator failed mid-answer: {exc}") from exc
-            await run.finish()
+            await run.complete()
             assert run.usage is not None
             return {
                 **base,
