@@ -137,3 +137,16 @@ def test_cached_answers_never_cross_tenants_and_stream_with_their_cache_info(cac
     assert other["cache"]["hit"] is False and all(c["key"] != {"id": 10} for c in other["citations"])
     streamed = api.client.post("/v1/answer", json={**body, "stream": True}, headers=globex).text
     assert '"cache":{"hit":true' in streamed.replace(" ", "")
+
+
+def test_a_close_question_whose_retrieval_differs_is_not_served_the_cached_answer() -> None:
+    """'What does the alpha lighthouse keep?' and '... beta lighthouse ...' embed almost alike, but retrieve
+    different rows: the cached answer is about the wrong row, so it is refused (and an older version too)."""
+    cache = make()
+    alpha = ["public.docs:alpha@10/1000"]
+    cache.store(vec(1, 0), "t1", "scope", 0, "alpha?", "a red lantern", [cite("public.docs", "alpha")], "stop",
+                1.0, 10, 5, alpha)  # fmt: skip
+    assert cache.lookup(vec(1, 0.05), "t1", "scope", alpha) is not None
+    assert cache.lookup(vec(1, 0.05), "t1", "scope", ["public.docs:beta@11/1001"]) is None  # another row
+    assert cache.lookup(vec(1, 0.05), "t1", "scope", ["public.docs:alpha@12/1002"]) is None  # a newer version
+    assert cache.stats()["refused_other_sources"] == 2

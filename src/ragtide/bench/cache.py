@@ -128,9 +128,9 @@ def _answer(http: httpx.Client, query: str, k: int, max_tokens: int) -> tuple[di
     return resp.json(), took
 
 
-def _fresh_sources(http: httpx.Client, query: str, k: int) -> set[tuple[str, str, int]]:
+def _fresh_rows(http: httpx.Client, query: str, k: int) -> set[tuple[str, str]]:
     hits = http.post("/v1/search", json={"query": query, "k": k}).json()["hits"]
-    return {(h["table"], h["row_id"], h["chunk_no"]) for h in hits}
+    return {(h["table"], h["row_id"]) for h in hits}
 
 
 def replay(api: str, dsn: str, k: int, max_tokens: int, stale_rows: int, log: Any = print) -> CacheBench:
@@ -142,9 +142,9 @@ def replay(api: str, dsn: str, k: int, max_tokens: int, stale_rows: int, log: An
             q = f"{question} [{run}]"
             body, took = _answer(http, q, k, max_tokens)
             asked = Asked(kind, question, bool(body["cache"]["hit"]), took, body["cache"].get("similarity"))
-            if asked.hit:
-                cited = {(c["table"], c["row_id"], c["chunk_no"]) for c in body["citations"]}
-                asked.wrong = cited != _fresh_sources(http, q, k)
+            if asked.hit:  # wrong: the cached answer cites other rows than a fresh answer would
+                cited = {(c["table"], c["row_id"]) for c in body["citations"]}
+                asked.wrong = cited != _fresh_rows(http, q, k)
             bench.asked.append(asked)
         log(f"replayed {len(bench.asked)} questions")
         bench.stale_checks, bench.stale_hits = staleness(http, dsn, run, k, max_tokens, stale_rows)

@@ -28,7 +28,7 @@ from ragtide.gateway.gateway import Caller
 from ragtide.generator.client import Delta, GenerationParams, GeneratorUnavailable, Message
 from ragtide.generator.client import Usage as GenUsage
 from ragtide.generator.prompt import Source, build_messages, cited_numbers, fit
-from ragtide.retriever.cache import ALL_TENANTS, CachedAnswer, scope_key
+from ragtide.retriever.cache import ALL_TENANTS, CachedAnswer, scope_key, sources_of
 from ragtide.retriever.schemas import (
     GATEWAY_RESPONSES,
     AnswerRequest,
@@ -156,6 +156,7 @@ class Answering:
             time.perf_counter() - self.t0,
             self.usage.prompt_tokens,
             self.usage.completion_tokens,
+            self.lookup.sources,
         )
 
     async def complete(self) -> None:
@@ -193,6 +194,7 @@ class CacheLookup:
     tenant: str
     scope: str
     since_seq: int
+    sources: list[str]
 
 
 async def _replay(cached: CachedAnswer) -> AsyncIterator[Delta]:
@@ -246,8 +248,11 @@ async def start_answer(
             encoder=encoder.model_name,
             generator=svc.generator.model,
         )
-        lookup = CacheLookup(vector, caller.tenant if caller.tenant is not None else ALL_TENANTS, scope, since)
-        cached = await asyncio.to_thread(svc.cache.lookup, vector, lookup.tenant, scope)
+        hits = await asyncio.to_thread(index.search, vector, k, flt)
+        lookup = CacheLookup(
+            vector, caller.tenant if caller.tenant is not None else ALL_TENANTS, scope, since, sources_of(hits)
+        )
+        cached = await asyncio.to_thread(svc.cache.lookup, vector, lookup.tenant, scope, lookup.sources)
         if cached is not None:
             ttft = time.perf_counter() - t0
             deltas = _replay(cached).__aiter__()
@@ -264,7 +269,6 @@ async def start_answer(
                 question=query,
                 cached=cached,
             )
-        hits = await asyncio.to_thread(index.search, vector, k, flt)
     else:
         hits = await retrieve(svc, query, k, flt)
     now = time.time()

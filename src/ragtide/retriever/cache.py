@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ragtide.contracts.events import ChangeEvent, Op
 from ragtide.contracts.settings import CacheSettings, RagtideSettings
-from ragtide.embedder.index.base import IndexPoint, VectorIndex
+from ragtide.embedder.index.base import Hit, IndexPoint, VectorIndex
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,17 @@ class CachedAnswer:
 def scope_key(**parts: Any) -> str:
     """A stable digest of what makes two answers comparable (filter, k, limits, model, history...)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def sources_of(hits: Sequence[Hit]) -> list[str]:
+    """The row versions a retrieval returned: `table:row@lsn/ts`, sorted. A cached answer is served only when a
+    fresh retrieval for the new question returns exactly these (same rows, same versions): never an answer
+    built on other rows, nor on an older version of the same rows."""
+    versions = set()
+    for h in hits:
+        p = h.payload
+        versions.add(f"{p.get('table')}:{p.get('row_id')}@{p.get('lsn', 0)}/{p.get('source_ts_ms', 0)}")
+    return sorted(versions)
 
 
 def row_key(table: str, row_id: str) -> str:
@@ -121,8 +132,11 @@ class SemanticCache:
         with self._lock:
             return self._seq
 
-    def lookup(self, vector: npt.NDArray[np.float32], tenant: str, scope: str) -> CachedAnswer | None:
-        """The closest stored answer of this tenant and scope, if within the threshold and the TTL."""
+    def lookup(
+        self, vector: npt.NDArray[np.float32], tenant: str, scope: str, sources: Sequence[str] | None = None
+    ) -> CachedAnswer | None:
+        """The closest stored answer of this tenant and scope, if within the threshold and the TTL, and (when
+        `sources` is given: the fresh retrieval's `sources_of`) built on exactly those row versions."""
         if not self._ready:
             return None
         hits = self.index.search(vector, 1, {"tenant": tenant, "scope": scope})
@@ -131,6 +145,9 @@ class SemanticCache:
             return None
         hit = hits[0]
         p = hit.payload
+        if sources is not None and list(p.get("sources") or []) != list(sources):
+            self.metrics.requests.labels("other_sources").inc()
+            return None
         if time.time() * 1000 - int(p["created_ms"]) > self.settings.ttl_s * 1000:
             self._drop([hit.id])
             self.metrics.requests.labels("expired").inc()
@@ -164,6 +181,7 @@ class SemanticCache:
         generation_s: float,
         prompt_tokens: int,
         completion_tokens: int,
+        sources: Sequence[str] = (),
     ) -> bool:
         """Keep an answer, unless a row it used changed since `since_seq` (then it may already be stale)."""
         if not self._ready:
@@ -186,6 +204,7 @@ class SemanticCache:
             "answer": answer,
             "citations": json.dumps(list(citations), default=str),
             "rows": sorted(rows) or ["-"],
+            "sources": list(sources),
             "tables": sorted(tables) or ["-"],
             "finish_reason": finish_reason,
             "created_ms": created,
@@ -254,7 +273,8 @@ class SemanticCache:
         lookups = sum(results.values())
         return {
             "hits": int(results.get("hit", 0)),
-            "misses": int(results.get("miss", 0) + results.get("expired", 0)),
+            "misses": int(results.get("miss", 0) + results.get("expired", 0) + results.get("other_sources", 0)),
+            "refused_other_sources": int(results.get("other_sources", 0)),
             "hit_rate": round(results.get("hit", 0) / lookups, 4) if lookups else None,
             "invalidations": int(sum(s.value for s in _totals(m.invalidated))),
             "saved_seconds": round(sum(s.value for s in _totals(m.saved_seconds)), 3),
