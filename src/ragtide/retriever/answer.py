@@ -238,7 +238,7 @@ async def start_answer(
     lookup: CacheLookup | None = None
     if svc.cache is not None and use_cache:
         since = svc.cache.seq  # before retrieval: a change after this point keeps the answer out of the cache
-        vector = (await asyncio.to_thread(encoder.encode, [query]))[0]
+        vector = await svc.query_vectors.embed(encoder, query)
         scope = scope_key(
             filter=flt,
             k=k,

@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, field_validator
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 FilterScalar = str | int | bool
+
+
+def _json_integer(value: Any) -> Any:
+    """JSON Schema's integer: a number with no fraction (117.0 is fine), never a boolean or a numeric string."""
+    if isinstance(value, bool | str):
+        raise ValueError("must be an integer")
+    return value
+
+
+_JSON_INT = BeforeValidator(_json_integer)
+# constraints before the validator: that order keeps minimum/maximum in the JSON schema
+SearchK = Annotated[int, Field(ge=1, le=1000), _JSON_INT]
+AnswerK = Annotated[int, Field(ge=1, le=50), _JSON_INT]
+Tokens = Annotated[int, Field(ge=1, le=32_768), _JSON_INT]
+Temperature = Annotated[StrictFloat, Field(ge=0, le=2)]
 
 
 class SearchRequest(BaseModel):
@@ -18,7 +33,7 @@ class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     query: str = Field(min_length=1, max_length=2000, description="natural-language query")
-    k: int | None = Field(None, ge=1, le=1000, description="number of hits (default from settings)")
+    k: SearchK | None = Field(None, description="number of hits (default from settings)")
     filter: dict[str, FilterScalar | list[FilterScalar]] | None = Field(
         None, description="metadata column -> value (or list of values, any of); 'table' filters by source table"
     )
@@ -93,11 +108,11 @@ class AnswerRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     query: str = Field(min_length=1, max_length=2000, description="the question")
-    k: int | None = Field(None, ge=1, le=50, description="retrieved chunks put into the prompt (default from settings)")
+    k: AnswerK | None = Field(None, description="retrieved chunks put into the prompt (default from settings)")
     filter: dict[str, FilterScalar | list[FilterScalar]] | None = Field(None, description="as in /v1/search")
     stream: StrictBool = Field(False, description="Server-Sent Events: citations first, then tokens, then done")
-    max_tokens: int | None = Field(None, ge=1, le=32_768, description="completion length (default from settings)")
-    temperature: float | None = Field(None, ge=0, le=2)
+    max_tokens: Tokens | None = Field(None, description="completion length (default from settings)")
+    temperature: Temperature | None = None
     cache: StrictBool = Field(True, description="false: never answer from the semantic cache (nor store)")
 
     @field_validator("query")
@@ -176,10 +191,10 @@ class ChatCompletionRequest(BaseModel):
     model: str | None = Field(None, max_length=200, description="ignored: the configured generator answers")
     messages: list[ChatMessageIn] = Field(min_length=1, max_length=50)
     stream: StrictBool = False
-    max_tokens: int | None = Field(None, ge=1, le=32_768)
-    max_completion_tokens: int | None = Field(None, ge=1, le=32_768)
-    temperature: float | None = Field(None, ge=0, le=2)
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    max_tokens: Tokens | None = None
+    max_completion_tokens: Tokens | None = None
+    temperature: Temperature | None = None
+    n: Annotated[int, _JSON_INT] = Field(1, ge=1, le=1, description="only 1 is supported")
     cache: StrictBool = Field(True, description="ragtide extension: false bypasses the semantic cache")
 
 

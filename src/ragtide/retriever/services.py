@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
+import numpy as np
+import numpy.typing as npt
 from fastapi import Depends, Header, HTTPException, Request
 from prometheus_client import CollectorRegistry
 
 from ragtide.contracts.freshness import FreshnessTracker
 from ragtide.contracts.settings import RagtideSettings
+from ragtide.embedder.encoder import Encoder
 from ragtide.embedder.index.base import TENANT_FIELD, ActiveIndex, Filter, Hit
 from ragtide.gateway.gateway import Caller, Gateway, bearer
 from ragtide.generator.client import Generator
@@ -52,6 +57,7 @@ class Services:
         self.user_tables = sources.user_tables
         self.filterable = {"table"} | {m for s in sources.sources for m in s.metadata}
         self.serving = ServingMetrics(registry)
+        self.query_vectors = QueryVectors()
 
     def generator_state(self) -> dict[str, Any]:
         """Which generator answers, and whether its circuit is closed."""
@@ -164,10 +170,34 @@ def check_query(svc: Services, query: str, k: int | None) -> int:
     return k
 
 
+class QueryVectors:
+    """The embeddings of recent query texts per encoder (LRU): a repeated query skips the model."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._vectors: OrderedDict[tuple[str, str], npt.NDArray[np.float32]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    async def embed(self, encoder: Encoder, query: str) -> npt.NDArray[np.float32]:
+        """The query's vector from `encoder` (a generation switch brings another encoder, hence another key)."""
+        key = (encoder.model_name, query)
+        with self._lock:
+            vector = self._vectors.get(key)
+            if vector is not None:
+                self._vectors.move_to_end(key)
+                return vector
+        vector = np.asarray((await asyncio.to_thread(encoder.encode, [query]))[0], dtype=np.float32)
+        with self._lock:
+            self._vectors[key] = vector
+            while len(self._vectors) > self.size:
+                self._vectors.popitem(last=False)
+        return vector
+
+
 async def retrieve(svc: Services, query: str, k: int, flt: Filter) -> list[Hit]:
     """Encode the query with the live generation's encoder and search its collection."""
     index, encoder = svc.active.current()
-    vector = (await asyncio.to_thread(encoder.encode, [query]))[0]
+    vector = await svc.query_vectors.embed(encoder, query)
     return await asyncio.to_thread(index.search, vector, k, flt)
 
 
