@@ -598,7 +598,7 @@ def bench_cache(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="api.host") from exc
     with console.status("replaying questions…"):
-        bench = replay(s.api.url, s.postgres.dsn(), k, max_tokens, stale_rows, log=console.print)
+        bench = replay(s.api.url, s.postgres.dsn(), k, max_tokens, stale_rows, admin_headers(s), log=console.print)
     bench.threshold = s.cache.threshold
     summary = bench.summary()
     table = Table(

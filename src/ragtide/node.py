@@ -175,7 +175,7 @@ def create_node_app(settings: RagtideSettings) -> FastAPI:
         async with faust_lifespan(worker)(app), build_lifecycle(settings, generations, sources, snapshot, registry):
             yield
 
-    admin = admin_router(settings, generations, sources)
+    admin = admin_router(settings, generations, sources, cache)
     return create_app(
         settings,
         generations,
@@ -211,7 +211,9 @@ class ReindexRequest(BaseModel):
     )
 
 
-def admin_router(settings: RagtideSettings, generations: Generations, sources: SourcesConfig) -> APIRouter:
+def admin_router(
+    settings: RagtideSettings, generations: Generations, sources: SourcesConfig, cache: SemanticCache | None = None
+) -> APIRouter:
     """Operator endpoints of the node (the owner of the embedded index)."""
     router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(get_admin)])
     dsn = settings.postgres.dsn()
@@ -245,6 +247,15 @@ def admin_router(settings: RagtideSettings, generations: Generations, sources: S
         spec = await asyncio.to_thread(generations.rebuild)
         await asyncio.to_thread(signal_incremental_snapshot, dsn, sources.user_tables)
         return {"building": spec.as_dict(), **generations.status()}
+
+    @router.post("/cache/clear")
+    async def cache_clear() -> dict[str, Any]:
+        """Drop every cached answer (benchmarks start from an empty cache; also after editing prompts)."""
+        if cache is None:
+            raise HTTPException(409, "the answer cache is off (cache.enabled)")
+        dropped = len(cache)
+        await asyncio.to_thread(cache.clear)
+        return {"dropped": dropped}
 
     @router.get("/generations")
     async def generations_status() -> dict[str, Any]:

@@ -55,3 +55,12 @@ def test_repeat_is_a_hit_and_a_changed_cited_row_is_never_served_stale(live: Liv
     assert live.metric("ragtide_cache_invalidations_total") >= 1
     serving = httpx.get(f"{live.settings.api.url}/v1/serving", timeout=30).json()
     assert serving["cache"]["hits"] >= 1 and serving["cache"]["invalidations"] >= 1
+
+
+def test_admin_clears_the_cache(live: LiveStack) -> None:
+    question = "How do I raise an exception?"
+    ask(live, question)
+    assert ask(live, question)["cache"]["hit"] is True
+    cleared = httpx.post(f"{live.settings.api.url}/v1/admin/cache/clear", timeout=30).json()
+    assert cleared["dropped"] >= 1
+    assert ask(live, question)["cache"]["hit"] is False

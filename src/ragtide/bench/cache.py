@@ -50,6 +50,7 @@ PARAPHRASES = [
     "Explain how {t} works in Python.",
 ]
 NEW = "What are common mistakes with {t} in Python?"
+ISLANDS = ["Skye", "Mull", "Arran", "Islay", "Jura", "Orkney", "Shetland", "Lewis", "Harris", "Barra"]
 
 
 def questions(seed: int = 7) -> list[tuple[str, str, str]]:
@@ -133,13 +134,16 @@ def _fresh_rows(http: httpx.Client, query: str, k: int) -> set[tuple[str, str]]:
     return {(h["table"], h["row_id"]) for h in hits}
 
 
-def replay(api: str, dsn: str, k: int, max_tokens: int, stale_rows: int, log: Any = print) -> CacheBench:
-    """Run the replay and the staleness checks; bounded by the fixed question set."""
+def replay(
+    api: str, dsn: str, k: int, max_tokens: int, stale_rows: int, admin: dict[str, str], log: Any = print
+) -> CacheBench:
+    """Run the replay (from an empty cache) and the staleness checks; bounded by the fixed question set."""
     bench = CacheBench(api, k, max_tokens, None, started=time.strftime("%Y%m%d-%H%M%S"))
-    run = uuid.uuid4().hex[:6]  # tags this run's questions: earlier runs' cached answers must not count
+    run = uuid.uuid4().hex[:6]
     with httpx.Client(base_url=api, timeout=180) as http:
+        http.post("/v1/admin/cache/clear", headers=admin).raise_for_status()
         for kind, _, question in questions():
-            q = f"{question} [{run}]"
+            q = question
             body, took = _answer(http, q, k, max_tokens)
             asked = Asked(kind, question, bool(body["cache"]["hit"]), took, body["cache"].get("similarity"))
             if asked.hit:  # wrong: the cached answer cites other rows than a fresh answer would
@@ -157,20 +161,20 @@ def staleness(http: httpx.Client, dsn: str, run: str, k: int, max_tokens: int, r
     with psycopg.connect(dsn, autocommit=True) as conn:
         for i in range(rows):
             rid = f"bench-cache/{run}/{i}"
-            word = f"zx{run}{i}"
+            word = ISLANDS[i % len(ISLANDS)]
             conn.execute(
                 "INSERT INTO public.docs (id, title, body, topic, category) VALUES (%s, 'bench', %s, 'bench-cache',"
                 " 'bench')",
-                (rid, f"The {word} lighthouse keeps a red lantern in its tower."),
+                (rid, f"The lighthouse on {word} keeps a red lantern in its tower."),
             )
-            question = f"What does the {word} lighthouse keep?"
+            question = f"What does the lighthouse on {word} keep?"
             _wait(http, word, rid, "red lantern")
             _answer(http, question, k, max_tokens)
             second, _ = _answer(http, question, k, max_tokens)
             if not second["cache"]["hit"]:
                 continue  # nothing cached to go stale
             conn.execute("UPDATE public.docs SET body = %s WHERE id = %s",
-                         (f"The {word} lighthouse keeps a green lantern in its tower.", rid))  # fmt: skip
+                         (f"The lighthouse on {word} keeps a green lantern in its tower.", rid))  # fmt: skip
             _wait(http, word, rid, "green lantern")
             third, _ = _answer(http, question, k, max_tokens)
             checks += 1
@@ -182,7 +186,7 @@ def staleness(http: httpx.Client, dsn: str, run: str, k: int, max_tokens: int, r
 def _wait(http: httpx.Client, word: str, rid: str, text: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        hits = http.post("/v1/search", json={"query": f"{word} lighthouse", "k": 3}).json()["hits"]
+        hits = http.post("/v1/search", json={"query": f"lighthouse on {word}", "k": 10}).json()["hits"]
         if any(h["row_id"] == rid and text in h["text"] for h in hits):
             return
         time.sleep(0.1)
