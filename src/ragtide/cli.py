@@ -607,6 +607,8 @@ def bench_cache(
     table.add_row("p50", f"{summary['hit_ms']['p50']} ms", f"{summary['miss_ms']['p50']} ms")
     table.add_row("p99", f"{summary['hit_ms']['p99']} ms", f"{summary['miss_ms']['p99']} ms")
     table.add_row("count", str(summary["hit_ms"]["count"]), str(summary["miss_ms"]["count"]))
+    for q in ("p50", "p99"):
+        table.add_row(f"server {q}", f"{summary['hit_server_ms'][q]} ms", f"{summary['miss_server_ms'][q]} ms")
     Console(width=160).print(table)
     kinds = ", ".join(f"{kind} {v['hits']}/{v['asked']}" for kind, v in summary["by_kind"].items())
     print(f"hit rate {summary['hit_rate']} ({kinds})")

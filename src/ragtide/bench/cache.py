@@ -74,6 +74,7 @@ class Asked:
     seconds: float
     similarity: float | None = None
     wrong: bool = False
+    server_s: float = 0.0
 
 
 @dataclass
@@ -105,6 +106,8 @@ class CacheBench:
             "by_kind": by_kind,
             "hit_ms": {k: _ms(v) for k, v in summarize([a.seconds for a in hits]).items()},
             "miss_ms": {k: _ms(v) for k, v in summarize([a.seconds for a in misses]).items()},
+            "hit_server_ms": {k: _ms(v) for k, v in summarize([a.server_s for a in hits]).items()},
+            "miss_server_ms": {k: _ms(v) for k, v in summarize([a.server_s for a in misses]).items()},
             "stale_checks": self.stale_checks,
             "stale_hits": self.stale_hits,
         }
@@ -146,6 +149,7 @@ def replay(
             q = question
             body, took = _answer(http, q, k, max_tokens)
             asked = Asked(kind, question, bool(body["cache"]["hit"]), took, body["cache"].get("similarity"))
+            asked.server_s = body["took_ms"] / 1000
             if asked.hit:  # wrong: the cached answer cites other rows than a fresh answer would
                 cited = {(c["table"], c["row_id"]) for c in body["citations"]}
                 asked.wrong = cited != _fresh_rows(http, q, k)
