@@ -321,6 +321,14 @@ def embedder() -> None:
 
 
 @app.command()
+def optimize() -> None:
+    """Build the live index's HNSW graph after a large backfill (the embedded engine pauses the node meanwhile)."""
+    with console.status("optimizing the live generation's index…"):
+        report = _post(_settings(), "/v1/admin/optimize", {}, timeout=3600)
+    console.print_json(data=report)
+
+
+@app.command()
 def search(
     query: str,
     k: Annotated[int, typer.Option("--k", "-k", help="number of hits")] = 5,

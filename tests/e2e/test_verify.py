@@ -77,3 +77,11 @@ def test_verify_finds_and_repairs_exactly_the_injected_drift(live: LiveStack) ->
 def test_verify_rejects_unknown_tables(live: LiveStack) -> None:
     resp = httpx.post(f"{live.settings.api.url}/v1/admin/verify", json={"table": "public.nope"}, timeout=60)
     assert resp.status_code == 422 and "not a source table" in resp.text
+
+
+def test_optimize_builds_the_search_index_and_search_keeps_answering(live: LiveStack) -> None:
+    resp = httpx.post(f"{live.settings.api.url}/v1/admin/optimize", json={}, timeout=600)
+    assert resp.status_code == 200, resp.text
+    report = resp.json()
+    assert report["optimized"] is True and report["indexed_vectors"] >= live.demo_rows
+    assert live.search("catching exceptions with try and except", k=3)

@@ -169,3 +169,10 @@ def test_edge_index_persists_across_reopen(tmp_path: Path) -> None:
     again.ensure_collection(DIM)
     assert again.count() == 4 and again.search(vec(2), 1)[0].payload["text"] == "2-0"
     again.close()
+
+
+def test_optimize_reports_and_search_still_answers(index: VectorIndex) -> None:
+    seed(index)
+    report = index.optimize()
+    assert report["points"] == 4 and isinstance(report["optimized"], bool)
+    assert [h.payload["text"] for h in index.search(vec(0), 1)] == ["1-0"]

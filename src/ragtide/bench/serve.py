@@ -86,7 +86,9 @@ def search_phase(api: str, headers: dict[str, str], clients: int, duration: floa
                     issued[0] += 1
                 t0 = time.perf_counter()
                 try:
-                    resp = http.post("/v1/search", json={"query": QUERIES[i % len(QUERIES)], "k": 5})
+                    # a distinct text per request: every search pays for its query embedding (no LRU hit)
+                    query = f"{QUERIES[i % len(QUERIES)]} (request {i})"
+                    resp = http.post("/v1/search", json={"query": query, "k": 5})
                     took = time.perf_counter() - t0
                     ok = resp.status_code == 200
                 except httpx.HTTPError:

@@ -84,6 +84,9 @@ class VectorIndex(Protocol):
     def drop(self) -> None:
         """Delete the whole collection (a retired generation)."""
 
+    def optimize(self) -> dict[str, Any]:
+        """Build the search index (HNSW) over what was written; what it did. A server does this by itself."""
+
 
 def scroll_pages(fetch_page: Callable[[Any, int], tuple[Sequence[Any], Any]], limit: int) -> list[StoredPoint]:
     """Follow a backend's scroll pages (`fetch_page(offset, page_size) -> (records, next_offset)`) up to `limit`."""

@@ -128,6 +128,18 @@ class EdgeIndex:
                 self._shard.close()
                 self._shard = None
 
+    def optimize(self) -> dict[str, Any]:
+        """Merge segments and build HNSW. qdrant-edge has no background optimizer, and this call holds the GIL
+        (the whole process pauses: about 0.5 s per 1,000 points on 2 cores), so it runs only when asked."""
+        optimized = bool(self.shard.optimize())
+        info = self.shard.info()
+        return {
+            "optimized": optimized,
+            "points": info.points_count,
+            "indexed_vectors": info.indexed_vectors_count,
+            "segments": info.segments_count,
+        }
+
     def drop(self) -> None:
         """Close the shard and delete its directory."""
         self.close()

@@ -95,6 +95,10 @@ class MemoryIndex:
     def close(self) -> None:
         """Nothing to release."""
 
+    def optimize(self) -> dict[str, Any]:
+        """Brute force is all there is."""
+        return {"optimized": False, "points": len(self.points)}
+
     def drop(self) -> None:
         """Forget every point."""
         self.points.clear()
