@@ -136,7 +136,13 @@ def answer_phase(api: str, headers: dict[str, str], count: int, max_tokens: int,
         for i in range(count):
             if time.perf_counter() > deadline:
                 break
-            body = {"query": QUERIES[i % len(QUERIES)], "k": 3, "stream": True, "max_tokens": max_tokens}
+            body = {
+                "query": QUERIES[i % len(QUERIES)],
+                "k": 3,
+                "stream": True,
+                "max_tokens": max_tokens,
+                "cache": False,
+            }
             start = time.perf_counter()
             first: float | None = None
             done: dict[str, Any] | None = None
