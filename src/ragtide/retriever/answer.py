@@ -23,7 +23,7 @@ import numpy.typing as npt
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import StreamingResponse
 
-from ragtide.embedder.index.base import Filter
+from ragtide.embedder.index.base import Filter, Hit
 from ragtide.gateway.gateway import Caller
 from ragtide.generator.client import Delta, GenerationParams, GeneratorUnavailable, Message
 from ragtide.generator.client import Usage as GenUsage
@@ -248,11 +248,16 @@ async def start_answer(
             encoder=encoder.model_name,
             generator=svc.generator.model,
         )
-        hits = await asyncio.to_thread(index.search, vector, k, flt)
-        lookup = CacheLookup(
-            vector, caller.tenant if caller.tenant is not None else ALL_TENANTS, scope, since, sources_of(hits)
-        )
-        cached = await asyncio.to_thread(svc.cache.lookup, vector, lookup.tenant, scope, lookup.sources)
+        tenant = caller.tenant if caller.tenant is not None else ALL_TENANTS
+        cache = svc.cache
+
+        def search_and_look_up() -> tuple[list[Hit], CachedAnswer | None, list[str]]:
+            found = index.search(vector, k, flt)
+            versions = sources_of(found)
+            return found, cache.lookup(vector, tenant, scope, versions), versions
+
+        hits, cached, versions = await asyncio.to_thread(search_and_look_up)  # one thread hop for both
+        lookup = CacheLookup(vector, tenant, scope, since, versions)
         if cached is not None:
             ttft = time.perf_counter() - t0
             deltas = _replay(cached).__aiter__()
