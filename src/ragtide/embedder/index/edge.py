@@ -16,6 +16,7 @@ import numpy.typing as npt
 import qdrant_edge as qe
 
 from ragtide.embedder.index.base import (
+    INTEGER_FIELDS,
     KEYWORD_FIELDS,
     TENANT_FIELD,
     Filter,
@@ -57,14 +58,20 @@ class EdgeIndex:
             if self._shard is not None:
                 return
             if (self.dir / "edge_config.json").exists() or any(self.dir.glob("*")):
-                self._shard = qe.EdgeShard.load(str(self.dir))
-                return
-            self.dir.mkdir(parents=True, exist_ok=True)
-            cfg = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine))
-            shard = qe.EdgeShard.create(str(self.dir), cfg)
+                shard = qe.EdgeShard.load(str(self.dir))
+            else:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                cfg = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine))
+                shard = qe.EdgeShard.create(str(self.dir), cfg)
+            have = set(shard.info().payload_schema)  # a shard from an older version gets the indexes it lacks
             for field in KEYWORD_FIELDS:
-                shard.update(qe.UpdateOperation.create_field_index(field, qe.PayloadSchemaType.Keyword))
-            shard.update(qe.UpdateOperation.create_field_index(TENANT_FIELD, qe.KeywordIndexParams(is_tenant=True)))
+                if field not in have:
+                    shard.update(qe.UpdateOperation.create_field_index(field, qe.PayloadSchemaType.Keyword))
+            for field in INTEGER_FIELDS:
+                if field not in have:
+                    shard.update(qe.UpdateOperation.create_field_index(field, qe.PayloadSchemaType.Integer))
+            if TENANT_FIELD not in have:
+                shard.update(qe.UpdateOperation.create_field_index(TENANT_FIELD, qe.KeywordIndexParams(is_tenant=True)))
             self._shard = shard
 
     def upsert(self, points: Sequence[IndexPoint]) -> None:

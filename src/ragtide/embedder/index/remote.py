@@ -11,6 +11,7 @@ import numpy.typing as npt
 from qdrant_client import QdrantClient, models
 
 from ragtide.embedder.index.base import (
+    INTEGER_FIELDS,
     KEYWORD_FIELDS,
     TENANT_FIELD,
     Filter,
@@ -74,6 +75,8 @@ class QdrantClientIndex:
         )
         for field in KEYWORD_FIELDS:
             self.client.create_payload_index(self.collection, field, models.PayloadSchemaType.KEYWORD, wait=True)
+        for field in INTEGER_FIELDS:
+            self.client.create_payload_index(self.collection, field, models.PayloadSchemaType.INTEGER, wait=True)
         self.client.create_payload_index(
             self.collection,
             TENANT_FIELD,
