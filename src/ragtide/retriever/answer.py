@@ -138,7 +138,8 @@ class Answering:
         serving.request(self.endpoint, time.perf_counter() - self.t0)
         # a hit used no generator: it costs what a search costs
         charged = query_tokens(self.question) if self.cached else self.usage.total_tokens
-        await asyncio.to_thread(self.svc.gateway.charge, self.caller, charged)
+        if self.caller.tenant is not None:  # only tenants have a quota
+            await asyncio.to_thread(self.svc.gateway.charge, self.caller, charged)
         if self.lookup is not None and self.cached is None and outcome == "ok" and self.answer:
             await asyncio.to_thread(self._remember)
 
@@ -238,7 +239,6 @@ async def start_answer(
     lookup: CacheLookup | None = None
     if svc.cache is not None and use_cache:
         since = svc.cache.seq  # before retrieval: a change after this point keeps the answer out of the cache
-        vector = await svc.query_vectors.embed(encoder, query)
         scope = scope_key(
             filter=flt,
             k=k,
@@ -251,12 +251,13 @@ async def start_answer(
         tenant = caller.tenant if caller.tenant is not None else ALL_TENANTS
         cache = svc.cache
 
-        def search_and_look_up() -> tuple[list[Hit], CachedAnswer | None, list[str]]:
+        def embed_search_look_up() -> tuple[npt.NDArray[np.float32], list[Hit], CachedAnswer | None, list[str]]:
+            vector = svc.query_vectors.embed_sync(encoder, query)
             found = index.search(vector, k, flt)
             versions = sources_of(found)
-            return found, cache.lookup(vector, tenant, scope, versions), versions
+            return vector, found, cache.lookup(vector, tenant, scope, versions), versions
 
-        hits, cached, versions = await asyncio.to_thread(search_and_look_up)  # one thread hop for both
+        vector, hits, cached, versions = await asyncio.to_thread(embed_search_look_up)  # one thread hop for all
         lookup = CacheLookup(vector, tenant, scope, since, versions)
         if cached is not None:
             ttft = time.perf_counter() - t0

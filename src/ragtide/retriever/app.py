@@ -165,7 +165,8 @@ def create_app(
         k = check_query(svc, body.query, body.k)
         flt = build_filter(svc, body.filter, caller)
         hits = await retrieve(svc, body.query, k, flt)
-        await asyncio.to_thread(svc.gateway.charge, caller, query_tokens(body.query))
+        if caller.tenant is not None:  # only tenants have a quota
+            await asyncio.to_thread(svc.gateway.charge, caller, query_tokens(body.query))
         now = time.time()
         took = time.perf_counter() - t0
         svc.serving.request("search", took)

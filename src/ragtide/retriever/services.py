@@ -180,15 +180,16 @@ class QueryVectors:
         self._vectors: OrderedDict[tuple[str, str], npt.NDArray[np.float32]] = OrderedDict()
         self._lock = threading.Lock()
 
-    async def embed(self, encoder: Encoder, query: str) -> npt.NDArray[np.float32]:
-        """The query's vector from `encoder` (a generation switch brings another encoder, hence another key)."""
+    def embed_sync(self, encoder: Encoder, query: str) -> npt.NDArray[np.float32]:
+        """The query's vector from `encoder` (a generation switch brings another encoder, hence another key); call
+        it on the worker thread that goes on to search, so a request makes one thread hop."""
         key = (encoder.model_name, query)
         with self._lock:
             vector = self._vectors.get(key)
             if vector is not None:
                 self._vectors.move_to_end(key)
                 return vector
-        vector = np.asarray((await asyncio.to_thread(encoder.encode, [query]))[0], dtype=np.float32)
+        vector = np.asarray(encoder.encode([query])[0], dtype=np.float32)
         with self._lock:
             self._vectors[key] = vector
             while len(self._vectors) > self.size:
@@ -199,8 +200,11 @@ class QueryVectors:
 async def retrieve(svc: Services, query: str, k: int, flt: Filter) -> list[Hit]:
     """Encode the query with the live generation's encoder and search its collection."""
     index, encoder = svc.active.current()
-    vector = await svc.query_vectors.embed(encoder, query)
-    return await asyncio.to_thread(index.search, vector, k, flt)
+
+    def embed_and_search() -> list[Hit]:  # one thread hop for both
+        return index.search(svc.query_vectors.embed_sync(encoder, query), k, flt)
+
+    return await asyncio.to_thread(embed_and_search)
 
 
 def query_tokens(query: str) -> int:
