@@ -100,6 +100,7 @@ class EmbeddingEngine:
 
         self.torch = torch
         self.model_dir = Path(model_dir)
+        self._name = model_name_of(self.model_dir)  # read once: it is on every query's path
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -158,7 +159,7 @@ class EmbeddingEngine:
     @property
     def model_name(self) -> str:
         """The model's name, stable across machines and precisions."""
-        return model_name_of(self.model_dir)
+        return self._name
 
     def encode(self, texts: Sequence[str]) -> Vectors:
         """Texts -> L2-normalised float32 vectors of shape (n, dim). Text past the model's window is truncated,
