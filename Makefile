@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # llama-cpp-python builds llama.cpp from source (a few minutes on 2 cores; pip caches the wheel): the library only.
 LLAMA_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
-.PHONY: help install up down clean status lint fmt test test-unit test-integration test-e2e bench-freshness bench-embed
+.PHONY: help install up down clean status lint fmt test test-unit test-integration test-e2e bench-freshness bench-embed bench-serve bench-cache
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-17s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -36,7 +36,7 @@ $(DASH): infra/dashboard/package.json infra/dashboard/package-lock.json
 
 install: $(STAMP) $(JARS) $(DASH) ## install Python deps into .venv, the stack jars and the dashboard assets into .cache
 
-up: install ## start Postgres, Kafka, Connect+Debezium and the node; load the demo corpus; wait until indexed
+up: install ## start Postgres, Kafka, Connect+Debezium, the local generator and the node; load the demo corpus; wait until indexed
 	$(BIN)/ragtide up
 
 down: ## stop every process `make up` started (data is kept)
@@ -71,6 +71,12 @@ test: install lint ## lint, then every test: unit, integration, e2e
 bench-freshness: install ## freshness benchmark against the running stack (make up first): 5 and 50 changes/s side by side
 	$(BIN)/pip install -q -c constraints.txt -e '.[bench]'
 	$(BIN)/ragtide bench freshness --rate 5 --rate 50 --duration 30 --find-max
+
+bench-serve: install ## serving benchmark against the running stack: search with 1 and 8 clients, streamed answers (TTFT)
+	$(BIN)/ragtide bench serve
+
+bench-cache: install ## answer-cache benchmark against the running stack: hit rate, wrong and stale hits, hit vs miss latency
+	$(BIN)/ragtide bench cache
 
 bench-embed: install ## embedding benchmark (no stack needed): naive sentence-transformers vs the engine, side by side
 	$(BIN)/ragtide bench embed --device auto
