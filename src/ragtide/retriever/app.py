@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import gc
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any
 
@@ -19,6 +19,7 @@ from ragtide.contracts.freshness import FreshnessTracker
 from ragtide.contracts.settings import RagtideSettings
 from ragtide.embedder.encoder import Encoder
 from ragtide.embedder.index.base import ActiveIndex, FixedIndex, VectorIndex
+from ragtide.gateway.asgi import GatewayEdge
 from ragtide.gateway.gateway import Gateway, check_config
 from ragtide.gateway.store import PostgresGatewayStore
 from ragtide.generator.client import Generator, OpenAIGenerator
@@ -139,20 +140,7 @@ def create_app(
     for router in (*routers, answer_router()):
         app.include_router(router)
 
-    @app.middleware("http")
-    async def _gateway_headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        """Refuse oversized bodies before reading them; put the gateway's rate/quota headers on the response."""
-        length = request.headers.get("content-length")
-        limit = settings.gateway.max_body_bytes
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            return JSONResponse(status_code=413, content={"detail": f"request body: larger than {limit} bytes"})
-        response = await call_next(request)
-        headers = dict(getattr(request.state, "gateway_headers", None) or {})
-        caller = getattr(request.state, "caller", None)
-        if caller is not None and "X-Quota-Limit" in headers:  # after the charge (a stream is charged at its end)
-            headers.update(await asyncio.to_thread(svc.gateway.quota_headers, caller))
-        response.headers.update(headers)
-        return response
+    app.add_middleware(GatewayEdge, gateway=svc.gateway, max_body_bytes=settings.gateway.max_body_bytes)
 
     @app.exception_handler(ValueError)
     async def _value_error(_: Request, exc: ValueError) -> JSONResponse:

@@ -20,6 +20,7 @@ from ragtide.contracts.freshness import FreshnessTracker
 from ragtide.contracts.settings import RagtideSettings
 from ragtide.embedder.encoder import Encoder
 from ragtide.embedder.index.base import TENANT_FIELD, ActiveIndex, Filter, Hit
+from ragtide.gateway.asgi import CALLER_KEY, HEADERS_KEY
 from ragtide.gateway.gateway import Caller, Gateway, bearer
 from ragtide.generator.client import Generator
 from ragtide.generator.metrics import ServingMetrics
@@ -93,8 +94,8 @@ async def get_caller(
     # no key: nothing to look up (dev mode admits it, prod refuses it) and nothing to limit; skip the threads
     caller = svc.gateway.authenticate(None) if key is None else await asyncio.to_thread(svc.gateway.authenticate, key)
     admitted = {} if caller.tenant is None else await asyncio.to_thread(svc.gateway.admit, caller)
-    request.state.gateway_headers = admitted
-    request.state.caller = caller
+    setattr(request.state, HEADERS_KEY, admitted)  # GatewayEdge puts them on the response
+    setattr(request.state, CALLER_KEY, caller)
     return caller
 
 
