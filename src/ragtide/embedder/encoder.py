@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -45,6 +46,32 @@ def default_model_path() -> Path:
 
 
 MODEL_NAME_FILE = "ragtide_model.json"
+
+
+class QueryVectors:
+    """The embeddings of recent query texts per encoder (LRU): a repeated query skips the model."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._vectors: OrderedDict[tuple[str, str], Vectors] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def embed(self, encoder: Encoder, query: str) -> Vectors:
+        """The query's vector from `encoder` (a generation switch brings another encoder, hence another key); call
+        it on the worker thread that goes on to search, so a request makes one thread hop. Keyed by the model's
+        name, not the object: a new encoder object for the same model gives the same vectors."""
+        key = (encoder.model_name, query)
+        with self._lock:
+            vector = self._vectors.get(key)
+            if vector is not None:
+                self._vectors.move_to_end(key)
+                return vector
+        vector = np.asarray(encoder.encode([query])[0], dtype=np.float32)
+        with self._lock:
+            self._vectors[key] = vector
+            while len(self._vectors) > self.size:
+                self._vectors.popitem(last=False)
+        return vector
 
 
 def model_name_of(path: Path) -> str:

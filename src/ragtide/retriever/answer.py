@@ -252,7 +252,7 @@ async def start_answer(
         cache = svc.cache
 
         def embed_search_look_up() -> tuple[npt.NDArray[np.float32], list[Hit], CachedAnswer | None, list[str]]:
-            vector = svc.query_vectors.embed_sync(encoder, query)
+            vector = svc.query_vectors.embed(encoder, query)
             found = index.search(vector, k, flt)
             versions = sources_of(found)
             return vector, found, cache.lookup(vector, tenant, scope, versions), versions

@@ -93,7 +93,7 @@ def create_app(
     tracker = tracker or FreshnessTracker(registry)
     svc = Services(settings, active, sources, registry, tracker, gateway, generator, status, cache)
     if settings.canary.enabled:
-        svc.canary = Canary(settings.postgres.dsn(), active, svc.tracker, settings.canary)
+        svc.canary = Canary(settings.postgres.dsn(), active, svc.tracker, settings.canary, svc.query_vectors)
     live = active
 
     @asynccontextmanager
@@ -132,7 +132,7 @@ def create_app(
         responses={422: {"model": ValidationErrorBody, "description": "the request is invalid; detail says how"}},
     )
     app.state.services = svc
-    metadata = sorted({m for src in sources.sources for m in src.metadata})
+    metadata = sorted(svc.filterable - {"table"})
     app.openapi = tailored_openapi(app, settings, svc.user_tables, metadata)  # type: ignore[method-assign]
     if settings.dashboard.assets_dir.is_dir():
         app.mount("/static", StaticFiles(directory=settings.dashboard.assets_dir), name="static")

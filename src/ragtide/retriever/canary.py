@@ -17,6 +17,7 @@ import psycopg
 
 from ragtide.contracts.freshness import FreshnessTracker
 from ragtide.contracts.settings import CanarySettings
+from ragtide.embedder.encoder import QueryVectors
 from ragtide.embedder.index.base import ActiveIndex
 from ragtide.ingest.sources import CANARY_TABLE
 
@@ -26,16 +27,23 @@ log = logging.getLogger(__name__)
 class Canary:
     """Probes on an interval; remembers the last result for readiness."""
 
-    def __init__(self, dsn: str, active: ActiveIndex, tracker: FreshnessTracker, settings: CanarySettings) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        active: ActiveIndex,
+        tracker: FreshnessTracker,
+        settings: CanarySettings,
+        vectors: QueryVectors | None = None,
+    ) -> None:
         self.dsn = dsn
         self.active = active
+        self.vectors = vectors or QueryVectors(size=8)  # the canary query per encoder (a switch changes it)
         self.tracker = tracker
         self.settings = settings
         self.last_ok_ms: int | None = None
         self.last_s: float | None = None
         self.last_error: str | None = "waiting for the first round trip"
         self._conn: psycopg.Connection[Any] | None = None
-        self._queries: dict[int, Any] = {}  # the canary query per encoder (a generation switch may change it)
 
     def _write(self, nonce: str) -> float:
         """Commit the canary row; returns the wall time just before the commit was sent."""
@@ -49,10 +57,7 @@ class Canary:
 
     def _found(self, nonce: str) -> bool:
         index, encoder = self.active.current()
-        query = self._queries.get(id(encoder))
-        if query is None:
-            query = self._queries[id(encoder)] = encoder.encode(["ragtide canary"])[0]
-        hits = index.search(query, 1, {"table": CANARY_TABLE})
+        hits = index.search(self.vectors.embed(encoder, "ragtide canary"), 1, {"table": CANARY_TABLE})
         return bool(hits) and nonce in str(hits[0].payload.get("text", ""))
 
     async def probe(self) -> float:

@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import math
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-import numpy as np
-import numpy.typing as npt
 from fastapi import Depends, Header, HTTPException, Request
 from prometheus_client import CollectorRegistry
 
 from ragtide.contracts.freshness import FreshnessTracker
 from ragtide.contracts.settings import RagtideSettings
-from ragtide.embedder.encoder import Encoder
+from ragtide.embedder.encoder import QueryVectors
 from ragtide.embedder.index.base import TENANT_FIELD, ActiveIndex, Filter, Hit
 from ragtide.gateway.asgi import CALLER_KEY, HEADERS_KEY
 from ragtide.gateway.gateway import Caller, Gateway, bearer
@@ -173,37 +169,12 @@ def check_query(svc: Services, query: str, k: int | None) -> int:
     return k
 
 
-class QueryVectors:
-    """The embeddings of recent query texts per encoder (LRU): a repeated query skips the model."""
-
-    def __init__(self, size: int = 4096) -> None:
-        self.size = size
-        self._vectors: OrderedDict[tuple[str, str], npt.NDArray[np.float32]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def embed_sync(self, encoder: Encoder, query: str) -> npt.NDArray[np.float32]:
-        """The query's vector from `encoder` (a generation switch brings another encoder, hence another key); call
-        it on the worker thread that goes on to search, so a request makes one thread hop."""
-        key = (encoder.model_name, query)
-        with self._lock:
-            vector = self._vectors.get(key)
-            if vector is not None:
-                self._vectors.move_to_end(key)
-                return vector
-        vector = np.asarray(encoder.encode([query])[0], dtype=np.float32)
-        with self._lock:
-            self._vectors[key] = vector
-            while len(self._vectors) > self.size:
-                self._vectors.popitem(last=False)
-        return vector
-
-
 async def retrieve(svc: Services, query: str, k: int, flt: Filter) -> list[Hit]:
     """Encode the query with the live generation's encoder and search its collection."""
     index, encoder = svc.active.current()
 
     def embed_and_search() -> list[Hit]:  # one thread hop for both
-        return index.search(svc.query_vectors.embed_sync(encoder, query), k, flt)
+        return index.search(svc.query_vectors.embed(encoder, query), k, flt)
 
     return await asyncio.to_thread(embed_and_search)
 
