@@ -16,12 +16,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from typing import TypeVar
 
 from fastapi import HTTPException
 
 from ragtide.contracts.errors import ConfigError
 from ragtide.contracts.settings import GatewaySettings, RagtideSettings
 from ragtide.gateway.store import ApiKey, GatewayStore, key_id_of, matches
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 _PLACEHOLDER_WORDS = ("change", "secret", "placeholder", "example", "default", "password", "replace", "todo", "xxx")
 
@@ -72,6 +76,8 @@ class Caller:
     tenant: str | None
     key_id: str | None = None
     admin: bool = False
+    rate_per_s: float | None = None  # the key's own limits (None: the gateway's defaults)
+    burst: int | None = None
 
     @property
     def label(self) -> str:
@@ -96,10 +102,6 @@ class TokenBucket:
             self.tokens -= 1
             return 0.0
         return (1 - self.tokens) / self.rate
-
-
-def _utc_day(now: datetime) -> date:
-    return now.date()
 
 
 def seconds_to_midnight(now: datetime) -> int:
@@ -137,20 +139,24 @@ class Gateway:
         self._lock = threading.Lock()
         self._keys: dict[str, tuple[ApiKey | None, float]] = {}
         self._buckets: dict[str, TokenBucket] = {}
-        self._quotas: dict[str, tuple[int, float]] = {}
+        self._quotas: dict[str, tuple[int | None, float]] = {}
         self._used: dict[tuple[str, date], int] = {}
+
+    def _fresh(self, memo: dict[K, tuple[V, float]], key: K, fetch: Callable[[], V]) -> V:
+        """`fetch()` at most once per `key_cache_s` per key (keys and quotas change rarely; requests are many)."""
+        now = self.monotonic()
+        with self._lock:
+            cached = memo.get(key)
+        if cached is not None and now - cached[1] < self.settings.key_cache_s:
+            return cached[0]
+        value = fetch()
+        with self._lock:
+            memo[key] = (value, now)
+        return value
 
     # --- who ---------------------------------------------------------------------------------------------
     def _lookup(self, key_id: str) -> ApiKey | None:
-        now = self.monotonic()
-        with self._lock:
-            cached = self._keys.get(key_id)
-        if cached is not None and now - cached[1] < self.settings.key_cache_s:
-            return cached[0]
-        record = self.store.get_key(key_id) if self.store is not None else None
-        with self._lock:
-            self._keys[key_id] = (record, now)
-        return record
+        return self._fresh(self._keys, key_id, lambda: self.store.get_key(key_id) if self.store else None)
 
     def authenticate(self, key: str | None) -> Caller:
         """The caller of a request, or 401."""
@@ -169,7 +175,7 @@ class Gateway:
             raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
         if not record.active:
             raise HTTPException(401, f"API key {record.id} was revoked", headers={"WWW-Authenticate": "Bearer"})
-        return Caller(tenant=record.tenant, key_id=record.id)
+        return Caller(tenant=record.tenant, key_id=record.id, rate_per_s=record.rate_per_s, burst=record.burst)
 
     def require_admin(self, key: str | None) -> Caller:
         """Admin endpoints: the admin key (dev mode: also no key)."""
@@ -180,16 +186,8 @@ class Gateway:
 
     # --- may they ----------------------------------------------------------------------------------------
     def _limit(self, tenant: str) -> int:
-        now = self.monotonic()
-        with self._lock:
-            cached = self._quotas.get(tenant)
-        if cached is not None and now - cached[1] < self.settings.key_cache_s:
-            return cached[0]
-        own = self.store.quota(tenant) if self.store is not None else None
-        limit = self.settings.daily_tokens if own is None else own
-        with self._lock:
-            self._quotas[tenant] = (limit, now)
-        return limit
+        own = self._fresh(self._quotas, tenant, lambda: self.store.quota(tenant) if self.store else None)
+        return self.settings.daily_tokens if own is None else own
 
     def _usage(self, tenant: str, day: date) -> int:
         with self._lock:
@@ -205,9 +203,8 @@ class Gateway:
         if caller.tenant is None:
             return {}
         headers: dict[str, str] = {}
-        record = self._lookup(caller.key_id) if caller.key_id else None
-        rate = (record.rate_per_s if record else None) or self.settings.rate_per_s
-        burst = (record.burst if record else None) or self.settings.burst
+        rate = caller.rate_per_s or self.settings.rate_per_s  # authenticate() read the key's record already
+        burst = caller.burst or self.settings.burst
         bucket_key = caller.key_id or caller.tenant
         now = self.monotonic()
         with self._lock:
@@ -241,7 +238,7 @@ class Gateway:
             return {}
         now = self.wall()
         limit = self._limit(caller.tenant)
-        used = self._usage(caller.tenant, _utc_day(now))
+        used = self._usage(caller.tenant, now.date())
         return {
             "X-Quota-Limit": str(limit),
             "X-Quota-Remaining": str(max(0, limit - used)),
@@ -253,7 +250,7 @@ class Gateway:
         """Add the request's tokens to the tenant's day (persisted; the store's total wins)."""
         if caller.tenant is None:
             return
-        day = _utc_day(self.wall())
+        day = self.wall().date()
         total = (
             self.store.add_usage(caller.tenant, day, tokens)
             if self.store is not None
