@@ -515,6 +515,17 @@ FIND_MAX_STEPS = (10.0, 15.0, 20.0, 25.0, 30.0, 40.0, 50.0, 70.0, 100.0, 150.0, 
 FRESHNESS_TARGETS = {5.0: (0.3, 0.8), 50.0: (0.5, 1.5)}  # rate -> (p50, p99) seconds on this 2-core machine
 
 
+def _loopback_api(s: RagtideSettings) -> str:
+    """The API's URL, if it is on this machine: load is only ever sent to loopback."""
+    from ragtide.bench.serve import require_loopback
+
+    try:
+        require_loopback(s.api.url)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="api.host") from exc
+    return s.api.url
+
+
 @bench_app.command("serve")
 def bench_serve(
     duration: Annotated[float, typer.Option(min=1, max=300, help="seconds per search phase")] = 10.0,
@@ -534,16 +545,11 @@ def bench_serve(
         answer_phase,
         grow_index,
         indexed_chunks,
-        require_loopback,
         search_phase,
     )
 
     s = _settings()
-    api = s.api.url
-    try:
-        require_loopback(api)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="api.host") from exc
+    api = _loopback_api(s)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     if grow_to:
         with console.status(f"growing the index to {grow_to} chunks through the pipeline…") as status:
@@ -598,15 +604,11 @@ def bench_cache(
     """Replay paraphrased questions: hit rate, wrong-hit rate, latency hit vs miss, and stale hits after a
     cited row changed, in one run (against the running stack)."""
     from ragtide.bench.cache import replay
-    from ragtide.bench.serve import require_loopback
 
     s = _settings()
-    try:
-        require_loopback(s.api.url)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="api.host") from exc
+    api = _loopback_api(s)
     with console.status("replaying questions…"):
-        bench = replay(s.api.url, s.postgres.dsn(), k, max_tokens, stale_rows, admin_headers(s), log=console.print)
+        bench = replay(api, s.postgres.dsn(), k, max_tokens, stale_rows, admin_headers(s), log=console.print)
     bench.threshold = s.cache.threshold
     summary = bench.summary()
     table = Table(

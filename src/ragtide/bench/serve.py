@@ -8,7 +8,6 @@ Latencies are measured client-side (what a caller sees), with the server's `took
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import threading
 import time
@@ -20,6 +19,7 @@ from urllib.parse import urlparse
 import httpx
 
 from ragtide.contracts.freshness import summarize
+from ragtide.stack.process import is_loopback
 
 QUERIES = [
     "how do I catch an exception",
@@ -40,12 +40,8 @@ QUERIES = [
 def require_loopback(url: str) -> None:
     """Load goes to this machine only."""
     host = urlparse(url).hostname or ""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise ValueError(f"bench serve targets loopback addresses only, not {host!r}")
+    if not is_loopback(host):
+        raise ValueError(f"benchmarks target loopback addresses only, not {host!r}")
 
 
 @dataclass

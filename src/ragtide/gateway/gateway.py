@@ -9,7 +9,6 @@ refuses a prod configuration without a real admin key, and dev mode on a non-loo
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import math
 import threading
 import time
@@ -23,6 +22,7 @@ from fastapi import HTTPException
 from ragtide.contracts.errors import ConfigError
 from ragtide.contracts.settings import GatewaySettings, RagtideSettings
 from ragtide.gateway.store import ApiKey, GatewayStore, key_id_of, matches
+from ragtide.stack.process import is_loopback
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -35,8 +35,7 @@ def check_config(settings: RagtideSettings) -> None:
     g = settings.gateway
     if g.mode == "dev":
         host = settings.api.host
-        loopback = host == "localhost" or _is_loopback(host)
-        if not loopback:
+        if not is_loopback(host):
             raise ConfigError(
                 f"gateway.mode: dev mode serves requests without a key, so the API must listen on loopback "
                 f"(api.host is {host!r}); set RAGTIDE_GATEWAY__MODE=prod and an admin key"
@@ -47,13 +46,6 @@ def check_config(settings: RagtideSettings) -> None:
     problem = placeholder_problem(g.admin_key.get_secret_value())
     if problem:
         raise ConfigError(f"gateway.admin_key: {problem}; generate one with `ragtide keys new-admin-key`")
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def placeholder_problem(key: str) -> str | None:
