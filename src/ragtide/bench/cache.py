@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import psycopg
 
-from ragtide.contracts.freshness import summarize
+from ragtide.contracts.freshness import summarize_ms
 
 TOPICS = [
     ("exceptions", "exceptions"),
@@ -104,10 +104,10 @@ class CacheBench:
             "wrong_hits": sum(a.wrong for a in hits),
             "wrong_hit_rate": round(sum(a.wrong for a in hits) / len(hits), 4) if hits else None,
             "by_kind": by_kind,
-            "hit_ms": {k: _ms(v) for k, v in summarize([a.seconds for a in hits]).items()},
-            "miss_ms": {k: _ms(v) for k, v in summarize([a.seconds for a in misses]).items()},
-            "hit_server_ms": {k: _ms(v) for k, v in summarize([a.server_s for a in hits]).items()},
-            "miss_server_ms": {k: _ms(v) for k, v in summarize([a.server_s for a in misses]).items()},
+            "hit_ms": summarize_ms([a.seconds for a in hits]),
+            "miss_ms": summarize_ms([a.seconds for a in misses]),
+            "hit_server_ms": summarize_ms([a.server_s for a in hits]),
+            "miss_server_ms": summarize_ms([a.server_s for a in misses]),
             "stale_checks": self.stale_checks,
             "stale_hits": self.stale_hits,
         }
@@ -118,10 +118,6 @@ class CacheBench:
         path = out / f"cache-{self.started}.json"
         path.write_text(json.dumps({**asdict(self), "summary": self.summary()}, indent=2))
         return path
-
-
-def _ms(v: Any) -> Any:
-    return round(v * 1000, 2) if isinstance(v, float) else v
 
 
 def _answer(http: httpx.Client, query: str, k: int, max_tokens: int) -> tuple[dict[str, Any], float]:

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from ragtide.contracts.freshness import summarize
+from ragtide.contracts.freshness import summarize, summarize_ms
 from ragtide.stack.process import is_loopback
 
 QUERIES = [
@@ -57,10 +57,6 @@ class Phase:
     latency_ms: dict[str, Any]
     server_ms: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _ms(values: list[float]) -> dict[str, Any]:
-    return {k: (round(v * 1000, 2) if isinstance(v, float) else v) for k, v in summarize(values).items()}
 
 
 def search_phase(api: str, headers: dict[str, str], clients: int, duration: float, max_requests: int) -> Phase:
@@ -115,8 +111,8 @@ def search_phase(api: str, headers: dict[str, str], clients: int, duration: floa
         errors[0],
         round(elapsed, 2),
         round(len(latencies) / elapsed, 1),
-        _ms(latencies),
-        _ms(server),
+        summarize_ms(latencies),
+        summarize_ms(server),
     )
 
 
@@ -172,8 +168,8 @@ def answer_phase(api: str, headers: dict[str, str], count: int, max_tokens: int,
         errors,
         round(elapsed, 2),
         round(len(total) / elapsed, 2) if elapsed else 0.0,
-        _ms(total),
-        extra={"ttft_ms": _ms(ttft), "tokens_per_s": summarize(rates), "max_tokens": max_tokens},
+        summarize_ms(total),
+        extra={"ttft_ms": summarize_ms(ttft), "tokens_per_s": summarize(rates), "max_tokens": max_tokens},
     )
 
 

@@ -82,6 +82,11 @@ def summarize(values: Sequence[float]) -> dict[str, float | int | None]:
     }
 
 
+def summarize_ms(seconds: Sequence[float]) -> dict[str, float | int | None]:
+    """`summarize` of durations in seconds, reported in milliseconds (the count stays a count)."""
+    return {k: round(v * 1000, 2) if isinstance(v, float) else v for k, v in summarize(seconds).items()}
+
+
 class FreshnessTracker:
     """Thread-safe ring buffers plus Prometheus histograms on the given registry."""
 
