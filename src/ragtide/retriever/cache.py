@@ -22,7 +22,7 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -31,6 +31,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from ragtide.contracts.events import ChangeEvent, Op
 from ragtide.contracts.settings import CacheSettings, RagtideSettings
 from ragtide.embedder.index.base import Hit, IndexPoint, VectorIndex
+
+if TYPE_CHECKING:
+    from ragtide.embedder.worker import Applier
+    from ragtide.embedder.writer import ApplyStats
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +252,7 @@ class SemanticCache:
         return self.invalidate(rows, tables)
 
     def clear(self) -> None:
-        """Drop everything (a generation switch: answers came from the old index)."""
+        """Drop everything (`POST /v1/admin/cache/clear`: a benchmark's clean start, or after a prompt change)."""
         with self._lock:
             ids = list(self._order)
             self._order.clear()
@@ -295,18 +299,15 @@ class InvalidatingApplier:
     """Wraps the embedder's writer: apply the batch, then drop the cached answers it made stale, before the
     batch is acknowledged and reported searchable."""
 
-    def __init__(self, inner: Any, cache: SemanticCache) -> None:
+    def __init__(self, inner: Applier, cache: SemanticCache) -> None:
         self.inner = inner
         self.cache = cache
 
-    def apply(self, events: Sequence[ChangeEvent]) -> Any:
+    def apply(self, events: Sequence[ChangeEvent]) -> ApplyStats:
         """Write, then invalidate (also for events the writer found stale: being conservative is cheap)."""
         stats = self.inner.apply(events)
         self.cache.invalidate_events(events)
         return stats
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
 
 def build_cache(
