@@ -12,7 +12,7 @@ import pytest
 from ragtide.bench.embed import corpus, cosine_deviation
 from ragtide.embedder.chunking import Chunker
 from ragtide.embedder.encoder import SentenceTransformerEncoder, default_model_path
-from ragtide.embedder.engine import EmbeddingEngine, plan_batches
+from ragtide.embedder.engine import EmbeddingEngine, TextTokenizer, plan_batches, probe_texts
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +106,53 @@ def test_plan_batches_keeps_every_input_once_within_the_budget() -> None:
         assert len(b.rows) * b.length <= 2048 or len(b.rows) == 1
     padded = sum(len(b.rows) * b.length for b in batches)
     assert padded <= sum(lengths) * 1.1  # sorted buckets: little padding
+
+
+NON_ASCII = ["ＦＵＬＬＷＩＤＴＨ", "\u0301combining", "\ufeffBOM", "Ελληνικά Русский العربية", "naïve café", "汉字 🚀"]
+
+
+def test_flash_tokenizer_serves_ascii_text_with_the_model_tokenizers_ids(engine: EmbeddingEngine) -> None:
+    tok = engine.text_tokenizer
+    assert tok.backend == "flash+rust", tok.why_not_flash  # installed with the project, and agreed at load
+    texts = [*corpus(engine.tokenizer, 300), *probe_texts(300, seed=99), *NON_ASCII, "word " * 400]
+    want = [engine.tokenizer(t, truncation=True, max_length=engine.max_seq)["input_ids"] for t in texts]
+    got, cut = tok(texts)
+    assert got == want
+    assert cut == sum(1 for t in texts if len(engine.tokenizer(t)["input_ids"]) > engine.max_seq) > 0
+    rust = TextTokenizer(engine.model_dir, engine.max_seq, "rust")
+    assert rust.backend == "rust" and rust(texts) == (got, cut)
+
+
+def test_a_disagreeing_flash_tokenizer_is_not_used(engine: EmbeddingEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    def wrong(self: TextTokenizer, flash: object, texts: list[str]) -> list[list[int]]:
+        return [[101, 100, 102] for _ in texts]
+
+    monkeypatch.setattr(TextTokenizer, "_flash_ids", wrong)
+    fallback = TextTokenizer(engine.model_dir, engine.max_seq, "auto")
+    assert fallback.backend == "rust" and "disagreed" in fallback.why_not_flash
+    assert fallback(["hello world"])[0] == [engine.tokenizer("hello world")["input_ids"]]
+    with pytest.raises(RuntimeError, match="tokenizer=flash: flash-tokenizer disagreed"):
+        TextTokenizer(engine.model_dir, engine.max_seq, "flash")
+
+
+def test_texts_and_ids_mix_in_one_call_without_tokenizing_the_ids(engine: EmbeddingEngine, texts: list[str]) -> None:
+    ids = [engine.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    items: list[str | list[int]] = [t if i % 3 else ids[i] for i, t in enumerate(texts)]
+    before = engine.tokenized
+    mixed = engine.encode_mixed(items)
+    assert engine.tokenized == before + sum(1 for x in items if isinstance(x, str))
+    assert cosine_deviation(mixed, engine.encode(texts)) <= 1e-6
+    before = engine.tokenized
+    engine.encode_ids(ids)
+    assert engine.tokenized == before  # ids in: no tokenization at all
+
+
+def test_macro_batches_pipelined_through_the_host_thread_give_the_same_vectors(texts: list[str]) -> None:
+    small = EmbeddingEngine(default_model_path(), device="cpu", dtype="fp32", token_budget=1024, macro_batch=40)
+    try:
+        assert len(texts) > 3 * small.macro_batch
+        whole = small.encode(texts)
+        small.macro_batch = 100_000
+        assert cosine_deviation(whole, small.encode(texts)) <= 1e-6
+    finally:
+        small.close()

@@ -1,16 +1,21 @@
 """The embedding engine: a sentence-transformers-compatible mean-pooling encoder without sentence-transformers'
-per-call overhead. Imports only torch, transformers/tokenizers and numpy, so it runs anywhere torch does.
+per-call overhead. Imports only torch, transformers/tokenizers and numpy (flash-tokenizer where installed), so it
+runs anywhere torch does.
 
 What it does differently from `SentenceTransformer.encode`:
 - Token ids in, not only text: token-aware chunking already tokenized every chunk with the same tokenizer, so
-  the engine accepts those ids (`encode_ids`) and never tokenizes twice. Text goes through the Rust fast
-  tokenizer in large `encode_batch` calls.
+  the engine accepts those ids (`encode_ids`, `encode_mixed`) and never tokenizes twice.
+- Text is tokenized in large batched calls: ASCII text by flash-tokenizer's C++ WordPiece where it is installed
+  and agrees with the model's tokenizer on a probe set at load (~8x the Rust tokenizer per core), everything else
+  by the model's Rust fast tokenizer; the ids are identical either way (`TextTokenizer`).
 - Token-budget batching: inputs are sorted by length and cut into batches whose padded size (rows x longest)
   stays under a token budget, so short inputs travel in big batches, long ones in small, and padding stays small.
-- On CUDA: fp16 (or bf16) weights, pooling in fp32, pinned host buffers with non-blocking copies, and the next
-  macro-batch tokenized in a worker thread while the GPU runs the current one; one device->host copy per
-  macro-batch. On CPU: bf16 where the CPU has native bf16 dot products (AVX512_BF16 / AMX), else fp32; the
-  same batching (a 4,096-token budget: larger padded batches are slower on CPU caches).
+- The host work of a macro-batch (tokenize, plan, pad into pinned buffers) runs in a worker thread while the
+  device runs the previous one. On CUDA the main thread only queues work: non-blocking copies, a prepared
+  attention mask (transformers' own mask building checks `mask.all()`, a device->host sync per batch), results
+  scattered on the device and copied back once per macro-batch behind an event, so the launch queue stays full.
+- fp16 (or bf16) weights on CUDA, pooling in fp32. On CPU: bf16 where the CPU has native bf16 dot products
+  (AVX512_BF16 / AMX), else fp32; a 4,096-token budget (larger padded batches are slower on CPU caches).
 
 Vectors are L2-normalised mean pools of the last hidden state, the same as the model's sentence-transformers
 pipeline (Transformer -> Pooling(mean) -> Normalize); a parity test holds cosine >= 0.999 against it.
@@ -18,9 +23,11 @@ pipeline (Transformer -> Pooling(mean) -> Normalize); a parity test holds cosine
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
+import random
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,6 +44,8 @@ log = logging.getLogger(__name__)
 
 Vectors = npt.NDArray[np.float32]
 DType = Literal["auto", "fp32", "fp16", "bf16"]
+TokenizerChoice = Literal["auto", "rust", "flash"]
+INLINE_ROWS = 64  # smaller calls are prepared on the caller's thread: a thread hop costs more than the work
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,137 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def probe_texts(n: int = 2000, seed: int = 13) -> list[str]:
+    """ASCII strings that exercise a WordPiece tokenizer's corners: every ASCII character (controls included),
+    punctuation runs, digits, contractions, mixed case, URLs, and texts past the model's window."""
+    rng = random.Random(seed)
+    words = [
+        "The",
+        "quick",
+        "BROWN",
+        "fox's",
+        "don't",
+        "co-operate",
+        "e.g.",
+        "U.S.A.",
+        "3.14",
+        "$100",
+        "#tag",
+        "@user",
+        "x86_64",
+        "AT&T",
+        "C++",
+        "http://example.com/a?b=1&c=2",
+        "tokenization",
+        "unaffable",
+        "...",
+    ]
+    chars = [chr(i) for i in range(128)]
+    out = ["", " ", "a", "A\tb\nc\r\nd", "   padded   ", "!!!???", "word " * 400]
+    for i in range(n):
+        size = rng.randint(0, 300)
+        if i % 2:
+            out.append("".join(rng.choice(chars) for _ in range(size)))
+        else:
+            out.append(" ".join(rng.choice(words) for _ in range(size // 5)))
+    return out
+
+
+def _unpad(ids: list[int]) -> list[int]:
+    end = len(ids)
+    while end and ids[end - 1] == 0:
+        end -= 1
+    return ids if end == len(ids) else ids[:end]
+
+
+class TextTokenizer:
+    """Text -> ids with [CLS]/[SEP], cut to the model's window as sentence-transformers cuts (the final [SEP]
+    kept), counting what was cut. Identical ids from either backend: flash-tokenizer serves ASCII text only after
+    it matched the Rust tokenizer on every probe text at load, and non-ASCII text (where the two were seen to
+    differ: full-width forms, combining marks, a BOM) always goes to the Rust tokenizer."""
+
+    def __init__(self, model_dir: Path, max_seq: int, choice: TokenizerChoice = "auto", threads: bool = False) -> None:
+        from tokenizers import Tokenizer
+
+        self.max_seq = max_seq
+        self.rust: Any = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self.rust.no_padding()
+        self.rust.enable_truncation(max_seq)
+        self.sep_id = int(self.rust.token_to_id("[SEP]") or 0)
+        self.threads = threads  # flash-tokenizer's OpenMP threads: worth it only with cores to spare
+        self.flash: Any = None
+        self.why_not_flash = ""
+        if choice != "rust":
+            self.flash, self.why_not_flash = self._load_flash(model_dir)
+            if self.flash is None and choice == "flash":
+                raise RuntimeError(f"tokenizer=flash: {self.why_not_flash}")
+        self.backend = "flash+rust" if self.flash is not None else "rust"
+
+    def _load_flash(self, model_dir: Path) -> tuple[Any, str]:
+        model = json.loads((model_dir / "tokenizer.json").read_text()).get("model", {})
+        if model.get("type") != "WordPiece" or not (model_dir / "vocab.txt").exists():
+            return None, "the model's tokenizer is not a WordPiece vocabulary"
+        try:
+            from flash_tokenizer import BertTokenizerFlash
+        except ImportError:
+            return None, "flash-tokenizer is not installed"
+        lower = bool(json.loads((model_dir / "tokenizer_config.json").read_text()).get("do_lower_case", True))
+        flash = BertTokenizerFlash(str(model_dir / "vocab.txt"), do_lower_case=lower, model_max_length=self.max_seq + 1)
+        probes = probe_texts()
+        want = [e.ids for e in self.rust.encode_batch(probes)]
+        got = self._cut(self._flash_ids(flash, probes))[0]
+        bad = sum(1 for a, b in zip(want, got, strict=True) if a != b)
+        if bad:
+            log.warning(
+                "flash-tokenizer disagrees with the model's tokenizer; using the Rust tokenizer",
+                extra={"mismatches": bad, "probes": len(probes)},
+            )
+            return None, f"flash-tokenizer disagreed with the model's tokenizer on {bad} of {len(probes)} probes"
+        return flash, ""
+
+    def _flash_ids(self, flash: Any, texts: list[str]) -> list[list[int]]:
+        # Unpadded lists; any trailing zeros are padding ([PAD] = 0 and every sequence ends with [SEP]).
+        out = flash.tokenizer.batch_encode(texts, "longest", self.max_seq + 1, self.threads)
+        return [_unpad(s) for s in out]
+
+    def _cut(self, seqs: list[list[int]]) -> tuple[list[list[int]], int]:
+        cut = 0
+        for i, s in enumerate(seqs):
+            if len(s) > self.max_seq:
+                seqs[i] = [*s[: self.max_seq - 1], self.sep_id]
+                cut += 1
+        return seqs, cut
+
+    def __call__(self, texts: Sequence[str]) -> tuple[list[list[int]], int]:
+        """Ids per text, and how many texts were cut to the window."""
+        texts = list(texts)
+        ascii_rows = [i for i, t in enumerate(texts) if t.isascii()] if self.flash is not None else []
+        if not ascii_rows:
+            encs = self.rust.encode_batch(texts)
+            return [e.ids for e in encs], sum(1 for e in encs if e.overflowing)
+        if len(ascii_rows) == len(texts):
+            return self._cut(self._flash_ids(self.flash, texts))
+        seqs, cut = self._cut(self._flash_ids(self.flash, [texts[i] for i in ascii_rows]))
+        out: list[list[int]] = [[] for _ in texts]
+        for i, s in zip(ascii_rows, seqs, strict=True):
+            out[i] = s
+        other = sorted(set(range(len(texts))) - set(ascii_rows))
+        encs = self.rust.encode_batch([texts[i] for i in other])
+        for i, e in zip(other, encs, strict=True):
+            out[i] = e.ids
+        return out, cut + sum(1 for e in encs if e.overflowing)
+
+
+@dataclass
+class HostBatch:
+    """One forward pass, ready on the host: padded ids, lengths and output rows (pinned on CUDA)."""
+
+    ids: Any  # torch int64 (n, width)
+    lengths: Any  # torch int64 (n,)
+    rows: Any  # torch int64 (n,)
+    full: bool  # no padding: no attention mask needed
+
+
 class EmbeddingEngine:
     """Mean-pooling transformer encoder over a sentence-transformers model folder (offline)."""
 
@@ -91,11 +231,11 @@ class EmbeddingEngine:
         token_budget: int | None = None,
         macro_batch: int = 8192,
         compile: bool = False,
+        tokenizer: TokenizerChoice = "auto",
     ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         import torch
-        from tokenizers import Tokenizer
         from transformers import AutoModel, AutoTokenizer
 
         self.torch = torch
@@ -114,9 +254,8 @@ class EmbeddingEngine:
         self.token_budget = token_budget or (65_536 if self.cuda else 4_096)
         self.macro_batch = macro_batch
 
-        self._fast: Any = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
-        self._fast.no_padding()
-        self._fast.enable_truncation(self.max_seq)
+        # flash-tokenizer's OpenMP threads would compete with torch's for a CPU run's cores.
+        self.text_tokenizer = TextTokenizer(self.model_dir, self.max_seq, tokenizer, threads=self.cuda)
         self._hf_tokenizer: Any = AutoTokenizer.from_pretrained(str(self.model_dir), local_files_only=True)
         self.pad_id = int(self._hf_tokenizer.pad_token_id or 0)
         self.cls_id = int(self._hf_tokenizer.cls_token_id)
@@ -129,9 +268,10 @@ class EmbeddingEngine:
         self._dim = int(model.config.hidden_size)
         if compile:
             self.model = torch.compile(self.model, dynamic=True)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-host")
         self._lock = threading.Lock()  # one forward pipeline at a time (threads share the device)
         self.truncated = 0
+        self.tokenized = 0  # texts this engine tokenized (ids handed in are not counted)
 
     def _max_seq_length(self) -> int:
         cfg = self.model_dir / "sentence_bert_config.json"
@@ -164,69 +304,122 @@ class EmbeddingEngine:
     def encode(self, texts: Sequence[str]) -> Vectors:
         """Texts -> L2-normalised float32 vectors of shape (n, dim). Text past the model's window is truncated,
         as sentence-transformers does, and counted in `truncated` (the chunker never sends such text)."""
-        if not texts:
-            return np.zeros((0, self._dim), dtype=np.float32)
-        return self._run(self._macro(list(texts)))
+        return self.encode_mixed(texts)
 
     def encode_ids(self, ids: Sequence[Sequence[int]], special: bool = False) -> Vectors:
         """Token ids (without [CLS]/[SEP] unless `special`) -> vectors; the chunker's ids need no second pass."""
-        if special:  # keep the final [SEP] when cutting to the model's window
-            seqs = [[*s[: self.max_seq - 1], s[-1]] if len(s) > self.max_seq else list(s) for s in ids]
-        else:
-            seqs = [[self.cls_id, *s[: self.max_seq - 2], self.sep_id] for s in ids]
-        if not seqs:
-            return np.zeros((0, self._dim), dtype=np.float32)
-        return self._run(iter([seqs]))
+        if special:
+            return self._run([self._window(s) for s in ids], special=True)
+        return self.encode_mixed(ids)
+
+    def encode_mixed(self, items: Sequence[str | Sequence[int]]) -> Vectors:
+        """Texts and content ids (no special tokens) in one call, in one batch plan: vectors in input order."""
+        return self._run(items)
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        """Ids with special tokens, truncated to the model's window (batched, in Rust)."""
-        encs = self._fast.encode_batch(list(texts), add_special_tokens=True)
-        out = [e.ids for e in encs]
-        self.truncated += sum(1 for e in encs if e.overflowing)
-        return out
+        """Ids with special tokens, truncated to the model's window (batched, in C++ or Rust)."""
+        seqs, cut = self.text_tokenizer(texts)
+        self.truncated += cut
+        self.tokenized += len(seqs)
+        return seqs
+
+    def _window(self, ids: Sequence[int]) -> list[int]:
+        """Ids with specials cut to the model's window, keeping the final [SEP]."""
+        return [*ids[: self.max_seq - 1], ids[-1]] if len(ids) > self.max_seq else list(ids)
 
     # The pipeline --------------------------------------------------------------------------------------------
 
-    def _macro(self, texts: list[str]) -> Iterator[list[list[int]]]:
-        """Tokenized macro-batches; the next one is tokenized in a worker thread while the current one runs."""
-        step = self.macro_batch
-        pending: Future[list[list[int]]] = self._pool.submit(self.tokenize, texts[:step])
-        for start in range(step, len(texts) + step, step):
-            current = pending.result()
-            if start < len(texts):
-                pending = self._pool.submit(self.tokenize, texts[start : start + step])
-            yield current
+    def _to_ids(self, items: Sequence[str | Sequence[int]]) -> list[list[int]]:
+        """Ids with specials for every item: texts tokenized in one batched call, content ids wrapped."""
+        texts = [i for i, x in enumerate(items) if isinstance(x, str)]
+        seqs: list[list[int]] = [[] for _ in items]
+        tokenized = self.tokenize([str(items[i]) for i in texts]) if texts else []
+        for i, s in zip(texts, tokenized, strict=True):
+            seqs[i] = s
+        if len(texts) < len(items):
+            keep = self.max_seq - 2
+            for i, x in enumerate(items):
+                if not isinstance(x, str):
+                    seqs[i] = [self.cls_id, *x[:keep], self.sep_id]
+        return seqs
 
-    def _run(self, macros: Iterator[list[list[int]]]) -> Vectors:
-        parts = []
+    def _prepare(self, items: Sequence[str | Sequence[int]], special: bool) -> list[HostBatch]:
+        """Host side of one macro-batch: ids, the batch plan, padded (pinned) tensors."""
+        torch = self.torch
+        seqs = [list(s) for s in items] if special else self._to_ids(items)
+        lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+        out: list[HostBatch] = []
+        for batch in plan_batches(lengths.tolist(), self.token_budget, multiple=8 if self.cuda else 1):
+            rows = np.asarray(batch.rows, dtype=np.int64)
+            lens = lengths[rows]
+            ids = torch.full((len(rows), batch.length), self.pad_id, dtype=torch.int64, pin_memory=self.cuda)
+            keep = np.arange(batch.length)[None, :] < lens[:, None]
+            flat = itertools.chain.from_iterable(seqs[i] for i in batch.rows)
+            ids.numpy()[keep] = np.fromiter(flat, dtype=np.int64, count=int(lens.sum()))
+            lens_t, rows_t = torch.from_numpy(lens), torch.from_numpy(rows)
+            if self.cuda:
+                lens_t, rows_t = lens_t.pin_memory(), rows_t.pin_memory()
+            out.append(HostBatch(ids, lens_t, rows_t, full=bool(lens.min() == batch.length)))
+        return out
+
+    def _macros(self, items: Sequence[Any], special: bool) -> Iterator[tuple[int, list[HostBatch]]]:
+        """Prepared macro-batches; the next one is prepared in a worker thread while the current one runs."""
+        step = self.macro_batch
+        if len(items) <= INLINE_ROWS:
+            yield len(items), self._prepare(items, special)
+            return
+        pending: Future[list[HostBatch]] = self._pool.submit(self._prepare, items[:step], special)
+        for start in range(0, len(items), step):
+            current = pending.result()
+            if start + step < len(items):
+                pending = self._pool.submit(self._prepare, items[start + step : start + 2 * step], special)
+            yield min(step, len(items) - start), current
+
+    def _run(self, items: Sequence[str | Sequence[int]], special: bool = False) -> Vectors:
+        if not items:
+            return np.zeros((0, self._dim), dtype=np.float32)
+        parts: list[Vectors] = []
+        in_flight: tuple[Any, Any] | None = None  # (host result, event) of the macro-batch the device still runs
         with self._lock, self.torch.inference_mode():
-            for seqs in macros:
-                parts.append(self._forward_all(seqs))
+            for n, batches in self._macros(items, special):
+                launched = self._launch(n, batches)
+                if in_flight is not None:
+                    parts.append(self._collect(*in_flight))
+                in_flight = launched
+            assert in_flight is not None
+            parts.append(self._collect(*in_flight))
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
-    def _forward_all(self, seqs: list[list[int]]) -> Vectors:
-        torch = self.torch
-        out = torch.empty((len(seqs), self._dim), dtype=torch.float32, device=self.device)
-        lengths = [len(s) for s in seqs]
-        for batch in plan_batches(lengths, self.token_budget, multiple=8 if self.cuda else 1):
-            n, width = len(batch.rows), batch.length
-            ids = np.full((n, width), self.pad_id, dtype=np.int64)
-            mask = np.zeros((n, width), dtype=np.int64)
-            for r, i in enumerate(batch.rows):
-                ids[r, : lengths[i]] = seqs[i]
-                mask[r, : lengths[i]] = 1
-            ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
-            if self.cuda:
-                ids_t = ids_t.pin_memory().to(self.device, non_blocking=True)
-                mask_t = mask_t.pin_memory().to(self.device, non_blocking=True)
-            hidden = self.model(input_ids=ids_t, attention_mask=mask_t).last_hidden_state
-            m = mask_t.unsqueeze(-1).to(torch.float32)
-            pooled = (hidden.to(torch.float32) * m).sum(1) / m.sum(1).clamp(min=1e-9)
-            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-            out[torch.as_tensor(batch.rows, device=self.device)] = pooled
-        result: Vectors = out.cpu().numpy()
+    def _launch(self, n: int, batches: list[HostBatch]) -> tuple[Any, Any]:
+        """Queue one macro-batch's forward passes; on CUDA nothing here waits for the device."""
+        torch, dev = self.torch, self.device
+        out = torch.empty((n, self._dim), dtype=torch.float32, device=dev)
+        for b in batches:
+            ids = b.ids.to(dev, non_blocking=True)
+            lens = b.lengths.to(dev, non_blocking=True)
+            rows = b.rows.to(dev, non_blocking=True)
+            keep = torch.arange(ids.shape[1], device=dev)[None, :] < lens[:, None]
+            # A 4-D mask is used as given (no `mask.all()` check, which would sync); none at all without padding.
+            mask = None if b.full else keep[:, None, None, :]
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            summed = (hidden.to(torch.float32) * keep.unsqueeze(-1)).sum(1)
+            pooled = torch.nn.functional.normalize(summed / lens.unsqueeze(-1).to(torch.float32), p=2, dim=1)
+            out.index_copy_(0, rows, pooled)
+        if not self.cuda:
+            return out, None
+        host = torch.empty((n, self._dim), dtype=torch.float32, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
+    @staticmethod
+    def _collect(host: Any, done: Any) -> Vectors:
+        if done is not None:
+            done.synchronize()
+        result: Vectors = host.numpy().copy() if done is not None else host.numpy()
         return result
 
     def close(self) -> None:
-        """Stop the tokenizer thread."""
+        """Stop the host worker thread."""
         self._pool.shutdown(wait=False)
