@@ -10,9 +10,13 @@ import numpy as np
 import pytest
 
 from ragtide.bench.embed import corpus, cosine_deviation
+from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
 from ragtide.embedder.chunking import Chunker
 from ragtide.embedder.encoder import SentenceTransformerEncoder, default_model_path
 from ragtide.embedder.engine import EmbeddingEngine, TextTokenizer, plan_batches, probe_texts
+from ragtide.embedder.index.memory import MemoryIndex
+from ragtide.embedder.writer import IndexWriter
+from ragtide.ingest.sources import SourcesConfig
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +160,41 @@ def test_macro_batches_pipelined_through_the_host_thread_give_the_same_vectors(t
         assert cosine_deviation(whole, small.encode(texts)) <= 1e-6
     finally:
         small.close()
+
+
+def test_the_bench_corpus_is_mixed_length_distinct_and_deterministic(engine: EmbeddingEngine) -> None:
+    # The model's tokenizer.json truncates at 128 tokens: a corpus cut from its offsets once came out as
+    # near-copies of the first 128 tokens of the documentation (mean 66 tokens instead of ~110).
+    chunks = corpus(engine.tokenizer, 1500)
+    lengths = [len(ids) for ids in engine.tokenize(chunks)]
+    assert 95 <= sum(lengths) / len(lengths) <= 125 and min(lengths) >= 20 and max(lengths) > 200
+    assert len(set(chunks)) == len(chunks) and corpus(engine.tokenizer, 1500) == chunks
+
+
+def test_the_writer_hands_the_chunkers_ids_to_the_engine_tokenizing_nothing_twice(engine: EmbeddingEngine) -> None:
+    chunker = Chunker(engine.tokenizer, 64, 8)  # small windows: most rows span several
+    sources = SourcesConfig.model_validate({"sources": [{"table": "public.docs", "key": ["id"], "text": "{body}"}]})
+    index = MemoryIndex()
+    index.ensure_collection(engine.dim)
+    writer = IndexWriter(index, engine, chunker, sources)
+    parts = corpus(engine.tokenizer, 60)
+    bodies = [" ".join(parts[i : i + 3]) for i in range(0, 60, 3)] + [*NON_ASCII, "short row", "  "]
+    events = [
+        ChangeEvent("public.docs", Op.CREATE, {"id": i}, {"id": i, "body": b}, SourcePosition(100 + i, 1000 + i))
+        for i, b in enumerate(bodies)
+    ]
+    pieces = chunker.pieces_many(bodies)
+    assert [[p.text for p in ps] for ps in pieces] == [chunker(b) for b in bodies]  # the same chunks either way
+    with_ids = [p for ps in pieces for p in ps if p.ids is not None]
+    without = sum(len(ps) for ps in pieces) - len(with_ids)
+    assert len(with_ids) > 3 * without  # windows cut inside a word carry no ids; most are cut between words
+    for p in with_ids:  # the ids handed over are exactly the chunk text's own tokenization
+        assert p.ids == engine.tokenizer(p.text, add_special_tokens=False)["input_ids"]
+
+    before = engine.tokenized
+    stats = writer.apply(events)
+    assert stats.embedded == len(index.points) == len(with_ids) + without
+    assert engine.tokenized - before == without  # only the chunks without exact ids were tokenized again
+    stored = list(index.points.values())
+    vectors = np.stack([v for v, _ in stored])
+    assert cosine_deviation(vectors, engine.encode([p["text"] for _, p in stored])) <= 1e-6

@@ -46,7 +46,11 @@ def corpus(tokenizer: Any, n: int, seed: int = 7) -> list[str]:
     from pydoc_data.topics import topics
 
     text = "\n\n".join(re.sub(r"\s+\n", "\n", topics[k]) for k in sorted(topics))
-    offsets = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).offsets  # whole text, no limit
+    from tokenizers import Tokenizer
+
+    whole = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())  # a copy: the model's own truncates at 128
+    whole.no_truncation()
+    offsets = whole.encode(text, add_special_tokens=False).offsets
     rng = random.Random(seed)
     out: list[str] = []
     start = 0

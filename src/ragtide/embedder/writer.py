@@ -15,7 +15,8 @@ from typing import Any, cast
 
 from ragtide.contracts.chunks import Chunk, PointPayload, content_hash, point_id, row_key
 from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
-from ragtide.embedder.encoder import Encoder
+from ragtide.embedder.chunking import Piece
+from ragtide.embedder.encoder import Encoder, Vectors
 from ragtide.embedder.index.base import IndexPoint, StoredPoint, VectorIndex
 from ragtide.ingest.sources import UNAVAILABLE, SourcesConfig, SourceTable
 
@@ -48,6 +49,7 @@ class _RowPlan:
     source: SourceTable
     row: dict[str, Any]  # the new row state, TOAST placeholders filled from the stored version
     chunks: list[Chunk]
+    ids: list[list[int] | None]  # per chunk, the chunker's token ids where they are exact (never re-tokenized)
     position: SourcePosition  # what the points record as their version
 
 
@@ -135,6 +137,7 @@ class IndexWriter:
 
         deletes: list[str] = []
         plans: list[_RowPlan] = []
+        texts: list[str] = []
         for ev, rk in zip(known, keys, strict=True):
             have = stored[rk]
             pos = _stored_position(have)
@@ -151,17 +154,27 @@ class IndexWriter:
             source = self.sources.get(ev.table)
             assert source is not None
             row = self._fill_unavailable(ev.row, have, source)
-            text = source.render_text(row)
-            chunks = [Chunk(ev.table, ev.row_id, i, t) for i, t in enumerate(self.chunker(text))]
+            texts.append(source.render_text(row))
             # An incremental-snapshot read has no LSN: it is newer than what it follows in the topic, but keeps
             # the stored position so that replayed older events stay recognisably older (replay is idempotent).
             position = pos if pos is not None and pos.lsn and not ev.position.lsn else ev.position
-            plans.append(_RowPlan(ev, source, row, chunks, position))
+            plans.append(_RowPlan(ev, source, row, [], [], position))
             stats.applied.append(ev)
+        for plan, pieces in zip(plans, self._chunk(texts), strict=True):
+            ev = plan.event
+            plan.chunks = [Chunk(ev.table, ev.row_id, i, p.text) for i, p in enumerate(pieces)]
+            plan.ids = [p.ids for p in pieces]
 
         if deletes:
             self.index.delete_where({"row_key": deletes})
         self._write_plans(plans, stored, stats)
+
+    def _chunk(self, texts: list[str]) -> list[list[Piece]]:
+        """All rows' texts in one batched tokenizer call where the chunker offers one."""
+        many = getattr(self.chunker, "pieces_many", None)
+        if many is not None:
+            return cast(list[list[Piece]], many(texts))
+        return [[Piece(c, None) for c in self.chunker(t)] for t in texts]
 
     def _fill_unavailable(
         self, row: dict[str, Any], have: Sequence[StoredPoint], source: SourceTable
@@ -175,7 +188,7 @@ class IndexWriter:
 
     def _write_plans(self, plans: Sequence[_RowPlan], stored: dict[str, list[StoredPoint]], stats: ApplyStats) -> None:
         now_ms = int(self.clock() * 1000)
-        to_embed: list[tuple[Chunk, PointPayload]] = []
+        to_embed: list[tuple[Chunk, PointPayload, list[int] | None]] = []
         surplus: list[str] = []
         for plan in plans:
             ev, src, row = plan.event, plan.source, plan.row
@@ -194,7 +207,7 @@ class IndexWriter:
                 "source_ts_ms": plan.position.ts_ms,
                 "indexed_at_ms": now_ms,
             }
-            for chunk in plan.chunks:
+            for chunk, ids in zip(plan.chunks, plan.ids, strict=True):
                 payload = cast(
                     PointPayload,
                     {
@@ -211,7 +224,7 @@ class IndexWriter:
                 if old is not None and old.payload.get("hash") == chunk.hash and not ev.extra.get("reembed"):
                     unchanged.append(chunk.id)
                 else:
-                    to_embed.append((chunk, payload))
+                    to_embed.append((chunk, payload, ids))
             if unchanged:
                 # Invariant 4: same text, no embedding; refresh the row-level fields in place.
                 self.index.set_payload(unchanged, row_fields)
@@ -222,15 +235,22 @@ class IndexWriter:
             stats.rows_written += 1
 
         if to_embed:
-            vectors = self.encoder.encode([c.text for c, _ in to_embed])
+            vectors = self._embed(to_embed)
             stats.embedded_ms = int(self.clock() * 1000)
-            points = [IndexPoint(c.id, vec, p) for (c, p), vec in zip(to_embed, vectors, strict=True)]
+            points = [IndexPoint(c.id, vec, p) for (c, p, _), vec in zip(to_embed, vectors, strict=True)]
             self.index.upsert(points)
             stats.embedded += len(points)
-            stats.embedded_by_table.update(c.table for c, _ in to_embed)
+            stats.embedded_by_table.update(c.table for c, _, _ in to_embed)
         if surplus:
             self.index.delete(surplus)
             stats.deleted_points += len(surplus)
+
+    def _embed(self, to_embed: Sequence[tuple[Chunk, PointPayload, list[int] | None]]) -> Vectors:
+        """Chunks with exact ids go to the engine as ids (tokenized once, by the chunker); the rest as text."""
+        mixed = getattr(self.encoder, "encode_mixed", None)
+        if mixed is not None and any(ids is not None for _, _, ids in to_embed):
+            return cast(Vectors, mixed([c.text if ids is None else ids for c, _, ids in to_embed]))
+        return self.encoder.encode([c.text for c, _, _ in to_embed])
 
 
 __all__ = ["ApplyStats", "IndexWriter", "coalesce", "content_hash"]
