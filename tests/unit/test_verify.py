@@ -73,3 +73,50 @@ def test_rows_from_an_incremental_snapshot_read_after_the_snapshot_are_not_orpha
     # ...while one read before the snapshot, and gone from the source, is an orphan.
     report = verify_table(SRC, SourcePosition(1_000, 6_000), data, index, writer)
     assert report.orphaned == ["7"]
+
+
+class DeletesDuringRepair:
+    """A writer whose stream deletes rows (or truncates the table) after the repair read its snapshot and
+    before its writes land: the race that once resurrected deleted rows."""
+
+    def __init__(self, writer: IndexWriter, stream: list[ChangeEvent]) -> None:
+        self.writer = writer
+        self.chunker = writer.chunker
+        self.stream = stream
+
+    def apply(self, events: Any) -> Any:
+        if self.stream:
+            self.writer.apply(self.stream)
+            self.stream = []
+        return self.writer.apply(events)
+
+
+def test_repair_does_not_resurrect_rows_the_stream_deleted_after_its_snapshot() -> None:
+    index, writer, data = setup(4)
+    index.delete_where({"row_key": "public.docs:1"})  # drift: missing, so repair will write row 1...
+    data[2] = {**data[2], "body": "edited behind our back"}  # ...and stale, so repair will rewrite row 2
+    snapshot = SourcePosition(1_000, 2)
+    stream = [  # committed after the snapshot, applied while the repair runs
+        ChangeEvent("public.docs", Op.DELETE, {"id": 1}, None, SourcePosition(1_010, 3)),
+        ChangeEvent("public.docs", Op.DELETE, {"id": 2}, None, SourcePosition(1_020, 3)),
+    ]
+    with writer.remembering_deletes():
+        report = verify_table(SRC, snapshot, data, index, DeletesDuringRepair(writer, stream), repair=True)
+    assert sorted([*report.missing, *report.stale]) == ["1", "2"]
+    assert index.count({"row_key": ["public.docs:1", "public.docs:2"]}) == 0  # deleted stays deleted
+    assert index.count({"row_key": "public.docs:3"}) > 0
+    # Without the tombstones (no repair in flight) the same older write would have gone in: they are needed.
+    writer.apply([ChangeEvent("public.docs", Op.READ, {"id": 1}, data[1], snapshot)])
+    assert index.count({"row_key": "public.docs:1"}) > 0
+
+
+def test_repair_does_not_resurrect_a_table_the_stream_truncated_after_its_snapshot() -> None:
+    index, writer, data = setup(3)
+    index.delete_where({"row_key": "public.docs:0"})
+    truncate = ChangeEvent("public.docs", Op.TRUNCATE, {}, None, SourcePosition(1_010, 3))
+    with writer.remembering_deletes():
+        verify_table(SRC, SourcePosition(1_000, 2), data, index, DeletesDuringRepair(writer, [truncate]), repair=True)
+        # a row inserted after the truncate is newer than it, and written
+        fresh = {"id": 9, "title": "t9", "body": "after the truncate", "category": "a"}
+        writer.apply([ChangeEvent("public.docs", Op.CREATE, {"id": 9}, fresh, SourcePosition(1_020, 4))])
+    assert [p.payload["row_id"] for p in index.scroll()] == ["9"]

@@ -449,9 +449,10 @@ def verify_generation(
 
     source = sources.get(table)
     assert source is not None
-    position, rows = read_rows(dsn, source)
     writer = LockedWriter(generations, gen)
-    return verify_table(source, position, rows, gen.index, writer, repair, reembed), writer.embedded
+    with gen.writer.remembering_deletes():  # from before the snapshot until its writes are done
+        position, rows = read_rows(dsn, source)
+        return verify_table(source, position, rows, gen.index, writer, repair, reembed), writer.embedded
 
 
 def verifier(dsn: str, generations: Generations, sources: SourcesConfig) -> VerifyTable:

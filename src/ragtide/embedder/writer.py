@@ -7,9 +7,11 @@ Pure of Kafka and Faust: the worker hands it decoded events, tests hand it lists
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -102,6 +104,37 @@ class IndexWriter:
         self.chunker = chunker
         self.sources = sources
         self.clock = clock
+        # Tombstones, kept only while a repair's snapshot is in flight (`remembering_deletes`): row key or table
+        # -> the position of the delete or truncate the stream applied meanwhile.
+        self._remembering = 0
+        self._deleted: dict[str, SourcePosition] = {}
+        self._truncated: dict[str, SourcePosition] = {}
+        self._tomb_lock = threading.Lock()
+
+    @contextmanager
+    def remembering_deletes(self) -> Iterator[None]:
+        """Hold tombstones from before a repair reads its snapshot until its writes are done.
+
+        Repair writes a row's snapshot state at the snapshot's position; if the stream deletes that row (or
+        truncates its table) in between, the delete leaves no points behind for the position guard to compare
+        with, and the repair would resurrect the row. With the deletes remembered, such an older write is refused
+        as stale. Tombstones are dropped when the last repair ends, so they cost nothing in steady state.
+        """
+        with self._tomb_lock:
+            self._remembering += 1
+        try:
+            yield
+        finally:
+            with self._tomb_lock:
+                self._remembering -= 1
+                if not self._remembering:
+                    self._deleted.clear()
+                    self._truncated.clear()
+
+    def _deleted_later(self, ev: ChangeEvent, rk: str) -> bool:
+        """A remembered delete of this row, or truncate of its table, is newer than `ev`."""
+        tombs = [t for t in (self._deleted.get(rk), self._truncated.get(ev.table)) if t is not None]
+        return any(ev.position.is_older_than(t) for t in tombs)
 
     def apply(self, events: Sequence[ChangeEvent]) -> ApplyStats:
         """Apply the batch; returns once the store has acknowledged every write."""
@@ -114,6 +147,8 @@ class IndexWriter:
         return stats
 
     def _truncate(self, ev: ChangeEvent, stats: ApplyStats) -> None:
+        if self._remembering:
+            self._truncated[ev.table] = ev.position
         before = self.index.count({"table": ev.table})
         self.index.delete_where({"table": ev.table})
         stats.deleted_points += before
@@ -144,7 +179,12 @@ class IndexWriter:
             if pos is not None and (ev.position.is_older_than(pos) or _earlier_in_topic(ev, have, pos)):
                 stats.stale += 1  # invariant 3: never let an older event overwrite a newer state
                 continue
+            if not have and self._remembering and self._deleted_later(ev, rk):
+                stats.stale += 1  # a repair's snapshot state of a row the stream has deleted since
+                continue
             if not ev.op.writes_row or ev.row is None:
+                if self._remembering:
+                    self._deleted[rk] = ev.position
                 if have:
                     deletes.append(rk)
                     stats.deleted_points += len(have)
