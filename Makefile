@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # llama-cpp-python builds llama.cpp from source (a few minutes on 2 cores; pip caches the wheel): the library only.
 LLAMA_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
-.PHONY: help install up down clean status lint fmt test test-unit test-integration test-e2e bench-freshness bench-embed bench-serve bench-cache
+.PHONY: help install up down clean status lint fmt test test-unit test-integration test-e2e bench-freshness bench-embed bench-serve bench-cache gpu-kit
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-17s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -80,3 +80,9 @@ bench-cache: install ## answer-cache benchmark against the running stack: hit ra
 
 bench-embed: install ## embedding benchmark (no stack needed): naive sentence-transformers vs the engine, side by side
 	$(BIN)/ragtide bench embed --device auto
+
+gpu-kit: install ## what the GPU box needs, under .cache: the fp16 model folder and the flash-tokenizer wheel (cp312)
+	test -d .cache/models/all-MiniLM-L6-v2-fp16 || $(BIN)/ragtide export-model
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 -d .cache/gpu-wheels flash-tokenizer==$$(sed -n 's/^flash-tokenizer==//p' constraints.txt)
+	@echo "then, on the GPU box: bash infra/scripts/gpu-bench.sh (carry .cache/models and .cache/gpu-wheels)"

@@ -473,6 +473,11 @@ def bench_embed(
     ] = "auto",
     model: Annotated[Path | None, typer.Option(help="model folder (default: the packaged all-MiniLM-L6-v2)")] = None,
     out: Annotated[Path, typer.Option(help="folder for the JSON result")] = Path("bench/results"),
+    variants: Annotated[
+        bool,
+        typer.Option(help="also time the engine's other settings (fp32 on CPU; bf16, Rust tokenizer, ids on CUDA)"),
+    ] = True,
+    compile: Annotated[bool, typer.Option("--compile", help="also time the engine under torch.compile")] = False,
 ) -> None:
     """Naive sentence-transformers vs the embedding engine, side by side: chunks/s, tokens/s, small-batch
     latency, peak GPU memory and cosine deviation from the fp32 reference (needs no running stack)."""
@@ -484,7 +489,14 @@ def bench_embed(
     if n < 64:
         raise typer.BadParameter("at least 64 chunks", param_hint="--n")
     result = embed.run(
-        model or embed.default_model_dir(), resolve_device(device), n, repeats, dtype=dtype, log=console.print
+        model or embed.default_model_dir(),
+        resolve_device(device),
+        n,
+        repeats,
+        dtype=dtype,
+        variants=variants,
+        compile=compile,
+        log=console.print,
     )
     print(embed.render(result))
     console.print(f"result: {embed.save(result, out)}")

@@ -59,7 +59,7 @@ def build_encoder(settings: RagtideSettings, model_path: Path | None = None) -> 
         return SentenceTransformerEncoder(path, e.device, e.batch_size)
     from ragtide.embedder.engine import EmbeddingEngine
 
-    return EmbeddingEngine(path or default_model_path(), e.device, e.dtype, e.token_budget)
+    return EmbeddingEngine(path or default_model_path(), e.device, e.dtype, e.token_budget, tokenizer=e.tokenizer)
 
 
 def desired_generation(settings: RagtideSettings, encoder: Encoder) -> GenerationSpec:

@@ -69,6 +69,8 @@ class LiveStack:
 
 
 TICKETS_SOURCE = {"table": "public.tickets", "key": ["id"], "text": "{subject}\n\n{body}", "tenant_column": "org"}
+# A table of its own for the TRUNCATE test (truncating the demo table would wipe the other tests' rows).
+SCRATCH_SOURCE = {"table": "public.scratch", "key": ["id"], "text": "{body}"}
 TICKETS = [
     (9001, "acme", "Invoice export fails", "The acme billing export to the ledger times out after the vault rotation."),
     (9002, "acme", "SSO login loop", "Acme staff are redirected back to the login page by the okta connector."),
@@ -78,13 +80,14 @@ TICKETS = [
 
 
 def create_tickets(dsn: str) -> dict[str, list[int]]:
-    """A multi-tenant table (tenant column `org`) with two tenants' rows."""
+    """A multi-tenant table (tenant column `org`) with two tenants' rows, and the empty scratch table."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(
             "CREATE TABLE IF NOT EXISTS public.tickets (id int PRIMARY KEY, org text NOT NULL, subject text, body text)"
         )
         for row in TICKETS:
             conn.execute("INSERT INTO public.tickets VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING", row)
+        conn.execute("CREATE TABLE IF NOT EXISTS public.scratch (id int PRIMARY KEY, body text)")
     by_org: dict[str, list[int]] = {}
     for i, org, _, _ in TICKETS:
         by_org.setdefault(org, []).append(i)
@@ -126,7 +129,7 @@ def live() -> Iterator[LiveStack]:
     data.chmod(0o755)
     # The product's sources plus a multi-tenant table (snapshotted with the rest) for the gateway's tests.
     sources = yaml.safe_load((REPO_ROOT / "config" / "sources.yaml").read_text())
-    sources["sources"].append(TICKETS_SOURCE)
+    sources["sources"] += [TICKETS_SOURCE, SCRATCH_SOURCE]
     (data / "sources.yaml").write_text(yaml.safe_dump(sources))
     settings = load_settings(
         RagtideSettings,

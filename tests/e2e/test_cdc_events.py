@@ -107,3 +107,24 @@ def test_columns_added_and_dropped_while_running(live: LiveStack) -> None:
         live.sql("ALTER TABLE public.docs DROP COLUMN IF EXISTS e2e_extra")
     insert(live, f"{topic}/2", "Sandbars", "Longshore drift builds sandbars along the coast.", topic)
     poll(lambda: f"{topic}/2" in rows_of(live, "longshore drift sandbars", topic), "a row written after the drop")
+
+
+def test_truncate_empties_only_its_table_and_later_rows_come_back(live: LiveStack) -> None:
+    def rows(table: str) -> int:
+        return int(live.api("/v1/index/stats").json()["tables"][table]["rows"])
+
+    def scratch_hits(query: str) -> set[str]:
+        return {h["row_id"] for h in live.search(query, k=20, flt={"table": "public.scratch"})}
+
+    live.sql(
+        "INSERT INTO public.scratch (id, body) SELECT g, 'quokka ' || g || ' basks on Rottnest island' "
+        "FROM generate_series(1, 6) g"
+    )
+    poll(lambda: rows("public.scratch") == 6, "the 6 scratch rows")
+    tickets = rows("public.tickets")
+    live.sql("TRUNCATE public.scratch")
+    poll(lambda: rows("public.scratch") == 0, "the truncate to empty the table's index")
+    assert scratch_hits("quokka basks on Rottnest island") == set()
+    assert rows("public.tickets") == tickets > 0  # other tables untouched
+    live.sql("INSERT INTO public.scratch (id, body) VALUES (100, 'a quokka came back after the truncate')")
+    poll(lambda: scratch_hits("quokka came back") == {"100"}, "a row inserted after the truncate")

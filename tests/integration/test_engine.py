@@ -4,6 +4,7 @@ across batch compositions, and edge inputs."""
 from __future__ import annotations
 
 import random
+import string
 from collections.abc import Iterator
 
 import numpy as np
@@ -13,7 +14,14 @@ from ragtide.bench.embed import corpus, cosine_deviation
 from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
 from ragtide.embedder.chunking import Chunker
 from ragtide.embedder.encoder import SentenceTransformerEncoder, default_model_path
-from ragtide.embedder.engine import EmbeddingEngine, TextTokenizer, plan_batches, probe_texts
+from ragtide.embedder.engine import (
+    FLASH_EXTRA,
+    EmbeddingEngine,
+    TextTokenizer,
+    flash_contexts,
+    plan_batches,
+    probe_texts,
+)
 from ragtide.embedder.index.memory import MemoryIndex
 from ragtide.embedder.writer import IndexWriter
 from ragtide.ingest.sources import SourcesConfig
@@ -198,3 +206,22 @@ def test_the_writer_hands_the_chunkers_ids_to_the_engine_tokenizing_nothing_twic
     stored = list(index.points.values())
     vectors = np.stack([v for v, _ in stored])
     assert cosine_deviation(vectors, engine.encode([p["text"] for _, p in stored])) <= 1e-6
+
+
+def test_flash_tokenizer_agrees_on_every_extra_character_in_every_context(engine: EmbeddingEngine) -> None:
+    # FLASH_EXTRA is the set of non-ASCII characters routed to flash-tokenizer: each one, in many contexts and
+    # in random mixes with ASCII and with each other, must give exactly the model tokenizer's ids.
+    tok = engine.text_tokenizer
+    rng = random.Random(21)
+    base = string.ascii_letters + string.digits + " .,;:!?'\"()-"
+    extra = list(FLASH_EXTRA)
+    probes = [flash_contexts(ch) for ch in extra]
+    probes += ["".join(rng.choice(base + ch * 3) for _ in range(40)) for ch in extra for _ in range(3)]
+    probes += ["".join(rng.choice(extra + list(base)) for _ in range(rng.randint(1, 400))) for _ in range(2000)]
+    assert all(tok.other.search(p) is None for p in probes)  # all of them take the flash path
+    got, cut = tok(probes)
+    rust = TextTokenizer(engine.model_dir, engine.max_seq, "rust")
+    want, want_cut = rust(probes)
+    assert cut == want_cut and [i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b] == []
+    # ...and text with other characters takes the Rust path.
+    assert all(tok.other.search(t) for t in NON_ASCII if t not in ("naïve café",))

@@ -68,12 +68,14 @@ def corpus(tokenizer: Any, n: int, seed: int = 7) -> list[str]:
 
 @dataclass
 class Contender:
-    """One way to embed: a name and `encode(texts) -> vectors`."""
+    """One way to embed: a name and `encode(items) -> vectors`."""
 
     name: str
-    encode: Callable[[Sequence[str]], np.ndarray]
+    encode: Callable[[Sequence[Any]], np.ndarray]
     runs: list[float] = field(default_factory=list)
     latencies: dict[int, list[float]] = field(default_factory=dict)
+    peak_gib: float = 0.0
+    ids_in: bool = False  # fed the chunker's token ids (the pipeline's path), not text
 
 
 def _sync(device: str) -> None:
@@ -83,10 +85,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(c: Contender, texts: Sequence[str], device: str) -> float:
+def _timed(c: Contender, items: Sequence[Any], device: str) -> float:
     _sync(device)
     t0 = time.perf_counter()
-    c.encode(texts)
+    c.encode(items)
     _sync(device)
     return time.perf_counter() - t0
 
@@ -98,6 +100,24 @@ def cosine_deviation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(1.0 - np.sum(a * b, axis=1)))
 
 
+def _best_rate(n: int, f: Callable[[], object], repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - t0)
+    return round(n / best, 1)
+
+
+def tokenizer_rates(engine: EmbeddingEngine, texts: list[str]) -> dict[str, float]:
+    """Chunks/s of text -> ids alone, per tokenizer (the part of the engine's path the GPU must never wait on)."""
+    tok = engine.text_tokenizer
+    rates = {"rust encode_batch": _best_rate(len(texts), lambda: [e.ids for e in tok.rust.encode_batch(texts)])}
+    if tok.flash is not None:
+        rates["flash-tokenizer"] = _best_rate(len(texts), lambda: tok(texts))
+    return rates
+
+
 def run(
     model_dir: Path,
     device: str,
@@ -107,17 +127,24 @@ def run(
     small_batches: Sequence[int] = (1, 8, 32),
     latency_rounds: int = 30,
     dtype: str = "auto",
+    variants: bool = True,
+    compile: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """The whole benchmark; returns the JSON-able result."""
+    """The whole benchmark; returns the JSON-able result. With `variants`, the engine's other settings run in
+    the same session (fp32 on CPU; bf16, the Rust tokenizer alone, and token ids in on CUDA; torch.compile with
+    `compile`), so one run on a GPU box answers which settings win there."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from sentence_transformers import SentenceTransformer
 
     engine = EmbeddingEngine(model_dir, device=device, dtype=dtype)  # type: ignore[arg-type]
     texts = corpus(engine.tokenizer, n)
-    tokens = sum(len(ids) for ids in engine.tokenize(texts))
+    token_ids = engine.tokenize(texts)
+    tokens = sum(len(ids) for ids in token_ids)
+    content_ids = [ids[1:-1] for ids in token_ids]  # what the chunker hands the engine in the pipeline
     log(f"corpus: {len(texts)} chunks, {tokens} tokens (mean {tokens / len(texts):.0f} per chunk incl. specials)")
+    log(f"tokenizer: {engine.text_tokenizer.backend} {engine.text_tokenizer.why_not_flash}".rstrip())
 
     # fp32 whatever the folder holds (an fp16 export for the GPU box is upcast: the reference is the fp32 math)
     reference = SentenceTransformer(str(model_dir), device=device, local_files_only=True).float()
@@ -136,25 +163,50 @@ def run(
 
         return enc
 
-    naive_all = [Contender(f"sentence-transformers bs={bs}", naive(bs)) for bs in batch_sizes]
-    eng = Contender(f"engine ({engine.dtype_name}, budget {engine.token_budget} tokens)", engine.encode)
-    others: list[Contender] = []
-    fp32_engine: EmbeddingEngine | None = None
-    if not engine.cuda and engine.dtype_name != "fp32":  # show what the precision alone buys on this CPU
-        fp32_engine = EmbeddingEngine(model_dir, device=device, dtype="fp32")
-        others.append(Contender(f"engine (fp32, budget {fp32_engine.token_budget} tokens)", fp32_engine.encode))
+    def label(e: EmbeddingEngine, extra: str = "") -> str:
+        return f"engine ({e.dtype_name}, {e.text_tokenizer.backend}{extra})"
 
-    # Warm-up (allocator, kernels, thread pools), then alternate timed runs.
-    warm = texts[: min(len(texts), 256)]
-    for c in [*naive_all, *others, eng]:
-        c.encode(warm)
-    if engine.cuda:
-        torch.cuda.reset_peak_memory_stats()
+    naive_all = [Contender(f"sentence-transformers bs={bs}", naive(bs)) for bs in batch_sizes]
+    eng = Contender(label(engine), engine.encode)
+    others: list[Contender] = []
+    extra_engines: list[EmbeddingEngine] = []
+    errors: dict[str, str] = {}
+
+    def variant(name: str, **kw: Any) -> None:
+        try:
+            e = EmbeddingEngine(model_dir, device=device, **kw)
+        except Exception as exc:  # a variant that cannot run here is reported, not fatal
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            log(f"  variant {name} skipped: {errors[name]}")
+            return
+        extra_engines.append(e)
+        others.append(Contender(label(e, ", torch.compile" if kw.get("compile") else ""), e.encode))
+
+    if variants and engine.cuda:
+        others.append(Contender(label(engine, ", token ids in"), engine.encode_ids, ids_in=True))
+        variant("bf16", dtype="bf16")
+        variant("rust tokenizer", dtype=engine.dtype_name, tokenizer="rust")
+    elif variants and engine.dtype_name != "fp32":  # show what the precision alone buys on this CPU
+        variant("fp32", dtype="fp32")
+    if compile:
+        variant("compile", dtype=engine.dtype_name, compile=True)
+
+    def inputs(c: Contender, count: int | None = None) -> Sequence[Any]:
+        chosen = content_ids if c.ids_in else texts
+        return chosen if count is None else chosen[:count]
+
+    # Warm-up (allocator, kernels, thread pools, compiled graphs), then alternate timed runs.
+    everyone = [*naive_all, *others, eng]
+    for c in everyone:
+        c.encode(inputs(c, min(len(texts), 512)))
     for r in range(repeats):
-        for c in [*naive_all, *others, eng]:
-            c.runs.append(_timed(c, texts, device))
+        for c in everyone:
+            if engine.cuda:
+                torch.cuda.reset_peak_memory_stats()
+            c.runs.append(_timed(c, inputs(c), device))
+            if engine.cuda:
+                c.peak_gib = max(c.peak_gib, torch.cuda.max_memory_allocated() / 2**30)
             log(f"  run {r + 1}/{repeats}: {c.name}: {len(texts) / c.runs[-1]:,.0f} chunks/s")
-    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if engine.cuda else None
 
     best_naive = min(naive_all, key=lambda c: min(c.runs))
     for c in (best_naive, eng):
@@ -164,6 +216,8 @@ def run(
             for _ in range(latency_rounds):
                 lat.append(_timed(c, rng.sample(texts, size), device))
 
+    dev_n = min(ref_n, 512)
+
     def row(c: Contender) -> dict[str, Any]:
         best = min(c.runs)
         return {
@@ -172,6 +226,8 @@ def run(
             "tokens_per_s": round(tokens / best, 1),
             "best_s": round(best, 4),
             "runs_s": [round(x, 4) for x in c.runs],
+            "peak_gpu_gib": round(c.peak_gib, 2) if engine.cuda else None,
+            "max_cosine_deviation": cosine_deviation(c.encode(inputs(c, dev_n)), ref[:dev_n]),
             "latency_ms": {
                 str(size): {
                     "p50": round(1000 * statistics.median(v), 2),
@@ -181,39 +237,52 @@ def run(
             },
         }
 
-    got = engine.encode(texts[:ref_n])
-    ids_path = engine.encode_ids(engine.tokenize(texts[:ref_n]), special=True)
+    eng_row = row(eng)
     result = {
         "benchmark": "embed",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "device": device,
         "device_name": torch.cuda.get_device_name(0) if engine.cuda else platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
         "versions": {
             "torch": torch.__version__,
+            "cuda": torch.version.cuda,
             "transformers": __import__("transformers").__version__,
             "sentence_transformers": __import__("sentence_transformers").__version__,
+            "tokenizers": __import__("tokenizers").__version__,
+            "flash_tokenizer": _version("flash_tokenizer"),
         },
         "model": engine.model_name,
         "chunks": len(texts),
         "tokens": tokens,
+        "tokenizer_chunks_per_s": tokenizer_rates(engine, texts),
         "naive": [row(c) for c in naive_all],
         "best_naive": best_naive.name,
-        "engine": row(eng),
+        "engine": eng_row,
         "other_engines": [row(c) for c in others],
+        "variant_errors": errors,
         "speedup": round(min(best_naive.runs) / min(eng.runs), 2),
         "other_speedups": {c.name: round(min(best_naive.runs) / min(c.runs), 2) for c in others},
-        "peak_gpu_gib": round(peak_gib, 2) if peak_gib is not None else None,
+        "peak_gpu_gib": round(eng.peak_gib, 2) if engine.cuda else None,
         "max_cosine_deviation": {
-            "engine": cosine_deviation(got, ref[:ref_n]),
-            "engine_ids": cosine_deviation(ids_path, ref[:ref_n]),
+            "engine": eng_row["max_cosine_deviation"],
+            "engine_ids": cosine_deviation(engine.encode_ids(content_ids[:ref_n]), ref[:ref_n]),
             "naive": cosine_deviation(best_naive.encode(texts[:ref_n]), ref[:ref_n]),
         },
     }
-    engine.close()
-    if fp32_engine is not None:
-        fp32_engine.close()
+    for e in (engine, *extra_engines):
+        e.close()
     return result
+
+
+def _version(module: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(module.replace("_", "-"))
+    except PackageNotFoundError:
+        return None
 
 
 def render(result: dict[str, Any]) -> str:
@@ -221,27 +290,35 @@ def render(result: dict[str, Any]) -> str:
     lines = [
         f"embedding benchmark on {result['device']} ({result['device_name']}), {result['chunks']} chunks, "
         f"{result['tokens']} tokens, model {result['model']}",
-        f"{'contender':<48} {'chunks/s':>10} {'tokens/s':>11} {'p50 b=1':>9} {'p99 b=1':>9} {'p50 b=32':>9}",
+        f"{'contender':<58} {'chunks/s':>10} {'tokens/s':>11} {'vs naive':>8} {'1-cos':>8} "
+        f"{'p50 b=1':>8} {'p99 b=1':>8} {'p50 b=32':>8} {'GiB':>5}",
     ]
+    best_naive = next(r for r in result["naive"] if r["name"] == result["best_naive"])
     for r in [*result["naive"], *result.get("other_engines", []), result["engine"]]:
         lat = r["latency_ms"]
 
         def ms(size: str, q: str, lat: dict[str, Any] = lat) -> str:
             return f"{lat[size][q]:.1f}" if size in lat else "-"
 
+        ratio = r["chunks_per_s"] / best_naive["chunks_per_s"]
+        dev = r.get("max_cosine_deviation")
+        gib = r.get("peak_gpu_gib")
         lines.append(
-            f"{r['name']:<48} {r['chunks_per_s']:>10,.0f} {r['tokens_per_s']:>11,.0f} "
-            f"{ms('1', 'p50'):>9} {ms('1', 'p99'):>9} {ms('32', 'p50'):>9}"
+            f"{r['name']:<58} {r['chunks_per_s']:>10,.0f} {r['tokens_per_s']:>11,.0f} {ratio:>7.2f}x "
+            f"{(f'{dev:.1e}' if dev is not None else '-'):>8} {ms('1', 'p50'):>8} {ms('1', 'p99'):>8} "
+            f"{ms('32', 'p50'):>8} {(f'{gib:.2f}' if gib is not None else '-'):>5}"
         )
     dev = result["max_cosine_deviation"]
     lines.append(
         f"engine / best naive ({result['best_naive']}): {result['speedup']:.2f}x   "
         f"max 1-cosine vs fp32 reference: engine {dev['engine']:.2e}, ids path {dev['engine_ids']:.2e}, "
         f"naive {dev['naive']:.2e}"
-        + (f"   peak GPU memory {result['peak_gpu_gib']} GiB" if result["peak_gpu_gib"] is not None else "")
     )
-    for name, ratio in result.get("other_speedups", {}).items():
-        lines.append(f"{name} / best naive: {ratio:.2f}x")
+    rates = result.get("tokenizer_chunks_per_s", {})
+    if rates:
+        lines.append("tokenization alone: " + ", ".join(f"{k} {v:,.0f} chunks/s" for k, v in rates.items()))
+    for name, err in result.get("variant_errors", {}).items():
+        lines.append(f"variant {name} did not run: {err}")
     return "\n".join(lines)
 
 
@@ -261,9 +338,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--no-variants", action="store_true", help="only naive and the default engine")
+    p.add_argument("--compile", action="store_true", help="also time the engine under torch.compile")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     a = p.parse_args(argv)
-    result = run(a.model or default_model_dir(), a.device, a.n, a.repeats, dtype=a.dtype)
+    result = run(
+        a.model or default_model_dir(),
+        a.device,
+        a.n,
+        a.repeats,
+        dtype=a.dtype,
+        variants=not a.no_variants,
+        compile=a.compile,
+    )
     print(render(result))
     print(f"result: {save(result, a.out)}")
 

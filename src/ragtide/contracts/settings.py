@@ -103,6 +103,11 @@ class EncoderSettings(_Section):
         "auto", description="engine precision; auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32"
     )
     token_budget: int | None = Field(None, ge=256, le=1_048_576, description="engine: padded tokens per batch")
+    tokenizer: Literal["auto", "rust", "flash"] = Field(
+        "auto",
+        description="engine: text tokenizer; auto: flash-tokenizer for ASCII text when installed and in agreement "
+        "with the model's tokenizer at load, the Rust tokenizer otherwise",
+    )
 
 
 class ChunkingSettings(_Section):

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import random
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -132,11 +133,30 @@ def _unpad(ids: list[int]) -> list[int]:
     return ids if end == len(ids) else ids[:end]
 
 
+# Non-ASCII characters flash-tokenizer 1.2 tokenizes exactly as the model's tokenizer in every context tried
+# (alone, inside, before and after words, doubled, beside digits and punctuation, in random ASCII): Latin-1 and
+# Latin Extended letters, typographic quotes and dashes, currency and letterlike symbols. Left out, where the
+# two differ: the marks below, the line/paragraph separators, invisible operators; and every other block
+# (full-width forms, combining marks, a BOM, several scripts). Checked again at load and by a test.
+FLASH_UNSAFE = "\u00a1\u00a7\u00ab\u00ad\u00b6\u00bb\u00bf\u2028\u2029\u2044\u2052"
+FLASH_EXTRA = "".join(
+    chr(c)
+    for lo, hi in ((0x00A0, 0x024F), (0x2000, 0x205F), (0x20A0, 0x20BF), (0x2100, 0x21FF))
+    for c in range(lo, hi + 1)
+    if chr(c) not in FLASH_UNSAFE
+)
+
+
+def flash_contexts(ch: str) -> str:
+    """One probe text that puts `ch` in the contexts where tokenizers disagree."""
+    return f"{ch} a{ch}b {ch}word word{ch} It{ch}s {ch}{ch} x {ch}. ({ch}) {ch}1 2{ch}"
+
+
 class TextTokenizer:
     """Text -> ids with [CLS]/[SEP], cut to the model's window as sentence-transformers cuts (the final [SEP]
-    kept), counting what was cut. Identical ids from either backend: flash-tokenizer serves ASCII text only after
-    it matched the Rust tokenizer on every probe text at load, and non-ASCII text (where the two were seen to
-    differ: full-width forms, combining marks, a BOM) always goes to the Rust tokenizer."""
+    kept), counting what was cut. Identical ids from either backend: flash-tokenizer serves text made of ASCII
+    and the characters of FLASH_EXTRA only after it matched the Rust tokenizer on every probe text at load (if
+    the extra characters fail, on ASCII alone); any other text always goes to the Rust tokenizer."""
 
     def __init__(self, model_dir: Path, max_seq: int, choice: TokenizerChoice = "auto", threads: bool = False) -> None:
         from tokenizers import Tokenizer
@@ -149,6 +169,7 @@ class TextTokenizer:
         self.threads = threads  # flash-tokenizer's OpenMP threads: worth it only with cores to spare
         self.flash: Any = None
         self.why_not_flash = ""
+        self.other = re.compile("[^\x00-\x7f]")  # text that goes to the Rust tokenizer
         if choice != "rust":
             self.flash, self.why_not_flash = self._load_flash(model_dir)
             if self.flash is None and choice == "flash":
@@ -166,16 +187,23 @@ class TextTokenizer:
         lower = bool(json.loads((model_dir / "tokenizer_config.json").read_text()).get("do_lower_case", True))
         flash = BertTokenizerFlash(str(model_dir / "vocab.txt"), do_lower_case=lower, model_max_length=self.max_seq + 1)
         probes = probe_texts()
-        want = [e.ids for e in self.rust.encode_batch(probes)]
-        got = self._cut(self._flash_ids(flash, probes))[0]
-        bad = sum(1 for a, b in zip(want, got, strict=True) if a != b)
+        bad = self._disagreements(flash, probes)
         if bad:
             log.warning(
                 "flash-tokenizer disagrees with the model's tokenizer; using the Rust tokenizer",
                 extra={"mismatches": bad, "probes": len(probes)},
             )
             return None, f"flash-tokenizer disagreed with the model's tokenizer on {bad} of {len(probes)} probes"
+        if self._disagreements(flash, [flash_contexts(ch) for ch in FLASH_EXTRA]):
+            log.warning("flash-tokenizer disagrees on non-ASCII characters; it serves ASCII text only")
+        else:
+            self.other = re.compile(f"[^\\x00-\\x7f{re.escape(FLASH_EXTRA)}]")
         return flash, ""
+
+    def _disagreements(self, flash: Any, probes: list[str]) -> int:
+        want = [e.ids for e in self.rust.encode_batch(probes)]
+        got = self._cut(self._flash_ids(flash, probes))[0]
+        return sum(1 for a, b in zip(want, got, strict=True) if a != b)
 
     def _flash_ids(self, flash: Any, texts: list[str]) -> list[list[int]]:
         # Unpadded lists; any trailing zeros are padding ([PAD] = 0 and every sequence ends with [SEP]).
@@ -193,20 +221,25 @@ class TextTokenizer:
     def __call__(self, texts: Sequence[str]) -> tuple[list[list[int]], int]:
         """Ids per text, and how many texts were cut to the window."""
         texts = list(texts)
-        ascii_rows = [i for i, t in enumerate(texts) if t.isascii()] if self.flash is not None else []
-        if not ascii_rows:
+        if self.flash is None:
+            rust_rows = list(range(len(texts)))
+        else:
+            search = self.other.search
+            rust_rows = [i for i, t in enumerate(texts) if not t.isascii() and search(t)]
+        if len(rust_rows) == len(texts):
             encs = self.rust.encode_batch(texts)
             return [e.ids for e in encs], sum(1 for e in encs if e.overflowing)
-        if len(ascii_rows) == len(texts):
+        if not rust_rows:
             return self._cut(self._flash_ids(self.flash, texts))
-        seqs, cut = self._cut(self._flash_ids(self.flash, [texts[i] for i in ascii_rows]))
         out: list[list[int]] = [[] for _ in texts]
-        for i, s in zip(ascii_rows, seqs, strict=True):
-            out[i] = s
-        other = sorted(set(range(len(texts))) - set(ascii_rows))
-        encs = self.rust.encode_batch([texts[i] for i in other])
-        for i, e in zip(other, encs, strict=True):
+        encs = self.rust.encode_batch([texts[i] for i in rust_rows])
+        for i, e in zip(rust_rows, encs, strict=True):
             out[i] = e.ids
+        skip = set(rust_rows)
+        flash_rows = [i for i in range(len(texts)) if i not in skip]
+        seqs, cut = self._cut(self._flash_ids(self.flash, [texts[i] for i in flash_rows]))
+        for i, s in zip(flash_rows, seqs, strict=True):
+            out[i] = s
         return out, cut + sum(1 for e in encs if e.overflowing)
 
 
