@@ -297,6 +297,7 @@ def embedder() -> None:
     from prometheus_client import CollectorRegistry, start_http_server
 
     from ragtide.contracts.freshness import FreshnessTracker
+    from ragtide.ingest.connector import ensure_topics, source_topics
     from ragtide.ingest.sources import load_sources
     from ragtide.node import build_embedder, build_encoder, build_lifecycle, open_generations
     from ragtide.retriever.cache import build_cache
@@ -316,6 +317,7 @@ def embedder() -> None:
         async with build_lifecycle(s, generations, sources, snapshot, registry):
             await asyncio.Event().wait()
 
+    asyncio.run(ensure_topics(s, source_topics(s, sources)))  # before the consumer subscribes
     start_http_server(s.api.port, addr=s.api.host, registry=registry)
     faust.Worker(worker_app, loglevel=s.log_level).execute_from_commandline()
 

@@ -42,7 +42,7 @@ from ragtide.embedder.metrics import EmbedderMetrics
 from ragtide.embedder.progress import BackfillMonitor, source_counts
 from ragtide.embedder.worker import BatchProcessor, create_worker_app
 from ragtide.embedder.writer import IndexWriter
-from ragtide.ingest.connector import signal_incremental_snapshot, source_topics
+from ragtide.ingest.connector import ensure_topics, signal_incremental_snapshot, source_topics
 from ragtide.ingest.sources import SourcesConfig, load_sources
 from ragtide.retriever.app import create_app
 from ragtide.retriever.cache import InvalidatingApplier, SemanticCache, build_cache
@@ -173,6 +173,7 @@ def create_node_app(settings: RagtideSettings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await ensure_topics(settings, source_topics(settings, sources))  # before the consumer subscribes
         async with faust_lifespan(worker)(app), build_lifecycle(settings, generations, sources, snapshot, registry):
             yield
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 import uuid
+from collections.abc import Sequence
 
 import httpx
 import psycopg
@@ -13,6 +16,8 @@ from ragtide.contracts.errors import StackError
 from ragtide.contracts.settings import RagtideSettings
 from ragtide.ingest.sources import SourcesConfig
 from ragtide.stack import templates
+
+log = logging.getLogger(__name__)
 
 
 def connector_config(settings: RagtideSettings, sources: SourcesConfig) -> dict[str, str]:
@@ -42,6 +47,44 @@ def connector_config(settings: RagtideSettings, sources: SourcesConfig) -> dict[
 def source_topics(settings: RagtideSettings, sources: SourcesConfig) -> list[str]:
     """The Kafka topic of each source table: <prefix>.<schema>.<table>."""
     return [f"{settings.connect.topic_prefix}.{t}" for t in sources.tables]
+
+
+TOPIC_ALREADY_EXISTS = 36  # Kafka's error code: Debezium (or another node) created it first
+
+
+async def ensure_topics(settings: RagtideSettings, topics: Sequence[str], wait_s: float = 30.0) -> list[str]:
+    """Create the source topics that do not exist yet, with Debezium's partition count; returns those created.
+
+    A table that is empty when Debezium snapshots it gets no topic until its first change. A consumer that
+    subscribes before then is assigned none of its partitions ("Ignoring missing topic") and finds the topic
+    only at its next metadata refresh, up to 5 minutes later: the table's first rows would wait that long.
+    Not fatal: if Kafka cannot be reached in `wait_s` seconds, this warns and the consumer finds the topics
+    at that refresh.
+    """
+    try:
+        return await asyncio.wait_for(_create_missing(settings, topics), wait_s)
+    except Exception as exc:
+        log.warning("could not create the missing source topics", extra={"error": repr(exc)})
+        return []
+
+
+async def _create_missing(settings: RagtideSettings, topics: Sequence[str]) -> list[str]:
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap)
+    await admin.start()
+    try:
+        missing = sorted(set(topics) - set(await admin.list_topics()))
+        if not missing:
+            return []
+        response = await admin.create_topics([NewTopic(t, settings.kafka.partitions, 1) for t in missing])
+        for name, code, *_ in response.topic_errors:
+            if code not in (0, TOPIC_ALREADY_EXISTS):
+                raise RuntimeError(f"creating topic {name} failed with Kafka error code {code}")
+        log.info("created source topics", extra={"topics": missing})
+        return missing
+    finally:
+        await admin.close()
 
 
 def register(settings: RagtideSettings, sources: SourcesConfig, timeout: float = 120.0) -> list[str]:
