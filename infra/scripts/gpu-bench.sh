@@ -27,7 +27,7 @@ export PYTHONPATH="src:.${PYTHONPATH:+:$PYTHONPATH}" RAGTIDE_GPU_MODEL="$MODEL" 
   "$PY" -c 'import torch, transformers, sentence_transformers as st; print(torch.__version__, torch.version.cuda, transformers.__version__, st.__version__)'
 } 2>&1 | tee "$OUT/gpu.txt"
 tests=0 bench=0
-if [ "$WHAT" != bench ]; then
+if [ "$WHAT" != bench ] && [ "${DEVICE:-cuda}" = cuda ]; then
   timeout 240 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" tests/gpu 2>&1 | tee "$OUT/gpu-tests.log"
   tests=${PIPESTATUS[0]}
 fi

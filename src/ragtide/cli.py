@@ -520,6 +520,8 @@ def export_model(
     source = default_model_path()
     model = SentenceTransformer(str(source), device="cpu", local_files_only=True).half()
     model.save(str(out))
+    if (source / "vocab.txt").exists():  # newer transformers save only tokenizer.json; flash-tokenizer reads this
+        shutil.copy(source / "vocab.txt", out / "vocab.txt")
     (out / MODEL_NAME_FILE).write_text(json.dumps({"name": model_name_of(source), "dtype": "fp16"}))
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     console.print(f"wrote {out} ({size / 2**20:.1f} MiB)")

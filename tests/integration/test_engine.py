@@ -4,8 +4,10 @@ across batch compositions, and edge inputs."""
 from __future__ import annotations
 
 import random
+import shutil
 import string
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -225,3 +227,12 @@ def test_flash_tokenizer_agrees_on_every_extra_character_in_every_context(engine
     assert cut == want_cut and [i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b] == []
     # ...and text with other characters takes the Rust path.
     assert all(tok.other.search(t) for t in NON_ASCII if t not in ("naïve café",))
+
+
+def test_flash_tokenizer_works_from_a_folder_with_only_tokenizer_json(engine: EmbeddingEngine, tmp_path: Path) -> None:
+    # Newer transformers save a model's tokenizer as tokenizer.json alone (the fp16 export for the GPU box).
+    shutil.copy(engine.model_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    tok = TextTokenizer(tmp_path, engine.max_seq)
+    assert tok.backend == "flash+rust", tok.why_not_flash
+    texts = [*corpus(engine.tokenizer, 200), *probe_texts(200, seed=5)]
+    assert tok(texts) == engine.text_tokenizer(texts)

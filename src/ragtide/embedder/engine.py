@@ -29,6 +29,7 @@ import logging
 import os
 import random
 import re
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -177,15 +178,22 @@ class TextTokenizer:
         self.backend = "flash+rust" if self.flash is not None else "rust"
 
     def _load_flash(self, model_dir: Path) -> tuple[Any, str]:
-        model = json.loads((model_dir / "tokenizer.json").read_text()).get("model", {})
-        if model.get("type") != "WordPiece" or not (model_dir / "vocab.txt").exists():
+        spec = json.loads((model_dir / "tokenizer.json").read_text())
+        model = spec.get("model") or {}
+        if model.get("type") != "WordPiece":
             return None, "the model's tokenizer is not a WordPiece vocabulary"
         try:
             from flash_tokenizer import BertTokenizerFlash
         except ImportError:
             return None, "flash-tokenizer is not installed"
-        lower = bool(json.loads((model_dir / "tokenizer_config.json").read_text()).get("do_lower_case", True))
-        flash = BertTokenizerFlash(str(model_dir / "vocab.txt"), do_lower_case=lower, model_max_length=self.max_seq + 1)
+        vocab = model_dir / "vocab.txt"
+        if not vocab.exists():  # a folder saved by newer transformers keeps only tokenizer.json
+            self._vocab_dir = tempfile.TemporaryDirectory(prefix="ragtide-vocab-")
+            vocab = Path(self._vocab_dir.name) / "vocab.txt"
+            tokens = sorted(model["vocab"].items(), key=lambda kv: kv[1])
+            vocab.write_text("".join(f"{token}\n" for token, _ in tokens), encoding="utf-8")
+        lower = bool((spec.get("normalizer") or {}).get("lowercase", True))
+        flash = BertTokenizerFlash(str(vocab), do_lower_case=lower, model_max_length=self.max_seq + 1)
         probes = probe_texts()
         bad = self._disagreements(flash, probes)
         if bad:
