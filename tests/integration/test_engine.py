@@ -88,7 +88,13 @@ def test_vectors_do_not_depend_on_batch_composition(engine: EmbeddingEngine, tex
 
 
 def test_edge_inputs_have_clear_results(engine: EmbeddingEngine, reference: SentenceTransformerEncoder) -> None:
-    assert engine.encode([]).shape == (0, 384)
+    assert engine.encode([]).shape == (0, 384) and engine.encode_ids([]).shape == (0, 384)
+    # Empty ids, with or without the special tokens, embed as the empty text does (never NaN).
+    empty_ids = np.concatenate([engine.encode_ids([[]]), engine.encode_ids([[]], special=True)])
+    assert cosine_deviation(empty_ids, np.repeat(engine.encode([""]), 2, axis=0)) <= 1e-6
+    before = engine.truncated
+    engine.encode_ids([[1996] * 1000])  # ids past the window are cut as text is, and counted
+    assert engine.truncated == before + 1
     empty = engine.encode(["", "   "])
     assert np.all(np.isfinite(empty)) and cosine_deviation(empty, reference.encode(["", "   "])) <= 1e-3
     long_text = "word " * 5000

@@ -382,12 +382,14 @@ class EmbeddingEngine:
             for i, x in enumerate(items):
                 if not isinstance(x, str):
                     seqs[i] = [self.cls_id, *x[:keep], self.sep_id]
+                    self.truncated += len(x) > keep  # counted, as for text
         return seqs
 
     def _prepare(self, items: Sequence[str | Sequence[int]], special: bool) -> list[HostBatch]:
         """Host side of one macro-batch: ids, the batch plan, padded (pinned) tensors."""
         torch = self.torch
-        seqs = [list(s) for s in items] if special else self._to_ids(items)
+        # With specials given, an empty list still needs [CLS] [SEP]: an all-padding row would pool to NaN.
+        seqs = [list(s) or [self.cls_id, self.sep_id] for s in items] if special else self._to_ids(items)
         lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
         out: list[HostBatch] = []
         for batch in plan_batches(lengths.tolist(), self.token_budget, multiple=8 if self.cuda else 1):
