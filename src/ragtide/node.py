@@ -125,7 +125,8 @@ def build_embedder(
     """The Faust app of the embedder, writing to every open generation (and invalidating cached answers)."""
     applier = InvalidatingApplier(generations, cache) if cache is not None else generations
     processor = BatchProcessor(applier, EmbedderMetrics(registry), settings.connect.topic_prefix, tracker)
-    return create_worker_app(settings, processor, source_topics(settings, sources))
+    on_gpu = bool(getattr(generations.live.encoder, "cuda", False))  # the engine on CUDA takes bigger batches
+    return create_worker_app(settings, processor, source_topics(settings, sources), on_gpu)
 
 
 @contextlib.asynccontextmanager

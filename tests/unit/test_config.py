@@ -98,3 +98,14 @@ def test_settings_are_frozen() -> None:
     s = load_settings(RagtideSettings)
     with pytest.raises(Exception, match="frozen"):
         s.log_level = "DEBUG"  # type: ignore[misc]
+
+
+def test_batch_size_follows_the_encoder_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = load_settings(RagtideSettings)
+    assert (s.batch.events_per_batch(on_gpu=False), s.batch.events_per_batch(on_gpu=True)) == (256, 4096)
+    assert "RAGTIDE_BATCH__MAX_EVENTS" not in s.to_env()  # the default travels as a default
+    monkeypatch.setenv("RAGTIDE_BATCH__MAX_EVENTS", "64")
+    assert load_settings(RagtideSettings).batch.events_per_batch(on_gpu=True) == 64
+    monkeypatch.setenv("RAGTIDE_BATCH__MAX_EVENTS", "0")
+    with pytest.raises(ConfigError, match=r"batch\.max_events:"):
+        load_settings(RagtideSettings)

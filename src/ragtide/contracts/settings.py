@@ -197,8 +197,17 @@ class CacheSettings(_Section):
 class BatchSettings(_Section):
     """How the embedder batches: by size and by time window (`stream.noack_take(max, within)`)."""
 
-    max_events: int = Field(256, ge=1)
+    max_events: int | None = Field(
+        None,
+        ge=1,
+        description="events per batch at most; default 256 with the encoder on CPU, 4096 on CUDA (a backfill "
+        "fills batches: big ones keep a GPU busy, small ones keep a CPU's batches short)",
+    )
     window_ms: int = Field(30, ge=1)
+
+    def events_per_batch(self, on_gpu: bool) -> int:
+        """`max_events`, or the default for where the encoder runs."""
+        return self.max_events or (4096 if on_gpu else 256)
 
 
 class CanarySettings(_Section):

@@ -191,7 +191,9 @@ def record_lag(app: faust.App, metrics: EmbedderMetrics, messages: Sequence[Any]
         metrics.lag_seconds.labels(tp.topic, str(tp.partition)).set(max(0.0, now - ts) if behind else 0.0)
 
 
-def create_worker_app(settings: RagtideSettings, processor: BatchProcessor, topics: Sequence[str]) -> faust.App:
+def create_worker_app(
+    settings: RagtideSettings, processor: BatchProcessor, topics: Sequence[str], on_gpu: bool = False
+) -> faust.App:
     """The Faust app: one agent over every source topic, a dead-letter topic, manual acks."""
     app = faust.App(
         "ragtide-embedder",
@@ -214,6 +216,7 @@ def create_worker_app(settings: RagtideSettings, processor: BatchProcessor, topi
     dlq = app.topic(settings.dlq_topic, key_type=bytes, value_type=bytes, partitions=1)
     stopping = asyncio.Event()  # cancellation of the agent (shutdown) interrupts retries without acking
     window_s = settings.batch.window_ms / 1000
+    max_events = settings.batch.events_per_batch(on_gpu)
 
     async def dead_letter(p: Poison) -> None:
         processor.metrics.dlq.labels(p.reason.split(":", 1)[0]).inc()
@@ -235,7 +238,7 @@ def create_worker_app(settings: RagtideSettings, processor: BatchProcessor, topi
 
     @app.agent(source, name="ragtide-embed")
     async def embed(stream: Any) -> None:
-        async for events in stream.noack_take(settings.batch.max_events, within=window_s):
+        async for events in stream.noack_take(max_events, within=window_s):
             processor.dequeued_ms = int(time.time() * 1000)
             messages = [e.message for e in events]
             good, bad = processor.decode_all(messages)
