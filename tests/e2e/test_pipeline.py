@@ -69,6 +69,12 @@ def test_metadata_only_update_is_not_reembedded(live: LiveStack) -> None:
     assert live.metric("ragtide_chunks_embedded_total", table="public.docs") == embedded
 
 
+def test_chunks_are_tokenized_once(live: LiveStack) -> None:
+    # The writer hands the chunker's token ids to the engine; only windows cut inside a word go as text.
+    from_ids = live.metric("ragtide_chunks_embedded_from_ids_total")
+    assert from_ids >= 0.8 * live.metric("ragtide_chunks_embedded_total") > 0
+
+
 def test_row_inserted_while_embedder_is_stopped_is_indexed_after_restart(live: LiveStack) -> None:
     topic = f"e2e-{uuid.uuid4().hex[:8]}"
     row = f"{topic}/1"

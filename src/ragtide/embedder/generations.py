@@ -280,6 +280,7 @@ class Generations:
                 finally:
                     self.applying_build = False
                 stats.embedded += extra.embedded
+                stats.embedded_from_ids += extra.embedded_from_ids
                 stats.embedded_by_table.update(extra.embedded_by_table)
                 stats.skipped += extra.skipped
                 stats.skipped_by_table.update(extra.skipped_by_table)

@@ -11,6 +11,11 @@ class EmbedderMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.events = Counter("ragtide_events_total", "change events consumed", ["table", "op"], registry=registry)
         self.embedded = Counter("ragtide_chunks_embedded_total", "chunks embedded", ["table"], registry=registry)
+        self.embedded_from_ids = Counter(
+            "ragtide_chunks_embedded_from_ids_total",
+            "chunks embedded from the chunker's token ids, never tokenized a second time",
+            registry=registry,
+        )
         self.skipped = Counter(
             "ragtide_chunks_skipped_total",
             "chunks whose text was unchanged (not embedded)",
@@ -35,7 +40,7 @@ class EmbedderMetrics:
         self.batch_size = Histogram(
             "ragtide_batch_events",
             "events per processed batch",
-            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000),
+            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000),
             registry=registry,
         )
         self.lag_records = Gauge(

@@ -167,6 +167,7 @@ class BatchProcessor:
             m.embedded.labels(table).inc(n)
         for table, n in stats.skipped_by_table.items():
             m.skipped.labels(table).inc(n)
+        m.embedded_from_ids.inc(stats.embedded_from_ids)
         m.payload_updates.inc(stats.payload_updates)
         m.deleted.inc(stats.deleted_points)
         m.stale.inc(stats.stale)

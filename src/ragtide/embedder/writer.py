@@ -34,6 +34,7 @@ class ApplyStats:
     rows_deleted: int = 0
     tables_truncated: int = 0
     embedded: int = 0
+    embedded_from_ids: int = 0  # of those, embedded from the chunker's token ids (no second tokenization)
     skipped: int = 0
     embedded_by_table: Counter[str] = field(default_factory=Counter)
     skipped_by_table: Counter[str] = field(default_factory=Counter)
@@ -276,6 +277,8 @@ class IndexWriter:
 
         if to_embed:
             vectors = self._embed(to_embed)
+            if getattr(self.encoder, "encode_mixed", None) is not None:
+                stats.embedded_from_ids += sum(1 for _, _, ids in to_embed if ids is not None)
             stats.embedded_ms = int(self.clock() * 1000)
             points = [IndexPoint(c.id, vec, p) for (c, p, _), vec in zip(to_embed, vectors, strict=True)]
             self.index.upsert(points)
