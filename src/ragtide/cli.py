@@ -509,19 +509,19 @@ def export_model(
     out: Annotated[Path, typer.Option(help="folder to write")] = Path(".cache/models/all-MiniLM-L6-v2-fp16"),
 ) -> None:
     """Write the packaged model as an fp16 sentence-transformers folder (~45 MB): what a GPU box without a
-    registry needs (`ragtide bench embed --model FOLDER --device cuda`)."""
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from sentence_transformers import SentenceTransformer
+    registry needs (`ragtide bench embed --model FOLDER --device cuda`). The folder is the packaged one with
+    fp16 weights, so any sentence-transformers version loads it (a folder saved by sentence-transformers 6
+    names module paths older versions lack, and drops `max_seq_length`)."""
+    from safetensors.torch import load_file, save_file
 
     from ragtide.embedder.encoder import MODEL_NAME_FILE, default_model_path, model_name_of
 
     source = default_model_path()
-    model = SentenceTransformer(str(source), device="cpu", local_files_only=True).half()
-    model.save(str(out))
-    if (source / "vocab.txt").exists():  # newer transformers save only tokenizer.json; flash-tokenizer reads this
-        shutil.copy(source / "vocab.txt", out / "vocab.txt")
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(source, out, ignore=shutil.ignore_patterns("model.safetensors", "__pycache__"))
+    weights = load_file(str(source / "model.safetensors"))
+    half = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+    save_file(half, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / MODEL_NAME_FILE).write_text(json.dumps({"name": model_name_of(source), "dtype": "fp16"}))
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     console.print(f"wrote {out} ({size / 2**20:.1f} MiB)")

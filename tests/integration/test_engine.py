@@ -21,6 +21,7 @@ from ragtide.embedder.engine import (
     EmbeddingEngine,
     TextTokenizer,
     flash_contexts,
+    model_window,
     plan_batches,
     probe_texts,
 )
@@ -141,6 +142,10 @@ def test_flash_tokenizer_serves_ascii_text_with_the_model_tokenizers_ids(engine:
     assert cut == sum(1 for t in texts if len(engine.tokenizer(t)["input_ids"]) > engine.max_seq) > 0
     rust = TextTokenizer(engine.model_dir, engine.max_seq, "rust")
     assert rust.backend == "rust" and rust(texts) == (got, cut)
+    # Special-token strings in raw text are the tokens themselves to the model's tokenizer; flash-tokenizer
+    # would split them as words, so such text is routed to the Rust tokenizer.
+    specials = ["hello [SEP] world", "[CLS] x [MASK] y", "[PAD]", "a [UNK] b", "caf\u00e9 [SEP]", "[sep] lower"]
+    assert tok(specials) == rust(specials) and tok(specials)[0][0][2] == 102
 
 
 def test_a_disagreeing_flash_tokenizer_is_not_used(engine: EmbeddingEngine, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -242,3 +247,13 @@ def test_flash_tokenizer_works_from_a_folder_with_only_tokenizer_json(engine: Em
     assert tok.backend == "flash+rust", tok.why_not_flash
     texts = [*corpus(engine.tokenizer, 200), *probe_texts(200, seed=5)]
     assert tok(texts) == engine.text_tokenizer(texts)
+
+
+def test_the_window_is_sentence_transformers_window(engine: EmbeddingEngine, tmp_path: Path) -> None:
+    assert engine.max_seq == model_window(engine.model_dir) == 256  # sentence_bert_config.json
+    (tmp_path / "config.json").write_text('{"max_position_embeddings": 512}')
+    assert model_window(tmp_path) == 512
+    (tmp_path / "tokenizer_config.json").write_text('{"model_max_length": 1000000000000000019884624838656}')
+    assert model_window(tmp_path) == 512  # "no limit": the position embeddings decide
+    (tmp_path / "tokenizer_config.json").write_text('{"model_max_length": 256}')
+    assert model_window(tmp_path) == 256  # a folder saved without sentence_bert_config's max_seq_length

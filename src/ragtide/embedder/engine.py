@@ -91,6 +91,23 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def model_window(model_dir: Path) -> int:
+    """The model's window as sentence-transformers sets it: `max_seq_length`, else the tokenizer's
+    `model_max_length`, never past the position embeddings."""
+
+    def read(name: str) -> dict[str, Any]:
+        path = model_dir / name
+        return dict(json.loads(path.read_text())) if path.exists() else {}
+
+    positions = int(read("config.json").get("max_position_embeddings", 512))
+    length = read("sentence_bert_config.json").get("max_seq_length")
+    if length is None:
+        length = read("tokenizer_config.json").get("model_max_length")
+    if not isinstance(length, int) or length > 100_000:  # transformers' "no limit" is a huge number
+        length = positions
+    return min(length, positions)
+
+
 def probe_texts(n: int = 2000, seed: int = 13) -> list[str]:
     """ASCII strings that exercise a WordPiece tokenizer's corners: every ASCII character (controls included),
     punctuation runs, digits, contractions, mixed case, URLs, and texts past the model's window."""
@@ -171,6 +188,10 @@ class TextTokenizer:
         self.flash: Any = None
         self.why_not_flash = ""
         self.other = re.compile("[^\x00-\x7f]")  # text that goes to the Rust tokenizer
+        # Special-token strings in raw text ("[SEP]") are matched as the token by the Rust tokenizer (and the
+        # chunker, and sentence-transformers); flash-tokenizer splits them as words: such text goes to Rust.
+        added = sorted({str(t.content) for t in self.rust.get_added_tokens_decoder().values()}, key=len)
+        self.special = re.compile("|".join(re.escape(t) for t in reversed(added))) if added else None
         if choice != "rust":
             self.flash, self.why_not_flash = self._load_flash(model_dir)
             if self.flash is None and choice == "flash":
@@ -232,8 +253,8 @@ class TextTokenizer:
         if self.flash is None:
             rust_rows = list(range(len(texts)))
         else:
-            search = self.other.search
-            rust_rows = [i for i, t in enumerate(texts) if not t.isascii() and search(t)]
+            other, special = self.other.search, self.special.search if self.special else (lambda _: None)
+            rust_rows = [i for i, t in enumerate(texts) if (not t.isascii() and other(t)) or special(t)]
         if len(rust_rows) == len(texts):
             encs = self.rust.encode_batch(texts)
             return [e.ids for e in encs], sum(1 for e in encs if e.overflowing)
@@ -290,7 +311,7 @@ class EmbeddingEngine:
             dtype = "fp16" if self.cuda else ("bf16" if cpu_has_native_bf16() else "fp32")
         self.dtype_name: DType = dtype
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-        self.max_seq = self._max_seq_length()
+        self.max_seq = model_window(self.model_dir)
         # CPU: big batches buy nothing and cost cache; CUDA: big batches keep the GPU busy.
         self.token_budget = token_budget or (65_536 if self.cuda else 4_096)
         self.macro_batch = macro_batch
@@ -313,12 +334,6 @@ class EmbeddingEngine:
         self._lock = threading.Lock()  # one forward pipeline at a time (threads share the device)
         self.truncated = 0
         self.tokenized = 0  # texts this engine tokenized (ids handed in are not counted)
-
-    def _max_seq_length(self) -> int:
-        cfg = self.model_dir / "sentence_bert_config.json"
-        if cfg.exists():
-            return int(json.loads(cfg.read_text()).get("max_seq_length", 512))
-        return 512
 
     # The Encoder protocol ------------------------------------------------------------------------------------
 

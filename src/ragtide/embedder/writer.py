@@ -149,7 +149,9 @@ class IndexWriter:
 
     def _truncate(self, ev: ChangeEvent, stats: ApplyStats) -> None:
         if self._remembering:
-            self._truncated[ev.table] = ev.position
+            with self._tomb_lock:
+                if self._remembering:
+                    self._truncated[ev.table] = ev.position
         before = self.index.count({"table": ev.table})
         self.index.delete_where({"table": ev.table})
         stats.deleted_points += before
@@ -185,7 +187,9 @@ class IndexWriter:
                 continue
             if not ev.op.writes_row or ev.row is None:
                 if self._remembering:
-                    self._deleted[rk] = ev.position
+                    with self._tomb_lock:  # not after the last repair's exit cleared them
+                        if self._remembering:
+                            self._deleted[rk] = ev.position
                 if have:
                     deletes.append(rk)
                     stats.deleted_points += len(have)
