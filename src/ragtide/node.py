@@ -59,7 +59,20 @@ def build_encoder(settings: RagtideSettings, model_path: Path | None = None) -> 
         return SentenceTransformerEncoder(path, e.device, e.batch_size)
     from ragtide.embedder.engine import EmbeddingEngine
 
-    return EmbeddingEngine(path or default_model_path(), e.device, e.dtype, e.token_budget, tokenizer=e.tokenizer)
+    engine = EmbeddingEngine(path or default_model_path(), e.device, e.dtype, e.token_budget, tokenizer=e.tokenizer)
+    log.info(
+        "embedding engine loaded",
+        extra={
+            "model": engine.model_name,
+            "device": str(engine.device),
+            "dtype": engine.dtype_name,
+            "window": engine.max_seq,
+            "token_budget": engine.token_budget,
+            "tokenizer": engine.text_tokenizer.backend,
+            "why_not_flash": engine.text_tokenizer.why_not_flash or None,
+        },
+    )
+    return engine
 
 
 def desired_generation(settings: RagtideSettings, encoder: Encoder) -> GenerationSpec:
