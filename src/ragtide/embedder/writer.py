@@ -17,8 +17,8 @@ from typing import Any, cast
 
 from ragtide.contracts.chunks import Chunk, PointPayload, content_hash, point_id, row_key
 from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
-from ragtide.embedder.chunking import Piece
-from ragtide.embedder.encoder import Encoder, Vectors
+from ragtide.embedder.chunking import Piece, PieceChunker
+from ragtide.embedder.encoder import Encoder, IdsEncoder, Vectors
 from ragtide.embedder.index.base import IndexPoint, StoredPoint, VectorIndex
 from ragtide.ingest.sources import UNAVAILABLE, SourcesConfig, SourceTable
 
@@ -216,9 +216,8 @@ class IndexWriter:
 
     def _chunk(self, texts: list[str]) -> list[list[Piece]]:
         """All rows' texts in one batched tokenizer call where the chunker offers one."""
-        many = getattr(self.chunker, "pieces_many", None)
-        if many is not None:
-            return cast(list[list[Piece]], many(texts))
+        if isinstance(self.chunker, PieceChunker):
+            return self.chunker.pieces_many(texts)
         return [[Piece(c, None) for c in self.chunker(t)] for t in texts]
 
     def _fill_unavailable(
@@ -281,7 +280,7 @@ class IndexWriter:
 
         if to_embed:
             vectors = self._embed(to_embed)
-            if getattr(self.encoder, "encode_mixed", None) is not None:
+            if isinstance(self.encoder, IdsEncoder):
                 stats.embedded_from_ids += sum(1 for _, _, ids in to_embed if ids is not None)
             stats.embedded_ms = int(self.clock() * 1000)
             points = [IndexPoint(c.id, vec, p) for (c, p, _), vec in zip(to_embed, vectors, strict=True)]
@@ -294,9 +293,8 @@ class IndexWriter:
 
     def _embed(self, to_embed: Sequence[tuple[Chunk, PointPayload, list[int] | None]]) -> Vectors:
         """Chunks with exact ids go to the engine as ids (tokenized once, by the chunker); the rest as text."""
-        mixed = getattr(self.encoder, "encode_mixed", None)
-        if mixed is not None and any(ids is not None for _, _, ids in to_embed):
-            return cast(Vectors, mixed([c.text if ids is None else ids for c, _, ids in to_embed]))
+        if isinstance(self.encoder, IdsEncoder) and any(ids is not None for _, _, ids in to_embed):
+            return self.encoder.encode_mixed([c.text if ids is None else ids for c, _, ids in to_embed])
         return self.encoder.encode([c.text for c, _, _ in to_embed])
 
 
