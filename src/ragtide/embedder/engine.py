@@ -5,9 +5,10 @@ runs anywhere torch does.
 What it does differently from `SentenceTransformer.encode`:
 - Token ids in, not only text: token-aware chunking already tokenized every chunk with the same tokenizer, so
   the engine accepts those ids (`encode_ids`, `encode_mixed`) and never tokenizes twice.
-- Text is tokenized in large batched calls: ASCII text by flash-tokenizer's C++ WordPiece where it is installed
-  and agrees with the model's tokenizer on a probe set at load (~8x the Rust tokenizer per core), everything else
-  by the model's Rust fast tokenizer; the ids are identical either way (`TextTokenizer`).
+- Text is tokenized in large batched calls: text of ASCII and FLASH_EXTRA characters by flash-tokenizer's C++
+  WordPiece where it is installed and agrees with the model's tokenizer on probe sets at load (~10x the Rust
+  tokenizer per core), everything else (other scripts, special-token strings) by the model's Rust fast
+  tokenizer; the ids are identical either way (`TextTokenizer`).
 - Token-budget batching: inputs are sorted by length and cut into batches whose padded size (rows x longest)
   stays under a token budget, so short inputs travel in big batches, long ones in small, and padding stays small.
 - The host work of a macro-batch (tokenize, plan, pad into pinned buffers) runs in a worker thread while the
