@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from ragtide.embedder.chunking import Chunker
 from ragtide.embedder.engine import EmbeddingEngine
 
 MIN_TOKENS, MAX_TOKENS, MODE_TOKENS = 20, 254, 56  # triangular: mean (20 + 254 + 56) / 3 = 110
@@ -46,11 +47,7 @@ def corpus(tokenizer: Any, n: int, seed: int = 7) -> list[str]:
     from pydoc_data.topics import topics
 
     text = "\n\n".join(re.sub(r"\s+\n", "\n", topics[k]) for k in sorted(topics))
-    from tokenizers import Tokenizer
-
-    whole = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())  # a copy: the model's own truncates at 128
-    whole.no_truncation()
-    offsets = whole.encode(text, add_special_tokens=False).offsets
+    offsets = Chunker(tokenizer, MAX_TOKENS, 0).offsets(text)  # never truncated (the model's own cuts at 128)
     rng = random.Random(seed)
     out: list[str] = []
     start = 0
@@ -112,7 +109,7 @@ def _best_rate(n: int, f: Callable[[], object], repeats: int = 3) -> float:
 def tokenizer_rates(engine: EmbeddingEngine, texts: list[str]) -> dict[str, float]:
     """Chunks/s of text -> ids alone, per tokenizer (the part of the engine's path the GPU must never wait on)."""
     tok = engine.text_tokenizer
-    rates = {"rust encode_batch": _best_rate(len(texts), lambda: [e.ids for e in tok.rust.encode_batch(texts)])}
+    rates = {"rust encode_batch": _best_rate(len(texts), lambda: tok.rust_ids(texts))}
     if tok.flash is not None:
         rates["flash-tokenizer"] = _best_rate(len(texts), lambda: tok(texts))
     return rates

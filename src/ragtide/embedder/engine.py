@@ -184,7 +184,6 @@ class TextTokenizer:
         self.rust: Any = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self.rust.no_padding()
         self.rust.enable_truncation(max_seq)
-        self.sep_id = int(self.rust.token_to_id("[SEP]") or 0)
         self.threads = threads  # flash-tokenizer's OpenMP threads: worth it only with cores to spare
         self.flash: Any = None
         self.why_not_flash = ""
@@ -231,7 +230,7 @@ class TextTokenizer:
         return flash, ""
 
     def _disagreements(self, flash: Any, probes: list[str]) -> int:
-        want = [e.ids for e in self.rust.encode_batch(probes)]
+        want = self.rust_ids(probes)[0]
         got = self._cut(self._flash_ids(flash, probes))[0]
         return sum(1 for a, b in zip(want, got, strict=True) if a != b)
 
@@ -240,13 +239,19 @@ class TextTokenizer:
         out = flash.tokenizer.batch_encode(texts, "longest", self.max_seq + 1, self.threads)
         return [_unpad(s) for s in out]
 
+    def window(self, ids: Sequence[int]) -> list[int]:
+        """Ids with specials cut to the model's window as sentence-transformers cuts: the final [SEP] kept."""
+        return [*ids[: self.max_seq - 1], ids[-1]] if len(ids) > self.max_seq else list(ids)
+
     def _cut(self, seqs: list[list[int]]) -> tuple[list[list[int]], int]:
-        cut = 0
-        for i, s in enumerate(seqs):
-            if len(s) > self.max_seq:
-                seqs[i] = [*s[: self.max_seq - 1], self.sep_id]
-                cut += 1
-        return seqs, cut
+        return [self.window(s) if len(s) > self.max_seq else s for s in seqs], sum(
+            1 for s in seqs if len(s) > self.max_seq
+        )
+
+    def rust_ids(self, texts: Sequence[str]) -> tuple[list[list[int]], int]:
+        """Ids per text from the Rust tokenizer, and how many texts it cut to the window."""
+        encs = self.rust.encode_batch(list(texts))
+        return [e.ids for e in encs], sum(1 for e in encs if e.overflowing)
 
     def __call__(self, texts: Sequence[str]) -> tuple[list[list[int]], int]:
         """Ids per text, and how many texts were cut to the window."""
@@ -257,20 +262,21 @@ class TextTokenizer:
             other, special = self.other.search, self.special.search if self.special else (lambda _: None)
             rust_rows = [i for i, t in enumerate(texts) if (not t.isascii() and other(t)) or special(t)]
         if len(rust_rows) == len(texts):
-            encs = self.rust.encode_batch(texts)
-            return [e.ids for e in encs], sum(1 for e in encs if e.overflowing)
+            return self.rust_ids(texts)
         if not rust_rows:
             return self._cut(self._flash_ids(self.flash, texts))
-        out: list[list[int]] = [[] for _ in texts]
-        encs = self.rust.encode_batch([texts[i] for i in rust_rows])
-        for i, e in zip(rust_rows, encs, strict=True):
-            out[i] = e.ids
         skip = set(rust_rows)
         flash_rows = [i for i in range(len(texts)) if i not in skip]
-        seqs, cut = self._cut(self._flash_ids(self.flash, [texts[i] for i in flash_rows]))
-        for i, s in zip(flash_rows, seqs, strict=True):
-            out[i] = s
-        return out, cut + sum(1 for e in encs if e.overflowing)
+        out: list[list[int]] = [[] for _ in texts]
+        total = 0
+        for rows, (seqs, cut) in (
+            (rust_rows, self.rust_ids([texts[i] for i in rust_rows])),
+            (flash_rows, self._cut(self._flash_ids(self.flash, [texts[i] for i in flash_rows]))),
+        ):
+            for i, s in zip(rows, seqs, strict=True):
+                out[i] = s
+            total += cut
+        return out, total
 
 
 @dataclass
@@ -366,7 +372,7 @@ class EmbeddingEngine:
     def encode_ids(self, ids: Sequence[Sequence[int]], special: bool = False) -> Vectors:
         """Token ids (without [CLS]/[SEP] unless `special`) -> vectors; the chunker's ids need no second pass."""
         if special:
-            return self._run([self._window(s) for s in ids], special=True)
+            return self._run([self.text_tokenizer.window(s) for s in ids], special=True)
         return self.encode_mixed(ids)
 
     def encode_mixed(self, items: Sequence[str | Sequence[int]]) -> Vectors:
@@ -379,10 +385,6 @@ class EmbeddingEngine:
         self.truncated += cut
         self.tokenized += len(seqs)
         return seqs
-
-    def _window(self, ids: Sequence[int]) -> list[int]:
-        """Ids with specials cut to the model's window, keeping the final [SEP]."""
-        return [*ids[: self.max_seq - 1], ids[-1]] if len(ids) > self.max_seq else list(ids)
 
     # The pipeline --------------------------------------------------------------------------------------------
 
