@@ -174,7 +174,7 @@ class IndexWriter:
             stored.setdefault(str(p.payload.get("row_key")), []).append(p)
 
         deletes: list[str] = []
-        plans: list[_RowPlan] = []
+        rows: list[tuple[ChangeEvent, SourceTable, dict[str, Any], SourcePosition]] = []
         texts: list[str] = []
         for ev, rk in zip(known, keys, strict=True):
             have = stored[rk]
@@ -203,12 +203,19 @@ class IndexWriter:
             # An incremental-snapshot read has no LSN: it is newer than what it follows in the topic, but keeps
             # the stored position so that replayed older events stay recognisably older (replay is idempotent).
             position = pos if pos is not None and pos.lsn and not ev.position.lsn else ev.position
-            plans.append(_RowPlan(ev, source, row, [], [], position))
+            rows.append((ev, source, row, position))
             stats.applied.append(ev)
-        for plan, pieces in zip(plans, self._chunk(texts), strict=True):
-            ev = plan.event
-            plan.chunks = [Chunk(ev.table, ev.row_id, i, p.text) for i, p in enumerate(pieces)]
-            plan.ids = [p.ids for p in pieces]
+        plans = [
+            _RowPlan(
+                ev,
+                source,
+                row,
+                [Chunk(ev.table, ev.row_id, i, p.text) for i, p in enumerate(pieces)],
+                [p.ids for p in pieces],
+                position,
+            )
+            for (ev, source, row, position), pieces in zip(rows, self._chunk(texts), strict=True)
+        ]
 
         if deletes:
             self.index.delete_where({"row_key": deletes})
@@ -279,9 +286,8 @@ class IndexWriter:
             stats.rows_written += 1
 
         if to_embed:
-            vectors = self._embed(to_embed)
-            if isinstance(self.encoder, IdsEncoder):
-                stats.embedded_from_ids += sum(1 for _, _, ids in to_embed if ids is not None)
+            vectors, from_ids = self._embed(to_embed)
+            stats.embedded_from_ids += from_ids
             stats.embedded_ms = int(self.clock() * 1000)
             points = [IndexPoint(c.id, vec, p) for (c, p, _), vec in zip(to_embed, vectors, strict=True)]
             self.index.upsert(points)
@@ -291,11 +297,13 @@ class IndexWriter:
             self.index.delete(surplus)
             stats.deleted_points += len(surplus)
 
-    def _embed(self, to_embed: Sequence[tuple[Chunk, PointPayload, list[int] | None]]) -> Vectors:
-        """Chunks with exact ids go to the engine as ids (tokenized once, by the chunker); the rest as text."""
-        if isinstance(self.encoder, IdsEncoder) and any(ids is not None for _, _, ids in to_embed):
-            return self.encoder.encode_mixed([c.text if ids is None else ids for c, _, ids in to_embed])
-        return self.encoder.encode([c.text for c, _, _ in to_embed])
+    def _embed(self, to_embed: Sequence[tuple[Chunk, PointPayload, list[int] | None]]) -> tuple[Vectors, int]:
+        """Chunks with exact ids go to the engine as ids (tokenized once, by the chunker), the rest as text;
+        returns the vectors and how many chunks went in as ids."""
+        from_ids = sum(1 for _, _, ids in to_embed if ids is not None)
+        if isinstance(self.encoder, IdsEncoder) and from_ids:
+            return self.encoder.encode_mixed([c.text if ids is None else ids for c, _, ids in to_embed]), from_ids
+        return self.encoder.encode([c.text for c, _, _ in to_embed]), 0
 
 
 __all__ = ["ApplyStats", "IndexWriter", "coalesce", "content_hash"]
