@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 import uuid
+from typing import Any, cast
 
 from ragtide.contracts.settings import REPO_ROOT
+from ragtide.ingest.sources import CANARY_TABLE
+from ragtide.retriever.canary import Canary, canary_slot
 from tests.e2e.conftest import LiveStack, poll
 
 ARTIFACTS = REPO_ROOT / ".test-artifacts"
@@ -36,6 +41,40 @@ def test_canary_and_stage_timings_are_reported(live: LiveStack) -> None:
     assert "ragtide_canary_freshness_seconds_count" in metrics
     # the canary's rows never leak into user searches
     assert all(h["table"] == "public.docs" for h in live.search("ragtide canary", k=10))
+
+
+def test_replicas_canaries_do_not_disturb_each_other(live: LiveStack) -> None:
+    """A second API replica (here: a Canary in this process, on another host name) writes its own canary row
+    every 0.2 s; the node's canary keeps finding its own row and stays ready. With one shared row (or a search
+    that took any canary row) the two overwrote each other's probes and timed out in turn."""
+    other = Canary(
+        live.settings.postgres.dsn(), cast(Any, None), cast(Any, None), live.settings.canary, slot=canary_slot("pod-b")
+    )
+    assert other.slot != canary_slot()
+    # A row of a replica gone for an hour is swept by the next canary that connects; a live one is kept.
+    live.sql(f"INSERT INTO {CANARY_TABLE} (id, body, ts) VALUES (777, 'gone', now() - interval '1 hour')")
+    live.sql(f"INSERT INTO {CANARY_TABLE} (id, body, ts) VALUES (778, 'alive', now()) ON CONFLICT (id) DO NOTHING")
+    stop = threading.Event()
+
+    def replica_b() -> None:
+        while not stop.is_set():
+            other._write(uuid.uuid4().hex)
+            time.sleep(0.2)
+
+    before = live.metric("ragtide_canary_freshness_seconds_count")
+    writer = threading.Thread(target=replica_b, daemon=True)
+    writer.start()
+    try:
+        poll(lambda: live.metric("ragtide_canary_freshness_seconds_count") >= before + 3, "three more node probes", 60)
+        assert live.api("/readyz").status_code == 200
+    finally:
+        stop.set()
+        writer.join()
+        if other._conn is not None:
+            other._conn.close()
+    ids = {r[0] for r in live.sql(f"SELECT id FROM {CANARY_TABLE}")}
+    assert 777 not in ids and {778, other.slot} <= ids
+    live.sql(f"DELETE FROM {CANARY_TABLE} WHERE id IN (778, %s)", (other.slot,))
 
 
 def test_dashboard_renders_live_data_in_headless_chromium(live: LiveStack) -> None:

@@ -10,9 +10,8 @@ from ragtide.ingest.sources import SourcesConfig
 CONTROL_DDL = [
     # Written by Debezium's heartbeat.action.query so the slot advances even when captured tables are idle.
     "CREATE TABLE IF NOT EXISTS public.ragtide_heartbeat (id int PRIMARY KEY, ts timestamptz NOT NULL)",
-    # The freshness canary: one row, rewritten on an interval and timed until a search returns it.
+    # The freshness canary: a row per API process, rewritten on an interval and timed until a search returns it.
     "CREATE TABLE IF NOT EXISTS public.ragtide_canary (id int PRIMARY KEY, body text NOT NULL, ts timestamptz)",
-    "INSERT INTO public.ragtide_canary (id, body, ts) VALUES (1, 'ragtide canary', now()) ON CONFLICT DO NOTHING",
     # Debezium's signal table (incremental snapshots of tables added later).
     "CREATE TABLE IF NOT EXISTS public.debezium_signal"
     " (id varchar(42) PRIMARY KEY, type varchar(32) NOT NULL, data varchar(2048) NULL)",

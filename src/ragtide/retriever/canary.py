@@ -2,6 +2,12 @@
 
 This is the number the dashboard leads with: it passes through every real component (Postgres WAL,
 Debezium, Kafka, the embedder, the vector index, the search path). It also drives readiness.
+
+Every process that serves the API runs its own canary (several retriever replicas behind a load balancer),
+so each writes a row of its own (`slot`, from the host name: a pod keeps it for its life) and searches for
+exactly that row. Sharing one row, replicas overwrote each other's probes and timed out in turn, and /readyz
+flapped. A replica that is gone stops refreshing its row; the others delete rows not refreshed for
+`STALE_ROW_S`, through the same change stream, so the table and the index hold one row per live replica.
 """
 
 from __future__ import annotations
@@ -9,12 +15,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 import uuid
+import zlib
 from typing import Any
 
 import psycopg
 
+from ragtide.contracts.chunks import row_key
 from ragtide.contracts.freshness import FreshnessTracker
 from ragtide.contracts.settings import CanarySettings
 from ragtide.embedder.encoder import QueryVectors
@@ -22,6 +31,13 @@ from ragtide.embedder.index.base import ActiveIndex
 from ragtide.ingest.sources import CANARY_TABLE
 
 log = logging.getLogger(__name__)
+
+STALE_ROW_S = 600  # a canary row not refreshed for this long belongs to a replica that is gone
+
+
+def canary_slot(host: str | None = None) -> int:
+    """This process's canary row id: stable for a host name (a pod's name), distinct between replicas."""
+    return zlib.crc32((host or socket.gethostname()).encode()) & 0x7FFFFFFF
 
 
 class Canary:
@@ -34,8 +50,12 @@ class Canary:
         tracker: FreshnessTracker,
         settings: CanarySettings,
         vectors: QueryVectors | None = None,
+        slot: int | None = None,
     ) -> None:
         self.dsn = dsn
+        self.slot = canary_slot() if slot is None else slot
+        self._filter = {"table": CANARY_TABLE, "row_key": row_key(CANARY_TABLE, str(self.slot))}
+        self._swept = False
         self.active = active
         self.vectors = vectors or QueryVectors(size=8)  # the canary query per encoder (a switch changes it)
         self.tracker = tracker
@@ -49,15 +69,23 @@ class Canary:
         """Commit the canary row; returns the wall time just before the commit was sent."""
         if self._conn is None or self._conn.closed:
             self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
+        if not self._swept:  # once per connection: rows of replicas gone for a while
+            self._conn.execute(
+                f"DELETE FROM {CANARY_TABLE} WHERE id <> %s AND (ts IS NULL OR ts < now() - make_interval(secs => %s))",
+                (self.slot, STALE_ROW_S),
+            )
+            self._swept = True
         t0 = time.time()
         self._conn.execute(
-            f"UPDATE {CANARY_TABLE} SET body = %s, ts = now() WHERE id = 1", (f"ragtide canary {nonce}",)
+            f"INSERT INTO {CANARY_TABLE} (id, body, ts) VALUES (%s, %s, now())"
+            " ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body, ts = EXCLUDED.ts",
+            (self.slot, f"ragtide canary {nonce}"),
         )
         return t0
 
     def _found(self, nonce: str) -> bool:
         index, encoder = self.active.current()
-        hits = index.search(self.vectors.embed(encoder, "ragtide canary"), 1, {"table": CANARY_TABLE})
+        hits = index.search(self.vectors.embed(encoder, "ragtide canary"), 1, self._filter)
         return bool(hits) and nonce in str(hits[0].payload.get("text", ""))
 
     async def probe(self) -> float:
@@ -90,6 +118,7 @@ class Canary:
                         if self._conn is not None:
                             self._conn.close()
                     self._conn = None
+                    self._swept = False
                 await asyncio.sleep(max(0.0, self.settings.interval_s - (time.monotonic() - started)))
         finally:
             if self._conn is not None:
