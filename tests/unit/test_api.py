@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -110,6 +111,21 @@ def test_health_ready_stats_metrics_docs(client: TestClient) -> None:
     assert "ragtide_request_seconds_count" in client.get("/metrics").text
     assert client.get("/openapi.json").json()["paths"]["/v1/search"]
     assert client.get("/docs").status_code == 200
+
+
+def test_readyz_without_freshness_ignores_only_the_canary(client: TestClient) -> None:
+    services = client.app.state.services  # type: ignore[attr-defined]
+    services.canary = SimpleNamespace(readiness=lambda: (False, "freshness 12.00s exceeds 10.00s"))
+    stale = client.get("/readyz")
+    assert stale.status_code == 503 and "exceeds" in stale.json()["checks"]["canary"]
+    serving = client.get("/readyz", params={"freshness": "false"})
+    assert serving.status_code == 200 and "exceeds" in serving.json()["checks"]["canary"]
+
+    def broken(*_: Any, **__: Any) -> int:
+        raise ConnectionError("store down")
+
+    services.active.index.count = broken
+    assert client.get("/readyz", params={"freshness": "false"}).status_code == 503
 
 
 def test_readyz_is_503_when_the_index_fails(client: TestClient) -> None:

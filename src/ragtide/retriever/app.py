@@ -212,8 +212,12 @@ def create_app(
         return Health(status="ok")
 
     @app.get("/readyz", response_model=Health, tags=["ops"], responses={503: {"model": Health}})
-    async def readyz(svc: ServicesDep, response: Response) -> Health:
-        """Readiness: the index answers, the encoder is loaded, and the canary is fresh enough."""
+    async def readyz(svc: ServicesDep, response: Response, freshness: bool = True) -> Health:
+        """Readiness: the index answers, the encoder is loaded, and the canary is fresh enough.
+
+        `?freshness=false` leaves the canary out of the verdict (still reported): a load balancer's probe, so that
+        a pipeline stall upstream (every replica's canary fails at once) leaves stale search up, not an outage.
+        """
         checks: dict[str, str] = {}
         try:
             index, encoder = svc.active.current()
@@ -225,7 +229,7 @@ def create_app(
         if svc.canary is not None:
             ok, detail = svc.canary.readiness()
             checks["canary"] = detail if ok else f"unready: {detail}"
-        ready = all(v.startswith("ok") for v in checks.values())
+        ready = all(v.startswith("ok") for k, v in checks.items() if freshness or k != "canary")
         if not ready:
             response.status_code = 503
         return Health(status="ready" if ready else "unready", checks=checks)
