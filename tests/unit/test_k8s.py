@@ -1,0 +1,551 @@
+"""infra/k8s (a kustomize base and a GPU overlay), rendered by `kubectl kustomize` and checked.
+
+No cluster runs here, so the rendered objects are validated against the Kubernetes API schema (strict: an
+unknown field is an error) and compared with what is already checked elsewhere: docker-compose.yml (images,
+the project's environment, Kafka, Connect and Postgres settings; tests/unit/test_compose.py holds those
+against the native stack), the settings classes, the retriever's routes and the project image. Each check
+returns its problems, and a mutated copy proves that it can fail.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import kubernetes_validate  # type: ignore[import-untyped]
+import pytest
+import yaml
+
+from ragtide.contracts.errors import ConfigError
+from ragtide.contracts.settings import REPO_ROOT, RagtideSettings, load_settings
+from ragtide.embedder.index.memory import MemoryIndex
+from ragtide.gateway.gateway import check_config
+from ragtide.ingest.sources import SourcesConfig, SourceTable, load_sources
+from ragtide.retriever.app import create_app
+from tests.deploy import (
+    DOCKERFILE,
+    PROJECT_SERVICES,
+    SECRET_NAME,
+    SHELL_ENV,
+    command_words,
+    environment,
+    interpolate,
+    load_compose,
+    mutated,
+    settings_env_problems,
+    settings_from,
+)
+from tests.doubles import HashEncoder
+
+pytestmark = pytest.mark.unit
+MonkeyPatch = pytest.MonkeyPatch
+
+K8S = REPO_ROOT / "infra" / "k8s"
+BASE, GPU = K8S / "base", K8S / "overlays" / "gpu"
+KUBERNETES = "1.32"  # the API version the schema check uses (kubectl here is 1.32)
+SECRET = "ragtide-secrets"
+SECRETS = {"postgres-password": SHELL_ENV["POSTGRES_PASSWORD"], "admin-key": SHELL_ENV["RAGTIDE_ADMIN_KEY"]}
+WORKLOADS = ("Deployment", "StatefulSet", "Job")
+# What may differ from docker-compose.yml's environment for the same service, and why.
+K8S_ONLY_ENV = {
+    "RAGTIDE_SOURCES_FILE",  # mounted from the ConfigMap ragtide-sources, not baked into the image
+    "RAGTIDE_KAFKA__PARTITIONS",  # spelled out: the embedder's replicas are bounded by it
+}
+
+Obj = dict[str, Any]
+
+
+@functools.cache
+def _rendered(path: Path) -> str:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("no kubectl (with its built-in kustomize) on this machine")
+    done = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def render(path: Path) -> list[Obj]:
+    """The objects `kubectl apply -k path` would send (a fresh copy each call: tests mutate them)."""
+    return [d for d in yaml.safe_load_all(_rendered(path)) if d]
+
+
+@pytest.fixture
+def base() -> list[Obj]:
+    return render(BASE)
+
+
+@pytest.fixture
+def gpu() -> list[Obj]:
+    return render(GPU)
+
+
+def find(objs: list[Obj], kind: str, name: str) -> Obj:
+    """One object by kind and name; a generated ConfigMap is found by its name before kustomize's hash."""
+    for o in objs:
+        if o["kind"] == kind and re.fullmatch(rf"{re.escape(name)}(-[a-z0-9]{{10}})?", o["metadata"]["name"]):
+            return o
+    raise KeyError(f"{kind}/{name}")
+
+
+def pod(obj: Obj) -> Obj:
+    spec: Obj = obj["spec"]["template"]["spec"]
+    return spec
+
+
+def container(obj: Obj) -> Obj:
+    containers: list[Obj] = pod(obj)["containers"]
+    assert len(containers) == 1, obj["metadata"]["name"]
+    return containers[0]
+
+
+def workloads(objs: list[Obj]) -> list[Obj]:
+    return [o for o in objs if o["kind"] in WORKLOADS]
+
+
+def project_workloads(objs: list[Obj]) -> list[Obj]:
+    return [o for o in workloads(objs) if container(o)["image"].split(":")[0] == "ragtide"]
+
+
+def container_env(objs: list[Obj], c: Obj, secrets: Mapping[str, str] = SECRETS) -> dict[str, str]:
+    """The environment the container sees: its ConfigMaps, then its own variables (which win)."""
+    env: dict[str, str] = {}
+    for source in c.get("envFrom", []):
+        env.update(find(objs, "ConfigMap", source["configMapRef"]["name"])["data"])
+    for var in c.get("env", []):
+        if "value" in var:
+            env[var["name"]] = str(var["value"])
+        elif ref := var["valueFrom"].get("secretKeyRef"):
+            if ref["key"] in secrets:
+                env[var["name"]] = secrets[ref["key"]]
+            elif not ref.get("optional"):
+                raise KeyError(f"secret key {ref['key']} is required")
+        elif ref := var["valueFrom"].get("fieldRef"):
+            env[var["name"]] = f"<{ref['fieldPath']}>"
+    return env
+
+
+def container_ports(obj: Obj) -> dict[str | int, int]:
+    """Port name and number -> number, for every container port of the workload's pod."""
+    out: dict[str | int, int] = {}
+    for c in pod(obj)["containers"]:
+        for p in c.get("ports", []):
+            out[p["containerPort"]] = p["containerPort"]
+            if "name" in p:
+                out[p["name"]] = p["containerPort"]
+    return out
+
+
+def service_port(objs: list[Obj], host: str, port: int) -> list[str]:
+    """`host:port` is a Service of these objects that forwards to a container port of its pods."""
+    try:
+        svc = find(objs, "Service", host)
+    except KeyError:
+        return [f"{host} is not a Service"]
+    ports = [p for p in svc["spec"]["ports"] if p["port"] == port]
+    if not ports:
+        return [f"Service {host} has no port {port}"]
+    selector = svc["spec"]["selector"]
+    backends = [w for w in workloads(objs) if selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+    if not backends:
+        return [f"Service {host} selects no workload"]
+    target = ports[0].get("targetPort", port)
+    return [
+        f"Service {host}:{port} targets {target!r}, not a port of its pods"
+        for w in backends
+        if target not in container_ports(w)
+    ]
+
+
+# --- the checks -------------------------------------------------------------------------------------------
+
+
+def schema_problems(objs: list[Obj]) -> list[str]:
+    problems = []
+    for o in objs:
+        try:
+            kubernetes_validate.validate(o, KUBERNETES, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            problems.append(f"{o['kind']}/{o['metadata']['name']}: {exc.message}")
+    return problems
+
+
+def service_problems(objs: list[Obj]) -> list[str]:
+    """Every Service selects a workload and forwards each port to a port its pods listen on."""
+    return [
+        p
+        for s in objs
+        if s["kind"] == "Service"
+        for q in s["spec"]["ports"]
+        for p in service_port(objs, s["metadata"]["name"], q["port"])
+    ]
+
+
+def image_problems(objs: list[Obj]) -> list[str]:
+    """The images docker-compose.yml runs (held to pom.xml and constraints.txt by its own test)."""
+    compose = load_compose()["services"]
+    problems = []
+    for w in workloads(objs):
+        name, image = w["metadata"]["name"], container(w)["image"]
+        expected = compose["retriever" if image.startswith("ragtide") else name]["image"]
+        if image != expected:
+            problems.append(f"{w['kind']}/{name} runs {image}, docker-compose.yml {expected}")
+    return problems
+
+
+def env_problems(
+    objs: list[Obj], monkeypatch: MonkeyPatch, intended: Mapping[str, Mapping[str, str]] | None = None
+) -> list[str]:
+    """Each project container's environment names real settings, builds them, passes the gateway's prod check,
+    points at Services that exist, and equals docker-compose.yml's for the same service (but for `intended`
+    differences: service -> variables)."""
+    problems = []
+    for w in project_workloads(objs):
+        name, c = w["metadata"]["name"], container(w)
+        env = container_env(objs, c)
+        problems += [f"{name}: {p}" for p in settings_env_problems(env)]
+        try:
+            s = settings_from(env, monkeypatch)
+            check_config(s)
+        except ConfigError as exc:
+            problems.append(f"{name}: {exc}")
+            continue
+        qdrant = urlsplit(s.qdrant_url or "")
+        for host, port in [
+            (s.postgres.host, s.postgres.port),
+            (s.kafka.host, s.kafka.port),
+            (s.connect.host, s.connect.port),
+            (qdrant.hostname or "", qdrant.port or 0),
+        ]:
+            problems += [f"{name}: {p}" for p in service_port(objs, host, port)]
+        compose_env = {**environment(load_compose(), name), **(intended or {}).get(name, {})}
+        for key in sorted((set(env) | set(compose_env)) - K8S_ONLY_ENV):
+            if env.get(key) != compose_env.get(key):
+                problems.append(f"{name}: {key}={env.get(key)!r}, docker-compose.yml {compose_env.get(key)!r}")
+        problems += sources_problems(objs, w, s)
+    return problems
+
+
+def sources_problems(objs: list[Obj], w: Obj, s: RagtideSettings) -> list[str]:
+    """RAGTIDE_SOURCES_FILE is a file of a mounted ConfigMap, and that file is config/sources.yaml."""
+    name, path = w["metadata"]["name"], Path(s.sources_file)
+    mounts = {m["name"]: m["mountPath"] for m in container(w).get("volumeMounts", [])}
+    for vol in pod(w).get("volumes", []):
+        if "configMap" in vol and mounts.get(vol["name"]) == str(path.parent):
+            data = find(objs, "ConfigMap", vol["configMap"]["name"]).get("data", {})
+            if data.get(path.name) != (REPO_ROOT / "config" / "sources.yaml").read_text(encoding="utf-8"):
+                return [f"{name}: {path} is not config/sources.yaml"]
+            return []
+    return [f"{name}: no ConfigMap is mounted at {path.parent}"]
+
+
+def secret_problems(objs: list[Obj]) -> list[str]:
+    """Secrets come from the Secret the user creates, never from a value or a ConfigMap in these files."""
+    problems = [
+        f"{o['kind']}/{o['metadata']['name']}: a Secret in the manifests" for o in objs if o["kind"] == "Secret"
+    ]
+    for o in objs:
+        if o["kind"] == "ConfigMap":
+            problems += [
+                f"ConfigMap {o['metadata']['name']}: {k} is a secret"
+                for k in o.get("data", {})
+                if SECRET_NAME.search(k)
+            ]
+    for w in workloads(objs):
+        for var in container(w).get("env", []):
+            ref = var.get("valueFrom", {}).get("secretKeyRef", {})
+            if SECRET_NAME.search(var["name"]) and ref.get("name") != SECRET:
+                problems.append(f"{w['metadata']['name']}: {var['name']} must come from the Secret {SECRET}")
+    return problems
+
+
+def stack_problems(objs: list[Obj]) -> list[str]:
+    """Postgres, Kafka and Connect run as docker-compose.yml runs them."""
+    compose = load_compose()
+    problems = []
+    pg = container(find(objs, "StatefulSet", "postgres"))
+    if pg.get("args") != command_words(compose["services"]["postgres"])[1:]:
+        problems.append(f"postgres args {pg.get('args')} are not docker-compose.yml's server settings")
+    pg_env = container_env(objs, pg)
+    for key in ("POSTGRES_DB", "POSTGRES_USER", "POSTGRES_PASSWORD"):
+        if pg_env.get(key) != environment(compose, "postgres").get(key):
+            problems.append(f"postgres: {key} differs from docker-compose.yml")
+    if not any(
+        m["mountPath"] in pg_env.get("PGDATA", "/") and m["mountPath"] != pg_env.get("PGDATA")
+        for m in pg["volumeMounts"]
+    ):
+        problems.append("postgres: PGDATA must be a directory inside the volume (its root holds lost+found)")
+    kafka = find(objs, "StatefulSet", "kafka")
+    kafka_env = container_env(objs, container(kafka))
+    if kafka_env != environment(compose, "kafka"):
+        problems.append("kafka: the environment is not docker-compose.yml's")
+    logs = kafka_env.get("KAFKA_LOG_DIRS", "")
+    if not any(logs.startswith(m["mountPath"] + "/") for m in container(kafka)["volumeMounts"]):
+        problems.append(f"kafka: log dir {logs} is not a directory inside a volume")
+    svc = find(objs, "Service", "kafka")["spec"]
+    if svc.get("clusterIP") != "None" or not svc.get("publishNotReadyAddresses"):
+        problems.append(
+            "kafka: its Service must be headless and publish the pod before it is ready (it is its own controller)"
+        )
+    connect_env = container_env(objs, container(find(objs, "Deployment", "connect")))
+    expected = {**environment(compose, "connect"), "ADVERTISED_HOST_NAME": "<status.podIP>"}
+    if connect_env != expected:
+        diff = sorted(k for k in set(connect_env) | set(expected) if connect_env.get(k) != expected.get(k))
+        problems.append(f"connect: {diff} differ from docker-compose.yml (the pod IP is advertised)")
+    return problems
+
+
+def probe_problems(objs: list[Obj]) -> list[str]:
+    """The retriever's probes ask routes the app has, on its API port; readiness leaves the canary out."""
+    w = find(objs, "Deployment", "retriever")
+    c = container(w)
+    port = int(container_env(objs, c)["RAGTIDE_API__PORT"])
+    app = create_app(
+        load_settings(RagtideSettings, canary={"enabled": False}),
+        MemoryIndex(),
+        HashEncoder(),
+        SourcesConfig(sources=(SourceTable(table="public.docs", key=("id",), text="{body}"),)),
+    )
+    spec = app.openapi()["paths"]
+    problems = []
+    for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+        get = c.get(kind, {}).get("httpGet")
+        if get is None:
+            problems.append(f"retriever: no HTTP {kind}")
+            continue
+        path, _, query = get["path"].partition("?")
+        if container_ports(w).get(get["port"]) != port:
+            problems.append(f"retriever: {kind} asks port {get['port']}, the API is on {port}")
+        params = {p["name"] for p in spec.get(path, {}).get("get", {}).get("parameters", [])}
+        if path not in spec or not {q.split("=")[0] for q in query.split("&") if q} <= params:
+            problems.append(f"retriever: {kind} asks {get['path']}, not a route of the app")
+    if c["readinessProbe"]["httpGet"]["path"] != "/readyz?freshness=false":
+        problems.append("retriever: readiness must leave the canary out (/readyz?freshness=false)")
+    return problems
+
+
+def scale_problems(objs: list[Obj]) -> list[str]:
+    """Embedders: no more than the topics' partitions, never two configurations at once. Retrievers: at least
+    two, kept through voluntary disruptions, scaled on CPU."""
+    problems = []
+    embedder = find(objs, "Deployment", "embedder")
+    partitions = int(container_env(objs, container(embedder))["RAGTIDE_KAFKA__PARTITIONS"])
+    if embedder["spec"]["replicas"] > partitions:
+        problems.append(f"embedder: {embedder['spec']['replicas']} replicas, {partitions} partitions")
+    if embedder["spec"].get("strategy", {}).get("type") != "Recreate":
+        problems.append("embedder: a rolling update runs two configurations at once; use Recreate")
+    labels = find(objs, "Deployment", "retriever")["spec"]["template"]["metadata"]["labels"]
+    hpa = find(objs, "HorizontalPodAutoscaler", "retriever")["spec"]
+    if hpa["scaleTargetRef"]["name"] != "retriever" or hpa["minReplicas"] < 2:
+        problems.append("retriever: the autoscaler must target it with at least 2 replicas")
+    pdb = find(objs, "PodDisruptionBudget", "retriever")["spec"]
+    if not pdb["selector"]["matchLabels"].items() <= labels.items():
+        problems.append("retriever: the disruption budget selects other pods")
+    return problems
+
+
+def dockerfile_uid() -> int:
+    m = re.search(r"useradd [^&]*--uid (\d+)", DOCKERFILE.read_text(encoding="utf-8"))
+    assert m, "the Dockerfile creates no user with a fixed uid"
+    return int(m.group(1))
+
+
+def security_problems(objs: list[Obj]) -> list[str]:
+    """Project pods meet the 'restricted' Pod Security Standard, as the image's own non-root user."""
+    problems = []
+    for w in project_workloads(objs):
+        name, ps, cs = w["metadata"]["name"], pod(w).get("securityContext", {}), container(w).get("securityContext", {})
+        if not ps.get("runAsNonRoot") or ps.get("runAsUser") != dockerfile_uid():
+            problems.append(f"{name}: must run as the image's user {dockerfile_uid()} (runAsNonRoot)")
+        if ps.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+            problems.append(f"{name}: seccompProfile RuntimeDefault")
+        if cs.get("allowPrivilegeEscalation") is not False or cs.get("capabilities", {}).get("drop") != ["ALL"]:
+            problems.append(f"{name}: no privilege escalation, capabilities drop ALL")
+    return problems
+
+
+ALL_CHECKS: list[Callable[[list[Obj]], list[str]]] = [
+    schema_problems,
+    service_problems,
+    image_problems,
+    secret_problems,
+    stack_problems,
+    probe_problems,
+    scale_problems,
+    security_problems,
+]
+
+
+# --- the tests --------------------------------------------------------------------------------------------
+
+
+def set_env(kind: str, name: str, var: str, value: str) -> Callable[[list[Obj]], object]:
+    def change(objs: list[Obj]) -> None:
+        env = container(find(objs, kind, name)).setdefault("env", [])
+        env[:] = [v for v in env if v["name"] != var] + [{"name": var, "value": value}]
+
+    return change
+
+
+def edit(kind: str, name: str, change: Callable[[Obj], object]) -> Callable[[list[Obj]], object]:
+    return lambda objs: change(find(objs, kind, name))
+
+
+@pytest.mark.parametrize("overlay", [BASE, GPU], ids=["base", "gpu"])
+def test_the_manifests_pass_every_check(overlay: Path, monkeypatch: MonkeyPatch) -> None:
+    # The GPU overlay puts the embedder (only) on CUDA; compose does that with RAGTIDE_ENCODER__DEVICE=cuda.
+    intended = {"embedder": {"RAGTIDE_ENCODER__DEVICE": "cuda"}} if overlay == GPU else {}
+    objs = render(overlay)
+    expected = {("Deployment", "retriever"), ("Deployment", "embedder"), ("Job", "connector-init")}
+    assert {(w["kind"], w["metadata"]["name"]) for w in project_workloads(objs)} == expected
+    assert {w["metadata"]["name"] for w in project_workloads(objs)} == set(PROJECT_SERVICES)
+    assert all(o["metadata"].get("namespace") == "ragtide" for o in objs)
+    for check in ALL_CHECKS:
+        assert check(objs) == [], check.__name__
+    assert env_problems(objs, monkeypatch, intended) == []
+
+
+def test_the_schema_check_catches_typos_and_wrong_types(base: list[Obj]) -> None:
+    typo = mutated(
+        base, edit("Deployment", "retriever", lambda d: container(d)["readinessProbe"]["httpGet"].update(porrt=1))
+    )
+    assert any("porrt" in p for p in schema_problems(typo))
+    wrong_type = mutated(base, edit("Deployment", "retriever", lambda d: d["spec"].update(replicas="two")))
+    assert any("retriever" in p for p in schema_problems(wrong_type))
+
+
+def test_services_reach_their_pods(base: list[Obj]) -> None:
+    renamed = mutated(base, edit("StatefulSet", "qdrant", lambda d: container(d)["ports"][0].update(name="rest")))
+    assert any("qdrant:6333 targets 'http'" in p for p in service_problems(renamed))
+    orphan = mutated(base, edit("Service", "connect", lambda d: d["spec"].update(selector={"app": "nothing"})))
+    assert any("selects no workload" in p for p in service_problems(orphan))
+
+
+def test_images_follow_docker_compose(base: list[Obj]) -> None:
+    old = mutated(base, edit("StatefulSet", "kafka", lambda d: container(d).update(image="apache/kafka:4.0.0")))
+    assert any("kafka runs apache/kafka:4.0.0" in p for p in image_problems(old))
+    latest = mutated(base, edit("Deployment", "embedder", lambda d: container(d).update(image="ragtide:latest")))
+    assert image_problems(latest)
+
+
+def test_project_environment_is_real_settings_and_matches_compose(base: list[Obj], monkeypatch: MonkeyPatch) -> None:
+    typo = mutated(base, set_env("Deployment", "embedder", "RAGTIDE_KAFKA__HOSTNAME", "kafka"))
+    assert any("RAGTIDE_KAFKA__HOSTNAME" in p for p in env_problems(typo, monkeypatch))
+    elsewhere = mutated(base, set_env("Deployment", "retriever", "RAGTIDE_POSTGRES__HOST", "db"))
+    problems = env_problems(elsewhere, monkeypatch)
+    assert any("db is not a Service" in p for p in problems)
+    assert any("RAGTIDE_POSTGRES__HOST='db'" in p for p in problems)  # and it drifted from docker-compose.yml
+    port = mutated(base, set_env("Deployment", "retriever", "RAGTIDE_KAFKA__PORT", "9094"))
+    assert any("Service kafka has no port 9094" in p for p in env_problems(port, monkeypatch))
+
+
+def test_the_sources_configmap_is_config_sources_yaml(base: list[Obj], monkeypatch: MonkeyPatch) -> None:
+    assert (BASE / "sources.yaml").read_text() == (REPO_ROOT / "config" / "sources.yaml").read_text()
+    assert (
+        load_sources(BASE / "sources.yaml").user_tables
+        == load_sources(REPO_ROOT / "config" / "sources.yaml").user_tables
+    )
+    moved = mutated(base, set_env("Deployment", "embedder", "RAGTIDE_SOURCES_FILE", "/etc/other/sources.yaml"))
+    assert any("no ConfigMap is mounted at /etc/other" in p for p in env_problems(moved, monkeypatch))
+    stale = mutated(
+        base, edit("ConfigMap", "ragtide-sources", lambda d: d["data"].update({"sources.yaml": "sources: []"}))
+    )
+    assert any("is not config/sources.yaml" in p for p in env_problems(stale, monkeypatch))
+
+
+def test_secrets_only_come_from_the_users_secret(base: list[Obj], monkeypatch: MonkeyPatch) -> None:
+    literal = mutated(base, set_env("Deployment", "retriever", "RAGTIDE_POSTGRES__PASSWORD", "hunter2"))
+    assert any("RAGTIDE_POSTGRES__PASSWORD must come from the Secret" in p for p in secret_problems(literal))
+    in_config = mutated(
+        base, edit("ConfigMap", "ragtide-env", lambda d: d["data"].update(RAGTIDE_GATEWAY__ADMIN_KEY="x"))
+    )
+    assert secret_problems(in_config)
+    with pytest.raises(KeyError, match="admin-key"):
+        container_env(base, container(find(base, "Deployment", "retriever")), secrets={"postgres-password": "x"})
+
+
+def test_postgres_kafka_and_connect_run_as_compose_runs_them(base: list[Obj]) -> None:
+    def replica(d: Obj) -> None:
+        args = container(d)["args"]
+        args[args.index("wal_level=logical")] = "wal_level=replica"
+
+    assert any("postgres args" in p for p in stack_problems(mutated(base, edit("StatefulSet", "postgres", replica))))
+    pgdata = mutated(base, set_env("StatefulSet", "postgres", "PGDATA", "/var/lib/postgresql/data"))
+    assert any("PGDATA" in p for p in stack_problems(pgdata))
+    voters = mutated(base, set_env("StatefulSet", "kafka", "KAFKA_CONTROLLER_QUORUM_VOTERS", "1@kafka:9094"))
+    assert any("kafka: the environment" in p for p in stack_problems(voters))
+    routed = mutated(base, edit("Service", "kafka", lambda d: d["spec"].pop("publishNotReadyAddresses")))
+    assert any("headless" in p for p in stack_problems(routed))
+    fixed_host = mutated(base, set_env("Deployment", "connect", "ADVERTISED_HOST_NAME", "connect"))
+    assert any("ADVERTISED_HOST_NAME" in p for p in stack_problems(fixed_host))
+
+
+def test_retriever_probes_ask_real_routes(base: list[Obj]) -> None:
+    def probe(kind: str, path: str) -> Callable[[list[Obj]], object]:
+        return edit("Deployment", "retriever", lambda d: container(d)[kind]["httpGet"].update(path=path))
+
+    assert any(
+        "/ready not" in p or "/ready," in p for p in probe_problems(mutated(base, probe("readinessProbe", "/ready")))
+    )
+    assert probe_problems(mutated(base, probe("readinessProbe", "/readyz")))  # the canary would gate traffic
+    assert probe_problems(mutated(base, probe("livenessProbe", "/healthz?deep=true")))
+    other_port = mutated(base, set_env("Deployment", "retriever", "RAGTIDE_API__PORT", "9000"))
+    assert any("the API is on 9000" in p for p in probe_problems(other_port))
+
+
+def test_scale_out_follows_kafka(base: list[Obj]) -> None:
+    assert scale_problems(mutated(base, edit("Deployment", "embedder", lambda d: d["spec"].update(replicas=2))))
+    rolling = mutated(base, edit("Deployment", "embedder", lambda d: d["spec"].pop("strategy")))
+    assert any("Recreate" in p for p in scale_problems(rolling))
+    one = mutated(base, edit("HorizontalPodAutoscaler", "retriever", lambda d: d["spec"].update(minReplicas=1)))
+    assert scale_problems(one)
+
+
+def test_project_pods_are_restricted(base: list[Obj]) -> None:
+    assert dockerfile_uid() == 10001
+    root = mutated(base, edit("Deployment", "retriever", lambda d: pod(d)["securityContext"].update(runAsUser=0)))
+    assert any("retriever: must run as" in p for p in security_problems(root))
+    caps = mutated(base, edit("Job", "connector-init", lambda d: container(d)["securityContext"].pop("capabilities")))
+    assert any("connector-init" in p for p in security_problems(caps))
+
+
+def test_the_gpu_overlay_puts_the_embedder_and_vllm_on_gpus(
+    base: list[Obj], gpu: list[Obj], monkeypatch: MonkeyPatch
+) -> None:
+    def gpus(objs: list[Obj], kind: str, name: str) -> int:
+        return int(container(find(objs, kind, name))["resources"].get("limits", {}).get("nvidia.com/gpu", 0))
+
+    assert gpus(base, "Deployment", "embedder") == 0 and gpus(gpu, "Deployment", "embedder") == 1
+    assert gpus(gpu, "Deployment", "vllm") == 1
+    env = container_env(gpu, container(find(gpu, "Deployment", "embedder")))
+    s = settings_from(env, monkeypatch)
+    assert s.encoder.device == "cuda" and s.batch.events_per_batch(on_gpu=True) == 4096
+    retriever = settings_from(container_env(gpu, container(find(gpu, "Deployment", "retriever"))), monkeypatch)
+    assert retriever.encoder.device == "cpu"  # query embedding stays on the retriever's CPU
+    url = urlsplit(str(retriever.generator.endpoint))
+    assert service_port(gpu, url.hostname or "", url.port or 0) == []
+    vllm = container(find(gpu, "Deployment", "vllm"))
+    compose_vllm = command_words(load_compose()["services"]["vllm"])
+    model = vllm["args"][vllm["args"].index("--model") + 1]
+    assert model == interpolate(compose_vllm[compose_vllm.index("--model") + 1], {})  # compose's default model
+    assert retriever.generator.model == model
+
+
+def test_kubectl_dry_run_when_a_cluster_answers() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("no kubectl")
+    reach = subprocess.run([kubectl, "version", "--request-timeout=2s"], capture_output=True, text=True, check=False)
+    if reach.returncode != 0:
+        pytest.skip("no Kubernetes API server reachable (schema validated offline above)")
+    for overlay in (BASE, GPU):
+        done = subprocess.run(
+            [kubectl, "apply", "--dry-run=server", "-k", str(overlay)], capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stderr
