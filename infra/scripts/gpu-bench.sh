@@ -33,7 +33,7 @@ if [ "$WHAT" != bench ] && [ "${DEVICE:-cuda}" = cuda ]; then
 fi
 if [ "$WHAT" != tests ]; then
   timeout "${BENCH_TIMEOUT:-540}" "$PY" -m ragtide.bench.embed --model "$MODEL" --device "${DEVICE:-cuda}" \
-    --n "${N:-100000}" --repeats 2 --out "$OUT" ${BENCH_ARGS:-} 2>&1 | grep -v "Loading weights" | tee "$OUT/bench.log"
+    --n "${N:-100000}" --repeats 2 --out "$OUT" ${BENCH_ARGS:-} 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUT/bench.log"
   bench=${PIPESTATUS[0]}
 fi
 echo "gpu tests exit $tests, bench exit $bench"

@@ -522,6 +522,7 @@ def export_model(
     weights = load_file(str(source / "model.safetensors"))
     half = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
     save_file(half, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "model.safetensors").chmod(0o644)  # the box may run the command as another user
     (out / MODEL_NAME_FILE).write_text(json.dumps({"name": model_name_of(source), "dtype": "fp16"}))
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     console.print(f"wrote {out} ({size / 2**20:.1f} MiB)")

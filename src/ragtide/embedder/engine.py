@@ -471,7 +471,7 @@ class EmbeddingEngine:
         host = torch.empty((n, self._dim), dtype=torch.float32, pin_memory=True)
         host.copy_(out, non_blocking=True)
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(dev))  # the engine's device, whichever one is current
         return host, done
 
     @staticmethod
