@@ -20,6 +20,7 @@ MonkeyPatch = pytest.MonkeyPatch
 D = TypeVar("D")
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+COMPOSE_GPU_FILE = REPO_ROOT / "docker-compose.gpu.yml"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 DOCKERIGNORE = REPO_ROOT / ".dockerignore"
 PROJECT_SERVICES = ("connector-init", "embedder", "retriever")
@@ -35,9 +36,21 @@ WILDCARD_HOSTS = {"", "0.0.0.0"}
 Compose = dict[str, Any]
 
 
-def load_compose() -> Compose:
+def load_compose(gpu: bool = False) -> Compose:
+    """docker-compose.yml, merged with docker-compose.gpu.yml when `gpu` (`docker compose -f a -f b`)."""
     doc: Compose = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
+    if gpu:
+        merge_compose(doc, yaml.safe_load(COMPOSE_GPU_FILE.read_text(encoding="utf-8")))
     return doc
+
+
+def merge_compose(doc: Compose, override: Mapping[str, Any]) -> None:
+    """Compose's merge of a second file: mappings merge key by key, anything else is replaced."""
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(doc.get(key), dict):
+            merge_compose(doc[key], value)
+        else:
+            doc[key] = copy.deepcopy(value)
 
 
 def mutated(doc: D, change: Callable[[D], object]) -> D:

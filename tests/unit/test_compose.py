@@ -30,6 +30,7 @@ from ragtide.stack import templates
 from ragtide.stack.postgres import SERVER_SETTINGS
 from tests.deploy import (
     COMPOSE_FILE,
+    COMPOSE_GPU_FILE,
     DOCKERFILE,
     DOCKERIGNORE,
     PROJECT_SERVICES,
@@ -542,6 +543,28 @@ def test_vllm_runs_only_with_the_gpu_profile(compose: Compose) -> None:
     assert all(not s.get("profiles") for n, s in compose["services"].items() if n != "vllm")
 
 
+def gpu_devices(svc: Compose) -> list[Any]:
+    devices = (((svc.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get("devices") or []
+    return [d for d in devices if "gpu" in d.get("capabilities", [])]
+
+
+def test_the_gpu_file_puts_only_the_embedder_on_a_gpu(monkeypatch: MonkeyPatch) -> None:
+    plain, merged = load_compose(), load_compose(gpu=True)
+    assert gpu_devices(plain["services"]["embedder"]) == []
+    assert len(gpu_devices(merged["services"]["embedder"])) == 1
+    embedder = settings_from(environment(merged, "embedder"), monkeypatch)
+    assert embedder.encoder.device == "cuda" and embedder.batch.events_per_batch(on_gpu=True) == 4096
+    for name in ("retriever", "connector-init"):  # no device there, so nothing may ask for CUDA
+        assert settings_from(environment(merged, name), monkeypatch).encoder.device == "cpu"
+        assert gpu_devices(merged["services"][name]) == []
+    assert settings_from(environment(plain, "embedder"), monkeypatch).encoder.device == "cpu"
+    # everything else holds for the merged file too
+    s = settings_from(environment(merged, "embedder"), monkeypatch)
+    assert dependency_problems(merged) == [] and secret_problems(merged) == [] and version_problems(merged) == []
+    assert wiring_problems(merged, s, "embedder") == []
+    assert set(merged["services"]) == set(plain["services"])  # it only changes the embedder
+
+
 def dockerfile_instructions() -> list[tuple[str, str]]:
     text = re.sub(r"\\\n", " ", DOCKERFILE.read_text(encoding="utf-8"))
     out = []
@@ -585,5 +608,8 @@ def test_docker_compose_config_when_the_client_can() -> None:
     cmd = [docker, "compose", "-f", str(COMPOSE_FILE), "config", "-q"]
     ok = subprocess.run(cmd, capture_output=True, text=True, env={**env, **SHELL_ENV}, check=False)
     assert ok.returncode == 0, ok.stderr
+    gpu = [docker, "compose", "-f", str(COMPOSE_FILE), "-f", str(COMPOSE_GPU_FILE), "config", "-q"]
+    merged = subprocess.run(gpu, capture_output=True, text=True, env={**env, **SHELL_ENV}, check=False)
+    assert merged.returncode == 0, merged.stderr
     missing = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     assert missing.returncode != 0 and "POSTGRES_PASSWORD" in missing.stderr
