@@ -204,6 +204,7 @@ def env_problems(objs: list[Obj], monkeypatch: MonkeyPatch, gpu: bool = False) -
     points at Services that exist, and equals docker-compose.yml's for the same service (with
     docker-compose.gpu.yml merged in for the GPU overlay)."""
     problems = []
+    compose = load_compose(gpu)
     for w in project_workloads(objs):
         name, c = w["metadata"]["name"], container(w)
         env = container_env(objs, c)
@@ -222,7 +223,7 @@ def env_problems(objs: list[Obj], monkeypatch: MonkeyPatch, gpu: bool = False) -
             (qdrant.hostname or "", qdrant.port or 0),
         ]:
             problems += [f"{name}: {p}" for p in service_port(objs, host, port)]
-        compose_env = environment(load_compose(gpu), name)
+        compose_env = environment(compose, name)
         for key in sorted((set(env) | set(compose_env)) - K8S_ONLY_ENV):
             if env.get(key) != compose_env.get(key):
                 problems.append(f"{name}: {key}={env.get(key)!r}, docker-compose.yml {compose_env.get(key)!r}")

@@ -55,7 +55,6 @@ class Canary:
         self.dsn = dsn
         self.slot = canary_slot() if slot is None else slot
         self._filter = {"table": CANARY_TABLE, "row_key": row_key(CANARY_TABLE, str(self.slot))}
-        self._swept = False
         self.active = active
         self.vectors = vectors or QueryVectors(size=8)  # the canary query per encoder (a switch changes it)
         self.tracker = tracker
@@ -69,12 +68,11 @@ class Canary:
         """Commit the canary row; returns the wall time just before the commit was sent."""
         if self._conn is None or self._conn.closed:
             self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
-        if not self._swept:  # once per connection: rows of replicas gone for a while
+            # once per connection: rows of replicas gone for a while
             self._conn.execute(
                 f"DELETE FROM {CANARY_TABLE} WHERE id <> %s AND (ts IS NULL OR ts < now() - make_interval(secs => %s))",
                 (self.slot, STALE_ROW_S),
             )
-            self._swept = True
         t0 = time.time()
         self._conn.execute(
             f"INSERT INTO {CANARY_TABLE} (id, body, ts) VALUES (%s, %s, now())"
@@ -118,7 +116,6 @@ class Canary:
                         if self._conn is not None:
                             self._conn.close()
                     self._conn = None
-                    self._swept = False
                 await asyncio.sleep(max(0.0, self.settings.interval_s - (time.monotonic() - started)))
         finally:
             if self._conn is not None:
