@@ -1,4 +1,5 @@
-"""Test doubles for the seams: a deterministic bag-of-words encoder and a whitespace tokenizer/chunker."""
+"""Test doubles for the seams: a deterministic bag-of-words encoder, a whitespace tokenizer/chunker, an echoing
+generator and an in-memory truncate log."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ragtide.contracts.events import SourcePosition
 from ragtide.embedder.chunking import chunk_text
 from ragtide.embedder.encoder import Vectors
 from ragtide.generator.client import Delta, GenerationParams, GeneratorUnavailable, Message, Usage
@@ -96,3 +98,19 @@ class EchoGenerator:
 
     async def aclose(self) -> None:
         """Nothing to release."""
+
+
+class MemoryTruncateLog:
+    """TruncateLog double: one dict, shared by the writers given it (workers of one group, or a restart)."""
+
+    def __init__(self) -> None:
+        self.at: dict[str, SourcePosition] = {}
+        self.reads = 0
+
+    def record(self, table: str, position: SourcePosition) -> None:
+        if table not in self.at or self.at[table] < position:
+            self.at[table] = position
+
+    def positions(self) -> dict[str, SourcePosition]:
+        self.reads += 1
+        return dict(self.at)

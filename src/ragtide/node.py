@@ -40,6 +40,7 @@ from ragtide.embedder.generations import (
 from ragtide.embedder.index.factory import open_index
 from ragtide.embedder.metrics import EmbedderMetrics
 from ragtide.embedder.progress import BackfillMonitor, source_counts
+from ragtide.embedder.truncations import PostgresTruncateLog, TruncateLog
 from ragtide.embedder.worker import BatchProcessor, create_worker_app
 from ragtide.embedder.writer import IndexWriter
 from ragtide.ingest.connector import ensure_topics, signal_incremental_snapshot, source_topics
@@ -86,8 +87,11 @@ def desired_generation(settings: RagtideSettings, encoder: Encoder) -> Generatio
     )
 
 
-def generation_factory(settings: RagtideSettings, encoder: Encoder, sources: SourcesConfig) -> GenerationFactory:
-    """Opens a generation's collection with an encoder of its model (loaded once per model) and its chunking."""
+def generation_factory(
+    settings: RagtideSettings, encoder: Encoder, sources: SourcesConfig, truncations: TruncateLog | None = None
+) -> GenerationFactory:
+    """Opens a generation's collection with an encoder of its model (loaded once per model) and its chunking;
+    its writer shares the group's truncate log (the writing side only: a reader never applies events)."""
     encoders = {encoder.model_name: encoder}
 
     def make(spec: GenerationSpec) -> Generation:
@@ -102,7 +106,7 @@ def generation_factory(settings: RagtideSettings, encoder: Encoder, sources: Sou
             encoders[spec.model] = enc
         index = open_index(settings, spec.collection(settings.index.collection))
         chunker = Chunker(enc.tokenizer, spec.max_tokens, spec.overlap)
-        return Generation(spec, index, enc, IndexWriter(index, enc, chunker, sources))
+        return Generation(spec, index, enc, IndexWriter(index, enc, chunker, sources, truncations=truncations))
 
     return make
 
@@ -119,7 +123,7 @@ def open_generations(
     base = settings.index.collection
     gens = Generations(
         open_catalog(settings),
-        generation_factory(settings, encoder, sources),
+        generation_factory(settings, encoder, sources, PostgresTruncateLog(settings.postgres.dsn())),
         registry,
         drop_collection=lambda spec: open_index(settings, spec.collection(base)).drop(),
         grace_s=settings.index.retire_grace_s,

@@ -3,6 +3,7 @@ temporary data folder; stopped by pid at the end."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
@@ -20,6 +21,7 @@ import yaml
 from ragtide.contracts.settings import REPO_ROOT, RagtideSettings, load_settings
 from ragtide.embedder.generations import Catalog
 from ragtide.embedder.index.edge import EdgeIndex
+from ragtide.ingest.connector import ensure_topics
 from ragtide.ingest.demo import load_demo
 from ragtide.stack.postgres import PostgresCluster
 from ragtide.stack.process import free_port
@@ -69,8 +71,11 @@ class LiveStack:
 
 
 TICKETS_SOURCE = {"table": "public.tickets", "key": ["id"], "text": "{subject}\n\n{body}", "tenant_column": "org"}
-# A table of its own for the TRUNCATE test (truncating the demo table would wipe the other tests' rows).
+# A table of its own for the TRUNCATE tests (truncating the demo table would wipe the other tests' rows). Its
+# topic has 3 partitions (the others 1, the default): Kafka's scale-out, where a TRUNCATE (no key) lands on one
+# partition and the rows around it on the others.
 SCRATCH_SOURCE = {"table": "public.scratch", "key": ["id"], "text": "{body}"}
+SCRATCH_PARTITIONS = 3
 TICKETS = [
     (9001, "acme", "Invoice export fails", "The acme billing export to the ledger times out after the vault rotation."),
     (9002, "acme", "SSO login loop", "Acme staff are redirected back to the login page by the okta connector."),
@@ -149,6 +154,9 @@ def live() -> Iterator[LiveStack]:
         stack.start_postgres()
         rows = load_demo(settings.postgres.dsn())  # before the connector: indexed through Debezium's snapshot
         stack.start_kafka()
+        scratch_topic = f"{settings.connect.topic_prefix}.{SCRATCH_SOURCE['table']}"
+        created = asyncio.run(ensure_topics(settings, [scratch_topic], partitions=SCRATCH_PARTITIONS))
+        assert created == [scratch_topic], f"could not create {scratch_topic} with {SCRATCH_PARTITIONS} partitions"
         stack.start_connect()
         stack.start_generator()
         stack.start_node()

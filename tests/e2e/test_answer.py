@@ -11,8 +11,11 @@ import uuid
 from typing import Any
 
 import httpx
+import pytest
+from fastapi import HTTPException
 
-from ragtide.gateway.store import key_id_of
+from ragtide.gateway.gateway import Gateway
+from ragtide.gateway.store import PostgresGatewayStore, key_id_of
 from tests.e2e.conftest import LiveStack, poll
 
 
@@ -129,6 +132,30 @@ def test_tenants_are_isolated_and_keys_are_limited_on_the_real_stack(live: LiveS
     assert key_id and key_id in cli(live, "keys", "list", "--tenant", "globex", output="stderr")  # rich table
     cli(live, "keys", "revoke", key_id)
     poll(lambda: post(live, "/v1/search", {"query": "x"}, globex).status_code == 401, "the revoked key to be refused")
+
+
+def test_a_keys_rate_limit_is_shared_by_every_replica(live: LiveStack) -> None:
+    """A second API replica (its gateway on the same Postgres, in this process) and the node's API spend one
+    bucket: burst 4 means 4 requests in all, not 4 per replica."""
+    replica = Gateway(live.settings.gateway, PostgresGatewayStore(live.settings.postgres.dsn()))
+    headers = new_key(live, "acme", "--rate", "0.01", "--burst", "4")
+    caller = replica.authenticate(headers["Authorization"].split()[1])
+
+    def via_api() -> str:
+        resp = post(live, "/v1/search", {"query": "ledger"}, headers)
+        assert resp.status_code == 200, resp.text
+        return resp.headers["X-RateLimit-Remaining"]
+
+    def via_replica() -> str:
+        return replica.admit(caller)["X-RateLimit-Remaining"]
+
+    assert [via_api(), via_replica(), via_api(), via_replica()] == ["3", "2", "1", "0"]
+    refused = post(live, "/v1/search", {"query": "ledger"}, headers)
+    assert refused.status_code == 429 and 90 <= int(refused.headers["Retry-After"]) <= 100  # one token at 0.01/s
+    with pytest.raises(HTTPException) as limited:
+        replica.admit(caller)
+    assert limited.value.status_code == 429 and replica.local_rate_limits == 0
+    assert live.sql("SELECT count(*) FROM ragtide_gateway.rate_limits WHERE bucket = %s", (caller.key_id,)) == [(1,)]
 
 
 def test_bench_serve_runs_from_a_separate_process(live: LiveStack, tmp_path: Any) -> None:

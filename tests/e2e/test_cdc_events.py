@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import uuid
 from typing import Any
 
-from tests.e2e.conftest import LiveStack, poll
+import httpx
+import psycopg
+from aiokafka import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from ragtide.ingest.connector import topic_end_offsets
+from tests.e2e.conftest import SCRATCH_PARTITIONS, SCRATCH_SOURCE, LiveStack, poll
+
+EMBEDDER_GROUP = "ragtide-embedder"  # the Faust app id
 
 
 def new_topic() -> str:
@@ -128,3 +137,59 @@ def test_truncate_empties_only_its_table_and_later_rows_come_back(live: LiveStac
     assert rows("public.tickets") == tickets > 0  # other tables untouched
     live.sql("INSERT INTO public.scratch (id, body) VALUES (100, 'a quokka came back after the truncate')")
     poll(lambda: scratch_hits("quokka came back") == {"100"}, "a row inserted after the truncate")
+
+
+def topic_offsets(live: LiveStack, topic: str) -> tuple[dict[int, int], dict[int, int]]:
+    """(end offset, the embedder group's committed offset) per partition of `topic`."""
+
+    async def read() -> tuple[dict[int, int], dict[int, int]]:
+        bootstrap = live.settings.kafka.bootstrap
+        ends = await topic_end_offsets(bootstrap, topic)
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            parts = [TopicPartition(topic, p) for p in ends]
+            committed = await admin.list_consumer_group_offsets(EMBEDDER_GROUP, partitions=parts)
+        finally:
+            await admin.close()
+        return ends, {tp.partition: meta.offset for tp, meta in committed.items()}
+
+    return asyncio.run(read())
+
+
+def test_a_truncate_between_rows_on_other_partitions_leaves_exactly_the_rows_after_it(live: LiveStack) -> None:
+    """One transaction inserts 12 rows, truncates, inserts 12 more. Debezium keys the rows by id over the table's
+    3 partitions and puts the TRUNCATE (no key) on one of them; the worker reads them in partition order, not in
+    commit order. The index must end with exactly the 12 later rows."""
+    table, topic = SCRATCH_SOURCE["table"], f"{live.settings.connect.topic_prefix}.{SCRATCH_SOURCE['table']}"
+    before, after = range(201, 213), range(301, 313)
+    insert = "INSERT INTO public.scratch (id, body) SELECT g, 'wombat ' || g || ' digs a burrow' FROM unnest(%s) g"
+    with psycopg.connect(live.settings.postgres.dsn()) as conn:  # one transaction, committed as the block ends
+        conn.execute(insert, (list(before),))
+        conn.execute("TRUNCATE public.scratch")
+        conn.execute(insert, (list(after),))
+
+    seen: list[Any] = []
+
+    def drained() -> bool:
+        ends, committed = topic_offsets(live, topic)
+        seen[:] = [ends, committed]
+        return bool(ends) and all(committed.get(p, -1) >= end for p, end in ends.items())
+
+    try:
+        poll(drained, f"the embedder to commit every offset of {topic}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; (end, committed) offsets: {seen}") from None
+    ends, _ = topic_offsets(live, topic)
+    assert len(ends) == SCRATCH_PARTITIONS and sum(1 for end in ends.values() if end > 0) >= 2, ends
+
+    hits = {int(h["row_id"]) for h in live.search("wombat digs a burrow", k=50, flt={"table": table})}
+    assert hits == set(after)
+    assert live.api("/v1/index/stats").json()["tables"][table]["rows"] == len(after)
+    report = httpx.post(f"{live.settings.api.url}/v1/admin/verify", json={"table": table}, timeout=120).json()
+    assert report["drift"] == 0, report
+    [(lsn,)] = live.sql("SELECT lsn FROM ragtide_embedder.truncations WHERE table_name = %s", (table,))
+    assert lsn > 0
+
+    live.sql("TRUNCATE public.scratch")  # leave the table empty for the other TRUNCATE test
+    poll(lambda: live.api("/v1/index/stats").json()["tables"][table]["rows"] == 0, "the scratch table to empty")

@@ -14,7 +14,7 @@ import pytest
 from qdrant_client import QdrantClient
 
 from ragtide.contracts.chunks import point_id
-from ragtide.embedder.index.base import IndexPoint, VectorIndex
+from ragtide.embedder.index.base import IndexPoint, Range, VectorIndex
 from ragtide.embedder.index.edge import EdgeIndex
 from ragtide.embedder.index.memory import MemoryIndex
 from ragtide.embedder.index.remote import QdrantClientIndex
@@ -127,6 +127,27 @@ def test_scroll_and_count_by_row(index: VectorIndex) -> None:
     assert index.count({"row_key": "public.docs:1"}) == 2
     assert index.count({"table": "public.docs", "chunk_no": 0}) == 2
     assert len(index.scroll(limit=2)) == 2
+
+
+def test_a_range_selects_by_number_and_combines_with_the_other_conditions(index: VectorIndex) -> None:
+    """What a truncate deletes: its table's points written from before its WAL position (LSN-sized numbers)."""
+    base = 0x1_6B4F_2A10  # a WAL position ~6 GB in
+    pts = [point(str(i), 0, vec(i % DIM)) for i in range(6)] + [point("9", 0, vec(1), table="public.other")]
+    index.upsert(pts)
+    for i in range(6):
+        index.set_payload([point_id("public.docs", str(i), 0)], {"lsn": base + i})
+    index.set_payload([point_id("public.other", "9", 0)], {"lsn": base})
+    older = {"table": "public.docs", "lsn": Range(lt=base + 3)}
+    assert sorted(p.payload["row_id"] for p in index.scroll(older)) == ["0", "1", "2"]
+    assert index.count({"lsn": Range(gte=base + 2, lt=base + 4)}) == 2
+    assert index.count({"lsn": Range(gte=base + 5)}) == 1
+    nearest = index.search(vec(4), 3, {"lsn": Range(gte=base + 4)})
+    assert [h.payload["row_id"] for h in nearest][:1] == ["4"] and len(nearest) == 2
+    index.delete_where(older)
+    assert sorted(p.payload["row_id"] for p in index.scroll({"table": "public.docs"})) == ["3", "4", "5"]
+    assert index.count({"table": "public.other"}) == 1  # the other table, at an older position, is untouched
+    with pytest.raises(ValueError, match="at least one bound"):
+        Range()
 
 
 def test_invalid_filter_is_rejected(index: VectorIndex) -> None:

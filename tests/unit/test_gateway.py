@@ -79,7 +79,8 @@ def test_bearer_header_forms() -> None:
 
 
 def test_token_bucket_per_key_then_429_with_retry_after() -> None:
-    store, clock = MemoryGatewayStore(), Clock()
+    clock = Clock()
+    store = MemoryGatewayStore(clock.mono)
     key, record = new_key("acme", rate_per_s=2.0, burst=3)
     store.add_key(record)
     gw = gateway(store, clock)
@@ -95,6 +96,42 @@ def test_token_bucket_per_key_then_429_with_retry_after() -> None:
     other_key, other = new_key("acme")
     store.add_key(other)
     gw.admit(gw.authenticate(other_key))  # buckets are per key, not per tenant
+
+
+def test_replicas_share_a_keys_rate_limit_through_the_store() -> None:
+    """Two API replicas (two gateways, one store): the key's burst is spent across both, not per replica."""
+    clock = Clock()
+    store = MemoryGatewayStore(clock.mono)
+    key, record = new_key("acme", rate_per_s=1.0, burst=4)
+    store.add_key(record)
+    a, b = gateway(store, clock), gateway(store, clock)
+    caller = a.authenticate(key)
+    assert [a.admit(caller)["X-RateLimit-Remaining"], b.admit(caller)["X-RateLimit-Remaining"]] == ["3", "2"]
+    a.admit(caller)
+    b.admit(caller)
+    for gw in (a, b):
+        with pytest.raises(HTTPException) as limited:
+            gw.admit(caller)
+        assert limited.value.status_code == 429
+    assert a.local_rate_limits == b.local_rate_limits == 0
+
+
+class DownStore(MemoryGatewayStore):
+    def take_token(self, bucket: str, rate_per_s: float, burst: int) -> tuple[float, int]:
+        raise ConnectionError("postgres is restarting")
+
+
+def test_without_the_store_the_limit_holds_per_process_instead_of_failing_requests() -> None:
+    clock = Clock()
+    store = DownStore(clock.mono)
+    key, record = new_key("acme", rate_per_s=1.0, burst=2)
+    store.add_key(record)
+    gw = gateway(store, clock)
+    caller = gw.authenticate(key)
+    assert [gw.admit(caller)["X-RateLimit-Remaining"] for _ in range(2)] == ["1", "0"]
+    with pytest.raises(HTTPException) as limited:
+        gw.admit(caller)
+    assert limited.value.status_code == 429 and gw.local_rate_limits == 3
 
 
 def test_daily_quota_is_charged_persisted_and_resets_at_midnight_utc() -> None:

@@ -8,14 +8,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
+from ragtide.contracts.errors import StoreUnavailable
 from ragtide.contracts.events import ChangeEvent
 from ragtide.embedder.index.memory import MemoryIndex
 from ragtide.embedder.metrics import EmbedderMetrics
+from ragtide.embedder.truncations import PostgresTruncateLog
 from ragtide.embedder.worker import BatchProcessor, is_transient
 from ragtide.embedder.writer import IndexWriter
 from ragtide.ingest.sources import SourcesConfig
+from ragtide.stack.process import free_port
 from tests.doubles import HashEncoder, word_chunker
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "debezium"
@@ -105,6 +109,22 @@ def test_a_row_that_cannot_be_indexed_is_isolated_for_the_dlq() -> None:
     failed = asyncio.run(proc.apply([ok, bad], asyncio.Event()))
     assert [(e.key, reason.split(":")[0]) for e, reason in failed] == [({"id": "bad"}, "apply")]
     assert index.count() == 1
+
+
+def test_an_unreachable_truncate_log_is_retried_like_a_store_outage_not_dead_lettered() -> None:
+    """The real log against a port where no Postgres listens: the batch is retried and nothing is poisoned."""
+    log = PostgresTruncateLog(f"postgresql://ragtide@127.0.0.1:{free_port()}/ragtide?connect_timeout=2")
+    index, enc, registry = MemoryIndex(), HashEncoder(), CollectorRegistry()
+    index.ensure_collection(enc.dim)
+    proc = BatchProcessor(
+        IndexWriter(index, enc, word_chunker(), SOURCES, truncations=log), EmbedderMetrics(registry), "ragtide"
+    )
+    good, _ = proc.decode_all([fixture_msg("create")])
+    stopping = asyncio.Event()
+    stopping.set()  # give up after the first retry instead of waiting for Postgres
+    with pytest.raises(StoreUnavailable, match="truncate log"):
+        asyncio.run(proc.apply(good, stopping))
+    assert registry.get_sample_value("ragtide_store_retries_total") == 1 and index.count() == 0
 
 
 def test_transient_error_classification() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
 from ragtide.embedder.index.memory import MemoryIndex
 from ragtide.embedder.writer import IndexWriter, coalesce
 from ragtide.ingest.sources import UNAVAILABLE, SourcesConfig
-from tests.doubles import HashEncoder, word_chunker
+from tests.doubles import HashEncoder, MemoryTruncateLog, word_chunker
 
 SOURCES = SourcesConfig.model_validate(
     {"sources": [{"table": "public.docs", "key": ["id"], "text": "{title} {body}", "metadata": ["category"]}]}
@@ -101,6 +102,78 @@ def test_truncate_clears_the_table_in_order(env: Any) -> None:
     batch = [feed.ev(Op.CREATE, 1, "A", "a"), feed.ev(Op.TRUNCATE, None), feed.ev(Op.CREATE, 2, "B", "b")]
     writer.apply(batch)
     assert texts_of(index, "1") == [] and texts_of(index, "2") == ["B b"]
+
+
+def on_partition(ev: ChangeEvent, partition: int) -> ChangeEvent:
+    return dataclasses.replace(ev, partition=partition, offset=ev.position.lsn)
+
+
+def rows_of(index: MemoryIndex) -> set[str]:
+    return {p.payload["row_id"] for p in index.scroll()}
+
+
+def test_a_truncate_keeps_rows_committed_after_it_and_refuses_rows_from_before_it_that_arrive_late(env: Any) -> None:
+    """Three partitions: a TRUNCATE (no key) lands on one; the rows around it on the others, delivered in
+    partition order as Kafka fetches them, not in commit order."""
+    writer, index, _, feed = env
+    c1, c2 = on_partition(feed.ev(Op.CREATE, 1, "A", "a"), 1), on_partition(feed.ev(Op.CREATE, 2, "B", "b"), 2)
+    truncate = on_partition(feed.ev(Op.TRUNCATE, None), 0)
+    c7, c8 = on_partition(feed.ev(Op.CREATE, 7, "G", "g"), 1), on_partition(feed.ev(Op.CREATE, 8, "H", "h"), 2)
+    writer.apply([c1, c7])  # partition 1 first: a row from before the truncate and one from after it
+    stats = writer.apply([truncate])
+    assert rows_of(index) == {"7"} and stats.deleted_points == 1  # row 7 was committed after the truncate
+    stats = writer.apply([c2, c8])  # partition 2 last: its pre-truncate row must not come back
+    assert rows_of(index) == {"7", "8"} and stats.stale == 1
+
+    # The same, all in one batch (one fetch over the three partitions).
+    index2, encoder2 = MemoryIndex(), HashEncoder()
+    index2.ensure_collection(encoder2.dim)
+    IndexWriter(index2, encoder2, word_chunker(8, 2), SOURCES).apply([c1, c7, truncate, c2, c8])
+    assert rows_of(index2) == {"7", "8"}
+
+
+def test_workers_sharing_a_truncate_log_refuse_rows_from_before_a_truncate_another_one_applied(env: Any) -> None:
+    _, index, encoder, feed = env
+    log = MemoryTruncateLog()
+    a, b = (IndexWriter(index, encoder, word_chunker(8, 2), SOURCES, truncations=log) for _ in range(2))
+    c1 = on_partition(feed.ev(Op.CREATE, 1, "A", "a"), 1)
+    truncate = on_partition(feed.ev(Op.TRUNCATE, None), 0)
+    c7 = on_partition(feed.ev(Op.CREATE, 7, "G", "g"), 1)
+    a.apply([truncate])
+    assert log.at == {"public.docs": truncate.position}
+    stats = b.apply([c1, c7])  # b never saw the truncate itself
+    assert stats.stale == 1 and rows_of(index) == {"7"}
+    restarted = IndexWriter(index, encoder, word_chunker(8, 2), SOURCES, truncations=log)
+    assert restarted.apply([c1]).stale == 1 and rows_of(index) == {"7"}
+    assert a.apply([on_partition(feed.ev(Op.CREATE, 9, "I", "i"), 2)]).stale == 0  # newer rows still go in
+
+
+class WriteHook(MemoryIndex):
+    """Runs `hook` once, just before the first upsert is stored."""
+
+    def __init__(self, hook: Any) -> None:
+        super().__init__()
+        self.hook = hook
+
+    def upsert(self, points: Any) -> None:
+        hook, self.hook = self.hook, None
+        if hook is not None:
+            hook()
+        super().upsert(points)
+
+
+def test_a_row_written_while_another_worker_truncates_is_deleted_before_the_batch_ends() -> None:
+    """Worker b checked the log (nothing yet), then worker a recorded the truncate and deleted the older points,
+    then b stored a row from before the truncate: b learns of it after writing and deletes that row itself."""
+    feed, log, encoder = Feed(), MemoryTruncateLog(), HashEncoder()
+    c1 = on_partition(feed.ev(Op.CREATE, 1, "A", "a"), 1)
+    truncate = on_partition(feed.ev(Op.TRUNCATE, None), 0)
+    index = WriteHook(lambda: a.apply([truncate]))
+    index.ensure_collection(encoder.dim)
+    a, b = (IndexWriter(index, encoder, word_chunker(8, 2), SOURCES, truncations=log) for _ in range(2))
+    stats = b.apply([c1])
+    assert index.hook is None, "the truncate ran in the middle of b's batch"
+    assert rows_of(index) == set() and stats.deleted_points == 1
 
 
 def test_burst_on_one_row_is_coalesced_into_one_embedding_pass(env: Any) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import faust
 
-from ragtide.contracts.errors import DecodeError
+from ragtide.contracts.errors import DecodeError, StoreUnavailable
 from ragtide.contracts.events import ChangeEvent
 from ragtide.contracts.freshness import ChangeTiming, FreshnessTracker
 from ragtide.contracts.settings import RagtideSettings
@@ -43,8 +43,9 @@ class Poison:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Errors that mean "the store is unavailable right now": retry the whole batch, commit nothing."""
-    if isinstance(exc, ConnectionError | TimeoutError | OSError):
+    """Errors that mean "a store (the index, or the truncate log's Postgres) is unavailable right now": retry the
+    whole batch, commit nothing."""
+    if isinstance(exc, ConnectionError | TimeoutError | OSError | StoreUnavailable):
         return True
     name = type(exc).__name__
     return name in {"ResponseHandlingException", "ConnectError", "ReadTimeout", "WriteTimeout", "RemoteProtocolError"}

@@ -19,7 +19,8 @@ from ragtide.contracts.chunks import Chunk, PointPayload, content_hash, point_id
 from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
 from ragtide.embedder.chunking import Piece, PieceChunker
 from ragtide.embedder.encoder import Encoder, IdsEncoder, Vectors
-from ragtide.embedder.index.base import IndexPoint, StoredPoint, VectorIndex
+from ragtide.embedder.index.base import Filter, IndexPoint, Range, StoredPoint, VectorIndex
+from ragtide.embedder.truncations import TruncateLog
 from ragtide.ingest.sources import UNAVAILABLE, SourcesConfig, SourceTable
 
 log = logging.getLogger(__name__)
@@ -99,27 +100,31 @@ class IndexWriter:
         chunker: Callable[[str], list[str]],
         sources: SourcesConfig,
         clock: Callable[[], float] = time.time,
+        truncations: TruncateLog | None = None,
     ) -> None:
         self.index = index
         self.encoder = encoder
         self.chunker = chunker
         self.sources = sources
         self.clock = clock
-        # Tombstones, kept only while a repair's snapshot is in flight (`remembering_deletes`): row key or table
-        # -> the position of the delete or truncate the stream applied meanwhile.
+        self.truncations = truncations
+        # Each table's newest truncate position, for good: events from before it are stale (see truncations.py).
+        self._truncated_at: dict[str, SourcePosition] = {}
+        # Row tombstones, kept only while a repair's snapshot is in flight (`remembering_deletes`): row key ->
+        # the position of the delete the stream applied meanwhile.
         self._remembering = 0
         self._deleted: dict[str, SourcePosition] = {}
-        self._truncated: dict[str, SourcePosition] = {}
         self._tomb_lock = threading.Lock()
 
     @contextmanager
     def remembering_deletes(self) -> Iterator[None]:
         """Hold tombstones from before a repair reads its snapshot until its writes are done.
 
-        Repair writes a row's snapshot state at the snapshot's position; if the stream deletes that row (or
-        truncates its table) in between, the delete leaves no points behind for the position guard to compare
-        with, and the repair would resurrect the row. With the deletes remembered, such an older write is refused
-        as stale. Tombstones are dropped when the last repair ends, so they cost nothing in steady state.
+        Repair writes a row's snapshot state at the snapshot's position; if the stream deletes that row in
+        between, the delete leaves no points behind for the position guard to compare with, and the repair would
+        resurrect the row. With the deletes remembered, such an older write is refused as stale. Tombstones are
+        dropped when the last repair ends, so they cost nothing in steady state. (Truncates are always
+        remembered: `_truncated_at`.)
         """
         with self._tomb_lock:
             self._remembering += 1
@@ -130,33 +135,59 @@ class IndexWriter:
                 self._remembering -= 1
                 if not self._remembering:
                     self._deleted.clear()
-                    self._truncated.clear()
 
     def _deleted_later(self, ev: ChangeEvent, rk: str) -> bool:
-        """A remembered delete of this row, or truncate of its table, is newer than `ev`."""
-        tombs = [t for t in (self._deleted.get(rk), self._truncated.get(ev.table)) if t is not None]
-        return any(ev.position.is_older_than(t) for t in tombs)
+        """A remembered delete of this row is newer than `ev`."""
+        tomb = self._deleted.get(rk)
+        return tomb is not None and ev.position.is_older_than(tomb)
+
+    def _truncated_later(self, ev: ChangeEvent) -> bool:
+        """The table was truncated after `ev` was committed (an event without an LSN cannot tell: never)."""
+        at = self._truncated_at.get(ev.table)
+        return at is not None and ev.position.is_older_than(at)
 
     def apply(self, events: Sequence[ChangeEvent]) -> ApplyStats:
         """Apply the batch; returns once the store has acknowledged every write."""
         stats = ApplyStats(events=len(events))
+        self._learn_truncates(stats)
         for part in coalesce(events):
             if isinstance(part, ChangeEvent):
                 self._truncate(part, stats)
             else:
                 self._apply_rows(part, stats)
+        # A truncate another worker recorded while this batch was being written may have missed rows this batch
+        # wrote from before it: learning it now deletes them before the batch's offsets are committed.
+        self._learn_truncates(stats)
         return stats
 
+    def _learn_truncates(self, stats: ApplyStats) -> None:
+        """Take in truncates other workers (or this one before a restart) recorded, and apply them here."""
+        if self.truncations is None:
+            return
+        for table, position in self.truncations.positions().items():
+            known = self._truncated_at.get(table)
+            if known is None or known < position:
+                self._truncated_at[table] = position
+                stats.deleted_points += self._delete_before(table, position)
+
     def _truncate(self, ev: ChangeEvent, stats: ApplyStats) -> None:
-        if self._remembering:
-            with self._tomb_lock:
-                if self._remembering:
-                    self._truncated[ev.table] = ev.position
-        before = self.index.count({"table": ev.table})
-        self.index.delete_where({"table": ev.table})
-        stats.deleted_points += before
+        known = self._truncated_at.get(ev.table)
+        if known is None or known < ev.position:
+            if self.truncations is not None:
+                self.truncations.record(ev.table, ev.position)  # first: other workers refuse older events from now
+            self._truncated_at[ev.table] = ev.position
+        stats.deleted_points += self._delete_before(ev.table, ev.position)
         stats.tables_truncated += 1
         stats.applied.append(ev)
+
+    def _delete_before(self, table: str, position: SourcePosition) -> int:
+        """Delete the table's points written from before `position`; how many there were. Points of rows
+        committed after the truncate, which another partition may have delivered first, stay."""
+        flt: Filter = {"table": table, "lsn": Range(lt=position.lsn)} if position.lsn else {"table": table}
+        before = self.index.count(flt)
+        if before:
+            self.index.delete_where(flt)
+        return before
 
     def _apply_rows(self, events: Sequence[ChangeEvent], stats: ApplyStats) -> None:
         known = []
@@ -181,6 +212,9 @@ class IndexWriter:
             pos = _stored_position(have)
             if pos is not None and (ev.position.is_older_than(pos) or _earlier_in_topic(ev, have, pos)):
                 stats.stale += 1  # invariant 3: never let an older event overwrite a newer state
+                continue
+            if self._truncated_later(ev):
+                stats.stale += 1  # from before its table's truncate, delivered late by another partition
                 continue
             if not have and self._remembering and self._deleted_later(ev, rk):
                 stats.stale += 1  # a repair's snapshot state of a row the stream has deleted since

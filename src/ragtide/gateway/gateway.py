@@ -1,5 +1,6 @@
 """The gateway in front of the data endpoints: who is calling (API key → tenant), may they (token bucket per
-key, token quota per tenant per UTC day), and what it cost (charged after the work, from real token counts).
+key, shared by every replica through the store; token quota per tenant per UTC day), and what it cost (charged
+after the work, from real token counts).
 
 Answers are HTTP errors with reasons: 401 (no or unknown or revoked key), 403 (admin only), 429 with
 `Retry-After` (rate or quota). Every admitted request gets rate and quota headers. The check at start-up
@@ -9,6 +10,7 @@ refuses a prod configuration without a real admin key, and dev mode on a non-loo
 from __future__ import annotations
 
 import hmac
+import logging
 import math
 import threading
 import time
@@ -21,8 +23,10 @@ from fastapi import HTTPException
 
 from ragtide.contracts.errors import ConfigError
 from ragtide.contracts.settings import GatewaySettings, RagtideSettings
-from ragtide.gateway.store import ApiKey, GatewayStore, key_id_of, matches
+from ragtide.gateway.store import ApiKey, GatewayStore, TokenBucket, key_id_of, matches, take_from
 from ragtide.stack.process import is_loopback
+
+log = logging.getLogger(__name__)
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -77,25 +81,6 @@ class Caller:
         return self.tenant if self.tenant is not None else ("admin" if self.admin else "anonymous")
 
 
-class TokenBucket:
-    """`rate` tokens per second, at most `capacity`; `take()` says how long to wait when empty."""
-
-    def __init__(self, rate: float, capacity: int, now: float) -> None:
-        self.rate = rate
-        self.capacity = capacity
-        self.tokens = float(capacity)
-        self.at = now
-
-    def take(self, now: float) -> float:
-        """0.0 when a token was taken, else the seconds until one will be there."""
-        self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.rate
-
-
 def seconds_to_midnight(now: datetime) -> int:
     """Until the quota day (UTC) rolls over."""
     tomorrow = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), UTC)
@@ -130,7 +115,8 @@ class Gateway:
         self.wall = wall
         self._lock = threading.Lock()
         self._keys: dict[str, tuple[ApiKey | None, float]] = {}
-        self._buckets: dict[str, TokenBucket] = {}
+        self._buckets: dict[str, TokenBucket] = {}  # only while the store cannot be reached
+        self.local_rate_limits = 0  # decisions taken from them
         self._quotas: dict[str, tuple[int | None, float]] = {}
         self._used: dict[tuple[str, date], int] = {}
 
@@ -197,14 +183,7 @@ class Gateway:
         headers: dict[str, str] = {}
         rate = caller.rate_per_s or self.settings.rate_per_s  # authenticate() read the key's record already
         burst = caller.burst or self.settings.burst
-        bucket_key = caller.key_id or caller.tenant
-        now = self.monotonic()
-        with self._lock:
-            bucket = self._buckets.get(bucket_key)
-            if bucket is None or bucket.rate != rate or bucket.capacity != burst:
-                bucket = self._buckets[bucket_key] = TokenBucket(rate, burst, now)
-            wait = bucket.take(now)
-            remaining = int(bucket.tokens)
+        wait, remaining = self._take(caller.key_id or caller.tenant, rate, burst)
         headers["X-RateLimit-Limit"] = f"{burst}, {burst};w={burst / rate:g}"
         headers["X-RateLimit-Remaining"] = str(remaining)
         if wait > 0:
@@ -223,6 +202,18 @@ class Gateway:
                 headers={**headers, "Retry-After": headers["X-Quota-Reset"]},
             )
         return headers
+
+    def _take(self, bucket: str, rate: float, burst: int) -> tuple[float, int]:
+        """From the store's bucket, shared by every replica; if the store is down, from this process' own (the
+        limit then holds per replica) rather than refusing every request or admitting them all."""
+        if self.store is not None:
+            try:
+                return self.store.take_token(bucket, rate, burst)
+            except Exception as exc:
+                self.local_rate_limits += 1
+                log.warning("rate limit store unavailable; limiting per process", extra={"error": repr(exc)})
+        with self._lock:
+            return take_from(self._buckets, bucket, rate, burst, self.monotonic())
 
     def quota_headers(self, caller: Caller) -> dict[str, str]:
         """Limit, remaining and seconds to reset of the caller's tenant quota."""

@@ -1,8 +1,13 @@
-"""Where the gateway keeps its state: API keys (hashed), tenant quotas and daily usage.
+"""Where the gateway keeps its state: API keys (hashed), tenant quotas, daily usage and the rate-limit buckets.
 
 `GatewayStore` is the seam; `PostgresGatewayStore` keeps everything in the source database's
 `ragtide_gateway` schema (outside Debezium's filtered publication), so keys and counters survive restarts and
 are shared by every replica; `MemoryGatewayStore` is the test double.
+
+Rate limits are shared too: with N API replicas behind a load balancer, per-process buckets would let a key
+through at N times its rate. The Postgres store keeps one GCRA state per key (the "theoretical arrival time",
+one float) and takes a token with a single upsert on Postgres' clock, so replicas agree without a clock of
+their own; it is the token bucket's arithmetic without a refill step.
 
 A key reads `rtk_<id>_<secret>`: the id is public (listed, revoked by), the secret is 256 random bits, and only
 the SHA-256 of the whole key is stored. Keys are high-entropy random strings, so a fast hash is the right one
@@ -13,15 +18,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 import secrets
-import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 from typing import Any, Protocol
 
-import psycopg
-from psycopg.rows import dict_row
+from ragtide.contracts.pg import SerialConnection
 
 KEY_PATTERN = re.compile(r"^rtk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
@@ -74,8 +80,27 @@ def matches(record: ApiKey, key: str) -> bool:
     return hmac.compare_digest(record.digest, digest(key))
 
 
+class TokenBucket:
+    """`rate` tokens per second, at most `capacity`; `take()` says how long to wait when empty."""
+
+    def __init__(self, rate: float, capacity: int, now: float) -> None:
+        self.rate = rate
+        self.capacity = capacity
+        self.tokens = float(capacity)
+        self.at = now
+
+    def take(self, now: float) -> float:
+        """0.0 when a token was taken, else the seconds until one will be there."""
+        self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
 class GatewayStore(Protocol):
-    """Keys, quotas and usage."""
+    """Keys, quotas, usage and rate-limit buckets."""
 
     def add_key(self, record: ApiKey) -> None:
         """Store a new key record."""
@@ -109,6 +134,11 @@ class GatewayStore(Protocol):
         """Tokens used by the tenant on that day."""
         ...
 
+    def take_token(self, bucket: str, rate_per_s: float, burst: int) -> tuple[float, int]:
+        """Take one request from `bucket` (shared by every replica): (0.0, tokens left), or (seconds until one
+        is there, 0) when it is empty."""
+        ...
+
 
 SCHEMA_DDL = [
     "CREATE SCHEMA IF NOT EXISTS ragtide_gateway",
@@ -122,7 +152,18 @@ SCHEMA_DDL = [
     """CREATE TABLE IF NOT EXISTS ragtide_gateway.usage (
          tenant text NOT NULL, day date NOT NULL, tokens bigint NOT NULL DEFAULT 0,
          requests bigint NOT NULL DEFAULT 0, PRIMARY KEY (tenant, day))""",
+    # GCRA: tat = when the bucket will be full again (epoch seconds, Postgres' clock)
+    "CREATE TABLE IF NOT EXISTS ragtide_gateway.rate_limits (bucket text PRIMARY KEY, tat double precision NOT NULL)",
 ]
+
+_NOW = "extract(epoch FROM statement_timestamp())::float8"  # one instant for the whole statement
+# Admit when the new tat is at most `burst` emission intervals ahead of now; a refused request changes nothing.
+_TAKE_TOKEN = f"""
+INSERT INTO ragtide_gateway.rate_limits AS r (bucket, tat) VALUES (%(bucket)s, {_NOW} + %(t)s)
+ON CONFLICT (bucket) DO UPDATE SET tat = greatest(r.tat, {_NOW}) + %(t)s
+  WHERE greatest(r.tat, {_NOW}) + %(t)s - {_NOW} <= %(tau)s
+RETURNING r.tat - {_NOW} AS ahead"""
+_AHEAD = f"SELECT tat - {_NOW} AS ahead FROM ragtide_gateway.rate_limits WHERE bucket = %s"
 
 
 def _record(row: dict[str, Any]) -> ApiKey:
@@ -139,31 +180,18 @@ def _record(row: dict[str, Any]) -> ApiKey:
 
 
 class PostgresGatewayStore:
-    """The real store: one small connection, serialised (every statement is a single indexed row)."""
+    """The real store: one small serialised connection (every statement is a single indexed row)."""
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
-        self._lock = threading.Lock()
-        self._conn: psycopg.Connection[dict[str, Any]] | None = None
+        self._db = SerialConnection(dsn, setup=SCHEMA_DDL)
 
     def _run(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
-        with self._lock:
-            for attempt in (1, 2):  # one reconnect: Postgres may have restarted
-                try:
-                    if self._conn is None or self._conn.closed:
-                        self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5, row_factory=dict_row)
-                    cur = self._conn.execute(sql, params)
-                    return cur.fetchall() if cur.description else []
-                except psycopg.OperationalError:
-                    self._conn = None
-                    if attempt == 2:
-                        raise
-            raise AssertionError("unreachable")
+        return self._db.run(sql, params)
 
     def migrate(self) -> None:
-        """Create the schema and tables (idempotent)."""
-        for ddl in SCHEMA_DDL:
-            self._run(ddl)
+        """Create the schema and tables now (they are also created before the store's first statement)."""
+        self._run("SELECT 1")
 
     def add_key(self, record: ApiKey) -> None:
         """Insert."""
@@ -226,21 +254,31 @@ class PostgresGatewayStore:
         rows = self._run("SELECT tokens FROM ragtide_gateway.usage WHERE tenant = %s AND day = %s", (tenant, day))
         return int(rows[0]["tokens"]) if rows else 0
 
+    def take_token(self, bucket: str, rate_per_s: float, burst: int) -> tuple[float, int]:
+        """One upsert when admitted; a second read of the state only to say how long a refused caller waits."""
+        t = 1.0 / rate_per_s
+        tau = burst * t
+        rows = self._run(_TAKE_TOKEN, {"bucket": bucket, "t": t, "tau": tau})
+        if rows:
+            return 0.0, max(0, math.floor((tau - rows[0]["ahead"]) / t + 1e-9))
+        rows = self._run(_AHEAD, (bucket,))
+        ahead = rows[0]["ahead"] if rows else 0.0
+        return max(ahead + t - tau, 1e-3), 0
+
     def close(self) -> None:
         """Close the connection."""
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        self._db.close()
 
 
 class MemoryGatewayStore:
-    """Test double with the same behaviour."""
+    """Test double with the same behaviour (share one between gateways to act as replicas)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self.keys: dict[str, ApiKey] = {}
         self.quotas: dict[str, int] = {}
         self.used: dict[tuple[str, date], int] = {}
+        self.buckets: dict[str, TokenBucket] = {}
 
     def add_key(self, record: ApiKey) -> None:
         """Insert (ids are unique)."""
@@ -283,3 +321,15 @@ class MemoryGatewayStore:
     def usage(self, tenant: str, day: date) -> int:
         """The day's tokens."""
         return self.used.get((tenant, day), 0)
+
+    def take_token(self, bucket: str, rate_per_s: float, burst: int) -> tuple[float, int]:
+        """A token bucket per name."""
+        return take_from(self.buckets, bucket, rate_per_s, burst, self.clock())
+
+
+def take_from(buckets: dict[str, TokenBucket], name: str, rate: float, burst: int, now: float) -> tuple[float, int]:
+    """Take from the named bucket (new, or changed limits: a full one): (wait, tokens left)."""
+    b = buckets.get(name)
+    if b is None or b.rate != rate or b.capacity != burst:
+        b = buckets[name] = TokenBucket(rate, burst, now)
+    return b.take(now), int(b.tokens)

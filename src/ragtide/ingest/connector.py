@@ -52,8 +52,11 @@ def source_topics(settings: RagtideSettings, sources: SourcesConfig) -> list[str
 TOPIC_ALREADY_EXISTS = 36  # Kafka's error code: Debezium (or another node) created it first
 
 
-async def ensure_topics(settings: RagtideSettings, topics: Sequence[str], wait_s: float = 30.0) -> list[str]:
-    """Create the source topics that do not exist yet, with Debezium's partition count; returns those created.
+async def ensure_topics(
+    settings: RagtideSettings, topics: Sequence[str], wait_s: float = 30.0, partitions: int | None = None
+) -> list[str]:
+    """Create the source topics that do not exist yet, with Debezium's partition count (or `partitions`); returns
+    those created.
 
     A table that is empty when Debezium snapshots it gets no topic until its first change. A consumer that
     subscribes before then is assigned none of its partitions ("Ignoring missing topic") and finds the topic
@@ -62,13 +65,15 @@ async def ensure_topics(settings: RagtideSettings, topics: Sequence[str], wait_s
     at that refresh.
     """
     try:
-        return await asyncio.wait_for(_create_missing(settings, topics), wait_s)
+        return await asyncio.wait_for(
+            _create_missing(settings, topics, partitions or settings.kafka.partitions), wait_s
+        )
     except Exception as exc:
         log.warning("could not create the missing source topics", extra={"error": repr(exc)})
         return []
 
 
-async def _create_missing(settings: RagtideSettings, topics: Sequence[str]) -> list[str]:
+async def _create_missing(settings: RagtideSettings, topics: Sequence[str], partitions: int) -> list[str]:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap)
@@ -77,7 +82,7 @@ async def _create_missing(settings: RagtideSettings, topics: Sequence[str]) -> l
         missing = sorted(set(topics) - set(await admin.list_topics()))
         if not missing:
             return []
-        response = await admin.create_topics([NewTopic(t, settings.kafka.partitions, 1) for t in missing])
+        response = await admin.create_topics([NewTopic(t, partitions, 1) for t in missing])
         for name, code, *_ in response.topic_errors:
             if code not in (0, TOPIC_ALREADY_EXISTS):
                 raise RuntimeError(f"creating topic {name} failed with Kafka error code {code}")
@@ -138,6 +143,11 @@ def _rows_in_source(dsn: str, table: str) -> bool:
 
 
 async def _topic_has_records(bootstrap: str, topic: str) -> bool:
+    return sum((await topic_end_offsets(bootstrap, topic)).values()) > 0
+
+
+async def topic_end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    """Partition -> end offset of `topic` (empty when it does not exist)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
     from aiokafka.admin import AIOKafkaAdminClient
 
@@ -145,16 +155,17 @@ async def _topic_has_records(bootstrap: str, topic: str) -> bool:
     await admin.start()
     try:
         if topic not in await admin.list_topics():
-            return False
+            return {}
         described = await admin.describe_topics([topic])
     finally:
         await admin.close()
     parts = [TopicPartition(topic, int(p["partition"])) for d in described for p in d.get("partitions", [])]
+    if not parts:
+        return {}
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
-        ends = await consumer.end_offsets(parts) if parts else {}
-        return bool(sum(ends.values()) > 0)
+        return {tp.partition: int(end) for tp, end in (await consumer.end_offsets(parts)).items()}
     finally:
         await consumer.stop()
 

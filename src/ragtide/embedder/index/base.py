@@ -1,7 +1,8 @@
 """The VectorIndex protocol and the value types that cross it.
 
-Filters are plain dicts: payload path -> value (equality) or list of values (any of). That is all the
-services need, and it maps one-to-one onto Qdrant's `must` + MatchValue / MatchAny in every backend.
+Filters are plain dicts: payload path -> value (equality), list of values (any of) or `Range` (a numeric
+interval). That is all the services need, and it maps one-to-one onto Qdrant's `must` + MatchValue / MatchAny /
+Range in every backend.
 """
 
 from __future__ import annotations
@@ -15,9 +16,29 @@ import numpy.typing as npt
 
 from ragtide.embedder.encoder import Encoder
 
-FilterValue = str | int | bool | Sequence[str] | Sequence[int]
+
+@dataclass(frozen=True, slots=True)
+class Range:
+    """A numeric interval condition, `gte <= value < lt` (a bound left None is open). Qdrant compares as
+    float64: integers are exact up to 2**53 (a WAL position of 8 PiB)."""
+
+    gte: float | None = None
+    lt: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.gte is None and self.lt is None:
+            raise ValueError("Range needs at least one bound")
+
+    def holds(self, value: Any) -> bool:
+        """Whether a payload value lies in the interval (non-numbers never do)."""
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        return (self.gte is None or value >= self.gte) and (self.lt is None or value < self.lt)
+
+
+FilterValue = str | int | bool | Sequence[str] | Sequence[int] | Range
 Filter = Mapping[str, FilterValue]
-NormalValue = str | int | bool | list[str | int]
+NormalValue = str | int | bool | list[str | int] | Range
 
 # Payload fields with a keyword index: finding every chunk of a row or table, and tenant separation.
 KEYWORD_FIELDS = ("row_key", "table")
@@ -109,12 +130,14 @@ def normalise_filter(flt: Filter | None) -> list[tuple[str, NormalValue]]:
         return []
     out: list[tuple[str, NormalValue]] = []
     for key, value in sorted(flt.items()):
-        if isinstance(value, str | int | bool):
+        if isinstance(value, str | int | bool | Range):
             out.append((key, value))
         elif isinstance(value, Sequence) and value and all(isinstance(v, str | int) for v in value):
             out.append((key, [v for v in value if isinstance(v, str | int)]))
         else:
-            raise ValueError(f"filter value for {key!r} must be a string, number, boolean or non-empty list of them")
+            raise ValueError(
+                f"filter value for {key!r} must be a string, number, boolean, Range or non-empty list of them"
+            )
     return out
 
 

@@ -22,6 +22,7 @@ from ragtide.embedder.index.base import (
     Filter,
     Hit,
     IndexPoint,
+    Range,
     StoredPoint,
     normalise_filter,
     scroll_pages,
@@ -32,6 +33,9 @@ def to_edge_filter(flt: Filter | None) -> qe.Filter | None:
     """Our dict filter as a qdrant-edge Filter."""
     conds: list[Any] = []
     for key, value in normalise_filter(flt):
+        if isinstance(value, Range):
+            conds.append(qe.FieldCondition(key=key, range=qe.RangeFloat(gte=value.gte, lt=value.lt)))
+            continue
         match = qe.MatchAny(value) if isinstance(value, list) else qe.MatchValue(value)  # type: ignore[arg-type]
         conds.append(qe.FieldCondition(key=key, match=match))
     return qe.Filter(must=conds) if conds else None

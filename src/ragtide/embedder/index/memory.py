@@ -8,7 +8,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ragtide.embedder.index.base import Filter, Hit, IndexPoint, NormalValue, StoredPoint, normalise_filter
+from ragtide.embedder.index.base import (
+    Filter,
+    Hit,
+    IndexPoint,
+    NormalValue,
+    Range,
+    StoredPoint,
+    normalise_filter,
+)
 
 
 def _get(payload: Mapping[str, Any], path: str) -> Any:
@@ -25,6 +33,10 @@ def matches(payload: Mapping[str, Any], conds: Sequence[tuple[str, NormalValue]]
     for key, want in conds:
         have = _get(payload, key)
         values = have if isinstance(have, list) else [have]
+        if isinstance(want, Range):
+            if not any(want.holds(v) for v in values):
+                return False
+            continue
         wanted = want if isinstance(want, list) else [want]
         if not any(v in wanted for v in values):
             return False

@@ -17,6 +17,7 @@ from ragtide.embedder.index.base import (
     Filter,
     Hit,
     IndexPoint,
+    Range,
     StoredPoint,
     normalise_filter,
     scroll_pages,
@@ -27,6 +28,9 @@ def to_client_filter(flt: Filter | None) -> models.Filter | None:
     """Our dict filter as a qdrant-client Filter."""
     conds: list[models.Condition] = []
     for key, value in normalise_filter(flt):
+        if isinstance(value, Range):
+            conds.append(models.FieldCondition(key=key, range=models.Range(gte=value.gte, lt=value.lt)))
+            continue
         match: models.MatchAny | models.MatchValue = (
             models.MatchAny(any=list(value)) if isinstance(value, list) else models.MatchValue(value=value)
         )

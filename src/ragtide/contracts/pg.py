@@ -1,0 +1,51 @@
+"""One small Postgres connection for a service's own bookkeeping (gateway keys and usage, truncate positions):
+serialised by a lock, autocommit, and reopened once when Postgres restarted under it. Every statement these
+callers run touches a single indexed row, so one connection is all they need."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+
+class SerialConnection:
+    """`run(sql, params)` -> the rows as dicts ([] for statements that return none). `setup` (idempotent DDL:
+    the caller's schema) runs once, before the first statement, so an upgrade finds its new tables."""
+
+    def __init__(self, dsn: str, setup: Sequence[str] = (), connect_timeout: int = 5) -> None:
+        self.dsn = dsn
+        self.connect_timeout = connect_timeout
+        self._setup = list(setup)
+        self._lock = threading.Lock()
+        self._conn: psycopg.Connection[dict[str, Any]] | None = None
+
+    def run(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
+        """Execute one statement; raises psycopg.OperationalError when Postgres stays unreachable."""
+        with self._lock:
+            for attempt in (1, 2):  # one reconnect: Postgres may have restarted
+                try:
+                    if self._conn is None or self._conn.closed:
+                        self._conn = psycopg.connect(
+                            self.dsn, autocommit=True, connect_timeout=self.connect_timeout, row_factory=dict_row
+                        )
+                    while self._setup:
+                        self._conn.execute(self._setup[0])
+                        self._setup.pop(0)
+                    cur = self._conn.execute(sql, params)
+                    return cur.fetchall() if cur.description else []
+                except psycopg.OperationalError:
+                    self._conn = None
+                    if attempt == 2:
+                        raise
+            raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        """Close the connection (the next `run` opens a new one)."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
