@@ -292,11 +292,13 @@ def retriever() -> None:
 
 @app.command()
 def embedder() -> None:
-    """Run the Faust embedder alone (with QDRANT_URL the retriever is its own process); /metrics on the API port."""
+    """Run the Faust embedder alone (with QDRANT_URL the retriever is its own process); /metrics and /healthz (is
+    the consumer making progress?) on the API port."""
     import faust
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import CollectorRegistry
 
     from ragtide.contracts.freshness import FreshnessTracker
+    from ragtide.embedder.liveness import Watchdog, health_app, serve_health
     from ragtide.ingest.connector import ensure_topics, source_topics
     from ragtide.ingest.sources import load_sources
     from ragtide.node import build_embedder, build_encoder, build_lifecycle, open_generations
@@ -310,7 +312,8 @@ def embedder() -> None:
     encoder = build_encoder(s)
     generations, snapshot = open_generations(s, encoder, sources, registry)
     cache = build_cache(s, registry, encoder.dim, sole_writer=False)  # the retrievers store, we invalidate
-    worker_app = build_embedder(s, generations, sources, registry, tracker, cache)
+    watchdog = Watchdog(s.batch.stall_s)
+    worker_app = build_embedder(s, generations, sources, registry, tracker, cache, watchdog)
 
     @worker_app.task  # type: ignore[untyped-decorator]
     async def builds() -> None:  # the blue/green switch is the embedder's job: it owns the writes
@@ -318,7 +321,7 @@ def embedder() -> None:
             await asyncio.Event().wait()
 
     asyncio.run(ensure_topics(s, source_topics(s, sources)))  # before the consumer subscribes
-    start_http_server(s.api.port, addr=s.api.host, registry=registry)
+    serve_health(health_app(registry, watchdog), s.api.host, s.api.port)
     faust.Worker(worker_app, loglevel=s.log_level).execute_from_commandline()
 
 

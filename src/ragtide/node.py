@@ -38,6 +38,7 @@ from ragtide.embedder.generations import (
     verify_generation,
 )
 from ragtide.embedder.index.factory import open_index
+from ragtide.embedder.liveness import Watchdog
 from ragtide.embedder.metrics import EmbedderMetrics
 from ragtide.embedder.progress import BackfillMonitor, source_counts
 from ragtide.embedder.truncations import PostgresTruncateLog, TruncateLog
@@ -138,12 +139,15 @@ def build_embedder(
     registry: CollectorRegistry,
     tracker: FreshnessTracker | None = None,
     cache: SemanticCache | None = None,
+    watchdog: Watchdog | None = None,
 ) -> faust.App:
-    """The Faust app of the embedder, writing to every open generation (and invalidating cached answers)."""
+    """The Faust app of the embedder, writing to every open generation (and invalidating cached answers), its
+    progress checked against Kafka's offsets (a watchdog of its own unless one is given)."""
     applier = InvalidatingApplier(generations, cache) if cache is not None else generations
     processor = BatchProcessor(applier, EmbedderMetrics(registry), settings.connect.topic_prefix, tracker)
     on_gpu = bool(getattr(generations.live.encoder, "cuda", False))  # the engine on CUDA takes bigger batches
-    return create_worker_app(settings, processor, source_topics(settings, sources), on_gpu)
+    watchdog = watchdog or Watchdog(settings.batch.stall_s)
+    return create_worker_app(settings, processor, source_topics(settings, sources), on_gpu, watchdog)
 
 
 @contextlib.asynccontextmanager

@@ -9,7 +9,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from ragtide.embedder.dlq import list_dead_letters, replay_dead_letters
-from tests.e2e.conftest import LiveStack, poll
+from tests.e2e.conftest import SCRATCH_PARTITIONS, LiveStack, poll
 
 
 def insert(live: LiveStack, row_id: str, title: str, body: str, topic: str, category: str = "e2e") -> None:
@@ -154,3 +154,15 @@ def httpx_post(live: LiveStack, body: dict[str, Any]) -> Any:
     import httpx
 
     return httpx.post(f"{live.settings.api.url}/v1/search", json=body, timeout=30)
+
+
+def test_the_embedder_checks_its_progress_against_kafkas_own_offsets(live: LiveStack) -> None:
+    """The liveness watchdog reads the end and committed offsets of the node's partitions from Kafka (clients of
+    its own) on a timer; a worker that keeps up is never reported stalled."""
+    before = live.metric("ragtide_embedder_liveness_checks_total")
+    poll(lambda: live.metric("ragtide_embedder_liveness_checks_total") >= before + 2, "two more liveness checks")
+    assert live.metric("ragtide_embedder_stalled") == 0
+    assert live.metric("ragtide_embedder_partitions") >= 1 + SCRATCH_PARTITIONS  # the docs topic, the scratch one
+    assert live.metric("ragtide_embedder_backlog_records") >= 0
+    logs = (live.settings.data_dir / "logs" / "node.log").read_text()
+    assert "liveness check could not read" not in logs  # the checks read real offsets, not errors

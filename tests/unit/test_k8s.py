@@ -301,7 +301,8 @@ def stack_problems(objs: list[Obj]) -> list[str]:
 
 
 def probe_problems(objs: list[Obj]) -> list[str]:
-    """The retriever's probes ask routes the app has, on its API port; readiness leaves the canary out."""
+    """The retriever's probes ask routes the app has, on its API port; readiness leaves the canary out. The
+    embedder's ask its /healthz."""
     w = find(objs, "Deployment", "retriever")
     c = container(w)
     port = int(container_env(objs, c)["RAGTIDE_API__PORT"])
@@ -326,6 +327,11 @@ def probe_problems(objs: list[Obj]) -> list[str]:
             problems.append(f"retriever: {kind} asks {get['path']}, not a route of the app")
     if c["readinessProbe"]["httpGet"]["path"] != "/readyz?freshness=false":
         problems.append("retriever: readiness must leave the canary out (/readyz?freshness=false)")
+    e = find(objs, "Deployment", "embedder")  # `ragtide embedder` serves /healthz and /metrics on the API port
+    for kind in ("startupProbe", "livenessProbe"):
+        get = container(e).get(kind, {}).get("httpGet", {})
+        if get.get("path") != "/healthz" or container_ports(e).get(get.get("port")) != port:
+            problems.append(f"embedder: {kind} must ask /healthz on port {port}")
     return problems
 
 
@@ -483,7 +489,7 @@ def test_postgres_kafka_and_connect_run_as_compose_runs_them(base: list[Obj]) ->
     assert any("ADVERTISED_HOST_NAME" in p for p in stack_problems(fixed_host))
 
 
-def test_retriever_probes_ask_real_routes(base: list[Obj]) -> None:
+def test_probes_ask_real_routes(base: list[Obj]) -> None:
     def probe(kind: str, path: str) -> Callable[[list[Obj]], object]:
         return edit("Deployment", "retriever", lambda d: container(d)[kind]["httpGet"].update(path=path))
 
@@ -494,6 +500,10 @@ def test_retriever_probes_ask_real_routes(base: list[Obj]) -> None:
     assert probe_problems(mutated(base, probe("livenessProbe", "/healthz?deep=true")))
     other_port = mutated(base, set_env("Deployment", "retriever", "RAGTIDE_API__PORT", "9000"))
     assert any("the API is on 9000" in p for p in probe_problems(other_port))
+    no_liveness = edit("Deployment", "embedder", lambda d: container(d).pop("livenessProbe"))
+    assert "embedder: livenessProbe must ask /healthz on port 8000" in probe_problems(mutated(base, no_liveness))
+    wrong = edit("Deployment", "embedder", lambda d: container(d)["startupProbe"]["httpGet"].update(path="/metrics"))
+    assert "embedder: startupProbe must ask /healthz on port 8000" in probe_problems(mutated(base, wrong))
 
 
 def test_scale_out_follows_kafka(base: list[Obj]) -> None:

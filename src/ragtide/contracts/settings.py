@@ -204,6 +204,12 @@ class BatchSettings(_Section):
         "fills batches: big ones keep a GPU busy, small ones keep a CPU's batches short)",
     )
     window_ms: int = Field(30, ge=1)
+    stall_s: float = Field(
+        120.0,
+        gt=0,
+        description="the embedder's /healthz fails when records have waited this long on one of its partitions "
+        "with no commit (a stuck consumer), or when its checks stopped (a blocked event loop)",
+    )
 
     def events_per_batch(self, on_gpu: bool) -> int:
         """`max_events`, or the default for where the encoder runs."""

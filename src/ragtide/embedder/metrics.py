@@ -55,3 +55,19 @@ class EmbedderMetrics:
             ["topic", "partition"],
             registry=registry,
         )
+        self.stalled = Gauge(
+            "ragtide_embedder_stalled", "1 while /healthz says the consumer is stalled or blocked", registry=registry
+        )
+        self.liveness_checks = Counter(
+            "ragtide_embedder_liveness_checks_total", "progress checks against Kafka's offsets", registry=registry
+        )
+        self.partitions = Gauge(
+            "ragtide_embedder_partitions",
+            "source partitions assigned to this worker (at the last check)",
+            registry=registry,
+        )
+        self.backlog = Gauge(
+            "ragtide_embedder_backlog_records",
+            "records not yet committed on this worker's partitions, as Kafka itself reports them",
+            registry=registry,
+        )

@@ -20,6 +20,7 @@ from ragtide.contracts.errors import DecodeError, StoreUnavailable
 from ragtide.contracts.events import ChangeEvent
 from ragtide.contracts.freshness import ChangeTiming, FreshnessTracker
 from ragtide.contracts.settings import RagtideSettings
+from ragtide.embedder.liveness import KafkaOffsets, Watchdog
 from ragtide.embedder.metrics import EmbedderMetrics
 from ragtide.embedder.writer import ApplyStats
 from ragtide.ingest.decode import decode, table_of_topic
@@ -72,6 +73,7 @@ class BatchProcessor:
         self.topic_prefix = topic_prefix
         self.tracker = tracker
         self.dequeued_ms = 0  # when the batch being applied left Kafka
+        self.retrying = False  # a store is down and the batch waits for it (alive, not stuck)
 
     def decode_all(self, records: Sequence[Any]) -> tuple[list[ChangeEvent], list[Poison]]:
         """Decode Kafka messages (anything with topic/partition/offset/key/value/timestamp)."""
@@ -103,9 +105,11 @@ class BatchProcessor:
         while True:
             try:
                 stats = await asyncio.to_thread(self.writer.apply, events)
+                self.retrying = False
                 self._record(stats)
                 return []
             except Exception as exc:
+                self.retrying = False
                 if not is_transient(exc):
                     log.warning("batch failed; retrying row by row", extra={"error": repr(exc), "events": len(events)})
                     return await self._apply_one_by_one(events, stopping)
@@ -118,6 +122,7 @@ class BatchProcessor:
                 )
                 if stopping.is_set():
                     raise
+                self.retrying = True
                 await asyncio.sleep(delay)
 
     async def _apply_one_by_one(
@@ -194,9 +199,14 @@ def record_lag(app: faust.App, metrics: EmbedderMetrics, messages: Sequence[Any]
 
 
 def create_worker_app(
-    settings: RagtideSettings, processor: BatchProcessor, topics: Sequence[str], on_gpu: bool = False
+    settings: RagtideSettings,
+    processor: BatchProcessor,
+    topics: Sequence[str],
+    on_gpu: bool = False,
+    watchdog: Watchdog | None = None,
 ) -> faust.App:
-    """The Faust app: one agent over every source topic, a dead-letter topic, manual acks."""
+    """The Faust app: one agent over every source topic, a dead-letter topic, manual acks; with a watchdog, a
+    timer that checks the consumer's progress against Kafka's own offsets (liveness.py)."""
     app = faust.App(
         "ragtide-embedder",
         broker=f"kafka://{settings.kafka.bootstrap}",
@@ -260,4 +270,34 @@ def create_worker_app(
                 await stream.ack(e)
             record_lag(app, processor.metrics, messages)
 
+    if watchdog is not None:
+        watch(app, watchdog, processor, KafkaOffsets(settings.kafka.bootstrap, app.conf.id))
     return app
+
+
+def watch(app: faust.App, watchdog: Watchdog, processor: BatchProcessor, offsets: KafkaOffsets) -> None:
+    """Check progress every quarter of the stall limit (at most every 15 s)."""
+    watchdog.retrying = lambda: processor.retrying
+    metrics = processor.metrics
+
+    @app.timer(interval=min(15.0, watchdog.stall_s / 4))  # type: ignore[untyped-decorator]
+    async def check_progress() -> None:
+        assigned = sorted((tp.topic, tp.partition) for tp in app.consumer.assignment())
+        try:
+            watchdog.observe(await offsets.read(assigned))
+        except Exception as exc:
+            watchdog.unknown(exc)
+        verdict = watchdog.verdict()
+        metrics.liveness_checks.inc()
+        metrics.partitions.set(len(assigned))
+        metrics.stalled.set(0 if verdict.ok else 1)
+        metrics.backlog.set(verdict.backlog)
+        if not verdict.ok:
+            log.error("embedder not making progress", extra=verdict.as_dict())
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def close_offsets() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await offsets.close()

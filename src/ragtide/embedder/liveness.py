@@ -1,0 +1,187 @@
+"""Is the embedder making progress? Its liveness, for an orchestrator that restarts a stuck worker.
+
+A process can be up while its consumer does nothing: faust-streaming has open reports of consumers that stop
+after a task timeout (#532), and a blocked event loop stops everything. The consumer's own view cannot tell (a
+stuck fetcher also stops updating its high-water marks), so a Faust timer asks Kafka itself, with clients of its
+own: for each partition assigned to this worker, the end offset and the group's committed offset.
+
+The verdict (`Watchdog.verdict`) is "stalled" when records have been waiting on an assigned partition for
+`stall_s` with no commit on it, and "blocked" when the timer itself has not run for `stall_s` (the event loop is
+not turning). A batch being retried because a store is down is neither: a restart would not bring the store
+back. Kafka unreachable is not either: the consumer cannot make progress, and a restart would not help.
+
+The standalone embedder serves the verdict at `/healthz` beside `/metrics` (`health_app`); every worker exports
+it as `ragtide_embedder_stalled` and `ragtide_embedder_backlog_records`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+
+if TYPE_CHECKING:
+    from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
+
+log = logging.getLogger(__name__)
+
+Offsets = Mapping[tuple[str, int], tuple[int, int]]  # (topic, partition) -> (end offset, committed offset)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What /healthz answers."""
+
+    ok: bool
+    reason: str
+    backlog: int = 0  # records waiting on the assigned partitions at the last check
+    waiting_s: float = 0.0  # how long they have waited with no commit
+    checked_s_ago: float | None = None
+    partitions: list[str] = field(default_factory=list)  # the assigned partitions with a backlog
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON body."""
+        return {
+            "ok": self.ok,
+            "reason": self.reason,
+            "backlog": self.backlog,
+            "waiting_s": round(self.waiting_s, 1),
+            "checked_s_ago": None if self.checked_s_ago is None else round(self.checked_s_ago, 1),
+            "partitions": self.partitions,
+        }
+
+
+class Watchdog:
+    """Fed by a timer with Kafka's offsets; thread-safe enough for a reader on another thread (whole-value
+    assignments only)."""
+
+    def __init__(self, stall_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stall_s = stall_s
+        self.clock = clock
+        self.retrying: Callable[[], bool] = lambda: False  # bound by the worker to its batch processor
+        self.checks = 0
+        self._checked_at: float | None = None
+        self._committed: dict[tuple[str, int], int] = {}
+        self._waiting_since: float | None = None  # backlog present and no commit since then
+        self._behind: dict[tuple[str, int], int] = {}
+
+    def observe(self, offsets: Offsets) -> None:
+        """A check's result: the assigned partitions' (end, committed) offsets."""
+        now = self.clock()
+        behind = {tp: max(0, end - committed) for tp, (end, committed) in offsets.items()}
+        moved = any(committed > self._committed.get(tp, -1) for tp, (_, committed) in offsets.items())
+        if not any(behind.values()):
+            self._waiting_since = None
+        elif moved or self._waiting_since is None:
+            self._waiting_since = now
+        self._committed = {tp: committed for tp, (_, committed) in offsets.items()}
+        self._behind = behind
+        self._checked_at = now
+        self.checks += 1
+
+    def unknown(self, exc: BaseException) -> None:
+        """A check that could not read Kafka: the loop turns, progress is unknown (not a stall)."""
+        log.warning("liveness check could not read Kafka's offsets", extra={"error": repr(exc)})
+        self._waiting_since = None
+        self._behind = {}
+        self._checked_at = self.clock()
+        self.checks += 1
+
+    def verdict(self) -> Verdict:
+        """Alive, stalled, or blocked."""
+        now = self.clock()
+        checked = None if self._checked_at is None else now - self._checked_at
+        backlog = sum(self._behind.values())
+        parts = [f"{t}/{p}" for (t, p), n in sorted(self._behind.items()) if n]
+        waiting = 0.0 if self._waiting_since is None else now - self._waiting_since
+        if checked is not None and checked > self.stall_s:
+            return Verdict(False, f"blocked: no liveness check for {checked:.0f} s", backlog, waiting, checked, parts)
+        if waiting > self.stall_s and self.retrying():
+            return Verdict(True, "waiting for a store: the batch is being retried", backlog, waiting, checked, parts)
+        if waiting > self.stall_s:
+            why = f"stalled: {backlog} records waiting on {', '.join(parts)} with no commit for {waiting:.0f} s"
+            return Verdict(False, why, backlog, waiting, checked, parts)
+        return Verdict(True, "starting" if checked is None else "ok", backlog, waiting, checked, parts)
+
+
+class KafkaOffsets:
+    """End offsets and a group's committed offsets, read with clients of its own (not the worker's consumer)."""
+
+    def __init__(self, bootstrap: str, group: str) -> None:
+        self.bootstrap = bootstrap
+        self.group = group
+        self._consumer: Any = None
+        self._admin: Any = None
+
+    async def read(self, partitions: Sequence[tuple[str, int]]) -> dict[tuple[str, int], tuple[int, int]]:
+        """(end, committed) per partition; a partition the group never committed counts from its first offset."""
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        if not partitions:
+            return {}
+        try:
+            if self._consumer is None:
+                self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+                await self._consumer.start()
+            if self._admin is None:
+                self._admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+                await self._admin.start()
+            tps = [TopicPartition(t, p) for t, p in partitions]
+            ends = await self._consumer.end_offsets(tps)
+            starts = await self._consumer.beginning_offsets(tps)
+            committed = await self._admin.list_consumer_group_offsets(self.group, partitions=tps)
+        except Exception:
+            await self.close()  # new clients at the next check
+            raise
+        done = {tp: meta.offset for tp, meta in committed.items() if meta.offset >= 0}
+        return {(tp.topic, tp.partition): (int(end), int(done.get(tp, starts[tp]))) for tp, end in ends.items()}
+
+    async def close(self) -> None:
+        """Stop both clients."""
+        consumer, admin, self._consumer, self._admin = self._consumer, self._admin, None, None
+        if consumer is not None:
+            await consumer.stop()
+        if admin is not None:
+            await admin.close()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Probes every few seconds would flood the log."""
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+def health_app(registry: CollectorRegistry, watchdog: Watchdog) -> WSGIApplication:
+    """`/healthz`: the verdict as JSON, 200 or 503; every other path: the Prometheus metrics."""
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != "/healthz":
+            served: Iterable[bytes] = metrics(environ, start_response)
+            return served
+        verdict = watchdog.verdict()
+        body = json.dumps(verdict.as_dict()).encode()
+        status = "200 OK" if verdict.ok else "503 Service Unavailable"
+        start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    return app
+
+
+def serve_health(app: WSGIApplication, host: str, port: int) -> WSGIServer:
+    """Serve `app` from a daemon thread (the worker's event loop stays free); returns the server."""
+    httpd = make_server(host, port, app, server_class=_ThreadingServer, handler_class=_QuietHandler)
+    threading.Thread(target=httpd.serve_forever, name="ragtide-health", daemon=True).start()
+    return httpd
