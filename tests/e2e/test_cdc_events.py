@@ -9,13 +9,11 @@ from typing import Any
 
 import httpx
 import psycopg
-from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
+from ragtide.embedder.liveness import KafkaOffsets
+from ragtide.embedder.worker import EMBEDDER_GROUP
 from ragtide.ingest.connector import topic_end_offsets
 from tests.e2e.conftest import SCRATCH_PARTITIONS, SCRATCH_SOURCE, LiveStack, poll
-
-EMBEDDER_GROUP = "ragtide-embedder"  # the Faust app id
 
 
 def new_topic() -> str:
@@ -144,15 +142,12 @@ def topic_offsets(live: LiveStack, topic: str) -> tuple[dict[int, int], dict[int
 
     async def read() -> tuple[dict[int, int], dict[int, int]]:
         bootstrap = live.settings.kafka.bootstrap
-        ends = await topic_end_offsets(bootstrap, topic)
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-        await admin.start()
+        offsets = KafkaOffsets(bootstrap, EMBEDDER_GROUP)  # what the embedder's liveness checks read
         try:
-            parts = [TopicPartition(topic, p) for p in ends]
-            committed = await admin.list_consumer_group_offsets(EMBEDDER_GROUP, partitions=parts)
+            both = await offsets.read([(topic, p) for p in await topic_end_offsets(bootstrap, topic)])
         finally:
-            await admin.close()
-        return ends, {tp.partition: meta.offset for tp, meta in committed.items()}
+            await offsets.close()
+        return {p: end for (_, p), (end, _) in both.items()}, {p: done for (_, p), (_, done) in both.items()}
 
     return asyncio.run(read())
 

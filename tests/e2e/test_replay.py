@@ -7,6 +7,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from ragtide.embedder.worker import EMBEDDER_GROUP
 from tests.e2e.conftest import LiveStack, live_index, poll
 
 VOLATILE = {"indexed_at_ms"}  # when a point was (re)written: the only field a replay may change
@@ -25,7 +26,7 @@ def index_state(live: LiveStack) -> dict[str, dict[str, Any]]:
 
 async def rewind(bootstrap: str, topic: str) -> int:
     """Commit offset 0 for the embedder's group on every partition of `topic`; returns the end offset."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id="ragtide-embedder", enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=EMBEDDER_GROUP, enable_auto_commit=False)
     await consumer.start()
     try:
         parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or {0})]

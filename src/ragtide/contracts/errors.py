@@ -14,7 +14,8 @@ class DecodeError(RagtideError):
 
 
 class StoreUnavailable(RagtideError):
-    """The vector store did not acknowledge a write; the batch is retried, offsets are not committed."""
+    """A store the writer needs (the vector index, or Postgres for the truncate log) is unreachable; the batch is
+    retried, offsets are not committed."""
 
 
 class StackError(RagtideError):

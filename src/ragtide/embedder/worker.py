@@ -43,6 +43,9 @@ class Poison:
     reason: str
 
 
+EMBEDDER_GROUP = "ragtide-embedder"  # the Faust app id, which is also its Kafka consumer group
+
+
 def is_transient(exc: BaseException) -> bool:
     """Errors that mean "a store (the index, or the truncate log's Postgres) is unavailable right now": retry the
     whole batch, commit nothing."""
@@ -208,7 +211,7 @@ def create_worker_app(
     """The Faust app: one agent over every source topic, a dead-letter topic, manual acks; with a watchdog, a
     timer that checks the consumer's progress against Kafka's own offsets (liveness.py)."""
     app = faust.App(
-        "ragtide-embedder",
+        EMBEDDER_GROUP,
         broker=f"kafka://{settings.kafka.bootstrap}",
         store="memory://",
         datadir=str(settings.data_dir / "faust"),
@@ -271,7 +274,7 @@ def create_worker_app(
             record_lag(app, processor.metrics, messages)
 
     if watchdog is not None:
-        watch(app, watchdog, processor, KafkaOffsets(settings.kafka.bootstrap, app.conf.id))
+        watch(app, watchdog, processor, KafkaOffsets(settings.kafka.bootstrap, EMBEDDER_GROUP))
     return app
 
 

@@ -165,14 +165,17 @@ class IndexWriter:
         if self.truncations is None:
             return
         for table, position in self.truncations.positions().items():
-            known = self._truncated_at.get(table)
-            if known is None or known < position:
+            if self._newer_truncate(table, position):
                 self._truncated_at[table] = position
                 stats.deleted_points += self._delete_before(table, position)
 
+    def _newer_truncate(self, table: str, position: SourcePosition) -> bool:
+        """Later than the newest truncate of `table` this writer knows of."""
+        known = self._truncated_at.get(table)
+        return known is None or known < position
+
     def _truncate(self, ev: ChangeEvent, stats: ApplyStats) -> None:
-        known = self._truncated_at.get(ev.table)
-        if known is None or known < ev.position:
+        if self._newer_truncate(ev.table, ev.position):
             if self.truncations is not None:
                 self.truncations.record(ev.table, ev.position)  # first: other workers refuse older events from now
             self._truncated_at[ev.table] = ev.position
