@@ -55,6 +55,9 @@ def _post(s: RagtideSettings, path: str, body: dict[str, object], timeout: float
 def up(
     demo: Annotated[bool, typer.Option(help="load the demo corpus (pydoc topics) when the table is empty")] = True,
     wait: Annotated[bool, typer.Option(help="wait until every source row is indexed")] = True,
+    supervise: Annotated[
+        bool, typer.Option(help="then stay in the foreground and restart any process that dies, until stopped")
+    ] = False,
 ) -> None:
     """Start Postgres, Kafka, Connect + Debezium and the ragtide node on localhost (idempotent)."""
     from ragtide.ingest.demo import load_demo
@@ -86,6 +89,27 @@ def up(
     print(f"curl -s {api}/v1/search -H 'content-type: application/json' -d '{query}'")
     ask = json.dumps({"query": "How do I catch an exception?", "stream": True})
     print(f"curl -sN {api}/v1/answer -H 'content-type: application/json' -d '{ask}'")
+    if supervise:
+        supervise_stack(stack)
+
+
+def supervise_stack(stack: Any) -> None:
+    """Restart whatever dies until SIGINT or SIGTERM; the processes keep running afterwards."""
+    import signal
+    import threading
+
+    from ragtide.stack.supervise import Restart, Supervisor
+
+    def report(r: Restart) -> None:
+        mark = "[green]✓[/]" if r.ok else "[red]✗[/]"
+        console.print(f"{mark} restarted {r.name} in {r.took_s:.1f}s {r.error}".rstrip())
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    sup = Supervisor(stack, on_restart=report)
+    console.print(f"\nsupervising {', '.join(sup.watched)}; Ctrl-C ends supervision (the processes keep running)")
+    sup.run(stop)
 
 
 def source_row_counts(s: RagtideSettings) -> dict[str, int]:
@@ -312,7 +336,7 @@ def embedder() -> None:
     encoder = build_encoder(s)
     generations, snapshot = open_generations(s, encoder, sources, registry)
     cache = build_cache(s, registry, encoder.dim, sole_writer=False)  # the retrievers store, we invalidate
-    watchdog = Watchdog(s.batch.stall_s)
+    watchdog = Watchdog(s.batch.stall_s, s.batch.degraded_after_s)
     worker_app = build_embedder(s, generations, sources, registry, tracker, cache, watchdog)
 
     @worker_app.task  # type: ignore[untyped-decorator]

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ragtide.contracts.errors import ConfigError
 from ragtide.contracts.freshness import FreshnessTracker
+from ragtide.contracts.logging import BackgroundFailures
 from ragtide.contracts.settings import RagtideSettings
 from ragtide.embedder.chunking import Chunker
 from ragtide.embedder.encoder import Encoder, SentenceTransformerEncoder, default_model_path
@@ -146,7 +147,7 @@ def build_embedder(
     applier = InvalidatingApplier(generations, cache) if cache is not None else generations
     processor = BatchProcessor(applier, EmbedderMetrics(registry), settings.connect.topic_prefix, tracker)
     on_gpu = bool(getattr(generations.live.encoder, "cuda", False))  # the engine on CUDA takes bigger batches
-    watchdog = watchdog or Watchdog(settings.batch.stall_s)
+    watchdog = watchdog or Watchdog(settings.batch.stall_s, settings.batch.degraded_after_s)
     return create_worker_app(settings, processor, source_topics(settings, sources), on_gpu, watchdog)
 
 
@@ -166,9 +167,14 @@ async def build_lifecycle(
             await asyncio.to_thread(signal_incremental_snapshot, dsn, sources.user_tables)
         except Exception as exc:  # the watcher's stall repair fills the build from Postgres instead
             log.warning("could not signal the incremental snapshot", extra={"error": repr(exc)})
-    watcher = BuildWatcher(generations, sources, verifier(dsn, generations, sources))
+    failures = BackgroundFailures(registry)
+    watcher = BuildWatcher(generations, sources, verifier(dsn, generations, sources), failures=failures)
     monitor = BackfillMonitor(
-        generations, lambda: sources.user_tables, lambda tables: source_counts(dsn, tables), registry
+        generations,
+        lambda: sources.user_tables,
+        lambda tables: source_counts(dsn, tables),
+        registry,
+        failures=failures,
     )
     tasks = [asyncio.create_task(watcher.run()), asyncio.create_task(monitor.run())]
     try:
@@ -191,7 +197,8 @@ def create_node_app(settings: RagtideSettings) -> FastAPI:
     tracker = FreshnessTracker(registry)
     generations, snapshot = open_generations(settings, encoder, sources, registry)
     cache = build_cache(settings, registry, encoder.dim)
-    worker = build_embedder(settings, generations, sources, registry, tracker, cache)
+    watchdog = Watchdog(settings.batch.stall_s, settings.batch.degraded_after_s)
+    worker = build_embedder(settings, generations, sources, registry, tracker, cache, watchdog)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -211,6 +218,7 @@ def create_node_app(settings: RagtideSettings) -> FastAPI:
         routers=[admin],
         status=generations.status,
         cache=cache,
+        health=watchdog.verdict,
     )
 
 
@@ -306,9 +314,12 @@ def create_retriever_app(settings: RagtideSettings) -> FastAPI:
         )
     sources = load_sources(settings.sources_file)
     encoder = build_encoder(settings)
-    follower = CatalogFollower(
-        open_catalog(settings), generation_factory(settings, encoder, sources), desired_generation(settings, encoder)
-    )
     registry = CollectorRegistry()
+    follower = CatalogFollower(
+        open_catalog(settings),
+        generation_factory(settings, encoder, sources),
+        desired_generation(settings, encoder),
+        failures=BackgroundFailures(registry),
+    )
     cache = build_cache(settings, registry, encoder.dim, sole_writer=False)
     return create_app(settings, follower, None, sources, registry, cache=cache)

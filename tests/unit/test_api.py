@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from ragtide.contracts.errors import ClientError, StoreUnavailable
 from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
 from ragtide.contracts.settings import RagtideSettings, load_settings
 from ragtide.embedder.index.memory import MemoryIndex
@@ -137,3 +138,38 @@ def test_readyz_is_503_when_the_index_fails(client: TestClient) -> None:
     services.active.index.count = broken
     resp = client.get("/readyz")
     assert resp.status_code == 503 and "store down" in resp.text
+
+
+class BrokenIndex(MemoryIndex):
+    """Search raises what `error` says: an internal bug, a store outage, or a client mistake found deep inside."""
+
+    error: Exception = ValueError("corrupt payload in the index")
+
+    def search(self, vector: Any, k: int, flt: Any = None) -> Any:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "detail"),
+    [
+        (ValueError("corrupt payload in the index"), 500, "internal error (ValueError)"),
+        (StoreUnavailable("Qdrant server at http://127.0.0.1:6333: unreachable"), 503, "unreachable"),
+        (ClientError("filter value for 'category' must be a string"), 422, "must be a string"),
+    ],
+)
+def test_internal_errors_are_5xx_that_count_and_only_client_mistakes_are_422(
+    error: Exception, status: int, detail: str
+) -> None:
+    """Before, any ValueError became a 422 'client mistake', a corrupt cached answer included."""
+    index, encoder = BrokenIndex(), HashEncoder()
+    index.error = error
+    index.ensure_collection(encoder.dim)
+    settings = load_settings(RagtideSettings, canary={"enabled": False})
+    app = create_app(settings, index, encoder, SOURCES, gateway=Gateway(settings.gateway, MemoryGatewayStore()))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        resp = search(c, query="loops")
+        assert resp.status_code == status and detail in resp.json()["detail"]
+        if status == 503:
+            assert resp.headers["retry-after"] == "5"
+        internal = c.get("/metrics").text
+        assert ('ragtide_http_internal_errors_total{exception="ValueError"} 1.0' in internal) == (status == 500)

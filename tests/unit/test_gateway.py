@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from fastapi import HTTPException
+from prometheus_client import CollectorRegistry
 
-from ragtide.contracts.errors import ConfigError
+from ragtide.contracts.errors import ConfigError, StoreUnavailable
 from ragtide.contracts.settings import GatewaySettings, RagtideSettings, load_settings
 from ragtide.gateway.gateway import Caller, Gateway, bearer, check_config, placeholder_problem, seconds_to_midnight
 from ragtide.gateway.store import MemoryGatewayStore, key_id_of, matches, new_key
@@ -116,22 +118,72 @@ def test_replicas_share_a_keys_rate_limit_through_the_store() -> None:
     assert a.local_rate_limits == b.local_rate_limits == 0
 
 
-class DownStore(MemoryGatewayStore):
-    def take_token(self, bucket: str, rate_per_s: float, burst: int) -> tuple[float, int]:
-        raise ConnectionError("postgres is restarting")
+class OutageStore(MemoryGatewayStore):
+    """Fails in every method while `down`, as the Postgres store does when Postgres is unreachable."""
+
+    down = False
+
+    def __getattribute__(self, name: str) -> Any:
+        attr = super().__getattribute__(name)
+        if callable(attr) and not name.startswith("_") and super().__getattribute__("down"):
+
+            def unavailable(*_: Any, **__: Any) -> Any:
+                raise StoreUnavailable("gateway store (Postgres) unavailable: connection refused")
+
+            return unavailable
+        return attr
 
 
 def test_without_the_store_the_limit_holds_per_process_instead_of_failing_requests() -> None:
     clock = Clock()
-    store = DownStore(clock.mono)
+    store = OutageStore(clock.mono)
     key, record = new_key("acme", rate_per_s=1.0, burst=2)
     store.add_key(record)
     gw = gateway(store, clock)
     caller = gw.authenticate(key)
+    store.down = True
     assert [gw.admit(caller)["X-RateLimit-Remaining"] for _ in range(2)] == ["1", "0"]
     with pytest.raises(HTTPException) as limited:
         gw.admit(caller)
     assert limited.value.status_code == 429 and gw.local_rate_limits == 3
+
+
+def test_one_policy_on_every_path_while_the_store_is_down_and_what_was_not_charged_is_charged_later() -> None:
+    """Key lookup after the cache expired, quota read, usage read, charge and rate limit: none fails a request; a
+    key never seen is 503 (it cannot be checked), never 500; the uncharged tokens land once the store is back."""
+    clock = Clock()
+    store = OutageStore(clock.mono)
+    key, record = new_key("acme")
+    other, other_record = new_key("globex")
+    store.add_key(record)
+    store.add_key(other_record)
+    store.set_quota("acme", 1000)
+    registry = CollectorRegistry()
+    settings = GatewaySettings(key_cache_s=5.0, admin_key=ADMIN)  # type: ignore[arg-type]
+    gw = Gateway(settings, store, clock.mono, clock.wall, registry)
+    caller = gw.authenticate(key)
+    assert gw.admit(caller)["X-Quota-Limit"] == "1000"
+    gw.charge(caller, 100)
+
+    store.down = True
+    clock.t += 60  # every cached lookup has expired
+    assert gw.authenticate(key) == caller  # the last record read
+    headers = gw.admit(caller)
+    assert headers["X-Quota-Limit"] == "1000" and headers["X-Quota-Remaining"] == "900"
+    gw.charge(caller, 40)
+    gw.charge(caller, 2)
+    assert gw.quota_headers(caller)["X-Quota-Remaining"] == "858"
+    with pytest.raises(HTTPException) as unknown:
+        gw.authenticate(other)
+    assert unknown.value.status_code == 503 and unknown.value.headers == {"Retry-After": "5"}
+    assert set(gw.fallback_counts) == {"key", "quota", "rate_limit", "charge"}
+    assert registry.get_sample_value("ragtide_gateway_uncharged_tokens") == 42
+    assert registry.get_sample_value("ragtide_gateway_store_fallbacks_total", {"path": "charge"}) == 2
+
+    store.down = False
+    gw.charge(caller, 8)
+    assert store.usage("acme", clock.day.date()) == 150
+    assert registry.get_sample_value("ragtide_gateway_uncharged_tokens") == 0
 
 
 def test_daily_quota_is_charged_persisted_and_resets_at_midnight_utc() -> None:

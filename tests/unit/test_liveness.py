@@ -41,11 +41,16 @@ def test_records_waiting_with_no_commit_past_the_limit_is_a_stall_and_a_commit_c
     assert not stalled.ok and stalled.partitions == ["ragtide.public.docs/0"] and stalled.backlog == 100
     assert stalled.reason == "stalled: 100 records waiting on ragtide.public.docs/0 with no commit for 61 s"
 
-    dog.retrying = lambda: True  # a store is down and the batch is being retried: alive
-    assert dog.verdict().ok and "retried" in dog.verdict().reason
-    dog.retrying = lambda: False
+    dog.outage.begin("embedded index: disk full (ENOSPC)")  # a store is down and the batch is retried: alive
+    assert dog.verdict().ok and dog.verdict().status == "ok" and "ENOSPC" in dog.verdict().reason
+    clock.t = 1061.0 + dog.degraded_s + 1  # and degraded once it lasts, still not a restart
+    degraded = dog.verdict()
+    assert degraded.ok and degraded.degraded and degraded.status == "degraded"
+    assert degraded.as_dict()["status"] == "degraded" and "unavailable for 31 s" in degraded.reason
+    dog.outage.end()
+    assert not dog.verdict().ok and dog.verdict().status == "stalled"
 
-    clock.t = 1070.0
+    clock.t = 1100.0
     dog.observe({TP: (200, 150), OTHER: (5, 5)})  # a commit: progress, even with records still waiting
     assert dog.verdict().ok and dog.verdict().waiting_s == 0
 

@@ -1,4 +1,9 @@
-"""The small error hierarchy; `ragtide.embedder.worker` is the one place that decides retry vs dead-letter."""
+"""The small error hierarchy; `ragtide.embedder.worker` is the one place that decides retry vs dead-letter.
+
+Each backend maps the errors that mean "unavailable right now" onto `StoreUnavailable` where it calls its client
+(the index backends in `embedder/index/`, Postgres in `contracts/pg.py`); nothing else is retried. `ClientError` is
+the one error an HTTP caller is told to fix (422): every other exception is ours, a 5xx that alerts.
+"""
 
 
 class RagtideError(Exception):
@@ -14,8 +19,13 @@ class DecodeError(RagtideError):
 
 
 class StoreUnavailable(RagtideError):
-    """A store the writer needs (the vector index, or Postgres for the truncate log) is unreachable; the batch is
-    retried, offsets are not committed."""
+    """A store (the vector index: a Qdrant server unreachable or the embedded index's disk full; or Postgres) cannot
+    serve right now. The embedder retries the batch and commits nothing; the gateway falls back to what the process
+    knows. The message says which store and why."""
+
+
+class ClientError(RagtideError):
+    """A request the caller must fix (HTTP 422); the message says what and how."""
 
 
 class StackError(RagtideError):

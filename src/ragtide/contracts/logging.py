@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter
+
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
@@ -48,3 +50,61 @@ def setup_logging(level: str = "INFO", json_logs: bool = False) -> None:
     root.setLevel(level.upper())
     for noisy in ("aiokafka", "httpx", "urllib3", "sentence_transformers", "faust", "mode"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+class Throttled:
+    """A failure that repeats (a loop retrying every few seconds, every request while a store is down): logged the
+    first time, then at most once per `every_s` with how many went unlogged; its recovery is logged once."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        message: str,
+        every_s: float = 60.0,
+        clock: Any = time.monotonic,
+        counter: Any = None,
+    ) -> None:
+        self.logger = logger
+        self.message = message
+        self.counter = counter  # a Prometheus counter (child) incremented per failure
+        self.every_s = every_s
+        self.clock = clock
+        self.failures = 0  # since the last recovery
+        self._logged_at: float | None = None
+        self._unlogged = 0
+
+    def failed(self, exc: BaseException, **context: Any) -> None:
+        """One more failure; logged when the last log line is old enough."""
+        self.failures += 1
+        if self.counter is not None:
+            self.counter.inc()
+        now = self.clock()
+        if self._logged_at is not None and now - self._logged_at < self.every_s:
+            self._unlogged += 1
+            return
+        extra = {"error": repr(exc), "failures": self.failures, "not_logged": self._unlogged, **context}
+        self.logger.warning(self.message, extra=extra, exc_info=exc if self.failures == 1 else None)
+        self._logged_at, self._unlogged = now, 0
+
+    def recovered(self) -> None:
+        """The next attempt worked: say so once, after a failure."""
+        if self.failures:
+            self.logger.info(f"recovered: {self.message}", extra={"failures": self.failures})
+        self.failures, self._logged_at, self._unlogged = 0, None, 0
+
+
+class BackgroundFailures:
+    """Failures of the background loops (build watcher, reaper, catalog follower, backfill monitor, canary): one
+    counter, `ragtide_background_failures_total{loop}`, and a throttled log per loop."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.counter = Counter(
+            "ragtide_background_failures",
+            "failed rounds of a background loop (it retries next round)",
+            ["loop"],
+            registry=registry if registry is not None else CollectorRegistry(),
+        )
+
+    def loop(self, name: str, logger: logging.Logger, every_s: float = 60.0) -> Throttled:
+        """The failure log of one loop."""
+        return Throttled(logger, f"{name} failed; will retry", every_s, counter=self.counter.labels(name))

@@ -11,20 +11,25 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+from ragtide.contracts.errors import StoreUnavailable
+
 
 class SerialConnection:
     """`run(sql, params)` -> the rows as dicts ([] for statements that return none). `setup` (idempotent DDL:
     the caller's schema) runs once, before the first statement, so an upgrade finds its new tables."""
 
-    def __init__(self, dsn: str, setup: Sequence[str] = (), connect_timeout: int = 5) -> None:
+    def __init__(self, dsn: str, setup: Sequence[str] = (), connect_timeout: int = 5, name: str = "Postgres") -> None:
         self.dsn = dsn
+        self.name = name
         self.connect_timeout = connect_timeout
         self._setup = list(setup)
         self._lock = threading.Lock()
         self._conn: psycopg.Connection[dict[str, Any]] | None = None
 
     def run(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
-        """Execute one statement; raises psycopg.OperationalError when Postgres stays unreachable."""
+        """Execute one statement. Postgres unreachable, restarting, or refusing for want of resources (psycopg's
+        OperationalError: connection failures, admin shutdown, disk full, out of memory) after one reconnect raises
+        `StoreUnavailable`; any other error (a bug in a statement) propagates as it is."""
         with self._lock:
             for attempt in (1, 2):  # one reconnect: Postgres may have restarted
                 try:
@@ -37,10 +42,10 @@ class SerialConnection:
                         self._setup.pop(0)
                     cur = self._conn.execute(sql, params)
                     return cur.fetchall() if cur.description else []
-                except psycopg.OperationalError:
+                except psycopg.OperationalError as exc:
                     self._conn = None
                     if attempt == 2:
-                        raise
+                        raise StoreUnavailable(f"{self.name} (Postgres) unavailable: {exc}".strip()) from exc
             raise AssertionError("unreachable")
 
     def close(self) -> None:

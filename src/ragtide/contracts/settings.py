@@ -88,6 +88,13 @@ class IndexSettings(_Section):
         30.0, ge=0, le=86_400, description="seconds a switched-away generation is kept before it is dropped"
     )
     api_key: SecretStr | None = None
+    min_free_mb: int = Field(
+        256,
+        ge=0,
+        description="embedded index: writes stop (retried, nothing committed, /healthz degraded) while its volume has "
+        "less free space than this, and resume by themselves once space is freed. The engine writes through memory "
+        "maps, and a write into a full disk kills the process (SIGBUS) instead of failing; this reserve prevents it",
+    )
 
 
 class EncoderSettings(_Section):
@@ -209,6 +216,12 @@ class BatchSettings(_Section):
         gt=0,
         description="the embedder's /healthz fails when records have waited this long on one of its partitions "
         "with no commit (a stuck consumer), or when its checks stopped (a blocked event loop)",
+    )
+    degraded_after_s: float = Field(
+        30.0,
+        gt=0,
+        description="/healthz of the embedder and the node says 'degraded' (still 200: a restart would not help) "
+        "once a store it writes to has been unavailable this long; ragtide_store_outage_seconds says for how long",
     )
 
     def events_per_batch(self, on_gpu: bool) -> int:

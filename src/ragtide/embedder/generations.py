@@ -28,6 +28,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Gauge
 
 from ragtide.contracts.events import ChangeEvent, Op
+from ragtide.contracts.logging import BackgroundFailures
 from ragtide.embedder.encoder import Encoder
 from ragtide.embedder.index.base import IndexPoint, VectorIndex
 from ragtide.embedder.verify import TableDrift, verify_table
@@ -379,7 +380,9 @@ class BuildWatcher:
         verify: VerifyTable,
         interval_s: float = 2.0,
         stall_checks: int = 5,
+        failures: BackgroundFailures | None = None,
     ) -> None:
+        self.failures = failures or BackgroundFailures()
         self.generations = generations
         self.sources = sources
         self.verify = verify
@@ -417,21 +420,25 @@ class BuildWatcher:
 
     async def run(self) -> None:
         """Check until cancelled."""
+        reap_failures = self.failures.loop("dropping a retired generation", log)
+        check_failures = self.failures.loop("build check", log)
         delay = self.interval_s
         while True:
             await asyncio.sleep(delay)
             try:
                 await asyncio.to_thread(self.generations.reap)
-            except Exception:
-                log.exception("dropping a retired generation failed; will retry")
+                reap_failures.recovered()
+            except Exception as exc:
+                reap_failures.failed(exc)
             if self.generations.building is None:
                 delay = self.interval_s
                 continue
             t0 = time.monotonic()
             try:
                 await asyncio.to_thread(self.check)
-            except Exception:
-                log.exception("build check failed; will retry")
+                check_failures.recovered()
+            except Exception as exc:
+                check_failures.failed(exc)
             delay = max(self.interval_s, 4 * (time.monotonic() - t0))
 
 
@@ -482,7 +489,15 @@ class CatalogFollower:
     `every_s` seconds; after a switch it opens the new collection and its encoder, and only then serves them
     (search never waits on it; the embedder keeps the old collection for a grace period)."""
 
-    def __init__(self, catalog: Catalog, factory: GenerationFactory, desired: GenerationSpec, every_s: float = 2.0):
+    def __init__(
+        self,
+        catalog: Catalog,
+        factory: GenerationFactory,
+        desired: GenerationSpec,
+        every_s: float = 2.0,
+        failures: BackgroundFailures | None = None,
+    ):
+        self.failures = failures or BackgroundFailures()
         self.catalog = catalog
         self.factory = factory
         self.every_s = every_s
@@ -504,11 +519,13 @@ class CatalogFollower:
         return True
 
     def _loop(self) -> None:
+        failures = self.failures.loop("reading the catalog (serving the current generation)", log)
         while not self._stop.wait(self.every_s):
             try:
                 self.refresh()
-            except Exception:
-                log.exception("reading the catalog failed; serving the current generation")
+                failures.recovered()
+            except Exception as exc:
+                failures.failed(exc)
 
     def current(self) -> tuple[VectorIndex, Encoder]:
         """The live pair (never blocks); starts the follower thread on first use."""

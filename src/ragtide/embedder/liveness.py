@@ -36,9 +36,42 @@ log = logging.getLogger(__name__)
 Offsets = Mapping[tuple[str, int], tuple[int, int]]  # (topic, partition) -> (end offset, committed offset)
 
 
+class Outage:
+    """How long the stores the writer needs have been unavailable (its batch retried, nothing committed), and why.
+    Set and cleared by the batch processor; read by the health verdict and the `ragtide_store_outage_seconds`
+    gauge."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.since: float | None = None
+        self.reason = ""
+
+    def begin(self, reason: str) -> None:
+        """A store failed (again): the outage starts now, or goes on with the newest reason."""
+        if self.since is None:
+            self.since = self.clock()
+        self.reason = reason
+
+    def end(self) -> None:
+        """A write went through."""
+        self.since = None
+        self.reason = ""
+
+    @property
+    def ongoing(self) -> bool:
+        """A batch is waiting for a store."""
+        return self.since is not None
+
+    def seconds(self) -> float:
+        """How long the current outage has lasted (0 when there is none)."""
+        since = self.since
+        return 0.0 if since is None else self.clock() - since
+
+
 @dataclass(frozen=True)
 class Verdict:
-    """What /healthz answers."""
+    """What /healthz answers: `ok` decides the status code (a restart would help only when it is False);
+    `degraded` says a store has been unavailable for longer than the setting (up, but not indexing)."""
 
     ok: bool
     reason: str
@@ -46,11 +79,20 @@ class Verdict:
     waiting_s: float = 0.0  # how long they have waited with no commit
     checked_s_ago: float | None = None
     partitions: list[str] = field(default_factory=list)  # the assigned partitions with a backlog
+    degraded: bool = False
+
+    @property
+    def status(self) -> str:
+        """ok, degraded, or the first word of the reason (stalled, blocked)."""
+        if not self.ok:
+            return self.reason.split(":", 1)[0]
+        return "degraded" if self.degraded else "ok"
 
     def as_dict(self) -> dict[str, Any]:
         """JSON body."""
         return {
             "ok": self.ok,
+            "status": self.status,
             "reason": self.reason,
             "backlog": self.backlog,
             "waiting_s": round(self.waiting_s, 1),
@@ -63,10 +105,11 @@ class Watchdog:
     """Fed by a timer with Kafka's offsets; thread-safe enough for a reader on another thread (whole-value
     assignments only)."""
 
-    def __init__(self, stall_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, stall_s: float, degraded_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.stall_s = stall_s
+        self.degraded_s = degraded_s
         self.clock = clock
-        self.retrying: Callable[[], bool] = lambda: False  # bound by the worker to its batch processor
+        self.outage = Outage(clock)  # replaced by the worker with its batch processor's
         self.checks = 0
         self._checked_at: float | None = None
         self._committed: dict[tuple[str, int], int] = {}
@@ -104,8 +147,15 @@ class Watchdog:
         waiting = 0.0 if self._waiting_since is None else now - self._waiting_since
         if checked is not None and checked > self.stall_s:
             return Verdict(False, f"blocked: no liveness check for {checked:.0f} s", backlog, waiting, checked, parts)
-        if waiting > self.stall_s and self.retrying():
-            return Verdict(True, "waiting for a store: the batch is being retried", backlog, waiting, checked, parts)
+        down_s = self.outage.seconds()
+        if self.outage.ongoing:
+            # Not a stall: a restart would not bring the store back. Degraded once it lasts.
+            why = (
+                f"a store is unavailable for {down_s:.0f} s ({self.outage.reason}); "
+                "the batch is retried, nothing committed"
+            )
+            degraded = down_s > self.degraded_s
+            return Verdict(True, f"degraded: {why}" if degraded else why, backlog, waiting, checked, parts, degraded)
         if waiting > self.stall_s:
             why = f"stalled: {backlog} records waiting on {', '.join(parts)} with no commit for {waiting:.0f} s"
             return Verdict(False, why, backlog, waiting, checked, parts)
@@ -173,7 +223,7 @@ def health_app(registry: CollectorRegistry, watchdog: Watchdog) -> WSGIApplicati
             return served
         verdict = watchdog.verdict()
         body = json.dumps(verdict.as_dict()).encode()
-        status = "200 OK" if verdict.ok else "503 Service Unavailable"
+        status = "200 OK" if verdict.ok else "503 Service Unavailable"  # degraded is 200: a restart would not help
         start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
         return [body]
 

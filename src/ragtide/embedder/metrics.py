@@ -36,7 +36,14 @@ class EmbedderMetrics:
             "ragtide_events_stale_total", "events older than the stored row version (ignored)", registry=registry
         )
         self.dlq = Counter("ragtide_dlq_total", "events sent to the dead-letter topic", ["reason"], registry=registry)
-        self.store_retries = Counter("ragtide_store_retries_total", "vector store write retries", registry=registry)
+        self.store_retries = Counter(
+            "ragtide_store_retries_total", "batch retries because a store was unavailable", registry=registry
+        )
+        self.outage_seconds = Gauge(
+            "ragtide_store_outage_seconds",
+            "how long a store the embedder writes to (index, truncate log) has been unavailable; 0 when none is",
+            registry=registry,
+        )
         self.batch_size = Histogram(
             "ragtide_batch_events",
             "events per processed batch",

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import psycopg
 from prometheus_client import CollectorRegistry, Gauge
 
+from ragtide.contracts.logging import BackgroundFailures
 from ragtide.embedder.index.base import ActiveIndex
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,9 @@ class BackfillMonitor:
         count_source: Callable[[list[str]], dict[str, int]],
         registry: CollectorRegistry,
         interval_s: float = 5.0,
+        failures: BackgroundFailures | None = None,
     ) -> None:
+        self.failures = failures or BackgroundFailures()
         self.active = active
         self.tables = tables
         self.count_source = count_source
@@ -94,9 +97,11 @@ class BackfillMonitor:
 
     async def run(self) -> None:
         """Sample until cancelled."""
+        failures = self.failures.loop("backfill progress sample", log)
         while True:
             try:
                 await asyncio.to_thread(self.sample)
+                failures.recovered()
             except Exception as exc:  # Postgres restarting, a table just added: try again next round
-                log.warning("backfill progress sample failed", extra={"error": repr(exc)})
+                failures.failed(exc)
             await asyncio.sleep(self.interval_s)

@@ -19,9 +19,6 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-import psycopg
-
-from ragtide.contracts.errors import StoreUnavailable
 from ragtide.contracts.events import SourcePosition
 from ragtide.contracts.pg import SerialConnection
 
@@ -51,13 +48,10 @@ class PostgresTruncateLog:
     nothing, as when the vector store is down (refusing to guess keeps the index exact)."""
 
     def __init__(self, dsn: str) -> None:
-        self._db = SerialConnection(dsn, setup=DDL)
+        self._db = SerialConnection(dsn, setup=DDL, name="truncate log")
 
     def _run(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
-        try:
-            return self._db.run(sql, params)
-        except psycopg.OperationalError as exc:
-            raise StoreUnavailable(f"truncate log (Postgres) unreachable: {exc}") from exc
+        return self._db.run(sql, params)
 
     def record(self, table: str, position: SourcePosition) -> None:
         """Upsert, keeping the newer position."""

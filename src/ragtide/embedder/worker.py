@@ -20,7 +20,7 @@ from ragtide.contracts.errors import DecodeError, StoreUnavailable
 from ragtide.contracts.events import ChangeEvent
 from ragtide.contracts.freshness import ChangeTiming, FreshnessTracker
 from ragtide.contracts.settings import RagtideSettings
-from ragtide.embedder.liveness import KafkaOffsets, Watchdog
+from ragtide.embedder.liveness import KafkaOffsets, Outage, Watchdog
 from ragtide.embedder.metrics import EmbedderMetrics
 from ragtide.embedder.writer import ApplyStats
 from ragtide.ingest.decode import decode, table_of_topic
@@ -28,7 +28,6 @@ from ragtide.ingest.decode import decode, table_of_topic
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 10.0
-ROW_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -47,12 +46,10 @@ EMBEDDER_GROUP = "ragtide-embedder"  # the Faust app id, which is also its Kafka
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Errors that mean "a store (the index, or the truncate log's Postgres) is unavailable right now": retry the
-    whole batch, commit nothing."""
-    if isinstance(exc, ConnectionError | TimeoutError | OSError | StoreUnavailable):
-        return True
-    name = type(exc).__name__
-    return name in {"ResponseHandlingException", "ConnectError", "ReadTimeout", "WriteTimeout", "RemoteProtocolError"}
+    """A store is unavailable right now: retry the whole batch, commit nothing. Only `StoreUnavailable` is: each
+    backend maps exactly the errors that mean that onto it (index/edge.py, index/remote.py, contracts/pg.py).
+    Anything else is a bug or a poison row, and goes row by row to the dead-letter topic."""
+    return isinstance(exc, StoreUnavailable)
 
 
 class Applier(Protocol):
@@ -76,7 +73,9 @@ class BatchProcessor:
         self.topic_prefix = topic_prefix
         self.tracker = tracker
         self.dequeued_ms = 0  # when the batch being applied left Kafka
-        self.retrying = False  # a store is down and the batch waits for it (alive, not stuck)
+        self.outage = Outage()  # a store is down and the batch waits for it (alive, not stuck)
+        metrics.outage_seconds.set_function(self.outage.seconds)
+        self.base_delay_s = 0.1  # the first retry's backoff; doubled per attempt up to MAX_BACKOFF_S
 
     def decode_all(self, records: Sequence[Any]) -> tuple[list[ChangeEvent], list[Poison]]:
         """Decode Kafka messages (anything with topic/partition/offset/key/value/timestamp)."""
@@ -99,52 +98,56 @@ class BatchProcessor:
                 good.append(ev)
         return good, bad
 
-    async def apply(self, events: list[ChangeEvent], stopping: asyncio.Event) -> list[tuple[ChangeEvent, str]]:
-        """Apply the batch; retry while the store is unavailable; isolate rows that fail on their own.
+    async def apply(self, events: list[ChangeEvent]) -> list[tuple[ChangeEvent, str]]:
+        """Apply the batch; retry while a store is unavailable; isolate rows that fail on their own.
 
-        Returns the (event, reason) pairs that must go to the dead-letter topic.
+        Returns the (event, reason) pairs that must go to the dead-letter topic. Every other event of the batch is
+        in the index when this returns: there is no third outcome. A store outage, also one that starts while
+        rows are retried one by one, goes back to the batch-level retry with the rows still pending; it ends
+        only when the store answers, or when the agent is cancelled (shutdown), which acks nothing.
         """
-        attempt = 0
-        while True:
-            try:
-                stats = await asyncio.to_thread(self.writer.apply, events)
-                self.retrying = False
-                self._record(stats)
-                return []
-            except Exception as exc:
-                self.retrying = False
-                if not is_transient(exc):
-                    log.warning("batch failed; retrying row by row", extra={"error": repr(exc), "events": len(events)})
-                    return await self._apply_one_by_one(events, stopping)
-                attempt += 1
-                self.metrics.store_retries.inc()
-                delay = min(MAX_BACKOFF_S, 0.1 * 2**attempt)
-                log.error(
-                    "vector store unavailable; batch will be retried",
-                    extra={"error": repr(exc), "attempt": attempt, "delay_s": delay},
-                )
-                if stopping.is_set():
-                    raise
-                self.retrying = True
-                await asyncio.sleep(delay)
-
-    async def _apply_one_by_one(
-        self, events: list[ChangeEvent], stopping: asyncio.Event
-    ) -> list[tuple[ChangeEvent, str]]:
+        pending = list(events)
         poison: list[tuple[ChangeEvent, str]] = []
-        for ev in events:
-            for attempt in range(1, ROW_ATTEMPTS + 1):
-                try:
-                    self._record(await asyncio.to_thread(self.writer.apply, [ev]))
-                    break
-                except Exception as exc:
-                    if is_transient(exc) and not stopping.is_set():
-                        await asyncio.sleep(min(MAX_BACKOFF_S, 0.1 * 2**attempt))
-                        continue
-                    if attempt == ROW_ATTEMPTS or not is_transient(exc):
-                        poison.append((ev, f"apply: {type(exc).__name__}: {exc}"))
-                        break
+        attempt = 0
+        one_by_one = False
+        while pending:
+            try:
+                if one_by_one:
+                    await self._apply_one_by_one(pending, poison)
+                else:
+                    self._record(await asyncio.to_thread(self.writer.apply, pending))
+                    pending = []
+                self.outage.end()
+            except Exception as exc:
+                if not is_transient(exc):
+                    self.outage.end()  # the store answered: this batch holds a row that cannot be indexed
+                    log.warning("batch failed; retrying row by row", extra={"error": repr(exc), "events": len(pending)})
+                    one_by_one = True
+                    continue
+                attempt += 1
+                one_by_one = False  # back to the batch: the rows after a poison one go in together again
+                self.metrics.store_retries.inc()
+                delay = min(MAX_BACKOFF_S, self.base_delay_s * 2**attempt)
+                log.error(
+                    "store unavailable; batch will be retried",
+                    extra={"error": repr(exc), "attempt": attempt, "delay_s": delay, "pending": len(pending)},
+                )
+                self.outage.begin(str(exc))
+                await asyncio.sleep(delay)
         return poison
+
+    async def _apply_one_by_one(self, pending: list[ChangeEvent], poison: list[tuple[ChangeEvent, str]]) -> None:
+        """Apply the pending rows one at a time, taking each off `pending` once it is in the index or poisoned. A
+        store outage is raised to the batch-level retry, which resumes with the rows still pending."""
+        while pending:
+            ev = pending[0]
+            try:
+                self._record(await asyncio.to_thread(self.writer.apply, [ev]))
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                poison.append((ev, f"apply: {type(exc).__name__}: {exc}"))
+            pending.pop(0)
 
     def _record(self, stats: ApplyStats) -> None:
         m = self.metrics
@@ -229,7 +232,6 @@ def create_worker_app(
     )
     source = app.topic(*topics, key_type=bytes, value_type=bytes, partitions=settings.kafka.partitions)
     dlq = app.topic(settings.dlq_topic, key_type=bytes, value_type=bytes, partitions=1)
-    stopping = asyncio.Event()  # cancellation of the agent (shutdown) interrupts retries without acking
     window_s = settings.batch.window_ms / 1000
     max_events = settings.batch.events_per_batch(on_gpu)
 
@@ -257,7 +259,7 @@ def create_worker_app(
             processor.dequeued_ms = int(time.time() * 1000)
             messages = [e.message for e in events]
             good, bad = processor.decode_all(messages)
-            failed = await processor.apply(good, stopping) if good else []
+            failed = await processor.apply(good) if good else []
             for p in bad:
                 await dead_letter(p)
             for ev, reason in failed:
@@ -280,7 +282,7 @@ def create_worker_app(
 
 def watch(app: faust.App, watchdog: Watchdog, processor: BatchProcessor, offsets: KafkaOffsets) -> None:
     """Check progress every quarter of the stall limit (at most every 15 s)."""
-    watchdog.retrying = lambda: processor.retrying
+    watchdog.outage = processor.outage
     metrics = processor.metrics
 
     @app.timer(interval=min(15.0, watchdog.stall_s / 4))  # type: ignore[untyped-decorator]

@@ -5,6 +5,13 @@ after the work, from real token counts).
 Answers are HTTP errors with reasons: 401 (no or unknown or revoked key), 403 (admin only), 429 with
 `Retry-After` (rate or quota). Every admitted request gets rate and quota headers. The check at start-up
 refuses a prod configuration without a real admin key, and dev mode on a non-loopback address.
+
+With the store (Postgres) unavailable, one policy holds on every path, and search keeps being served: a key
+lookup uses the last record this process read (a key it never saw gets 503 with `Retry-After`: it cannot be
+checked), a quota read the last known or the default, usage this process' own count, the rate limit
+per-process buckets; tokens that cannot be charged are kept and charged with the tenant's next charge once the
+store answers. Each fallback is counted (`ragtide_gateway_store_fallbacks_total{path}`,
+`ragtide_gateway_uncharged_tokens`) and logged at most once a minute. Never a 500.
 """
 
 from __future__ import annotations
@@ -20,8 +27,10 @@ from datetime import UTC, date, datetime, timedelta
 from typing import TypeVar
 
 from fastapi import HTTPException
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from ragtide.contracts.errors import ConfigError
+from ragtide.contracts.errors import ConfigError, StoreUnavailable
+from ragtide.contracts.logging import Throttled
 from ragtide.contracts.settings import GatewaySettings, RagtideSettings
 from ragtide.gateway.store import ApiKey, GatewayStore, TokenBucket, key_id_of, matches, take_from
 from ragtide.stack.process import is_loopback
@@ -108,6 +117,7 @@ class Gateway:
         store: GatewayStore | None,
         monotonic: Callable[[], float] = time.monotonic,
         wall: Callable[[], datetime] = lambda: datetime.now(UTC),
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -116,25 +126,63 @@ class Gateway:
         self._lock = threading.Lock()
         self._keys: dict[str, tuple[ApiKey | None, float]] = {}
         self._buckets: dict[str, TokenBucket] = {}  # only while the store cannot be reached
-        self.local_rate_limits = 0  # decisions taken from them
         self._quotas: dict[str, tuple[int | None, float]] = {}
         self._used: dict[tuple[str, date], int] = {}
+        self._uncharged: dict[tuple[str, date], int] = {}  # tokens to charge once the store answers again
+        registry = registry if registry is not None else CollectorRegistry()
+        self.fallbacks = Counter(
+            "ragtide_gateway_store_fallbacks",
+            "gateway decisions taken without the store (Postgres unavailable), by path",
+            ["path"],
+            registry=registry,
+        )
+        self.uncharged_tokens = Gauge(
+            "ragtide_gateway_uncharged_tokens",
+            "tokens used while the store was unavailable, not charged yet (charged with the tenant's next charge)",
+            registry=registry,
+        )
+        self._down_log = Throttled(log, "gateway store unavailable; serving with what this process knows")
 
-    def _fresh(self, memo: dict[K, tuple[V, float]], key: K, fetch: Callable[[], V]) -> V:
-        """`fetch()` at most once per `key_cache_s` per key (keys and quotas change rarely; requests are many)."""
+        self.fallback_counts: dict[str, int] = {}
+
+    def _store_down(self, path: str, exc: StoreUnavailable) -> None:
+        self.fallbacks.labels(path).inc()
+        with self._lock:
+            self.fallback_counts[path] = self.fallback_counts.get(path, 0) + 1
+        self._down_log.failed(exc, path=path)
+
+    @property
+    def local_rate_limits(self) -> int:
+        """Rate-limit decisions taken from this process' own buckets (the store was down)."""
+        return self.fallback_counts.get("rate_limit", 0)
+
+    def _fresh(self, memo: dict[K, tuple[V, float]], key: K, fetch: Callable[[], V], path: str) -> V:
+        """`fetch()` at most once per `key_cache_s` per key (keys and quotas change rarely; requests are many).
+        The store unavailable: the last value read, however old; StoreUnavailable when there is none."""
         now = self.monotonic()
         with self._lock:
             cached = memo.get(key)
         if cached is not None and now - cached[1] < self.settings.key_cache_s:
             return cached[0]
-        value = fetch()
+        try:
+            value = fetch()
+        except StoreUnavailable as exc:
+            self._store_down(path, exc)
+            if cached is None:
+                raise
+            return cached[0]
         with self._lock:
             memo[key] = (value, now)
         return value
 
     # --- who ---------------------------------------------------------------------------------------------
     def _lookup(self, key_id: str) -> ApiKey | None:
-        return self._fresh(self._keys, key_id, lambda: self.store.get_key(key_id) if self.store else None)
+        try:
+            return self._fresh(self._keys, key_id, lambda: self.store.get_key(key_id) if self.store else None, "key")
+        except StoreUnavailable as exc:
+            raise HTTPException(
+                503, f"the API key cannot be checked now ({exc}); retry shortly", headers={"Retry-After": "5"}
+            ) from exc
 
     def authenticate(self, key: str | None) -> Caller:
         """The caller of a request, or 401."""
@@ -164,14 +212,21 @@ class Gateway:
 
     # --- may they ----------------------------------------------------------------------------------------
     def _limit(self, tenant: str) -> int:
-        own = self._fresh(self._quotas, tenant, lambda: self.store.quota(tenant) if self.store else None)
+        try:
+            own = self._fresh(self._quotas, tenant, lambda: self.store.quota(tenant) if self.store else None, "quota")
+        except StoreUnavailable:
+            own = None  # never read: the default quota
         return self.settings.daily_tokens if own is None else own
 
     def _usage(self, tenant: str, day: date) -> int:
         with self._lock:
             used = self._used.get((tenant, day))
         if used is None:
-            used = self.store.usage(tenant, day) if self.store is not None else 0
+            try:
+                used = self.store.usage(tenant, day) if self.store is not None else 0
+            except StoreUnavailable as exc:
+                self._store_down("usage", exc)
+                return 0  # counted from here on by this process' charges
             with self._lock:
                 self._used[(tenant, day)] = max(used, self._used.get((tenant, day), 0))
         return used
@@ -209,9 +264,8 @@ class Gateway:
         if self.store is not None:
             try:
                 return self.store.take_token(bucket, rate, burst)
-            except Exception as exc:
-                self.local_rate_limits += 1
-                log.warning("rate limit store unavailable; limiting per process", extra={"error": repr(exc)})
+            except StoreUnavailable as exc:
+                self._store_down("rate_limit", exc)
         with self._lock:
             return take_from(self._buckets, bucket, rate, burst, self.monotonic())
 
@@ -234,10 +288,18 @@ class Gateway:
         if caller.tenant is None:
             return
         day = self.wall().date()
-        total = (
-            self.store.add_usage(caller.tenant, day, tokens)
-            if self.store is not None
-            else self._used.get((caller.tenant, day), 0) + tokens
-        )
+        slot = (caller.tenant, day)
         with self._lock:
-            self._used[(caller.tenant, day)] = total
+            owed = self._uncharged.pop(slot, 0)
+        try:
+            total = self.store.add_usage(caller.tenant, day, tokens + owed) if self.store is not None else None
+        except StoreUnavailable as exc:
+            self._store_down("charge", exc)
+            total = None
+            with self._lock:
+                self._uncharged[slot] = owed + tokens
+        with self._lock:
+            if total is None:
+                total = self._used.get(slot, 0) + tokens
+            self._used[slot] = total
+            self.uncharged_tokens.set(sum(self._uncharged.values()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -13,12 +14,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, FastAPI, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
+from ragtide.contracts.errors import ClientError, StoreUnavailable
 from ragtide.contracts.freshness import FreshnessTracker
 from ragtide.contracts.settings import RagtideSettings
 from ragtide.embedder.encoder import Encoder
 from ragtide.embedder.index.base import ActiveIndex, FixedIndex, VectorIndex
+from ragtide.embedder.liveness import Verdict
 from ragtide.gateway.asgi import GatewayEdge
 from ragtide.gateway.gateway import Gateway, check_config
 from ragtide.gateway.store import PostgresGatewayStore
@@ -49,6 +52,8 @@ from ragtide.retriever.services import (
     to_hit,
 )
 
+log = logging.getLogger(__name__)
+
 WindowS = Annotated[float, Query(ge=1, le=3600, description="seconds of history the percentiles cover")]
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
@@ -74,10 +79,12 @@ def create_app(
     gateway: Gateway | None = None,
     generator: Generator | None = None,
     cache: SemanticCache | None = None,
+    health: Callable[[], Verdict] | None = None,
 ) -> FastAPI:
     """Build the API over `active` (a switching view of the live generation) or one fixed index + encoder;
     `lifespan` lets the node run the embedder in the same event loop; `status` reports the generations;
-    `gateway` and `generator` default to the configured ones (Postgres-backed keys, the OpenAI-compatible URL)."""
+    `gateway` and `generator` default to the configured ones (Postgres-backed keys, the OpenAI-compatible URL);
+    `health` is the in-process embedder's liveness verdict (the node), reported by /healthz."""
     check_config(settings)
     if not isinstance(active, ActiveIndex):
         if encoder is None:
@@ -87,7 +94,7 @@ def create_app(
     store: PostgresGatewayStore | None = None
     if gateway is None:
         store = PostgresGatewayStore(settings.postgres.dsn())
-        gateway = Gateway(settings.gateway, store)
+        gateway = Gateway(settings.gateway, store, registry=registry)
     if generator is None and settings.generator.endpoint:
         generator = OpenAIGenerator(settings.generator)
     tracker = tracker or FreshnessTracker(registry)
@@ -142,9 +149,28 @@ def create_app(
 
     app.add_middleware(GatewayEdge, gateway=svc.gateway, max_body_bytes=settings.gateway.max_body_bytes)
 
-    @app.exception_handler(ValueError)
-    async def _value_error(_: Request, exc: ValueError) -> JSONResponse:
+    internal_errors = Counter(
+        "ragtide_http_internal_errors_total",
+        "requests that failed on our side (HTTP 500): a bug, alert on it",
+        ["exception"],
+        registry=registry,
+    )
+
+    @app.exception_handler(ClientError)
+    async def _client_error(_: Request, exc: ClientError) -> JSONResponse:
         return JSONResponse(status_code=422, content={"detail": str(exc)})
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
+        return JSONResponse(status_code=503, content={"detail": str(exc)}, headers={"Retry-After": "5"})
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        internal_errors.labels(type(exc).__name__).inc()
+        log.error("internal error", exc_info=exc, extra={"path": request.url.path, "exception": type(exc).__name__})
+        return JSONResponse(
+            status_code=500, content={"detail": f"internal error ({type(exc).__name__}); it was logged"}
+        )
 
     @app.post("/v1/search", response_model=SearchResponse, tags=["retrieval"], responses=GATEWAY_RESPONSES)
     async def search(body: SearchRequest, svc: ServicesDep, caller: CallerDep) -> SearchResponse:
@@ -206,10 +232,16 @@ def create_app(
         """The live freshness dashboard."""
         return HTMLResponse(DASHBOARD_HTML)
 
-    @app.get("/healthz", response_model=Health, tags=["ops"])
-    async def healthz() -> Health:
-        """Liveness: the process answers."""
-        return Health(status="ok")
+    @app.get("/healthz", response_model=Health, tags=["ops"], responses={503: {"model": Health}})
+    async def healthz(response: Response) -> Health:
+        """Liveness: the process answers; in the node, also its embedder's verdict: 503 when stalled or blocked
+        (a restart helps), 200 'degraded' when a store has been unavailable for `batch.degraded_after_s`."""
+        if health is None:
+            return Health(status="ok")
+        verdict = health()
+        if not verdict.ok:
+            response.status_code = 503
+        return Health(status=verdict.status, checks={"embedder": verdict.reason})
 
     @app.get("/readyz", response_model=Health, tags=["ops"], responses={503: {"model": Health}})
     async def readyz(svc: ServicesDep, response: Response, freshness: bool = True) -> Health:

@@ -14,6 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from ragtide.contracts.errors import ClientError, StoreUnavailable
 from ragtide.embedder.encoder import Encoder
 
 
@@ -112,6 +113,35 @@ class VectorIndex(Protocol):
         """Build the search index (HNSW) over what was written; what it did. A server does this by itself."""
 
 
+class Guarded:
+    """Forwards calls to a backend's client, raising `StoreUnavailable` for exactly the errors that `unavailable`
+    names (it returns why, or None). Every other error passes through unchanged: a bug or a poison row, never
+    retried. Each backend passes its own explicit mapping (edge.py, remote.py)."""
+
+    def __init__(self, target: Any, store: str, unavailable: Callable[[BaseException], str | None]) -> None:
+        self._target = target
+        self._store = store
+        self._unavailable = unavailable
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._target, name)
+        if not callable(attr):
+            return attr
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except StoreUnavailable:
+                raise
+            except Exception as exc:
+                why = self._unavailable(exc)
+                if why is None:
+                    raise
+                raise StoreUnavailable(f"{self._store}: {why}") from exc
+
+        return guarded
+
+
 def scroll_pages(fetch_page: Callable[[Any, int], tuple[Sequence[Any], Any]], limit: int) -> list[StoredPoint]:
     """Follow a backend's scroll pages (`fetch_page(offset, page_size) -> (records, next_offset)`) up to `limit`."""
     out: list[StoredPoint] = []
@@ -135,7 +165,7 @@ def normalise_filter(flt: Filter | None) -> list[tuple[str, NormalValue]]:
         elif isinstance(value, Sequence) and value and all(isinstance(v, str | int) for v in value):
             out.append((key, [v for v in value if isinstance(v, str | int)]))
         else:
-            raise ValueError(
+            raise ClientError(
                 f"filter value for {key!r} must be a string, number, boolean, Range or non-empty list of them"
             )
     return out

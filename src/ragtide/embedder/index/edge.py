@@ -5,6 +5,8 @@ One process owns a shard directory: the node process, which runs the embedder an
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import threading
 from collections.abc import Mapping, Sequence
@@ -15,11 +17,13 @@ import numpy as np
 import numpy.typing as npt
 import qdrant_edge as qe
 
+from ragtide.contracts.errors import StoreUnavailable
 from ragtide.embedder.index.base import (
     INTEGER_FIELDS,
     KEYWORD_FIELDS,
     TENANT_FIELD,
     Filter,
+    Guarded,
     Hit,
     IndexPoint,
     Range,
@@ -27,6 +31,23 @@ from ragtide.embedder.index.base import (
     normalise_filter,
     scroll_pages,
 )
+
+# The only errors of the embedded engine that mean "unavailable right now": its disk cannot take the write. Freeing
+# space ends the outage with no restart (the worker retries the batch). Everything else the engine raises is a bug
+# or a poison row.
+_DISK_FULL = {errno.ENOSPC: "disk full (ENOSPC)", errno.EDQUOT: "disk quota exceeded (EDQUOT)"}
+
+
+def edge_unavailable(exc: BaseException) -> str | None:
+    """Why the embedded engine cannot write now, or None when `exc` is not an outage. The engine reports Rust I/O
+    errors as text ("No space left on device (os error 28)"); Python's own as OSError."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+        return _DISK_FULL[exc.errno]
+    text = str(exc)
+    for code, why in _DISK_FULL.items():
+        if f"os error {code})" in text or os.strerror(code) in text:
+            return f"{why}: {text}"
+    return None
 
 
 def to_edge_filter(flt: Filter | None) -> qe.Filter | None:
@@ -41,13 +62,33 @@ def to_edge_filter(flt: Filter | None) -> qe.Filter | None:
     return qe.Filter(must=conds) if conds else None
 
 
+def check_free_space(directory: Path, min_free_bytes: int) -> None:
+    """Refuse a write while the volume holding `directory` has less than `min_free_bytes` free: the engine writes
+    through memory maps, and a page written into a full disk is a SIGBUS that kills the whole process (seen on a
+    full tmpfs), not an error it could return. Refusing first turns a full disk into an outage the worker retries."""
+    if min_free_bytes <= 0:
+        return
+    free = shutil.disk_usage(directory).free
+    if free < min_free_bytes:
+        raise StoreUnavailable(
+            f"embedded index at {directory}: disk full ({free >> 20} MiB free, below index.min_free_mb = "
+            f"{min_free_bytes >> 20}); free space on that volume and writing resumes by itself"
+        )
+
+
 class EdgeIndex:
     """VectorIndex over one qdrant-edge shard at <path>/<collection>."""
 
-    def __init__(self, path: Path, collection: str) -> None:
+    def __init__(self, path: Path, collection: str, min_free_bytes: int = 0) -> None:
         self.dir = path / collection
+        self.min_free_bytes = min_free_bytes
         self._shard: Any = None
         self._lock = threading.Lock()  # guards creation only; the shard itself is thread-safe
+
+    def _writable(self) -> Any:
+        """The shard, once the disk has room for a write."""
+        check_free_space(self.dir, self.min_free_bytes)
+        return self.shard
 
     @property
     def shard(self) -> Any:
@@ -76,12 +117,12 @@ class EdgeIndex:
                     shard.update(qe.UpdateOperation.create_field_index(field, qe.PayloadSchemaType.Integer))
             if TENANT_FIELD not in have:
                 shard.update(qe.UpdateOperation.create_field_index(TENANT_FIELD, qe.KeywordIndexParams(is_tenant=True)))
-            self._shard = shard
+            self._shard = Guarded(shard, f"embedded index at {self.dir}", edge_unavailable)
 
     def upsert(self, points: Sequence[IndexPoint]) -> None:
         """Insert or replace points."""
         if points:
-            self.shard.update(
+            self._writable().update(
                 qe.UpdateOperation.upsert_points(
                     [qe.Point(p.id, p.vector.astype(np.float32).tolist(), dict(p.payload)) for p in points]
                 )
@@ -90,19 +131,19 @@ class EdgeIndex:
     def set_payload(self, ids: Sequence[str], payload: Mapping[str, Any]) -> None:
         """Set payload fields on existing points."""
         if ids:
-            self.shard.update(qe.UpdateOperation.set_payload(list(ids), dict(payload)))
+            self._writable().update(qe.UpdateOperation.set_payload(list(ids), dict(payload)))
 
     def delete(self, ids: Sequence[str]) -> None:
         """Delete by id."""
         if ids:
-            self.shard.update(qe.UpdateOperation.delete_points(list(ids)))
+            self._writable().update(qe.UpdateOperation.delete_points(list(ids)))
 
     def delete_where(self, flt: Filter) -> None:
         """Delete everything matching the filter."""
         edge_filter = to_edge_filter(flt)
         if edge_filter is None:
             raise ValueError("refusing to delete with an empty filter")
-        self.shard.update(qe.UpdateOperation.delete_points_by_filter(edge_filter))
+        self._writable().update(qe.UpdateOperation.delete_points_by_filter(edge_filter))
 
     def scroll(self, flt: Filter | None = None, limit: int = 10_000) -> list[StoredPoint]:
         """Matching points without vectors."""

@@ -18,4 +18,4 @@ def open_index(settings: RagtideSettings, collection: str | None = None) -> Vect
         return QdrantClientIndex(QdrantClient(url=settings.qdrant_url, api_key=key), name)
     from ragtide.embedder.index.edge import EdgeIndex
 
-    return EdgeIndex(settings.index_path, name)
+    return EdgeIndex(settings.index_path, name, min_free_bytes=settings.index.min_free_mb << 20)

@@ -6,15 +6,18 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import httpx
 import numpy as np
 import numpy.typing as npt
 from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from ragtide.embedder.index.base import (
     INTEGER_FIELDS,
     KEYWORD_FIELDS,
     TENANT_FIELD,
     Filter,
+    Guarded,
     Hit,
     IndexPoint,
     Range,
@@ -36,6 +39,25 @@ def to_client_filter(flt: Filter | None) -> models.Filter | None:
         )
         conds.append(models.FieldCondition(key=key, match=match))
     return models.Filter(must=conds) if conds else None
+
+
+# HTTP answers of a Qdrant server that mean "not now": overloaded, restarting, behind a proxy that lost it.
+_NOT_NOW = {429: "overloaded (429)", 502: "bad gateway (502)", 503: "unavailable (503)", 504: "gateway timeout (504)"}
+
+
+def client_unavailable(exc: BaseException) -> str | None:
+    """Why a Qdrant server cannot serve now, or None when `exc` is not an outage: the connection failing or timing
+    out (qdrant-client wraps httpx's transport errors in ResponseHandlingException), a not-now status, or the
+    server's disk being full. Any other answer (400 for a bad point, 404 for a missing collection) is not."""
+    if isinstance(exc, ResponseHandlingException | httpx.TransportError):
+        source = getattr(exc, "source", exc)
+        return f"unreachable ({type(source).__name__}: {source})"
+    if isinstance(exc, UnexpectedResponse):
+        if exc.status_code in _NOT_NOW:
+            return _NOT_NOW[exc.status_code]
+        if "No space left on device" in str(exc):
+            return "the server's disk is full"
+    return None
 
 
 def _is_local(client: QdrantClient) -> bool:
@@ -67,7 +89,8 @@ class QdrantClientIndex:
     def __init__(self, client: QdrantClient, collection: str) -> None:
         # qdrant-client's local mode (tests, no server) is plain Python and not safe across threads; the node
         # calls the index from worker threads, so calls to it are serialised. A real server needs no lock.
-        self.client: Any = _Serialized(client) if _is_local(client) else client
+        target = _Serialized(client) if _is_local(client) else client
+        self.client: Any = Guarded(target, f"Qdrant collection {collection}", client_unavailable)
         self.collection = collection
 
     def ensure_collection(self, dim: int) -> None:

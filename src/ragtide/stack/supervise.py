@@ -1,0 +1,87 @@
+"""Keep the native stack running: a process of it that dies (a crash, the OOM killer, a SIGKILL) is started again,
+in dependency order, with the same code `ragtide up` uses, without a person running `make up`.
+
+`ragtide up --supervise` stays in the foreground and does this until it is stopped (the processes keep running
+after it; `ragtide down` stops them). Kubernetes restarts pods by itself; this is the native install's
+equivalent. Only the processes that were running when supervision began are watched (the local generator is
+optional). A start that fails is tried again with backoff (1, 2, 5, 10, then every 30 s), so a process that cannot
+start does not spin.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ragtide.contracts.errors import RagtideError
+from ragtide.stack.stack import ORDER, Stack
+
+log = logging.getLogger(__name__)
+
+BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+@dataclass(frozen=True)
+class Restart:
+    """One restart: which process, when it was found dead, and how long its start took."""
+
+    name: str
+    found_at: float  # the supervisor's clock
+    took_s: float
+    ok: bool
+    error: str = ""
+
+
+class Supervisor:
+    """Restarts the dead processes of a `Stack`; `check()` is one pass, `run(stop)` passes until `stop` is set."""
+
+    def __init__(
+        self,
+        stack: Stack,
+        names: Sequence[str] = ORDER,
+        interval_s: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+        on_restart: Callable[[Restart], None] = lambda _: None,
+    ) -> None:
+        self.stack = stack
+        self.names = [n for n in ORDER if n in names]  # dependency order, whatever order was asked
+        self.interval_s = interval_s
+        self.clock = clock
+        self.on_restart = on_restart
+        self.watched = [n for n in self.names if stack.daemon(n).pid() is not None]
+        self.restarts: list[Restart] = []
+        self._failures: dict[str, int] = {}
+        self._next_try: dict[str, float] = {}
+
+    def check(self) -> list[Restart]:
+        """Start every watched process that is not running (once its backoff allows); what was done."""
+        done: list[Restart] = []
+        for name in self.watched:
+            if self.stack.daemon(name).pid() is not None or self.clock() < self._next_try.get(name, 0.0):
+                continue
+            found = self.clock()
+            log.warning("process not running; starting it", extra={"process": name})
+            try:
+                getattr(self.stack, f"start_{name}")()
+            except (RagtideError, OSError) as exc:
+                n = self._failures[name] = self._failures.get(name, 0) + 1
+                self._next_try[name] = self.clock() + BACKOFF_S[min(n, len(BACKOFF_S)) - 1]
+                restart = Restart(name, found, self.clock() - found, False, str(exc).splitlines()[0])
+                log.error("restart failed; will retry", extra={"process": name, "error": restart.error, "failures": n})
+            else:
+                self._failures.pop(name, None)
+                self._next_try.pop(name, None)
+                restart = Restart(name, found, self.clock() - found, True)
+                log.info("restarted", extra={"process": name, "took_s": round(restart.took_s, 1)})
+            self.restarts.append(restart)
+            self.on_restart(restart)
+            done.append(restart)
+        return done
+
+    def run(self, stop: threading.Event) -> None:
+        """Check every `interval_s` until `stop` is set."""
+        while not stop.wait(self.interval_s):
+            self.check()
