@@ -8,10 +8,11 @@ STAMP  := $(VENV)/.installed
 JARS   := .cache/stack/.resolved
 DASH   := .cache/dashboard/node_modules/uplot/dist/uPlot.iife.min.js
 PYTEST_ARGS ?=
+FAULTS ?= 4
 # llama-cpp-python builds llama.cpp from source (a few minutes on 2 cores; pip caches the wheel): the library only.
 LLAMA_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
-.PHONY: help install up down clean status lint fmt test test-unit test-integration test-e2e bench-freshness bench-embed bench-serve bench-cache gpu-kit
+.PHONY: help install up down clean status lint fmt test test-unit test-integration test-e2e test-faults bench-freshness bench-embed bench-serve bench-cache gpu-kit
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-17s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -65,8 +66,12 @@ test-integration: install ## integration tests (real model, Qdrant engine, Postg
 test-e2e: install ## end-to-end tests on the whole real stack (started on free ports, stopped by pid)
 	$(BIN)/pytest -m e2e $(PYTEST_ARGS)
 
-test: install lint ## lint, then every test: unit, integration, e2e
-	$(BIN)/pytest $(PYTEST_ARGS)
+test-faults: install ## fault suite: FAULTS random SIGKILLs under load (default 4; FAULTS>=20 writes bench/results/faults-*.json)
+	RAGTIDE_FAULTS=$(FAULTS) $(BIN)/pytest -m faults -s $(PYTEST_ARGS)
+
+test: install lint ## lint, then every test: unit, integration, e2e, and the fault suite's short form (its own stack)
+	$(BIN)/pytest -m "not faults" $(PYTEST_ARGS)
+	RAGTIDE_FAULTS=$(FAULTS) $(BIN)/pytest -m faults $(PYTEST_ARGS)
 
 bench-freshness: install ## freshness benchmark against the running stack (make up first): 5 and 50 changes/s side by side
 	$(BIN)/pip install -q -c constraints.txt -e '.[bench]'

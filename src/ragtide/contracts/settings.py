@@ -7,6 +7,7 @@ Qdrant server.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -54,11 +55,30 @@ class KafkaSettings(_Section):
     controller_port: int = Field(59093, ge=1, le=65535)
     partitions: int = Field(1, ge=1, description="partitions of each source topic")
     heap: str = "512m"
+    instance_id: str | None = Field(
+        None,
+        description="the embedder's static group membership id (Kafka's group.instance.id): a restarted worker takes "
+        "its partitions back at once instead of waiting for the dead one's session to expire. Default: the host name "
+        "and data folder (a pod's name under Kubernetes); '' turns static membership off. Two live workers must never "
+        "share one (Kafka fences the older)",
+    )
+    session_timeout_s: float = Field(
+        30.0,
+        ge=6,
+        le=300,
+        description="a worker that stops heartbeating loses its partitions to the others after this long",
+    )
 
     @property
     def bootstrap(self) -> str:
         """host:port for clients."""
         return f"{self.host}:{self.port}"
+
+    def member_id(self, data_dir: Path) -> str | None:
+        """The static membership id this process uses (None: dynamic membership)."""
+        if self.instance_id is not None:
+            return self.instance_id or None
+        return f"{socket.gethostname()}:{data_dir.resolve()}"
 
 
 class ConnectSettings(_Section):

@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ragtide.contracts.errors import RagtideError
 from ragtide.stack.stack import ORDER, Stack
 
 log = logging.getLogger(__name__)
@@ -63,19 +62,21 @@ class Supervisor:
             if self.stack.daemon(name).pid() is not None or self.clock() < self._next_try.get(name, 0.0):
                 continue
             found = self.clock()
-            log.warning("process not running; starting it", extra={"process": name})
+            log.warning("process not running; starting it", extra={"daemon": name})
             try:
                 getattr(self.stack, f"start_{name}")()
-            except (RagtideError, OSError) as exc:
+            except Exception as exc:  # whatever a start raised, the supervisor itself must keep running
                 n = self._failures[name] = self._failures.get(name, 0) + 1
                 self._next_try[name] = self.clock() + BACKOFF_S[min(n, len(BACKOFF_S)) - 1]
-                restart = Restart(name, found, self.clock() - found, False, str(exc).splitlines()[0])
-                log.error("restart failed; will retry", extra={"process": name, "error": restart.error, "failures": n})
+                restart = Restart(
+                    name, found, self.clock() - found, False, f"{type(exc).__name__}: {exc}".splitlines()[0]
+                )
+                log.error("restart failed; will retry", extra={"daemon": name, "error": restart.error, "failures": n})
             else:
                 self._failures.pop(name, None)
                 self._next_try.pop(name, None)
                 restart = Restart(name, found, self.clock() - found, True)
-                log.info("restarted", extra={"process": name, "took_s": round(restart.took_s, 1)})
+                log.info("restarted", extra={"daemon": name, "took_s": round(restart.took_s, 1)})
             self.restarts.append(restart)
             self.on_restart(restart)
             done.append(restart)

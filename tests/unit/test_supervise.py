@@ -1,0 +1,74 @@
+"""The supervisor restarts dead processes in dependency order, backs off a start that fails, never dies itself, and
+leaves alone what was not running when it began."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ragtide.contracts.errors import StackError
+from ragtide.stack.supervise import Supervisor
+
+
+@dataclass
+class FakeDaemon:
+    stack: FakeStack
+    name: str
+
+    def pid(self) -> int | None:
+        return 100 if self.name in self.stack.alive else None
+
+
+@dataclass
+class FakeStack:
+    alive: set[str]
+    failing: dict[str, Exception] = field(default_factory=dict)
+    started: list[str] = field(default_factory=list)
+
+    def daemon(self, name: str) -> FakeDaemon:
+        return FakeDaemon(self, name)
+
+    def __getattr__(self, attr: str) -> object:
+        name = attr.removeprefix("start_")
+
+        def start() -> None:
+            self.started.append(name)
+            if name in self.failing:
+                raise self.failing[name]
+            self.alive.add(name)
+
+        return start
+
+
+class Clock:
+    t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_dead_processes_come_back_in_dependency_order_and_unwatched_ones_are_left_alone() -> None:
+    stack = FakeStack(alive={"postgres", "kafka", "connect", "node"})  # no local generator
+    sup = Supervisor(stack, clock=Clock())  # type: ignore[arg-type]
+    assert sup.watched == ["postgres", "kafka", "connect", "node"]
+    assert sup.check() == []
+    stack.alive -= {"node", "postgres"}
+    done = sup.check()
+    assert [r.name for r in done] == ["postgres", "node"] and all(r.ok for r in done)
+    assert stack.started == ["postgres", "node"] and "generator" not in stack.started
+
+
+def test_a_failing_start_backs_off_and_an_unexpected_error_does_not_stop_the_supervisor() -> None:
+    clock = Clock()
+    stack = FakeStack(alive={"postgres", "kafka", "node"})
+    sup = Supervisor(stack, names=["postgres", "kafka", "node"], clock=clock)  # type: ignore[arg-type]
+    stack.alive -= {"kafka", "node"}
+    stack.failing = {"kafka": StackError("kafka exited"), "node": KeyError("unexpected")}
+    first = sup.check()
+    assert [(r.name, r.ok) for r in first] == [("kafka", False), ("node", False)]
+    assert first[1].error == "KeyError: 'unexpected'"
+    clock.t = 0.5
+    assert sup.check() == []  # backing off: 1 s after the first failure
+    clock.t = 1.5
+    stack.failing = {}
+    assert [(r.name, r.ok) for r in sup.check()] == [("kafka", True), ("node", True)]
+    assert stack.started == ["kafka", "node", "kafka", "node"] and len(sup.restarts) == 4
