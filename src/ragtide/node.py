@@ -167,7 +167,7 @@ async def build_lifecycle(
             await asyncio.to_thread(signal_incremental_snapshot, dsn, sources.user_tables)
         except Exception as exc:  # the watcher's stall repair fills the build from Postgres instead
             log.warning("could not signal the incremental snapshot", extra={"error": repr(exc)})
-    failures = BackgroundFailures(registry)
+    failures = BackgroundFailures.of(registry)
     watcher = BuildWatcher(generations, sources, verifier(dsn, generations, sources), failures=failures)
     monitor = BackfillMonitor(
         generations,
@@ -319,7 +319,7 @@ def create_retriever_app(settings: RagtideSettings) -> FastAPI:
         open_catalog(settings),
         generation_factory(settings, encoder, sources),
         desired_generation(settings, encoder),
-        failures=BackgroundFailures(registry),
+        failures=BackgroundFailures.of(registry),
     )
     cache = build_cache(settings, registry, encoder.dim, sole_writer=False)
     return create_app(settings, follower, None, sources, registry, cache=cache)

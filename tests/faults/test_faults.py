@@ -13,25 +13,16 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import shutil
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict
-from pathlib import Path
 
 import httpx
-import psycopg
-import pytest
-import yaml
 
-from ragtide.bench.faults import DDL, FAULT_KINDS, SOURCE, FaultReport, WriteLoad, audit, await_recovery, inject
+from ragtide.bench.faults import FAULT_KINDS, SOURCE, FaultReport, WriteLoad, audit, await_recovery, inject
 from ragtide.bench.machine import cpu_info
-from ragtide.contracts.settings import REPO_ROOT, RagtideSettings, load_settings
+from ragtide.contracts.settings import REPO_ROOT
 from ragtide.embedder.dlq import list_dead_letters
-from ragtide.stack.postgres import PostgresCluster
-from ragtide.stack.process import free_port
 from ragtide.stack.stack import Stack
 from ragtide.stack.supervise import Supervisor
 
@@ -40,41 +31,6 @@ SEED = int(os.environ.get("RAGTIDE_FAULTS_SEED", "1"))
 RATE = float(os.environ.get("RAGTIDE_FAULTS_RATE", "20"))
 RECOVERY_DEADLINE_S = 240.0
 REPORT_FROM = 20  # a run of at least this many faults writes its report under bench/results/
-
-
-@pytest.fixture(scope="module")
-def stack() -> Iterator[Stack]:
-    """A native stack of its own (free ports, a temporary data folder), without the local generator."""
-    data = Path(tempfile.mkdtemp(prefix="ragtide-faults-"))
-    data.chmod(0o755)  # Postgres runs as `postgres`
-    sources = yaml.safe_load((REPO_ROOT / "config" / "sources.yaml").read_text())
-    sources["sources"].append(SOURCE)
-    (data / "sources.yaml").write_text(yaml.safe_dump(sources))
-    settings = load_settings(
-        RagtideSettings,
-        data_dir=data,
-        sources_file=data / "sources.yaml",
-        postgres={"port": free_port()},
-        kafka={"port": free_port(), "controller_port": free_port()},
-        connect={"port": free_port(), "heartbeat_interval_ms": 2000},
-        api={"port": free_port()},
-        generator={"local": False},
-    )
-    st = Stack(settings)
-    try:
-        PostgresCluster(settings, st.daemon("postgres")).start()
-        with psycopg.connect(settings.postgres.dsn(), autocommit=True) as conn:
-            conn.execute(DDL)  # before the sources are checked and the connector's publication is made
-        st.start_postgres()
-        st.start_kafka()
-        st.start_connect()
-        st.start_node()
-        st.wait_ready()
-        yield st
-    finally:
-        st.down()
-        if os.environ.get("RAGTIDE_E2E_KEEP") != "1":
-            shutil.rmtree(data, ignore_errors=True)
 
 
 def test_random_kills_under_load_lose_nothing(stack: Stack) -> None:

@@ -6,7 +6,8 @@ import json
 import logging
 import sys
 import time
-from typing import Any
+import weakref
+from typing import Any, ClassVar
 
 from prometheus_client import CollectorRegistry, Counter
 
@@ -94,8 +95,13 @@ class Throttled:
 
 
 class BackgroundFailures:
-    """Failures of the background loops (build watcher, reaper, catalog follower, backfill monitor, canary): one
-    counter, `ragtide_background_failures_total{loop}`, and a throttled log per loop."""
+    """Failures of the background loops (build watcher, reaper, catalog follower, backfill monitor, slot monitor):
+    one counter, `ragtide_background_failures_total{loop}`, and a throttled log per loop. `of(registry)` is the one
+    per registry, whichever part of a process asks first."""
+
+    _by_registry: ClassVar[weakref.WeakKeyDictionary[CollectorRegistry, BackgroundFailures]] = (
+        weakref.WeakKeyDictionary()
+    )
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.counter = Counter(
@@ -104,6 +110,14 @@ class BackgroundFailures:
             ["loop"],
             registry=registry if registry is not None else CollectorRegistry(),
         )
+
+    @classmethod
+    def of(cls, registry: CollectorRegistry) -> BackgroundFailures:
+        """The registry's counter (created on first use)."""
+        found = cls._by_registry.get(registry)
+        if found is None:
+            found = cls._by_registry[registry] = cls(registry)
+        return found
 
     def loop(self, name: str, logger: logging.Logger, every_s: float = 60.0) -> Throttled:
         """The failure log of one loop."""

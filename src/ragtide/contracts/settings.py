@@ -93,6 +93,12 @@ class ConnectSettings(_Section):
     poll_interval_ms: int = Field(20, ge=1, le=5000)
     heartbeat_interval_ms: int = Field(5000, ge=100)
     heap: str = "768m"
+    slot_check_s: float = Field(
+        10.0,
+        ge=0,
+        description="how often the API reads the replication slot's state (retained WAL, invalidated); 0: never. "
+        "Runs with the canary (canary.enabled)",
+    )
 
     @property
     def url(self) -> str:

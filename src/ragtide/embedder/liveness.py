@@ -204,6 +204,19 @@ class KafkaOffsets:
             await admin.close()
 
 
+async def caught_up(bootstrap: str, group: str, topics: Sequence[str]) -> bool:
+    """The group has committed every partition of `topics` up to its end (nothing left to consume now)."""
+    from ragtide.ingest.connector import topic_end_offsets
+
+    partitions = [(t, p) for t in topics for p in await topic_end_offsets(bootstrap, t)]
+    reader = KafkaOffsets(bootstrap, group)
+    try:
+        offsets = await reader.read(partitions)
+    finally:
+        await reader.close()
+    return all(committed >= end for end, committed in offsets.values())
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         """Probes every few seconds would flood the log."""

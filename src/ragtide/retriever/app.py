@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 
 from ragtide.contracts.errors import ClientError, StoreUnavailable
 from ragtide.contracts.freshness import FreshnessTracker
+from ragtide.contracts.logging import BackgroundFailures
 from ragtide.contracts.settings import RagtideSettings
 from ragtide.embedder.encoder import Encoder
 from ragtide.embedder.index.base import ActiveIndex, FixedIndex, VectorIndex
@@ -26,6 +27,7 @@ from ragtide.gateway.asgi import GatewayEdge
 from ragtide.gateway.gateway import Gateway, check_config
 from ragtide.gateway.store import PostgresGatewayStore
 from ragtide.generator.client import Generator, OpenAIGenerator
+from ragtide.ingest.slot import SlotMonitor
 from ragtide.ingest.sources import SourcesConfig
 from ragtide.retriever.answer import answer_router
 from ragtide.retriever.cache import SemanticCache
@@ -101,6 +103,14 @@ def create_app(
     svc = Services(settings, active, sources, registry, tracker, gateway, generator, status, cache)
     if settings.canary.enabled:
         svc.canary = Canary(settings.postgres.dsn(), active, svc.tracker, settings.canary, svc.query_vectors)
+        if settings.connect.slot_check_s > 0:
+            svc.slot = SlotMonitor(
+                settings.postgres.dsn(),
+                settings.connect.slot_name,
+                registry,
+                settings.connect.slot_check_s,
+                BackgroundFailures.of(registry),
+            )
     live = active
 
     @asynccontextmanager
@@ -112,6 +122,7 @@ def create_app(
                 if lifespan is not None:
                     await stack.enter_async_context(lifespan(app))
                 canary_task = asyncio.create_task(svc.canary.run()) if svc.canary else None
+                slot_task = asyncio.create_task(svc.slot.run()) if svc.slot else None
                 if store is not None:
                     await asyncio.to_thread(store.migrate)
                 settle_garbage_collector()
@@ -124,10 +135,11 @@ def create_app(
                         store.close()
                     if cache is not None:
                         cache.close()
-                    if canary_task is not None:
-                        canary_task.cancel()
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await canary_task
+                    for task in (canary_task, slot_task):
+                        if task is not None:
+                            task.cancel()
+                            with contextlib.suppress(asyncio.CancelledError):
+                                await task
         finally:
             await asyncio.to_thread(live.close)
 
@@ -206,6 +218,8 @@ def create_app(
         if svc.canary is not None:
             ok, detail = svc.canary.readiness()
             snap["canary"]["ready"], snap["canary"]["detail"] = ok, detail
+        if svc.slot is not None and svc.slot.state is not None:
+            snap["slot"] = svc.slot.state.as_dict()
         return snap
 
     @app.get("/v1/freshness/changes", tags=["freshness"])
@@ -245,10 +259,12 @@ def create_app(
 
     @app.get("/readyz", response_model=Health, tags=["ops"], responses={503: {"model": Health}})
     async def readyz(svc: ServicesDep, response: Response, freshness: bool = True) -> Health:
-        """Readiness: the index answers, the encoder is loaded, and the canary is fresh enough.
+        """Readiness: the index answers, the encoder is loaded, the canary is fresh enough, and Postgres has not
+        invalidated the replication slot (the detail then names the fix: `ragtide resync`).
 
-        `?freshness=false` leaves the canary out of the verdict (still reported): a load balancer's probe, so that
-        a pipeline stall upstream (every replica's canary fails at once) leaves stale search up, not an outage.
+        `?freshness=false` leaves the canary and the slot out of the verdict (still reported): a load balancer's
+        probe, so that a pipeline stall upstream (every replica's canary fails at once) leaves stale search up, not
+        an outage.
         """
         checks: dict[str, str] = {}
         try:
@@ -261,7 +277,10 @@ def create_app(
         if svc.canary is not None:
             ok, detail = svc.canary.readiness()
             checks["canary"] = detail if ok else f"unready: {detail}"
-        ready = all(v.startswith("ok") for k, v in checks.items() if freshness or k != "canary")
+        if svc.slot is not None:
+            ok, detail = svc.slot.readiness()
+            checks["slot"] = detail if ok else f"unready: {detail}"
+        ready = all(v.startswith("ok") for k, v in checks.items() if freshness or k not in ("canary", "slot"))
         if not ready:
             response.status_code = 503
         return Health(status="ready" if ready else "unready", checks=checks)

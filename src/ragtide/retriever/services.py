@@ -20,6 +20,7 @@ from ragtide.gateway.asgi import CALLER_KEY, HEADERS_KEY
 from ragtide.gateway.gateway import Caller, Gateway, bearer
 from ragtide.generator.client import Generator
 from ragtide.generator.metrics import ServingMetrics
+from ragtide.ingest.slot import SlotMonitor
 from ragtide.ingest.sources import SourcesConfig
 from ragtide.retriever.cache import SemanticCache
 from ragtide.retriever.canary import Canary
@@ -51,6 +52,7 @@ class Services:
         self.generator = generator
         self.cache = cache
         self.canary: Canary | None = None
+        self.slot: SlotMonitor | None = None
         self.user_tables = sources.user_tables
         self.filterable = {"table"} | {m for s in sources.sources for m in s.metadata}
         self.serving = ServingMetrics(registry)

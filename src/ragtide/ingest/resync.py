@@ -1,0 +1,92 @@
+"""`ragtide resync`: recover from a replication slot that Postgres invalidated (slot.py), or any time the stream can
+no longer be trusted to hold every change.
+
+The changes made while the slot was lost are gone from the WAL for good, so the only way back to "index equals
+source" is the source itself:
+1. stop the connector (Connect's `PUT /connectors/<name>/stop`: its task ends, its config stays);
+2. drop the lost slot (ending the backend that still holds it, if any);
+3. delete the connector's source offsets (`DELETE /connectors/<name>/offsets`), so Debezium remembers no position;
+4. resume it: with no offsets, `snapshot.mode=initial` takes a new consistent snapshot of every table and creates a
+   new slot at its position, then streams from there (nothing committed after the snapshot is missed);
+5. wait until Debezium streams again.
+
+The command (`ragtide resync`) then waits until the embedder has consumed the topics to their ends (snapshot rows
+are upserts: unchanged chunks are not re-embedded, the stored positions are older than the snapshot's), and runs
+`verify --repair` (rows deleted while the slot was lost are still indexed, and a snapshot has no deletes) and
+`verify`, which must find 0 drift.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import psycopg
+
+from ragtide.contracts.errors import StackError
+from ragtide.contracts.settings import RagtideSettings
+
+
+def wait_for(check: Callable[[], Any], what: str, timeout: float) -> Any:
+    """Call `check` every half second until it returns something truthy; StackError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.5)
+    raise StackError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+def _state(http: httpx.Client, url: str) -> tuple[str, list[str]]:
+    body = http.get(f"{url}/status").raise_for_status().json()
+    return body["connector"]["state"], [t["state"] for t in body.get("tasks", [])]
+
+
+def drop_slot(dsn: str, slot: str) -> bool:
+    """Drop the replication slot (ending a backend that still holds it); False when there was none."""
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+            "WHERE slot_name = %s AND active_pid IS NOT NULL",
+            (slot,),
+        )
+        for _ in range(50):  # the terminated walsender lets go of the slot within moments
+            try:
+                row = conn.execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s",
+                    (slot,),
+                ).fetchone()
+                return row is not None
+            except psycopg.errors.ObjectInUse:
+                time.sleep(0.1)
+    raise StackError(f"replication slot {slot} is still in use; stop whatever reads it and run resync again")
+
+
+def _streaming(http: httpx.Client, url: str) -> bool:
+    """Debezium's committed source offset is a streaming one (the snapshot is over)."""
+    offsets = http.get(f"{url}/offsets").raise_for_status().json().get("offsets", [])
+    return bool(offsets) and all(not o.get("offset", {}).get("snapshot") for o in offsets)
+
+
+def resync_source(
+    settings: RagtideSettings, progress: Callable[[str], None] = lambda _: None, timeout: float = 3600.0
+) -> None:
+    """Steps 1-5 above."""
+    c = settings.connect
+    url = f"{c.url}/connectors/{c.connector_name}"
+    with httpx.Client(timeout=30.0) as http:
+        progress("stopping the connector")
+        http.put(f"{url}/stop").raise_for_status()
+        wait_for(lambda: _state(http, url)[0] == "STOPPED", "the connector to stop", 120)
+        progress(f"dropping replication slot {c.slot_name}")
+        drop_slot(settings.postgres.dsn(), c.slot_name)
+        progress("deleting the connector's offsets")
+        http.delete(f"{url}/offsets").raise_for_status()
+        progress("resuming: Debezium snapshots every table into a new slot")
+        http.put(f"{url}/resume").raise_for_status()
+        wait_for(lambda: _state(http, url) == ("RUNNING", ["RUNNING"]), "the connector to run", 120)
+        wait_for(lambda: _streaming(http, url), "the snapshot to finish", timeout)
