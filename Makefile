@@ -37,8 +37,8 @@ $(DASH): infra/dashboard/package.json infra/dashboard/package-lock.json
 
 install: $(STAMP) $(JARS) $(DASH) ## install Python deps into .venv, the stack jars and the dashboard assets into .cache
 
-up: install ## start Postgres, Kafka, Connect+Debezium, the local generator and the node; load the demo corpus; wait until indexed
-	$(BIN)/ragtide up
+up: install ## start Postgres, Kafka, Connect+Debezium, the local generator and the node; load the demo corpus; wait until indexed (SUPERVISE=1: then restart whatever dies)
+	$(BIN)/ragtide up $(if $(SUPERVISE),--supervise)
 
 down: ## stop every process `make up` started (data is kept)
 	@test -x $(BIN)/ragtide && $(BIN)/ragtide down || true
@@ -71,7 +71,7 @@ test-faults: install ## fault suite: FAULTS random SIGKILLs under load (default 
 
 test: install lint ## lint, then every test: unit, integration, e2e, and the fault suite's short form (its own stack)
 	$(BIN)/pytest -m "not faults" $(PYTEST_ARGS)
-	RAGTIDE_FAULTS=$(FAULTS) $(BIN)/pytest -m faults $(PYTEST_ARGS)
+	RAGTIDE_FAULTS=$(FAULTS) $(BIN)/pytest -m faults $(PYTEST_ARGS) || test $$? -eq 5  # 5: PYTEST_ARGS chose no fault test
 
 bench-freshness: install ## freshness benchmark against the running stack (make up first): 5 and 50 changes/s side by side
 	$(BIN)/pip install -q -c constraints.txt -e '.[bench]'

@@ -219,21 +219,22 @@ def resync(
 ) -> None:
     """Recover from a replication slot that Postgres invalidated: drop it, re-snapshot every source table into a
     new one through Debezium, wait for the embedder, then verify --repair and verify (exit 1 unless 0 drift)."""
-    from ragtide.embedder.liveness import caught_up
+    from ragtide.embedder.liveness import consumed, end_offsets
     from ragtide.embedder.worker import EMBEDDER_GROUP
     from ragtide.ingest.connector import source_topics
-    from ragtide.ingest.resync import resync_source, wait_for
+    from ragtide.ingest.resync import resync_source
     from ragtide.ingest.slot import read_slot
     from ragtide.ingest.sources import load_sources
+    from ragtide.stack.process import wait_until
 
     s = _settings()
     console.print(f"slot {s.connect.slot_name}: {read_slot(s.postgres.dsn(), s.connect.slot_name).verdict()[1]}")
     if not yes:
         typer.confirm("Drop the slot and re-snapshot every source table?", abort=True)
     resync_source(s, lambda step: console.print(f"… {step}"), timeout)
-    topics = source_topics(s, load_sources(s.sources_file))
+    targets = asyncio.run(end_offsets(s.kafka.bootstrap, source_topics(s, load_sources(s.sources_file))))
     console.print("… waiting for the embedder to consume the snapshot")
-    wait_for(lambda: asyncio.run(caught_up(s.kafka.bootstrap, EMBEDDER_GROUP, topics)), "the embedder", timeout)
+    wait_until(lambda: asyncio.run(consumed(s.kafka.bootstrap, EMBEDDER_GROUP, targets)), "the embedder", timeout)
     repaired = _post(s, "/v1/admin/verify", {"repair": True}, timeout=900, exit_code=2)
     console.print(f"… verify --repair: {sum(t['repaired'] for t in repaired['tables'])} rows repaired")
     body = _post(s, "/v1/admin/verify", {"repair": False}, timeout=900, exit_code=2)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from ragtide.embedder.worker import EMBEDDER_GROUP
 from tests.e2e.conftest import LiveStack, live_index, poll
@@ -24,14 +26,24 @@ def index_state(live: LiveStack) -> dict[str, dict[str, Any]]:
         idx.close()
 
 
-async def rewind(bootstrap: str, topic: str) -> int:
-    """Commit offset 0 for the embedder's group on every partition of `topic`; returns the end offset."""
+async def rewind(bootstrap: str, topic: str, timeout_s: float) -> int:
+    """Commit offset 0 for the embedder's group on every partition of `topic`; returns the end offset. The stopped
+    node was a static member (group.instance.id), which does not leave the group: Kafka takes a commit from outside
+    the group only once that member's session has expired and the group is empty."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=EMBEDDER_GROUP, enable_auto_commit=False)
     await consumer.start()
     try:
         parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or {0})]
         consumer.assign(parts)
-        await consumer.commit(dict.fromkeys(parts, 0))
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                await consumer.commit(dict.fromkeys(parts, 0))
+                break
+            except KafkaError:  # CommitFailedError (unknown member) until the group is empty
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(1.0)
         return sum((await consumer.end_offsets(parts)).values())
     finally:
         await consumer.stop()
@@ -44,7 +56,7 @@ def test_replay_from_zero_rebuilds_an_identical_index(live: LiveStack) -> None:
     assert node.stop(timeout=60)
     try:
         before = index_state(live)
-        end = asyncio.run(rewind(s.kafka.bootstrap, topic))
+        end = asyncio.run(rewind(s.kafka.bootstrap, topic, s.kafka.session_timeout_s + 30))
     finally:
         live.stack.start_node()
     # the topic really holds the history: at least one record per indexed row (snapshot + later changes)

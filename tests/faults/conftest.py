@@ -37,6 +37,7 @@ def stack() -> Iterator[Stack]:
         connect={"port": free_port(), "heartbeat_interval_ms": 2000},
         api={"port": free_port()},
         generator={"local": False},
+        batch={"degraded_after_s": 10},
     )
     st = Stack(settings)
     try:

@@ -20,7 +20,7 @@ from dataclasses import asdict
 import httpx
 
 from ragtide.bench.faults import FAULT_KINDS, SOURCE, FaultReport, WriteLoad, audit, await_recovery, inject
-from ragtide.bench.machine import cpu_info
+from ragtide.contracts.machine import cpu_info
 from ragtide.contracts.settings import REPO_ROOT
 from ragtide.embedder.dlq import list_dead_letters
 from ragtide.stack.stack import Stack
@@ -80,6 +80,7 @@ def test_random_kills_under_load_lose_nothing(stack: Stack) -> None:
         print(f"report: {report.write(REPO_ROOT / 'bench' / 'results')}")
     print({"by_kind": report.by_kind(), "changes": report.changes, "audit": asdict(report.audit)})
 
+    assert load.errors == []
     assert sum(load.counts.values()) > RATE * 2 and all(load.counts.values())  # the load really ran, every kind
     assert report.audit.live_rows > 0
     assert (report.audit.lost, report.audit.stale, report.audit.ghosts) == ([], [], [])

@@ -8,15 +8,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from typing import Any
 
 import httpx
 import psycopg
 
 from ragtide.bench.faults import audit
+from ragtide.ingest.slot import read_slot
 from ragtide.stack.jvm import ConnectWorker
 from ragtide.stack.stack import Stack
+from tests.e2e.conftest import poll
 
 BASE = 5_000_000  # this test's rows
 
@@ -25,23 +26,6 @@ def sql(dsn: str, *statements: tuple[str, Any]) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         for statement, params in statements:
             conn.execute(statement, params)
-
-
-def slot_status(dsn: str, slot: str) -> str | None:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
-    return None if row is None else str(row[0])
-
-
-def poll(check: Any, what: str, timeout: float = 180.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
 def test_an_invalidated_slot_is_reported_and_resync_repairs_it(stack: Stack) -> None:
@@ -75,7 +59,7 @@ def test_an_invalidated_slot_is_reported_and_resync_repairs_it(stack: Stack) -> 
                 ("SELECT pg_switch_wal()", None),
                 ("CHECKPOINT", None),
             )
-            return slot_status(dsn, slot) == "lost"
+            return read_slot(dsn, slot).lost
 
         poll(force_wal, "Postgres to invalidate the slot", timeout=120)
     finally:
@@ -101,7 +85,7 @@ def test_an_invalidated_slot_is_reported_and_resync_repairs_it(stack: Stack) -> 
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "verify: 0 drift" in done.stderr
-    assert slot_status(dsn, slot) in ("reserved", "extended")
+    assert read_slot(dsn, slot).wal_status in ("reserved", "extended")
 
     result = audit(api, dsn, [*(i for i, _ in rows), BASE + 100])
     assert (result.lost, result.stale, result.ghosts) == ([], [], [])

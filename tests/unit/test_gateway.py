@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -180,9 +181,16 @@ def test_one_policy_on_every_path_while_the_store_is_down_and_what_was_not_charg
     assert registry.get_sample_value("ragtide_gateway_uncharged_tokens") == 42
     assert registry.get_sample_value("ragtide_gateway_store_fallbacks_total", {"path": "charge"}) == 2
 
+    other_caller = Caller(tenant="globex", key_id=other_record.id)
+    with ThreadPoolExecutor(8) as pool:  # concurrent charges while down: none of them is lost
+        list(pool.map(lambda n: gw.charge(other_caller, n), [1] * 50))
+    yesterday = clock.day.date()
+    clock.day += timedelta(days=1)  # the outage crosses midnight: owed tokens stay on the day they were used
+
     store.down = False
     gw.charge(caller, 8)
-    assert store.usage("acme", clock.day.date()) == 150
+    assert store.usage("globex", yesterday) == 50  # settled by another tenant's charge
+    assert store.usage("acme", yesterday) == 142 and store.usage("acme", clock.day.date()) == 8
     assert registry.get_sample_value("ragtide_gateway_uncharged_tokens") == 0
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import errno
 
+import httpx
 import numpy as np
 import pytest
 from qdrant_client import QdrantClient
-from qdrant_client.http.exceptions import UnexpectedResponse
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from ragtide.contracts.errors import StoreUnavailable
 from ragtide.contracts.pg import SerialConnection
@@ -49,6 +50,11 @@ def test_a_bad_request_to_qdrant_is_not_an_outage() -> None:
 def test_qdrant_server_answers_that_mean_not_now(status: int, content: bytes, outage: bool) -> None:
     exc = UnexpectedResponse(status, "reason", content, None)  # type: ignore[arg-type]
     assert (client_unavailable(exc) is not None) == outage
+
+
+def test_only_transport_failures_wrapped_by_qdrant_client_are_an_outage() -> None:
+    assert client_unavailable(ResponseHandlingException(httpx.ConnectTimeout("timed out")))
+    assert client_unavailable(ResponseHandlingException(ValueError("response does not parse"))) is None
 
 
 def test_the_embedded_engine_disk_full_errors_and_nothing_else() -> None:

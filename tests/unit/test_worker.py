@@ -167,3 +167,33 @@ def test_a_store_outage_during_the_row_by_row_fallback_returns_to_the_batch_retr
     indexed = sorted(p.payload["row_key"] for p in index.scroll({"chunk_no": 0}))
     assert indexed == sorted(row_key(e.table, e.row_id) for e in (first, last))
     assert outage == [0] and registry.get_sample_value("ragtide_store_retries_total") == 6
+
+
+def test_a_long_outage_neither_overflows_the_backoff_nor_stays_reported_after_it_ends() -> None:
+    """The backoff doubled without bound: 2**1024 overflowed after ~1,000 retries (hours at the 10 s cap), which
+    crashed the agent with the batch unacked while health still said 'a store is down'."""
+    index = FlakyIndex(failures=1100)
+    proc, registry = processor(index)
+    proc.base_delay_s = 1e-9
+    good, _ = proc.decode_all([fixture_msg("create")])
+    assert asyncio.run(proc.apply(good)) == [] and index.count() == 1
+    assert registry.get_sample_value("ragtide_store_retries_total") == 1100
+    assert not proc.outage.ongoing
+
+    first = good[0]
+    other = ChangeEvent(first.table, first.op, {"id": "o"}, {**(first.row or {}), "id": "o"}, first.position, offset=9)
+
+    async def cancelled_mid_outage() -> None:
+        index.failures = 10**9
+        task = asyncio.create_task(proc.apply([other]))
+        for _ in range(1000):  # until the first failure
+            if proc.outage.ongoing:
+                break
+            await asyncio.sleep(0.001)
+        assert proc.outage.ongoing
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancelled_mid_outage())
+    assert not proc.outage.ongoing and registry.get_sample_value("ragtide_store_outage_seconds") == 0

@@ -48,7 +48,9 @@ class WriteLoad:
 
     MIX: tuple[tuple[str, int], ...] = (("update", 40), ("insert", 25), ("meta", 20), ("delete", 15))
 
-    def __init__(self, dsn: str, rate: float = 20.0, seed: int = 11, max_s: float = 4 * 3600) -> None:
+    def __init__(
+        self, dsn: str, rate: float = 20.0, seed: int = 11, max_s: float = 4 * 3600, first_id: int = 1
+    ) -> None:
         self.dsn = dsn
         self.rate = rate
         self.max_s = max_s
@@ -56,8 +58,9 @@ class WriteLoad:
         self.live: list[int] = []
         self.ever: set[int] = set()
         self.counts = {op: 0 for op, _ in self.MIX}
-        self.failed = 0
-        self._next_id = 1
+        self.failed = 0  # changes refused because Postgres was unavailable
+        self.errors: list[str] = []  # anything else: a bug in the load or the schema, which ends the load
+        self._next_id = first_id
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fault-write-load", daemon=True)
 
@@ -114,10 +117,13 @@ class WriteLoad:
                 if conn is None or conn.closed:
                     conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=2)
                 self._change(conn, self.rng.choices(ops, weights)[0])
-            except psycopg.Error:
+            except psycopg.OperationalError:
                 self.failed += 1
                 conn = None
                 self._stop.wait(0.5)
+            except psycopg.Error as exc:
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+                break
         if conn is not None:
             conn.close()
 
@@ -224,12 +230,14 @@ def classify(current: dict[int, str], found: dict[int, set[str]]) -> Audit:
 
 
 def audit(api_url: str, dsn: str, ids: Iterable[int]) -> Audit:
-    """Search each id by its own filter and compare with its row in Postgres now."""
+    """Search each of `ids` (every id the caller ever wrote) by its own filter; compare with its row in Postgres."""
+    wanted = sorted(set(ids))
     with psycopg.connect(dsn) as conn:
-        current: dict[int, str] = dict(conn.execute("SELECT id, body FROM public.faults").fetchall())
+        rows = conn.execute("SELECT id, body FROM public.faults WHERE id = ANY(%s)", (wanted,)).fetchall()
+    current: dict[int, str] = dict(rows)
     found: dict[int, set[str]] = {}
     with httpx.Client(base_url=api_url) as client:
-        for row in sorted(set(ids) | set(current)):
+        for row in wanted:
             hits = _search(client, {"rid": row})
             if hits is None:
                 raise RuntimeError(f"search did not answer while auditing row {row}")

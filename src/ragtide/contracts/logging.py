@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 import weakref
 from typing import Any, ClassVar
@@ -73,25 +74,31 @@ class Throttled:
         self.failures = 0  # since the last recovery
         self._logged_at: float | None = None
         self._unlogged = 0
+        self._lock = threading.Lock()  # failures come from request threads too
 
     def failed(self, exc: BaseException, **context: Any) -> None:
         """One more failure; logged when the last log line is old enough."""
-        self.failures += 1
         if self.counter is not None:
             self.counter.inc()
-        now = self.clock()
-        if self._logged_at is not None and now - self._logged_at < self.every_s:
-            self._unlogged += 1
-            return
-        extra = {"error": repr(exc), "failures": self.failures, "not_logged": self._unlogged, **context}
-        self.logger.warning(self.message, extra=extra, exc_info=exc if self.failures == 1 else None)
-        self._logged_at, self._unlogged = now, 0
+        with self._lock:
+            self.failures += 1
+            now = self.clock()
+            if self._logged_at is not None and now - self._logged_at < self.every_s:
+                self._unlogged += 1
+                return
+            first, failures, unlogged = self.failures == 1, self.failures, self._unlogged
+            self._logged_at, self._unlogged = now, 0
+        extra = {"error": repr(exc), "failures": failures, "not_logged": unlogged, **context}
+        self.logger.warning(self.message, extra=extra, exc_info=exc if first else None)
 
     def recovered(self) -> None:
         """The next attempt worked: say so once, after a failure."""
-        if self.failures:
-            self.logger.info(f"recovered: {self.message}", extra={"failures": self.failures})
-        self.failures, self._logged_at, self._unlogged = 0, None, 0
+        if not self.failures:  # the common case, without the lock
+            return
+        with self._lock:
+            failures, self.failures, self._logged_at, self._unlogged = self.failures, 0, None, 0
+        if failures:
+            self.logger.info(f"recovered: {self.message}", extra={"failures": failures})
 
 
 class BackgroundFailures:

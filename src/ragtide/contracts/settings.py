@@ -7,6 +7,8 @@ Qdrant server.
 
 from __future__ import annotations
 
+import hashlib
+import re
 import socket
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -58,15 +60,18 @@ class KafkaSettings(_Section):
     instance_id: str | None = Field(
         None,
         description="the embedder's static group membership id (Kafka's group.instance.id): a restarted worker takes "
-        "its partitions back at once instead of waiting for the dead one's session to expire. Default: the host name "
-        "and data folder (a pod's name under Kubernetes); '' turns static membership off. Two live workers must never "
-        "share one (Kafka fences the older)",
+        "its partitions back at once instead of waiting for the dead one's session to expire. Default: from the host "
+        "name and data folder (a pod's name under Kubernetes); '' turns static membership off. Two live workers must "
+        "never share one. A static member does not leave the group when it stops: tools that reset the group's "
+        "offsets find it empty only `session_timeout_s` later",
+        pattern=r"^[A-Za-z0-9._-]{0,200}$",
     )
     session_timeout_s: float = Field(
         30.0,
         ge=6,
-        le=300,
-        description="a worker that stops heartbeating loses its partitions to the others after this long",
+        le=90,
+        description="a worker that stops heartbeating loses its partitions to the others after this long (at most "
+        "Faust's 90 s request timeout)",
     )
 
     @property
@@ -78,7 +83,9 @@ class KafkaSettings(_Section):
         """The static membership id this process uses (None: dynamic membership)."""
         if self.instance_id is not None:
             return self.instance_id or None
-        return f"{socket.gethostname()}:{data_dir.resolve()}"
+        host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:100]
+        folder = hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:12]
+        return f"ragtide-{host}-{folder}"  # Kafka's rules for an id: [A-Za-z0-9._-], at most 249 characters
 
 
 class ConnectSettings(_Section):

@@ -41,6 +41,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from ragtide.contracts.machine import cpu_info
 from ragtide.embedder.encoder import model_name_of
 
 log = logging.getLogger(__name__)
@@ -85,11 +86,8 @@ def plan_batches(lengths: Sequence[int], token_budget: int, max_rows: int = 4096
 def cpu_has_native_bf16() -> bool:
     """x86 CPUs with bf16 dot products (AVX512_BF16 or AMX): bf16 runs about 2.5x fp32 there at a cosine
     deviation of ~1e-4 from fp32; elsewhere bf16 is emulated and slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    features = cpu_info()["features"]
+    return "avx512_bf16" in features or "amx_bf16" in features
 
 
 def model_window(model_dir: Path) -> int:

@@ -110,30 +110,34 @@ class BatchProcessor:
         poison: list[tuple[ChangeEvent, str]] = []
         attempt = 0
         one_by_one = False
-        while pending:
-            try:
-                if one_by_one:
-                    await self._apply_one_by_one(pending, poison)
-                else:
-                    self._record(await asyncio.to_thread(self.writer.apply, pending))
-                    pending = []
-                self.outage.end()
-            except Exception as exc:
-                if not is_transient(exc):
-                    self.outage.end()  # the store answered: this batch holds a row that cannot be indexed
-                    log.warning("batch failed; retrying row by row", extra={"error": repr(exc), "events": len(pending)})
-                    one_by_one = True
-                    continue
-                attempt += 1
-                one_by_one = False  # back to the batch: the rows after a poison one go in together again
-                self.metrics.store_retries.inc()
-                delay = min(MAX_BACKOFF_S, self.base_delay_s * 2**attempt)
-                log.error(
-                    "store unavailable; batch will be retried",
-                    extra={"error": repr(exc), "attempt": attempt, "delay_s": delay, "pending": len(pending)},
-                )
-                self.outage.begin(str(exc))
-                await asyncio.sleep(delay)
+        try:
+            while pending:
+                try:
+                    if one_by_one:
+                        await self._apply_one_by_one(pending, poison)
+                    else:
+                        self._record(await asyncio.to_thread(self.writer.apply, pending))
+                        pending = []
+                except Exception as exc:
+                    if not is_transient(exc):
+                        self.outage.end()  # the store answered: this batch holds a row that cannot be indexed
+                        log.warning(
+                            "batch failed; retrying row by row", extra={"error": repr(exc), "events": len(pending)}
+                        )
+                        one_by_one = True
+                        continue
+                    attempt += 1
+                    one_by_one = False  # back to the batch: the rows after a poison one go in together again
+                    self.metrics.store_retries.inc()
+                    delay = min(MAX_BACKOFF_S, self.base_delay_s * 2 ** min(attempt, 16))
+                    log.error(
+                        "store unavailable; batch will be retried",
+                        extra={"error": repr(exc), "attempt": attempt, "delay_s": delay, "pending": len(pending)},
+                    )
+                    self.outage.begin(str(exc))
+                    await asyncio.sleep(delay)
+        finally:
+            self.outage.end()  # nothing waits for a store any more: done, cancelled (shutdown), or failed
         return poison
 
     async def _apply_one_by_one(self, pending: list[ChangeEvent], poison: list[tuple[ChangeEvent, str]]) -> None:

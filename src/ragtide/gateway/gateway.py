@@ -128,7 +128,7 @@ class Gateway:
         self._buckets: dict[str, TokenBucket] = {}  # only while the store cannot be reached
         self._quotas: dict[str, tuple[int | None, float]] = {}
         self._used: dict[tuple[str, date], int] = {}
-        self._uncharged: dict[tuple[str, date], int] = {}  # tokens to charge once the store answers again
+        self._uncharged: dict[tuple[str, date], tuple[int, int]] = {}  # (tokens, requests) to charge when it is back
         registry = registry if registry is not None else CollectorRegistry()
         self.fallbacks = Counter(
             "ragtide_gateway_store_fallbacks",
@@ -263,7 +263,9 @@ class Gateway:
         limit then holds per replica) rather than refusing every request or admitting them all."""
         if self.store is not None:
             try:
-                return self.store.take_token(bucket, rate, burst)
+                taken = self.store.take_token(bucket, rate, burst)
+                self._down_log.recovered()
+                return taken
             except StoreUnavailable as exc:
                 self._store_down("rate_limit", exc)
         with self._lock:
@@ -289,17 +291,40 @@ class Gateway:
             return
         day = self.wall().date()
         slot = (caller.tenant, day)
-        with self._lock:
-            owed = self._uncharged.pop(slot, 0)
-        try:
-            total = self.store.add_usage(caller.tenant, day, tokens + owed) if self.store is not None else None
-        except StoreUnavailable as exc:
-            self._store_down("charge", exc)
-            total = None
-            with self._lock:
-                self._uncharged[slot] = owed + tokens
+        total: int | None = None
+        if self.store is not None:
+            try:
+                total = self.store.add_usage(caller.tenant, day, tokens)
+                self._down_log.recovered()
+            except StoreUnavailable as exc:
+                self._store_down("charge", exc)
+                self._owe(slot, tokens, 1)
+            else:
+                total = self._settle(caller.tenant, day, total)
         with self._lock:
             if total is None:
                 total = self._used.get(slot, 0) + tokens
-            self._used[slot] = total
-            self.uncharged_tokens.set(sum(self._uncharged.values()))
+            self._used[slot] = max(total, self._used.get(slot, 0))
+
+    def _owe(self, slot: tuple[str, date], tokens: int, requests: int) -> None:
+        with self._lock:
+            owed_tokens, owed_requests = self._uncharged.get(slot, (0, 0))
+            self._uncharged[slot] = (owed_tokens + tokens, owed_requests + requests)
+            self.uncharged_tokens.set(sum(t for t, _ in self._uncharged.values()))
+
+    def _settle(self, tenant: str, today: date, total: int) -> int:
+        """The store answers again: charge what requests could not charge during the outage (every tenant's, on the
+        days they were made); returns the caller's total for today."""
+        with self._lock:
+            owed, self._uncharged = self._uncharged, {}
+            self.uncharged_tokens.set(sum(t for t, _ in self._uncharged.values()))
+        for slot, (tokens, requests) in sorted(owed.items()):
+            try:
+                charged = self.store.add_usage(slot[0], slot[1], tokens, requests) if self.store else 0
+            except StoreUnavailable as exc:
+                self._store_down("charge", exc)
+                self._owe(slot, tokens, requests)
+                continue
+            if slot == (tenant, today):
+                total = charged
+        return total

@@ -29,16 +29,20 @@ from ragtide.contracts.errors import StackError
 from ragtide.contracts.settings import RagtideSettings
 
 
-def wait_for(check: Callable[[], Any], what: str, timeout: float) -> Any:
-    """Call `check` every half second until it returns something truthy; StackError after `timeout`."""
+def wait_until(check: Callable[[], bool], what: str, timeout: float) -> None:
+    """Poll `check` every half second (an HTTP error counts as not yet: Connect answers 409 while it rebalances);
+    StackError after `timeout`. (stack.process has the native stack's own, which reads daemons' logs; ingest
+    stays below stack.)"""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
+        try:
+            if check():
+                return
+        except httpx.HTTPError as exc:
+            last = exc
         time.sleep(0.5)
-    raise StackError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+    raise StackError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last!r})")
 
 
 def _state(http: httpx.Client, url: str) -> tuple[str, list[str]]:
@@ -79,14 +83,21 @@ def resync_source(
     c = settings.connect
     url = f"{c.url}/connectors/{c.connector_name}"
     with httpx.Client(timeout=30.0) as http:
-        progress("stopping the connector")
-        http.put(f"{url}/stop").raise_for_status()
-        wait_for(lambda: _state(http, url)[0] == "STOPPED", "the connector to stop", 120)
-        progress(f"dropping replication slot {c.slot_name}")
-        drop_slot(settings.postgres.dsn(), c.slot_name)
-        progress("deleting the connector's offsets")
-        http.delete(f"{url}/offsets").raise_for_status()
-        progress("resuming: Debezium snapshots every table into a new slot")
-        http.put(f"{url}/resume").raise_for_status()
-        wait_for(lambda: _state(http, url) == ("RUNNING", ["RUNNING"]), "the connector to run", 120)
-        wait_for(lambda: _streaming(http, url), "the snapshot to finish", timeout)
+        try:
+            progress("stopping the connector")
+            http.put(f"{url}/stop").raise_for_status()
+            wait_until(lambda: _state(http, url)[0] == "STOPPED", "the connector to stop", 120)
+            progress(f"dropping replication slot {c.slot_name}")
+            drop_slot(settings.postgres.dsn(), c.slot_name)
+            progress("deleting the connector's offsets")
+            http.delete(f"{url}/offsets").raise_for_status()
+            progress("resuming: Debezium snapshots every table into a new slot")
+            http.put(f"{url}/resume").raise_for_status()
+            wait_until(lambda: _state(http, url) == ("RUNNING", ["RUNNING"]), "the connector to run", 120)
+        except (httpx.HTTPError, psycopg.Error, StackError) as exc:
+            state = http.get(f"{url}/status").text[:500] if not isinstance(exc, httpx.TransportError) else "?"
+            raise StackError(
+                f"resync stopped half way ({exc}); the connector may be stopped (status: {state}); fix the cause and "
+                "run `ragtide resync` again: every step is safe to repeat"
+            ) from exc
+        wait_until(lambda: _streaming(http, url), "the snapshot to finish", timeout)

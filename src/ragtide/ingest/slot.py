@@ -129,7 +129,7 @@ class SlotMonitor:
             try:
                 await asyncio.to_thread(self.check)
                 failures.recovered()
-            except psycopg.Error as exc:
+            except Exception as exc:  # Postgres restarting, most likely; the loop must go on whatever it was
                 failures.failed(exc)
             await asyncio.sleep(self.interval_s)
 

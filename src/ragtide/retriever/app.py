@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any
 
+import psycopg
 from fastapi import APIRouter, FastAPI, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -121,10 +122,13 @@ def create_app(
             async with contextlib.AsyncExitStack() as stack:
                 if lifespan is not None:
                     await stack.enter_async_context(lifespan(app))
+                if store is not None:
+                    try:
+                        await asyncio.to_thread(store.migrate)
+                    except StoreUnavailable as exc:  # serve anyway: its tables are made before its first statement
+                        log.warning("gateway store unavailable at start-up", extra={"error": str(exc)})
                 canary_task = asyncio.create_task(svc.canary.run()) if svc.canary else None
                 slot_task = asyncio.create_task(svc.slot.run()) if svc.slot else None
-                if store is not None:
-                    await asyncio.to_thread(store.migrate)
                 settle_garbage_collector()
                 try:
                     yield
@@ -173,7 +177,8 @@ def create_app(
         return JSONResponse(status_code=422, content={"detail": str(exc)})
 
     @app.exception_handler(StoreUnavailable)
-    async def _store_unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
+    @app.exception_handler(psycopg.OperationalError)  # Postgres read directly (verify, the source's rows)
+    async def _store_unavailable(_: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(status_code=503, content={"detail": str(exc)}, headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)

@@ -28,7 +28,9 @@ import numpy as np
 import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from ragtide.contracts.errors import StoreUnavailable
 from ragtide.contracts.events import ChangeEvent, Op
+from ragtide.contracts.logging import Throttled
 from ragtide.contracts.settings import CacheSettings, RagtideSettings
 from ragtide.embedder.index.base import Hit, IndexPoint, VectorIndex
 
@@ -119,6 +121,7 @@ class SemanticCache:
         self._seq = 0
         self._recent: deque[tuple[int, frozenset[str], frozenset[str]]] = deque(maxlen=_RECENT_INVALIDATIONS)
         self._ready = False
+        self._unwritable = Throttled(log, "answer cache not written (its store is unavailable); answers go on")
 
     def ensure(self, dim: int) -> None:
         """Create the collection and load the entry order (for the size bound) from it."""
@@ -153,7 +156,10 @@ class SemanticCache:
             self.metrics.requests.labels("other_sources").inc()
             return None
         if time.time() * 1000 - int(p["created_ms"]) > self.settings.ttl_s * 1000:
-            self._drop([hit.id])
+            try:
+                self._drop([hit.id])
+            except StoreUnavailable as exc:  # dropped at a later lookup; the answer is not served either way
+                self._unwritable.failed(exc)
             self.metrics.requests.labels("expired").inc()
             return None
         self.metrics.requests.labels("hit").inc()
@@ -216,7 +222,11 @@ class SemanticCache:
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
         }
-        self.index.upsert([IndexPoint(point_id, vector, payload)])
+        try:
+            self.index.upsert([IndexPoint(point_id, vector, payload)])
+        except StoreUnavailable as exc:  # caching is best effort: the answer was served, only not remembered
+            self._unwritable.failed(exc)
+            return False
         with self._lock:
             self._order[point_id] = created
             overflow = [self._order.popitem(last=False)[0] for _ in range(len(self._order) - self.settings.max_entries)]

@@ -182,8 +182,9 @@ class EdgeIndex:
 
     def optimize(self) -> dict[str, Any]:
         """Merge segments and build HNSW. qdrant-edge has no background optimizer, and this call holds the GIL
-        (the whole process pauses: about 0.5 s per 1,000 points on 2 cores), so it runs only when asked."""
-        optimized = bool(self.shard.optimize())
+        (the whole process pauses: about 0.5 s per 1,000 points on 2 cores), so it runs only when asked. It writes
+        new segments: the free-space reserve applies."""
+        optimized = bool(self._writable().optimize())
         info = self.shard.info()
         return {
             "optimized": optimized,

@@ -49,8 +49,8 @@ def client_unavailable(exc: BaseException) -> str | None:
     """Why a Qdrant server cannot serve now, or None when `exc` is not an outage: the connection failing or timing
     out (qdrant-client wraps httpx's transport errors in ResponseHandlingException), a not-now status, or the
     server's disk being full. Any other answer (400 for a bad point, 404 for a missing collection) is not."""
-    if isinstance(exc, ResponseHandlingException | httpx.TransportError):
-        source = getattr(exc, "source", exc)
+    source = exc.source if isinstance(exc, ResponseHandlingException) else exc  # qdrant-client wraps httpx's
+    if isinstance(source, httpx.TransportError):  # not its wrapped response-parsing errors: those are bugs
         return f"unreachable ({type(source).__name__}: {source})"
     if isinstance(exc, UnexpectedResponse):
         if exc.status_code in _NOT_NOW:

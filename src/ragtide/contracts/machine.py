@@ -1,4 +1,4 @@
-"""What a result ran on: the CPU's model and the features that decide the embedding speed, for every report."""
+"""What a result ran on, and what the engine may use: the CPU's model and the features that decide embedding speed."""
 
 from __future__ import annotations
 
