@@ -12,7 +12,7 @@ FAULTS ?= 4
 # llama-cpp-python builds llama.cpp from source (a few minutes on 2 cores; pip caches the wheel): the library only.
 LLAMA_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
-.PHONY: help install up down clean status lint fmt test test-unit test-integration test-e2e test-faults bench-freshness bench-embed bench-serve bench-cache gpu-kit
+.PHONY: help install qdrant up down clean status lint fmt test test-unit test-integration test-e2e test-faults bench-freshness bench-embed bench-serve bench-cache gpu-kit
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-17s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -36,6 +36,9 @@ $(DASH): infra/dashboard/package.json infra/dashboard/package-lock.json
 	@touch $(DASH)
 
 install: $(STAMP) $(JARS) $(DASH) ## install Python deps into .venv, the stack jars and the dashboard assets into .cache
+
+qdrant: ## build the Qdrant server (v1.16.3) from source once, cached under ~/.cache/ragtide/qdrant (~45 min on 2 cores)
+	bash infra/scripts/build-qdrant.sh
 
 up: install ## start Postgres, Kafka, Connect+Debezium, the local generator and the node; load the demo corpus; wait until indexed (SUPERVISE=1: then restart whatever dies)
 	$(BIN)/ragtide up $(if $(SUPERVISE),--supervise)

@@ -127,26 +127,32 @@ def poll(check: Callable[[], T | None], what: str, timeout: float = POLL_TIMEOUT
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
+def own_stack_settings(prefix: str, extra_sources: list[dict[str, Any]], **overrides: Any) -> RagtideSettings:
+    """Settings of a stack of a test suite's own: a temporary data folder, free ports, the product's sources plus
+    `extra_sources`, and `overrides` (sections as dicts)."""
+    # Postgres runs as the `postgres` user: the data folder must be reachable by it (not under /tmp/pytest-of-root).
+    data = Path(tempfile.mkdtemp(prefix=prefix))
+    data.chmod(0o755)
+    sources = yaml.safe_load((REPO_ROOT / "config" / "sources.yaml").read_text())
+    sources["sources"] += extra_sources
+    (data / "sources.yaml").write_text(yaml.safe_dump(sources))
+    sections: dict[str, Any] = {
+        "generator": {"port": free_port()},
+        "postgres": {"port": free_port()},
+        "kafka": {"port": free_port(), "controller_port": free_port()},
+        "connect": {"port": free_port(), "heartbeat_interval_ms": 2000},
+        "api": {"port": free_port()},
+    }
+    for name, values in overrides.items():
+        sections[name] = {**sections.get(name, {}), **values}
+    return load_settings(RagtideSettings, data_dir=data, sources_file=data / "sources.yaml", **sections)
+
+
 @pytest.fixture(scope="session")
 def live() -> Iterator[LiveStack]:
-    # Postgres runs as the `postgres` user: the data folder must be reachable by it (not under /tmp/pytest-of-root).
-    data = Path(tempfile.mkdtemp(prefix="ragtide-e2e-"))
-    data.chmod(0o755)
     # The product's sources plus a multi-tenant table (snapshotted with the rest) for the gateway's tests.
-    sources = yaml.safe_load((REPO_ROOT / "config" / "sources.yaml").read_text())
-    sources["sources"] += [TICKETS_SOURCE, SCRATCH_SOURCE]
-    (data / "sources.yaml").write_text(yaml.safe_dump(sources))
-    settings = load_settings(
-        RagtideSettings,
-        data_dir=data,
-        sources_file=data / "sources.yaml",
-        generator={"port": free_port()},
-        postgres={"port": free_port()},
-        kafka={"port": free_port(), "controller_port": free_port()},
-        connect={"port": free_port(), "heartbeat_interval_ms": 2000},
-        api={"port": free_port()},
-        index={"retire_grace_s": 5},
-    )
+    settings = own_stack_settings("ragtide-e2e-", [TICKETS_SOURCE, SCRATCH_SOURCE], index={"retire_grace_s": 5})
+    data = settings.data_dir
     stack = Stack(settings)
     try:
         PostgresCluster(settings, stack.daemon("postgres")).start()

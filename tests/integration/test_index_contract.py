@@ -14,6 +14,7 @@ import pytest
 from qdrant_client import QdrantClient
 
 from ragtide.contracts.chunks import point_id
+from ragtide.contracts.errors import ClientError
 from ragtide.embedder.index.base import IndexPoint, Range, VectorIndex
 from ragtide.embedder.index.edge import EdgeIndex
 from ragtide.embedder.index.memory import MemoryIndex
@@ -151,7 +152,7 @@ def test_a_range_selects_by_number_and_combines_with_the_other_conditions(index:
 
 
 def test_invalid_filter_is_rejected(index: VectorIndex) -> None:
-    with pytest.raises(ValueError, match="filter value"):
+    with pytest.raises(ClientError, match="filter value"):
         index.count({"metadata.category": {"nested": 1}})  # type: ignore[dict-item]
 
 

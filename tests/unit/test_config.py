@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,14 @@ def test_batch_size_follows_the_encoder_unless_set(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("RAGTIDE_BATCH__MAX_EVENTS", "0")
     with pytest.raises(ConfigError, match=r"batch\.max_events:"):
         load_settings(RagtideSettings)
+
+
+def test_the_static_member_id_is_stable_valid_for_kafka_and_follows_the_subscription(tmp_path: Path) -> None:
+    kafka = load_settings(RagtideSettings).kafka
+    topics = ["ragtide.public.docs", "ragtide.public.notes"]
+    first = kafka.member_id(tmp_path, topics)
+    assert first is not None and first == kafka.member_id(tmp_path, list(reversed(topics)))  # a restart: the same
+    assert re.fullmatch(r"[A-Za-z0-9._-]{1,249}", first)
+    assert kafka.member_id(tmp_path, [*topics, "ragtide.public.added"]) != first  # a new table: a new member
+    assert kafka.member_id(tmp_path / "other", topics) != first  # another checkout on the host
+    assert load_settings(RagtideSettings, kafka={"instance_id": ""}).kafka.member_id(tmp_path, topics) is None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -79,12 +80,16 @@ class KafkaSettings(_Section):
         """host:port for clients."""
         return f"{self.host}:{self.port}"
 
-    def member_id(self, data_dir: Path) -> str | None:
-        """The static membership id this process uses (None: dynamic membership)."""
+    def member_id(self, data_dir: Path, topics: Sequence[str]) -> str | None:
+        """The static membership id this process uses (None: dynamic membership). It changes with the set of
+        source topics: Kafka hands a static member that rejoins its old assignment without a rebalance, so after a
+        table was added the same id would never be given the new topic (the new id waits out the old one's
+        session once instead)."""
         if self.instance_id is not None:
             return self.instance_id or None
         host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:100]
-        folder = hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:12]
+        what = "\n".join([str(data_dir.resolve()), *sorted(topics)])
+        folder = hashlib.sha1(what.encode()).hexdigest()[:12]
         return f"ragtide-{host}-{folder}"  # Kafka's rules for an id: [A-Za-z0-9._-], at most 249 characters
 
 

@@ -231,7 +231,7 @@ def create_worker_app(
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=0.5,
         broker_session_timeout=settings.kafka.session_timeout_s,
-        consumer_group_instance_id=settings.kafka.member_id(settings.data_dir),
+        consumer_group_instance_id=settings.kafka.member_id(settings.data_dir, topics),
         producer_linger_ms=0,
         stream_wait_empty=False,
         autodiscover=False,
