@@ -68,26 +68,26 @@ def test_a_qdrant_server_down_for_30_s_loses_nothing_and_search_says_503(server:
     dog.outage = proc.outage
     app = create_app(settings, index, encoder, SOURCES, gateway=Gateway(settings.gateway, MemoryGatewayStore()))
 
-    async def outage() -> None:
+    async def outage(api: TestClient) -> None:
         assert await proc.apply(rows(1, 20, "before the outage")) == []
         server.daemon.stop(timeout=5)  # SIGTERM; SIGKILL after 5 s
         down_at = time.monotonic()
         batch = asyncio.create_task(proc.apply(rows(21, 20, "during the outage")))
-        with TestClient(app, raise_server_exceptions=False) as api:
-            while time.monotonic() - down_at < OUTAGE_S:
-                await asyncio.sleep(1.0)
-                resp = await asyncio.to_thread(api.post, "/v1/search", json={"query": "outage row", "k": 3})
-                assert resp.status_code == 503 and resp.headers["retry-after"] == "5", resp.text
-                assert not batch.done()  # nothing acknowledged while the store is away
-            verdict = dog.verdict()
-            assert verdict.ok and verdict.degraded and "Qdrant collection docs: unreachable" in verdict.reason
-            await asyncio.to_thread(server.start)  # the same storage: Qdrant recovers from its WAL
-            assert await asyncio.wait_for(batch, timeout=120) == []
-            resp = await asyncio.to_thread(api.post, "/v1/search", json={"query": "row during the outage", "k": 3})
-            assert resp.status_code == 200 and "during the outage" in resp.json()["hits"][0]["text"]
-            assert index.count({"chunk_no": 0}) == 40  # (the app closes the client when it stops)
+        while time.monotonic() - down_at < OUTAGE_S:
+            await asyncio.sleep(1.0)
+            resp = await asyncio.to_thread(api.post, "/v1/search", json={"query": "outage row", "k": 3})
+            assert resp.status_code == 503 and resp.headers["retry-after"] == "5", resp.text
+            assert not batch.done()  # nothing acknowledged while the store is away
+        verdict = dog.verdict()
+        assert verdict.ok and verdict.degraded and "Qdrant collection docs: unreachable" in verdict.reason
+        await asyncio.to_thread(server.start)  # the same storage: Qdrant recovers from its WAL
+        assert await asyncio.wait_for(batch, timeout=120) == []
+        resp = await asyncio.to_thread(api.post, "/v1/search", json={"query": "row during the outage", "k": 3})
+        assert resp.status_code == 200 and "during the outage" in resp.json()["hits"][0]["text"]
+        assert index.count({"chunk_no": 0}) == 40
 
-    asyncio.run(outage())
+    with TestClient(app, raise_server_exceptions=False) as api:  # started while the server is up
+        asyncio.run(outage(api))
     retries = registry.get_sample_value("ragtide_store_retries_total")
     assert retries is not None and retries > 3
     assert registry.get_sample_value("ragtide_store_outage_seconds") == 0
