@@ -8,7 +8,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import httpx
 import typer
@@ -26,6 +26,9 @@ from rich.table import Table
 from ragtide.contracts.errors import RagtideError
 from ragtide.contracts.logging import setup_logging
 from ragtide.contracts.settings import RagtideSettings, load_settings
+
+if TYPE_CHECKING:
+    from ragtide.stack.stack import Stack
 
 app = typer.Typer(help="ragtide: CDC-driven streaming RAG ingestion.", no_args_is_help=True, add_completion=False)
 # Wide enough for the side-by-side benchmark tables when output is piped to a file.
@@ -93,7 +96,7 @@ def up(
         supervise_stack(stack)
 
 
-def supervise_stack(stack: Any) -> None:
+def supervise_stack(stack: Stack) -> None:
     """Restart whatever dies until SIGINT or SIGTERM; the processes keep running afterwards."""
     import signal
     import threading
@@ -353,7 +356,7 @@ def embedder() -> None:
     from prometheus_client import CollectorRegistry
 
     from ragtide.contracts.freshness import FreshnessTracker
-    from ragtide.embedder.liveness import Watchdog, health_app, serve_health
+    from ragtide.embedder.liveness import health_app, serve_health
     from ragtide.ingest.connector import ensure_topics, source_topics
     from ragtide.ingest.sources import load_sources
     from ragtide.node import build_embedder, build_encoder, build_lifecycle, open_generations
@@ -367,8 +370,7 @@ def embedder() -> None:
     encoder = build_encoder(s)
     generations, snapshot = open_generations(s, encoder, sources, registry)
     cache = build_cache(s, registry, encoder.dim, sole_writer=False)  # the retrievers store, we invalidate
-    watchdog = Watchdog(s.batch.stall_s, s.batch.degraded_after_s)
-    worker_app = build_embedder(s, generations, sources, registry, tracker, cache, watchdog)
+    worker_app, watchdog = build_embedder(s, generations, sources, registry, tracker, cache)
 
     @worker_app.task  # type: ignore[untyped-decorator]
     async def builds() -> None:  # the blue/green switch is the embedder's job: it owns the writes

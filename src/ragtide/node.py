@@ -140,15 +140,14 @@ def build_embedder(
     registry: CollectorRegistry,
     tracker: FreshnessTracker | None = None,
     cache: SemanticCache | None = None,
-    watchdog: Watchdog | None = None,
-) -> faust.App:
-    """The Faust app of the embedder, writing to every open generation (and invalidating cached answers), its
-    progress checked against Kafka's offsets (a watchdog of its own unless one is given)."""
+) -> tuple[faust.App, Watchdog]:
+    """The Faust app of the embedder, writing to every open generation (and invalidating cached answers), and the
+    watchdog that checks its progress against Kafka's offsets (its verdict is the process' /healthz)."""
     applier = InvalidatingApplier(generations, cache) if cache is not None else generations
     processor = BatchProcessor(applier, EmbedderMetrics(registry), settings.connect.topic_prefix, tracker)
     on_gpu = bool(getattr(generations.live.encoder, "cuda", False))  # the engine on CUDA takes bigger batches
-    watchdog = watchdog or Watchdog(settings.batch.stall_s, settings.batch.degraded_after_s)
-    return create_worker_app(settings, processor, source_topics(settings, sources), on_gpu, watchdog)
+    watchdog = Watchdog(settings.batch.stall_s, settings.batch.degraded_after_s)
+    return create_worker_app(settings, processor, source_topics(settings, sources), on_gpu, watchdog), watchdog
 
 
 @contextlib.asynccontextmanager
@@ -197,8 +196,7 @@ def create_node_app(settings: RagtideSettings) -> FastAPI:
     tracker = FreshnessTracker(registry)
     generations, snapshot = open_generations(settings, encoder, sources, registry)
     cache = build_cache(settings, registry, encoder.dim)
-    watchdog = Watchdog(settings.batch.stall_s, settings.batch.degraded_after_s)
-    worker = build_embedder(settings, generations, sources, registry, tracker, cache, watchdog)
+    worker, watchdog = build_embedder(settings, generations, sources, registry, tracker, cache)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -19,7 +19,6 @@ import json
 import os
 import random
 import signal
-import statistics
 import threading
 import time
 from collections.abc import Iterable
@@ -30,6 +29,7 @@ from typing import Any
 import httpx
 import psycopg
 
+from ragtide.contracts.freshness import summarize
 from ragtide.stack.postgres import PostgresCluster
 from ragtide.stack.stack import Stack
 
@@ -245,18 +245,6 @@ def audit(api_url: str, dsn: str, ids: Iterable[int]) -> Audit:
     return classify(current, found)
 
 
-def _summary(values: list[float]) -> dict[str, float] | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return {
-        "n": len(ordered),
-        "p50": round(statistics.median(ordered), 2),
-        "p95": round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 2),
-        "max": round(ordered[-1], 2),
-    }
-
-
 @dataclass
 class FaultReport:
     """What `make test-faults` writes under bench/results/."""
@@ -282,8 +270,8 @@ class FaultReport:
                 out[kind] = {
                     "faults": len(mine),
                     "not_recovered": sum(r.fresh_s is None for r in mine),
-                    "search_s": _summary([r.search_s for r in mine if r.search_s is not None]),
-                    "fresh_s": _summary([r.fresh_s for r in mine if r.fresh_s is not None]),
+                    "search_s": summarize([r.search_s for r in mine if r.search_s is not None]),
+                    "fresh_s": summarize([r.fresh_s for r in mine if r.fresh_s is not None]),
                 }
         return out
 

@@ -142,19 +142,20 @@ class Gateway:
             registry=registry,
         )
         self._down_log = Throttled(log, "gateway store unavailable; serving with what this process knows")
-
-        self.fallback_counts: dict[str, int] = {}
+        self.registry = registry
 
     def _store_down(self, path: str, exc: StoreUnavailable) -> None:
         self.fallbacks.labels(path).inc()
-        with self._lock:
-            self.fallback_counts[path] = self.fallback_counts.get(path, 0) + 1
         self._down_log.failed(exc, path=path)
+
+    def fallbacks_on(self, path: str) -> int:
+        """Decisions taken without the store on one path (key, quota, usage, charge, rate_limit)."""
+        return int(self.registry.get_sample_value("ragtide_gateway_store_fallbacks_total", {"path": path}) or 0)
 
     @property
     def local_rate_limits(self) -> int:
         """Rate-limit decisions taken from this process' own buckets (the store was down)."""
-        return self.fallback_counts.get("rate_limit", 0)
+        return self.fallbacks_on("rate_limit")
 
     def _fresh(self, memo: dict[K, tuple[V, float]], key: K, fetch: Callable[[], V], path: str) -> V:
         """`fetch()` at most once per `key_cache_s` per key (keys and quotas change rarely; requests are many).
