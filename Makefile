@@ -12,7 +12,7 @@ FAULTS ?= 4
 # llama-cpp-python builds llama.cpp from source (a few minutes on 2 cores; pip caches the wheel): the library only.
 LLAMA_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
-.PHONY: help install qdrant up down clean status lint fmt test test-unit test-integration test-e2e test-faults bench-freshness bench-embed bench-serve bench-cache gpu-kit
+.PHONY: help install qdrant up doctor down clean status lint fmt test test-unit test-integration test-e2e test-faults bench-freshness bench-embed bench-serve bench-cache gpu-kit
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-17s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -40,11 +40,17 @@ install: $(STAMP) $(JARS) $(DASH) ## install Python deps into .venv, the stack j
 qdrant: ## build the Qdrant server (v1.16.3) from source once, cached under ~/.cache/ragtide/qdrant (~45 min on 2 cores)
 	bash infra/scripts/build-qdrant.sh
 
-up: install ## start Postgres, Kafka, Connect+Debezium, the local generator and the node; load the demo corpus; wait until indexed (SUPERVISE=1: then restart whatever dies)
-	$(BIN)/ragtide up $(if $(SUPERVISE),--supervise)
+# Your own database: SOURCE_DSN=postgresql://user@host:5432/db (no local Postgres; `ragtide init` writes SOURCES).
+SOURCE_ENV = $(if $(SOURCE_DSN),RAGTIDE_POSTGRES__DSN='$(SOURCE_DSN)') $(if $(SOURCES),RAGTIDE_SOURCES_FILE='$(SOURCES)')
 
-down: ## stop every process `make up` started (data is kept)
-	@test -x $(BIN)/ragtide && $(BIN)/ragtide down || true
+up: install ## start Postgres (or use SOURCE_DSN=... after `ragtide doctor` passes), Kafka, Connect+Debezium, the generator and the node; wait until indexed (SUPERVISE=1: restart whatever dies)
+	$(SOURCE_ENV) $(BIN)/ragtide up $(if $(SUPERVISE),--supervise)
+
+doctor: install ## check the source database for CDC (SOURCE_DSN=...): one line per check, each failure with its fix
+	$(SOURCE_ENV) $(BIN)/ragtide doctor
+
+down: ## stop every process `make up` started (data is kept; DROP_SLOT=1: also drop the replication slot and connector)
+	@test -x $(BIN)/ragtide && $(SOURCE_ENV) $(BIN)/ragtide down $(if $(DROP_SLOT),--drop-slot --yes) || true
 
 clean: down ## stop everything and remove the data folder
 	rm -rf .data

@@ -41,8 +41,7 @@ def _settings() -> RagtideSettings:
 
 def admin_headers(s: RagtideSettings) -> dict[str, str]:
     """The admin key, when one is configured (prod mode)."""
-    key = s.gateway.admin_key
-    return {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}
+    return s.gateway.admin_headers()
 
 
 def _post(s: RagtideSettings, path: str, body: dict[str, object], timeout: float, exit_code: int = 1) -> Any:
@@ -62,7 +61,8 @@ def up(
         bool, typer.Option(help="then stay in the foreground and restart any process that dies, until stopped")
     ] = False,
 ) -> None:
-    """Start Postgres, Kafka, Connect + Debezium and the ragtide node on localhost (idempotent)."""
+    """Start Postgres (unless RAGTIDE_POSTGRES__DSN names your own: then `ragtide doctor` checks it first), Kafka,
+    Connect + Debezium and the ragtide node on localhost (idempotent)."""
     from ragtide.ingest.demo import load_demo
     from ragtide.stack.stack import Stack
 
@@ -74,7 +74,7 @@ def up(
             t0 = time.monotonic()
             getattr(stack, f"start_{name}")()
             console.print(f"[green]✓[/] {name} ({time.monotonic() - t0:.1f}s)")
-            if name == "postgres" and demo:
+            if name == "postgres" and demo and s.postgres.managed:
                 n = load_demo(s.postgres.dsn())
                 console.print(f"[green]✓[/] demo corpus: {n} rows in public.docs")
     if wait:
@@ -118,9 +118,9 @@ def supervise_stack(stack: Stack) -> None:
 def source_row_counts(s: RagtideSettings) -> dict[str, int]:
     """Rows per source table in Postgres (exact: the progress bar waits until the index holds them all)."""
     from ragtide.embedder.progress import source_counts
-    from ragtide.ingest.sources import load_sources
+    from ragtide.ingest.sources import sources_of
 
-    return source_counts(s.postgres.dsn(), load_sources(s.sources_file).user_tables, exact_up_to=None)
+    return source_counts(s.postgres.dsn(), sources_of(s).user_tables, exact_up_to=None)
 
 
 def rows_progress(label: str) -> Progress:
@@ -159,14 +159,14 @@ def register_connector(
     """Create or update the Debezium connector through the Connect REST API and wait until it runs."""
     from ragtide.ingest import connector, pgsetup
     from ragtide.ingest.demo import create_demo_table, load_demo
-    from ragtide.ingest.sources import load_sources
+    from ragtide.ingest.sources import sources_of
 
     s = _settings()
     if demo:
         create_demo_table(s.postgres.dsn())
         console.print(f"demo corpus: {load_demo(s.postgres.dsn())} rows in public.docs")
-    sources = load_sources(s.sources_file)
-    pgsetup.prepare_source_db(s.postgres.dsn(), sources)
+    sources = sources_of(s)
+    pgsetup.prepare_source_db(s, sources)
     connector.register(s, sources)
     console.print(f"connector {s.connect.connector_name} is running on {s.connect.url}")
 
@@ -227,7 +227,7 @@ def resync(
     from ragtide.ingest.connector import source_topics
     from ragtide.ingest.resync import resync_source
     from ragtide.ingest.slot import read_slot
-    from ragtide.ingest.sources import load_sources
+    from ragtide.ingest.sources import sources_of
     from ragtide.stack.process import wait_until
 
     s = _settings()
@@ -235,7 +235,7 @@ def resync(
     if not yes:
         typer.confirm("Drop the slot and re-snapshot every source table?", abort=True)
     resync_source(s, lambda step: console.print(f"… {step}"), timeout)
-    targets = asyncio.run(end_offsets(s.kafka.bootstrap, source_topics(s, load_sources(s.sources_file))))
+    targets = asyncio.run(end_offsets(s.kafka.bootstrap, source_topics(s, sources_of(s))))
     console.print("… waiting for the embedder to consume the snapshot")
     wait_until(lambda: asyncio.run(consumed(s.kafka.bootstrap, EMBEDDER_GROUP, targets)), "the embedder", timeout)
     repaired = _post(s, "/v1/admin/verify", {"repair": True}, timeout=900, exit_code=2)
@@ -288,11 +288,108 @@ def follow_build(s: RagtideSettings, fingerprint: str, timeout: float) -> None:
 
 
 @app.command()
-def down() -> None:
+def down(
+    drop_slot: Annotated[
+        bool,
+        typer.Option(
+            "--drop-slot",
+            help="also delete the connector with its offsets and drop the replication slot (a forgotten slot keeps "
+            "WAL forever); the next `up` snapshots every table again",
+        ),
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="do not ask for confirmation")] = False,
+) -> None:
     """Stop every process `ragtide up` started (by pid); data is kept."""
     from ragtide.stack.stack import Stack
 
-    Stack(_settings()).down(lambda name: console.print(f"stopping {name}"))
+    s = _settings()
+    if drop_slot and not yes:
+        typer.confirm(f"Drop replication slot {s.connect.slot_name} and the connector's offsets?", abort=True)
+    for what in Stack(s).down(lambda name: console.print(f"stopping {name}"), drop_slot=drop_slot):
+        console.print(f"[green]✓[/] {what}")
+
+
+@app.command()
+def doctor(
+    connect: Annotated[bool, typer.Option(help="also ask Connect whether it can reach the database")] = True,
+) -> None:
+    """Check the source database (RAGTIDE_POSTGRES__DSN) for CDC: one line per check, each failure with the SQL or
+    setting that fixes it; exit 1 on a failure."""
+    from ragtide.ingest.doctor import diagnose
+    from ragtide.ingest.sources import sources_of
+
+    s = _settings()
+    report = diagnose(s, sources_of(s), connect_check=connect)
+    print(report.text())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def init(
+    dsn: Annotated[str, typer.Option(help="the database to index, e.g. postgresql://indexer@db.internal:5432/shop")],
+    table: Annotated[list[str] | None, typer.Option(help="a table to index (schema.table); repeat for more")] = None,
+    all_tables: Annotated[bool, typer.Option("--all", help="every table that can be indexed")] = False,
+    tenant_column: Annotated[str | None, typer.Option(help="a column that scopes searches to one tenant")] = None,
+    out: Annotated[Path | None, typer.Option(help="where to write (default: RAGTIDE_SOURCES_FILE)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing file without asking")] = False,
+) -> None:
+    """List the database's tables (key, rows, text and low-cardinality columns) and write a sources file for the
+    ones picked (--table, --all, or a prompt on a terminal)."""
+    from ragtide.ingest.discover import discover, propose, write_sources
+
+    found = discover(dsn)
+    listing = Table("#", "table", "primary key", "rows", "text columns", "metadata columns", title=dsn.split("@")[-1])
+    offered = [t for t in found if not t.skipped]
+    for t in found:
+        n = str(offered.index(t) + 1) if t in offered else "-"
+        listing.add_row(
+            n, t.table, ", ".join(t.key) or "-", f"~{t.rows}", ", ".join(t.text_columns), ", ".join(t.metadata_columns)
+        )
+    console.print(listing)
+    for t in found:
+        if t.skipped:
+            console.print(f"[yellow]left out[/] {t.table}: {t.skipped}")
+    if all_tables:
+        picked = [t.table for t in offered]
+    elif table:
+        picked = table
+    elif sys.stdin.isatty() and offered:
+        answer = typer.prompt("tables to index (numbers or names, comma-separated)")
+        items = [a.strip() for a in answer.split(",") if a.strip()]
+        picked = [offered[int(a) - 1].table if a.isdigit() and 0 < int(a) <= len(offered) else a for a in items]
+    else:
+        console.print("[red]no table picked:[/] name them with --table schema.table (or --all)")
+        raise typer.Exit(2)
+    config = propose(found, picked, tenant_column)
+    target = out or _settings().sources_file
+    if target.exists() and not force:
+        typer.confirm(f"{target} exists; overwrite it?", abort=True)
+    write_sources(config, target)
+    console.print(f"[green]✓[/] wrote {target} ({len(config.sources)} tables); edit it freely, then:")
+    env = "" if out is None else f"RAGTIDE_SOURCES_FILE={target} "
+    print(f"  {env}RAGTIDE_POSTGRES__DSN='{dsn}' ragtide doctor")
+    print(f"  make up SOURCE_DSN='{dsn}'{f' SOURCES={target}' if out is not None else ''}")
+
+
+@app.command("uninstall-source")
+def uninstall_source(yes: Annotated[bool, typer.Option("--yes", help="do not ask for confirmation")] = False) -> None:
+    """Remove what ragtide created in your database: connector, replication slot, publication, its schemas."""
+    from ragtide.ingest.uninstall import planned
+    from ragtide.ingest.uninstall import uninstall_source as remove
+
+    s = _settings()
+    for line in planned(s):
+        console.print(f"  - {line}")
+    if not yes:
+        typer.confirm("Remove all of the above?", abort=True)
+    removal = remove(s, lambda step: console.print(f"… {step}"))
+    for what in removal.done:
+        console.print(f"[green]✓[/] {what}")
+    if removal.for_owner:
+        console.print("[yellow]left for the objects' owner[/] (this role may not drop them):")
+        for statement in removal.for_owner:
+            print(f"  {statement}")
 
 
 @app.command()
@@ -358,13 +455,13 @@ def embedder() -> None:
     from ragtide.contracts.freshness import FreshnessTracker
     from ragtide.embedder.liveness import health_app, serve_health
     from ragtide.ingest.connector import ensure_topics, source_topics
-    from ragtide.ingest.sources import load_sources
+    from ragtide.ingest.sources import sources_of
     from ragtide.node import build_embedder, build_encoder, build_lifecycle, open_generations
     from ragtide.retriever.cache import build_cache
 
     s = _settings()
     setup_logging(s.log_level, s.json_logs)
-    sources = load_sources(s.sources_file)
+    sources = sources_of(s)
     registry = CollectorRegistry()
     tracker = FreshnessTracker(registry)
     encoder = build_encoder(s)
@@ -442,7 +539,7 @@ app.add_typer(keys_app, name="keys")
 def _gateway_store() -> Any:
     from ragtide.gateway.store import PostgresGatewayStore
 
-    store = PostgresGatewayStore(_settings().postgres.dsn())
+    store = PostgresGatewayStore(_settings().postgres.state())
     store.migrate()
     return store
 

@@ -46,7 +46,7 @@ from ragtide.embedder.truncations import PostgresTruncateLog, TruncateLog
 from ragtide.embedder.worker import BatchProcessor, create_worker_app
 from ragtide.embedder.writer import IndexWriter
 from ragtide.ingest.connector import ensure_topics, signal_incremental_snapshot, source_topics
-from ragtide.ingest.sources import SourcesConfig, load_sources
+from ragtide.ingest.sources import SourcesConfig, sources_of
 from ragtide.retriever.app import create_app
 from ragtide.retriever.cache import InvalidatingApplier, SemanticCache, build_cache
 from ragtide.retriever.services import get_admin
@@ -125,7 +125,7 @@ def open_generations(
     base = settings.index.collection
     gens = Generations(
         open_catalog(settings),
-        generation_factory(settings, encoder, sources, PostgresTruncateLog(settings.postgres.dsn())),
+        generation_factory(settings, encoder, sources, PostgresTruncateLog(settings.postgres.state())),
         registry,
         drop_collection=lambda spec: open_index(settings, spec.collection(base)).drop(),
         grace_s=settings.index.retire_grace_s,
@@ -161,7 +161,7 @@ async def build_lifecycle(
     """While the embedder runs: ask Debezium for the rows a new generation needs, switch it live once built, and
     export backfill progress (rows done / total, rate, ETA per table)."""
     dsn = settings.postgres.dsn()
-    if snapshot:
+    if snapshot and settings.postgres.source_writes:  # read-only source: the stall repair reads the rows instead
         try:
             await asyncio.to_thread(signal_incremental_snapshot, dsn, sources.user_tables)
         except Exception as exc:  # the watcher's stall repair fills the build from Postgres instead
@@ -190,7 +190,7 @@ def create_node_app(settings: RagtideSettings) -> FastAPI:
     """Embedder + retrieval API in one process, sharing the encoder and the (embedded) index."""
     from faust.contrib.asgi import faust_lifespan
 
-    sources = load_sources(settings.sources_file)
+    sources = sources_of(settings)
     encoder = build_encoder(settings)
     registry = CollectorRegistry()
     tracker = FreshnessTracker(registry)
@@ -310,7 +310,7 @@ def create_retriever_app(settings: RagtideSettings) -> FastAPI:
         raise ConfigError(
             "QDRANT_URL: the standalone retriever needs a Qdrant server; in embedded mode run `ragtide node`"
         )
-    sources = load_sources(settings.sources_file)
+    sources = sources_of(settings)
     encoder = build_encoder(settings)
     registry = CollectorRegistry()
     follower = CatalogFollower(

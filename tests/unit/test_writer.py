@@ -276,3 +276,32 @@ def test_without_an_lsn_the_topic_offset_orders_a_rows_events(env: Any) -> None:
     assert writer.apply([at(0, 50, "from the incremental snapshot", Op.READ)]).stale == 0  # itself: idempotent
     assert writer.apply([at(900, 60, "a later commit")]).stale == 0
     assert "later commit" in texts_of(index, "1")[0]
+
+
+def test_an_unavailable_toasted_metadata_or_tenant_value_keeps_the_stored_one() -> None:
+    """Under the default replica identity an unchanged TOASTed metadata (or tenant) column arrives as Debezium's
+    placeholder too: the point keeps the stored value instead of indexing the placeholder."""
+    sources = SourcesConfig.model_validate(
+        {
+            "sources": [
+                {
+                    "table": "public.docs",
+                    "key": ["id"],
+                    "text": "{title} {body}",
+                    "metadata": ["category"],
+                    "tenant_column": "org",
+                }
+            ]
+        }
+    )
+    index, encoder = MemoryIndex(), HashEncoder()
+    index.ensure_collection(encoder.dim)
+    writer = IndexWriter(index, encoder, word_chunker(8, 2), sources)
+    row = {"id": 1, "title": "Title", "body": "text", "category": "big", "org": "acme"}
+    writer.apply([ChangeEvent("public.docs", Op.CREATE, {"id": 1}, row, SourcePosition(10, 100))])
+    later = {**row, "title": "New", "category": UNAVAILABLE, "org": UNAVAILABLE}
+    writer.apply([ChangeEvent("public.docs", Op.UPDATE, {"id": 1}, later, SourcePosition(20, 200))])
+    (point,) = index.scroll()
+    assert point.payload["metadata"] == {"category": "big"}
+    assert point.payload["tenant"] == "acme"
+    assert texts_of(index, "1") == ["New text"]

@@ -30,3 +30,7 @@ class ClientError(RagtideError):
 
 class StackError(RagtideError):
     """A native stack process (Postgres, Kafka, Connect, node) failed to start or answer."""
+
+
+class SourceNotReady(RagtideError):
+    """The source database fails a `ragtide doctor` check; the message is the report, each failure with its fix."""

@@ -13,8 +13,10 @@ import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import quote
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from psycopg.conninfo import conninfo_to_dict
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ragtide.contracts.errors import ConfigError
@@ -34,20 +36,68 @@ class _Section(BaseModel):
 
 
 class PostgresSettings(_Section):
-    """The source database (a local cluster under the data folder when managed by `ragtide up`)."""
+    """The source database: a local cluster under the data folder that `ragtide up` starts (`managed`), or the
+    user's own, given as `dsn` (`RAGTIDE_POSTGRES__DSN`, or `make up SOURCE_DSN=...`)."""
 
     host: str = "127.0.0.1"
     port: int = Field(55432, ge=1, le=65535)
     database: str = "ragtide"
     user: str = "postgres"
     password: SecretStr = SecretStr("")
+    sslmode: str | None = Field(None, description="libpq's sslmode for the source (e.g. require, verify-full)")
     bin_dir: Path = Path("/usr/lib/postgresql/15/bin")
+    managed: bool = Field(
+        True, description="`ragtide up` starts (and `down` stops) a local cluster; false when `dsn` names your own"
+    )
+    source_writes: bool = Field(
+        True,
+        description="ragtide keeps its heartbeat, canary and Debezium signal tables in schema `ragtide` of the source "
+        "database and writes to them. false: a read-only source; no canary freshness (/readyz leaves it out), tables "
+        "added later are backfilled by reading them (verify --repair), and no heartbeat writes: while the indexed "
+        "tables are idle the slot may hold WAL, up to the server's max_slot_wal_keep_size",
+    )
+    state_dsn: SecretStr | None = Field(
+        None,
+        description="where ragtide keeps its own state (gateway keys and usage in schema ragtide_gateway, truncate "
+        "watermarks in ragtide_embedder): another Postgres. Default: the source database",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_dsn(cls, data: Any) -> Any:
+        """`dsn` (a URL or key=value string) fills host, port, database, user, password and sslmode."""
+        if not isinstance(data, dict) or not data.get("dsn"):
+            return data
+        data = dict(data)
+        raw = data.pop("dsn")
+        raw = raw.get_secret_value() if isinstance(raw, SecretStr) else str(raw)
+        try:
+            parts = conninfo_to_dict(raw)
+        except Exception as exc:
+            raise ValueError(f"dsn is not a libpq connection string or URL: {exc}") from None
+        for key, field in (("host", "host"), ("port", "port"), ("dbname", "database"), ("user", "user")):
+            if parts.get(key):
+                data[field] = parts[key]
+        for key in ("password", "sslmode"):
+            if parts.get(key):
+                data[key] = parts[key]
+        missing = [k for k in ("host", "dbname", "user") if not parts.get(k)]
+        if missing:
+            raise ValueError(f"dsn must name {', '.join(missing)} (e.g. postgresql://indexer@db.internal:5432/shop)")
+        data.setdefault("port", 5432)
+        data["managed"] = False
+        return data
 
     def dsn(self, database: str | None = None) -> str:
-        """A libpq connection string."""
+        """A libpq connection string to the source database."""
         pw = self.password.get_secret_value()
-        auth = f"{self.user}:{pw}@" if pw else f"{self.user}@"
-        return f"postgresql://{auth}{self.host}:{self.port}/{database or self.database}"
+        auth = f"{quote(self.user, safe='')}:{quote(pw, safe='')}@" if pw else f"{quote(self.user, safe='')}@"
+        query = f"?sslmode={self.sslmode}" if self.sslmode else ""
+        return f"postgresql://{auth}{self.host}:{self.port}/{database or self.database}{query}"
+
+    def state(self) -> str:
+        """The connection string of ragtide's own state (the source database unless `state_dsn` is set)."""
+        return self.state_dsn.get_secret_value() if self.state_dsn else self.dsn()
 
 
 class KafkaSettings(_Section):
@@ -228,6 +278,10 @@ class GatewaySettings(_Section):
     daily_tokens: int = Field(1_000_000, ge=0, description="default tokens per tenant per UTC day (prompt+completion)")
     key_cache_s: float = Field(5.0, ge=0, le=3600, description="how long a key lookup is cached (revocation delay)")
     max_body_bytes: int = Field(65_536, ge=1024, le=16_777_216, description="larger request bodies get 413")
+
+    def admin_headers(self) -> dict[str, str]:
+        """The admin key as a request header, when one is configured (prod mode)."""
+        return {"Authorization": f"Bearer {self.admin_key.get_secret_value()}"} if self.admin_key else {}
 
 
 class CacheSettings(_Section):

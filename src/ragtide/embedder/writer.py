@@ -267,12 +267,16 @@ class IndexWriter:
     def _fill_unavailable(
         self, row: dict[str, Any], have: Sequence[StoredPoint], source: SourceTable
     ) -> dict[str, Any]:
-        """Invariant 5: an unchanged TOASTed column (Debezium's placeholder) keeps the stored value."""
-        missing = [c for c in source.text_columns if row.get(c) == UNAVAILABLE]
+        """Invariant 5: an unchanged TOASTed column (Debezium's placeholder) keeps the stored value, whether it is
+        a text, metadata or tenant column."""
+        missing = [c for c, v in row.items() if v == UNAVAILABLE]
         if not missing:
             return row
-        stored_cols: dict[str, Any] = dict(have[0].payload.get("columns", {})) if have else {}
-        return {**row, **{c: stored_cols.get(c) for c in missing}}
+        payload = have[0].payload if have else {}
+        stored: dict[str, Any] = {**dict(payload.get("metadata", {})), **dict(payload.get("columns", {}))}
+        if source.tenant_column and have:
+            stored[source.tenant_column] = payload.get("tenant")
+        return {**row, **{c: stored.get(c) for c in missing}}
 
     def _write_plans(self, plans: Sequence[_RowPlan], stored: dict[str, list[StoredPoint]], stats: ApplyStats) -> None:
         now_ms = int(self.clock() * 1000)

@@ -14,14 +14,19 @@ import psycopg
 
 from ragtide.contracts.errors import StackError
 from ragtide.contracts.settings import RagtideSettings
+from ragtide.ingest import pgsetup
 from ragtide.ingest.sources import SourcesConfig
 from ragtide.stack import templates
 
 log = logging.getLogger(__name__)
 
 
-def connector_config(settings: RagtideSettings, sources: SourcesConfig) -> dict[str, str]:
-    """The connector config, rendered from the template in the repo."""
+def connector_config(
+    settings: RagtideSettings, sources: SourcesConfig, publication_mode: str = "filtered"
+) -> dict[str, str]:
+    """The connector config, rendered from the template in the repo. `publication_mode`: Debezium's
+    publication.autocreate.mode; "filtered" creates or updates the publication (the tables' owner or a superuser
+    only), "disabled" uses it as it is."""
     pg, c = settings.postgres, settings.connect
     rendered = templates.render(
         "debezium-connector.json",
@@ -38,9 +43,16 @@ def connector_config(settings: RagtideSettings, sources: SourcesConfig) -> dict[
             "HEARTBEAT_INTERVAL_MS": str(c.heartbeat_interval_ms),
             "POLL_INTERVAL_MS": str(c.poll_interval_ms),
             "PARTITIONS": str(settings.kafka.partitions),
+            "HEARTBEAT_QUERY": pgsetup.HEARTBEAT_QUERY,
+            "SIGNAL_TABLE": pgsetup.SIGNAL_TABLE,
+            "PUBLICATION_MODE": publication_mode,
         },
     )
     config: dict[str, str] = json.loads(rendered)
+    if pg.sslmode:
+        config["database.sslmode"] = pg.sslmode
+    if not pg.source_writes:  # a read-only source: no heartbeat writes, no signal table
+        del config["heartbeat.action.query"], config["signal.data.collection"]
     return config
 
 
@@ -99,7 +111,10 @@ def register(settings: RagtideSettings, sources: SourcesConfig, timeout: float =
     row in Debezium's signal table) while the stream goes on. Returns those tables.
     """
     url = f"{settings.connect.url}/connectors/{settings.connect.connector_name}"
-    config = connector_config(settings, sources)
+    covered = pgsetup.publication_covers(
+        settings.postgres.dsn(), settings.connect.publication, pgsetup.publication_tables(settings, sources)
+    )
+    config = connector_config(settings, sources, "disabled" if covered else "filtered")
     with httpx.Client(timeout=30.0) as http:
         current = http.get(f"{url}/config")
         before = set(current.json().get("table.include.list", "").split(",")) if current.is_success else None
@@ -117,7 +132,7 @@ def register(settings: RagtideSettings, sources: SourcesConfig, timeout: float =
                 last = json.dumps(body)[:2000]
                 if tasks and all(s == "RUNNING" for s in states):
                     added = [] if before is None else [t for t in sources.tables if t not in before]
-                    if added:
+                    if added and settings.postgres.source_writes:  # read-only: Stack.apply_sources reads them
                         snapshot_until_started(settings, added)
                     return added
                 if "FAILED" in states:
@@ -132,7 +147,8 @@ def signal_incremental_snapshot(dsn: str, tables: list[str]) -> str:
     data = json.dumps({"data-collections": tables, "type": "incremental"})
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(
-            "INSERT INTO public.debezium_signal (id, type, data) VALUES (%s, 'execute-snapshot', %s)", (signal_id, data)
+            f"INSERT INTO {pgsetup.SIGNAL_TABLE} (id, type, data) VALUES (%s, 'execute-snapshot', %s)",
+            (signal_id, data),
         )
     return signal_id
 

@@ -1,42 +1,108 @@
-"""Prepare the source database for CDC: heartbeat and signal tables, replica identity of indexed tables."""
+"""ragtide's objects in the source database, and their removal.
+
+In the source database ragtide owns one schema, `ragtide` (only when `postgres.source_writes`):
+- `ragtide.heartbeat`: written by Debezium's heartbeat.action.query, so the slot advances while the indexed
+  tables are idle;
+- `ragtide.canary`: the freshness canary, a row per API process, indexed like a source table;
+- `ragtide.debezium_signal`: Debezium's signal table (incremental snapshots of tables added later).
+
+ragtide's state (schemas `ragtide_gateway` and `ragtide_embedder`) lives in `postgres.state()`: the source database
+unless `postgres.state_dsn` names another. Outside the database: the replication slot and the publication.
+"""
 
 from __future__ import annotations
 
 import psycopg
+from psycopg import sql
 
 from ragtide.contracts.errors import ConfigError
+from ragtide.contracts.settings import RagtideSettings
 from ragtide.ingest.sources import SourcesConfig
 
+CONTROL_SCHEMA = "ragtide"
+HEARTBEAT_TABLE = f"{CONTROL_SCHEMA}.heartbeat"
+SIGNAL_TABLE = f"{CONTROL_SCHEMA}.debezium_signal"
+STATE_SCHEMAS = ("ragtide_gateway", "ragtide_embedder")
+
 CONTROL_DDL = [
-    # Written by Debezium's heartbeat.action.query so the slot advances even when captured tables are idle.
-    "CREATE TABLE IF NOT EXISTS public.ragtide_heartbeat (id int PRIMARY KEY, ts timestamptz NOT NULL)",
-    # The freshness canary: a row per API process, rewritten on an interval and timed until a search returns it.
-    "CREATE TABLE IF NOT EXISTS public.ragtide_canary (id int PRIMARY KEY, body text NOT NULL, ts timestamptz)",
-    # Debezium's signal table (incremental snapshots of tables added later).
-    "CREATE TABLE IF NOT EXISTS public.debezium_signal"
+    f"CREATE SCHEMA IF NOT EXISTS {CONTROL_SCHEMA}",
+    f"CREATE TABLE IF NOT EXISTS {HEARTBEAT_TABLE} (id int PRIMARY KEY, ts timestamptz NOT NULL)",
+    f"CREATE TABLE IF NOT EXISTS {CONTROL_SCHEMA}.canary (id int PRIMARY KEY, body text NOT NULL, ts timestamptz)",
+    f"CREATE TABLE IF NOT EXISTS {SIGNAL_TABLE}"
     " (id varchar(42) PRIMARY KEY, type varchar(32) NOT NULL, data varchar(2048) NULL)",
 ]
+HEARTBEAT_QUERY = (
+    f"INSERT INTO {HEARTBEAT_TABLE} (id, ts) VALUES (1, now()) ON CONFLICT (id) DO UPDATE SET ts = EXCLUDED.ts"
+)
+
+PRIMARY_KEY_SQL = """SELECT a.attname FROM pg_index i
+   JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY(i.indkey)
+   WHERE i.indisprimary AND n.nspname = %s AND c.relname = %s
+   ORDER BY array_position(i.indkey, a.attnum)"""
 
 
-def prepare_source_db(dsn: str, sources: SourcesConfig) -> None:
-    """Create control tables; check each source table exists and has the configured primary key."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        for ddl in CONTROL_DDL:
-            conn.execute(ddl)
+def primary_key(conn: psycopg.Connection[tuple[object, ...]], table: str) -> tuple[str, ...]:
+    """The primary-key columns of `table` ('schema.table'), in order; () when it has none."""
+    schema, name = table.split(".")
+    return tuple(str(r[0]) for r in conn.execute(PRIMARY_KEY_SQL, (schema, name)).fetchall())
+
+
+def publication_tables(settings: RagtideSettings, sources: SourcesConfig) -> list[str]:
+    """Every table the publication must carry: the sources (with the canary) and the signal table."""
+    return [*sources.tables, *([SIGNAL_TABLE] if settings.postgres.source_writes else [])]
+
+
+def publication_covers(dsn: str, publication: str, tables: list[str]) -> bool:
+    """True when `publication` exists and publishes every one of `tables`: Debezium then leaves it alone
+    (publication.autocreate.mode=disabled), so a role that does not own the tables can stream them."""
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+        row = conn.execute("SELECT puballtables FROM pg_publication WHERE pubname = %s", (publication,)).fetchone()
+        if row is None:
+            return False
+        if row[0]:
+            return True
+        published = {
+            f"{r[0]}.{r[1]}"
+            for r in conn.execute(
+                "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s", (publication,)
+            )
+        }
+    return set(tables) <= published
+
+
+def prepare_source_db(settings: RagtideSettings, sources: SourcesConfig) -> None:
+    """Create ragtide's control tables (unless the source is read-only); check each source table exists and has
+    the configured primary key."""
+    with psycopg.connect(settings.postgres.dsn(), autocommit=True) as conn:
+        if settings.postgres.source_writes:
+            for ddl in CONTROL_DDL:
+                conn.execute(ddl)
         for src in sources.sources:
-            schema, table = src.table.split(".")
-            pk = conn.execute(
-                """SELECT a.attname FROM pg_index i
-                   JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-                   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY(i.indkey)
-                   WHERE i.indisprimary AND n.nspname = %s AND c.relname = %s
-                   ORDER BY array_position(i.indkey, a.attnum)""",
-                (schema, table),
-            ).fetchall()
-            if not pk:
+            actual = primary_key(conn, src.table)
+            if not actual:
                 exists = conn.execute("SELECT to_regclass(%s)", (src.table,)).fetchone()
                 what = "has no primary key" if exists and exists[0] else "does not exist"
                 raise ConfigError(f"sources: table {src.table} {what}")
-            actual = tuple(r[0] for r in pk)
             if actual != src.key:
                 raise ConfigError(f"sources: {src.table}.key is {list(src.key)} but its primary key is {list(actual)}")
+
+
+def drop_schemas(dsn: str, schemas: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """DROP SCHEMA ... CASCADE for those of `schemas` that exist and this role owns; returns (dropped, the SQL for
+    those another role owns)."""
+    dropped: list[str] = []
+    refused: list[str] = []
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+        present = conn.execute(
+            "SELECT nspname, pg_has_role(current_user, nspowner, 'USAGE') FROM pg_namespace WHERE nspname = ANY(%s)",
+            (list(schemas),),
+        ).fetchall()
+        for schema, owned in present:
+            drop = sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(str(schema)))
+            if owned:
+                conn.execute(drop)
+                dropped.append(str(schema))
+            else:
+                refused.append(drop.as_string(conn) + ";")
+    return dropped, refused

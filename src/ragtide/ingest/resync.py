@@ -101,3 +101,33 @@ def resync_source(
                 "run `ragtide resync` again: every step is safe to repeat"
             ) from exc
         wait_until(lambda: _streaming(http, url), "the snapshot to finish", timeout)
+
+
+def detach_source(settings: RagtideSettings, progress: Callable[[str], None] = lambda _: None) -> list[str]:
+    """Leave nothing in the source database that keeps WAL: stop and delete the connector with its offsets (so a
+    later `up` starts with a fresh snapshot instead of resuming from a position the dropped slot no longer holds)
+    and drop the replication slot. Works with Connect down too (then only the slot is dropped, and Connect's stored
+    offsets remain: the next `up` is told by Debezium that the slot is new). Returns what was done."""
+    c = settings.connect
+    url = f"{c.url}/connectors/{c.connector_name}"
+    done: list[str] = []
+    with httpx.Client(timeout=30.0) as http:
+        try:
+            exists = http.get(f"{url}/status").is_success
+        except httpx.TransportError:
+            exists = False
+            progress(f"Connect is not running at {c.url}: dropping the slot only")
+        if exists:
+            progress("stopping the connector")
+            http.put(f"{url}/stop").raise_for_status()
+            wait_until(lambda: _state(http, url)[0] == "STOPPED", "the connector to stop", 120)
+            progress(f"dropping replication slot {c.slot_name}")
+            if drop_slot(settings.postgres.dsn(), c.slot_name):
+                done.append(f"dropped replication slot {c.slot_name}")
+            http.delete(f"{url}/offsets").raise_for_status()
+            http.delete(url).raise_for_status()
+            done.append(f"deleted connector {c.connector_name} and its offsets")
+            return done
+    if drop_slot(settings.postgres.dsn(), c.slot_name):
+        done.append(f"dropped replication slot {c.slot_name}")
+    return done

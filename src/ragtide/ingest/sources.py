@@ -10,10 +10,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ragtide.contracts.errors import ConfigError
-from ragtide.contracts.settings import format_validation_error
+from ragtide.contracts.settings import RagtideSettings, format_validation_error
 
 UNAVAILABLE = "__debezium_unavailable_value"  # Debezium's placeholder for an unchanged TOASTed column
-CANARY_TABLE = "public.ragtide_canary"  # written by the freshness canary, indexed like any source table
+CANARY_TABLE = "ragtide.canary"  # written by the freshness canary, indexed like any source table (ingest.pgsetup)
 
 
 class SourceTable(BaseModel):
@@ -114,3 +114,8 @@ def load_sources(path: Path, canary: bool = True) -> SourcesConfig:
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, f"sources file {path}")) from exc
     return config.with_canary() if canary else config
+
+
+def sources_of(settings: RagtideSettings) -> SourcesConfig:
+    """The configured sources, with the canary table unless the source database is read-only."""
+    return load_sources(settings.sources_file, canary=settings.postgres.source_writes)

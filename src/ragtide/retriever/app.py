@@ -96,14 +96,15 @@ def create_app(
     registry = registry or CollectorRegistry()
     store: PostgresGatewayStore | None = None
     if gateway is None:
-        store = PostgresGatewayStore(settings.postgres.dsn())
+        store = PostgresGatewayStore(settings.postgres.state())
         gateway = Gateway(settings.gateway, store, registry=registry)
     if generator is None and settings.generator.endpoint:
         generator = OpenAIGenerator(settings.generator)
     tracker = tracker or FreshnessTracker(registry)
     svc = Services(settings, active, sources, registry, tracker, gateway, generator, status, cache)
     if settings.canary.enabled:
-        svc.canary = Canary(settings.postgres.dsn(), active, svc.tracker, settings.canary, svc.query_vectors)
+        if settings.postgres.source_writes:  # a read-only source has no canary table
+            svc.canary = Canary(settings.postgres.dsn(), active, svc.tracker, settings.canary, svc.query_vectors)
         if settings.connect.slot_check_s > 0:
             svc.slot = SlotMonitor(
                 settings.postgres.dsn(),

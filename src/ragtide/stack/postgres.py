@@ -43,9 +43,10 @@ def _chown_to_postgres(path: Path) -> None:
 class PostgresCluster:
     """Owns one cluster: initdb once, start, wait, stop."""
 
-    def __init__(self, settings: RagtideSettings, daemon: Daemon) -> None:
+    def __init__(self, settings: RagtideSettings, daemon: Daemon, server: dict[str, str] | None = None) -> None:
         self.s = settings
         self.daemon = daemon
+        self.server = {**SERVER_SETTINGS, **(server or {})}  # e.g. a test's misconfigured wal_level
         self.pgdata = settings.data_dir / "pg" / "data"
         self.socket_dir = settings.data_dir / "pg" / "run"
 
@@ -95,7 +96,7 @@ class PostgresCluster:
             "-k",
             str(self.socket_dir),
         ]
-        for k, v in SERVER_SETTINGS.items():
+        for k, v in self.server.items():
             argv += ["-c", f"{k}={v}"]
         self.daemon.start(_as_postgres(argv))
         wait_until(self.ready, "postgres to accept connections", 60, self.daemon)

@@ -7,10 +7,15 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import httpx
+
+from ragtide.contracts.errors import SourceNotReady, StackError
 from ragtide.contracts.settings import RagtideSettings
 from ragtide.generator.local import server_argv, server_available
 from ragtide.ingest import connector, demo, pgsetup
-from ragtide.ingest.sources import load_sources
+from ragtide.ingest.doctor import diagnose
+from ragtide.ingest.resync import detach_source
+from ragtide.ingest.sources import sources_of
 from ragtide.stack.jvm import ConnectWorker, KafkaBroker
 from ragtide.stack.postgres import PostgresCluster, postgres_daemon
 from ragtide.stack.process import Daemon, http_ok, wait_until
@@ -28,16 +33,22 @@ class Stack:
 
     def daemon(self, name: str) -> Daemon:
         """The Daemon handle of one process."""
-        if name == "postgres":
+        if name == "postgres":  # a source the user runs (not managed) has no pid file here: stop is a no-op
             return postgres_daemon(self.settings)
         return Daemon(name, self.settings.data_dir / "run", self.settings.data_dir / "logs")
 
     def start_postgres(self) -> None:
-        """Postgres up, database created, control and demo tables in place."""
-        PostgresCluster(self.settings, self.daemon("postgres")).start()
-        dsn = self.settings.postgres.dsn()
-        demo.create_demo_table(dsn)
-        pgsetup.prepare_source_db(dsn, load_sources(self.settings.sources_file))
+        """The source database ready for CDC: the local cluster (when managed) up with its demo table; then, either
+        way, `ragtide doctor`'s checks (SourceNotReady lists each failure with its fix; nothing was created in
+        the user's database yet) and ragtide's control tables."""
+        if self.settings.postgres.managed:
+            PostgresCluster(self.settings, self.daemon("postgres")).start()
+            demo.create_demo_table(self.settings.postgres.dsn())
+        sources = sources_of(self.settings)
+        report = diagnose(self.settings, sources, connect_check=False)
+        if not report.ok:
+            raise SourceNotReady(f"the source database is not ready (ragtide doctor):\n{report.text()}")
+        pgsetup.prepare_source_db(self.settings, sources)
 
     def start_kafka(self) -> None:
         """The KRaft broker."""
@@ -46,7 +57,7 @@ class Stack:
     def start_connect(self) -> None:
         """Connect up and the Debezium connector registered and running."""
         ConnectWorker(self.settings, self.daemon("connect")).start()
-        connector.register(self.settings, load_sources(self.settings.sources_file))
+        connector.register(self.settings, sources_of(self.settings))
 
     def start_generator(self) -> None:
         """The local OpenAI-compatible generator (llama.cpp's server, SmolLM2), unless an external one is set."""
@@ -78,11 +89,23 @@ class Stack:
 
     def apply_sources(self) -> list[str]:
         """After the sources file changed: update the connector (snapshotting new tables) and restart the node."""
-        sources = load_sources(self.settings.sources_file)
-        pgsetup.prepare_source_db(self.settings.postgres.dsn(), sources)
+        sources = sources_of(self.settings)
+        pgsetup.prepare_source_db(self.settings, sources)
         added = connector.register(self.settings, sources)
         self.daemon("node").stop(timeout=60)
         self.start_node()
+        if added and not self.settings.postgres.source_writes:
+            # no signal table for an incremental snapshot: the node reads the new tables' rows from the source
+            for table in added:
+                body = {"table": table, "repair": True}
+                resp = httpx.post(
+                    f"{self.settings.api.url}/v1/admin/verify",
+                    json=body,
+                    timeout=3600,
+                    headers=self.settings.gateway.admin_headers(),
+                )
+                if resp.status_code != 200:
+                    raise StackError(f"backfilling {table} from the source failed ({resp.status_code}): {resp.text}")
         return added
 
     def up(self, progress: Callable[[str], None] = lambda _: None) -> None:
@@ -91,11 +114,15 @@ class Stack:
             progress(name)
             getattr(self, f"start_{name}")()
 
-    def down(self, progress: Callable[[str], None] = lambda _: None) -> None:
-        """Stop every process by pid, in reverse order; data is kept."""
+    def down(self, progress: Callable[[str], None] = lambda _: None, drop_slot: bool = False) -> list[str]:
+        """Stop every process by pid, in reverse order; data is kept. `drop_slot`: first delete the connector with
+        its offsets and drop the replication slot (resync.detach_source), so the source keeps no WAL for ragtide;
+        the next `up` snapshots every table again. Returns what was dropped."""
+        dropped = detach_source(self.settings, progress) if drop_slot else []
         for name in reversed(ORDER):
             progress(name)
             self.daemon(name).stop(timeout=60 if name == "node" else 30)
+        return dropped
 
     def status(self) -> dict[str, int | None]:
         """name -> pid (None when not running)."""
