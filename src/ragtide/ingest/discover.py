@@ -25,24 +25,22 @@ from ragtide.ingest.sources import SourcesConfig, SourceTable
 TEXT_TYPES = ("text", "character varying", "character", "citext", "name")
 METADATA_TYPES = (*TEXT_TYPES, "boolean", "smallint", "integer", "bigint", "date")
 LOW_CARDINALITY = 50  # distinct values at most for a metadata column
-SAMPLE_ROWS = 10_000  # rows read to estimate a column's distinct values when the table has no statistics
+MAX_METADATA_CHARS = 64  # longer values are text, however few
+SAMPLE_ROWS = 10_000  # rows read to estimate a column's distinct values and lengths
 SOURCE_NAME = re.compile(SourceTable.model_fields["table"].metadata[0].pattern)
 SKIPPED_SCHEMAS = ("pg_catalog", "information_schema", pgsetup.CONTROL_SCHEMA, *pgsetup.STATE_SCHEMAS)
 
 _TABLES_SQL = """
-SELECT n.nspname, c.relname, c.reltuples::bigint
+SELECT n.nspname, c.relname, c.reltuples::bigint, has_table_privilege(c.oid, 'SELECT')
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
    AND n.nspname <> ALL(%s) AND n.nspname NOT LIKE 'pg_toast%%' AND n.nspname NOT LIKE 'pg_temp%%'
-   AND has_table_privilege(c.oid, 'SELECT')
+   AND has_schema_privilege(n.oid, 'USAGE')
  ORDER BY 1, 2"""
 
 _COLUMNS_SQL = """
-SELECT a.attname, format_type(a.atttypid, NULL), s.n_distinct
-  FROM pg_attribute a
-  LEFT JOIN pg_stats s ON s.schemaname = %s AND s.tablename = %s AND s.attname = a.attname
- WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped
- ORDER BY a.attnum"""
+SELECT attname, format_type(atttypid, NULL) FROM pg_attribute
+ WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum"""
 
 
 @dataclass
@@ -53,12 +51,15 @@ class TableInfo:
     key: tuple[str, ...]
     rows: int  # an estimate (statistics), or an exact count up to SAMPLE_ROWS
     columns: dict[str, str]  # name -> type
+    readable: bool = True
     text_columns: list[str] = field(default_factory=list)
     metadata_columns: list[str] = field(default_factory=list)
 
     @property
     def skipped(self) -> str | None:
         """Why this table is not offered, or None."""
+        if not self.readable:
+            return f"this role may not read it (GRANT SELECT ON {self.table} TO <role>; to index it)"
         if not SOURCE_NAME.match(self.table):
             return "its name needs quoting (sources take lower-case schema.table names)"
         if not self.key:
@@ -68,21 +69,25 @@ class TableInfo:
         return None
 
 
-def _distinct(conn: psycopg.Connection[tuple[Any, ...]], table: str, column: str) -> int:
+def _sample(conn: psycopg.Connection[tuple[Any, ...]], table: str, column: str) -> tuple[int, int]:
+    """(distinct values, longest value in characters) of a column, over at most SAMPLE_ROWS rows."""
     schema, name = table.split(".")
-    query = sql.SQL("SELECT count(DISTINCT {c}) FROM (SELECT {c} FROM {t} LIMIT %s) s").format(
-        c=sql.Identifier(column), t=sql.Identifier(schema, name)
-    )
+    query = sql.SQL(
+        "SELECT count(DISTINCT {c}), coalesce(max(length({c}::text)), 0) FROM (SELECT {c} FROM {t} LIMIT %s) s"
+    ).format(c=sql.Identifier(column), t=sql.Identifier(schema, name))
     row = conn.execute(query, (SAMPLE_ROWS,)).fetchone()
-    return int(row[0]) if row else 0
+    return (int(row[0]), int(row[1])) if row else (0, 0)
 
 
 def discover(dsn: str) -> list[TableInfo]:
     """Every table the role may read, outside the system and ragtide's own schemas."""
     found: list[TableInfo] = []
     with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
-        for schema, name, reltuples in conn.execute(_TABLES_SQL, (list(SKIPPED_SCHEMAS),)).fetchall():
+        for schema, name, reltuples, readable in conn.execute(_TABLES_SQL, (list(SKIPPED_SCHEMAS),)).fetchall():
             table = f"{schema}.{name}"
+            if not readable:
+                found.append(TableInfo(table, (), 0, {}, readable=False))
+                continue
             regclass = sql.Identifier(schema, name).as_string(conn)
             rows = int(reltuples)
             if rows < 0:  # never analyzed: count, up to the sample size
@@ -92,16 +97,13 @@ def discover(dsn: str) -> list[TableInfo]:
                 counted = conn.execute(query, (SAMPLE_ROWS,)).fetchone()
                 rows = int(counted[0]) if counted else 0
             info = TableInfo(table, pgsetup.primary_key(conn, table), rows, {})
-            for column, type_, n_distinct in conn.execute(_COLUMNS_SQL, (schema, name, regclass)).fetchall():
+            for column, type_ in conn.execute(_COLUMNS_SQL, (regclass,)).fetchall():
                 info.columns[str(column)] = str(type_)
                 if column in info.key or type_ not in METADATA_TYPES:
                     continue
-                if n_distinct is not None:  # statistics: negative means a fraction of the rows
-                    distinct = float(n_distinct) if n_distinct >= 0 else -float(n_distinct) * max(rows, 1)
-                else:
-                    distinct = _distinct(conn, table, str(column))
-                low = distinct <= LOW_CARDINALITY and (rows >= 2 * distinct or rows <= LOW_CARDINALITY)
-                if low and rows > 0:
+                distinct, longest = _sample(conn, table, str(column))
+                few = 0 < distinct <= LOW_CARDINALITY and min(rows, SAMPLE_ROWS) >= 2 * distinct
+                if few and longest <= MAX_METADATA_CHARS:
                     info.metadata_columns.append(str(column))
                 elif type_ in TEXT_TYPES:
                     info.text_columns.append(str(column))

@@ -394,7 +394,8 @@ class Doctor:
 
         url = f"{self.s.connect.url}/connector-plugins/PostgresConnector/config/validate"
         try:
-            resp = httpx.put(url, json=connector_config(self.s, self.sources), timeout=60)
+            config = {"name": self.s.connect.connector_name, **connector_config(self.s, self.sources)}
+            resp = httpx.put(url, json=config, timeout=60)
         except httpx.TransportError:
             return Check(
                 "reachable from Connect",

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psycopg
-from psycopg import sql
 
 from ragtide.contracts.settings import RagtideSettings
 from ragtide.ingest import pgsetup
@@ -48,12 +47,12 @@ def uninstall_source(settings: RagtideSettings, progress: Callable[[str], None] 
             "SELECT pg_has_role(current_user, pubowner, 'USAGE') FROM pg_publication WHERE pubname = %s", (pub,)
         ).fetchone()
         if row is not None:
-            drop = sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(pub))
+            drop = f"DROP PUBLICATION {pub};"  # a validated name (connect.publication)
             if row[0]:
                 conn.execute(drop)
                 out.done.append(f"dropped publication {pub}")
             else:
-                out.for_owner.append(drop.as_string(conn) + ";")
+                out.for_owner.append(drop)
     for dsn, schemas in (
         (settings.postgres.dsn(), (pgsetup.CONTROL_SCHEMA,)),
         (settings.postgres.state(), pgsetup.STATE_SCHEMAS),
