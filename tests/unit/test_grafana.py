@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import re
 
+import yaml
 from prometheus_client import CollectorRegistry
 
 from ragtide.contracts.freshness import FreshnessTracker
+from ragtide.contracts.logging import BackgroundFailures
 from ragtide.contracts.settings import REPO_ROOT, RagtideSettings, load_settings
 from ragtide.embedder.index.memory import MemoryIndex
 from ragtide.embedder.metrics import EmbedderMetrics
+from ragtide.ingest.slot import SlotMonitor
 from ragtide.ingest.sources import SourcesConfig
 from ragtide.retriever.app import create_app
 from tests.doubles import HashEncoder
@@ -23,6 +26,7 @@ def exported_names() -> set[str]:
     sources = SourcesConfig.model_validate({"sources": [{"table": "public.t", "key": ["id"], "text": "{v}"}]})
     settings = load_settings(RagtideSettings, canary={"enabled": False})
     create_app(settings, MemoryIndex(), HashEncoder(), sources, registry, tracker=tracker)
+    SlotMonitor("postgresql://unused@127.0.0.1/x", "ragtide_slot", registry, 10.0, BackgroundFailures.of(registry))
     names: set[str] = set()
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
     for metric in registry.collect():
@@ -42,3 +46,20 @@ def test_every_panel_queries_exported_metrics() -> None:
     titles = " ".join(p["title"].lower() for p in dash["panels"])
     for topic in ("canary", "stage", "lag", "throughput", "skip", "dead-letter"):
         assert topic in titles
+
+
+def test_the_alert_rules_query_exported_metrics_and_watch_the_slot() -> None:
+    rules = yaml.safe_load((REPO_ROOT / "infra" / "grafana" / "alert-rules.yaml").read_text())
+    exprs = {
+        rule["uid"]: q["model"]["expr"]
+        for group in rules["groups"]
+        for rule in group["rules"]
+        for q in rule["data"]
+        if "expr" in q["model"]
+    }
+    used = {m for e in exprs.values() for m in re.findall(r"\bragtide_[a-z_]+", e)}
+    assert used == {"ragtide_slot_retained_wal_bytes", "ragtide_slot_lost"}
+    assert used <= exported_names()
+    for group in rules["groups"]:
+        for rule in group["rules"]:  # every rule's condition is one of its own queries
+            assert rule["condition"] in {q["refId"] for q in rule["data"]}
