@@ -7,6 +7,8 @@ command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || missing+=(maven)
 [ -x /usr/lib/postgresql/15/bin/postgres ] || missing+=(postgresql-15)
 command -v runuser >/dev/null || missing+=(util-linux)
+# The external-Kafka test makes its own CA and broker certificate.
+command -v openssl >/dev/null || missing+=(openssl)
 command -v npm >/dev/null || missing+=(npm)
 # Headless browser for the dashboard test (Debian's Chromium; nothing is downloaded by a test tool).
 command -v chromium >/dev/null || missing+=(chromium)

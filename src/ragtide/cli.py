@@ -235,9 +235,9 @@ def resync(
     if not yes:
         typer.confirm("Drop the slot and re-snapshot every source table?", abort=True)
     resync_source(s, lambda step: console.print(f"… {step}"), timeout)
-    targets = asyncio.run(end_offsets(s.kafka.bootstrap, source_topics(s, sources_of(s))))
+    targets = asyncio.run(end_offsets(s.kafka, source_topics(s, sources_of(s))))
     console.print("… waiting for the embedder to consume the snapshot")
-    wait_until(lambda: asyncio.run(consumed(s.kafka.bootstrap, EMBEDDER_GROUP, targets)), "the embedder", timeout)
+    wait_until(lambda: asyncio.run(consumed(s.kafka, EMBEDDER_GROUP, targets)), "the embedder", timeout)
     repaired = _post(s, "/v1/admin/verify", {"repair": True}, timeout=900, exit_code=2)
     console.print(f"… verify --repair: {sum(t['repaired'] for t in repaired['tables'])} rows repaired")
     body = _post(s, "/v1/admin/verify", {"repair": False}, timeout=900, exit_code=2)
@@ -512,7 +512,7 @@ def dlq_list(limit: Annotated[int, typer.Option(help="at most this many records"
     from ragtide.embedder.dlq import list_dead_letters
 
     s = _settings()
-    letters = asyncio.run(list_dead_letters(s.kafka.bootstrap, s.dlq_topic, limit))
+    letters = asyncio.run(list_dead_letters(s.kafka, s.dlq_topic, limit))
     table = Table("offset", "source", "reason", "value", title=f"{s.dlq_topic}: {len(letters)} record(s)")
     for d in letters:
         preview = (d.value or b"").decode(errors="replace")[:60]
@@ -528,7 +528,7 @@ def dlq_replay() -> None:
     from ragtide.embedder.dlq import replay_dead_letters
 
     s = _settings()
-    letters = asyncio.run(replay_dead_letters(s.kafka.bootstrap, s.dlq_topic))
+    letters = asyncio.run(replay_dead_letters(s.kafka, s.dlq_topic))
     console.print(f"replayed {len(letters)} record(s) from {s.dlq_topic}")
 
 

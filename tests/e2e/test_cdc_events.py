@@ -141,10 +141,10 @@ def topic_offsets(live: LiveStack, topic: str) -> tuple[dict[int, int], dict[int
     """(end offset, the embedder group's committed offset) per partition of `topic`."""
 
     async def read() -> tuple[dict[int, int], dict[int, int]]:
-        bootstrap = live.settings.kafka.bootstrap
-        offsets = KafkaOffsets(bootstrap, EMBEDDER_GROUP)  # what the embedder's liveness checks read
+        kafka = live.settings.kafka
+        offsets = KafkaOffsets(kafka, EMBEDDER_GROUP)  # what the embedder's liveness checks read
         try:
-            both = await offsets.read([(topic, p) for p in await topic_end_offsets(bootstrap, topic)])
+            both = await offsets.read([(topic, p) for p in await topic_end_offsets(kafka, topic)])
         finally:
             await offsets.close()
         return {p: end for (_, p), (end, _) in both.items()}, {p: done for (_, p), (_, done) in both.items()}

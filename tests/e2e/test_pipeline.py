@@ -130,12 +130,12 @@ def test_poison_record_goes_to_dead_letter_topic_and_the_stream_continues(live: 
     assert live.metric("ragtide_dlq_total") >= 1
 
     # `ragtide dlq list` sees it with its reason; `ragtide dlq replay` sends it back to be retried once.
-    letters = [d for d in asyncio.run(list_dead_letters(s.kafka.bootstrap, s.dlq_topic)) if marker in (d.value or b"")]
+    letters = [d for d in asyncio.run(list_dead_letters(s.kafka, s.dlq_topic)) if marker in (d.value or b"")]
     assert letters[0].reason.startswith("decode:") and letters[0].topic == source_topic
-    replayed = asyncio.run(replay_dead_letters(s.kafka.bootstrap, s.dlq_topic))
+    replayed = asyncio.run(replay_dead_letters(s.kafka, s.dlq_topic))
     assert marker in b"".join(d.value or b"" for d in replayed)
     poll(lambda: len(asyncio.run(read_dlq())) == 2, "the replayed (still malformed) record to be dead-lettered again")
-    again = asyncio.run(replay_dead_letters(s.kafka.bootstrap, s.dlq_topic))
+    again = asyncio.run(replay_dead_letters(s.kafka, s.dlq_topic))
     assert letters[0].offset not in {d.offset for d in again}  # progress is remembered: no double replay
 
 

@@ -75,7 +75,7 @@ def test_random_kills_under_load_lose_nothing(stack: Stack) -> None:
     verified = httpx.post(f"{api}/v1/admin/verify", json={"table": SOURCE["table"]}, timeout=300)
     verified.raise_for_status()
     report.verify_drift = int(verified.json()["drift"])
-    report.dead_letters = len(asyncio.run(list_dead_letters(s.kafka.bootstrap, s.dlq_topic)))
+    report.dead_letters = len(asyncio.run(list_dead_letters(s.kafka, s.dlq_topic)))
     if FAULTS >= REPORT_FROM:
         print(f"report: {report.write(REPO_ROOT / 'bench' / 'results')}")
     print({"by_kind": report.by_kind(), "changes": report.changes, "audit": asdict(report.audit)})

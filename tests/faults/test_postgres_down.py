@@ -14,6 +14,7 @@ import httpx
 import psycopg
 
 from ragtide.bench.faults import SOURCE, WriteLoad, audit, await_recovery
+from ragtide.contracts.settings import KafkaSettings
 from ragtide.embedder.dlq import list_dead_letters
 from ragtide.embedder.liveness import consumed
 from ragtide.embedder.worker import EMBEDDER_GROUP
@@ -27,12 +28,12 @@ QUERY = "fault row version"
 BACKLOG = range(6_000_000, 6_010_000)  # several batches of embedding on any CPU
 
 
-def end_of(bootstrap: str, topic: str) -> int:
-    return asyncio.run(topic_end_offsets(bootstrap, topic)).get(0, 0)
+def end_of(kafka: KafkaSettings, topic: str) -> int:
+    return asyncio.run(topic_end_offsets(kafka, topic)).get(0, 0)
 
 
-def backlog_in_kafka(bootstrap: str, topic: str, start: int) -> bool:
-    return end_of(bootstrap, topic) >= start + len(BACKLOG)
+def backlog_in_kafka(kafka: KafkaSettings, topic: str, start: int) -> bool:
+    return end_of(kafka, topic) >= start + len(BACKLOG)
 
 
 def test_postgres_down_for_30_s_serves_search_charges_later_and_loses_nothing(stack: Stack) -> None:
@@ -57,7 +58,7 @@ def test_postgres_down_for_30_s_serves_search_charges_later_and_loses_nothing(st
         search()  # the key's record is now known to the process
         # A backlog for the embedder: it is still applying these when Postgres goes, so its batches need the
         # truncate watermarks (in Postgres) while Postgres is down.
-        start = end_of(s.kafka.bootstrap, f"{s.connect.topic_prefix}.{SOURCE['table']}")
+        start = end_of(s.kafka, f"{s.connect.topic_prefix}.{SOURCE['table']}")
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(
                 "INSERT INTO public.faults (id, rid, body, label) SELECT g, g, 'backlog row ' || g, 'backlog' "
@@ -65,11 +66,9 @@ def test_postgres_down_for_30_s_serves_search_charges_later_and_loses_nothing(st
                 (BACKLOG[0], BACKLOG[-1]),
             )
         topic = f"{s.connect.topic_prefix}.{SOURCE['table']}"
-        poll(lambda: backlog_in_kafka(s.kafka.bootstrap, topic, start), "Debezium to publish the backlog", 60)
+        poll(lambda: backlog_in_kafka(s.kafka, topic, start), "Debezium to publish the backlog", 60)
         stack.daemon("postgres").stop()
-        caught_up = asyncio.run(
-            consumed(s.kafka.bootstrap, EMBEDDER_GROUP, {(topic, 0): end_of(s.kafka.bootstrap, topic)})
-        )
+        caught_up = asyncio.run(consumed(s.kafka, EMBEDDER_GROUP, {(topic, 0): end_of(s.kafka, topic)}))
         assert not caught_up, f"the embedder applied {len(BACKLOG)} rows before Postgres stopped: make BACKLOG larger"
         down_at = time.monotonic()
         while time.monotonic() - down_at < OUTAGE_S:
@@ -94,4 +93,4 @@ def test_postgres_down_for_30_s_serves_search_charges_later_and_loses_nothing(st
     assert (result.lost, result.stale, result.ghosts) == ([], [], [])
     verified = httpx.post(f"{api}/v1/admin/verify", json={"table": SOURCE["table"]}, timeout=300).json()
     assert verified["drift"] == 0
-    assert asyncio.run(list_dead_letters(s.kafka.bootstrap, s.dlq_topic)) == []
+    assert asyncio.run(list_dead_letters(s.kafka, s.dlq_topic)) == []

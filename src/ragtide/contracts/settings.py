@@ -8,8 +8,10 @@ Qdrant server.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import socket
+import ssl
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -125,10 +127,70 @@ class KafkaSettings(_Section):
         "Faust's 90 s request timeout)",
     )
 
+    bootstrap_servers: str | None = Field(
+        None,
+        description="an existing Kafka (MSK, Confluent Cloud, Redpanda...): host:port[,host:port...]. `ragtide up` "
+        "then starts no broker",
+        pattern=r"^[^\s,]+:\d+(,[^\s,]+:\d+)*$",
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = Field(
+        None, description="PEM bundle of the CA that signed the brokers' certificates; default: the system's CAs"
+    )
+
+    @model_validator(mode="after")
+    def _credentials(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL") and not (self.sasl_username and self.sasl_password):
+            raise ValueError(f"security_protocol {self.security_protocol} needs sasl_username and sasl_password")
+        if self.ssl_cafile is not None and not self.ssl_cafile.is_file():
+            raise ValueError(f"ssl_cafile {self.ssl_cafile} is not a file")
+        return self
+
+    @property
+    def managed(self) -> bool:
+        """`ragtide up` runs the broker (no `bootstrap_servers`)."""
+        return self.bootstrap_servers is None
+
     @property
     def bootstrap(self) -> str:
-        """host:port for clients."""
-        return f"{self.host}:{self.port}"
+        """host:port[,host:port] for clients."""
+        return self.bootstrap_servers or f"{self.host}:{self.port}"
+
+    def client_config(self) -> dict[str, Any]:
+        """Keyword arguments of every aiokafka client (admin, consumer, producer): servers and security."""
+        config: dict[str, Any] = {"bootstrap_servers": self.bootstrap, "security_protocol": self.security_protocol}
+        if self.security_protocol.startswith("SASL"):
+            assert self.sasl_password is not None
+            config |= {
+                "sasl_mechanism": self.sasl_mechanism,
+                "sasl_plain_username": self.sasl_username,
+                "sasl_plain_password": self.sasl_password.get_secret_value(),
+            }
+        if self.security_protocol.endswith("SSL"):
+            config["ssl_context"] = ssl.create_default_context(cafile=str(self.ssl_cafile) if self.ssl_cafile else None)
+        return config
+
+    def java_properties(self) -> dict[str, str]:
+        """The same security as Java client properties (Connect's worker and its producers, consumers, admin)."""
+        props: dict[str, str] = {"security.protocol": self.security_protocol}
+        if self.security_protocol.startswith("SASL"):
+            assert self.sasl_password is not None
+            module = (
+                "org.apache.kafka.common.security.plain.PlainLoginModule"
+                if self.sasl_mechanism == "PLAIN"
+                else "org.apache.kafka.common.security.scram.ScramLoginModule"
+            )
+            user, pw = (json.dumps(v) for v in (self.sasl_username, self.sasl_password.get_secret_value()))
+            props |= {
+                "sasl.mechanism": self.sasl_mechanism,
+                "sasl.jaas.config": f"{module} required username={user} password={pw};",
+            }
+        if self.security_protocol.endswith("SSL") and self.ssl_cafile:
+            props |= {"ssl.truststore.type": "PEM", "ssl.truststore.location": str(self.ssl_cafile)}
+        return props
 
     def member_id(self, data_dir: Path, topics: Sequence[str]) -> str | None:
         """The static membership id this process uses (None: dynamic membership). It changes with the set of
@@ -162,10 +224,22 @@ class ConnectSettings(_Section):
         "Runs with the canary (canary.enabled)",
     )
 
+    rest_url: str | None = Field(
+        None,
+        description="an existing Kafka Connect cluster's REST API (with the Debezium PostgreSQL plugin installed); "
+        "`ragtide up` then starts no Connect worker and registers the connector there",
+        pattern=r"^https?://",
+    )
+
+    @property
+    def managed(self) -> bool:
+        """`ragtide up` runs the Connect worker (no `rest_url`)."""
+        return self.rest_url is None
+
     @property
     def url(self) -> str:
         """The Connect REST API."""
-        return f"http://{self.host}:{self.port}"
+        return (self.rest_url or f"http://{self.host}:{self.port}").rstrip("/")
 
 
 class IndexSettings(_Section):

@@ -7,6 +7,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from ragtide.contracts.settings import KafkaSettings
+
 REPLAY_GROUP = "ragtide-dlq-replay"
 
 
@@ -50,9 +52,9 @@ async def _drain(consumer: AIOKafkaConsumer, tp: TopicPartition, limit: int) -> 
     return out
 
 
-async def list_dead_letters(bootstrap: str, topic: str, limit: int = 100) -> list[DeadLetter]:
+async def list_dead_letters(kafka: KafkaSettings, topic: str, limit: int = 100) -> list[DeadLetter]:
     """Every dead-lettered record, oldest first (up to `limit`)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**kafka.client_config(), group_id=None, enable_auto_commit=False)
     await consumer.start()
     try:
         tp = TopicPartition(topic, 0)
@@ -65,12 +67,12 @@ async def list_dead_letters(bootstrap: str, topic: str, limit: int = 100) -> lis
         await consumer.stop()
 
 
-async def replay_dead_letters(bootstrap: str, topic: str, limit: int = 10_000) -> list[DeadLetter]:
+async def replay_dead_letters(kafka: KafkaSettings, topic: str, limit: int = 10_000) -> list[DeadLetter]:
     """Send records not replayed before back to their source topic; remembers progress in a consumer group."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=REPLAY_GROUP, enable_auto_commit=False, auto_offset_reset="earliest"
+        **kafka.client_config(), group_id=REPLAY_GROUP, enable_auto_commit=False, auto_offset_reset="earliest"
     )
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
+    producer = AIOKafkaProducer(**kafka.client_config(), linger_ms=0)
     await consumer.start()
     await producer.start()
     try:

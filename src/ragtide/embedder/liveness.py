@@ -28,6 +28,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
+from ragtide.contracts.settings import KafkaSettings
+
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
@@ -165,8 +167,8 @@ class Watchdog:
 class KafkaOffsets:
     """End offsets and a group's committed offsets, read with clients of its own (not the worker's consumer)."""
 
-    def __init__(self, bootstrap: str, group: str) -> None:
-        self.bootstrap = bootstrap
+    def __init__(self, kafka: KafkaSettings, group: str) -> None:
+        self.kafka = kafka
         self.group = group
         self._consumer: Any = None
         self._admin: Any = None
@@ -180,10 +182,10 @@ class KafkaOffsets:
             return {}
         try:
             if self._consumer is None:
-                self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+                self._consumer = AIOKafkaConsumer(**self.kafka.client_config(), enable_auto_commit=False)
                 await self._consumer.start()
             if self._admin is None:
-                self._admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+                self._admin = AIOKafkaAdminClient(**self.kafka.client_config())
                 await self._admin.start()
             tps = [TopicPartition(t, p) for t, p in partitions]
             ends = await self._consumer.end_offsets(tps)
@@ -204,17 +206,17 @@ class KafkaOffsets:
             await admin.close()
 
 
-async def end_offsets(bootstrap: str, topics: Sequence[str]) -> dict[tuple[str, int], int]:
+async def end_offsets(kafka: KafkaSettings, topics: Sequence[str]) -> dict[tuple[str, int], int]:
     """The end offset of every partition of `topics` now."""
     from ragtide.ingest.connector import topic_end_offsets
 
-    return {(t, p): end for t in topics for p, end in (await topic_end_offsets(bootstrap, t)).items()}
+    return {(t, p): end for t in topics for p, end in (await topic_end_offsets(kafka, t)).items()}
 
 
-async def consumed(bootstrap: str, group: str, targets: Mapping[tuple[str, int], int]) -> bool:
+async def consumed(kafka: KafkaSettings, group: str, targets: Mapping[tuple[str, int], int]) -> bool:
     """The group has committed every partition at least up to its target offset (fixed targets: under a steady
     write load the live end moves on, and a consumer's commits trail it by design)."""
-    reader = KafkaOffsets(bootstrap, group)
+    reader = KafkaOffsets(kafka, group)
     try:
         offsets = await reader.read(list(targets))
     finally:

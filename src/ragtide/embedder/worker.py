@@ -19,7 +19,7 @@ import faust
 from ragtide.contracts.errors import DecodeError, StoreUnavailable
 from ragtide.contracts.events import ChangeEvent
 from ragtide.contracts.freshness import ChangeTiming, FreshnessTracker
-from ragtide.contracts.settings import RagtideSettings
+from ragtide.contracts.settings import KafkaSettings, RagtideSettings
 from ragtide.embedder.liveness import KafkaOffsets, Outage, Watchdog
 from ragtide.embedder.metrics import EmbedderMetrics
 from ragtide.embedder.writer import ApplyStats
@@ -208,6 +208,24 @@ def record_lag(app: faust.App, metrics: EmbedderMetrics, messages: Sequence[Any]
         metrics.lag_seconds.labels(tp.topic, str(tp.partition)).set(max(0.0, now - ts) if behind else 0.0)
 
 
+def kafka_credentials(kafka: KafkaSettings) -> faust.types.auth.CredentialsT | None:
+    """Faust's form of the Kafka security settings (the same as `KafkaSettings.client_config`)."""
+    from faust.types.auth import SASLMechanism
+
+    ctx = kafka.client_config().get("ssl_context")
+    if kafka.security_protocol.startswith("SASL"):
+        assert kafka.sasl_password is not None
+        return faust.SASLCredentials(
+            username=kafka.sasl_username,
+            password=kafka.sasl_password.get_secret_value(),
+            mechanism=SASLMechanism(kafka.sasl_mechanism),
+            ssl_context=ctx,
+        )
+    if ctx is not None:
+        return faust.SSLCredentials(ctx)
+    return None
+
+
 def create_worker_app(
     settings: RagtideSettings,
     processor: BatchProcessor,
@@ -219,7 +237,8 @@ def create_worker_app(
     timer that checks the consumer's progress against Kafka's own offsets (liveness.py)."""
     app = faust.App(
         EMBEDDER_GROUP,
-        broker=f"kafka://{settings.kafka.bootstrap}",
+        broker=[f"kafka://{server}" for server in settings.kafka.bootstrap.split(",")],
+        broker_credentials=kafka_credentials(settings.kafka),
         store="memory://",
         datadir=str(settings.data_dir / "faust"),
         key_serializer="raw",
@@ -282,7 +301,7 @@ def create_worker_app(
             record_lag(app, processor.metrics, messages)
 
     if watchdog is not None:
-        watch(app, watchdog, processor, KafkaOffsets(settings.kafka.bootstrap, EMBEDDER_GROUP))
+        watch(app, watchdog, processor, KafkaOffsets(settings.kafka, EMBEDDER_GROUP))
     return app
 
 

@@ -13,7 +13,7 @@ import httpx
 import psycopg
 
 from ragtide.contracts.errors import StackError
-from ragtide.contracts.settings import RagtideSettings
+from ragtide.contracts.settings import KafkaSettings, RagtideSettings
 from ragtide.ingest import pgsetup
 from ragtide.ingest.sources import SourcesConfig
 from ragtide.stack import templates
@@ -88,7 +88,7 @@ async def ensure_topics(
 async def _create_missing(settings: RagtideSettings, topics: Sequence[str], partitions: int) -> list[str]:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap)
+    admin = AIOKafkaAdminClient(**settings.kafka.client_config())
     await admin.start()
     try:
         missing = sorted(set(topics) - set(await admin.list_topics()))
@@ -158,16 +158,16 @@ def _rows_in_source(dsn: str, table: str) -> bool:
         return conn.execute(f"SELECT EXISTS (SELECT 1 FROM {table})").fetchone() == (True,)  # validated name
 
 
-async def _topic_has_records(bootstrap: str, topic: str) -> bool:
-    return sum((await topic_end_offsets(bootstrap, topic)).values()) > 0
+async def _topic_has_records(kafka: KafkaSettings, topic: str) -> bool:
+    return sum((await topic_end_offsets(kafka, topic)).values()) > 0
 
 
-async def topic_end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+async def topic_end_offsets(kafka: KafkaSettings, topic: str) -> dict[int, int]:
     """Partition -> end offset of `topic` (empty when it does not exist)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
     from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**kafka.client_config())
     await admin.start()
     try:
         if topic not in await admin.list_topics():
@@ -178,7 +178,7 @@ async def topic_end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
     parts = [TopicPartition(topic, int(p["partition"])) for d in described for p in d.get("partitions", [])]
     if not parts:
         return {}
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**kafka.client_config(), enable_auto_commit=False)
     await consumer.start()
     try:
         return {tp.partition: int(end) for tp, end in (await consumer.end_offsets(parts)).items()}
@@ -208,7 +208,7 @@ def snapshot_until_started(
             pending = [
                 t
                 for t in pending
-                if not asyncio.run(_topic_has_records(settings.kafka.bootstrap, f"{settings.connect.topic_prefix}.{t}"))
+                if not asyncio.run(_topic_has_records(settings.kafka, f"{settings.connect.topic_prefix}.{t}"))
             ]
             time.sleep(0.5)
         if not pending:

@@ -59,13 +59,28 @@ def _java(heap: str, log_dir: Path, main: list[str]) -> list[str]:
     ]
 
 
+def _append_properties(path: Path, values: dict[str, str]) -> None:
+    """Append `values` to a properties file (a later key wins over an earlier one in Java's Properties)."""
+    if values:
+        with path.open("a", encoding="utf-8") as f:
+            f.writelines(f"{k}={v}\n" for k, v in values.items())
+
+
 class KafkaBroker:
     """One KRaft node (broker + controller)."""
 
-    def __init__(self, settings: RagtideSettings, daemon: Daemon) -> None:
+    def __init__(
+        self,
+        settings: RagtideSettings,
+        daemon: Daemon,
+        extra: dict[str, str] | None = None,
+        format_args: tuple[str, ...] = (),
+    ) -> None:
         self.s = settings
         self.daemon = daemon
         self.data = settings.data_dir / "kafka"
+        self.extra = extra or {}  # properties over the template's (e.g. a test's SASL_SSL listener)
+        self.format_args = format_args  # e.g. --add-scram credentials, given when storage is formatted
 
     def start(self) -> None:
         """Format storage once (keeping the cluster id), start, wait for the listener."""
@@ -82,6 +97,7 @@ class KafkaBroker:
             },
             self.data / "server.properties",
         )
+        _append_properties(conf, self.extra)
         if not (self.data / "logs" / "meta.properties").exists():
             cluster_id_file = self.data / "cluster-id"
             if not cluster_id_file.exists():
@@ -89,7 +105,16 @@ class KafkaBroker:
                 cid = run_checked(storage_tool, "kafka random-uuid").strip().splitlines()[-1]
                 cluster_id_file.write_text(cid)
             cluster_id = cluster_id_file.read_text().strip()
-            fmt_args = ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(conf), "--ignore-formatted"]
+            fmt_args = [
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                cluster_id,
+                "-c",
+                str(conf),
+                "--ignore-formatted",
+                *self.format_args,
+            ]
             run_checked(_java("256m", self.daemon.log_dir, fmt_args), "kafka storage format")
         self.daemon.log_dir.mkdir(parents=True, exist_ok=True)
         self.daemon.start(_java(k.heap, self.daemon.log_dir, ["kafka.Kafka", str(conf)]))
@@ -117,6 +142,10 @@ class ConnectWorker:
                 "PLUGIN_PATH": str(PLUGINS),
             },
             self.data / "connect-distributed.properties",
+        )
+        security = self.s.kafka.java_properties()  # the worker's own clients and the connectors' alike
+        _append_properties(
+            conf, {f"{p}{k}": v for p in ("", "producer.", "consumer.", "admin.") for k, v in security.items()}
         )
         self.daemon.start(
             _java(c.heap, self.daemon.log_dir, ["org.apache.kafka.connect.cli.ConnectDistributed", str(conf)])

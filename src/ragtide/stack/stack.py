@@ -51,12 +51,15 @@ class Stack:
         pgsetup.prepare_source_db(self.settings, sources)
 
     def start_kafka(self) -> None:
-        """The KRaft broker."""
-        KafkaBroker(self.settings, self.daemon("kafka")).start()
+        """The KRaft broker, unless `kafka.bootstrap_servers` names the user's Kafka."""
+        if self.settings.kafka.managed:
+            KafkaBroker(self.settings, self.daemon("kafka")).start()
 
     def start_connect(self) -> None:
-        """Connect up and the Debezium connector registered and running."""
-        ConnectWorker(self.settings, self.daemon("connect")).start()
+        """Connect up (unless `connect.rest_url` names the user's) and the Debezium connector registered and
+        running."""
+        if self.settings.connect.managed:
+            ConnectWorker(self.settings, self.daemon("connect")).start()
         connector.register(self.settings, sources_of(self.settings))
 
     def start_generator(self) -> None:
