@@ -117,10 +117,11 @@ def supervise_stack(stack: Stack) -> None:
 
 def source_row_counts(s: RagtideSettings) -> dict[str, int]:
     """Rows per source table in Postgres (exact: the progress bar waits until the index holds them all)."""
-    from ragtide.embedder.progress import source_counts
-    from ragtide.ingest.sources import sources_of
+    from ragtide.embedder.progress import counts_by_table
+    from ragtide.ingest.sources import dsn_of, sources_of
 
-    return source_counts(s.postgres.dsn(), sources_of(s).user_tables, exact_up_to=None)
+    sources = sources_of(s)
+    return counts_by_table(dsn_of(s, sources), sources, sources.user_tables, exact_up_to=None)
 
 
 def rows_progress(label: str) -> Progress:
@@ -156,19 +157,20 @@ def wait_indexed(s: RagtideSettings, timeout: float = 900.0) -> None:
 def register_connector(
     demo: Annotated[bool, typer.Option(help="create the demo table and load its rows first (when empty)")] = False,
 ) -> None:
-    """Create or update the Debezium connector through the Connect REST API and wait until it runs."""
-    from ragtide.ingest import connector, pgsetup
+    """Check each source database (ragtide doctor), then create or update its Debezium connector through the
+    Connect REST API and wait until it runs."""
     from ragtide.ingest.demo import create_demo_table, load_demo
-    from ragtide.ingest.sources import sources_of
+    from ragtide.stack.stack import Stack
 
     s = _settings()
     if demo:
         create_demo_table(s.postgres.dsn())
         console.print(f"demo corpus: {load_demo(s.postgres.dsn())} rows in public.docs")
-    sources = sources_of(s)
-    pgsetup.prepare_source_db(s, sources)
-    connector.register(s, sources)
-    console.print(f"connector {s.connect.connector_name} is running on {s.connect.url}")
+    stack = Stack(s)
+    stack.prepare_sources()
+    stack.register_connectors()
+    for db in stack.databases():
+        console.print(f"connector {db.settings.connect.connector_name} is running on {s.connect.url}")
 
 
 @app.command("apply-sources")
@@ -315,13 +317,14 @@ def doctor(
 ) -> None:
     """Check the source database (RAGTIDE_POSTGRES__DSN) for CDC: one line per check, each failure with the SQL or
     setting that fixes it; exit 1 on a failure."""
-    from ragtide.ingest.doctor import diagnose
-    from ragtide.ingest.sources import sources_of
+    from ragtide.stack.stack import Stack
 
-    s = _settings()
-    report = diagnose(s, sources_of(s), connect_check=connect)
-    print(report.text())
-    if not report.ok:
+    reports = Stack(_settings()).check_sources(connect)
+    for name, report in reports:
+        if len(reports) > 1:
+            print(f"source database {name}:")
+        print(report.text())
+    if not all(r.ok for _, r in reports):
         raise typer.Exit(1)
 
 
@@ -377,19 +380,22 @@ def uninstall_source(yes: Annotated[bool, typer.Option("--yes", help="do not ask
     """Remove what ragtide created in your database: connector, replication slot, publication, its schemas."""
     from ragtide.ingest.uninstall import planned
     from ragtide.ingest.uninstall import uninstall_source as remove
+    from ragtide.stack.stack import Stack
 
-    s = _settings()
-    for line in planned(s):
-        console.print(f"  - {line}")
+    databases = Stack(_settings()).databases()
+    for db in databases:
+        for line in planned(db.settings):
+            console.print(f"  - {line}")
     if not yes:
         typer.confirm("Remove all of the above?", abort=True)
-    removal = remove(s, lambda step: console.print(f"… {step}"))
-    for what in removal.done:
-        console.print(f"[green]✓[/] {what}")
-    if removal.for_owner:
-        console.print("[yellow]left for the objects' owner[/] (this role may not drop them):")
-        for statement in removal.for_owner:
-            print(f"  {statement}")
+    for db in databases:
+        removal = remove(db.settings, lambda step: console.print(f"… {step}"))
+        for what in removal.done:
+            console.print(f"[green]✓[/] {what}")
+        if removal.for_owner:
+            console.print(f"[yellow]left for the owner of {db.name}[/] (this role may not drop them):")
+            for statement in removal.for_owner:
+                print(f"  {statement}")
 
 
 @app.command()

@@ -41,12 +41,12 @@ from ragtide.embedder.generations import (
 from ragtide.embedder.index.factory import open_index
 from ragtide.embedder.liveness import Watchdog
 from ragtide.embedder.metrics import EmbedderMetrics
-from ragtide.embedder.progress import BackfillMonitor, source_counts
+from ragtide.embedder.progress import BackfillMonitor, counts_by_table
 from ragtide.embedder.truncations import PostgresTruncateLog, TruncateLog
 from ragtide.embedder.worker import BatchProcessor, create_worker_app
 from ragtide.embedder.writer import IndexWriter
-from ragtide.ingest.connector import ensure_topics, signal_incremental_snapshot, source_topics
-from ragtide.ingest.sources import SourcesConfig, sources_of
+from ragtide.ingest.connector import ensure_topics, signal_snapshots, source_topics
+from ragtide.ingest.sources import SourcesConfig, dsn_of, sources_of
 from ragtide.retriever.app import create_app
 from ragtide.retriever.cache import InvalidatingApplier, SemanticCache, build_cache
 from ragtide.retriever.services import get_admin
@@ -160,10 +160,10 @@ async def build_lifecycle(
 ) -> AsyncIterator[None]:
     """While the embedder runs: ask Debezium for the rows a new generation needs, switch it live once built, and
     export backfill progress (rows done / total, rate, ETA per table)."""
-    dsn = settings.postgres.dsn()
-    if snapshot and settings.postgres.source_writes:  # read-only source: the stall repair reads the rows instead
+    dsn = dsn_of(settings, sources)
+    if snapshot:  # a read-only source database is left out: the stall repair reads its rows instead
         try:
-            await asyncio.to_thread(signal_incremental_snapshot, dsn, sources.user_tables)
+            await asyncio.to_thread(signal_snapshots, settings, sources, sources.user_tables)
         except Exception as exc:  # the watcher's stall repair fills the build from Postgres instead
             log.warning("could not signal the incremental snapshot", extra={"error": repr(exc)})
     failures = BackgroundFailures.of(registry)
@@ -171,7 +171,7 @@ async def build_lifecycle(
     monitor = BackfillMonitor(
         generations,
         lambda: sources.user_tables,
-        lambda tables: source_counts(dsn, tables),
+        lambda tables: counts_by_table(dsn, sources, tables),
         registry,
         failures=failures,
     )
@@ -246,7 +246,7 @@ def admin_router(
 ) -> APIRouter:
     """Operator endpoints of the node (the owner of the embedded index)."""
     router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(get_admin)])
-    dsn = settings.postgres.dsn()
+    dsn = dsn_of(settings, sources)
 
     def check_table(table: str | None) -> list[str]:
         if table is not None and table not in sources.user_tables:
@@ -275,7 +275,7 @@ def admin_router(
                 "report": report,
             }
         spec = await asyncio.to_thread(generations.rebuild)
-        await asyncio.to_thread(signal_incremental_snapshot, dsn, sources.user_tables)
+        await asyncio.to_thread(signal_snapshots, settings, sources, sources.user_tables)
         return {"building": spec.as_dict(), **generations.status()}
 
     @router.post("/optimize")

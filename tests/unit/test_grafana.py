@@ -26,7 +26,7 @@ def exported_names() -> set[str]:
     sources = SourcesConfig.model_validate({"sources": [{"table": "public.t", "key": ["id"], "text": "{v}"}]})
     settings = load_settings(RagtideSettings, canary={"enabled": False})
     create_app(settings, MemoryIndex(), HashEncoder(), sources, registry, tracker=tracker)
-    SlotMonitor("postgresql://unused@127.0.0.1/x", "ragtide_slot", registry, 10.0, BackgroundFailures.of(registry))
+    SlotMonitor([("postgresql://unused@127.0.0.1/x", "ragtide_slot")], registry, 10.0, BackgroundFailures.of(registry))
     names: set[str] = set()
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
     for metric in registry.collect():

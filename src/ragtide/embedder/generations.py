@@ -443,7 +443,7 @@ class BuildWatcher:
 
 
 def verify_generation(
-    dsn: str,
+    dsn_of: Callable[[str], str],
     generations: Generations,
     sources: SourcesConfig,
     gen: Generation,
@@ -459,13 +459,13 @@ def verify_generation(
     assert source is not None
     writer = LockedWriter(generations, gen)
     with gen.writer.remembering_deletes():  # from before the snapshot until its writes are done
-        position, rows = read_rows(dsn, source)
+        position, rows = read_rows(dsn_of(table), source)
         return verify_table(source, position, rows, gen.index, writer, repair, reembed), writer.embedded
 
 
-def verifier(dsn: str, generations: Generations, sources: SourcesConfig) -> VerifyTable:
+def verifier(dsn_of: Callable[[str], str], generations: Generations, sources: SourcesConfig) -> VerifyTable:
     """The BuildWatcher's verify: verify_generation without the embedding count."""
-    return lambda gen, table, repair: verify_generation(dsn, generations, sources, gen, table, repair)[0]
+    return lambda gen, table, repair: verify_generation(dsn_of, generations, sources, gen, table, repair)[0]
 
 
 class LockedWriter:

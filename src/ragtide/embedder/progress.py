@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from ragtide.contracts.logging import BackgroundFailures
 from ragtide.embedder.index.base import ActiveIndex
+from ragtide.ingest.sources import SourcesConfig, SourceTable
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,22 @@ def source_counts(dsn: str, tables: list[str], exact_up_to: int | None = EXACT_C
                 exact = conn.execute(f"SELECT count(*) FROM {table}").fetchone()  # names come from the sources file
                 estimate = int(exact[0]) if exact else 0
             out[table] = estimate
+    return out
+
+
+def counts_by_table(
+    dsn_of: Callable[[str], str], sources: SourcesConfig, tables: list[str], exact_up_to: int | None = EXACT_COUNT_LIMIT
+) -> dict[str, int]:
+    """source_counts for table identities that may live in several source databases."""
+    by_dsn: dict[str, list[SourceTable]] = {}
+    for table in tables:
+        source = sources.get(table)
+        assert source is not None, table
+        by_dsn.setdefault(dsn_of(table), []).append(source)
+    out: dict[str, int] = {}
+    for dsn, group in by_dsn.items():
+        counts = source_counts(dsn, [s.table for s in group], exact_up_to)
+        out.update({s.id: counts[s.table] for s in group})
     return out
 
 

@@ -105,9 +105,9 @@ def verify_table(
 ) -> TableDrift:
     """Diff one table against the index; with `repair`, fix what differs; with `reembed`, rewrite every row
     with fresh embeddings (a one-table reindex), still at the snapshot's position so newer stream states win."""
-    report = TableDrift(source.table)
+    report = TableDrift(source.id)
     by_row: dict[str, list[StoredPoint]] = defaultdict(list)
-    for p in index.scroll({"table": source.table}, limit=10_000_000):
+    for p in index.scroll({"table": source.id}, limit=10_000_000):
         by_row[str(p.payload.get("row_id"))].append(p)
     report.points = sum(len(v) for v in by_row.values())
     fixes: list[ChangeEvent] = []
@@ -137,7 +137,7 @@ def verify_table(
         if repair or reembed:
             # Written as a snapshot read at the snapshot's position: newer stream events still win.
             extra = {"repair": True, "reembed": True} if reembed else {"repair": True}
-            fixes.append(ChangeEvent(source.table, Op.READ, key, dict(row), position, extra=extra))
+            fixes.append(ChangeEvent(source.id, Op.READ, key, dict(row), position, extra=extra))
     # A row inserted after the snapshot may already be indexed: only points older than the snapshot are orphans.
     report.orphaned = sorted(
         r for r, pts in by_row.items() if r not in seen and all(_older_than_snapshot(p, position) for p in pts)
@@ -146,6 +146,6 @@ def verify_table(
         for i in range(0, len(fixes), 256):
             writer.apply(fixes[i : i + 256])
         if report.orphaned:
-            index.delete_where({"row_key": [row_key(source.table, r) for r in report.orphaned]})
+            index.delete_where({"row_key": [row_key(source.id, r) for r in report.orphaned]})
         report.repaired = len(fixes) + len(report.orphaned)
     return report

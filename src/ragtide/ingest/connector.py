@@ -15,7 +15,7 @@ import psycopg
 from ragtide.contracts.errors import StackError
 from ragtide.contracts.settings import KafkaSettings, RagtideSettings
 from ragtide.ingest import pgsetup
-from ragtide.ingest.sources import SourcesConfig
+from ragtide.ingest.sources import SourcesConfig, source_dbs
 from ragtide.stack import templates
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def connector_config(
             "SLOT_NAME": c.slot_name,
             "PUBLICATION": c.publication,
             "TOPIC_PREFIX": c.topic_prefix,
-            "TABLES": ",".join(sources.tables),
+            "TABLES": ",".join(sources.pg_tables),
             "HEARTBEAT_INTERVAL_MS": str(c.heartbeat_interval_ms),
             "POLL_INTERVAL_MS": str(c.poll_interval_ms),
             "PARTITIONS": str(settings.kafka.partitions),
@@ -131,7 +131,7 @@ def register(settings: RagtideSettings, sources: SourcesConfig, timeout: float =
                 states = [body["connector"]["state"], *(t["state"] for t in tasks)]
                 last = json.dumps(body)[:2000]
                 if tasks and all(s == "RUNNING" for s in states):
-                    added = [] if before is None else [t for t in sources.tables if t not in before]
+                    added = [] if before is None else [t for t in sources.pg_tables if t not in before]
                     if added and settings.postgres.source_writes:  # read-only: Stack.apply_sources reads them
                         snapshot_until_started(settings, added)
                     return added
@@ -139,6 +139,15 @@ def register(settings: RagtideSettings, sources: SourcesConfig, timeout: float =
                     raise StackError(f"connector failed: {last}")
             time.sleep(0.5)
     raise StackError(f"connector not running after {timeout:.0f}s: {last}")
+
+
+def signal_snapshots(settings: RagtideSettings, sources: SourcesConfig, tables: list[str]) -> None:
+    """Signal an incremental snapshot of `tables` (identities) in each source database that holds some of them and
+    may be written to (a read-only one has no signal table: its rows are read by verify --repair instead)."""
+    for db in source_dbs(settings, sources):
+        mine = [s.table for s in db.sources.all if s.id in tables]
+        if mine and db.settings.postgres.source_writes:
+            signal_incremental_snapshot(db.settings.postgres.dsn(), mine)
 
 
 def signal_incremental_snapshot(dsn: str, tables: list[str]) -> str:

@@ -35,7 +35,8 @@ def decode(
 
     Returns None for records that carry no change (a tombstone whose delete we already handled comes back
     as a DELETE so replays stay correct). Raises DecodeError for anything we cannot read.
-    `topic_table` is the 'schema.table' derived from the topic name, used for tombstones.
+    `topic_table` is the table's identity derived from the topic name ('schema.table', or 'database.schema.table'
+    for another source database), used for tombstones and to tell databases apart.
     """
     key_doc = _load(key, "record key")
     value_doc = _load(value, "record value")
@@ -64,6 +65,8 @@ def decode(
     if not isinstance(source, dict) or "table" not in source or "schema" not in source:
         raise DecodeError("envelope has no source.schema/source.table")
     table = f"{source['schema']}.{source['table']}"
+    if topic_table is not None and topic_table.endswith("." + table):
+        table = topic_table  # a table of another source database: '<database>.schema.table', from its topic
     try:
         position = SourcePosition(lsn=int(source.get("lsn") or 0), ts_ms=int(source.get("ts_ms") or 0))
         emitted_ms = int(value_doc.get("ts_ms") or 0)
@@ -99,8 +102,9 @@ def decode(
 
 
 def table_of_topic(topic: str, prefix: str) -> str | None:
-    """'prefix.schema.table' -> 'schema.table' (None for topics that are not a source table's)."""
+    """'prefix.schema.table' -> 'schema.table', 'prefix.database.schema.table' -> 'database.schema.table' (a
+    table of another source database); None for topics that are not a source table's."""
     if not topic.startswith(prefix + "."):
         return None
     rest = topic[len(prefix) + 1 :]
-    return rest if rest.count(".") == 1 else None
+    return rest if rest.count(".") in (1, 2) else None

@@ -49,7 +49,7 @@ def primary_key(conn: psycopg.Connection[tuple[object, ...]], table: str) -> tup
 
 def publication_tables(settings: RagtideSettings, sources: SourcesConfig) -> list[str]:
     """Every table the publication must carry: the sources (with the canary) and the signal table."""
-    return [*sources.tables, *([SIGNAL_TABLE] if settings.postgres.source_writes else [])]
+    return [*sources.pg_tables, *([SIGNAL_TABLE] if settings.postgres.source_writes else [])]
 
 
 def publication_covers(dsn: str, publication: str, tables: list[str]) -> bool:

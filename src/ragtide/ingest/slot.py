@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,41 +87,55 @@ def read_slot(dsn: str, slot: str) -> SlotState:
 
 
 class SlotMonitor:
-    """Reads the slot every `interval_s` from the API process; the last reading is its verdict."""
+    """Reads each source database's slot every `interval_s` from the API process; the last readings are its
+    verdict. Gauges are labelled by slot name."""
 
     def __init__(
         self,
-        dsn: str,
-        slot: str,
+        slots: Sequence[tuple[str, str]],
         registry: CollectorRegistry,
         interval_s: float = 10.0,
         failures: BackgroundFailures | None = None,
     ) -> None:
-        self.dsn = dsn
-        self.slot = slot
+        self.slots = list(slots)  # (dsn, slot name), the source database's first
         self.interval_s = interval_s
-        self.state: SlotState | None = None
+        self.states: dict[str, SlotState] = {}
         self.failures = failures or BackgroundFailures()
         self.retained = Gauge(
-            "ragtide_slot_retained_wal_bytes", "WAL Postgres keeps for the replication slot", registry=registry
+            "ragtide_slot_retained_wal_bytes",
+            "WAL Postgres keeps for the replication slot",
+            ["slot"],
+            registry=registry,
         )
         self.safe = Gauge(
             "ragtide_slot_safe_wal_bytes",
             "WAL that may still be written before Postgres invalidates the slot (-1: no max_slot_wal_keep_size)",
+            ["slot"],
             registry=registry,
         )
-        self.lost = Gauge("ragtide_slot_lost", "1 when Postgres invalidated the replication slot", registry=registry)
+        self.lost = Gauge(
+            "ragtide_slot_lost", "1 when Postgres invalidated the replication slot", ["slot"], registry=registry
+        )
 
-    def check(self) -> SlotState:
-        """Read and export once."""
-        state = read_slot(self.dsn, self.slot)
-        if state.lost and not (self.state and self.state.lost):
-            log.error("replication slot lost", extra={"slot": self.slot, "fix": RESYNC_HINT})
-        self.state = state
-        self.retained.set(state.retained_bytes or 0)
-        self.safe.set(-1 if state.safe_wal_bytes is None else state.safe_wal_bytes)
-        self.lost.set(1 if state.lost else 0)
-        return state
+    @property
+    def state(self) -> SlotState | None:
+        """The source database's slot, as last read."""
+        return self.states.get(self.slots[0][1]) if self.slots else None
+
+    def check(self) -> list[SlotState]:
+        """Read and export every slot once."""
+        states = []
+        for dsn, slot in self.slots:
+            state = read_slot(dsn, slot)
+            before = self.states.get(slot)
+            if state.lost and not (before and before.lost):
+                log.error("replication slot lost", extra={"slot": slot, "fix": RESYNC_HINT})
+            self.states[slot] = state
+            self.retained.labels(slot).set(state.retained_bytes or 0)
+            self.safe.labels(slot).set(-1 if state.safe_wal_bytes is None else state.safe_wal_bytes)
+            self.lost.labels(slot).set(1 if state.lost else 0)
+            states.append(state)
+        return states
 
     async def run(self) -> None:
         """Check until cancelled (Postgres unreachable: the last reading stands, counted and logged)."""
@@ -134,5 +149,8 @@ class SlotMonitor:
             await asyncio.sleep(self.interval_s)
 
     def readiness(self) -> tuple[bool, str]:
-        """The last reading's verdict (ok before the first)."""
-        return (True, "ok (not read yet)") if self.state is None else self.state.verdict()
+        """The last readings' verdict (ok before the first): the first slot that is not ok, else the first."""
+        if not self.states:
+            return True, "ok (not read yet)"
+        verdicts = [s.verdict() for s in self.states.values()]
+        return next((v for v in verdicts if not v[0]), verdicts[0])

@@ -27,7 +27,7 @@ class Removal:
 
 
 def planned(settings: RagtideSettings) -> list[str]:
-    """What uninstall will remove, for the confirmation prompt."""
+    """What uninstall will remove from one source database, for the confirmation prompt."""
     pg, c = settings.postgres, settings.connect
     state = "state database" if pg.state_dsn else "source database"
     return [
@@ -39,7 +39,8 @@ def planned(settings: RagtideSettings) -> list[str]:
 
 
 def uninstall_source(settings: RagtideSettings, progress: Callable[[str], None] = lambda _: None) -> Removal:
-    """Remove the connector, slot, publication and ragtide's schemas."""
+    """Remove the connector, slot, publication and ragtide's schemas of one source database (its settings:
+    `Stack.databases()` gives each)."""
     out = Removal(done=detach_source(settings, progress))
     pub = settings.connect.publication
     with psycopg.connect(settings.postgres.dsn(), autocommit=True, connect_timeout=5) as conn:

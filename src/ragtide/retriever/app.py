@@ -29,7 +29,7 @@ from ragtide.gateway.gateway import Gateway, check_config
 from ragtide.gateway.store import PostgresGatewayStore
 from ragtide.generator.client import Generator, OpenAIGenerator
 from ragtide.ingest.slot import SlotMonitor
-from ragtide.ingest.sources import SourcesConfig
+from ragtide.ingest.sources import SourcesConfig, source_dbs
 from ragtide.retriever.answer import answer_router
 from ragtide.retriever.cache import SemanticCache
 from ragtide.retriever.canary import Canary
@@ -106,9 +106,11 @@ def create_app(
         if settings.postgres.source_writes:  # a read-only source has no canary table
             svc.canary = Canary(settings.postgres.dsn(), active, svc.tracker, settings.canary, svc.query_vectors)
         if settings.connect.slot_check_s > 0:
+            slots = [
+                (db.settings.postgres.dsn(), db.settings.connect.slot_name) for db in source_dbs(settings, sources)
+            ]
             svc.slot = SlotMonitor(
-                settings.postgres.dsn(),
-                settings.connect.slot_name,
+                slots,
                 registry,
                 settings.connect.slot_check_s,
                 BackgroundFailures.of(registry),
@@ -226,6 +228,7 @@ def create_app(
             snap["canary"]["ready"], snap["canary"]["detail"] = ok, detail
         if svc.slot is not None and svc.slot.state is not None:
             snap["slot"] = svc.slot.state.as_dict()
+            snap["slots"] = [state.as_dict() for state in svc.slot.states.values()]
         return snap
 
     @app.get("/v1/freshness/changes", tags=["freshness"])

@@ -54,7 +54,18 @@ class Services:
         self.canary: Canary | None = None
         self.slot: SlotMonitor | None = None
         self.user_tables = sources.user_tables
-        self.filterable = {"table"} | {m for s in sources.sources for m in s.metadata}
+        # With more than one source database, {"database": name} selects one database's tables.
+        self.databases: dict[str, list[str]] = (
+            {
+                settings.postgres.database: [t.id for t in sources.sources if t.id in self.user_tables],
+                **{name: [t.id for t in db.sources] for name, db in sources.databases.items()},
+            }
+            if sources.databases
+            else {}
+        )
+        self.filterable = (
+            {"table"} | {m for s in sources.all for m in s.metadata} | ({"database"} if self.databases else set())
+        )
         self.serving = ServingMetrics(registry)
         self.query_vectors = QueryVectors()
 
@@ -148,12 +159,16 @@ def build_filter(services: Services, requested: dict[str, Any] | None, caller: C
             raise HTTPException(422, f"filter: unknown field {key!r}; filterable fields are: {allowed}")
         if isinstance(value, list) and not value:
             raise HTTPException(422, f"filter: {key!r} has an empty list")
-        if key == "table":
+        if key in ("table", "database"):
             wanted = value if isinstance(value, list) else [value]
-            unknown = [t for t in wanted if t not in services.user_tables]
+            known = services.user_tables if key == "table" else list(services.databases)
+            unknown = [t for t in wanted if t not in known]
             if unknown:
-                raise HTTPException(422, f"filter: table {unknown[0]!r} is not indexed; tables: {services.user_tables}")
-            flt["table"] = wanted
+                raise HTTPException(422, f"filter: {key} {unknown[0]!r} is not indexed; {key}s: {known}")
+            tables = wanted if key == "table" else [t for name in wanted for t in services.databases[name]]
+            flt["table"] = [t for t in flt["table"] if t in tables]
+            if not flt["table"]:
+                raise HTTPException(422, "filter: the table and database given select no table together")
         else:
             flt[f"metadata.{key}"] = value
     if caller is not None and caller.tenant is not None:

@@ -13,9 +13,9 @@ from ragtide.contracts.errors import SourceNotReady, StackError
 from ragtide.contracts.settings import RagtideSettings
 from ragtide.generator.local import server_argv, server_available
 from ragtide.ingest import connector, demo, pgsetup
-from ragtide.ingest.doctor import diagnose
+from ragtide.ingest.doctor import Report, diagnose
 from ragtide.ingest.resync import detach_source
-from ragtide.ingest.sources import sources_of
+from ragtide.ingest.sources import SourceDB, source_dbs, sources_of
 from ragtide.stack.jvm import ConnectWorker, KafkaBroker
 from ragtide.stack.postgres import PostgresCluster, postgres_daemon
 from ragtide.stack.process import Daemon, http_ok, wait_until
@@ -38,17 +38,37 @@ class Stack:
         return Daemon(name, self.settings.data_dir / "run", self.settings.data_dir / "logs")
 
     def start_postgres(self) -> None:
-        """The source database ready for CDC: the local cluster (when managed) up with its demo table; then, either
-        way, `ragtide doctor`'s checks (SourceNotReady lists each failure with its fix; nothing was created in
-        the user's database yet) and ragtide's control tables."""
+        """The source databases ready for CDC: the local cluster (when managed) up with its demo table; then, either
+        way, `prepare_sources`."""
         if self.settings.postgres.managed:
             PostgresCluster(self.settings, self.daemon("postgres")).start()
             demo.create_demo_table(self.settings.postgres.dsn())
-        sources = sources_of(self.settings)
-        report = diagnose(self.settings, sources, connect_check=False)
-        if not report.ok:
-            raise SourceNotReady(f"the source database is not ready (ragtide doctor):\n{report.text()}")
-        pgsetup.prepare_source_db(self.settings, sources)
+        self.prepare_sources()
+
+    def databases(self) -> list[SourceDB]:
+        """The source database and each of the sources file's `databases:`, as settings of their own."""
+        return source_dbs(self.settings, sources_of(self.settings))
+
+    def check_sources(self, connect_check: bool = True) -> list[tuple[str, Report]]:
+        """`ragtide doctor` for every source database."""
+        return [(db.name, diagnose(db.settings, db.sources, connect_check)) for db in self.databases()]
+
+    def prepare_sources(self) -> None:
+        """`ragtide doctor`'s checks of every source database (SourceNotReady lists each failure with its fix;
+        nothing was created in a user's database yet), then ragtide's control tables in each."""
+        failed = [f"source database {name}:\n{r.text()}" for name, r in self.check_sources(False) if not r.ok]
+        if failed:
+            raise SourceNotReady("not ready for CDC (ragtide doctor):\n" + "\n".join(failed))
+        for db in self.databases():
+            pgsetup.prepare_source_db(db.settings, db.sources)
+
+    def register_connectors(self) -> list[str]:
+        """Create or update each source database's connector; returns the tables added to an existing one."""
+        added: list[str] = []
+        for db in self.databases():
+            new = connector.register(db.settings, db.sources)
+            added += [t.id for t in db.sources.all if t.table in new]
+        return added
 
     def start_kafka(self) -> None:
         """The KRaft broker, unless `kafka.bootstrap_servers` names the user's Kafka."""
@@ -60,7 +80,7 @@ class Stack:
         running."""
         if self.settings.connect.managed:
             ConnectWorker(self.settings, self.daemon("connect")).start()
-        connector.register(self.settings, sources_of(self.settings))
+        self.register_connectors()
 
     def start_generator(self) -> None:
         """The local OpenAI-compatible generator (llama.cpp's server, SmolLM2), unless an external one is set."""
@@ -91,19 +111,19 @@ class Stack:
         )
 
     def apply_sources(self) -> list[str]:
-        """After the sources file changed: update the connector (snapshotting new tables) and restart the node."""
-        sources = sources_of(self.settings)
-        pgsetup.prepare_source_db(self.settings, sources)
-        added = connector.register(self.settings, sources)
+        """After the sources file changed: update the connectors (snapshotting new tables) and restart the node."""
+        self.prepare_sources()
+        added = self.register_connectors()
         self.daemon("node").stop(timeout=60)
         self.start_node()
-        if added and not self.settings.postgres.source_writes:
+        for db in self.databases():
+            if db.settings.postgres.source_writes:
+                continue
             # no signal table for an incremental snapshot: the node reads the new tables' rows from the source
-            for table in added:
-                body = {"table": table, "repair": True}
+            for table in (t for t in added if t in db.sources.tables):
                 resp = httpx.post(
                     f"{self.settings.api.url}/v1/admin/verify",
-                    json=body,
+                    json={"table": table, "repair": True},
                     timeout=3600,
                     headers=self.settings.gateway.admin_headers(),
                 )
@@ -121,7 +141,9 @@ class Stack:
         """Stop every process by pid, in reverse order; data is kept. `drop_slot`: first delete the connector with
         its offsets and drop the replication slot (resync.detach_source), so the source keeps no WAL for ragtide;
         the next `up` snapshots every table again. Returns what was dropped."""
-        dropped = detach_source(self.settings, progress) if drop_slot else []
+        dropped = (
+            [what for db in self.databases() for what in detach_source(db.settings, progress)] if drop_slot else []
+        )
         for name in reversed(ORDER):
             progress(name)
             self.daemon(name).stop(timeout=60 if name == "node" else 30)
