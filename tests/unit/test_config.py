@@ -9,7 +9,7 @@ import pytest
 
 from ragtide.contracts.errors import ConfigError
 from ragtide.contracts.settings import REPO_ROOT, RagtideSettings, load_settings
-from ragtide.ingest.sources import SourcesConfig, load_sources
+from ragtide.ingest.sources import SourcesConfig, dsn_of, load_sources, source_dbs
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -121,3 +121,113 @@ def test_the_static_member_id_is_stable_valid_for_kafka_and_follows_the_subscrip
     assert kafka.member_id(tmp_path, [*topics, "ragtide.public.added"]) != first  # a new table: a new member
     assert kafka.member_id(tmp_path / "other", topics) != first  # another checkout on the host
     assert load_settings(RagtideSettings, kafka={"instance_id": ""}).kafka.member_id(tmp_path, topics) is None
+
+
+def test_more_source_databases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BILLING_DSN", "postgresql://indexer@billing-db:5433/billing")
+    text = """
+sources:
+  - {table: public.docs, key: [id], text: "{body}"}
+databases:
+  billing:
+    dsn: ${BILLING_DSN}
+    source_writes: false
+    sources:
+      - {table: public.docs, key: [id], text: "{body}"}
+"""
+    cfg = load_sources(write(tmp_path, text))
+    assert cfg.tables == ["public.docs", "ragtide.canary", "billing.public.docs"]
+    assert cfg.pg_tables == ["public.docs", "ragtide.canary", "public.docs"]
+    assert cfg.get("billing.public.docs").database == "billing"  # type: ignore[union-attr]
+    settings = load_settings(RagtideSettings, sources_file=tmp_path / "sources.yaml")
+    primary, billing = source_dbs(settings, cfg)
+    assert (primary.name, primary.settings.connect.slot_name) == ("ragtide", "ragtide_slot")
+    pg, c = billing.settings.postgres, billing.settings.connect
+    assert (pg.host, pg.port, pg.database, pg.user, pg.managed, pg.source_writes) == (
+        "billing-db",
+        5433,
+        "billing",
+        "indexer",
+        False,
+        False,
+    )
+    assert pg.state() == settings.postgres.dsn()  # ragtide's state stays in one place
+    assert (c.connector_name, c.slot_name, c.publication, c.topic_prefix) == (
+        "ragtide-pg-billing",
+        "ragtide_slot_billing",
+        "ragtide_pub_billing",
+        "ragtide.billing",
+    )
+    assert billing.sources.tables == ["billing.public.docs"] and billing.sources.pg_tables == ["public.docs"]
+    assert dsn_of(settings, cfg)("billing.public.docs") == "postgresql://indexer@billing-db:5433/billing"
+
+
+@pytest.mark.parametrize(
+    ("databases", "message"),
+    [
+        ("{Billing: {dsn: x, sources: [{table: a.b, key: [id], text: '{v}'}]}}", "'Billing' is not a name"),
+        ("{billing: {dsn: x, sources: []}}", "databases.billing.sources"),
+        ("{billing: {sources: [{table: a.b, key: [id], text: '{v}'}]}}", "databases.billing.dsn"),
+    ],
+)
+def test_source_database_mistakes_name_the_field(tmp_path: Path, databases: str, message: str) -> None:
+    text = f"sources: [{{table: public.docs, key: [id], text: '{{body}}'}}]\ndatabases: {databases}\n"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_sources(write(tmp_path, text))
+
+
+def test_a_source_database_dsn_mistake_names_the_database(tmp_path: Path) -> None:
+    text = (
+        "sources: [{table: public.docs, key: [id], text: '{body}'}]\n"
+        "databases: {billing: {dsn: 'postgresql://h/db', sources: [{table: a.b, key: [id], text: '{v}'}]}}\n"
+    )
+    cfg = load_sources(write(tmp_path, text))
+    with pytest.raises(ConfigError, match=r"databases\.billing") as err:
+        source_dbs(load_settings(RagtideSettings), cfg)
+    assert "dsn must name user" in str(err.value)
+
+
+def test_kafka_security_settings_name_the_field() -> None:
+    with pytest.raises(ConfigError, match=r"kafka: .*SASL_SSL needs sasl_username and sasl_password"):
+        load_settings(RagtideSettings, kafka={"security_protocol": "SASL_SSL"})
+    with pytest.raises(ConfigError, match=r"kafka\.bootstrap_servers"):
+        load_settings(RagtideSettings, kafka={"bootstrap_servers": "no port"})
+    k = load_settings(
+        RagtideSettings,
+        kafka={
+            "bootstrap_servers": "a:9092,b:9092",
+            "security_protocol": "SASL_PLAINTEXT",
+            "sasl_username": "u",
+            "sasl_password": 'p w"d',
+            "sasl_mechanism": "SCRAM-SHA-256",
+        },
+    ).kafka
+    assert not k.managed and k.bootstrap == "a:9092,b:9092"
+    assert k.client_config() == {
+        "bootstrap_servers": "a:9092,b:9092",
+        "security_protocol": "SASL_PLAINTEXT",
+        "sasl_mechanism": "SCRAM-SHA-256",
+        "sasl_plain_username": "u",
+        "sasl_plain_password": 'p w"d',
+    }
+    assert k.java_properties()["sasl.jaas.config"] == (
+        'org.apache.kafka.common.security.scram.ScramLoginModule required username="u" password="p w\\"d";'
+    )
+
+
+def test_a_user_database_dsn_fills_the_postgres_section() -> None:
+    pg = load_settings(
+        RagtideSettings, postgres={"dsn": "postgresql://indexer:p%40ss@db.internal/shop?sslmode=require"}
+    ).postgres
+    assert (pg.host, pg.port, pg.database, pg.user, pg.password.get_secret_value(), pg.sslmode, pg.managed) == (
+        "db.internal",
+        5432,
+        "shop",
+        "indexer",
+        "p@ss",
+        "require",
+        False,
+    )
+    assert pg.dsn() == "postgresql://indexer:p%40ss@db.internal:5432/shop?sslmode=require"
+    with pytest.raises(ConfigError, match=r"postgres: .*dsn must name user"):
+        load_settings(RagtideSettings, postgres={"dsn": "postgresql://db.internal/shop"})

@@ -107,6 +107,16 @@ def test_table_of_topic() -> None:
     assert table_of_topic("ragtide.public.docs", "ragtide") == "public.docs"
     assert table_of_topic("__debezium-heartbeat.ragtide", "ragtide") is None
     assert table_of_topic("other.public.docs", "ragtide") is None
+    assert table_of_topic("ragtide.billing.public.docs", "ragtide") == "billing.public.docs"  # another database
+    assert table_of_topic("ragtide.dlq", "ragtide") is None
+
+
+def test_a_table_of_another_source_database_is_named_by_its_topic() -> None:
+    r = record("create")
+    ev = decode(r["key"].encode(), r["value"].encode(), topic_table="billing.public.docs")
+    assert ev is not None and ev.table == "billing.public.docs"
+    other = decode(r["key"].encode(), r["value"].encode(), topic_table="billing.public.other")
+    assert other is not None and other.table == "public.docs"  # a topic that does not end with the table: ignored
 
 
 def test_snapshot_read_is_marked_as_backfill() -> None:
