@@ -25,7 +25,7 @@ from rich.table import Table
 
 from ragtide.contracts.errors import RagtideError
 from ragtide.contracts.logging import setup_logging
-from ragtide.contracts.settings import RagtideSettings, load_settings
+from ragtide.contracts.settings import RagtideSettings, load_settings, redact_dsn
 
 if TYPE_CHECKING:
     from ragtide.stack.stack import Stack
@@ -73,7 +73,12 @@ def up(
             status.update(f"starting {name}…")
             t0 = time.monotonic()
             getattr(stack, f"start_{name}")()
-            console.print(f"[green]✓[/] {name} ({time.monotonic() - t0:.1f}s)")
+            label = {
+                "postgres": "postgres" if s.postgres.managed else "source database checked (ragtide doctor)",
+                "kafka": "kafka" if s.kafka.managed else f"kafka at {s.kafka.bootstrap}",
+                "connect": "connect" if s.connect.managed else f"connector registered at {s.connect.url}",
+            }.get(name, name)
+            console.print(f"[green]✓[/] {label} ({time.monotonic() - t0:.1f}s)")
             if name == "postgres" and demo and s.postgres.managed:
                 n = load_demo(s.postgres.dsn())
                 console.print(f"[green]✓[/] demo corpus: {n} rows in public.docs")
@@ -371,8 +376,9 @@ def init(
     write_sources(config, target)
     console.print(f"[green]✓[/] wrote {target} ({len(config.sources)} tables); edit it freely, then:")
     env = "" if out is None else f"RAGTIDE_SOURCES_FILE={target} "
-    print(f"  {env}RAGTIDE_POSTGRES__DSN='{dsn}' ragtide doctor")
-    print(f"  make up SOURCE_DSN='{dsn}'{f' SOURCES={target}' if out is not None else ''}")
+    shown = redact_dsn(dsn)  # the password is the user's to fill in, never echoed
+    print(f"  {env}RAGTIDE_POSTGRES__DSN='{shown}' ragtide doctor")
+    print(f"  make up SOURCE_DSN='{shown}'{f' SOURCES={target}' if out is not None else ''}")
 
 
 @app.command("uninstall-source")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ragtide.contracts.errors import ConfigError
-from ragtide.contracts.settings import REPO_ROOT, RagtideSettings, load_settings
+from ragtide.contracts.settings import REPO_ROOT, RagtideSettings, load_settings, redact_dsn
 from ragtide.ingest.sources import SourcesConfig, dsn_of, load_sources, source_dbs
 
 
@@ -231,3 +231,10 @@ def test_a_user_database_dsn_fills_the_postgres_section() -> None:
     assert pg.dsn() == "postgresql://indexer:p%40ss@db.internal:5432/shop?sslmode=require"
     with pytest.raises(ConfigError, match=r"postgres: .*dsn must name user"):
         load_settings(RagtideSettings, postgres={"dsn": "postgresql://db.internal/shop"})
+
+
+def test_a_dsn_is_printed_without_its_password() -> None:
+    assert redact_dsn("postgresql://indexer:s3cr%40t@db:5432/shop") == "postgresql://indexer:****@db:5432/shop"
+    assert redact_dsn("postgresql://indexer@db/shop") == "postgresql://indexer@db/shop"
+    assert redact_dsn("host=db user=u password='a b' dbname=x") == "host=db user=u password=**** dbname=x"
+    assert redact_dsn("host=db password=secret") == "host=db password=****"

@@ -466,6 +466,12 @@ class RagtideSettings(BaseSettings):
         return env
 
 
+def redact_dsn(dsn: str) -> str:
+    """A connection string fit to print: its password replaced by ****."""
+    dsn = re.sub(r"(://[^:/@]+:)[^@]*@", r"\1****@", dsn)
+    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1****", dsn)
+
+
 def format_validation_error(exc: ValidationError, source: str) -> str:
     """Render a pydantic error so that each line names the field that is wrong."""
     lines = [f"invalid {source}:"]
