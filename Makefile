@@ -44,13 +44,13 @@ qdrant: ## build the Qdrant server (v1.16.3) from source once, cached under ~/.c
 SOURCE_ENV = $(if $(SOURCE_DSN),RAGTIDE_POSTGRES__DSN='$(SOURCE_DSN)') $(if $(SOURCES),RAGTIDE_SOURCES_FILE='$(SOURCES)')
 
 up: install ## start Postgres (or use SOURCE_DSN=... after `ragtide doctor` passes), Kafka, Connect+Debezium, the generator and the node; wait until indexed (SUPERVISE=1: restart whatever dies)
-	$(SOURCE_ENV) $(BIN)/ragtide up $(if $(SUPERVISE),--supervise)
+	@$(SOURCE_ENV) $(BIN)/ragtide up $(if $(SUPERVISE),--supervise)
 
 doctor: install ## check the source database for CDC (SOURCE_DSN=...): one line per check, each failure with its fix
-	$(SOURCE_ENV) $(BIN)/ragtide doctor
+	@$(SOURCE_ENV) $(BIN)/ragtide doctor
 
 down: ## stop every process `make up` started (data is kept; DROP_SLOT=1: also drop the replication slot and connector)
-	@test -x $(BIN)/ragtide && $(SOURCE_ENV) $(BIN)/ragtide down $(if $(DROP_SLOT),--drop-slot --yes) || true
+	@test -x $(BIN)/ragtide || exit 0; $(SOURCE_ENV) $(BIN)/ragtide down $(if $(DROP_SLOT),--drop-slot --yes,|| true)
 
 clean: down ## stop everything and remove the data folder
 	rm -rf .data

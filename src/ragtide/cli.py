@@ -305,6 +305,12 @@ def down(
         ),
     ] = False,
     yes: Annotated[bool, typer.Option("--yes", help="do not ask for confirmation")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="with --drop-slot and Connect unreachable: drop the slot anyway (then resync after up)"
+        ),
+    ] = False,
 ) -> None:
     """Stop every process `ragtide up` started (by pid); data is kept."""
     from ragtide.stack.stack import Stack
@@ -312,7 +318,7 @@ def down(
     s = _settings()
     if drop_slot and not yes:
         typer.confirm(f"Drop replication slot {s.connect.slot_name} and the connector's offsets?", abort=True)
-    for what in Stack(s).down(lambda name: console.print(f"stopping {name}"), drop_slot=drop_slot):
+    for what in Stack(s).down(lambda name: console.print(f"stopping {name}"), drop_slot=drop_slot, force=force):
         console.print(f"[green]✓[/] {what}")
 
 

@@ -31,11 +31,13 @@ def setup_shop(db: SourceDB) -> None:
     db.sql("CREATE PUBLICATION ragtide_pub FOR TABLE shop.products, shop.reviews")
 
 
-def settings_for(db: SourceDB, user: str = "indexer", **postgres: object) -> RagtideSettings:
+def settings_for(
+    db: SourceDB, user: str = "indexer", connect: dict[str, object] | None = None, **postgres: object
+) -> RagtideSettings:
     return load_settings(
         RagtideSettings,
         postgres={"dsn": db.dsn(user), "source_writes": False, "state_dsn": db.dsn("postgres"), **postgres},
-        connect={"port": 1},  # no Connect: that check says "not checked"
+        connect=connect or {"port": 1},  # no Connect: that check says "not checked"
     )
 
 
@@ -128,14 +130,52 @@ def test_missing_select_and_publication_and_state(logical: SourceDB) -> None:
         "GRANT SELECT ON shop.reviews TO reader;",
     )
     status, detail, fix = check(report, "control tables")
-    assert status == "fail" and detail.startswith("cannot create schema ragtide")
+    assert status == "fail" and detail.startswith("reader cannot create schema ragtide")
+    assert fix.startswith("as the database owner: CREATE SCHEMA IF NOT EXISTS ragtide;")
     assert "GRANT CREATE ON DATABASE shop TO reader;" in fix and "RAGTIDE_POSTGRES__SOURCE_WRITES=false" in fix
     status, detail, fix = check(report, "publication")
     assert status == "fail"
     assert "ragtide_pub does not publish ragtide.canary, ragtide.debezium_signal" in detail
-    assert fix.startswith("ALTER PUBLICATION ragtide_pub ADD TABLE ragtide.canary, ragtide.debezium_signal;")
+    assert (
+        fix == "as the tables' owner: ALTER PUBLICATION ragtide_pub ADD TABLE ragtide.canary, ragtide.debezium_signal;"
+    )
     assert check(report, "state")[0] == "fail"
     assert "RAGTIDE_POSTGRES__STATE_DSN" in check(report, "state")[2]
+
+    # The owner runs the printed fixes: the control schema is prepared for the role, the publication extended.
+    script = fix_of(report, "control tables").removeprefix("as the database owner: ").split(" or GRANT CREATE")[0]
+    logical.sql(script)
+    logical.sql("ALTER PUBLICATION ragtide_pub ADD TABLE ragtide.canary, ragtide.debezium_signal")
+    try:
+        again = diagnose(s, SOURCES.with_canary(), connect_check=False)
+        assert check(again, "control tables")[:2] == ("ok", "schema ragtide prepared by its owner; reader may write it")
+        assert check(again, "publication")[0] == "ok"
+    finally:
+        logical.sql("ALTER PUBLICATION ragtide_pub DROP TABLE ragtide.canary, ragtide.debezium_signal")
+        logical.sql("DROP SCHEMA ragtide CASCADE")
+
+
+def fix_of(report: Report, name: str) -> str:
+    return check(report, name)[2]
+
+
+def test_a_publication_that_leaves_changes_out(logical: SourceDB) -> None:
+    logical.sql(
+        "CREATE PUBLICATION partial_pub FOR TABLE shop.products, shop.reviews WITH (publish = 'insert, update')"
+    )
+    logical.sql("CREATE PUBLICATION narrow_pub FOR TABLE shop.products (id, name), shop.reviews")
+    try:
+        s = settings_for(logical, connect={"port": 1, "publication": "partial_pub"})
+        status, detail, fix = check(diagnose(s, SOURCES, connect_check=False), "publication")
+        assert status == "fail" and "deletes or truncates would never reach the index" in detail
+        assert fix == "ALTER PUBLICATION partial_pub SET (publish = 'insert, update, delete, truncate');"
+        s = settings_for(logical, connect={"port": 1, "publication": "narrow_pub"})
+        status, detail, fix = check(diagnose(s, SOURCES, connect_check=False), "publication")
+        assert status == "fail" and detail.startswith("narrow_pub publishes shop.products only in part")
+        assert fix == "ALTER PUBLICATION narrow_pub SET TABLE shop.products, shop.reviews;"
+    finally:
+        logical.sql("DROP PUBLICATION partial_pub")
+        logical.sql("DROP PUBLICATION narrow_pub")
 
 
 def test_an_unreachable_database_is_one_line() -> None:

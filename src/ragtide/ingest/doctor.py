@@ -8,6 +8,7 @@ would lose changes). `up` runs the same checks and stops on a failure.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -65,6 +66,11 @@ class Report:
 def _one(conn: Conn, query: str, params: Any = None) -> Any:
     row = conn.execute(query, params).fetchone()
     return None if row is None else row[0]
+
+
+def _quote(name: str) -> str:
+    """An SQL identifier as a fix must spell it: quoted unless a plain lower-case name."""
+    return name if re.fullmatch(r"[a-z_][a-z0-9_$]*", name) else '"' + name.replace('"', '""') + '"'
 
 
 def _ident(table: str) -> str:
@@ -193,7 +199,8 @@ class Doctor:
                 "SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)", (list(MANAGED_REPLICATION_ROLES),)
             )
         ]
-        fix = f"GRANT {exists[0]} TO {self.user};" if exists else f"ALTER ROLE {self.user} WITH REPLICATION;"
+        who = _quote(self.user)
+        fix = f"GRANT {exists[0]} TO {who};" if exists else f"ALTER ROLE {who} WITH REPLICATION;"
         return Check("replication role", "fail", f"role {self.user} may not stream changes (no REPLICATION)", fix)
 
     def _wal_keep_size(self, conn: Conn) -> Check:
@@ -226,18 +233,29 @@ class Doctor:
             return Check("control tables", "ok", f"schema {schema} exists and {self.user} owns it")
         if owner is None and _one(conn, "SELECT has_database_privilege(current_database(), 'CREATE')"):
             return Check("control tables", "ok", f"{self.user} may create schema {schema}")
+        if owner is not None and self._may_write_control_tables(conn):
+            return Check("control tables", "ok", f"schema {schema} prepared by its owner; {self.user} may write it")
         why = (
-            f"schema {schema} exists but is not {self.user}'s"
+            f"schema {schema} exists but {self.user} may not write all of {', '.join(pgsetup.CONTROL_TABLES)}"
             if owner is not None
-            else f"cannot create schema {schema}"
+            else f"{self.user} cannot create schema {schema}"
         )
         return Check(
             "control tables",
             "fail",
             f"{why} (heartbeat, canary and signal tables)",
-            f"CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION {self.user}; (as the database owner), or "
-            f"GRANT CREATE ON DATABASE {db} TO {self.user}; or run read-only: RAGTIDE_POSTGRES__SOURCE_WRITES=false",
+            f"as the database owner: {pgsetup.control_script(_quote(self.user))} or GRANT CREATE ON DATABASE "
+            f"{_quote(db)} TO {_quote(self.user)}; or run read-only: RAGTIDE_POSTGRES__SOURCE_WRITES=false",
         )
+
+    def _may_write_control_tables(self, conn: Conn) -> bool:
+        for table in pgsetup.CONTROL_TABLES:
+            if _one(conn, "SELECT to_regclass(%s)", (table,)) is None:
+                return False
+            for privilege in ("SELECT", "INSERT", "UPDATE", "DELETE"):
+                if not _one(conn, "SELECT has_table_privilege(%s, %s)", (table, privilege)):
+                    return False
+        return True
 
     # -- tables ------------------------------------------------------------------------------------------------
 
@@ -254,7 +272,7 @@ class Doctor:
         if _one(conn, "SELECT to_regclass(%s)", (_ident(t),)) is None:
             return Check(name, "fail", "does not exist (or is not visible to this role)", _grant_usage(t, self.user))
         if not _one(conn, "SELECT has_table_privilege(%s, 'SELECT')", (_ident(t),)):
-            return Check(name, "fail", f"{self.user} may not read it", f"GRANT SELECT ON {t} TO {self.user};")
+            return Check(name, "fail", f"{self.user} may not read it", f"GRANT SELECT ON {t} TO {_quote(self.user)};")
         key = pgsetup.primary_key(conn, t)
         if not key:
             return Check(
@@ -308,50 +326,80 @@ class Doctor:
     def _publication(self, conn: Conn) -> Check:
         pub = self.s.connect.publication
         tables = pgsetup.publication_tables(self.s, self.sources)
-        create = f"CREATE PUBLICATION {pub} FOR TABLE {', '.join(tables)};"
+        owner_fix = f"as the tables' owner: CREATE PUBLICATION {pub} FOR TABLE {', '.join(tables)};" + (
+            " (after the control tables check passes)" if self.s.postgres.source_writes else ""
+        )
         row = conn.execute(
-            "SELECT puballtables, pg_has_role(current_user, pubowner, 'USAGE') FROM pg_publication WHERE pubname = %s",
+            "SELECT puballtables, pg_has_role(current_user, pubowner, 'USAGE'), pubinsert AND pubupdate AND pubdelete "
+            "AND pubtruncate FROM pg_publication WHERE pubname = %s",
             (pub,),
         ).fetchone()
-        if row is not None:
-            if pgsetup.publication_covers(self.s.postgres.dsn(), pub, tables):
-                return Check("publication", "ok", f"{pub} exists and publishes every indexed table (reused as is)")
-            published = {
-                f"{r[0]}.{r[1]}"
-                for r in conn.execute(
-                    "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s", (pub,)
-                )
-            }
-            absent = [t for t in tables if t not in published]
-            if row[1] and self._owns_all(conn, absent):
-                return Check("publication", "ok", f"{pub} exists; Debezium adds {', '.join(absent)}")
+        if row is None:
+            can_create = _one(conn, "SELECT has_database_privilege(current_database(), 'CREATE')")
+            if can_create and self._owns_all(conn, tables):
+                return Check("publication", "ok", f"{pub} does not exist yet; Debezium creates it")
             return Check(
                 "publication",
                 "fail",
-                f"{pub} does not publish {', '.join(absent)} and {self.user} may not add them",
-                f"ALTER PUBLICATION {pub} ADD TABLE {', '.join(absent)}; (as the tables' owner)",
+                f"{pub} does not exist and {self.user} may not create it (it must own the tables)",
+                owner_fix,
             )
-        can_create = _one(conn, "SELECT has_database_privilege(current_database(), 'CREATE')")
-        if can_create and self._owns_all(conn, tables):
-            return Check("publication", "ok", f"{pub} does not exist yet; Debezium creates it")
+        if not row[2]:
+            return Check(
+                "publication",
+                "fail",
+                f"{pub} does not publish every kind of change (deletes or truncates would never reach the index)",
+                f"ALTER PUBLICATION {pub} SET (publish = 'insert, update, delete, truncate');",
+            )
+        restricted = self._restricted(conn, pub, tables)
+        if restricted:
+            return Check(
+                "publication",
+                "fail",
+                f"{pub} publishes {restricted} only in part (a column list or a row filter): changes would be lost",
+                f"ALTER PUBLICATION {pub} SET TABLE {', '.join(tables)};",
+            )
+        if pgsetup.publication_covers(self.s.postgres.dsn(), pub, tables):
+            return Check("publication", "ok", f"{pub} exists and publishes every indexed table (reused as is)")
+        published = {
+            f"{r[0]}.{r[1]}"
+            for r in conn.execute("SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s", (pub,))
+        }
+        absent = [t for t in tables if t not in published]
+        # Debezium sets the publication's whole table list (ALTER PUBLICATION ... SET TABLE): it must own them all.
+        if row[1] and self._owns_all(conn, tables):
+            return Check("publication", "ok", f"{pub} exists; Debezium adds {', '.join(absent)}")
         return Check(
             "publication",
             "fail",
-            f"{pub} does not exist and {self.user} may not create it (it must own the tables)",
-            f"{create} (as the tables' owner or a superuser)",
+            f"{pub} does not publish {', '.join(absent)} and {self.user} may not add them",
+            f"as the tables' owner: ALTER PUBLICATION {pub} ADD TABLE {', '.join(absent)};",
         )
+
+    def _restricted(self, conn: Conn, pub: str, tables: list[str]) -> str | None:
+        """The first of `tables` that the publication carries with a column list or a row filter (PostgreSQL 15+)."""
+        if int(_one(conn, "SHOW server_version_num")) < 150000:
+            return None
+        rows = conn.execute(
+            "SELECT p.schemaname || '.' || p.tablename, p.rowfilter IS NOT NULL, "
+            "cardinality(p.attnames) < (SELECT count(*) FROM pg_attribute a WHERE a.attrelid = "
+            "(quote_ident(p.schemaname) || '.' || quote_ident(p.tablename))::regclass AND a.attnum > 0 "
+            "AND NOT a.attisdropped) FROM pg_publication_tables p WHERE p.pubname = %s",
+            (pub,),
+        ).fetchall()
+        return next((str(t) for t, filtered, partial in rows if t in tables and (filtered or partial)), None)
 
     def _owns_all(self, conn: Conn, tables: list[str]) -> bool:
         if _one(conn, "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
             return True
         for t in tables:
-            if t.startswith(pgsetup.CONTROL_SCHEMA + "."):
-                continue  # ragtide creates its control tables, so it owns them
             owned = _one(
                 conn,
                 "SELECT pg_has_role(current_user, relowner, 'USAGE') FROM pg_class WHERE oid = to_regclass(%s)",
                 (_ident(t),),
             )
+            if owned is None and t.startswith(pgsetup.CONTROL_SCHEMA + "."):
+                continue  # not created yet: ragtide creates it, and then owns it
             if not owned:
                 return False
         return True

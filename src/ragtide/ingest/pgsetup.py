@@ -23,13 +23,22 @@ HEARTBEAT_TABLE = f"{CONTROL_SCHEMA}.heartbeat"
 SIGNAL_TABLE = f"{CONTROL_SCHEMA}.debezium_signal"
 STATE_SCHEMAS = ("ragtide_gateway", "ragtide_embedder")
 
-CONTROL_DDL = [
-    f"CREATE SCHEMA IF NOT EXISTS {CONTROL_SCHEMA}",
-    f"CREATE TABLE IF NOT EXISTS {HEARTBEAT_TABLE} (id int PRIMARY KEY, ts timestamptz NOT NULL)",
-    f"CREATE TABLE IF NOT EXISTS {CONTROL_SCHEMA}.canary (id int PRIMARY KEY, body text NOT NULL, ts timestamptz)",
-    f"CREATE TABLE IF NOT EXISTS {SIGNAL_TABLE}"
-    " (id varchar(42) PRIMARY KEY, type varchar(32) NOT NULL, data varchar(2048) NULL)",
-]
+CONTROL_TABLES = {  # created by ragtide, or beforehand by the database owner (control_script) for a role that may not
+    HEARTBEAT_TABLE: "(id int PRIMARY KEY, ts timestamptz NOT NULL)",
+    f"{CONTROL_SCHEMA}.canary": "(id int PRIMARY KEY, body text NOT NULL, ts timestamptz)",
+    SIGNAL_TABLE: "(id varchar(42) PRIMARY KEY, type varchar(32) NOT NULL, data varchar(2048) NULL)",
+}
+
+
+def control_script(role: str) -> str:
+    """What a database owner runs so that `role` (which may not create schemas) can use ragtide's control tables."""
+    tables = "".join(f" CREATE TABLE IF NOT EXISTS {t} {cols};" for t, cols in CONTROL_TABLES.items())
+    return (
+        f"CREATE SCHEMA IF NOT EXISTS {CONTROL_SCHEMA};{tables} GRANT USAGE ON SCHEMA {CONTROL_SCHEMA} TO {role}; "
+        f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {CONTROL_SCHEMA} TO {role};"
+    )
+
+
 HEARTBEAT_QUERY = (
     f"INSERT INTO {HEARTBEAT_TABLE} (id, ts) VALUES (1, now()) ON CONFLICT (id) DO UPDATE SET ts = EXCLUDED.ts"
 )
@@ -75,8 +84,12 @@ def prepare_source_db(settings: RagtideSettings, sources: SourcesConfig) -> None
     the configured primary key."""
     with psycopg.connect(settings.postgres.dsn(), autocommit=True) as conn:
         if settings.postgres.source_writes:
-            for ddl in CONTROL_DDL:
-                conn.execute(ddl)
+            # Only what is missing: a schema the database owner prepared (control_script) may not be ours to alter.
+            if conn.execute("SELECT to_regnamespace(%s)", (CONTROL_SCHEMA,)).fetchone() == (None,):
+                conn.execute(f"CREATE SCHEMA {CONTROL_SCHEMA}")
+            for table, columns in CONTROL_TABLES.items():
+                if conn.execute("SELECT to_regclass(%s)", (table,)).fetchone() == (None,):
+                    conn.execute(f"CREATE TABLE IF NOT EXISTS {table} {columns}")
         for src in sources.sources:
             actual = primary_key(conn, src.table)
             if not actual:

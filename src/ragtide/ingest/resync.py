@@ -103,20 +103,31 @@ def resync_source(
         wait_until(lambda: _streaming(http, url), "the snapshot to finish", timeout)
 
 
-def detach_source(settings: RagtideSettings, progress: Callable[[str], None] = lambda _: None) -> list[str]:
+def detach_source(
+    settings: RagtideSettings, progress: Callable[[str], None] = lambda _: None, force: bool = False
+) -> list[str]:
     """Leave nothing in the source database that keeps WAL: stop and delete the connector with its offsets (so a
     later `up` starts with a fresh snapshot instead of resuming from a position the dropped slot no longer holds)
-    and drop the replication slot. Works with Connect down too (then only the slot is dropped, and Connect's stored
-    offsets remain: the next `up` is told by Debezium that the slot is new). Returns what was done."""
+    and drop the replication slot. With Connect unreachable its stored offsets cannot be deleted: a later `up`
+    would resume from them on a new slot and miss every change in between, so this refuses unless `force` (then
+    only the slot is dropped, and `ragtide resync` after the next `up` takes the snapshot). Returns what was
+    done."""
     c = settings.connect
     url = f"{c.url}/connectors/{c.connector_name}"
     done: list[str] = []
     with httpx.Client(timeout=30.0) as http:
         try:
             exists = http.get(f"{url}/status").is_success
-        except httpx.TransportError:
+        except httpx.TransportError as exc:
+            if not force:
+                raise StackError(
+                    f"Connect is not reachable at {c.url}, so the connector's stored offsets cannot be deleted: after "
+                    "the slot is dropped, the next `up` would resume from them and miss the changes in between. "
+                    "Start Connect (`ragtide up`) and run `ragtide down --drop-slot` again, or pass --force and run "
+                    "`ragtide resync` after the next `up`"
+                ) from exc
             exists = False
-            progress(f"Connect is not running at {c.url}: dropping the slot only")
+            progress(f"Connect is not reachable at {c.url}: dropping the slot only (--force)")
         if exists:
             progress("stopping the connector")
             http.put(f"{url}/stop").raise_for_status()

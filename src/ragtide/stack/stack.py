@@ -137,12 +137,14 @@ class Stack:
             progress(name)
             getattr(self, f"start_{name}")()
 
-    def down(self, progress: Callable[[str], None] = lambda _: None, drop_slot: bool = False) -> list[str]:
+    def down(
+        self, progress: Callable[[str], None] = lambda _: None, drop_slot: bool = False, force: bool = False
+    ) -> list[str]:
         """Stop every process by pid, in reverse order; data is kept. `drop_slot`: first delete the connector with
         its offsets and drop the replication slot (resync.detach_source), so the source keeps no WAL for ragtide;
         the next `up` snapshots every table again. Returns what was dropped."""
         dropped = (
-            [what for db in self.databases() for what in detach_source(db.settings, progress)] if drop_slot else []
+            [w for db in self.databases() for w in detach_source(db.settings, progress, force)] if drop_slot else []
         )
         for name in reversed(ORDER):
             progress(name)
