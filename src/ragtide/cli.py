@@ -76,7 +76,7 @@ def up(
             label = {
                 "postgres": "postgres" if s.postgres.managed else "source database checked (ragtide doctor)",
                 "kafka": "kafka" if s.kafka.managed else f"kafka at {s.kafka.bootstrap}",
-                "connect": "connect" if s.connect.managed else f"connector registered at {s.connect.url}",
+                "connect": "connect" if s.connect.managed else f"connector registered at {redact_dsn(s.connect.url)}",
             }.get(name, name)
             console.print(f"[green]✓[/] {label} ({time.monotonic() - t0:.1f}s)")
             if name == "postgres" and demo and s.postgres.managed:
@@ -226,8 +226,12 @@ def verify(
 def resync(
     yes: Annotated[bool, typer.Option("--yes", help="do not ask for confirmation")] = False,
     timeout: Annotated[float, typer.Option(help="seconds to wait for the snapshot and the embedder")] = 3600.0,
+    database: Annotated[
+        list[str] | None,
+        typer.Option(help="the source database(s) to resync (default: those whose slot was lost, else every one)"),
+    ] = None,
 ) -> None:
-    """Recover from a replication slot that Postgres invalidated: drop it, re-snapshot every source table into a
+    """Recover from a replication slot that Postgres invalidated: drop it, re-snapshot the database's tables into a
     new one through Debezium, wait for the embedder, then verify --repair and verify (exit 1 unless 0 drift)."""
     from ragtide.embedder.liveness import consumed, end_offsets
     from ragtide.embedder.worker import EMBEDDER_GROUP
@@ -236,12 +240,24 @@ def resync(
     from ragtide.ingest.slot import read_slot
     from ragtide.ingest.sources import sources_of
     from ragtide.stack.process import wait_until
+    from ragtide.stack.stack import Stack
 
     s = _settings()
-    console.print(f"slot {s.connect.slot_name}: {read_slot(s.postgres.dsn(), s.connect.slot_name).verdict()[1]}")
+    dbs = Stack(s).databases()
+    states = {db.name: read_slot(db.settings.postgres.dsn(), db.settings.connect.slot_name) for db in dbs}
+    for db in dbs:
+        console.print(f"{db.name}: slot {db.settings.connect.slot_name}: {states[db.name].verdict()[1]}")
+    unknown = sorted(set(database or ()) - set(states))
+    if unknown:
+        raise RagtideError(f"--database {unknown[0]}: not a source database; they are {', '.join(states)}")
+    chosen = [db for db in dbs if db.name in database] if database else [db for db in dbs if states[db.name].lost]
+    chosen = chosen or dbs
     if not yes:
-        typer.confirm("Drop the slot and re-snapshot every source table?", abort=True)
-    resync_source(s, lambda step: console.print(f"… {step}"), timeout)
+        names = ", ".join(db.name for db in chosen)
+        typer.confirm(f"Drop the slot of {names} and re-snapshot its tables?", abort=True)
+    for db in chosen:
+        prefix = f"{db.name}: " if len(dbs) > 1 else ""
+        resync_source(db.settings, lambda step: console.print(f"… {prefix}{step}"), timeout)  # noqa: B023
     targets = asyncio.run(end_offsets(s.kafka, source_topics(s, sources_of(s))))
     console.print("… waiting for the embedder to consume the snapshot")
     wait_until(lambda: asyncio.run(consumed(s.kafka, EMBEDDER_GROUP, targets)), "the embedder", timeout)
@@ -353,7 +369,7 @@ def init(
     from ragtide.ingest.discover import discover, propose, write_sources
 
     found = discover(dsn)
-    listing = Table("#", "table", "primary key", "rows", "text columns", "metadata columns", title=dsn.split("@")[-1])
+    listing = Table("#", "table", "primary key", "rows", "text columns", "metadata columns", title=redact_dsn(dsn))
     offered = [t for t in found if not t.skipped]
     for t in found:
         n = str(offered.index(t) + 1) if t in offered else "-"

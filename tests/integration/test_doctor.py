@@ -100,6 +100,15 @@ def test_a_table_without_a_primary_key(logical: SourceDB) -> None:
     assert check(report, "table shop.products")[0] == "ok"
 
 
+def test_a_partitioned_table(logical: SourceDB) -> None:
+    logical.sql("CREATE TABLE shop.events (id int, at date, body text, PRIMARY KEY (id, at)) PARTITION BY RANGE (at)")
+    logical.sql("GRANT SELECT ON shop.events TO indexer")
+    sources = SourcesConfig(sources=(SourceTable(table="shop.events", key=("id", "at"), text="{body}"),))
+    status, detail, fix = check(diagnose(settings_for(logical), sources, connect_check=False), "table shop.events")
+    assert status == "fail" and detail.startswith("is a partitioned table")
+    assert fix == "index its partitions as tables of their own, or leave shop.events out of the sources file"
+
+
 def test_no_free_replication_slot(logical: SourceDB) -> None:
     logical.sql("SELECT pg_create_logical_replication_slot('other_a', 'pgoutput')")
     logical.sql("SELECT pg_create_logical_replication_slot('other_b', 'pgoutput')")

@@ -326,6 +326,7 @@ def connect_problems(doc: Compose, settings: RagtideSettings) -> list[str]:
                 "CONNECT_HOST": settings.connect.host,
                 "CONNECT_PORT": str(settings.connect.port),
                 "PLUGIN_PATH": "(the image's)",
+                "REPLICATION_FACTOR": str(settings.kafka.replication),
             },
         )
     )

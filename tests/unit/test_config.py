@@ -238,3 +238,16 @@ def test_a_dsn_is_printed_without_its_password() -> None:
     assert redact_dsn("postgresql://indexer@db/shop") == "postgresql://indexer@db/shop"
     assert redact_dsn("host=db user=u password='a b' dbname=x") == "host=db user=u password=**** dbname=x"
     assert redact_dsn("host=db password=secret") == "host=db password=****"
+
+
+def test_any_password_survives_the_connector_config_and_kafka_replication_follows_where_it_runs() -> None:
+    from ragtide.ingest.connector import connector_config
+
+    sources = SourcesConfig.model_validate({"sources": [{"table": "a.b", "key": ["id"], "text": "{v}"}]})
+    local = load_settings(RagtideSettings, postgres={"password": 'q"uo\\te\n$x'})
+    config = connector_config(local, sources)
+    assert config["database.password"] == 'q"uo\\te\n$x'
+    assert config["topic.creation.default.replication.factor"] == "1"
+    theirs = load_settings(RagtideSettings, kafka={"bootstrap_servers": "k:9092"})
+    assert connector_config(theirs, sources)["topic.creation.default.replication.factor"] == "3"
+    assert theirs.kafka.model_copy(update={"replication_factor": 2}).replication == 2

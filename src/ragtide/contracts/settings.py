@@ -37,6 +37,17 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+DSN_KEYS = {  # libpq keyword -> PostgresSettings field: what a source DSN may set
+    "host": "host",
+    "port": "port",
+    "dbname": "database",
+    "user": "user",
+    "password": "password",
+    "sslmode": "sslmode",
+    "sslrootcert": "sslrootcert",
+}
+
+
 class PostgresSettings(_Section):
     """The source database: a local cluster under the data folder that `ragtide up` starts (`managed`), or the
     user's own, given as `dsn` (`RAGTIDE_POSTGRES__DSN`, or `make up SOURCE_DSN=...`)."""
@@ -46,7 +57,10 @@ class PostgresSettings(_Section):
     database: str = "ragtide"
     user: str = "postgres"
     password: SecretStr = SecretStr("")
-    sslmode: str | None = Field(None, description="libpq's sslmode for the source (e.g. require, verify-full)")
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = Field(
+        None, description="libpq's sslmode for the source (e.g. require, verify-full)"
+    )
+    sslrootcert: Path | None = Field(None, description="CA certificate (PEM) for sslmode verify-ca/verify-full")
     bin_dir: Path = Path("/usr/lib/postgresql/15/bin")
     managed: bool = Field(
         True, description="`ragtide up` starts (and `down` stops) a local cluster; false when `dsn` names your own"
@@ -75,14 +89,19 @@ class PostgresSettings(_Section):
         raw = raw.get_secret_value() if isinstance(raw, SecretStr) else str(raw)
         try:
             parts = conninfo_to_dict(raw)
-        except Exception as exc:
-            raise ValueError(f"dsn is not a libpq connection string or URL: {exc}") from None
-        for key, field in (("host", "host"), ("port", "port"), ("dbname", "database"), ("user", "user")):
-            if parts.get(key):
-                data[field] = parts[key]
-        for key in ("password", "sslmode"):
-            if parts.get(key):
-                data[key] = parts[key]
+        except Exception:  # its message may quote the password: never repeat it
+            raise ValueError(
+                f"dsn is not a libpq connection string or URL ({redact_dsn(raw)}); e.g. "
+                "postgresql://indexer:PASSWORD@db.internal:5432/shop?sslmode=require"
+            ) from None
+        unsupported = sorted(set(parts) - set(DSN_KEYS))
+        if unsupported:
+            raise ValueError(f"dsn: {', '.join(unsupported)} not supported; it may set {', '.join(DSN_KEYS)}")
+        if "," in str(parts.get("host", "")) or "," in str(parts.get("port", "")):
+            raise ValueError("dsn: name one host (Debezium streams from one server: the primary)")
+        for key, value in parts.items():
+            if value:
+                data[DSN_KEYS[key]] = value
         missing = [k for k in ("host", "dbname", "user") if not parts.get(k)]
         if missing:
             raise ValueError(f"dsn must name {', '.join(missing)} (e.g. postgresql://indexer@db.internal:5432/shop)")
@@ -94,8 +113,12 @@ class PostgresSettings(_Section):
         """A libpq connection string to the source database."""
         pw = self.password.get_secret_value()
         auth = f"{quote(self.user, safe='')}:{quote(pw, safe='')}@" if pw else f"{quote(self.user, safe='')}@"
-        query = f"?sslmode={self.sslmode}" if self.sslmode else ""
-        return f"postgresql://{auth}{self.host}:{self.port}/{database or self.database}{query}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address
+        params = {"sslmode": self.sslmode, "sslrootcert": str(self.sslrootcert) if self.sslrootcert else None}
+        query = "&".join(f"{k}={quote(v, safe='/')}" for k, v in params.items() if v)
+        return f"postgresql://{auth}{host}:{self.port}/{quote(database or self.database, safe='')}" + (
+            f"?{query}" if query else ""
+        )
 
     def state(self) -> str:
         """The connection string of ragtide's own state (the source database unless `state_dsn` is set)."""
@@ -140,6 +163,19 @@ class KafkaSettings(_Section):
     ssl_cafile: Path | None = Field(
         None, description="PEM bundle of the CA that signed the brokers' certificates; default: the system's CAs"
     )
+
+    replication_factor: int | None = Field(
+        None,
+        ge=1,
+        le=32,
+        description="replication of the topics ragtide and Connect create (source topics, the dead-letter topic, "
+        "Connect's config/offset/status topics); default: 1 on the local broker, 3 on your Kafka",
+    )
+
+    @property
+    def replication(self) -> int:
+        """`replication_factor`, or its default for where Kafka runs."""
+        return self.replication_factor or (1 if self.managed else 3)
 
     @model_validator(mode="after")
     def _credentials(self) -> KafkaSettings:

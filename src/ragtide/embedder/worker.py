@@ -245,7 +245,7 @@ def create_worker_app(
         value_serializer="raw",
         web_enabled=False,
         topic_partitions=settings.kafka.partitions,
-        topic_replication_factor=1,
+        topic_replication_factor=settings.kafka.replication,
         topic_disable_leader=True,
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=0.5,

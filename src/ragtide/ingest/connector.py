@@ -28,29 +28,31 @@ def connector_config(
     publication.autocreate.mode; "filtered" creates or updates the publication (the tables' owner or a superuser
     only), "disabled" uses it as it is."""
     pg, c = settings.postgres, settings.connect
-    rendered = templates.render(
-        "debezium-connector.json",
-        {
-            "PG_HOST": pg.host,
-            "PG_PORT": str(pg.port),
-            "PG_USER": pg.user,
-            "PG_PASSWORD": pg.password.get_secret_value(),
-            "PG_DATABASE": pg.database,
-            "SLOT_NAME": c.slot_name,
-            "PUBLICATION": c.publication,
-            "TOPIC_PREFIX": c.topic_prefix,
-            "TABLES": ",".join(sources.pg_tables),
-            "HEARTBEAT_INTERVAL_MS": str(c.heartbeat_interval_ms),
-            "POLL_INTERVAL_MS": str(c.poll_interval_ms),
-            "PARTITIONS": str(settings.kafka.partitions),
-            "HEARTBEAT_QUERY": pgsetup.HEARTBEAT_QUERY,
-            "SIGNAL_TABLE": pgsetup.SIGNAL_TABLE,
-            "PUBLICATION_MODE": publication_mode,
-        },
-    )
+    values = {
+        "PG_HOST": pg.host,
+        "PG_PORT": str(pg.port),
+        "PG_USER": pg.user,
+        "PG_PASSWORD": pg.password.get_secret_value(),
+        "PG_DATABASE": pg.database,
+        "SLOT_NAME": c.slot_name,
+        "PUBLICATION": c.publication,
+        "TOPIC_PREFIX": c.topic_prefix,
+        "TABLES": ",".join(sources.pg_tables),
+        "HEARTBEAT_INTERVAL_MS": str(c.heartbeat_interval_ms),
+        "POLL_INTERVAL_MS": str(c.poll_interval_ms),
+        "PARTITIONS": str(settings.kafka.partitions),
+        "REPLICATION_FACTOR": str(settings.kafka.replication),
+        "HEARTBEAT_QUERY": pgsetup.HEARTBEAT_QUERY,
+        "SIGNAL_TABLE": pgsetup.SIGNAL_TABLE,
+        "PUBLICATION_MODE": publication_mode,
+    }
+    # JSON-escaped into the template: a password may hold any character
+    rendered = templates.render("debezium-connector.json", {k: json.dumps(v)[1:-1] for k, v in values.items()})
     config: dict[str, str] = json.loads(rendered)
     if pg.sslmode:
         config["database.sslmode"] = pg.sslmode
+    if pg.sslrootcert:
+        config["database.sslrootcert"] = str(pg.sslrootcert)
     if not pg.source_writes:  # a read-only source: no heartbeat writes, no signal table
         del config["heartbeat.action.query"], config["signal.data.collection"]
     return config
@@ -94,7 +96,7 @@ async def _create_missing(settings: RagtideSettings, topics: Sequence[str], part
         missing = sorted(set(topics) - set(await admin.list_topics()))
         if not missing:
             return []
-        response = await admin.create_topics([NewTopic(t, partitions, 1) for t in missing])
+        response = await admin.create_topics([NewTopic(t, partitions, settings.kafka.replication) for t in missing])
         for name, code, *_ in response.topic_errors:
             if code not in (0, TOPIC_ALREADY_EXISTS):
                 raise RuntimeError(f"creating topic {name} failed with Kafka error code {code}")

@@ -31,7 +31,7 @@ SOURCE_NAME = re.compile(SourceTable.model_fields["table"].metadata[0].pattern)
 SKIPPED_SCHEMAS = ("pg_catalog", "information_schema", pgsetup.CONTROL_SCHEMA, *pgsetup.STATE_SCHEMAS)
 
 _TABLES_SQL = """
-SELECT n.nspname, c.relname, c.reltuples::bigint, has_table_privilege(c.oid, 'SELECT')
+SELECT n.nspname, c.relname, c.reltuples::bigint, has_table_privilege(c.oid, 'SELECT'), c.relkind = 'p'
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
    AND n.nspname <> ALL(%s) AND n.nspname NOT LIKE 'pg_toast%%' AND n.nspname NOT LIKE 'pg_temp%%'
@@ -52,6 +52,7 @@ class TableInfo:
     rows: int  # an estimate (statistics), or an exact count up to SAMPLE_ROWS
     columns: dict[str, str]  # name -> type
     readable: bool = True
+    partitioned: bool = False
     text_columns: list[str] = field(default_factory=list)
     metadata_columns: list[str] = field(default_factory=list)
 
@@ -60,6 +61,8 @@ class TableInfo:
         """Why this table is not offered, or None."""
         if not self.readable:
             return f"this role may not read it (GRANT SELECT ON {self.table} TO <role>; to index it)"
+        if self.partitioned:
+            return "a partitioned table: its changes arrive under its partitions' names (index the partitions instead)"
         if not SOURCE_NAME.match(self.table):
             return "its name needs quoting (sources take lower-case schema.table names)"
         if not self.key:
@@ -83,10 +86,11 @@ def discover(dsn: str) -> list[TableInfo]:
     """Every table the role may read, outside the system and ragtide's own schemas."""
     found: list[TableInfo] = []
     with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
-        for schema, name, reltuples, readable in conn.execute(_TABLES_SQL, (list(SKIPPED_SCHEMAS),)).fetchall():
+        listed = conn.execute(_TABLES_SQL, (list(SKIPPED_SCHEMAS),)).fetchall()
+        for schema, name, reltuples, readable, partitioned in listed:
             table = f"{schema}.{name}"
-            if not readable:
-                found.append(TableInfo(table, (), 0, {}, readable=False))
+            if not readable or partitioned:
+                found.append(TableInfo(table, (), 0, {}, readable=bool(readable), partitioned=bool(partitioned)))
                 continue
             regclass = sql.Identifier(schema, name).as_string(conn)
             rows = int(reltuples)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import httpx
 import psycopg
 
-from ragtide.contracts.settings import RagtideSettings
+from ragtide.contracts.settings import RagtideSettings, redact_dsn
 from ragtide.ingest import pgsetup
 from ragtide.ingest.sources import SourcesConfig, SourceTable
 
@@ -271,6 +271,13 @@ class Doctor:
         t, name = src.table, f"table {src.table}"
         if _one(conn, "SELECT to_regclass(%s)", (_ident(t),)) is None:
             return Check(name, "fail", "does not exist (or is not visible to this role)", _grant_usage(t, self.user))
+        if _one(conn, "SELECT relkind FROM pg_class WHERE oid = %s::regclass", (_ident(t),)) == "p":
+            return Check(
+                name,
+                "fail",
+                "is a partitioned table: its changes are published under its partitions' names, which are not indexed",
+                f"index its partitions as tables of their own, or leave {t} out of the sources file",
+            )
         if not _one(conn, "SELECT has_table_privilege(%s, 'SELECT')", (_ident(t),)):
             return Check(name, "fail", f"{self.user} may not read it", f"GRANT SELECT ON {t} TO {_quote(self.user)};")
         key = pgsetup.primary_key(conn, t)
@@ -448,8 +455,8 @@ class Doctor:
             return Check(
                 "reachable from Connect",
                 "ok",
-                f"not checked: Connect is not running at {self.s.connect.url} (checked when `up` registers the "
-                "connector)",
+                f"not checked: Connect is not running at {redact_dsn(self.s.connect.url)} (checked when `up` registers "
+                "the connector)",
             )
         if resp.status_code >= 400:
             return Check("reachable from Connect", "fail", f"Connect answered {resp.status_code}: {resp.text[:300]}")
@@ -463,7 +470,9 @@ class Doctor:
                 f"Connect cannot use the database: {errors[0]}",
                 "make the database reachable from the Connect workers (host, port, pg_hba.conf, security groups)",
             )
-        return Check("reachable from Connect", "ok", f"Connect at {self.s.connect.url} connects to the database")
+        return Check(
+            "reachable from Connect", "ok", f"Connect at {redact_dsn(self.s.connect.url)} connects to the database"
+        )
 
 
 def _connect_fix(reason: str) -> str:

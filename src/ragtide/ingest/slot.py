@@ -125,8 +125,13 @@ class SlotMonitor:
     def check(self) -> list[SlotState]:
         """Read and export every slot once."""
         states = []
+        errors: list[Exception] = []
         for dsn, slot in self.slots:
-            state = read_slot(dsn, slot)
+            try:
+                state = read_slot(dsn, slot)
+            except Exception as exc:  # one database unreachable: the others are still read
+                errors.append(exc)
+                continue
             before = self.states.get(slot)
             if state.lost and not (before and before.lost):
                 log.error("replication slot lost", extra={"slot": slot, "fix": RESYNC_HINT})
@@ -135,6 +140,8 @@ class SlotMonitor:
             self.safe.labels(slot).set(-1 if state.safe_wal_bytes is None else state.safe_wal_bytes)
             self.lost.labels(slot).set(1 if state.lost else 0)
             states.append(state)
+        if errors:
+            raise errors[0]
         return states
 
     async def run(self) -> None:

@@ -202,6 +202,8 @@ def source_dbs(settings: RagtideSettings, sources: SourcesConfig) -> list[Source
     dbs = [SourceDB(settings.postgres.database, settings, primary)]
     c = settings.connect
     for name, db in sources.databases.items():
+        if name == settings.postgres.database:
+            raise ConfigError(f"sources file: databases.{name}: {name} is the source database's own name; pick another")
         try:
             pg = PostgresSettings.model_validate(
                 {"dsn": db.dsn, "source_writes": db.source_writes, "state_dsn": settings.postgres.state()}

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 
-from ragtide.contracts.settings import RagtideSettings
+from ragtide.contracts.settings import RagtideSettings, redact_dsn
 from ragtide.ingest import pgsetup
 from ragtide.ingest.resync import detach_source
 
@@ -31,7 +31,7 @@ def planned(settings: RagtideSettings) -> list[str]:
     pg, c = settings.postgres, settings.connect
     state = "state database" if pg.state_dsn else "source database"
     return [
-        f"connector {c.connector_name} and its offsets (Connect at {c.url})",
+        f"connector {c.connector_name} and its offsets (Connect at {redact_dsn(c.url)})",
         f"replication slot {c.slot_name} and publication {c.publication} in {pg.host}:{pg.port}/{pg.database}",
         f"schema {pgsetup.CONTROL_SCHEMA} (heartbeat, canary, signal tables) in the source database",
         f"schemas {', '.join(pgsetup.STATE_SCHEMAS)} (API keys, usage, truncate watermarks) in the {state}",

@@ -63,7 +63,13 @@ def _append_properties(path: Path, values: dict[str, str]) -> None:
     """Append `values` to a properties file (a later key wins over an earlier one in Java's Properties)."""
     if values:
         with path.open("a", encoding="utf-8") as f:
-            f.writelines(f"{k}={v}\n" for k, v in values.items())
+            f.writelines(f"{k}={_escape(v)}\n" for k, v in values.items())
+        path.chmod(0o600)  # it may now hold a SASL password
+
+
+def _escape(value: str) -> str:
+    """A value as Java's Properties reads it back unchanged (a backslash is its escape character)."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
 
 
 class KafkaBroker:
@@ -140,6 +146,7 @@ class ConnectWorker:
                 "CONNECT_HOST": c.host,
                 "CONNECT_PORT": str(c.port),
                 "PLUGIN_PATH": str(PLUGINS),
+                "REPLICATION_FACTOR": str(self.s.kafka.replication),
             },
             self.data / "connect-distributed.properties",
         )
