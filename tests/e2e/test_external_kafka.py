@@ -18,6 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from pydantic import SecretStr
 
+from ragtide.contracts.errors import ConfigError
 from ragtide.contracts.settings import RagtideSettings, load_settings
 from ragtide.ingest.connector import topic_end_offsets
 from ragtide.stack.jvm import KafkaBroker
@@ -107,6 +108,7 @@ def secured() -> Iterator[RagtideSettings]:
                 "sasl_username": "ragtide",
                 "sasl_password": PASSWORD,
                 "ssl_cafile": str(ca),
+                "replication_factor": 1,  # a one-broker cluster
             },
         },
     )
@@ -138,6 +140,12 @@ def test_the_listener_refuses_a_wrong_password(secured: RagtideSettings) -> None
     with pytest.raises(KafkaError):
         asyncio.run(connect())
     assert asyncio.run(topic_end_offsets(secured.kafka, "no-such-topic")) == {}  # the right password works
+
+
+def test_a_replication_factor_above_the_cluster_size_is_refused(secured: RagtideSettings) -> None:
+    default = secured.model_copy(update={"kafka": secured.kafka.model_copy(update={"replication_factor": None})})
+    with pytest.raises(ConfigError, match=r"kafka\.replication_factor is 3 but Kafka at .* has 1 broker"):
+        Stack(default).start_kafka()  # before Connect would wait forever for topics it cannot create
 
 
 def test_up_uses_the_existing_kafka_over_sasl_ssl_and_an_existing_connect(secured: RagtideSettings) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import httpx
 import psycopg
 
-from ragtide.contracts.errors import StackError
+from ragtide.contracts.errors import ConfigError, StackError
 from ragtide.contracts.settings import KafkaSettings, RagtideSettings
 from ragtide.ingest import pgsetup
 from ragtide.ingest.sources import SourcesConfig, source_dbs
@@ -104,6 +104,34 @@ async def _create_missing(settings: RagtideSettings, topics: Sequence[str], part
         return missing
     finally:
         await admin.close()
+
+
+async def broker_count(kafka: KafkaSettings) -> int:
+    """How many brokers the cluster has."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(**kafka.client_config())
+    await admin.start()
+    try:
+        return len((await admin.describe_cluster())["brokers"])
+    finally:
+        await admin.close()
+
+
+def check_replication(kafka: KafkaSettings) -> None:
+    """Refuse a replication factor larger than the cluster: Connect would wait forever for its internal topics."""
+    try:
+        brokers = asyncio.run(asyncio.wait_for(broker_count(kafka), 30))
+    except Exception as exc:
+        raise StackError(
+            f"cannot reach Kafka at {kafka.bootstrap} ({exc!r}); check kafka.bootstrap_servers and its "
+            "security settings"
+        ) from exc
+    if kafka.replication > brokers:
+        raise ConfigError(
+            f"kafka.replication_factor is {kafka.replication} but Kafka at {kafka.bootstrap} has {brokers} "
+            f"broker(s): set RAGTIDE_KAFKA__REPLICATION_FACTOR={brokers}"
+        )
 
 
 def register(settings: RagtideSettings, sources: SourcesConfig, timeout: float = 120.0) -> list[str]:

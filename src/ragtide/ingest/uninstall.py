@@ -41,7 +41,9 @@ def planned(settings: RagtideSettings) -> list[str]:
 def uninstall_source(settings: RagtideSettings, progress: Callable[[str], None] = lambda _: None) -> Removal:
     """Remove the connector, slot, publication and ragtide's schemas of one source database (its settings:
     `Stack.databases()` gives each)."""
-    out = Removal(done=detach_source(settings, progress))
+    # Leaving for good: with Connect gone too the slot is dropped all the same (Connect's own offsets topic, if it
+    # is ever started again, still names the connector: a later install resyncs)
+    out = Removal(done=detach_source(settings, progress, force=True))
     pub = settings.connect.publication
     with psycopg.connect(settings.postgres.dsn(), autocommit=True, connect_timeout=5) as conn:
         row = conn.execute(

@@ -74,6 +74,8 @@ class Stack:
         """The KRaft broker, unless `kafka.bootstrap_servers` names the user's Kafka."""
         if self.settings.kafka.managed:
             KafkaBroker(self.settings, self.daemon("kafka")).start()
+        else:
+            connector.check_replication(self.settings.kafka)
 
     def start_connect(self) -> None:
         """Connect up (unless `connect.rest_url` names the user's) and the Debezium connector registered and
