@@ -112,6 +112,15 @@ def live_index(settings: RagtideSettings) -> EdgeIndex:
     return idx
 
 
+def search(settings: RagtideSettings, query: str, k: int = 5, **flt: Any) -> list[dict[str, Any]]:
+    """POST /v1/search to a stack's API; `flt` is the request's filter."""
+    body: dict[str, Any] = {"query": query, "k": k, **({"filter": flt} if flt else {})}
+    resp = httpx.post(f"{settings.api.url}/v1/search", json=body, timeout=30)
+    assert resp.status_code == 200, resp.text
+    hits: list[dict[str, Any]] = resp.json()["hits"]
+    return hits
+
+
 def poll(check: Callable[[], T | None], what: str, timeout: float = POLL_TIMEOUT) -> T:
     """Call `check` until it returns something truthy; fail with `what` after the deadline."""
     deadline = time.monotonic() + timeout

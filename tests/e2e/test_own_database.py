@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import pytest
@@ -20,7 +19,7 @@ from ragtide.ingest.doctor import diagnose
 from ragtide.ingest.sources import sources_of
 from ragtide.ingest.uninstall import uninstall_source
 from ragtide.stack.stack import Stack
-from tests.e2e.conftest import own_stack_settings, poll
+from tests.e2e.conftest import own_stack_settings, poll, search
 from tests.sourcedb import SourceDB, source_db
 
 BIG = "SELECT string_agg(md5(i::text), ' ') FROM generate_series(1, 700) i"  # ~23 kB of incompressible text
@@ -72,14 +71,6 @@ def own() -> Iterator[tuple[SourceDB, RagtideSettings]]:
         finally:
             Stack(settings).down()
             shutil.rmtree(settings.data_dir, ignore_errors=True)
-
-
-def search(s: RagtideSettings, query: str, **flt: Any) -> list[dict[str, Any]]:
-    body: dict[str, Any] = {"query": query, "k": 5, **({"filter": flt} if flt else {})}
-    resp = httpx.post(f"{s.api.url}/v1/search", json=body, timeout=30)
-    resp.raise_for_status()
-    hits: list[dict[str, Any]] = resp.json()["hits"]
-    return hits
 
 
 def test_init_doctor_up_stream_and_drop_slot(own: tuple[SourceDB, RagtideSettings]) -> None:

@@ -15,7 +15,7 @@ import yaml
 
 from ragtide.contracts.settings import RagtideSettings
 from ragtide.stack.stack import Stack
-from tests.e2e.conftest import own_stack_settings, poll
+from tests.e2e.conftest import own_stack_settings, poll, search
 from tests.sourcedb import SourceDB, source_db
 
 DOCS = "CREATE TABLE public.docs (id int PRIMARY KEY, title text, body text, topic text, category text)"
@@ -47,14 +47,6 @@ def two() -> Iterator[tuple[RagtideSettings, SourceDB]]:
             finally:
                 Stack(settings).down()
                 shutil.rmtree(settings.data_dir, ignore_errors=True)
-
-
-def search(s: RagtideSettings, query: str, **flt: Any) -> list[dict[str, Any]]:
-    body: dict[str, Any] = {"query": query, "k": 5, **({"filter": flt} if flt else {})}
-    resp = httpx.post(f"{s.api.url}/v1/search", json=body, timeout=30)
-    assert resp.status_code == 200, resp.text
-    hits: list[dict[str, Any]] = resp.json()["hits"]
-    return hits
 
 
 def test_two_databases_are_searched_together_and_apart(two: tuple[RagtideSettings, SourceDB]) -> None:

@@ -74,7 +74,7 @@ def test_an_invalidated_slot_is_reported_and_resync_repairs_it(stack: Stack) -> 
     assert "ragtide resync" in checks["slot"] and "max_slot_wal_keep_size" in checks["slot"]
     assert httpx.get(f"{api}/readyz?freshness=false", timeout=10).status_code == 200  # search itself is fine
     assert httpx.get(f"{api}/v1/freshness", timeout=10).json()["slot"]["ok"] is False
-    assert "ragtide_slot_lost 1.0" in httpx.get(f"{api}/metrics", timeout=10).text
+    assert f'ragtide_slot_lost{{slot="{slot}"}} 1.0' in httpx.get(f"{api}/metrics", timeout=10).text
 
     done = subprocess.run(
         [sys.executable, "-m", "ragtide", "resync", "--yes", "--timeout", "600"],
