@@ -1,4 +1,5 @@
-"""One contract suite, every VectorIndex: the embedded Qdrant engine, qdrant-client (local mode), and the double.
+"""One contract suite, every VectorIndex: the embedded Qdrant engine, qdrant-client in local mode and against a real
+Qdrant server (skipped, loudly, where the binary was never built), and the double.
 
 Like qdrant-client's congruence tests: the same assertions against each backend.
 """
@@ -6,6 +7,7 @@ Like qdrant-client's congruence tests: the same assertions against each backend.
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +21,8 @@ from ragtide.embedder.index.base import IndexPoint, Range, VectorIndex
 from ragtide.embedder.index.edge import EdgeIndex
 from ragtide.embedder.index.memory import MemoryIndex
 from ragtide.embedder.index.remote import QdrantClientIndex
+from ragtide.stack.process import Daemon, free_port
+from ragtide.stack.qdrant import QDRANT_VERSION, QdrantServer, qdrant_binary
 
 DIM = 8
 
@@ -48,13 +52,30 @@ def point(row: str, n: int, v: np.ndarray, table: str = "public.docs", tenant: s
     )
 
 
-@pytest.fixture(params=["edge", "qdrant-client", "memory"])
+@pytest.fixture(scope="module")
+def qdrant_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QdrantServer]:
+    """A real Qdrant server (built from source by infra/scripts/build-qdrant.sh), one for the module."""
+    if qdrant_binary() is None:
+        pytest.skip(f"no Qdrant {QDRANT_VERSION} binary: build it once with `make qdrant`")
+    root = tmp_path_factory.mktemp("qdrant-server")
+    server = QdrantServer(Daemon("qdrant", root / "run", root / "logs"), root, free_port(), free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.daemon.stop(timeout=30)
+
+
+@pytest.fixture(params=["edge", "qdrant-client", "qdrant-server", "memory"])
 def index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[VectorIndex]:
     idx: VectorIndex
     if request.param == "edge":
         idx = EdgeIndex(tmp_path / "qdrant", "contract")
     elif request.param == "qdrant-client":
         idx = QdrantClientIndex(QdrantClient(location=":memory:"), "contract")
+    elif request.param == "qdrant-server":
+        server = request.getfixturevalue("qdrant_server")
+        idx = QdrantClientIndex(QdrantClient(url=server.url, timeout=10), f"contract-{uuid.uuid4().hex[:12]}")
     else:
         idx = MemoryIndex()
     idx.ensure_collection(DIM)
