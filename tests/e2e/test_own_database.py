@@ -91,8 +91,11 @@ def test_init_doctor_up_stream_and_drop_slot(own: tuple[SourceDB, RagtideSetting
     assert result.exit_code == 0, result.output
     assert "✓ publication: ragtide_pub exists and publishes every indexed table (reused as is)" in result.output
 
+    # `make up SOURCE_DSN=...` runs this: the doctor first, no local Postgres, then wait until indexed and ready
+    result = cli.invoke(app, ["up"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "source database checked (ragtide doctor)" in result.output and "ragtide is up" in result.output
     stack = Stack(s)
-    stack.up()
     assert stack.daemon("postgres").pid() is None  # no local Postgres
     assert diagnose(s, sources).checks[-1].detail.startswith("Connect at ")  # reachable from Connect itself
 
