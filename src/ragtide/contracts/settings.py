@@ -205,9 +205,16 @@ class KafkaSettings(_Section):
                 "sasl_plain_username": self.sasl_username,
                 "sasl_plain_password": self.sasl_password.get_secret_value(),
             }
-        if self.security_protocol.endswith("SSL"):
-            config["ssl_context"] = ssl.create_default_context(cafile=str(self.ssl_cafile) if self.ssl_cafile else None)
+        context = self.ssl_context()
+        if context is not None:
+            config["ssl_context"] = context
         return config
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context of SSL and SASL_SSL (None for plaintext): the system's CAs, or `ssl_cafile`."""
+        if not self.security_protocol.endswith("SSL"):
+            return None
+        return ssl.create_default_context(cafile=str(self.ssl_cafile) if self.ssl_cafile else None)
 
     def java_properties(self) -> dict[str, str]:
         """The same security as Java client properties (Connect's worker and its producers, consumers, admin)."""

@@ -212,7 +212,7 @@ def kafka_credentials(kafka: KafkaSettings) -> faust.types.auth.CredentialsT | N
     """Faust's form of the Kafka security settings (the same as `KafkaSettings.client_config`)."""
     from faust.types.auth import SASLMechanism
 
-    ctx = kafka.client_config().get("ssl_context")
+    ctx = kafka.ssl_context()
     if kafka.security_protocol.startswith("SASL"):
         assert kafka.sasl_password is not None
         return faust.SASLCredentials(

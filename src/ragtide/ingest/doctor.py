@@ -9,7 +9,6 @@ would lose changes). `up` runs the same checks and stops on a failure.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -18,7 +17,7 @@ import psycopg
 
 from ragtide.contracts.settings import RagtideSettings, redact_dsn
 from ragtide.ingest import pgsetup
-from ragtide.ingest.sources import SourcesConfig, SourceTable
+from ragtide.ingest.sources import CANARY_TABLE, SourcesConfig, SourceTable
 
 MIN_VERSION = 120000  # Debezium 3.x streams from PostgreSQL 12 and later (pgoutput)
 # Roles that grant replication on managed services (rolreplication cannot be set there).
@@ -95,27 +94,19 @@ class Doctor:
             reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             return Report((Check("connection", "fail", f"cannot connect to {where}: {reason}", _connect_fix(reason)),))
         with conn:
-            checks = [Check("connection", "ok", f"connected to {where}")]
-            for check in self._checks():
-                checks.append(check(conn))
-                if checks[-1].name == "version" and checks[-1].status == "fail":
-                    break
-            else:
-                checks.extend(self._table_checks(conn))
-                checks.append(self._publication(conn))
-                checks.append(self._state())
+            checks = [Check("connection", "ok", f"connected to {where}"), self._version(conn)]
+            if checks[-1].status != "fail":  # an unsupported server: the rest would not mean much
+                server = (self._wal_level, self._slots, self._wal_senders, self._replication_role, self._wal_keep_size)
+                checks += [check(conn) for check in server]
+                checks += [
+                    self._control_schema(conn),
+                    *self._table_checks(conn),
+                    self._publication(conn),
+                    self._state(),
+                ]
         if connect_check:
             checks.append(self._from_connect())
         return Report(tuple(checks))
-
-    def _checks(self) -> Iterator[Callable[[Conn], Check]]:
-        yield self._version
-        yield self._wal_level
-        yield self._slots
-        yield self._wal_senders
-        yield self._replication_role
-        yield self._wal_keep_size
-        yield self._control_schema
 
     # -- server ------------------------------------------------------------------------------------------------
 
@@ -262,7 +253,7 @@ class Doctor:
     def _table_checks(self, conn: Conn) -> list[Check]:
         checks: list[Check] = []
         for src in self.sources.sources:
-            if src.table == pgsetup.CONTROL_SCHEMA + ".canary":
+            if src.table == CANARY_TABLE:
                 continue  # created by ragtide (control tables check)
             checks.append(self._table(conn, src))
         return checks
@@ -366,13 +357,9 @@ class Doctor:
                 f"{pub} publishes {restricted} only in part (a column list or a row filter): changes would be lost",
                 f"ALTER PUBLICATION {pub} SET TABLE {', '.join(tables)};",
             )
-        if pgsetup.publication_covers(self.s.postgres.dsn(), pub, tables):
+        absent = pgsetup.unpublished(conn, pub, tables) or []
+        if not absent:
             return Check("publication", "ok", f"{pub} exists and publishes every indexed table (reused as is)")
-        published = {
-            f"{r[0]}.{r[1]}"
-            for r in conn.execute("SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s", (pub,))
-        }
-        absent = [t for t in tables if t not in published]
         # Debezium sets the publication's whole table list (ALTER PUBLICATION ... SET TABLE): it must own them all.
         if row[1] and self._owns_all(conn, tables):
             return Check("publication", "ok", f"{pub} exists; Debezium adds {', '.join(absent)}")

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import psycopg
 
-from ragtide.contracts.errors import ConfigError
 from ragtide.contracts.settings import RagtideSettings
-from ragtide.ingest.sources import SourcesConfig
+from ragtide.ingest.sources import CANARY_TABLE, SourcesConfig
 
 CONTROL_SCHEMA = "ragtide"
 HEARTBEAT_TABLE = f"{CONTROL_SCHEMA}.heartbeat"
@@ -25,7 +24,7 @@ STATE_SCHEMAS = ("ragtide_gateway", "ragtide_embedder")
 
 CONTROL_TABLES = {  # created by ragtide, or beforehand by the database owner (control_script) for a role that may not
     HEARTBEAT_TABLE: "(id int PRIMARY KEY, ts timestamptz NOT NULL)",
-    f"{CONTROL_SCHEMA}.canary": "(id int PRIMARY KEY, body text NOT NULL, ts timestamptz)",
+    CANARY_TABLE: "(id int PRIMARY KEY, body text NOT NULL, ts timestamptz)",
     SIGNAL_TABLE: "(id varchar(42) PRIMARY KEY, type varchar(32) NOT NULL, data varchar(2048) NULL)",
 }
 
@@ -61,43 +60,41 @@ def publication_tables(settings: RagtideSettings, sources: SourcesConfig) -> lis
     return [*sources.pg_tables, *([SIGNAL_TABLE] if settings.postgres.source_writes else [])]
 
 
+def unpublished(conn: psycopg.Connection[tuple[object, ...]], publication: str, tables: list[str]) -> list[str] | None:
+    """Those of `tables` that `publication` does not publish; None when it does not exist."""
+    row = conn.execute("SELECT puballtables FROM pg_publication WHERE pubname = %s", (publication,)).fetchone()
+    if row is None:
+        return None
+    if row[0]:
+        return []
+    published = {
+        f"{r[0]}.{r[1]}"
+        for r in conn.execute(
+            "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s", (publication,)
+        )
+    }
+    return [t for t in tables if t not in published]
+
+
 def publication_covers(dsn: str, publication: str, tables: list[str]) -> bool:
     """True when `publication` exists and publishes every one of `tables`: Debezium then leaves it alone
     (publication.autocreate.mode=disabled), so a role that does not own the tables can stream them."""
     with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
-        row = conn.execute("SELECT puballtables FROM pg_publication WHERE pubname = %s", (publication,)).fetchone()
-        if row is None:
-            return False
-        if row[0]:
-            return True
-        published = {
-            f"{r[0]}.{r[1]}"
-            for r in conn.execute(
-                "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s", (publication,)
-            )
-        }
-    return set(tables) <= published
+        return unpublished(conn, publication, tables) == []
 
 
-def prepare_source_db(settings: RagtideSettings, sources: SourcesConfig) -> None:
-    """Create ragtide's control tables (unless the source is read-only); check each source table exists and has
-    the configured primary key."""
+def prepare_source_db(settings: RagtideSettings) -> None:
+    """Create ragtide's control tables, unless the source is read-only. The doctor (ingest.doctor) has checked the
+    database first: each source table, its key, and whether this role may create these."""
+    if not settings.postgres.source_writes:
+        return
     with psycopg.connect(settings.postgres.dsn(), autocommit=True) as conn:
-        if settings.postgres.source_writes:
-            # Only what is missing: a schema the database owner prepared (control_script) may not be ours to alter.
-            if conn.execute("SELECT to_regnamespace(%s)", (CONTROL_SCHEMA,)).fetchone() == (None,):
-                conn.execute(f"CREATE SCHEMA {CONTROL_SCHEMA}")
-            for table, columns in CONTROL_TABLES.items():
-                if conn.execute("SELECT to_regclass(%s)", (table,)).fetchone() == (None,):
-                    conn.execute(f"CREATE TABLE IF NOT EXISTS {table} {columns}")
-        for src in sources.sources:
-            actual = primary_key(conn, src.table)
-            if not actual:
-                exists = conn.execute("SELECT to_regclass(%s)", (src.table,)).fetchone()
-                what = "has no primary key" if exists and exists[0] else "does not exist"
-                raise ConfigError(f"sources: table {src.table} {what}")
-            if actual != src.key:
-                raise ConfigError(f"sources: {src.table}.key is {list(src.key)} but its primary key is {list(actual)}")
+        # Only what is missing: a schema the database owner prepared (control_script) may not be ours to alter.
+        if conn.execute("SELECT to_regnamespace(%s)", (CONTROL_SCHEMA,)).fetchone() == (None,):
+            conn.execute(f"CREATE SCHEMA {CONTROL_SCHEMA}")
+        for table, columns in CONTROL_TABLES.items():
+            if conn.execute("SELECT to_regclass(%s)", (table,)).fetchone() == (None,):
+                conn.execute(f"CREATE TABLE IF NOT EXISTS {table} {columns}")
 
 
 def drop_schemas(dsn: str, schemas: tuple[str, ...]) -> tuple[list[str], list[str]]:

@@ -76,6 +76,19 @@ def _streaming(http: httpx.Client, url: str) -> bool:
     return bool(offsets) and all(not o.get("offset", {}).get("snapshot") for o in offsets)
 
 
+def _forget_position(http: httpx.Client, url: str, settings: RagtideSettings, progress: Callable[[str], None]) -> bool:
+    """Steps 1-3: stop the connector, drop its slot, delete its offsets; True when a slot was dropped."""
+    c = settings.connect
+    progress("stopping the connector")
+    http.put(f"{url}/stop").raise_for_status()
+    wait_until(lambda: _state(http, url)[0] == "STOPPED", "the connector to stop", 120)
+    progress(f"dropping replication slot {c.slot_name}")
+    dropped = drop_slot(settings.postgres.dsn(), c.slot_name)
+    progress("deleting the connector's offsets")
+    http.delete(f"{url}/offsets").raise_for_status()
+    return dropped
+
+
 def resync_source(
     settings: RagtideSettings, progress: Callable[[str], None] = lambda _: None, timeout: float = 3600.0
 ) -> None:
@@ -84,13 +97,7 @@ def resync_source(
     url = f"{c.url}/connectors/{c.connector_name}"
     with httpx.Client(timeout=30.0) as http:
         try:
-            progress("stopping the connector")
-            http.put(f"{url}/stop").raise_for_status()
-            wait_until(lambda: _state(http, url)[0] == "STOPPED", "the connector to stop", 120)
-            progress(f"dropping replication slot {c.slot_name}")
-            drop_slot(settings.postgres.dsn(), c.slot_name)
-            progress("deleting the connector's offsets")
-            http.delete(f"{url}/offsets").raise_for_status()
+            _forget_position(http, url, settings, progress)
             progress("resuming: Debezium snapshots every table into a new slot")
             http.put(f"{url}/resume").raise_for_status()
             wait_until(lambda: _state(http, url) == ("RUNNING", ["RUNNING"]), "the connector to run", 120)
@@ -129,13 +136,8 @@ def detach_source(
             exists = False
             progress(f"Connect is not reachable at {c.url}: dropping the slot only (--force)")
         if exists:
-            progress("stopping the connector")
-            http.put(f"{url}/stop").raise_for_status()
-            wait_until(lambda: _state(http, url)[0] == "STOPPED", "the connector to stop", 120)
-            progress(f"dropping replication slot {c.slot_name}")
-            if drop_slot(settings.postgres.dsn(), c.slot_name):
+            if _forget_position(http, url, settings, progress):
                 done.append(f"dropped replication slot {c.slot_name}")
-            http.delete(f"{url}/offsets").raise_for_status()
             http.delete(url).raise_for_status()
             done.append(f"deleted connector {c.connector_name} and its offsets")
             return done

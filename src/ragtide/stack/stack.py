@@ -49,18 +49,19 @@ class Stack:
         """The source database and each of the sources file's `databases:`, as settings of their own."""
         return source_dbs(self.settings, sources_of(self.settings))
 
-    def check_sources(self, connect_check: bool = True) -> list[tuple[str, Report]]:
+    def check_sources(self, connect_check: bool = True, dbs: list[SourceDB] | None = None) -> list[tuple[str, Report]]:
         """`ragtide doctor` for every source database."""
-        return [(db.name, diagnose(db.settings, db.sources, connect_check)) for db in self.databases()]
+        return [(db.name, diagnose(db.settings, db.sources, connect_check)) for db in dbs or self.databases()]
 
     def prepare_sources(self) -> None:
         """`ragtide doctor`'s checks of every source database (SourceNotReady lists each failure with its fix;
         nothing was created in a user's database yet), then ragtide's control tables in each."""
-        failed = [f"source database {name}:\n{r.text()}" for name, r in self.check_sources(False) if not r.ok]
+        dbs = self.databases()
+        failed = [f"source database {name}:\n{r.text()}" for name, r in self.check_sources(False, dbs) if not r.ok]
         if failed:
             raise SourceNotReady("not ready for CDC (ragtide doctor):\n" + "\n".join(failed))
-        for db in self.databases():
-            pgsetup.prepare_source_db(db.settings, db.sources)
+        for db in dbs:
+            pgsetup.prepare_source_db(db.settings)
 
     def register_connectors(self) -> list[str]:
         """Create or update each source database's connector; returns the tables added to an existing one."""
