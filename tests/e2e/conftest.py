@@ -9,6 +9,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -136,6 +137,19 @@ def poll(check: Callable[[], T | None], what: str, timeout: float = POLL_TIMEOUT
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
+@contextmanager
+def stopped_after(settings: RagtideSettings) -> Iterator[Stack]:
+    """A test's own stack: whatever it starts is stopped by pid at the end, and its data folder removed (kept with
+    RAGTIDE_E2E_KEEP=1, for reading the logs)."""
+    stack = Stack(settings)
+    try:
+        yield stack
+    finally:
+        stack.down()
+        if os.environ.get("RAGTIDE_E2E_KEEP") != "1":
+            shutil.rmtree(settings.data_dir, ignore_errors=True)
+
+
 def own_stack_settings(prefix: str, extra_sources: list[dict[str, Any]], **overrides: Any) -> RagtideSettings:
     """Settings of a stack of a test suite's own: a temporary data folder, free ports, the product's sources plus
     `extra_sources`, and `overrides` (sections as dicts)."""
@@ -161,9 +175,7 @@ def own_stack_settings(prefix: str, extra_sources: list[dict[str, Any]], **overr
 def live() -> Iterator[LiveStack]:
     # The product's sources plus a multi-tenant table (snapshotted with the rest) for the gateway's tests.
     settings = own_stack_settings("ragtide-e2e-", [TICKETS_SOURCE, SCRATCH_SOURCE], index={"retire_grace_s": 5})
-    data = settings.data_dir
-    stack = Stack(settings)
-    try:
+    with stopped_after(settings) as stack:
         PostgresCluster(settings, stack.daemon("postgres")).start()
         tenants = create_tickets(settings.postgres.dsn())
         stack.start_postgres()
@@ -184,7 +196,3 @@ def live() -> Iterator[LiveStack]:
         poll(all_indexed, f"the {rows} demo rows to be indexed", timeout=900)
         stack.wait_ready()
         yield live
-    finally:
-        stack.down()
-        if os.environ.get("RAGTIDE_E2E_KEEP") != "1":
-            shutil.rmtree(data, ignore_errors=True)

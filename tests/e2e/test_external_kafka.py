@@ -6,7 +6,6 @@ its CA, the broker's certificate and the SCRAM credentials."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +23,7 @@ from ragtide.ingest.connector import topic_end_offsets
 from ragtide.stack.jvm import KafkaBroker
 from ragtide.stack.process import free_port
 from ragtide.stack.stack import Stack
-from tests.e2e.conftest import own_stack_settings, poll
+from tests.e2e.conftest import own_stack_settings, poll, stopped_after
 
 PASSWORD = "s3cret-for-this-test"
 SCRAM_LOGIN = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
@@ -113,8 +112,7 @@ def secured() -> Iterator[RagtideSettings]:
         },
     )
     k = managed.kafka
-    stack = Stack(settings)
-    try:
+    with stopped_after(settings) as stack:
         KafkaBroker(
             managed,
             stack.daemon("kafka"),
@@ -122,9 +120,6 @@ def secured() -> Iterator[RagtideSettings]:
             format_args=("--add-scram", f"SCRAM-SHA-256=[name=ragtide,password={PASSWORD}]"),
         ).start()
         yield settings
-    finally:
-        stack.down()
-        shutil.rmtree(settings.data_dir, ignore_errors=True)
 
 
 def test_the_listener_refuses_a_wrong_password(secured: RagtideSettings) -> None:

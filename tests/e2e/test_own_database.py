@@ -6,7 +6,6 @@ no Postgres and indexes both tables, changes stream, and `down --drop-slot` leav
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 
 import httpx
@@ -19,7 +18,7 @@ from ragtide.ingest.doctor import diagnose
 from ragtide.ingest.sources import sources_of
 from ragtide.ingest.uninstall import uninstall_source
 from ragtide.stack.stack import Stack
-from tests.e2e.conftest import own_stack_settings, poll, search
+from tests.e2e.conftest import own_stack_settings, poll, search, stopped_after
 from tests.sourcedb import SourceDB, source_db
 
 BIG = "SELECT string_agg(md5(i::text), ' ') FROM generate_series(1, 700) i"  # ~23 kB of incompressible text
@@ -54,7 +53,6 @@ def shop(db: SourceDB) -> None:
 def own() -> Iterator[tuple[SourceDB, RagtideSettings]]:
     with source_db(max_slot_wal_keep_size="1GB") as db:
         shop(db)
-        base = own_stack_settings("ragtide-own-", [])
         settings = own_stack_settings(
             "ragtide-own-",
             [],
@@ -65,12 +63,8 @@ def own() -> Iterator[tuple[SourceDB, RagtideSettings]]:
             },
             generator={"local": False},
         )
-        shutil.rmtree(base.data_dir, ignore_errors=True)
-        try:
+        with stopped_after(settings):
             yield db, settings
-        finally:
-            Stack(settings).down()
-            shutil.rmtree(settings.data_dir, ignore_errors=True)
 
 
 def test_init_doctor_up_stream_and_drop_slot(own: tuple[SourceDB, RagtideSettings]) -> None:

@@ -4,7 +4,6 @@ the first's and filterable on their own with {"database": ...}, even where both 
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +14,7 @@ import yaml
 
 from ragtide.contracts.settings import RagtideSettings
 from ragtide.stack.stack import Stack
-from tests.e2e.conftest import own_stack_settings, poll, search
+from tests.e2e.conftest import own_stack_settings, poll, search, stopped_after
 from tests.sourcedb import SourceDB, source_db
 
 DOCS = "CREATE TABLE public.docs (id int PRIMARY KEY, title text, body text, topic text, category text)"
@@ -42,11 +41,8 @@ def two() -> Iterator[tuple[RagtideSettings, SourceDB]]:
         settings.sources_file.write_text(yaml.safe_dump(config))
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("RAGTIDE_TEST_BILLING_DSN", billing.dsn())  # ${VAR} in the sources file, as a secret would be
-            try:
+            with stopped_after(settings):
                 yield settings, billing
-            finally:
-                Stack(settings).down()
-                shutil.rmtree(settings.data_dir, ignore_errors=True)
 
 
 def test_two_databases_are_searched_together_and_apart(two: tuple[RagtideSettings, SourceDB]) -> None:

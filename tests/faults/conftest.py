@@ -3,8 +3,6 @@ the load's table `public.faults` among the sources; started once for the suite, 
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 
 import psycopg
@@ -13,7 +11,7 @@ import pytest
 from ragtide.bench.faults import DDL, SOURCE
 from ragtide.stack.postgres import PostgresCluster
 from ragtide.stack.stack import Stack
-from tests.e2e.conftest import own_stack_settings
+from tests.e2e.conftest import own_stack_settings, stopped_after
 
 
 @pytest.fixture(scope="session")
@@ -22,9 +20,7 @@ def stack() -> Iterator[Stack]:
     settings = own_stack_settings(
         "ragtide-faults-", [SOURCE], generator={"local": False}, batch={"degraded_after_s": 10}
     )
-    data = settings.data_dir
-    st = Stack(settings)
-    try:
+    with stopped_after(settings) as st:
         PostgresCluster(settings, st.daemon("postgres")).start()
         with psycopg.connect(settings.postgres.dsn(), autocommit=True) as conn:
             conn.execute(DDL)  # before the sources are checked and the connector's publication is made
@@ -34,7 +30,3 @@ def stack() -> Iterator[Stack]:
         st.start_node()
         st.wait_ready()
         yield st
-    finally:
-        st.down()
-        if os.environ.get("RAGTIDE_E2E_KEEP") != "1":
-            shutil.rmtree(data, ignore_errors=True)
