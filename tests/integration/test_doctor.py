@@ -109,6 +109,22 @@ def test_a_partitioned_table(logical: SourceDB) -> None:
     assert fix == "index its partitions as tables of their own, or leave shop.events out of the sources file"
 
 
+def test_the_canary_table_once_it_exists_is_checked_like_the_rest(logical: SourceDB) -> None:
+    logical.sql("CREATE SCHEMA ragtide")
+    logical.sql("CREATE TABLE ragtide.canary (id int, body text, ts timestamptz)")  # made by hand, no primary key
+    logical.sql("GRANT USAGE ON SCHEMA ragtide TO indexer")
+    logical.sql("GRANT SELECT ON ragtide.canary TO indexer")
+    try:
+        report = diagnose(settings_for(logical), SOURCES.with_canary(), connect_check=False)
+        assert check(report, "table ragtide.canary")[:2] == (
+            "fail",
+            "has no primary key: updates and deletes could not be matched to indexed rows",
+        )
+    finally:
+        logical.sql("DROP SCHEMA ragtide CASCADE")
+    assert not [c for c in diagnose(settings_for(logical), SOURCES, connect_check=False).checks if "canary" in c.name]
+
+
 def test_no_free_replication_slot(logical: SourceDB) -> None:
     logical.sql("SELECT pg_create_logical_replication_slot('other_a', 'pgoutput')")
     logical.sql("SELECT pg_create_logical_replication_slot('other_b', 'pgoutput')")

@@ -253,14 +253,17 @@ class Doctor:
     def _table_checks(self, conn: Conn) -> list[Check]:
         checks: list[Check] = []
         for src in self.sources.sources:
-            if src.table == CANARY_TABLE:
-                continue  # created by ragtide (control tables check)
+            if src.table == CANARY_TABLE and self.s.postgres.source_writes and not self._exists(conn, src.table):
+                continue  # ragtide creates it (control tables check); once it exists it is checked like the rest
             checks.append(self._table(conn, src))
         return checks
 
+    def _exists(self, conn: Conn, table: str) -> bool:
+        return _one(conn, "SELECT to_regclass(%s)", (_ident(table),)) is not None
+
     def _table(self, conn: Conn, src: SourceTable) -> Check:
         t, name = src.table, f"table {src.table}"
-        if _one(conn, "SELECT to_regclass(%s)", (_ident(t),)) is None:
+        if not self._exists(conn, t):
             return Check(name, "fail", "does not exist (or is not visible to this role)", _grant_usage(t, self.user))
         if _one(conn, "SELECT relkind FROM pg_class WHERE oid = %s::regclass", (_ident(t),)) == "p":
             return Check(
