@@ -481,36 +481,21 @@ def retriever() -> None:
 
 @app.command()
 def embedder() -> None:
-    """Run the Faust embedder alone (with QDRANT_URL the retriever is its own process); /metrics and /healthz (is
-    the consumer making progress?) on the API port."""
+    """Run one Faust embedder (with QDRANT_URL: one of N in the group; the one holding the lease leads builds);
+    /healthz, /metrics and the leader's /v1/admin on the API port."""
     import faust
-    from prometheus_client import CollectorRegistry
 
-    from ragtide.contracts.freshness import FreshnessTracker
-    from ragtide.embedder.liveness import health_app, serve_health
+    from ragtide.embedder.liveness import serve_health
     from ragtide.ingest.connector import ensure_topics, source_topics
     from ragtide.ingest.sources import sources_of
-    from ragtide.node import build_embedder, build_encoder, build_lifecycle, open_generations
-    from ragtide.retriever.cache import build_cache
+    from ragtide.node import create_embedder
 
     s = _settings()
     setup_logging(s.log_level, s.json_logs)
-    sources = sources_of(s)
-    registry = CollectorRegistry()
-    tracker = FreshnessTracker(registry)
-    encoder = build_encoder(s)
-    generations, snapshot = open_generations(s, encoder, sources, registry)
-    cache = build_cache(s, registry, encoder.dim, sole_writer=False)  # the retrievers store, we invalidate
-    worker_app, watchdog = build_embedder(s, generations, sources, registry, tracker, cache)
-
-    @worker_app.task  # type: ignore[untyped-decorator]
-    async def builds() -> None:  # the blue/green switch is the embedder's job: it owns the writes
-        async with build_lifecycle(s, generations, sources, snapshot, registry):
-            await asyncio.Event().wait()
-
-    asyncio.run(ensure_topics(s, source_topics(s, sources)))  # before the consumer subscribes
-    serve_health(health_app(registry, watchdog), s.api.host, s.api.port)
-    faust.Worker(worker_app, loglevel=s.log_level).execute_from_commandline()
+    worker, api = create_embedder(s)
+    asyncio.run(ensure_topics(s, source_topics(s, sources_of(s))))  # before the consumer subscribes
+    serve_health(api, s.api.host, s.api.port)
+    faust.Worker(worker, loglevel=s.log_level).execute_from_commandline()
 
 
 @app.command()

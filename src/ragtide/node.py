@@ -39,16 +39,20 @@ from ragtide.embedder.generations import (
     verify_generation,
 )
 from ragtide.embedder.index.factory import open_index
-from ragtide.embedder.liveness import Watchdog
+from ragtide.embedder.lease import Leadership, Lease, LocalLease, PostgresLease
+from ragtide.embedder.liveness import Watchdog, health_app
 from ragtide.embedder.metrics import EmbedderMetrics
 from ragtide.embedder.progress import BackfillMonitor, counts_by_table
 from ragtide.embedder.truncations import PostgresTruncateLog, TruncateLog
 from ragtide.embedder.worker import BatchProcessor, create_worker_app
 from ragtide.embedder.writer import IndexWriter
+from ragtide.gateway.gateway import Gateway
+from ragtide.gateway.store import PostgresGatewayStore
 from ragtide.ingest.connector import ensure_topics, signal_snapshots, source_topics
 from ragtide.ingest.sources import SourcesConfig, dsn_of, sources_of
 from ragtide.retriever.app import create_app
 from ragtide.retriever.cache import InvalidatingApplier, SemanticCache, build_cache
+from ragtide.retriever.forward import admin_proxy
 from ragtide.retriever.services import get_admin
 
 log = logging.getLogger(__name__)
@@ -120,8 +124,9 @@ def open_catalog(settings: RagtideSettings) -> Catalog:
 
 def open_generations(
     settings: RagtideSettings, encoder: Encoder, sources: SourcesConfig, registry: CollectorRegistry
-) -> tuple[Generations, bool]:
-    """The live generation, and the build the configuration asks for; True when that build needs a snapshot."""
+) -> Generations:
+    """The generations as the catalog names them, followed (nothing written): the process leads only once it holds
+    the lease (`build_lifecycle`), and then converges them on the configuration."""
     base = settings.index.collection
     gens = Generations(
         open_catalog(settings),
@@ -130,7 +135,14 @@ def open_generations(
         drop_collection=lambda spec: open_index(settings, spec.collection(base)).drop(),
         grace_s=settings.index.retire_grace_s,
     )
-    return gens, gens.converge(desired_generation(settings, encoder))
+    gens.leading = False
+    gens.follow(desired_generation(settings, encoder))
+    return gens
+
+
+def embedder_lease(settings: RagtideSettings) -> PostgresLease:
+    """The lease the embedders of one index share, in ragtide's state database, advertising this process."""
+    return PostgresLease(settings.postgres.state(), f"embedder:{settings.index.collection}", settings.api.reach_url)
 
 
 def build_embedder(
@@ -155,17 +167,14 @@ async def build_lifecycle(
     settings: RagtideSettings,
     generations: Generations,
     sources: SourcesConfig,
-    snapshot: bool,
     registry: CollectorRegistry,
-) -> AsyncIterator[None]:
-    """While the embedder runs: ask Debezium for the rows a new generation needs, switch it live once built, and
-    export backfill progress (rows done / total, rate, ETA per table)."""
+    lease: Lease,
+    desired: GenerationSpec,
+) -> AsyncIterator[Leadership]:
+    """While the embedder runs: hold or wait for the lease; the leader converges the generations on the
+    configuration (asking Debezium for the rows a new build needs), switches a build live once verified, reaps
+    retired collections and exports backfill progress (rows done / total, rate, ETA per table)."""
     dsn = dsn_of(settings, sources)
-    if snapshot:  # a read-only source database is left out: the stall repair reads its rows instead
-        try:
-            await asyncio.to_thread(signal_snapshots, settings, sources, sources.user_tables)
-        except Exception as exc:  # the watcher's stall repair fills the build from Postgres instead
-            log.warning("could not signal the incremental snapshot", extra={"error": repr(exc)})
     failures = BackgroundFailures.of(registry)
     watcher = BuildWatcher(generations, sources, verifier(dsn, generations, sources), failures=failures)
     monitor = BackfillMonitor(
@@ -175,15 +184,28 @@ async def build_lifecycle(
         registry,
         failures=failures,
     )
-    tasks = [asyncio.create_task(watcher.run()), asyncio.create_task(monitor.run())]
+
+    async def become() -> None:
+        snapshot = await asyncio.to_thread(generations.converge, desired)
+        generations.leading = True
+        if snapshot:  # a read-only source database is left out: the stall repair reads its rows instead
+            try:
+                await asyncio.to_thread(signal_snapshots, settings, sources, sources.user_tables)
+            except Exception as exc:  # the watcher's stall repair fills the build from Postgres instead
+                log.warning("could not signal the incremental snapshot", extra={"error": repr(exc)})
+
+    def resign() -> None:
+        generations.leading = False
+
+    leadership = Leadership(lease, become, [watcher.run, monitor.run], resign, settings.index.lease_renew_s)
+    await leadership.step()  # a sole or first embedder leads before its first batch
+    task = asyncio.create_task(leadership.run())
     try:
-        yield
+        yield leadership
     finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def create_node_app(settings: RagtideSettings) -> FastAPI:
@@ -194,17 +216,22 @@ def create_node_app(settings: RagtideSettings) -> FastAPI:
     encoder = build_encoder(settings)
     registry = CollectorRegistry()
     tracker = FreshnessTracker(registry)
-    generations, snapshot = open_generations(settings, encoder, sources, registry)
+    generations = open_generations(settings, encoder, sources, registry)
     cache = build_cache(settings, registry, encoder.dim)
     worker, watchdog = build_embedder(settings, generations, sources, registry, tracker, cache)
+    lease = LocalLease({}, "node", settings.api.url)  # the node is the only writer of its embedded index
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await ensure_topics(settings, source_topics(settings, sources))  # before the consumer subscribes
-        async with faust_lifespan(worker)(app), build_lifecycle(settings, generations, sources, snapshot, registry):
+        desired = desired_generation(settings, encoder)
+        async with (
+            build_lifecycle(settings, generations, sources, registry, lease, desired),
+            faust_lifespan(worker)(app),
+        ):
             yield
 
-    admin = admin_router(settings, generations, sources, cache)
+    admin = admin_router(settings, generations, sources, lease, cache)
     return create_app(
         settings,
         generations,
@@ -242,10 +269,21 @@ class ReindexRequest(BaseModel):
 
 
 def admin_router(
-    settings: RagtideSettings, generations: Generations, sources: SourcesConfig, cache: SemanticCache | None = None
+    settings: RagtideSettings,
+    generations: Generations,
+    sources: SourcesConfig,
+    lease: Lease,
+    cache: SemanticCache | None = None,
 ) -> APIRouter:
-    """Operator endpoints of the node (the owner of the embedded index)."""
-    router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(get_admin)])
+    """Operator endpoints where the writes happen: the node, or the embedder that leads (the retrievers forward
+    them there: `admin_proxy`). An embedder that does not lead refuses them and names the one that does."""
+
+    def leading() -> None:
+        if not generations.leading:
+            leader = lease.leader() or "the leader (none right now)"
+            raise HTTPException(409, f"this embedder does not lead; send it to {leader} or to any retriever")
+
+    router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(get_admin), Depends(leading)])
     dsn = dsn_of(settings, sources)
 
     def check_table(table: str | None) -> list[str]:
@@ -292,9 +330,7 @@ def admin_router(
         """Drop every cached answer (benchmarks start from an empty cache; also after editing prompts)."""
         if cache is None:
             raise HTTPException(409, "the answer cache is off (cache.enabled)")
-        dropped = len(cache)
-        await asyncio.to_thread(cache.clear)
-        return {"dropped": dropped}
+        return {"dropped": await asyncio.to_thread(cache.clear)}
 
     @router.get("/generations")
     async def generations_status() -> dict[str, Any]:
@@ -320,4 +356,28 @@ def create_retriever_app(settings: RagtideSettings) -> FastAPI:
         failures=BackgroundFailures.of(registry),
     )
     cache = build_cache(settings, registry, encoder.dim, sole_writer=False)
-    return create_app(settings, follower, None, sources, registry, cache=cache)
+    forward = admin_proxy(embedder_lease(settings).leader)  # a reader of the lease: it never holds it
+    return create_app(settings, follower, None, sources, registry, cache=cache, routers=[forward])
+
+
+def create_embedder(settings: RagtideSettings) -> tuple[faust.App, FastAPI]:
+    """The standalone embedder (with a Qdrant server, one of N in a consumer group): its Faust worker, and its HTTP
+    API (/healthz, /metrics, and, while it leads, the admin endpoints the retrievers forward)."""
+    sources = sources_of(settings)
+    registry = CollectorRegistry()
+    tracker = FreshnessTracker(registry)
+    encoder = build_encoder(settings)
+    generations = open_generations(settings, encoder, sources, registry)
+    cache = build_cache(settings, registry, encoder.dim, sole_writer=False)  # the retrievers store, we invalidate
+    worker, watchdog = build_embedder(settings, generations, sources, registry, tracker, cache)
+    lease = embedder_lease(settings)
+    desired = desired_generation(settings, encoder)
+
+    @worker.task  # type: ignore[untyped-decorator]
+    async def lead() -> None:
+        async with build_lifecycle(settings, generations, sources, registry, lease, desired):
+            await asyncio.Event().wait()
+
+    gateway = Gateway(settings.gateway, PostgresGatewayStore(settings.postgres.state()), registry=registry)
+    routers = [admin_router(settings, generations, sources, lease, cache)]
+    return worker, health_app(registry, watchdog, routers, gateway)

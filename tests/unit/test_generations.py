@@ -232,7 +232,7 @@ def test_promote_without_a_build_is_an_error() -> None:
         gens.promote()
 
 
-def test_a_restart_drops_what_the_previous_run_retired() -> None:
+def test_a_new_leader_drops_what_the_previous_one_retired_after_the_grace_period() -> None:
     store = Store()
     store.generations().converge(spec())
     gens = store.generations()
@@ -241,9 +241,51 @@ def test_a_restart_drops_what_the_previous_run_retired() -> None:
     gens.promote()
     old = store.collections[spec().collection("chunks")]
     assert old.count() > 0
-    restarted = store.generations()  # before the grace period ran out
+    restarted = store.generations()  # before the grace period ran out (a retriever may still read it)
     assert restarted.converge(spec(max_tokens=12)) is False
+    assert restarted.reap() == 0 and old.count() > 0
+    assert Catalog(store.index("chunks-catalog")).read().retired == (spec(),)
+    assert restarted.reap(now=time.monotonic() + restarted.grace_s) == 1
     assert old.count() == 0 and Catalog(store.index("chunks-catalog")).read().retired == ()
+
+
+def test_a_follower_writes_where_the_catalog_says_before_every_batch() -> None:
+    """Two embedders of one group: the leader starts a build and switches it; the follower's next batch goes to
+    both generations during the build and to the new one only after the switch (its events are never missing
+    from the generation search reads)."""
+    store = Store()
+    leader = store.generations()
+    leader.converge(spec())
+    follower = store.generations()
+    follower.leading = False
+    follower.follow(spec())
+    old, new = spec().collection("chunks"), spec(max_tokens=12, revision=2).collection("chunks")
+    follower.apply([ev(10, 1, TEXT, Op.CREATE)])
+    assert set(rows_of(store.index(old))) == {"1"} and new not in store.collections
+
+    assert leader.converge(spec(max_tokens=12)) is True  # the leader starts a build
+    follower.apply([ev(11, 2, TEXT, Op.CREATE)])
+    assert set(rows_of(store.index(new))) == {"2"} and set(rows_of(store.index(old))) == {"1", "2"}
+    assert follower.status()["building"]["fingerprint"] == spec(max_tokens=12, revision=2).fingerprint
+
+    leader.apply([ev(10, 1, TEXT, Op.CREATE)])  # row 1 reaches the build, as the snapshot would bring it
+    leader.promote()
+    follower.apply([ev(12, 3, TEXT, Op.CREATE)])
+    assert set(rows_of(store.index(new))) == {"1", "2", "3"}
+    assert set(rows_of(store.index(old))) == {"1", "2"}  # retired: the follower no longer writes it
+    assert follower.live.spec.fingerprint == spec(max_tokens=12, revision=2).fingerprint
+    assert follower.building is None
+
+
+def test_a_follower_of_an_empty_catalog_opens_what_it_was_asked_for_without_writing_it() -> None:
+    store = Store()
+    follower = store.generations()
+    follower.leading = False
+    follower.follow(spec())
+    assert follower.live.spec == spec() and Catalog(store.index("chunks-catalog")).read().live is None
+    store.generations().converge(spec(max_tokens=12))  # a leader with another configuration wins
+    follower.apply([ev(10, 1, TEXT, Op.CREATE)])
+    assert follower.live.spec == spec(max_tokens=12)
 
 
 def test_a_failed_alias_write_switches_nothing() -> None:

@@ -85,4 +85,3 @@ def test_healthz_and_metrics_are_served_from_one_port() -> None:
         assert metrics.status_code == 200 and "ragtide_embedder_stalled 1.0" in metrics.text
     finally:
         server.shutdown()
-        server.server_close()

@@ -292,6 +292,17 @@ class IndexSettings(_Section):
     retire_grace_s: float = Field(
         30.0, ge=0, le=86_400, description="seconds a switched-away generation is kept before it is dropped"
     )
+    lease_renew_s: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="how often each embedder renews or tries to take the leader's lease (builds, switch, reap); a "
+        "leader that died is replaced within about this long after Postgres ended its session",
+    )
+    shards: int = Field(1, ge=1, le=64, description="Qdrant server: shards of each new collection")
+    replication_factor: int = Field(
+        1, ge=1, le=8, description="Qdrant server (distributed mode): copies of each shard on different nodes"
+    )
     api_key: SecretStr | None = None
     min_free_mb: int = Field(
         256,
@@ -337,11 +348,28 @@ class ApiSettings(_Section):
     default_k: int = Field(5, ge=1, le=100)
     max_k: int = Field(50, ge=1, le=1000)
     max_query_chars: int = Field(2000, ge=1)
+    advertise_url: str | None = Field(
+        None,
+        description="where other processes reach this one (an embedder that leads advertises it to the "
+        "retrievers, which forward /v1/admin to it); default: http://host:port, or the machine's name when host "
+        "is 0.0.0.0",
+    )
 
     @property
     def url(self) -> str:
         """Base URL of the API."""
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def reach_url(self) -> str:
+        """The advertised address."""
+        if self.advertise_url:
+            return self.advertise_url.rstrip("/")
+        if self.host in ("0.0.0.0", "::"):
+            import socket
+
+            return f"http://{socket.getfqdn()}:{self.port}"
+        return self.url
 
 
 class GeneratorSettings(_Section):

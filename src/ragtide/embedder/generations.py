@@ -199,6 +199,7 @@ class Generations:
         self.switches = 0
         self.build_batches = 0  # batches applied to the generation being built (the watcher's sign of progress)
         self.applying_build = False
+        self.leading = True  # False in an embedder that does not hold the lease (lease.py): it follows the catalog
         registry = registry or CollectorRegistry()
         self._rows = Gauge(
             "ragtide_reindex_rows", "Rows of the generation being built: done and total", ["kind"], registry=registry
@@ -221,32 +222,82 @@ class Generations:
         return g.index, g.encoder
 
     def converge(self, desired: GenerationSpec) -> bool:
-        """Open the live generation and, when the configuration asks for other vectors, start building them.
+        """The leader's start: open the live generation and, when the configuration asks for other vectors, start
+        building them. Collections a previous leader retired are dropped after the grace period.
 
         Returns True when a build (new or resumed) needs the existing rows (an incremental snapshot).
         """
         state = self.catalog.read()
         with self._lock:
             if state.live is None:
-                self._live = self._open(desired)
+                self._live = self._reuse(desired)
                 self.catalog.write(CatalogState(live=desired))
                 return False
             live, building = state.live, state.building
-            self._live = self._open(live)
-            for spec in state.retired:  # a previous run switched away from these: nobody reads them any more
-                self.drop_collection(spec)
-            if state.retired:
-                self.catalog.write(CatalogState(live=live, building=building))
+            self._live = self._reuse(live)
+            known = {spec.fingerprint for _, _, spec in self._retired}
+            now = time.monotonic()  # a retriever may still read them for a moment: the grace period applies
+            self._retired += [(now, None, spec) for spec in state.retired if spec.fingerprint not in known]
             if building is not None and building.same_vectors(desired):
-                self._start(building)  # resume the build that a restart interrupted
+                self._start(building)  # resume the build that a restart (or the previous leader) left
                 return True
             if building is not None:
-                self.drop_collection(building)  # the configuration moved on: abandon that build
-                self.catalog.write(CatalogState(live=live))
+                self._drop_building(building)  # the configuration moved on: abandon that build
+                self._publish()
             if not live.same_vectors(desired):
                 self._start(replace(desired, revision=live.revision + 1))
                 return True
             return False
+
+    def follow(self, desired: GenerationSpec | None = None) -> bool:
+        """A follower's view (an embedder that does not hold the lease): open what the catalog names, the live
+        generation and the build in progress, so that every batch goes where the leader says. `desired` is what
+        an empty catalog stands for (the leader is about to write it). True when something changed."""
+        state = self.catalog.read()
+        with self._lock:
+            live = state.live or (self._live.spec if self._live is not None else desired)
+            if live is None:
+                raise RuntimeError("the catalog is empty and no generation was asked for")
+            before = (self._fingerprint(self._live), self._fingerprint(self.building))
+            opened = [g for g in (self._live, self.building) if g is not None]
+            self._live = self._reuse(live)
+            self.building = self._reuse(state.building) if state.building is not None else None
+            if self.building is None:
+                self.progress = None
+                self._building.set(0)
+            kept = {id(self._live), id(self.building)}
+            for gen in opened:
+                if id(gen) not in kept:
+                    gen.index.close()  # the leader drops it; this process will not write it again
+            changed = before != (self._fingerprint(self._live), self._fingerprint(self.building))
+        if changed:
+            building = state.building.fingerprint if state.building else None
+            log.info("following the catalog", extra={"live": live.fingerprint, "building": building})
+        return changed
+
+    @staticmethod
+    def _fingerprint(gen: Generation | None) -> str | None:
+        return gen.spec.fingerprint if gen is not None else None
+
+    def _reuse(self, spec: GenerationSpec) -> Generation:
+        """The open generation of `spec`, or a newly opened one."""
+        for gen in (self._live, self.building):
+            if gen is not None and gen.spec.fingerprint == spec.fingerprint:
+                return gen
+        return self._open(spec)
+
+    def _publish(self, live: GenerationSpec | None = None) -> None:
+        """Write the catalog: the live generation (or `live`, before switching to it), the build, the retired."""
+        building = self.building.spec if self.building is not None else None
+        live = live or self.live.spec
+        retired = tuple(spec for _, _, spec in self._retired if spec.fingerprint != live.fingerprint)
+        self.catalog.write(CatalogState(live=live, building=None if building == live else building, retired=retired))
+
+    def _drop_building(self, spec: GenerationSpec) -> None:
+        if self.building is not None and self.building.spec.fingerprint == spec.fingerprint:
+            self.building.index.close()
+            self.building = None
+        self.drop_collection(spec)
 
     def rebuild(self) -> GenerationSpec:
         """Build a fresh copy of the live generation (same model and chunking, next revision): `ragtide reindex`."""
@@ -262,15 +313,20 @@ class Generations:
         return gen
 
     def _start(self, spec: GenerationSpec) -> None:
-        self.building = self._open(spec)
+        self.building = self._reuse(spec)
         self.progress = BuildProgress()
-        self.catalog.write(CatalogState(live=self.live.spec, building=spec))
+        self._publish()
         self._building.set(1)
         log.info("building generation", extra={"generation": spec.as_dict(), "live": self.live.spec.fingerprint})
 
     def apply(self, events: Sequence[ChangeEvent]) -> ApplyStats:
-        """Apply a batch to the live generation and, during a build, to the new one as well."""
+        """Apply a batch to the live generation and, during a build, to the new one as well. A follower reads
+        the catalog first, after the batch left Kafka: a build the leader verifies or switches after that read
+        cannot miss these events (they were committed before it), and no batch goes to a retired generation
+        only."""
         with self._lock:
+            if not self.leading:
+                self.follow()
             stats = self.live.writer.apply(events)
             if self.building is not None:
                 reads = any(ev.op is Op.READ for ev in events)  # the snapshot filling the build
@@ -316,10 +372,13 @@ class Generations:
             if new is None:
                 raise RuntimeError("no generation is being built")
             old = self.live
-            # The alias first: if that write fails, nothing has switched and the watcher tries again.
-            self.catalog.write(CatalogState(live=new.spec, retired=(old.spec,)))
-            self._live, self.building = new, None
             self._retired.append((time.monotonic(), old, old.spec))
+            try:  # the alias first: if that write fails, nothing has switched and the watcher tries again
+                self._publish(live=new.spec)
+            except Exception:
+                self._retired.pop()
+                raise
+            self._live, self.building = new, None
             self.switches += 1
             self._building.set(0)
         log.info("generation is live", extra={"live": new.spec.as_dict(), "retired": old.spec.fingerprint})
@@ -333,9 +392,7 @@ class Generations:
             return 0
         with self._lock:
             self._retired = [r for r in self._retired if r not in due]
-            keep = tuple(spec for _, _, spec in self._retired)
-            building = self.building.spec if self.building else None
-            self.catalog.write(CatalogState(live=self.live.spec, building=building, retired=keep))
+            self._publish()
         for _, gen, spec in due:
             if gen is not None:
                 gen.index.drop()

@@ -10,28 +10,26 @@ The verdict (`Watchdog.verdict`) is "stalled" when records have been waiting on 
 not turning). A batch being retried because a store is down is neither: a restart would not bring the store
 back. Kafka unreachable is not either: the consumer cannot make progress, and a restart would not help.
 
-The standalone embedder serves the verdict at `/healthz` beside `/metrics` (`health_app`); every worker exports
+The standalone embedder serves the verdict at `/healthz` beside `/metrics` (`health_app`, with the leader's admin
+endpoints); every worker exports
 it as `ragtide_embedder_stalled` and `ragtide_embedder_backlog_records`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from socketserver import ThreadingMixIn
-from typing import TYPE_CHECKING, Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from typing import Any
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+import uvicorn
+from fastapi import APIRouter, FastAPI, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from ragtide.contracts.settings import KafkaSettings
-
-if TYPE_CHECKING:
-    from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 log = logging.getLogger(__name__)
 
@@ -224,34 +222,55 @@ async def consumed(kafka: KafkaSettings, group: str, targets: Mapping[tuple[str,
     return all(offsets[tp][1] >= target for tp, target in targets.items())
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        """Probes every few seconds would flood the log."""
+def health_app(
+    registry: CollectorRegistry, watchdog: Watchdog, routers: Sequence[APIRouter] = (), gateway: Any = None
+) -> FastAPI:
+    """The standalone embedder's HTTP API: `/healthz` (the verdict as JSON, 200 or 503), `/metrics`, and the
+    `routers` it is given (the leader's admin endpoints, guarded by `gateway`'s admin key)."""
+    app = FastAPI(title="ragtide embedder", version="0.1.0")
+    app.state.gateway = gateway
 
-
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-def health_app(registry: CollectorRegistry, watchdog: Watchdog) -> WSGIApplication:
-    """`/healthz`: the verdict as JSON, 200 or 503; every other path: the Prometheus metrics."""
-    metrics = make_wsgi_app(registry)
-
-    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") != "/healthz":
-            served: Iterable[bytes] = metrics(environ, start_response)
-            return served
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        """Liveness: 503 when stalled or blocked (a restart helps); degraded is 200 (a restart would not)."""
         verdict = watchdog.verdict()
-        body = json.dumps(verdict.as_dict()).encode()
-        status = "200 OK" if verdict.ok else "503 Service Unavailable"  # degraded is 200: a restart would not help
-        start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
-        return [body]
+        return JSONResponse(verdict.as_dict(), status_code=200 if verdict.ok else 503)
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus metrics."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    for router in routers:
+        app.include_router(router)
     return app
 
 
-def serve_health(app: WSGIApplication, host: str, port: int) -> WSGIServer:
+class HealthServer:
+    """uvicorn serving an app from a daemon thread with a loop of its own (Faust keeps the main one)."""
+
+    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="off")
+        )
+        self.thread = threading.Thread(target=self.server.run, name="ragtide-http", daemon=True)
+
+    def start(self, timeout: float = 10.0) -> HealthServer:
+        """Start and wait until it listens."""
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the embedder's HTTP server did not start (is the port taken?)")
+            time.sleep(0.02)
+        return self
+
+    def shutdown(self) -> None:
+        """Stop serving."""
+        self.server.should_exit = True
+        self.thread.join(timeout=5)
+
+
+def serve_health(app: FastAPI, host: str, port: int) -> HealthServer:
     """Serve `app` from a daemon thread (the worker's event loop stays free); returns the server."""
-    httpd = make_server(host, port, app, server_class=_ThreadingServer, handler_class=_QuietHandler)
-    threading.Thread(target=httpd.serve_forever, name="ragtide-health", daemon=True).start()
-    return httpd
+    return HealthServer(app, host, port).start()

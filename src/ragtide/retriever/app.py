@@ -158,6 +158,7 @@ def create_app(
         responses={422: {"model": ValidationErrorBody, "description": "the request is invalid; detail says how"}},
     )
     app.state.services = svc
+    app.state.gateway = svc.gateway
     metadata = sorted(svc.filterable - {"table"})
     app.openapi = tailored_openapi(app, settings, svc.user_tables, metadata)  # type: ignore[method-assign]
     if settings.dashboard.assets_dir.is_dir():

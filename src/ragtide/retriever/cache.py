@@ -233,7 +233,22 @@ class SemanticCache:
             self.metrics.entries.set(len(self._order))
         if overflow:
             self.index.delete(overflow)
+        if not self.sole_writer:
+            self._bound_shared()
         return True
+
+    def _bound_shared(self) -> None:
+        """Other retrievers store in the same collection: the bound counts the store's entries, not this process'
+        own, and drops the oldest of all of them."""
+        try:
+            total = self.index.count()
+            if total <= self.settings.max_entries:
+                return
+            stored = self.index.scroll(None, limit=total + 1_000)
+            stored.sort(key=lambda p: int(p.payload.get("created_ms", 0)))
+            self._drop([p.id for p in stored[: len(stored) - self.settings.max_entries]])
+        except StoreUnavailable as exc:  # the next store trims
+            self._unwritable.failed(exc)
 
     def invalidate(self, rows: Iterable[str], tables: Iterable[str] = ()) -> int:
         """Drop every answer that used one of `rows` (table:row keys) or any row of `tables`; returns how many."""
@@ -261,15 +276,19 @@ class SemanticCache:
         tables = {ev.table for ev in events if ev.op is Op.TRUNCATE}
         return self.invalidate(rows, tables)
 
-    def clear(self) -> None:
-        """Drop everything (`POST /v1/admin/cache/clear`: a benchmark's clean start, or after a prompt change)."""
+    def clear(self) -> int:
+        """Drop everything, also what other processes stored (`POST /v1/admin/cache/clear`: a benchmark's clean
+        start, or after a prompt change); returns how many answers were dropped."""
         with self._lock:
-            ids = list(self._order)
+            ids = set(self._order)
             self._order.clear()
             self._seq += 1
+        if not self.sole_writer:
+            ids.update(p.id for p in self.index.scroll(None, limit=10 * self.settings.max_entries + 10_000))
         if ids:
-            self.index.delete(ids)
+            self.index.delete(sorted(ids))
         self.metrics.entries.set(0)
+        return len(ids)
 
     def _drop(self, ids: Sequence[str]) -> None:
         if not ids:

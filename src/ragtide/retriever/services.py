@@ -109,12 +109,14 @@ async def get_caller(
 
 
 async def get_admin(
-    svc: ServicesDep,
+    request: Request,
     authorization: Annotated[str | None, Header(description="Bearer <admin key>")] = None,
     x_api_key: Annotated[str | None, Header(description="the admin key (instead of Authorization)")] = None,
 ) -> Caller:
-    """Admin endpoints: the admin key (dev mode: also no key)."""
-    return await asyncio.to_thread(svc.gateway.require_admin, bearer(authorization, x_api_key))
+    """Admin endpoints: the admin key (dev mode: also no key). Any app that sets `app.state.gateway` can use it
+    (the retrieval API, the embedder's own)."""
+    gateway: Gateway = request.app.state.gateway
+    return await asyncio.to_thread(gateway.require_admin, bearer(authorization, x_api_key))
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]

@@ -1,0 +1,230 @@
+"""Leadership among embedder replicas.
+
+Every embedder of the consumer group writes the changes of its partitions, but one of them, the *leader*, owns the
+generations' life cycle: it starts builds, verifies them, switches one live and drops retired collections. Two
+replicas doing that from memory of their own could drop a collection the other still writes. The others *follow*:
+they read the catalog before every batch (generations.py).
+
+`PostgresLease` is a session-level advisory lock in ragtide's state database, held on a connection of its own: a
+leader that dies, or loses its connection, loses the lock with its session, and another replica takes it at its
+next `hold()` (every `lease.renew_s`). The holder's address is kept beside it, so that any retriever can forward an
+operator's request to it. The test double is `LocalLease` (one process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import socket
+import threading
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Protocol
+
+import psycopg
+
+from ragtide.contracts.pg import SerialConnection
+
+log = logging.getLogger(__name__)
+
+
+class Lease(Protocol):
+    """One holder at a time among the processes that share `name`."""
+
+    def hold(self) -> bool:
+        """Take the lease when it is free, keep it when held; True while this process holds it."""
+        ...
+
+    def leader(self) -> str | None:
+        """The address the holder advertised (None while nobody holds it)."""
+        ...
+
+    def release(self) -> None:
+        """Give it up (a graceful stop hands over at once)."""
+        ...
+
+
+def lock_key(name: str) -> int:
+    """A stable signed 64-bit advisory lock key for `name`."""
+    return int.from_bytes(hashlib.sha256(f"ragtide-lease:{name}".encode()).digest()[:8], "big", signed=True)
+
+
+DDL = [
+    "CREATE SCHEMA IF NOT EXISTS ragtide_embedder",
+    """CREATE TABLE IF NOT EXISTS ragtide_embedder.leaders (
+         name text PRIMARY KEY, url text, backend_pid int NOT NULL, host text NOT NULL, pid int NOT NULL,
+         since timestamptz NOT NULL DEFAULT now())""",
+]
+
+# The advertised address counts only while the session that wrote it holds the lock (a dead leader's row stays).
+_LEADER_SQL = """
+SELECT l.url FROM ragtide_embedder.leaders l
+JOIN pg_locks k ON k.pid = l.backend_pid AND k.locktype = 'advisory' AND k.granted
+ AND k.classid = %(hi)s AND k.objid = %(lo)s AND k.objsubid = 1
+WHERE l.name = %(name)s
+"""
+
+
+class PostgresLease:
+    """The real lease (see the module's docstring). Postgres being unreachable means not holding it."""
+
+    def __init__(self, dsn: str, name: str, url: str | None = None, connect_timeout: int = 5) -> None:
+        self.dsn = dsn
+        self.name = name
+        self.url = url
+        self.key = lock_key(name)
+        self.connect_timeout = connect_timeout
+        self._conn: psycopg.Connection[Any] | None = None
+        self._held = False
+        self._lock = threading.Lock()
+        self._reader = SerialConnection(dsn, setup=DDL, name="embedder lease")
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        conn = psycopg.connect(
+            self.dsn,
+            autocommit=True,
+            connect_timeout=self.connect_timeout,
+            keepalives=1,  # a partitioned leader notices in seconds that its session (and lock) may be gone
+            keepalives_idle=5,
+            keepalives_interval=2,
+            keepalives_count=2,
+            options="-c statement_timeout=10000 -c idle_session_timeout=0",
+        )
+        for statement in DDL:
+            conn.execute(statement)
+        return conn
+
+    def hold(self) -> bool:
+        """One round trip: the lock's session still answers (held), or `pg_try_advisory_lock` (free or not)."""
+        with self._lock:
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._held = False
+                    self._conn = self._connect()
+                if self._held:
+                    self._conn.execute("SELECT 1")  # the session lives, and the lock with it
+                    return True
+                row = self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
+                if row and row[0]:
+                    self._conn.execute(
+                        "INSERT INTO ragtide_embedder.leaders (name, url, backend_pid, host, pid) "
+                        "VALUES (%s, %s, pg_backend_pid(), %s, %s) ON CONFLICT (name) DO UPDATE SET "
+                        "url = EXCLUDED.url, backend_pid = EXCLUDED.backend_pid, host = EXCLUDED.host, "
+                        "pid = EXCLUDED.pid, since = now()",
+                        (self.name, self.url, socket.gethostname(), os.getpid()),
+                    )
+                    self._held = True
+            except psycopg.Error as exc:
+                if self._held:
+                    log.error("lost the embedder lease (its Postgres session)", extra={"error": str(exc)})
+                self._close()
+            return self._held
+
+    def leader(self) -> str | None:
+        """The holder's advertised URL, read from any process."""
+        hi, lo = (self.key >> 32) & 0xFFFFFFFF, self.key & 0xFFFFFFFF
+        rows = self._reader.run(_LEADER_SQL, {"hi": _oid(hi), "lo": _oid(lo), "name": self.name})
+        return str(rows[0]["url"]) if rows and rows[0]["url"] else None
+
+    def release(self) -> None:
+        """Close the session: the lock goes with it."""
+        with self._lock:
+            self._close()
+        self._reader.close()
+
+    def _close(self) -> None:
+        self._held = False
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+
+
+def _oid(v: int) -> int:
+    """pg_locks shows the key's halves as oids (unsigned 32-bit)."""
+    return v & 0xFFFFFFFF
+
+
+class LocalLease:
+    """The double: leases of one process, shared through `holders` (name -> the holding LocalLease)."""
+
+    def __init__(self, holders: dict[str, LocalLease], name: str, url: str | None = None) -> None:
+        self.holders = holders
+        self.name = name
+        self.url = url
+
+    def hold(self) -> bool:
+        """Take it when free (a holder whose session died has released it: `release`)."""
+        return self.holders.setdefault(self.name, self) is self
+
+    def leader(self) -> str | None:
+        """The holder's url."""
+        holder = self.holders.get(self.name)
+        return holder.url if holder is not None else None
+
+    def release(self) -> None:
+        """Give it up."""
+        if self.holders.get(self.name) is self:
+            del self.holders[self.name]
+
+
+class Leadership:
+    """Renews the lease every `every_s`; while held, runs the leader's `duties` (started after `become` returned,
+    cancelled when the lease is lost, `resign` then runs). A process that never holds the lease only follows."""
+
+    def __init__(
+        self,
+        lease: Lease,
+        become: Callable[[], Awaitable[None]],
+        duties: Sequence[Callable[[], Coroutine[Any, Any, None]]],
+        resign: Callable[[], None] = lambda: None,
+        every_s: float = 1.0,
+    ) -> None:
+        self.lease = lease
+        self.become = become
+        self.duties = duties
+        self.resign = resign
+        self.every_s = every_s
+        self.leading = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def step(self) -> bool:
+        """Renew once; start or stop the duties on a change. True while leading."""
+        held = await asyncio.to_thread(self.lease.hold)
+        if held and not self.leading:
+            log.info("this embedder leads the generations (build, switch, reap)")
+            await self.become()
+            self._tasks = [asyncio.create_task(duty()) for duty in self.duties]
+            self.leading = True
+        elif not held and self.leading:
+            log.warning("this embedder no longer leads; following the catalog")
+            await self._stop()
+            self.resign()
+        return self.leading
+
+    async def run(self) -> None:
+        """Renew until cancelled; then stop the duties and release the lease."""
+        try:
+            while True:
+                try:
+                    await self.step()
+                except Exception as exc:  # `become` failed (a store down): still holding, it is tried again
+                    log.error("taking the lead failed; retrying", extra={"error": repr(exc)})
+                await asyncio.sleep(self.every_s)
+        finally:
+            await self._stop()
+            await asyncio.to_thread(self.lease.release)
+
+    async def _stop(self) -> None:
+        tasks, self._tasks, self.leading = self._tasks, [], False
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            except Exception as exc:  # a duty that died is logged by its own failure handler; do not mask it
+                log.error("leader duty failed", extra={"error": repr(exc)})

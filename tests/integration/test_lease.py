@@ -1,0 +1,90 @@
+"""The `Lease` contract: PostgresLease (an advisory lock in a real PostgreSQL) and its double, LocalLease, pass the
+same suite: one holder at a time, the holder's address visible to anyone, a dead session hands over."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import psycopg
+import pytest
+
+from ragtide.embedder.lease import Lease, LocalLease, PostgresLease
+from tests.sourcedb import source_db
+
+pytestmark = pytest.mark.integration
+
+MakeLease = Callable[[str | None], Lease]
+
+
+class Kit:
+    """Makes leases of one name, and kills a holder's session the way a crash or a partition would."""
+
+    def __init__(self, make: MakeLease, kill: Callable[[Lease], None]) -> None:
+        self.make = make
+        self.kill = kill
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[str]:
+    with source_db("state") as db:
+        yield db.dsn()
+
+
+@pytest.fixture(params=["postgres", "local"])
+def kit(request: pytest.FixtureRequest) -> Iterator[Kit]:
+    made: list[Lease] = []
+    if request.param == "postgres":
+        dsn = request.getfixturevalue("pg")
+        name = f"test-{request.node.name}"
+
+        def make(url: str | None) -> Lease:
+            made.append(PostgresLease(dsn, name, url))
+            return made[-1]
+
+        def kill(lease: Lease) -> None:  # the server ends the holder's session: a crash, as Postgres sees it
+            assert isinstance(lease, PostgresLease) and lease._conn is not None
+            backend = lease._conn.info.backend_pid
+            with psycopg.connect(dsn, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+
+        yield Kit(make, kill)
+    else:
+        holders: dict[str, LocalLease] = {}
+
+        def make_local(url: str | None) -> Lease:
+            made.append(LocalLease(holders, "embedders", url))
+            return made[-1]
+
+        def kill_local(lease: Lease) -> None:
+            lease.release()  # what the server does with a dead session's locks
+
+        yield Kit(make_local, kill_local)
+    for lease in made:
+        lease.release()
+
+
+def test_one_holder_at_a_time_and_everyone_sees_its_address(kit: Kit) -> None:
+    a, b, reader = kit.make("http://a:1"), kit.make("http://b:2"), kit.make(None)
+    assert reader.leader() is None
+    assert a.hold() is True
+    assert b.hold() is False
+    assert a.hold() is True  # renewing keeps it
+    assert reader.leader() == b.leader() == "http://a:1"
+
+
+def test_a_release_hands_over_at_the_next_hold(kit: Kit) -> None:
+    a, b = kit.make("http://a:1"), kit.make("http://b:2")
+    assert a.hold() and not b.hold()
+    a.release()
+    assert b.leader() is None
+    assert b.hold() is True and a.leader() == "http://b:2"
+    assert a.hold() is False
+
+
+def test_a_dead_holder_loses_the_lease_and_another_takes_it(kit: Kit) -> None:
+    a, b = kit.make("http://a:1"), kit.make("http://b:2")
+    assert a.hold() and not b.hold()
+    kit.kill(a)
+    assert b.hold() is True
+    assert a.hold() is False  # the old holder learns it at its next renewal, and does not take it back
+    assert a.leader() == "http://b:2"
