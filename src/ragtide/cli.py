@@ -60,6 +60,14 @@ def up(
     supervise: Annotated[
         bool, typer.Option(help="then stay in the foreground and restart any process that dies, until stopped")
     ] = False,
+    cluster: Annotated[
+        bool,
+        typer.Option(
+            "--cluster",
+            help="the production topology instead of one node: 3 Qdrant nodes, 3 Kafka brokers, Connect, "
+            "RAGTIDE_CLUSTER__EMBEDDERS embedders and RAGTIDE_CLUSTER__RETRIEVERS retrievers (see `cluster.*`)",
+        ),
+    ] = False,
 ) -> None:
     """Start Postgres (unless RAGTIDE_POSTGRES__DSN names your own: then `ragtide doctor` checks it first), Kafka,
     Connect + Debezium and the ragtide node on localhost (idempotent)."""
@@ -67,6 +75,9 @@ def up(
     from ragtide.stack.stack import Stack
 
     s = _settings()
+    if cluster:
+        up_cluster(s, demo, wait)
+        return
     stack = Stack(s)
     with console.status("starting") as status:
         for name in ("postgres", "kafka", "connect", "generator", "node"):
@@ -99,6 +110,35 @@ def up(
     print(f"curl -sN {api}/v1/answer -H 'content-type: application/json' -d '{ask}'")
     if supervise:
         supervise_stack(stack)
+
+
+def up_cluster(s: RagtideSettings, demo: bool, wait: bool) -> None:
+    """`up --cluster`: start the split topology, then wait until a retriever serves every row."""
+    from ragtide.ingest.demo import load_demo
+    from ragtide.stack.cluster import Cluster
+
+    c = Cluster(s)
+    cs = c.settings
+    t0 = time.monotonic()
+    with console.status("starting the cluster") as status:
+        c.up(lambda what: status.update(f"starting {what}…"))
+    console.print(f"[green]✓[/] cluster up ({time.monotonic() - t0:.0f}s)")
+    if demo and cs.postgres.managed:
+        console.print(f"[green]✓[/] demo corpus: {load_demo(cs.postgres.dsn())} rows in public.docs")
+    if wait:
+        wait_indexed(cs)
+    table = Table("process", "pid", "RSS MiB", "budget MiB")
+    memory = c.memory()
+    for name, pid in c.status().items():
+        rss, budget = memory.get(name, (0, 0))
+        table.add_row(name, str(pid or "-"), str(rss or "-"), str(budget or "-"))
+    console.print(table)
+    urls = c.retriever_urls()
+    console.print(
+        f"\n[bold]ragtide cluster is up.[/]\n  retrievers  {', '.join(urls)}\n  logs        {c.root / 'logs'}\n"
+    )
+    query = json.dumps({"query": "catching exceptions with try and except", "k": 3})
+    print(f"curl -s {urls[0]}/v1/search -H 'content-type: application/json' -d '{query}'")
 
 
 def supervise_stack(stack: Stack) -> None:
@@ -334,6 +374,11 @@ def down(
     s = _settings()
     if drop_slot and not yes:
         typer.confirm(f"Drop replication slot {s.connect.slot_name} and the connector's offsets?", abort=True)
+    from ragtide.stack.cluster import Cluster
+
+    cluster = Cluster(s)
+    if cluster.status():  # `up --cluster` ran: its members first (the connector is the cluster's)
+        cluster.down(lambda name: console.print(f"stopping {name}"))
     for what in Stack(s).down(lambda name: console.print(f"stopping {name}"), drop_slot=drop_slot, force=force):
         console.print(f"[green]✓[/] {what}")
 
@@ -442,13 +487,17 @@ def clean(yes: Annotated[bool, typer.Option("--yes", help="do not ask")] = False
 @app.command()
 def status() -> None:
     """Which processes run, and what the index holds."""
+    from ragtide.stack.cluster import Cluster
     from ragtide.stack.stack import Stack
 
     s = _settings()
     table = Table("process", "pid", "state")
-    for name, pid in Stack(s).status().items():
+    cluster = Cluster(s)
+    for name, pid in {**Stack(s).status(), **cluster.status()}.items():
         table.add_row(name, str(pid or "-"), "[green]running[/]" if pid else "[red]stopped[/]")
     console.print(table)
+    if cluster.status():
+        s = cluster.settings
     try:
         console.print_json(httpx.get(f"{s.api.url}/v1/index/stats", timeout=5).text)
     except httpx.HTTPError:

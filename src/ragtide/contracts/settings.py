@@ -461,6 +461,13 @@ class BatchSettings(_Section):
         "once a store it writes to has been unavailable this long; ragtide_store_outage_seconds says for how long",
     )
 
+    ack_log: Path | None = Field(
+        None,
+        description="append one JSON line per acknowledged batch and partition (time, topic, partition, first and "
+        "last offset, records) to this file: which worker applied what, and how much a rebalance made it apply "
+        "twice (`ragtide.bench.scale.reprocessed`)",
+    )
+
     def events_per_batch(self, on_gpu: bool) -> int:
         """`max_events`, or the default for where the encoder runs."""
         return self.max_events or (4096 if on_gpu else 256)
@@ -481,6 +488,21 @@ class DashboardSettings(_Section):
     assets_dir: Path = Field(default_factory=lambda: REPO_ROOT / ".cache" / "dashboard" / "node_modules")
 
 
+class ClusterSettings(_Section):
+    """`ragtide up --cluster`: the split topology on one machine (stack/cluster.py)."""
+
+    embedders: int = Field(2, ge=1, le=8, description="`ragtide embedder` processes in the consumer group")
+    retrievers: int = Field(2, ge=1, le=8, description="`ragtide retriever` processes")
+    qdrant_nodes: int = Field(3, ge=1, le=5, description="Qdrant nodes in distributed mode")
+    brokers: int = Field(3, ge=1, le=5, description="KRaft brokers (each also a controller of one quorum)")
+    partitions: int = Field(6, ge=1, le=64, description="partitions of each source topic: the most embedders that work")
+    shards: int = Field(3, ge=1, le=64, description="shards of each collection")
+    base_port: int = Field(57000, ge=1024, le=65000, description="first of the ports the cluster uses (base..base+50)")
+    broker_heap: str = "384m"
+    connect_heap: str = "512m"
+    ack_logs: bool = Field(False, description="each embedder writes `batch.ack_log` under the cluster's acks/ folder")
+
+
 class RagtideSettings(BaseSettings):
     """The sections every service shares."""
 
@@ -490,13 +512,20 @@ class RagtideSettings(BaseSettings):
 
     data_dir: Path = Field(default_factory=lambda: REPO_ROOT / ".data")
     sources_file: Path = Field(default_factory=lambda: REPO_ROOT / "config" / "sources.yaml")
-    qdrant_url: str | None = Field(None, validation_alias=AliasChoices("QDRANT_URL", "RAGTIDE_QDRANT_URL"))
+    qdrant_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("QDRANT_URL", "RAGTIDE_QDRANT_URL"),
+        description="a Qdrant server instead of the embedded engine; several nodes of one cluster, comma separated, "
+        "are tried in turn (a node that is down passes each call to the next)",
+        pattern=r"^https?://[^\s,]+(,https?://[^\s,]+)*$",
+    )
     log_level: str = "INFO"
     json_logs: bool = False
     postgres: PostgresSettings = PostgresSettings()
     kafka: KafkaSettings = KafkaSettings()
     connect: ConnectSettings = ConnectSettings()
     index: IndexSettings = IndexSettings()
+    cluster: ClusterSettings = ClusterSettings()
     encoder: EncoderSettings = EncoderSettings()
     chunking: ChunkingSettings = ChunkingSettings()
     api: ApiSettings = ApiSettings()

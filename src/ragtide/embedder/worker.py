@@ -8,10 +8,12 @@ dead-letter topic (a record we cannot decode, or a row we cannot index), and wha
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import faust
@@ -190,6 +192,28 @@ class BatchProcessor:
         m.batch_size.observe(stats.events)
 
 
+class AckLog:
+    """`batch.ack_log`: one JSON line per acknowledged batch and partition, written through at once (a SIGKILL
+    right after loses nothing of it)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+
+    def record(self, messages: Sequence[Any]) -> None:
+        """The batch's offsets, by partition."""
+        spans: dict[tuple[str, int], list[int]] = {}
+        for m in messages:
+            spans.setdefault((m.topic, m.partition), []).append(m.offset)
+        now = round(time.time(), 3)
+        lines = [
+            json.dumps({"t": now, "topic": t, "partition": p, "first": min(o), "last": max(o), "records": len(o)})
+            for (t, p), o in sorted(spans.items())
+        ]
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+
+
 def record_lag(app: faust.App, metrics: EmbedderMetrics, messages: Sequence[Any]) -> None:
     """Consumer lag per partition: records behind the high-water mark, and how old the newest processed one is."""
     newest: dict[Any, Any] = {}
@@ -259,6 +283,7 @@ def create_worker_app(
     dlq = app.topic(settings.dlq_topic, key_type=bytes, value_type=bytes, partitions=1)
     window_s = settings.batch.window_ms / 1000
     max_events = settings.batch.events_per_batch(on_gpu)
+    ack_log = AckLog(settings.batch.ack_log) if settings.batch.ack_log else None
 
     async def dead_letter(p: Poison) -> None:
         processor.metrics.dlq.labels(p.reason.split(":", 1)[0]).inc()
@@ -299,6 +324,8 @@ def create_worker_app(
             for e in events:
                 await stream.ack(e)
             record_lag(app, processor.metrics, messages)
+            if ack_log is not None:
+                ack_log.record(messages)
 
     if watchdog is not None:
         watch(app, watchdog, processor, KafkaOffsets(settings.kafka, EMBEDDER_GROUP))

@@ -90,6 +90,16 @@ class KafkaBroker:
 
     def start(self) -> None:
         """Format storage once (keeping the cluster id), start, wait for the listener."""
+        self.launch()
+        self.wait()
+
+    def wait(self, timeout: float = 90.0) -> None:
+        """Until the client listener accepts (a broker of a quorum: once a majority of controllers runs)."""
+        k = self.s.kafka
+        wait_until(lambda: port_open(k.host, k.port), f"kafka on {k.host}:{k.port}", timeout, self.daemon)
+
+    def launch(self) -> None:
+        """Format storage once (keeping the cluster id in `cluster-id`, which a cluster's nodes share) and start."""
         ensure_jars()
         k = self.s.kafka
         conf = templates.write(
@@ -124,7 +134,6 @@ class KafkaBroker:
             run_checked(_java("256m", self.daemon.log_dir, fmt_args), "kafka storage format")
         self.daemon.log_dir.mkdir(parents=True, exist_ok=True)
         self.daemon.start(_java(k.heap, self.daemon.log_dir, ["kafka.Kafka", str(conf)]))
-        wait_until(lambda: port_open(k.host, k.port), f"kafka on {k.bootstrap}", 90, self.daemon)
 
 
 class ConnectWorker:

@@ -1,5 +1,6 @@
 """A Qdrant server run natively from the binary `infra/scripts/build-qdrant.sh` builds (no Docker engine needed):
-one node, its storage under the data folder, started and stopped by pid like the rest of the stack."""
+one node, or a node of a distributed cluster, its storage under the data folder, started and stopped by pid like
+the rest of the stack."""
 
 from __future__ import annotations
 
@@ -25,12 +26,30 @@ def qdrant_binary(version: str = QDRANT_VERSION) -> Path | None:
 class QdrantServer:
     """One Qdrant node on `http_port` (gRPC on `grpc_port`), storing under `storage`."""
 
-    def __init__(self, daemon: Daemon, storage: Path, http_port: int, grpc_port: int, binary: Path | None = None):
+    def __init__(
+        self,
+        daemon: Daemon,
+        storage: Path,
+        http_port: int,
+        grpc_port: int,
+        binary: Path | None = None,
+        p2p_port: int | None = None,
+        bootstrap: str | None = None,
+    ):
+        """`p2p_port`: a node of a distributed cluster (Raft consensus and shard transfers on that port);
+        `bootstrap`: the p2p URL of a node already in the cluster (none for the first)."""
         self.daemon = daemon
         self.storage = storage
         self.http_port = http_port
         self.grpc_port = grpc_port
         self.binary = binary or qdrant_binary()
+        self.p2p_port = p2p_port
+        self.bootstrap = bootstrap
+
+    @property
+    def p2p_url(self) -> str | None:
+        """How other nodes reach this one (distributed mode)."""
+        return f"http://127.0.0.1:{self.p2p_port}" if self.p2p_port else None
 
     @property
     def url(self) -> str:
@@ -52,5 +71,12 @@ class QdrantServer:
             "QDRANT__STORAGE__SNAPSHOTS_PATH": str(self.storage / "snapshots"),
             "QDRANT__TELEMETRY_DISABLED": "true",
         }
-        self.daemon.start([str(self.binary)], env=env, cwd=self.storage)
+        argv = [str(self.binary)]
+        if self.p2p_port is not None:
+            env["QDRANT__CLUSTER__ENABLED"] = "true"
+            env["QDRANT__CLUSTER__P2P__PORT"] = str(self.p2p_port)
+            argv += ["--uri", str(self.p2p_url)]
+            if self.bootstrap:
+                argv += ["--bootstrap", self.bootstrap]
+        self.daemon.start(argv, env=env, cwd=self.storage)
         wait_until(lambda: http_ok(f"{self.url}/readyz"), f"qdrant on {self.url}", timeout, self.daemon)

@@ -1,4 +1,5 @@
-"""Choose the VectorIndex implementation from the settings: Qdrant server when QDRANT_URL is set, else embedded."""
+"""Choose the VectorIndex implementation from the settings: Qdrant server when QDRANT_URL is set (several URLs, comma
+separated: nodes of one cluster, tried in turn), else embedded."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ def open_index(settings: RagtideSettings, collection: str | None = None) -> Vect
         from ragtide.embedder.index.remote import QdrantClientIndex
 
         key = settings.index.api_key.get_secret_value() if settings.index.api_key else None
-        return QdrantClientIndex(QdrantClient(url=settings.qdrant_url, api_key=key), name)
+        nodes = [QdrantClient(url=url.strip(), api_key=key) for url in settings.qdrant_url.split(",")]
+        return QdrantClientIndex(nodes, name, settings.index.shards, settings.index.replication_factor)
     from ragtide.embedder.index.edge import EdgeIndex
 
     return EdgeIndex(settings.index_path, name, min_free_bytes=settings.index.min_free_mb << 20)

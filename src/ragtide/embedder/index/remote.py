@@ -12,6 +12,7 @@ import numpy.typing as npt
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
+from ragtide.contracts.errors import StoreUnavailable
 from ragtide.embedder.index.base import (
     INTEGER_FIELDS,
     KEYWORD_FIELDS,
@@ -83,23 +84,70 @@ class _Serialized:
         return locked
 
 
-class QdrantClientIndex:
-    """VectorIndex over one Qdrant collection. `wait=True` on every write: it returns once acknowledged."""
+class _Failover:
+    """Several nodes of one Qdrant cluster: a call goes to the node that answered last; a node that is unreachable
+    (StoreUnavailable) passes the call to the next. Only when none answers does the caller see the outage. Every
+    write is idempotent (points by id), so sending it again to another node is safe."""
 
-    def __init__(self, client: QdrantClient, collection: str) -> None:
+    def __init__(self, nodes: Sequence[Any]) -> None:
+        self._nodes = list(nodes)
+        self._current = 0
+
+    def __getattr__(self, name: str) -> Any:
+        if not callable(getattr(self._nodes[0], name)):
+            return getattr(self._nodes[self._current], name)
+
+        def failover(*args: Any, **kwargs: Any) -> Any:
+            start = self._current
+            for step in range(len(self._nodes)):
+                i = (start + step) % len(self._nodes)
+                try:
+                    result = getattr(self._nodes[i], name)(*args, **kwargs)
+                except StoreUnavailable:
+                    if step == len(self._nodes) - 1:
+                        raise
+                    continue
+                self._current = i
+                return result
+            raise AssertionError("unreachable")
+
+        return failover
+
+
+class QdrantClientIndex:
+    """VectorIndex over one Qdrant collection, on one server or any node of a cluster (`client` may be a list: a
+    node that is down passes each call to the next). `wait=True` on every write: it returns once acknowledged."""
+
+    def __init__(
+        self, client: QdrantClient | Sequence[QdrantClient], collection: str, shards: int = 1, replication: int = 1
+    ) -> None:
         # qdrant-client's local mode (tests, no server) is plain Python and not safe across threads; the node
         # calls the index from worker threads, so calls to it are serialised. A real server needs no lock.
-        target = _Serialized(client) if _is_local(client) else client
-        self.client: Any = Guarded(target, f"Qdrant collection {collection}", client_unavailable)
+        clients = [client] if isinstance(client, QdrantClient) else list(client)
+        guarded = [
+            Guarded(_Serialized(c) if _is_local(c) else c, f"Qdrant collection {collection}", client_unavailable)
+            for c in clients
+        ]
+        self.client: Any = guarded[0] if len(guarded) == 1 else _Failover(guarded)
+        self._clients = clients
         self.collection = collection
+        self.shards = shards
+        self.replication = replication
 
     def ensure_collection(self, dim: int) -> None:
-        """Create the collection and payload indexes if missing."""
+        """Create the collection (its shards and replicas, on a cluster) and payload indexes if missing."""
         if self.client.collection_exists(self.collection):
             return
-        self.client.create_collection(
-            self.collection, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE)
-        )
+        try:
+            self.client.create_collection(
+                self.collection,
+                vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE),
+                shard_number=self.shards,
+                replication_factor=self.replication,
+            )
+        except UnexpectedResponse as exc:  # another process of the cluster created it first
+            if exc.status_code != 409 and "already exists" not in str(exc):
+                raise
         for field in KEYWORD_FIELDS:
             self.client.create_payload_index(self.collection, field, models.PayloadSchemaType.KEYWORD, wait=True)
         for field in INTEGER_FIELDS:
@@ -172,8 +220,9 @@ class QdrantClientIndex:
         return int(self.client.count(self.collection, count_filter=to_client_filter(flt), exact=True).count)
 
     def close(self) -> None:
-        """Close the client."""
-        self.client.close()
+        """Close the client (each node's)."""
+        for client in self._clients:
+            client.close()
 
     def optimize(self) -> dict[str, Any]:
         """Nothing to do: the Qdrant server indexes in the background."""

@@ -1,0 +1,282 @@
+"""`ragtide up --cluster`: the production topology, natively on one machine, from the same code and settings that
+docker-compose and Kubernetes run.
+
+- Qdrant: `cluster.qdrant_nodes` nodes in distributed mode; collections of `index.shards` shards, each with
+  `index.replication_factor` copies on different nodes. Every process is given every node (QDRANT_URL lists them).
+- Kafka: `cluster.brokers` KRaft nodes (each broker + controller, one quorum), topics replicated
+  `kafka.replication_factor` times with `min.insync.replicas` = 2.
+- Connect: one worker in distributed mode (more join the same group), Debezium registered as in `make up`.
+- Embedders: `cluster.embedders` `ragtide embedder` processes in one consumer group; source topics of
+  `cluster.partitions` partitions. The one holding the lease leads the generations.
+- Retrievers: `cluster.retrievers` `ragtide retriever` processes; the first answers on `api.port`.
+
+Memory budgets (`cluster.*_heap`, and one torch thread per Python process: 2 cores are shared by all) keep the
+whole topology at about 6 GB; `Cluster.memory()` reports each process' resident size against its budget.
+"""
+
+from __future__ import annotations
+
+import base64
+import sys
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ragtide.contracts.settings import RagtideSettings
+from ragtide.stack.jvm import ConnectWorker, KafkaBroker
+from ragtide.stack.process import Daemon, http_ok, wait_until
+from ragtide.stack.qdrant import QdrantServer
+from ragtide.stack.stack import Stack
+
+# Resident memory each kind of process is sized for (MiB): the JVM heaps are set to fit, the Python processes are
+# measured (model, torch, one thread) and reported against it.
+BUDGET_MB = {"broker": 640, "connect": 900, "qdrant": 400, "embedder": 1400, "retriever": 1200}
+
+
+@dataclass(frozen=True)
+class Member:
+    """One process of the cluster: its kind, its Daemon, and the port it answers on."""
+
+    kind: str
+    daemon: Daemon
+    port: int
+
+
+class Cluster:
+    """Start, stop and report the split topology; ports come from `cluster.base_port` (see `port`)."""
+
+    def __init__(self, settings: RagtideSettings) -> None:
+        self.s = settings
+        self.c = settings.cluster
+        self.root = settings.data_dir / "cluster"
+
+    # --- layout ----------------------------------------------------------------------------------------------
+    def port(self, kind: str, i: int = 0) -> int:
+        """retriever i: base+i; embedder i: base+10+i; Qdrant node i: base+20+3i (http, grpc, p2p); broker i:
+        base+40+2i (client, controller); Connect: base+50."""
+        b = self.c.base_port
+        return {
+            "retriever": b + i,
+            "embedder": b + 10 + i,
+            "qdrant": b + 20 + 3 * i,
+            "broker": b + 40 + 2 * i,
+            "connect": b + 50,
+        }[kind]
+
+    def daemon(self, name: str) -> Daemon:
+        """The Daemon of one member (its pid file and log under the cluster's folder)."""
+        return Daemon(name, self.root / "run", self.root / "logs")
+
+    def members(self) -> list[Member]:
+        """Every process, in start order."""
+        out = [Member("qdrant", self.daemon(f"qdrant-{i}"), self.port("qdrant", i)) for i in range(self.c.qdrant_nodes)]
+        out += [Member("broker", self.daemon(f"kafka-{i}"), self.port("broker", i)) for i in range(self.c.brokers)]
+        out.append(Member("connect", self.daemon("connect"), self.port("connect")))
+        out += [Member("embedder", self.daemon(f"embedder-{i}"), self.port("embedder", i)) for i in range(8)]
+        out += [Member("retriever", self.daemon(f"retriever-{i}"), self.port("retriever", i)) for i in range(8)]
+        return out
+
+    @property
+    def settings(self) -> RagtideSettings:
+        """What every ragtide process of the cluster runs with (the first retriever's API port)."""
+        s = self.s
+        brokers = ",".join(f"127.0.0.1:{self.port('broker', i)}" for i in range(self.c.brokers))
+        nodes = ",".join(f"http://127.0.0.1:{self.port('qdrant', i)}" for i in range(self.c.qdrant_nodes))
+        return s.model_copy(
+            update={
+                "data_dir": self.root,
+                "qdrant_url": nodes,
+                "kafka": s.kafka.model_copy(
+                    update={
+                        "bootstrap_servers": brokers,
+                        "partitions": self.c.partitions,
+                        "replication_factor": min(3, self.c.brokers),
+                    }
+                ),
+                "connect": s.connect.model_copy(update={"port": self.port("connect"), "heap": self.c.connect_heap}),
+                "index": s.index.model_copy(
+                    update={"shards": self.c.shards, "replication_factor": min(2, self.c.qdrant_nodes)}
+                ),
+                "api": s.api.model_copy(update={"port": self.port("retriever")}),
+            }
+        )
+
+    def member_settings(self, kind: str, i: int) -> RagtideSettings:
+        """One embedder's or retriever's settings: its own port and data folder (the embedder's static group
+        membership id comes from it)."""
+        s = self.settings
+        ack_log = self.ack_log(i) if kind == "embedder" and self.c.ack_logs else s.batch.ack_log
+        return s.model_copy(
+            update={
+                "data_dir": self.root / f"{kind}-{i}",
+                "api": s.api.model_copy(update={"port": self.port(kind, i)}),
+                "batch": s.batch.model_copy(update={"ack_log": ack_log}),
+            }
+        )
+
+    def ack_log(self, i: int) -> Path:
+        """Embedder i's ack log (with `cluster.ack_logs`)."""
+        return self.root / "acks" / f"embedder-{i}.jsonl"
+
+    # --- start -------------------------------------------------------------------------------------------------
+    def up(self, progress: Callable[[str], None] = lambda _: None) -> None:
+        """Start everything that is not running yet, in dependency order; idempotent."""
+        stack = Stack(self.settings)
+        progress("postgres")
+        stack.start_postgres()
+        progress(f"qdrant: {self.c.qdrant_nodes} nodes")
+        self.start_qdrant()
+        progress(f"kafka: {self.c.brokers} brokers")
+        self.start_kafka()
+        progress("connect")
+        self.start_connect()
+        progress("generator")
+        stack.start_generator()
+        progress(f"embedders: {self.c.embedders}")
+        for i in range(self.c.embedders):
+            self.start_embedder(i)
+        progress(f"retrievers: {self.c.retrievers}")
+        for i in range(self.c.retrievers):
+            self.start_retriever(i)
+
+    def qdrant_node(self, i: int) -> QdrantServer:
+        """Node i (node 0 founds the cluster; the others bootstrap from it)."""
+        http = self.port("qdrant", i)
+        first = f"http://127.0.0.1:{self.port('qdrant', 0) + 2}"
+        return QdrantServer(
+            self.daemon(f"qdrant-{i}"),
+            self.root / f"qdrant-{i}",
+            http,
+            http + 1,
+            p2p_port=http + 2,
+            bootstrap=None if i == 0 else first,
+        )
+
+    def start_qdrant(self) -> None:
+        """Every node, one after the other (each joins the consensus through node 0)."""
+        for i in range(self.c.qdrant_nodes):
+            self.qdrant_node(i).start(timeout=90)
+        url = f"http://127.0.0.1:{self.port('qdrant', 0)}/cluster"
+        wait_until(lambda: self._peers(url) >= self.c.qdrant_nodes, "every Qdrant node to join the cluster", 60)
+
+    @staticmethod
+    def _peers(url: str) -> int:
+        import httpx
+
+        return len(httpx.get(url, timeout=2).json()["result"].get("peers", {}))
+
+    def broker(self, i: int) -> KafkaBroker:
+        """Broker i: node id i+1 of one KRaft quorum."""
+        n = self.c.brokers
+        port = self.port("broker", i)
+        s = self.s.model_copy(
+            update={
+                "data_dir": self.root / f"broker-{i}",
+                "kafka": self.s.kafka.model_copy(
+                    update={"port": port, "controller_port": port + 1, "heap": self.c.broker_heap}
+                ),
+            }
+        )
+        voters = ",".join(f"{j + 1}@127.0.0.1:{self.port('broker', j) + 1}" for j in range(n))
+        rf, isr = str(min(3, n)), str(min(2, n))
+        extra = {
+            "node.id": str(i + 1),
+            "controller.quorum.voters": voters,
+            "default.replication.factor": rf,
+            "min.insync.replicas": isr,
+            "offsets.topic.replication.factor": rf,
+            "transaction.state.log.replication.factor": rf,
+            "transaction.state.log.min.isr": isr,
+            "share.coordinator.state.topic.replication.factor": rf,
+            "share.coordinator.state.topic.min.isr": isr,
+        }
+        return KafkaBroker(s, self.daemon(f"kafka-{i}"), extra=extra)
+
+    def start_kafka(self) -> None:
+        """All brokers at once (a quorum needs a majority before any broker listens), then wait for each."""
+        cluster_id = self._cluster_id()
+        brokers = [self.broker(i) for i in range(self.c.brokers)]
+        for b in brokers:
+            (b.data / "cluster-id").parent.mkdir(parents=True, exist_ok=True)
+            (b.data / "cluster-id").write_text(cluster_id)
+            b.launch()
+        for b in brokers:
+            b.wait(timeout=120)
+
+    def _cluster_id(self) -> str:
+        path = self.root / "kafka-cluster-id"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode())
+        return path.read_text().strip()
+
+    def start_connect(self) -> None:
+        """The Connect worker (distributed mode) and the Debezium connector."""
+        ConnectWorker(self.settings, self.daemon("connect")).start()
+        Stack(self.settings).register_connectors()
+
+    def _start_python(self, kind: str, i: int, command: str) -> Member:
+        s = self.member_settings(kind, i)
+        d = self.daemon(f"{kind}-{i}")
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        env = {
+            **s.to_env(),
+            "RAGTIDE_JSON_LOGS": "true",
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1",  # every process shares the machine's cores: one torch thread each
+            "MALLOC_ARENA_MAX": "2",
+        }
+        d.start([sys.executable, "-m", "ragtide", command], env=env)
+        return Member(kind, d, s.api.port)
+
+    def start_embedder(self, i: int) -> None:
+        """Embedder i, answering /healthz (its consumer may still be joining the group)."""
+        m = self._start_python("embedder", i, "embedder")
+        url = f"http://127.0.0.1:{m.port}/healthz"
+        wait_until(lambda: http_ok(url), f"embedder {i} to serve /healthz", 240, m.daemon)
+
+    def start_retriever(self, i: int) -> None:
+        """Retriever i, answering /healthz."""
+        m = self._start_python("retriever", i, "retriever")
+        url = f"http://127.0.0.1:{m.port}/healthz"
+        wait_until(lambda: http_ok(url), f"retriever {i} to answer", 240, m.daemon)
+
+    def retriever_urls(self) -> list[str]:
+        """The retrievers' base URLs."""
+        return [f"http://127.0.0.1:{self.port('retriever', i)}" for i in range(self.c.retrievers)]
+
+    # --- stop, status --------------------------------------------------------------------------------------
+    def down(self, progress: Callable[[str], None] = lambda _: None) -> None:
+        """Stop every member (retrievers and embedders first, Postgres last); data is kept."""
+        for m in reversed(self.members()):
+            if m.daemon.pid() is not None:
+                progress(m.daemon.name)
+                m.daemon.stop(timeout=60 if m.kind == "embedder" else 30)
+        stack = Stack(self.settings)
+        for name in ("generator", "postgres"):
+            progress(name)
+            stack.daemon(name).stop(timeout=30)
+
+    def status(self) -> dict[str, int | None]:
+        """name -> pid of every member that has a pid file (None: not running)."""
+        return {m.daemon.name: m.daemon.pid() for m in self.members() if m.daemon.pid_file.exists()}
+
+    def memory(self) -> dict[str, tuple[int, int]]:
+        """name -> (resident MiB, budget MiB) of every running member."""
+        out: dict[str, tuple[int, int]] = {}
+        for m in self.members():
+            pid = m.daemon.pid()
+            if pid is not None:
+                out[m.daemon.name] = (_rss_mb(pid), BUDGET_MB[m.kind])
+        return out
+
+
+def _rss_mb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 0
