@@ -1,4 +1,4 @@
-"""Shared test configuration: each test gets the marker of its folder (unit / integration / e2e / faults / scale / gpu)."""
+"""Shared test configuration: each test gets the marker of its folder (unit, integration, e2e, faults, scale, gpu)."""
 
 from __future__ import annotations
 
