@@ -12,7 +12,7 @@ FAULTS ?= 4
 # llama-cpp-python builds llama.cpp from source (a few minutes on 2 cores; pip caches the wheel): the library only.
 LLAMA_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
-.PHONY: help install qdrant up doctor down clean status lint fmt test test-unit test-integration test-e2e test-faults bench-freshness bench-embed bench-serve bench-cache gpu-kit
+.PHONY: help install qdrant up up-cluster doctor down clean status lint fmt test test-unit test-integration test-e2e test-faults test-scale bench-freshness bench-embed bench-serve bench-cache gpu-kit
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-17s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -42,6 +42,9 @@ qdrant: ## build the Qdrant server (v1.16.3) from source once, cached under ~/.c
 
 # Your own database: SOURCE_DSN=postgresql://user@host:5432/db (no local Postgres; `ragtide init` writes SOURCES).
 SOURCE_ENV = $(if $(SOURCE_DSN),RAGTIDE_POSTGRES__DSN='$(SOURCE_DSN)') $(if $(SOURCES),RAGTIDE_SOURCES_FILE='$(SOURCES)')
+
+up-cluster: install ## the production topology on localhost: 3 Qdrant nodes, 3 Kafka brokers, Connect, 2 embedders, 2 retrievers (needs make qdrant)
+	$(BIN)/ragtide up --cluster
 
 up: install ## start Postgres (or use SOURCE_DSN=... after `ragtide doctor` passes), Kafka, Connect+Debezium, the generator and the node; wait until indexed (SUPERVISE=1: restart whatever dies)
 	@$(SOURCE_ENV) $(BIN)/ragtide up $(if $(SUPERVISE),--supervise)
@@ -78,9 +81,13 @@ test-e2e: install ## end-to-end tests on the whole real stack (started on free p
 test-faults: install ## fault suite: FAULTS random SIGKILLs under load (default 4; FAULTS>=20 writes bench/results/faults-*.json)
 	RAGTIDE_FAULTS=$(FAULTS) $(BIN)/pytest -m faults -s $(PYTEST_ARGS)
 
-test: install lint ## lint, then every test: unit, integration, e2e, and the fault suite's short form (its own stack)
-	$(BIN)/pytest -m "not faults" $(PYTEST_ARGS)
+test-scale: install ## scale suite on `ragtide up --cluster` (3 Qdrant nodes, 3 brokers, several embedders): rebalances, node losses, a rebuild whose leader dies (needs make qdrant)
+	$(BIN)/pytest -m scale -s $(PYTEST_ARGS)
+
+test: install lint ## lint, then every test: unit, integration, e2e, the fault suite's short form and the scale suite (each on its own stack)
+	$(BIN)/pytest -m "not faults and not scale" $(PYTEST_ARGS)
 	RAGTIDE_FAULTS=$(FAULTS) $(BIN)/pytest -m faults $(PYTEST_ARGS) || test $$? -eq 5  # 5: PYTEST_ARGS chose no fault test
+	$(BIN)/pytest -m scale -s $(PYTEST_ARGS) || test $$? -eq 5
 
 bench-freshness: install ## freshness benchmark against the running stack (make up first): 5 and 50 changes/s side by side
 	$(BIN)/pip install -q -c constraints.txt -e '.[bench]'
