@@ -729,6 +729,28 @@ def bench_embed(
     console.print(f"result: {embed.save(result, out)}")
 
 
+@bench_app.command("query-wait")
+def bench_query_wait(
+    n: Annotated[int, typer.Option("--n", help="queries timed per contender")] = 40,
+    batch: Annotated[int, typer.Option(help="texts per backfill batch (the embedder's default on a CPU)")] = 256,
+) -> None:
+    """A query's embedding latency during a backfill: sharing the writer's engine (one lock: it waits for whole
+    batches) against an engine of its own, side by side (needs no running stack)."""
+    from ragtide.bench import embed
+    from ragtide.contracts.machine import cpu_info
+    from ragtide.embedder.engine import EmbeddingEngine
+
+    model = embed.default_model_dir()
+    texts = embed.corpus(EmbeddingEngine(model, "cpu").tokenizer, 4 * batch)
+    queries = [f"how do I {w} a file" for w in ("open", "read", "close", "lock", "copy", "move", "delete", "rename")]
+    result = embed.query_wait(lambda: EmbeddingEngine(model, "cpu"), texts, (queries * n)[:n], batch)
+    table = Table("query embedding during a backfill", "p50 ms", "p95 ms", "max ms")
+    for name, r in result.items():
+        table.add_row(name, str(r["p50_ms"]), str(r["p95_ms"]), str(r["max_ms"]))
+    console.print(table)
+    console.print(f"machine: {cpu_info()}")
+
+
 @app.command("export-model")
 def export_model(
     out: Annotated[Path, typer.Option(help="folder to write")] = Path(".cache/models/all-MiniLM-L6-v2-fp16"),

@@ -123,17 +123,28 @@ def open_catalog(settings: RagtideSettings) -> Catalog:
 
 
 def open_generations(
-    settings: RagtideSettings, encoder: Encoder, sources: SourcesConfig, registry: CollectorRegistry
+    settings: RagtideSettings,
+    encoder: Encoder,
+    sources: SourcesConfig,
+    registry: CollectorRegistry,
+    query_encoder: Encoder | None = None,
 ) -> Generations:
     """The generations as the catalog names them, followed (nothing written): the process leads only once it holds
-    the lease (`build_lifecycle`), and then converges them on the configuration."""
+    the lease (`build_lifecycle`), and then converges them on the configuration. `query_encoder`: search's own
+    instance of the configured model (the node's), used for the generations of that model."""
     base = settings.index.collection
+
+    def for_queries(gen: Generation) -> Encoder:
+        same = query_encoder is not None and query_encoder.model_name == gen.spec.model
+        return query_encoder if same and query_encoder is not None else gen.encoder
+
     gens = Generations(
         open_catalog(settings),
         generation_factory(settings, encoder, sources, PostgresTruncateLog(settings.postgres.state())),
         registry,
         drop_collection=lambda spec: open_index(settings, spec.collection(base)).drop(),
         grace_s=settings.index.retire_grace_s,
+        query_encoder=for_queries,
     )
     gens.leading = False
     gens.follow(desired_generation(settings, encoder))
@@ -214,9 +225,12 @@ def create_node_app(settings: RagtideSettings) -> FastAPI:
 
     sources = sources_of(settings)
     encoder = build_encoder(settings)
+    # Search embeds with an engine of its own: the writer's runs a whole batch (256 events on a CPU, 4,096 on
+    # CUDA) under its lock, and a query queued behind it waited for all of it.
+    queries = build_encoder(settings)
     registry = CollectorRegistry()
     tracker = FreshnessTracker(registry)
-    generations = open_generations(settings, encoder, sources, registry)
+    generations = open_generations(settings, encoder, sources, registry, queries)
     cache = build_cache(settings, registry, encoder.dim)
     worker, watchdog = build_embedder(settings, generations, sources, registry, tracker, cache)
     lease = LocalLease({}, "node", settings.api.url)  # the node is the only writer of its embedded index

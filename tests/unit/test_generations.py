@@ -313,3 +313,16 @@ def test_only_snapshot_reads_count_as_build_progress() -> None:
     assert gens.build_batches == 0
     gens.apply([ev(11, 2, TEXT, Op.READ)])
     assert gens.build_batches == 1
+
+
+def test_search_embeds_with_its_own_encoder_of_the_live_model() -> None:
+    store = Store()
+    own = HashEncoder()
+    gens = Generations(
+        Catalog(store.index("chunks-catalog")),
+        store.factory,
+        query_encoder=lambda gen: own if gen.spec.model == own.model_name else gen.encoder,
+    )
+    gens.converge(spec())
+    index, encoder = gens.current()
+    assert encoder is own and encoder is not gens.live.encoder and index is gens.live.index

@@ -358,3 +358,42 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def query_wait(
+    make_engine: Callable[[], EmbeddingEngine], texts: Sequence[str], queries: Sequence[str], batch: int = 256
+) -> dict[str, dict[str, float]]:
+    """A query's embedding latency while batches of `batch` texts are embedded without pause (a backfill), when
+    the query shares the batches' engine and when it has an engine of its own (what the node does). Milliseconds,
+    p50 / p95 / max, side by side in one run."""
+    import threading
+
+    shared = make_engine()
+    results: dict[str, dict[str, float]] = {}
+    for name, query_engine in (("shared engine (before)", shared), ("own engine (now)", make_engine())):
+        stop = threading.Event()
+
+        def backfill(stop: threading.Event = stop) -> None:
+            i = 0
+            while not stop.is_set():
+                shared.encode(list(texts[i : i + batch]) or list(texts[:batch]))
+                i = (i + batch) % max(1, len(texts) - batch)
+
+        worker = threading.Thread(target=backfill, daemon=True)
+        worker.start()
+        time.sleep(0.5)  # the first batch is running
+        took: list[float] = []
+        for q in queries:
+            t0 = time.perf_counter()
+            query_engine.encode([q])
+            took.append((time.perf_counter() - t0) * 1000)
+            time.sleep(0.05)
+        stop.set()
+        worker.join()
+        took.sort()
+        results[name] = {
+            "p50_ms": round(took[len(took) // 2], 1),
+            "p95_ms": round(took[int(len(took) * 0.95) - 1], 1),
+            "max_ms": round(took[-1], 1),
+        }
+    return results

@@ -185,8 +185,12 @@ class Generations:
         registry: CollectorRegistry | None = None,
         drop_collection: Callable[[GenerationSpec], None] | None = None,
         grace_s: float = 30.0,
+        query_encoder: Callable[[Generation], Encoder] | None = None,
     ) -> None:
+        """`query_encoder`: the encoder search embeds queries with for a generation (default: its writer's; the
+        node gives search an engine of its own, so that a query never waits behind a batch's forward passes)."""
         self.catalog = catalog
+        self.query_encoder = query_encoder or (lambda gen: gen.encoder)
         self.factory = factory
         # Dropping a collection must not load its model (it may be gone): the node passes a plain index opener.
         self.drop_collection = drop_collection or (lambda spec: self.factory(spec).index.drop())
@@ -217,9 +221,9 @@ class Generations:
         return self._live
 
     def current(self) -> tuple[VectorIndex, Encoder]:
-        """The live collection and the encoder its vectors came from, read together."""
+        """The live collection and the encoder its vectors came from (search's own instance), read together."""
         g = self.live
-        return g.index, g.encoder
+        return g.index, self.query_encoder(g)
 
     def converge(self, desired: GenerationSpec) -> bool:
         """The leader's start: open the live generation and, when the configuration asks for other vectors, start
