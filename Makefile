@@ -12,7 +12,7 @@ FAULTS ?= 4
 # llama-cpp-python builds llama.cpp from source (a few minutes on 2 cores; pip caches the wheel): the library only.
 LLAMA_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
-.PHONY: help install qdrant up up-cluster doctor down clean status lint fmt test test-unit test-integration test-e2e test-faults test-scale bench-freshness bench-embed bench-serve bench-cache gpu-kit
+.PHONY: help install qdrant up up-cluster doctor down clean status lint fmt test test-unit test-integration test-e2e test-faults test-scale bench-freshness bench-embed bench-serve bench-cache bench-scale bench-query-wait gpu-kit
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-17s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -98,6 +98,13 @@ bench-serve: install ## serving benchmark against the running stack: search with
 
 bench-cache: install ## answer-cache benchmark against the running stack: hit rate, wrong and stale hits, hit vs miss latency
 	$(BIN)/ragtide bench cache
+
+bench-scale: install ## scale-out benchmark on its own cluster: backfill rows/s with 1, 2, 4 embedders (model and random vectors), freshness at 50 changes/s during it
+	$(BIN)/pip install -q -c constraints.txt -e '.[bench]'
+	$(BIN)/ragtide bench scale
+
+bench-query-wait: install ## query embedding latency during a backfill: the writer's engine shared vs the node's own, side by side
+	$(BIN)/ragtide bench query-wait
 
 bench-embed: install ## embedding benchmark (no stack needed): naive sentence-transformers vs the engine, side by side
 	$(BIN)/ragtide bench embed --device auto

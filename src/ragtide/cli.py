@@ -274,7 +274,6 @@ def resync(
     """Recover from a replication slot that Postgres invalidated: drop it, re-snapshot the database's tables into a
     new one through Debezium, wait for the embedder, then verify --repair and verify (exit 1 unless 0 drift)."""
     from ragtide.embedder.liveness import consumed, end_offsets
-    from ragtide.embedder.worker import EMBEDDER_GROUP
     from ragtide.ingest.connector import source_topics
     from ragtide.ingest.resync import resync_source
     from ragtide.ingest.slot import read_slot
@@ -300,7 +299,7 @@ def resync(
         resync_source(db.settings, lambda step: console.print(f"… {prefix}{step}"), timeout)  # noqa: B023
     targets = asyncio.run(end_offsets(s.kafka, source_topics(s, sources_of(s))))
     console.print("… waiting for the embedder to consume the snapshot")
-    wait_until(lambda: asyncio.run(consumed(s.kafka, EMBEDDER_GROUP, targets)), "the embedder", timeout)
+    wait_until(lambda: asyncio.run(consumed(s.kafka, s.kafka.group, targets)), "the embedder", timeout)
     repaired = _post(s, "/v1/admin/verify", {"repair": True}, timeout=900, exit_code=2)
     console.print(f"… verify --repair: {sum(t['repaired'] for t in repaired['tables'])} rows repaired")
     body = _post(s, "/v1/admin/verify", {"repair": False}, timeout=900, exit_code=2)
@@ -727,6 +726,30 @@ def bench_embed(
     )
     print(embed.render(result))
     console.print(f"result: {embed.save(result, out)}")
+
+
+@bench_app.command("scale")
+def bench_scale(
+    rows: Annotated[
+        int, typer.Option(help="rows the write path backfills (random unit vectors instead of the model)")
+    ] = 50_000,
+    model_rows: Annotated[
+        int, typer.Option(help="rows the real model backfills (it embeds ~20 rows/s on 2 cores)")
+    ] = 2_000,
+    embedders: Annotated[list[int] | None, typer.Option("--embedders", help="embedder processes per run")] = None,
+    rate: Annotated[
+        float, typer.Option(help="changes/s written (and probed for freshness) during each backfill")
+    ] = 50.0,
+    out: Annotated[Path, typer.Option(help="folder for the JSON and PNG")] = Path("bench/results"),
+) -> None:
+    """Backfill throughput of 1, 2 and 4 embedder processes against a 3-node Qdrant cluster (its own `up
+    --cluster`, stopped at the end), with the real model and with random unit vectors (the write path alone), and
+    freshness at `rate` changes/s during each backfill; side by side."""
+    from ragtide.bench import scale
+
+    report, path, png = scale.run(rows, model_rows, embedders or [1, 2, 4], rate, out, log=console.print)
+    print(report.table())
+    console.print(f"machine: {report.machine}\nresult: {path}" + (f", {png}" if png else ""))
 
 
 @bench_app.command("query-wait")

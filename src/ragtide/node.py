@@ -26,7 +26,7 @@ from ragtide.contracts.freshness import FreshnessTracker
 from ragtide.contracts.logging import BackgroundFailures
 from ragtide.contracts.settings import RagtideSettings
 from ragtide.embedder.chunking import Chunker
-from ragtide.embedder.encoder import Encoder, SentenceTransformerEncoder, default_model_path
+from ragtide.embedder.encoder import Encoder, RandomUnitEncoder, SentenceTransformerEncoder, default_model_path
 from ragtide.embedder.generations import (
     BuildWatcher,
     Catalog,
@@ -64,6 +64,8 @@ def build_encoder(settings: RagtideSettings, model_path: Path | None = None) -> 
     path = model_path or e.model_path
     if e.backend == "sentence-transformers":
         return SentenceTransformerEncoder(path, e.device, e.batch_size)
+    if e.backend == "random-unit":
+        return RandomUnitEncoder(path)
     from ragtide.embedder.engine import EmbeddingEngine
 
     engine = EmbeddingEngine(path or default_model_path(), e.device, e.dtype, e.token_budget, tokenizer=e.tokenizer)

@@ -31,7 +31,6 @@ from ragtide.bench.scale import read_ack_logs, reprocessed
 from ragtide.embedder.dlq import list_dead_letters
 from ragtide.embedder.lease import PostgresLease
 from ragtide.embedder.liveness import consumed, end_offsets
-from ragtide.embedder.worker import EMBEDDER_GROUP
 from ragtide.ingest.connector import source_topics
 from ragtide.ingest.sources import sources_of
 from ragtide.stack.cluster import Cluster
@@ -108,7 +107,7 @@ def exact(c: Cluster, load: WriteLoad) -> dict[str, Any]:
 
     wait_until(shipped, "Debezium to ship the last changes", 120)
     targets = settled[-1]
-    wait_until(lambda: asyncio.run(consumed(s.kafka, EMBEDDER_GROUP, targets)), "the group to catch up", 600)
+    wait_until(lambda: asyncio.run(consumed(s.kafka, s.kafka.group, targets)), "the group to catch up", 600)
     found = audit(c.retriever_urls()[0], s.postgres.dsn(), load.ever)
     drift = admin(c, "POST", "verify", {"table": SOURCE["table"]})["drift"]
     dead = len(asyncio.run(list_dead_letters(s.kafka, s.dlq_topic)))

