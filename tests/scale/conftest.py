@@ -1,7 +1,7 @@
 """The scale suite's cluster: `ragtide up --cluster` on free ports and a temporary data folder (3 Qdrant nodes,
-3 KRaft brokers, Connect, 1 embedder to begin with, 2 retrievers), the fault suite's table among the sources, the
-embedders' ack logs on; started once for the suite, stopped by pid at the end. Skipped where no Qdrant binary was
-built (`.ci/run` says so loudly)."""
+3 KRaft brokers, Connect, the local generator, 1 embedder to begin with, 2 retrievers sharing an answer cache of
+3 entries), the fault suite's table among the sources, the embedders' ack logs on; started once for the suite,
+stopped by pid at the end. Skipped where no Qdrant binary was built (`.ci/run` says so loudly)."""
 
 from __future__ import annotations
 
@@ -38,11 +38,11 @@ def cluster() -> Iterator[Cluster]:
     settings = own_stack_settings(
         "ragtide-scale-",
         [SOURCE],
-        generator={"local": False},
         cluster={"base_port": free_range(), "embedders": 1, "retrievers": 2, "ack_logs": True},
         kafka={"session_timeout_s": 10},
         index={"retire_grace_s": 5},
         canary={"enabled": False},
+        cache={"max_entries": 3},
     )
     c = Cluster(settings)
     try:

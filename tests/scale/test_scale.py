@@ -2,7 +2,8 @@
 embedders added, SIGKILLed and stopped; a Qdrant node SIGKILLed; a Kafka broker SIGKILLed; a blue/green rebuild
 whose leading embedder is SIGKILLed mid-build. After each: the consumer group has caught up with every record,
 then Postgres against search row by row (0 lost, 0 stale, 0 ghosts), `verify` through a retriever (0 drift, the
-leader answers it), an empty dead-letter topic.
+leader answers it), an empty dead-letter topic. And two retrievers share one answer cache: a hit on one for an
+answer the other stored, never a hit once a cited row changed, and one size bound over both.
 
 The rebalance test also counts, from the embedders' ack logs, the records applied twice in each step (goal: at most
 one batch per moved partition), and so shows whether faust-streaming's known rebalance failures happen here:
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import httpx
+import psycopg
 
 from ragtide.bench.faults import SOURCE, WriteLoad, audit
 from ragtide.bench.scale import read_ack_logs, reprocessed
@@ -218,3 +220,51 @@ def test_a_rebuild_survives_its_leader_dying(cluster: Cluster) -> None:
 
     wait_until(old_dropped, f"the retired generation {old} to be dropped after its grace period", 120)
     exact(c, load)
+
+
+def ask(url: str, question: str) -> dict[str, Any]:
+    resp = httpx.post(f"{url}/v1/answer", json={"query": question, "k": 2, "max_tokens": 16}, timeout=180)
+    assert resp.status_code == 200, resp.text
+    out: dict[str, Any] = resp.json()
+    return out
+
+
+def test_two_retrievers_share_the_cache_and_never_serve_an_answer_whose_row_changed(cluster: Cluster) -> None:
+    c = cluster
+    a, b = c.retriever_urls()[:2]
+    dsn = c.settings.postgres.dsn()
+    row = 900_001
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO public.faults (id, rid, body, label) VALUES (%s, %s, %s, 'cache')",
+            (row, row, "The zq harbour master rings the copper bell at dawn."),
+        )
+
+    def searchable(url: str, words: str) -> bool:
+        body = {"query": "harbour master", "k": 1, "filter": {"rid": row}}
+        hits = httpx.post(f"{url}/v1/search", json=body, timeout=10).json()["hits"]
+        return bool(hits and words in hits[0]["text"])
+
+    wait_until(lambda: searchable(b, "copper bell"), "the row to be searchable", 120)
+    question = "What does the zq harbour master ring at dawn?"
+    first = ask(a, question)
+    assert first["cache"]["hit"] is False and any(x["row_id"] == str(row) for x in first["citations"])
+    again = ask(b, question)  # stored by a, found by b
+    assert again["cache"]["hit"] is True and again["answer"] == first["answer"]
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE public.faults SET body = %s WHERE id = %s", ("The zq harbour master fires a brass cannon.", row)
+        )
+    wait_until(lambda: searchable(a, "brass cannon") and searchable(b, "brass cannon"), "the update", 120)
+    for url in (b, a):  # neither serves the answer built on the old text
+        after = ask(url, question)
+        assert after["cache"]["hit"] is False, url
+        assert any("brass cannon" in x["text"] for x in after["citations"] if x["row_id"] == str(row))
+
+    for n in range(4):  # more distinct questions than cache.max_entries, half through each retriever
+        ask((a, b)[n % 2], f"Question {n}: what is row {n} about?")
+    node = f"http://127.0.0.1:{c.port('qdrant', 1)}"
+    cache = f"{c.settings.index.collection}-cache"
+    count = httpx.post(f"{node}/collections/{cache}/points/count", json={"exact": True}, timeout=10).json()
+    assert count["result"]["count"] <= c.settings.cache.max_entries
