@@ -258,6 +258,8 @@ async def start_at_end(kafka: Any, group: str, topics: Sequence[str]) -> None:
     from ragtide.embedder.liveness import end_offsets
 
     ends = await end_offsets(kafka, topics)
+    if not ends:  # no such topic yet: nothing to skip
+        return
     consumer = AIOKafkaConsumer(**kafka.client_config(), group_id=group, enable_auto_commit=False)
     await consumer.start()
     try:

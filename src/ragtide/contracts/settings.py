@@ -359,8 +359,8 @@ class ApiSettings(_Section):
     advertise_url: str | None = Field(
         None,
         description="where other processes reach this one (an embedder that leads advertises it to the "
-        "retrievers, which forward /v1/admin to it); default: http://host:port, or the machine's name when host "
-        "is 0.0.0.0",
+        "retrievers, which forward /v1/admin to it); default: http://host:port, or this machine's address (a "
+        "container's or pod's IP) when host is 0.0.0.0",
     )
 
     @property
@@ -376,7 +376,7 @@ class ApiSettings(_Section):
         if self.host in ("0.0.0.0", "::"):
             import socket
 
-            return f"http://{socket.getfqdn()}:{self.port}"
+            return f"http://{socket.gethostbyname(socket.gethostname())}:{self.port}"
         return self.url
 
 
