@@ -360,10 +360,12 @@ def wiring_problems(doc: Compose, settings: RagtideSettings, service: str) -> li
     pg = settings.postgres
     if (pg.host, pg.port) != ("postgres", 5432):
         problems.append(f"{service}: postgres at {pg.host}:{pg.port}, not postgres:5432")
-    url = urlsplit(settings.qdrant_url or "")
-    if (url.hostname, url.port) != ("qdrant", 6333):
-        problems.append(f"{service}: QDRANT_URL {settings.qdrant_url!r} is not the qdrant service")
-    for host in (settings.postgres.host, settings.kafka.host, settings.connect.host, url.hostname):
+    urls = [urlsplit(u) for u in (settings.qdrant_url or "").split(",")]
+    nodes = sorted(name for name in services if name == "qdrant" or name.startswith("qdrant-"))
+    if sorted(u.hostname or "" for u in urls) != nodes or any(u.port != 6333 for u in urls):
+        problems.append(f"{service}: QDRANT_URL {settings.qdrant_url!r} is not every Qdrant node on 6333 ({nodes})")
+    hosts = [settings.postgres.host, settings.kafka.host, settings.connect.host, *(u.hostname for u in urls)]
+    for host in hosts:
         if host not in services:
             problems.append(f"{service}: {host} is not a service")
     return problems
@@ -397,8 +399,17 @@ def set_key(service: str, **values: object) -> Callable[[Compose], object]:
 
 
 def test_the_topology_is_complete(compose: Compose) -> None:
-    expected = {"postgres", "kafka", "connect", "connector-init", "qdrant", "embedder", "retriever", "vllm"}
+    nodes = ["qdrant", "qdrant-2", "qdrant-3"]
+    expected = {"postgres", "kafka", "connect", "connector-init", *nodes, "embedder", "retriever", "vllm"}
     assert set(compose["services"]) == expected
+    # A Qdrant cluster as `ragtide up --cluster` runs it: node 1 founds it, the others bootstrap from it.
+    for i, name in enumerate(nodes):
+        svc = compose["services"][name]
+        assert svc["image"] == compose["services"]["qdrant"]["image"]
+        assert svc["environment"]["QDRANT__CLUSTER__ENABLED"] == "true"
+        bootstrap = [] if i == 0 else ["--bootstrap", "http://qdrant:6335"]
+        assert command_words(svc) == ["./entrypoint.sh", *bootstrap, "--uri", f"http://{name}:6335"]
+    assert compose["services"]["embedder"]["deploy"]["replicas"] >= 2
     image = compose["services"]["retriever"]["image"]
     for name in PROJECT_SERVICES:
         svc = compose["services"][name]

@@ -55,7 +55,7 @@ WORKLOADS = ("Deployment", "StatefulSet", "Job")
 # What may differ from docker-compose.yml's environment for the same service, and why.
 K8S_ONLY_ENV = {
     "RAGTIDE_SOURCES_FILE",  # mounted from the ConfigMap ragtide-sources, not baked into the image
-    "RAGTIDE_KAFKA__PARTITIONS",  # spelled out: the embedder's replicas are bounded by it
+    "QDRANT_URL",  # the qdrant Service spreads over the nodes and drops one that is not ready; compose lists them
 }
 
 Obj = dict[str, Any]
@@ -343,6 +343,12 @@ def scale_problems(objs: list[Obj]) -> list[str]:
     partitions = int(container_env(objs, container(embedder))["RAGTIDE_KAFKA__PARTITIONS"])
     if embedder["spec"]["replicas"] > partitions:
         problems.append(f"embedder: {embedder['spec']['replicas']} replicas, {partitions} partitions")
+    qdrant = find(objs, "StatefulSet", "qdrant")
+    copies = int(container_env(objs, container(embedder)).get("RAGTIDE_INDEX__REPLICATION_FACTOR", "1"))
+    if qdrant["spec"]["replicas"] < max(3, copies + 1):
+        problems.append(f"qdrant: {qdrant['spec']['replicas']} nodes cannot keep {copies} copies through a node loss")
+    if container_env(objs, container(qdrant)).get("QDRANT__CLUSTER__ENABLED") != "true":
+        problems.append("qdrant: the nodes must run in distributed mode (QDRANT__CLUSTER__ENABLED)")
     if embedder["spec"].get("strategy", {}).get("type") != "Recreate":
         problems.append("embedder: a rolling update runs two configurations at once; use Recreate")
     labels = find(objs, "Deployment", "retriever")["spec"]["template"]["metadata"]["labels"]
@@ -507,7 +513,9 @@ def test_probes_ask_real_routes(base: list[Obj]) -> None:
 
 
 def test_scale_out_follows_kafka(base: list[Obj]) -> None:
-    assert scale_problems(mutated(base, edit("Deployment", "embedder", lambda d: d["spec"].update(replicas=2))))
+    assert scale_problems(mutated(base, edit("Deployment", "embedder", lambda d: d["spec"].update(replicas=7))))
+    one_node = mutated(base, edit("StatefulSet", "qdrant", lambda d: d["spec"].update(replicas=1)))
+    assert any("qdrant: 1 nodes" in p for p in scale_problems(one_node))
     rolling = mutated(base, edit("Deployment", "embedder", lambda d: d["spec"].pop("strategy")))
     assert any("Recreate" in p for p in scale_problems(rolling))
     one = mutated(base, edit("HorizontalPodAutoscaler", "retriever", lambda d: d["spec"].update(minReplicas=1)))
