@@ -11,7 +11,7 @@ docker-compose and Kubernetes run.
 - Retrievers: `cluster.retrievers` `ragtide retriever` processes; the first answers on `api.port`.
 
 Memory budgets (`cluster.*_heap`, and one torch thread per Python process: 2 cores are shared by all) keep the
-whole topology at about 6 GB; `Cluster.memory()` reports each process' resident size against its budget.
+whole topology near 7 GB; `Cluster.memory()` reports each process' resident size against its budget.
 """
 
 from __future__ import annotations
