@@ -199,18 +199,19 @@ async def build_lifecycle(
     )
 
     async def become() -> None:
-        snapshot = await asyncio.to_thread(generations.converge, desired)
         generations.leading = True
+        try:
+            snapshot = await asyncio.to_thread(generations.converge, desired)
+        except BaseException:
+            generations.resign()
+            raise
         if snapshot:  # a read-only source database is left out: the stall repair reads its rows instead
             try:
                 await asyncio.to_thread(signal_snapshots, settings, sources, sources.user_tables)
             except Exception as exc:  # the watcher's stall repair fills the build from Postgres instead
                 log.warning("could not signal the incremental snapshot", extra={"error": repr(exc)})
 
-    def resign() -> None:
-        generations.leading = False
-
-    leadership = Leadership(lease, become, [watcher.run, monitor.run], resign, settings.index.lease_renew_s)
+    leadership = Leadership(lease, become, [watcher.run, monitor.run], generations.resign, settings.index.lease_renew_s)
     await leadership.step()  # a sole or first embedder leads before its first batch
     task = asyncio.create_task(leadership.run())
     try:

@@ -45,7 +45,7 @@ def kit(request: pytest.FixtureRequest) -> Iterator[Kit]:
             assert isinstance(lease, PostgresLease) and lease._conn is not None
             backend = lease._conn.info.backend_pid
             with psycopg.connect(dsn, autocommit=True) as admin:
-                admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+                admin.execute("SELECT pg_terminate_backend(%s, 5000)", (backend,))  # waits until it has gone
 
         yield Kit(make, kill)
     else:

@@ -326,3 +326,42 @@ def test_search_embeds_with_its_own_encoder_of_the_live_model() -> None:
     gens.converge(spec())
     index, encoder = gens.current()
     assert encoder is own and encoder is not gens.live.encoder and index is gens.live.index
+
+
+def test_a_follower_that_missed_a_switch_takes_over_without_dropping_the_live_generation() -> None:
+    """The follower saw the build, never a batch after the switch; the leader goes; the follower leads from the
+    catalog, not from its memory: the live generation is the switched one, nothing is being built, and the reaper
+    never drops it."""
+    store = Store()
+    leader = store.generations()
+    leader.converge(spec())
+    assert leader.converge(spec(max_tokens=12)) is True
+    follower = store.generations()
+    follower.leading = False
+    follower.follow(spec(max_tokens=12))
+    assert follower.building is not None
+    leader.apply([ev(10, 1, TEXT, Op.CREATE)])
+    new = leader.promote()
+    assert leader.reap(now=time.monotonic() + leader.grace_s) == 1
+    leader.resign()
+
+    follower.leading = True
+    assert follower.converge(spec(max_tokens=12)) is False
+    assert follower.live.spec.fingerprint == new.fingerprint and follower.building is None
+    assert follower.reap(now=time.monotonic() + follower.grace_s) == 0
+    assert set(rows_of(store.index(new.collection("chunks")))) == {"1"}
+    with pytest.raises(RuntimeError, match="no generation is being built"):
+        follower.promote()
+
+
+def test_a_process_that_resigned_switches_and_drops_nothing() -> None:
+    store = Store()
+    gens = store.generations()
+    gens.converge(spec())
+    gens.converge(spec(max_tokens=12))
+    gens.resign()  # the lease was lost while a check ran in a thread
+    with pytest.raises(RuntimeError, match="does not lead"):
+        gens.promote()
+    with pytest.raises(RuntimeError, match="does not lead"):
+        gens.rebuild()
+    assert Catalog(store.index("chunks-catalog")).read().live == spec()

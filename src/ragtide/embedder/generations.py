@@ -234,11 +234,13 @@ class Generations:
         state = self.catalog.read()
         with self._lock:
             if state.live is None:
-                self._live = self._reuse(desired)
+                self._adopt(desired, None)
                 self.catalog.write(CatalogState(live=desired))
                 return False
             live, building = state.live, state.building
-            self._live = self._reuse(live)
+            # What this process had open as a follower may be older than the catalog (a switch it never saw):
+            # the catalog's live generation and build, and nothing else, from here on.
+            self._adopt(live, building)
             known = {spec.fingerprint for _, _, spec in self._retired}
             now = time.monotonic()  # a retriever may still read them for a moment: the grace period applies
             self._retired += [(now, None, spec) for spec in state.retired if spec.fingerprint not in known]
@@ -262,22 +264,27 @@ class Generations:
             live = state.live or (self._live.spec if self._live is not None else desired)
             if live is None:
                 raise RuntimeError("the catalog is empty and no generation was asked for")
-            before = (self._fingerprint(self._live), self._fingerprint(self.building))
-            opened = [g for g in (self._live, self.building) if g is not None]
-            self._live = self._reuse(live)
-            self.building = self._reuse(state.building) if state.building is not None else None
-            if self.building is None:
-                self.progress = None
-                self._building.set(0)
-            kept = {id(self._live), id(self.building)}
-            for gen in opened:
-                if id(gen) not in kept:
-                    gen.index.close()  # the leader drops it; this process will not write it again
-            changed = before != (self._fingerprint(self._live), self._fingerprint(self.building))
+            changed = self._adopt(live, state.building)
         if changed:
             building = state.building.fingerprint if state.building else None
             log.info("following the catalog", extra={"live": live.fingerprint, "building": building})
         return changed
+
+    def _adopt(self, live: GenerationSpec, building: GenerationSpec | None) -> bool:
+        """Open `live` and `building` (reusing what is open), close whatever else was open; True on a change.
+        Called under the lock."""
+        before = (self._fingerprint(self._live), self._fingerprint(self.building))
+        opened = [g for g in (self._live, self.building) if g is not None]
+        self._live = self._reuse(live)
+        self.building = self._reuse(building) if building is not None else None
+        if self.building is None:
+            self.progress = None
+            self._building.set(0)
+        kept = {id(self._live), id(self.building)}
+        for gen in opened:
+            if id(gen) not in kept:
+                gen.index.close()  # the leader drops it; this process will not write it again
+        return before != (self._fingerprint(self._live), self._fingerprint(self.building))
 
     @staticmethod
     def _fingerprint(gen: Generation | None) -> str | None:
@@ -290,12 +297,25 @@ class Generations:
                 return gen
         return self._open(spec)
 
+    def _must_lead(self, what: str) -> None:
+        """Only the leader changes the catalog: a process that lost the lease while a check ran in a thread must
+        not switch or drop anything afterwards (called under the lock, which `resign` takes)."""
+        if not self.leading:
+            raise RuntimeError(f"this process does not lead the generations: it may not {what}")
+
+    def resign(self) -> None:
+        """Stop leading: once this returns, no switch, build start or drop of this process is in progress or
+        can follow (the next holder of the lease may act)."""
+        with self._lock:
+            self.leading = False
+
     def _publish(self, live: GenerationSpec | None = None) -> None:
         """Write the catalog: the live generation (or `live`, before switching to it), the build, the retired."""
         building = self.building.spec if self.building is not None else None
         live = live or self.live.spec
         retired = tuple(spec for _, _, spec in self._retired if spec.fingerprint != live.fingerprint)
-        self.catalog.write(CatalogState(live=live, building=None if building == live else building, retired=retired))
+        same = building is not None and building.fingerprint == live.fingerprint
+        self.catalog.write(CatalogState(live=live, building=None if same else building, retired=retired))
 
     def _drop_building(self, spec: GenerationSpec) -> None:
         if self.building is not None and self.building.spec.fingerprint == spec.fingerprint:
@@ -306,6 +326,7 @@ class Generations:
     def rebuild(self) -> GenerationSpec:
         """Build a fresh copy of the live generation (same model and chunking, next revision): `ragtide reindex`."""
         with self._lock:
+            self._must_lead("start a build")
             if self.building is None:
                 self._start(replace(self.live.spec, revision=self.live.spec.revision + 1))
             assert self.building is not None
@@ -372,10 +393,13 @@ class Generations:
     def promote(self) -> GenerationSpec:
         """Make the generation being built live, then drop the old collection."""
         with self._lock:
+            self._must_lead("switch generations")
             new = self.building
             if new is None:
                 raise RuntimeError("no generation is being built")
             old = self.live
+            if new.spec.fingerprint == old.spec.fingerprint:
+                raise RuntimeError(f"generation {new.spec.fingerprint} is already live")
             self._retired.append((time.monotonic(), old, old.spec))
             try:  # the alias first: if that write fails, nothing has switched and the watcher tries again
                 self._publish(live=new.spec)
@@ -395,7 +419,10 @@ class Generations:
         if not due:
             return 0
         with self._lock:
+            self._must_lead("drop retired generations")
+            in_use = {self._fingerprint(self._live), self._fingerprint(self.building)}
             self._retired = [r for r in self._retired if r not in due]
+            due = [r for r in due if r[2].fingerprint not in in_use]  # never the live one, nor the build
             self._publish()
         for _, gen, spec in due:
             if gen is not None:

@@ -90,7 +90,9 @@ class PostgresLease:
             keepalives_idle=5,
             keepalives_interval=2,
             keepalives_count=2,
-            options="-c statement_timeout=10000 -c idle_session_timeout=0",
+            # the server notices a dead or partitioned leader in seconds too, and ends its session (and lock)
+            options="-c statement_timeout=10000 -c idle_session_timeout=0 -c tcp_keepalives_idle=5 "
+            "-c tcp_keepalives_interval=2 -c tcp_keepalives_count=2",
         )
         for statement in DDL:
             conn.execute(statement)
@@ -201,7 +203,7 @@ class Leadership:
         elif not held and self.leading:
             log.warning("this embedder no longer leads; following the catalog")
             await self._stop()
-            self.resign()
+            await asyncio.to_thread(self.resign)
         return self.leading
 
     async def run(self) -> None:
@@ -214,7 +216,10 @@ class Leadership:
                     log.error("taking the lead failed; retrying", extra={"error": repr(exc)})
                 await asyncio.sleep(self.every_s)
         finally:
+            was = self.leading
             await self._stop()
+            if was:
+                await asyncio.to_thread(self.resign)  # waits out a switch in progress before the lease goes
             await asyncio.to_thread(self.lease.release)
 
     async def _stop(self) -> None:

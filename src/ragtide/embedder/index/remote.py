@@ -84,10 +84,25 @@ class _Serialized:
         return locked
 
 
+# Calls that change the store: passed to another node only when the first was never reached (a connection that
+# was refused or never made). A write that timed out may still be applied there, later than the next write that
+# another node took: sent elsewhere, it could land out of order (an older version over a newer one, a deleted row
+# back). It goes back to the worker's batch retry instead, on the same node first.
+_WRITES = frozenset(
+    {"upsert", "set_payload", "overwrite_payload", "delete", "delete_vectors", "update_vectors", "batch_update_points"}
+)
+
+
+def _never_reached(exc: StoreUnavailable) -> bool:
+    cause = exc.__cause__
+    source = cause.source if isinstance(cause, ResponseHandlingException) else cause
+    return isinstance(source, httpx.ConnectError | httpx.ConnectTimeout)
+
+
 class _Failover:
     """Several nodes of one Qdrant cluster: a call goes to the node that answered last; a node that is unreachable
-    (StoreUnavailable) passes the call to the next. Only when none answers does the caller see the outage. Every
-    write is idempotent (points by id), so sending it again to another node is safe."""
+    (StoreUnavailable) passes the call to the next: any read, and a write that never reached it (_WRITES). Only
+    when no node can take it does the caller see the outage."""
 
     def __init__(self, nodes: Sequence[Any]) -> None:
         self._nodes = list(nodes)
@@ -103,9 +118,10 @@ class _Failover:
                 i = (start + step) % len(self._nodes)
                 try:
                     result = getattr(self._nodes[i], name)(*args, **kwargs)
-                except StoreUnavailable:
-                    if step == len(self._nodes) - 1:
+                except StoreUnavailable as exc:
+                    if step == len(self._nodes) - 1 or (name in _WRITES and not _never_reached(exc)):
                         raise
+                    self._current = (i + 1) % len(self._nodes)
                     continue
                 self._current = i
                 return result
