@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,27 +113,52 @@ class Watchdog:
         self.checks = 0
         self._checked_at: float | None = None
         self._committed: dict[tuple[str, int], int] = {}
-        self._waiting_since: float | None = None  # backlog present and no commit since then
+        # Per partition: since when records have waited on it with no commit (a partition that stops while the
+        # others go on is a stall too: one lost in flight at a rebalance never commits again).
+        self._waiting_since: dict[tuple[str, int], float] = {}
         self._behind: dict[tuple[str, int], int] = {}
+        self._rewound: dict[tuple[str, int], float] = {}
 
     def observe(self, offsets: Offsets) -> None:
         """A check's result: the assigned partitions' (end, committed) offsets."""
         now = self.clock()
         behind = {tp: max(0, end - committed) for tp, (end, committed) in offsets.items()}
-        moved = any(committed > self._committed.get(tp, -1) for tp, (_, committed) in offsets.items())
-        if not any(behind.values()):
-            self._waiting_since = None
-        elif moved or self._waiting_since is None:
-            self._waiting_since = now
+        waiting: dict[tuple[str, int], float] = {}
+        for tp, (_, committed) in offsets.items():
+            moved = committed > self._committed.get(tp, -1)
+            if behind[tp]:
+                waiting[tp] = now if moved or tp not in self._waiting_since else self._waiting_since[tp]
+        self._waiting_since = waiting
         self._committed = {tp: committed for tp, (_, committed) in offsets.items()}
         self._behind = behind
         self._checked_at = now
         self.checks += 1
 
+    def stuck(
+        self,
+        seen: Mapping[tuple[str, int], float],
+        after_s: float,
+        pending: Set[tuple[str, int]] = frozenset(),
+    ) -> dict[tuple[str, int], int]:
+        """Partitions whose records have waited `after_s` with no commit while none of them reached the worker
+        (`seen`: when a record of each partition was last taken or acknowledged, on this clock) nor waits in its
+        buffer (`pending`: partitions with records delivered and not yet acknowledged), and that were not sought
+        back within `after_s`: partition -> its committed offset, to seek back to. Marks them sought."""
+        now = self.clock()
+        out: dict[tuple[str, int], int] = {}
+        for tp, since in self._waiting_since.items():
+            if tp in pending:
+                continue
+            quiet = now - max(since, seen.get(tp, since))
+            if quiet > after_s and now - self._rewound.get(tp, -after_s - 1) > after_s:
+                out[tp] = self._committed[tp]
+                self._rewound[tp] = now
+        return out
+
     def unknown(self, exc: BaseException) -> None:
         """A check that could not read Kafka: the loop turns, progress is unknown (not a stall)."""
         log.warning("liveness check could not read Kafka's offsets", extra={"error": repr(exc)})
-        self._waiting_since = None
+        self._waiting_since = {}
         self._behind = {}
         self._checked_at = self.clock()
         self.checks += 1
@@ -144,7 +169,7 @@ class Watchdog:
         checked = None if self._checked_at is None else now - self._checked_at
         backlog = sum(self._behind.values())
         parts = [f"{t}/{p}" for (t, p), n in sorted(self._behind.items()) if n]
-        waiting = 0.0 if self._waiting_since is None else now - self._waiting_since
+        waiting = max((now - since for since in self._waiting_since.values()), default=0.0)
         if checked is not None and checked > self.stall_s:
             return Verdict(False, f"blocked: no liveness check for {checked:.0f} s", backlog, waiting, checked, parts)
         down_s = self.outage.seconds()
@@ -157,7 +182,9 @@ class Watchdog:
             degraded = down_s > self.degraded_s
             return Verdict(True, f"degraded: {why}" if degraded else why, backlog, waiting, checked, parts, degraded)
         if waiting > self.stall_s:
-            why = f"stalled: {backlog} records waiting on {', '.join(parts)} with no commit for {waiting:.0f} s"
+            late = sorted(tp for tp, since in self._waiting_since.items() if now - since > self.stall_s)
+            stalled = [f"{t}/{p}" for t, p in late]
+            why = f"stalled: {backlog} records waiting on {', '.join(stalled)} with no commit for {waiting:.0f} s"
             return Verdict(False, why, backlog, waiting, checked, parts)
         return Verdict(True, "starting" if checked is None else "ok", backlog, waiting, checked, parts)
 

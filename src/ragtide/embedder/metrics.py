@@ -65,6 +65,13 @@ class EmbedderMetrics:
         self.stalled = Gauge(
             "ragtide_embedder_stalled", "1 while /healthz says the consumer is stalled or blocked", registry=registry
         )
+        self.rewinds = Counter(
+            "ragtide_embedder_partition_rewinds",
+            "partitions sought back to their committed offset: records waited there with none reaching the worker "
+            "(faust-streaming lost them in flight, e.g. at a rebalance)",
+            ["topic", "partition"],
+            registry=registry,
+        )
         self.liveness_checks = Counter(
             "ragtide_embedder_liveness_checks_total", "progress checks against Kafka's offsets", registry=registry
         )

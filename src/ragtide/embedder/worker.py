@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import faust
+from faust.types import TP
 
 from ragtide.contracts.errors import DecodeError, StoreUnavailable
 from ragtide.contracts.events import ChangeEvent
@@ -78,6 +79,13 @@ class BatchProcessor:
         self.outage = Outage()  # a store is down and the batch waits for it (alive, not stuck)
         metrics.outage_seconds.set_function(self.outage.seconds)
         self.base_delay_s = 0.1  # the first retry's backoff; doubled per attempt up to MAX_BACKOFF_S
+        self.seen: dict[tuple[str, int], float] = {}  # partition -> when a record of it was last taken or acked
+
+    def saw(self, messages: Sequence[Any]) -> None:
+        """Records of these partitions reached the worker now (the watchdog's sign that they are not lost)."""
+        now = time.monotonic()
+        for m in messages:
+            self.seen[(m.topic, m.partition)] = now
 
     def decode_all(self, records: Sequence[Any]) -> tuple[list[ChangeEvent], list[Poison]]:
         """Decode Kafka messages (anything with topic/partition/offset/key/value/timestamp)."""
@@ -308,6 +316,7 @@ def create_worker_app(
         async for events in stream.noack_take(max_events, within=window_s):
             processor.dequeued_ms = int(time.time() * 1000)
             messages = [e.message for e in events]
+            processor.saw(messages)
             good, bad = processor.decode_all(messages)
             failed = await processor.apply(good) if good else []
             for p in bad:
@@ -323,6 +332,7 @@ def create_worker_app(
             # Step 3 of the checkpoint: the store acknowledged every write; now the offsets may be committed.
             for e in events:
                 await stream.ack(e)
+            processor.saw(messages)
             record_lag(app, processor.metrics, messages)
             if ack_log is not None:
                 ack_log.record(messages)
@@ -336,6 +346,7 @@ def watch(app: faust.App, watchdog: Watchdog, processor: BatchProcessor, offsets
     """Check progress every quarter of the stall limit (at most every 15 s)."""
     watchdog.outage = processor.outage
     metrics = processor.metrics
+    rewind_s = min(60.0, watchdog.stall_s / 2)
 
     @app.timer(interval=min(15.0, watchdog.stall_s / 4))  # type: ignore[untyped-decorator]
     async def check_progress() -> None:
@@ -344,6 +355,18 @@ def watch(app: faust.App, watchdog: Watchdog, processor: BatchProcessor, offsets
             watchdog.observe(await offsets.read(assigned))
         except Exception as exc:
             watchdog.unknown(exc)
+        # Records wait on a partition and none reaches us: faust-streaming lost them in flight (seen here after a
+        # rebalance under buffer pressure: its fetch position is past them, the commit never moves again). Seek
+        # it back to the committed offset, well before the stall verdict would restart the process.
+        unacked = getattr(app.consumer, "_unacked_messages", ())  # delivered to the stream, not acknowledged yet
+        pending = {(m.tp.topic, m.tp.partition) for m in list(unacked)}  # buffered: not lost
+        for (topic, partition), committed in watchdog.stuck(processor.seen, rewind_s, pending).items():
+            log.warning(
+                "records wait on a partition and none reach the worker: seeking it back to its committed offset",
+                extra={"topic": topic, "partition": partition, "offset": committed},
+            )
+            metrics.rewinds.labels(topic, str(partition)).inc()
+            await app.consumer.seek(TP(topic, partition), committed)
         verdict = watchdog.verdict()
         metrics.liveness_checks.inc()
         metrics.partitions.set(len(assigned))
