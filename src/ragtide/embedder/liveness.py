@@ -29,6 +29,7 @@ from fastapi import APIRouter, FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from ragtide.contracts.errors import StoreUnavailable
 from ragtide.contracts.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -256,6 +257,10 @@ def health_app(
     `routers` it is given (the leader's admin endpoints, guarded by `gateway`'s admin key)."""
     app = FastAPI(title="ragtide embedder", version="0.1.0")
     app.state.gateway = gateway
+
+    @app.exception_handler(StoreUnavailable)
+    async def _unavailable(_: Any, exc: StoreUnavailable) -> Response:
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "5"})
 
     @app.get("/healthz")
     async def healthz() -> Response:

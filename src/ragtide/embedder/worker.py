@@ -329,13 +329,13 @@ def create_worker_app(
                     and table_of_topic(m.topic, settings.connect.topic_prefix) == ev.table
                 )
                 await dead_letter(Poison(m.topic, m.partition, m.offset, m.key, m.value, reason))
+            if ack_log is not None:  # before the acks: a kill in between shows as applied twice, never as once
+                ack_log.record(messages)
             # Step 3 of the checkpoint: the store acknowledged every write; now the offsets may be committed.
             for e in events:
                 await stream.ack(e)
             processor.saw(messages)
             record_lag(app, processor.metrics, messages)
-            if ack_log is not None:
-                ack_log.record(messages)
 
     if watchdog is not None:
         watch(app, watchdog, processor, KafkaOffsets(settings.kafka, settings.kafka.group))

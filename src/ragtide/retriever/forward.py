@@ -23,6 +23,8 @@ def admin_proxy(leader: Callable[[], str | None], timeout_s: float = 3600.0) -> 
     @router.api_route("/{path:path}", methods=["GET", "POST"])
     async def forward(path: str, request: Request) -> Response:
         """Forwarded to the leading embedder (see its endpoints: verify, reindex, generations, optimize, cache)."""
+        if ".." in path.split("/"):
+            raise HTTPException(404, "no such admin endpoint")
         url = await asyncio.to_thread(leader)
         if url is None:
             raise HTTPException(
@@ -46,6 +48,9 @@ def admin_proxy(leader: Callable[[], str | None], timeout_s: float = 3600.0) -> 
             raise HTTPException(
                 503, f"the leading embedder at {url} did not answer ({exc!r})", headers={"Retry-After": "2"}
             ) from exc
-        return Response(resp.content, resp.status_code, media_type=resp.headers.get("content-type"))
+        if resp.status_code == 409:  # the lease moved between our read and its answer: ask again shortly
+            raise HTTPException(503, f"the embedder at {url} no longer leads; retry", headers={"Retry-After": "2"})
+        kept = {k: v for k, v in resp.headers.items() if k.lower() == "retry-after"}
+        return Response(resp.content, resp.status_code, headers=kept, media_type=resp.headers.get("content-type"))
 
     return router

@@ -20,6 +20,7 @@ import base64
 import sys
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -258,10 +259,14 @@ class Cluster:
     # --- stop, status --------------------------------------------------------------------------------------
     def down(self, progress: Callable[[str], None] = lambda _: None) -> None:
         """Stop every member (retrievers and embedders first, Postgres last); data is kept."""
-        for m in reversed(self.members()):
-            if m.daemon.pid() is not None:
+        members = [m for m in reversed(self.members()) if m.daemon.pid() is not None]
+        for kind in ("retriever", "embedder", "connect", "broker", "qdrant"):
+            # One kind at a time, its members together: the brokers of a quorum stop cleanly only side by side.
+            group = [m for m in members if m.kind == kind]
+            for m in group:
                 progress(m.daemon.name)
-                m.daemon.stop(timeout=60 if m.kind == "embedder" else 30)
+            with ThreadPoolExecutor(max_workers=max(1, len(group))) as pool:
+                list(pool.map(lambda m: m.daemon.stop(timeout=60 if m.kind == "embedder" else 30), group))
         stack = Stack(self.settings)
         for name in ("generator", "postgres"):
             progress(name)
