@@ -745,8 +745,11 @@ def bench_scale(
     """Backfill throughput of 1, 2 and 4 embedder processes against a 3-node Qdrant cluster (its own `up
     --cluster`, stopped at the end), with the real model and with random unit vectors (the write path alone), and
     freshness at `rate` changes/s during each backfill; side by side."""
+    import signal
+
     from ragtide.bench import scale
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped benchmark still stops its cluster
     report, path, png = scale.run(rows, model_rows, embedders or [1, 2, 4], rate, out, log=console.print)
     print(report.table())
     console.print(f"machine: {report.machine}\nresult: {path}" + (f", {png}" if png else ""))
