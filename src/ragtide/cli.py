@@ -36,6 +36,16 @@ console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def _settings() -> RagtideSettings:
+    """The settings of the running processes: while `up --cluster` runs, its (the API is its first retriever)."""
+    from ragtide.stack.cluster import Cluster
+
+    s = _own_settings()
+    cluster = Cluster(s)
+    return cluster.settings if any(cluster.status().values()) else s
+
+
+def _own_settings() -> RagtideSettings:
+    """The settings as configured (what `up`, `down` and `status` start from)."""
     return load_settings(RagtideSettings)
 
 
@@ -74,7 +84,7 @@ def up(
     from ragtide.ingest.demo import load_demo
     from ragtide.stack.stack import Stack
 
-    s = _settings()
+    s = _own_settings()
     if cluster:
         up_cluster(s, demo, wait)
         return
@@ -370,7 +380,7 @@ def down(
     """Stop every process `ragtide up` started (by pid); data is kept."""
     from ragtide.stack.stack import Stack
 
-    s = _settings()
+    s = _own_settings()
     if drop_slot and not yes:
         typer.confirm(f"Drop replication slot {s.connect.slot_name} and the connector's offsets?", abort=True)
     from ragtide.stack.cluster import Cluster
@@ -489,14 +499,18 @@ def status() -> None:
     from ragtide.stack.cluster import Cluster
     from ragtide.stack.stack import Stack
 
-    s = _settings()
+    s = _own_settings()
     table = Table("process", "pid", "state")
     cluster = Cluster(s)
-    for name, pid in {**Stack(s).status(), **cluster.status()}.items():
+    members = cluster.status()
+    if members:  # `up --cluster`: its Postgres and generator, then its members
+        s = cluster.settings
+        processes = {k: v for k, v in Stack(s).status().items() if k in ("postgres", "generator")} | members
+    else:
+        processes = Stack(s).status()
+    for name, pid in processes.items():
         table.add_row(name, str(pid or "-"), "[green]running[/]" if pid else "[red]stopped[/]")
     console.print(table)
-    if cluster.status():
-        s = cluster.settings
     try:
         console.print_json(httpx.get(f"{s.api.url}/v1/index/stats", timeout=5).text)
     except httpx.HTTPError:

@@ -33,7 +33,7 @@ from ragtide.stack.stack import Stack
 
 # Resident memory each kind of process is sized for (MiB): the JVM heaps are set to fit, the Python processes are
 # measured (model, torch, one thread) and reported against it.
-BUDGET_MB = {"broker": 640, "connect": 900, "qdrant": 400, "embedder": 1400, "retriever": 1200}
+BUDGET_MB = {"broker": 640, "connect": 900, "qdrant": 400, "embedder": 1600, "retriever": 1300}
 
 
 @dataclass(frozen=True)
