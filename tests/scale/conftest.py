@@ -6,7 +6,6 @@ stopped by pid at the end. Skipped where no Qdrant binary was built (`.ci/run` s
 from __future__ import annotations
 
 import os
-import random
 import shutil
 from collections.abc import Iterator
 
@@ -16,19 +15,9 @@ import pytest
 from ragtide.bench.faults import DDL, SOURCE
 from ragtide.stack.cluster import Cluster
 from ragtide.stack.postgres import PostgresCluster
-from ragtide.stack.process import port_open
+from ragtide.stack.process import free_port_range
 from ragtide.stack.qdrant import qdrant_binary
 from tests.e2e.conftest import own_stack_settings
-
-
-def free_range(span: int = 51) -> int:
-    """A base port with `span` free ports after it."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20_000, 30_000)
-        if not any(port_open("127.0.0.1", p) for p in range(base, base + span)):
-            return base
-    raise RuntimeError("no free port range")
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +27,7 @@ def cluster() -> Iterator[Cluster]:
     settings = own_stack_settings(
         "ragtide-scale-",
         [SOURCE],
-        cluster={"base_port": free_range(), "embedders": 1, "retrievers": 2, "ack_logs": True},
+        cluster={"base_port": free_port_range(51), "embedders": 1, "retrievers": 2, "ack_logs": True},
         kafka={"session_timeout_s": 10},
         index={"retire_grace_s": 5},
         canary={"enabled": False},

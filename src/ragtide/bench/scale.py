@@ -364,16 +364,11 @@ def run(
     from ragtide.embedder.liveness import end_offsets
     from ragtide.stack.cluster import Cluster
     from ragtide.stack.postgres import PostgresCluster
-    from ragtide.stack.process import free_port, port_open, wait_until
+    from ragtide.stack.process import free_port_range, wait_until
 
     data = Path(tempfile.mkdtemp(prefix="ragtide-bench-scale-"))
     data.chmod(0o755)
-    base_port = next(
-        b
-        for b in (free_port() // 100 * 100 for _ in range(50))
-        if b < 64_000 and not any(port_open("127.0.0.1", p) for p in range(b, b + 51))
-    )
-    settings = bench_settings(base_port, data)
+    settings = bench_settings(free_port_range(51), data)
     c = Cluster(settings)
     report = ScaleReport(
         machine=cpu_info(),

@@ -505,7 +505,13 @@ class ClusterSettings(_Section):
     brokers: int = Field(3, ge=1, le=5, description="KRaft brokers (each also a controller of one quorum)")
     partitions: int = Field(6, ge=1, le=64, description="partitions of each source topic: the most embedders that work")
     shards: int = Field(3, ge=1, le=64, description="shards of each collection")
-    base_port: int = Field(57000, ge=1024, le=65000, description="first of the ports the cluster uses (base..base+50)")
+    base_port: int = Field(
+        27000,
+        ge=1024,
+        le=65000,
+        description="first of the ports the cluster uses (base..base+50); below Linux's ephemeral range, where a "
+        "client's outgoing connection could hold one",
+    )
     broker_heap: str = "384m"
     connect_heap: str = "512m"
     ack_logs: bool = Field(False, description="each embedder writes `batch.ack_log` under the cluster's acks/ folder")

@@ -157,6 +157,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_range(span: int, low: int = 20_000, high: int = 32_000) -> int:
+    """The first of `span` consecutive ports nothing listens on, below Linux's ephemeral range (32768-60999),
+    where a client's outgoing connection could hold one of them when a server later binds it."""
+    import random
+
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(low, high - span)
+        if not any(port_open("127.0.0.1", p) for p in range(base, base + span)):
+            return base
+    raise StackError(f"no {span} free ports in a row between {low} and {high}")
+
+
 def run_checked(argv: Sequence[str], what: str) -> str:
     """Run a short command to completion; its stdout, or a StackError that says `what` failed and shows why."""
     out = subprocess.run(list(argv), capture_output=True, text=True, check=False)
