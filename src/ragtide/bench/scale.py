@@ -89,6 +89,7 @@ class ScaleRun:
     freshness_s: dict[str, Any]  # commit -> searchable of probe changes written during the backfill
     probes_lost: int
     reprocessed: int
+    rewinds: int = 0  # partitions the embedders sought back (records lost in flight by faust-streaming)
 
 
 def _percentiles(values: Sequence[float]) -> dict[str, Any]:
@@ -221,6 +222,7 @@ def run_one(base: Any, encoder: str, n: int, rows: int, rate: float, log: Callab
     try:
         c.start_embedders(list(range(n)))
         wait_until(lambda: asyncio.run(consumed(c.settings.kafka, f"bench-{name}", targets)), "the backfill", 7200)
+        rewinds = sum(_rewinds(f"http://127.0.0.1:{c.port('embedder', i)}/metrics") for i in range(n))
     finally:
         load.stop()
         prober.stop()
@@ -243,6 +245,7 @@ def run_one(base: Any, encoder: str, n: int, rows: int, rate: float, log: Callab
         freshness_s=_percentiles(prober.took),
         probes_lost=prober.lost,
         reprocessed=again,
+        rewinds=rewinds,
     )
     log(f"  {result.rows_per_s} rows/s, {result.chunks_per_s} chunks/s, freshness {result.freshness_s}")
     time.sleep(1)
@@ -270,6 +273,23 @@ async def start_at_end(kafka: Any, group: str, topics: Sequence[str]) -> None:
         await consumer.stop()
 
 
+def _rewinds(metrics_url: str) -> int:
+    """ragtide_embedder_partition_rewinds_total of one embedder (0 when it does not answer)."""
+    import httpx
+
+    try:
+        text = httpx.get(metrics_url, timeout=5).text
+    except httpx.HTTPError:
+        return 0
+    return int(
+        sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("ragtide_embedder_partition_rewinds_total")
+        )
+    )
+
+
 def _fingerprint(settings: Any) -> str:
     """The live generation's fingerprint, from the catalog."""
     from ragtide.embedder.generations import Catalog
@@ -295,15 +315,15 @@ class ScaleReport:
     def table(self) -> str:
         """A Markdown table of the runs (the README's)."""
         lines = [
-            "| encoder | embedders | rows | rows/s | chunks/s | freshness p50 / p95 (s) | reprocessed |",
-            "|---|---:|---:|---:|---:|---|---:|",
+            "| encoder | embedders | rows | rows/s | chunks/s | freshness p50 / p95 (s) | reprocessed | rewinds |",
+            "|---|---:|---:|---:|---:|---|---:|---:|",
         ]
         for r in self.runs:
             f = r.freshness_s
             lines.append(
                 f"| {r.encoder} | {r.embedders} | {r.rows} | {r.rows_per_s} | {r.chunks_per_s} | "
                 f"{f.get('p50')} / {f.get('p95')}{f' ({r.probes_lost} probes lost)' if r.probes_lost else ''} | "
-                f"{r.reprocessed} |"
+                f"{r.reprocessed} | {r.rewinds} |"
             )
         return "\n".join(lines)
 
