@@ -257,10 +257,12 @@ def test_two_retrievers_share_the_cache_and_never_serve_an_answer_whose_row_chan
             "UPDATE public.faults SET body = %s WHERE id = %s", ("The zq harbour master fires a brass cannon.", row)
         )
     wait_until(lambda: searchable(a, "brass cannon") and searchable(b, "brass cannon"), "the update", 120)
-    for url in (b, a):  # neither serves the answer built on the old text
-        after = ask(url, question)
-        assert after["cache"]["hit"] is False, url
-        assert any("brass cannon" in x["text"] for x in after["citations"] if x["row_id"] == str(row))
+    fresh = ask(b, question)  # the answer built on the old text is not served: it is generated again
+    assert fresh["cache"]["hit"] is False
+    assert any("brass cannon" in x["text"] for x in fresh["citations"] if x["row_id"] == str(row))
+    other = ask(a, question)  # a may serve b's new answer from the cache, never the old one
+    assert any("brass cannon" in x["text"] for x in other["citations"] if x["row_id"] == str(row))
+    assert not other["cache"]["hit"] or other["answer"] == fresh["answer"]
 
     topics = ["copper kettles", "glacier hiking", "tax forms", "violin strings"]
     for n, topic in enumerate(topics):  # more distinct questions than cache.max_entries, half through each
