@@ -350,10 +350,12 @@ class ScaleReport:
             mine = [r for r in self.runs if r.encoder == enc]
             axes[0].plot([r.embedders for r in mine], [r.rows_per_s for r in mine], "o-", label=enc)
             axes[1].plot([r.embedders for r in mine], [r.freshness_s.get("p50") for r in mine], "o-", label=enc)
-        axes[0].set_title("backfill rows/s")
+        axes[0].set_title("backfill rows/s (log scale)")
+        axes[0].set_yscale("log")
         axes[1].set_title(f"freshness p50 (s) at {self.rate:g} changes/s during the backfill")
         for ax in axes:
             ax.set_xlabel("embedder processes")
+            ax.set_xticks(sorted({r.embedders for r in self.runs}))
             ax.legend()
         fig.suptitle(f"{self.machine.get('model')}, {self.machine.get('cpus')} CPUs, {self.machine.get('features')}")
         fig.tight_layout()
