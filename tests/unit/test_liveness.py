@@ -87,9 +87,10 @@ def test_healthz_and_metrics_are_served_from_one_port() -> None:
         server.shutdown()
 
 
-def test_one_partition_that_stops_while_the_others_commit_is_a_stall_and_is_sought_back() -> None:
+def test_one_partition_that_stops_while_the_others_commit_is_sought_back() -> None:
     """faust-streaming can lose a partition's records in flight at a rebalance: its fetch position is past them,
-    so nothing reaches the worker and its commit never moves, while the other partitions go on committing."""
+    so nothing reaches the worker and its commit never moves, while the other partitions go on committing. The
+    worker as a whole is alive (a restart is for a worker that commits nothing); that partition is sought back."""
     clock = Clock()
     dog = Watchdog(stall_s=60, clock=clock)
     a, b = ("ragtide.public.docs", 0), ("ragtide.public.docs", 1)
@@ -97,9 +98,7 @@ def test_one_partition_that_stops_while_the_others_commit_is_a_stall_and_is_soug
     for t in range(1, 5):  # b moves on every check; a never does
         clock.t = 20.0 * t
         dog.observe({a: (100 + t, 10 + t), b: (50, 20)})
-    verdict = dog.verdict()
-    assert not verdict.ok and verdict.reason.startswith("stalled") and "ragtide.public.docs/1" in verdict.reason
-    assert "ragtide.public.docs/0" not in verdict.reason.split("with")[0]
+    assert dog.verdict().ok
     assert dog.stuck({b: 5.0}, after_s=30, pending={b}) == {}  # its records wait in the buffer: not lost
     assert dog.stuck({b: 5.0}, after_s=30) == {b: 20}  # seek back to the committed offset
     assert dog.stuck({b: 5.0}, after_s=30) == {}  # once per after_s

@@ -114,9 +114,12 @@ class Watchdog:
         self.checks = 0
         self._checked_at: float | None = None
         self._committed: dict[tuple[str, int], int] = {}
-        # Per partition: since when records have waited on it with no commit (a partition that stops while the
-        # others go on is a stall too: one lost in flight at a rebalance never commits again).
+        # Per partition: since when records have waited on it with no commit. One lost in flight at a rebalance
+        # never commits again while the others go on: `stuck` finds it, and the worker seeks it back. The verdict
+        # stays the worker's as a whole: under overload a partition may starve for minutes behind a full stream
+        # buffer, and a restart would not help that.
         self._waiting_since: dict[tuple[str, int], float] = {}
+        self._progress_at: float | None = None  # when any partition last committed (or none had a backlog)
         self._behind: dict[tuple[str, int], int] = {}
         self._rewound: dict[tuple[str, int], float] = {}
 
@@ -129,6 +132,9 @@ class Watchdog:
             moved = committed > self._committed.get(tp, -1)
             if behind[tp]:
                 waiting[tp] = now if moved or tp not in self._waiting_since else self._waiting_since[tp]
+        moved = any(committed > self._committed.get(tp, -1) for tp, (_, committed) in offsets.items())
+        if moved or not waiting or not self._waiting_since or self._progress_at is None:
+            self._progress_at = now  # a commit, nothing waiting, or records that only now started waiting
         self._waiting_since = waiting
         self._committed = {tp: committed for tp, (_, committed) in offsets.items()}
         self._behind = behind
@@ -160,6 +166,7 @@ class Watchdog:
         """A check that could not read Kafka: the loop turns, progress is unknown (not a stall)."""
         log.warning("liveness check could not read Kafka's offsets", extra={"error": repr(exc)})
         self._waiting_since = {}
+        self._progress_at = None
         self._behind = {}
         self._checked_at = self.clock()
         self.checks += 1
@@ -170,7 +177,7 @@ class Watchdog:
         checked = None if self._checked_at is None else now - self._checked_at
         backlog = sum(self._behind.values())
         parts = [f"{t}/{p}" for (t, p), n in sorted(self._behind.items()) if n]
-        waiting = max((now - since for since in self._waiting_since.values()), default=0.0)
+        waiting = 0.0 if not self._waiting_since or self._progress_at is None else now - self._progress_at
         if checked is not None and checked > self.stall_s:
             return Verdict(False, f"blocked: no liveness check for {checked:.0f} s", backlog, waiting, checked, parts)
         down_s = self.outage.seconds()
@@ -183,9 +190,7 @@ class Watchdog:
             degraded = down_s > self.degraded_s
             return Verdict(True, f"degraded: {why}" if degraded else why, backlog, waiting, checked, parts, degraded)
         if waiting > self.stall_s:
-            late = sorted(tp for tp, since in self._waiting_since.items() if now - since > self.stall_s)
-            stalled = [f"{t}/{p}" for t, p in late]
-            why = f"stalled: {backlog} records waiting on {', '.join(stalled)} with no commit for {waiting:.0f} s"
+            why = f"stalled: {backlog} records waiting on {', '.join(parts)} with no commit for {waiting:.0f} s"
             return Verdict(False, why, backlog, waiting, checked, parts)
         return Verdict(True, "starting" if checked is None else "ok", backlog, waiting, checked, parts)
 
