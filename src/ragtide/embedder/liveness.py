@@ -127,12 +127,12 @@ class Watchdog:
         """A check's result: the assigned partitions' (end, committed) offsets."""
         now = self.clock()
         behind = {tp: max(0, end - committed) for tp, (end, committed) in offsets.items()}
-        waiting: dict[tuple[str, int], float] = {}
-        for tp, (_, committed) in offsets.items():
-            moved = committed > self._committed.get(tp, -1)
-            if behind[tp]:
-                waiting[tp] = now if moved or tp not in self._waiting_since else self._waiting_since[tp]
-        moved = any(committed > self._committed.get(tp, -1) for tp, (_, committed) in offsets.items())
+        moved = {tp for tp, (_, committed) in offsets.items() if committed > self._committed.get(tp, -1)}
+        waiting = {
+            tp: now if tp in moved or tp not in self._waiting_since else self._waiting_since[tp]
+            for tp, n in behind.items()
+            if n
+        }
         if moved or not waiting or not self._waiting_since or self._progress_at is None:
             self._progress_at = now  # a commit, nothing waiting, or records that only now started waiting
         self._waiting_since = waiting
