@@ -24,9 +24,10 @@ import yaml
 
 from ragtide.cli import app as cli_app
 from ragtide.contracts.errors import ConfigError
-from ragtide.contracts.settings import PostgresSettings, RagtideSettings
+from ragtide.contracts.settings import ClusterSettings, PostgresSettings, RagtideSettings
 from ragtide.gateway.gateway import check_config
 from ragtide.stack import templates
+from ragtide.stack.cluster import Cluster, quorum_properties
 from ragtide.stack.postgres import SERVER_SETTINGS
 from tests.deploy import (
     COMPOSE_FILE,
@@ -96,16 +97,21 @@ def dependency_problems(doc: Compose) -> list[str]:
                 problems.append(f"{name}: depends_on {dep} is {cond}, not healthy / completed_successfully")
             if target.get("profiles") and not svc.get("profiles"):
                 problems.append(f"{name} (no profile) depends on {dep}, only in {target['profiles']}")
+        brokers = broker_services(doc)
+        waits = {d for d, spec in deps.items() if (spec or {}).get("condition") == "service_healthy"}
+        if set(deps) & set(brokers) and not set(brokers) <= waits:
+            problems.append(f"{name} waits for {sorted(set(deps) & set(brokers))}, not the whole quorum {brokers}")
     return problems
 
 
 def version_problems(doc: Compose) -> list[str]:
     """Images carry the versions the native stack resolves (pom.xml, constraints.txt, PostgreSQL 15)."""
     problems = []
-    repo, tag = image_tag(doc, "kafka")
     kafka, debezium = pom_version("kafka.version"), pom_version("debezium.version")
-    if repo != "apache/kafka" or not re.fullmatch(r"\d+\.\d+\.\d+", tag) or tag != kafka:
-        problems.append(f"kafka image {repo}:{tag}, pom.xml has kafka.version {kafka}")
+    for broker in ["kafka", *broker_services(doc)[1:]]:
+        repo, tag = image_tag(doc, broker)
+        if repo != "apache/kafka" or not re.fullmatch(r"\d+\.\d+\.\d+", tag) or tag != kafka:
+            problems.append(f"{broker} image {repo}:{tag}, pom.xml has kafka.version {kafka}")
     repo, tag = image_tag(doc, "connect")
     if repo != "quay.io/debezium/connect" or tag != debezium:
         problems.append(f"connect image {repo}:{tag}, pom.xml has debezium.version {debezium}")
@@ -224,38 +230,83 @@ def listener_problems(what: str, native: str, compose: str) -> list[str]:
     return [f"{what}: {name} binds {host!r}" for name, (host, _) in c.items() if host not in allowed[name]]
 
 
-def kafka_problems(doc: Compose, settings: RagtideSettings) -> list[str]:
-    """The broker's effective properties equal infra/config/server.properties rendered for this network."""
-    env = environment(doc, "kafka")
-    props = kafka_properties(env)
-    controller = listener_map(props.get("listeners", "")).get("CONTROLLER")
-    if controller is None:
-        return ["kafka: no CONTROLLER listener"]
-    native = parse_properties(
-        templates.render(
-            "server.properties",
-            {
-                "KAFKA_HOST": settings.kafka.host,
-                "KAFKA_PORT": str(settings.kafka.port),
-                "KAFKA_CONTROLLER_PORT": str(controller[1]),
-                "KAFKA_DATA": props.get("log.dirs", ""),
-                "KAFKA_PARTITIONS": str(settings.kafka.partitions),
-            },
-        )
-    )
+def broker_services(doc: Compose) -> list[str]:
+    """The Kafka brokers: every service of Kafka's image, in the file's order (node id i+1 is the i-th)."""
+    return [name for name in doc["services"] if image_tag(doc, name)[0] == "apache/kafka"]
+
+
+def server_list(value: str) -> list[tuple[str, int]]:
+    """`a:9092,b:9092` -> [("a", 9092), ("b", 9092)] (a bootstrap.servers value)."""
+    return [(host, int(port)) for host, _, port in (s.strip().rpartition(":") for s in value.split(",") if s)]
+
+
+def broker_problems(doc: Compose, name: str, native: Mapping[str, str]) -> list[str]:
+    """One broker's effective properties equal `native`, its log dir on a volume."""
+    props = kafka_properties(environment(doc, name))
     extra = sorted(set(props) - set(native))
-    problems = [f"kafka: {k} is set in compose, not in server.properties" for k in extra]
+    problems = [f"{name}: {k} is set in compose, not in server.properties + quorum_properties" for k in extra]
     for key, value in native.items():
         if key not in props:
-            problems.append(f"kafka: server.properties sets {key}={value}, compose does not")
+            problems.append(f"{name}: server.properties + quorum_properties set {key}={value}, compose does not")
         elif key == "listeners":
-            problems += listener_problems("kafka listeners", value, props[key])
+            problems += listener_problems(f"{name} listeners", value, props[key])
         elif props[key] != value:
-            problems.append(f"kafka: {key}={props[key]!r}, server.properties has {value!r}")
-    if props.get("log.dirs") not in volume_targets(doc["services"]["kafka"]):
-        problems.append(f"kafka: log.dirs {props.get('log.dirs')} is not on a volume")
-    if "CLUSTER_ID" not in env:
-        problems.append("kafka: CLUSTER_ID must be fixed (the storage is formatted with it once)")
+            problems.append(f"{name}: {key}={props[key]!r}, server.properties + quorum_properties have {value!r}")
+    if props.get("log.dirs") not in volume_targets(doc["services"][name]):
+        problems.append(f"{name}: log.dirs {props.get('log.dirs')} is not on a volume")
+    return problems
+
+
+def kafka_problems(doc: Compose, settings: RagtideSettings) -> list[str]:
+    """The brokers are the quorum `ragtide up --cluster` runs (`cluster.brokers` of them): each one's effective
+    properties equal infra/config/server.properties rendered for its service, plus `quorum_properties` for its
+    node id and the voters that the broker services and their CONTROLLER listeners make; one CLUSTER_ID; a volume
+    each; the project's and Connect's bootstrap servers are every broker."""
+    brokers = broker_services(doc)
+    n, native_n = len(brokers), ClusterSettings().brokers
+    problems = []
+    if n != native_n or brokers[:1] != ["kafka"]:
+        problems.append(f"kafka: brokers {brokers}; `ragtide up --cluster` runs {native_n}, the first named kafka")
+    props = {b: kafka_properties(environment(doc, b)) for b in brokers}
+    controllers = {b: listener_map(p.get("listeners", "")).get("CONTROLLER") for b, p in props.items()}
+    ports = {b: c[1] for b, c in controllers.items() if c is not None}
+    if len(ports) != n:
+        return problems + [f"{b}: no CONTROLLER listener" for b in brokers if b not in ports]
+    voters = [f"{i + 1}@{b}:{ports[b]}" for i, b in enumerate(brokers)]
+    servers = dict(server_list(settings.kafka.bootstrap))
+    if sorted(h for h, _ in server_list(settings.kafka.bootstrap)) != sorted(brokers):
+        problems.append(f"kafka: the project's bootstrap servers {settings.kafka.bootstrap} are not every broker")
+    connect, _ = connect_properties(environment(doc, "connect"))
+    if sorted(h for h, _ in server_list(connect.get("bootstrap.servers", ""))) != sorted(brokers):
+        problems.append(f"kafka: Connect's bootstrap.servers {connect.get('bootstrap.servers')} is not every broker")
+    for i, name in enumerate(brokers):
+        native = parse_properties(
+            templates.render(
+                "server.properties",
+                {
+                    "KAFKA_HOST": name,
+                    "KAFKA_PORT": str(servers.get(name, settings.kafka.port)),
+                    "KAFKA_CONTROLLER_PORT": str(ports[name]),
+                    "KAFKA_DATA": props[name].get("log.dirs", ""),
+                    "KAFKA_PARTITIONS": str(settings.kafka.partitions),
+                },
+            )
+        )
+        problems += broker_problems(doc, name, {**native, **quorum_properties(i + 1, voters, n)})
+    ids = sorted(p.get("node.id", "") for p in props.values())
+    if ids != sorted(str(i) for i in range(1, n + 1)):
+        problems.append(f"kafka: node ids {ids} are not 1..{n}, one each")
+    cluster_ids = {environment(doc, b).get("CLUSTER_ID") for b in brokers}
+    if len(cluster_ids) != 1 or None in cluster_ids:
+        problems.append("kafka: CLUSTER_ID must be one fixed id on every broker (storage is formatted with it)")
+    sources = [
+        str(v["source"] if isinstance(v, dict) else str(v).split(":")[0])
+        for b in brokers
+        for v in doc["services"][b].get("volumes") or []
+        if (v["target"] if isinstance(v, dict) else str(v).split(":")[1]) == props[b].get("log.dirs")
+    ]
+    if len(set(sources)) != len(sources):
+        problems.append(f"kafka: brokers share a log volume: {sources}")
     return problems
 
 
@@ -347,10 +398,16 @@ def wiring_problems(doc: Compose, settings: RagtideSettings, service: str) -> li
     """A project service's settings point at the compose services, on the ports those listen on."""
     services = doc["services"]
     problems = []
-    kafka = kafka_properties(environment(doc, "kafka"))
-    advertised = listener_map(kafka.get("advertised.listeners", "")).get("PLAINTEXT")
-    if advertised != (settings.kafka.host, settings.kafka.port):
-        problems.append(f"{service}: kafka {settings.kafka.bootstrap} is not kafka's advertised {advertised}")
+    if settings.kafka.managed:
+        problems.append(f"{service}: no RAGTIDE_KAFKA__BOOTSTRAP_SERVERS: it would expect a local broker")
+    advertised = [
+        listener_map(kafka_properties(environment(doc, b)).get("advertised.listeners", "")).get("PLAINTEXT")
+        for b in broker_services(doc)
+    ]
+    servers = server_list(settings.kafka.bootstrap)
+    for server in servers:
+        if server not in advertised:
+            problems.append(f"{service}: kafka {server} is not a broker's advertised listener {advertised}")
     connect, _ = connect_properties(environment(doc, "connect"))
     if settings.kafka.bootstrap != connect.get("bootstrap.servers"):
         problems.append(f"{service}: kafka {settings.kafka.bootstrap} is not Connect's bootstrap.servers")
@@ -364,7 +421,7 @@ def wiring_problems(doc: Compose, settings: RagtideSettings, service: str) -> li
     nodes = sorted(name for name in services if name == "qdrant" or name.startswith("qdrant-"))
     if sorted(u.hostname or "" for u in urls) != nodes or any(u.port != 6333 for u in urls):
         problems.append(f"{service}: QDRANT_URL {settings.qdrant_url!r} is not every Qdrant node on 6333 ({nodes})")
-    hosts = [settings.postgres.host, settings.kafka.host, settings.connect.host, *(u.hostname for u in urls)]
+    hosts = [settings.postgres.host, *(h for h, _ in servers), settings.connect.host, *(u.hostname for u in urls)]
     for host in hosts:
         if host not in services:
             problems.append(f"{service}: {host} is not a service")
@@ -400,8 +457,12 @@ def set_key(service: str, **values: object) -> Callable[[Compose], object]:
 
 def test_the_topology_is_complete(compose: Compose) -> None:
     nodes = ["qdrant", "qdrant-2", "qdrant-3"]
-    expected = {"postgres", "kafka", "connect", "connector-init", *nodes, "embedder", "retriever", "vllm"}
+    brokers = ["kafka", "kafka-2", "kafka-3"]
+    expected = {"postgres", *brokers, "connect", "connector-init", *nodes, "embedder", "retriever", "vllm"}
     assert set(compose["services"]) == expected
+    # The Kafka quorum as `ragtide up --cluster` runs it: as many brokers, started side by side.
+    assert broker_services(compose) == brokers and len(brokers) == ClusterSettings().brokers
+    assert all(not compose["services"][b].get("depends_on") for b in brokers)
     # A Qdrant cluster as `ragtide up --cluster` runs it: node 1 founds it, the others bootstrap from it.
     for i, name in enumerate(nodes):
         svc = compose["services"][name]
@@ -431,6 +492,11 @@ def test_depends_on_waits_for_health(compose: Compose) -> None:
     assert any("service_started" in p for p in dependency_problems(started))
     gpu = mutated(compose, lambda d: d["services"]["retriever"]["depends_on"].update(vllm={}))
     assert any("only in" in p for p in dependency_problems(gpu))
+    # Waiting for Kafka is waiting for the quorum: every broker healthy, not just the first.
+    one_broker = mutated(compose, set_key("connect", depends_on={"kafka": {"condition": "service_healthy"}}))
+    assert any("connect waits for ['kafka'], not the whole quorum" in p for p in dependency_problems(one_broker))
+    two = mutated(compose, lambda d: d["services"]["embedder"]["depends_on"].pop("kafka-3"))
+    assert any("embedder waits for" in p for p in dependency_problems(two))
 
 
 def test_images_follow_the_native_stack_versions(compose: Compose) -> None:
@@ -438,6 +504,7 @@ def test_images_follow_the_native_stack_versions(compose: Compose) -> None:
     for service, image in [
         ("kafka", "apache/kafka:4.1.0"),
         ("kafka", "apache/kafka:4.1"),
+        ("kafka-3", "apache/kafka:4.0.0"),
         ("connect", "quay.io/debezium/connect:3.4.2.Final"),
         ("connect", "debezium/connect:3.4.3.Final"),
         ("postgres", "postgres:16"),
@@ -530,6 +597,59 @@ def test_kafka_matches_server_properties(compose: Compose, monkeypatch: MonkeyPa
     assert kafka_problems(mutated(compose, drop_env("kafka", "KAFKA_LISTENERS")), s)
     extra = mutated(compose, set_env("kafka", KAFKA_AUTO_LEADER_REBALANCE_ENABLE="false"))
     assert any("auto.leader.rebalance.enable" in p for p in kafka_problems(extra, s))
+
+
+def test_kafka_is_the_native_clusters_quorum(compose: Compose, monkeypatch: MonkeyPatch) -> None:
+    s = settings_from(environment(compose, "embedder"), monkeypatch)
+    assert not s.kafka.managed and s.kafka.replication == 3  # no local broker; topics replicated 3 times
+    # The native cluster's brokers add exactly quorum_properties (the function these checks expect).
+    cluster = Cluster(RagtideSettings())
+    n = cluster.c.brokers
+    voters = [f"{j + 1}@127.0.0.1:{cluster.port('broker', j) + 1}" for j in range(n)]
+    assert [cluster.broker(i).extra for i in range(n)] == [quorum_properties(i + 1, voters, n) for i in range(n)]
+    assert quorum_properties(2, ["1@a:1", "2@b:1"], 2)["min.insync.replicas"] == "2"
+    assert quorum_properties(1, "1@a:1", 1)["default.replication.factor"] == "1"
+    assert kafka_problems(compose, s) == []
+
+    def problems_of(change: Callable[[Compose], object]) -> list[str]:
+        return kafka_problems(mutated(compose, change), s)
+
+    assert any("kafka-2: node.id='1'" in p for p in problems_of(set_env("kafka-2", KAFKA_NODE_ID="1")))
+    assert any("node ids ['1', '1', '3']" in p for p in problems_of(set_env("kafka-2", KAFKA_NODE_ID="1")))
+    swapped = set_env("kafka", KAFKA_CONTROLLER_QUORUM_VOTERS="1@kafka-2:9093,2@kafka:9093,3@kafka-3:9093")
+    assert any("kafka: controller.quorum.voters" in p for p in problems_of(swapped))
+    two_voters = set_env("kafka-3", KAFKA_CONTROLLER_QUORUM_VOTERS="1@kafka:9093,2@kafka-2:9093")
+    assert any("kafka-3: controller.quorum.voters" in p for p in problems_of(two_voters))
+    rf1 = set_env("kafka-3", KAFKA_DEFAULT_REPLICATION_FACTOR="1")
+    assert any("kafka-3: default.replication.factor='1'" in p for p in problems_of(rf1))
+    isr1 = set_env("kafka-2", KAFKA_MIN_INSYNC_REPLICAS="1")
+    assert any("kafka-2: min.insync.replicas='1'" in p for p in problems_of(isr1))
+    offsets = set_env("kafka", KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR="1")
+    assert any("kafka: offsets.topic.replication.factor" in p for p in problems_of(offsets))
+    advertised = set_env("kafka-2", KAFKA_ADVERTISED_LISTENERS="PLAINTEXT://kafka:9092")
+    assert any("kafka-2: advertised.listeners" in p for p in problems_of(advertised))
+    assert any("CLUSTER_ID" in p for p in problems_of(set_env("kafka-3", CLUSTER_ID="another-cluster-id")))
+    assert any("CLUSTER_ID" in p for p in problems_of(drop_env("kafka-2", "CLUSTER_ID")))
+    shared = set_key("kafka-3", volumes=["kafka-data:/var/lib/kafka/data"])
+    assert any("share a log volume" in p for p in problems_of(shared))
+    assert any("kafka-2: log.dirs" in p for p in problems_of(lambda d: d["services"]["kafka-2"].pop("volumes")))
+    assert any("`ragtide up --cluster` runs 3" in p for p in problems_of(lambda d: d["services"].pop("kafka-3")))
+
+    def renamed(d: Compose) -> None:
+        d["services"]["broker"] = d["services"].pop("kafka")
+
+    assert any("the first named kafka" in p for p in problems_of(renamed))
+    connect = set_env("connect", BOOTSTRAP_SERVERS="kafka:9092,kafka-2:9092")
+    assert any("Connect's bootstrap.servers" in p for p in problems_of(connect))
+    # The project's bootstrap servers: every broker, each at its advertised listener.
+    partial = {**environment(compose, "embedder"), "RAGTIDE_KAFKA__BOOTSTRAP_SERVERS": "kafka:9092,kafka-2:9092"}
+    p2 = settings_from(partial, monkeypatch)
+    assert any("the project's bootstrap servers" in p for p in kafka_problems(compose, p2))
+    local = {k: v for k, v in environment(compose, "embedder").items() if k != "RAGTIDE_KAFKA__BOOTSTRAP_SERVERS"}
+    assert any("expect a local broker" in p for p in wiring_problems(compose, settings_from(local, monkeypatch), "x"))
+    wrong_port = {**partial, "RAGTIDE_KAFKA__BOOTSTRAP_SERVERS": "kafka:9092,kafka-2:9092,kafka-3:9094"}
+    problems = wiring_problems(compose, settings_from(wrong_port, monkeypatch), "embedder")
+    assert any("('kafka-3', 9094) is not a broker's advertised listener" in p for p in problems)
 
 
 def test_connect_matches_connect_distributed_properties(compose: Compose, monkeypatch: MonkeyPatch) -> None:

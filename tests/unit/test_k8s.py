@@ -10,6 +10,7 @@ returns its problems, and a mutated copy proves that it can fail.
 from __future__ import annotations
 
 import functools
+import os
 import re
 import shutil
 import subprocess
@@ -35,7 +36,9 @@ from tests.deploy import (
     SHELL_ENV,
     command_words,
     environment,
+    image_tag,
     interpolate,
+    listener_map,
     load_compose,
     mutated,
     settings_env_problems,
@@ -56,7 +59,13 @@ WORKLOADS = ("Deployment", "StatefulSet", "Job")
 K8S_ONLY_ENV = {
     "RAGTIDE_SOURCES_FILE",  # mounted from the ConfigMap ragtide-sources, not baked into the image
     "QDRANT_URL",  # the qdrant Service spreads over the nodes and drops one that is not ready; compose lists them
+    "RAGTIDE_KAFKA__BOOTSTRAP_SERVERS",  # every broker: compose's services, the kafka StatefulSet's pods here
 }
+# apache/kafka's start command (its Dockerfile's CMD): the kafka container's wrapper execs it.
+KAFKA_RUN = "/etc/kafka/docker/run"
+# What the wrapper sets from the pod's name; the rest of the environment is docker-compose.yml's.
+KAFKA_POD_ENV = ("KAFKA_NODE_ID", "KAFKA_ADVERTISED_LISTENERS")
+VOTERS = "KAFKA_CONTROLLER_QUORUM_VOTERS"
 
 Obj = dict[str, Any]
 
@@ -163,6 +172,115 @@ def service_port(objs: list[Obj], host: str, port: int) -> list[str]:
     ]
 
 
+def pod_endpoint(objs: list[Obj], host: str, port: int) -> list[str]:
+    """`host:port` reaches a pod: a Service (see `service_port`), or `<pod>.<service>`, a pod of the StatefulSet
+    whose headless governing Service that is, listening on the port."""
+    pod_name, dot, service = host.partition(".")
+    if not dot:
+        return service_port(objs, host, port)
+    for w in workloads(objs):
+        name, spec = w["metadata"]["name"], w["spec"]
+        if w["kind"] != "StatefulSet" or spec.get("serviceName") != service:
+            continue
+        ordinal = pod_name.removeprefix(f"{name}-")
+        if not pod_name.startswith(f"{name}-") or not ordinal.isdigit() or int(ordinal) >= spec["replicas"]:
+            return [f"{host}: StatefulSet {name} has no pod {pod_name}"]
+        if find(objs, "Service", service)["spec"].get("clusterIP") != "None":
+            return [f"{host}: Service {service} is not headless (no name per pod)"]
+        if port not in container_ports(w):
+            return [f"{host}: pod {pod_name} does not listen on {port}"]
+        return []
+    return [f"{host} is not a pod of a StatefulSet under its Service {service}"]
+
+
+def server_list(value: str) -> list[tuple[str, int]]:
+    """`a:9092,b:9092` -> [("a", 9092), ("b", 9092)] (a bootstrap.servers value)."""
+    return [(host, int(port)) for host, _, port in (s.strip().rpartition(":") for s in value.split(",") if s)]
+
+
+def kafka_pods(objs: list[Obj]) -> list[str]:
+    """The kafka StatefulSet's pods by their names under its Service (`kafka-0.kafka`, ...)."""
+    sts = find(objs, "StatefulSet", "kafka")
+    name, spec = sts["metadata"]["name"], sts["spec"]
+    return [f"{name}-{i}.{spec['serviceName']}" for i in range(spec["replicas"])]
+
+
+def kafka_bootstrap(objs: list[Obj]) -> str:
+    """Every broker's client listener: what the project and Connect bootstrap from."""
+    env = container_env(objs, container(find(objs, "StatefulSet", "kafka")))
+    port = listener_map(env.get("KAFKA_LISTENERS", "")).get("PLAINTEXT", ("", 0))[1]
+    return ",".join(f"{pod}:{port}" for pod in kafka_pods(objs))
+
+
+def kafka_pod_env(c: Obj, env: Mapping[str, str], hostname: str) -> dict[str, str]:
+    """What the kafka container's wrapper changes in the environment of the pod `hostname` before it execs the
+    image's start command: its script is run by bash with that command replaced by `env`. ValueError if it is not
+    `bash -c <script>` ending in `exec KAFKA_RUN`."""
+    words = [*c.get("command", []), *c.get("args", [])]
+    lines = [line.strip() for line in words[-1].strip().splitlines()] if len(words) == 3 else []
+    if words[:2] != ["bash", "-c"] or not lines or lines[-1] != f"exec {KAFKA_RUN}":
+        raise ValueError(f"kafka: the container must run `bash -c <script>` that ends in `exec {KAFKA_RUN}`: {words}")
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash to run the kafka container's wrapper with")
+    given = {**env, "HOSTNAME": hostname, "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    script = "\n".join([*lines[:-1], "exec env -0"])
+    done = subprocess.run([bash, "-c", script], env=given, capture_output=True, text=True, timeout=10, check=False)
+    if done.returncode != 0:
+        raise ValueError(f"kafka: the wrapper fails in pod {hostname}: {done.stderr.strip()}")
+    seen = dict(item.split("=", 1) for item in done.stdout.split("\0") if "=" in item)
+    return {k: v for k, v in seen.items() if given.get(k) != v and k not in ("PWD", "SHLVL", "_", "OLDPWD")}
+
+
+def kafka_problems(objs: list[Obj]) -> list[str]:
+    """The kafka StatefulSet is docker-compose.yml's quorum: as many brokers, compose's `kafka` environment but
+    for what each pod sets from its name (node id ordinal+1, its own advertised address) and voters that name the
+    pods through the headless Service; started in parallel (a pod is ready only once a majority runs)."""
+    compose = load_compose()
+    brokers = [n for n in compose["services"] if image_tag(compose, n)[0] == "apache/kafka"]
+    sts = find(objs, "StatefulSet", "kafka")
+    c, spec = container(sts), sts["spec"]
+    env = container_env(objs, c)
+    problems = []
+    if spec["replicas"] != len(brokers):
+        problems.append(f"kafka: {spec['replicas']} replicas, docker-compose.yml runs {len(brokers)} brokers")
+    if spec.get("podManagementPolicy") != "Parallel":
+        problems.append("kafka: podManagementPolicy must be Parallel (OrderedReady waits forever for a quorum)")
+    if set(env) & set(KAFKA_POD_ENV):
+        problems.append(f"kafka: {sorted(set(env) & set(KAFKA_POD_ENV))} differ per pod: the wrapper sets them")
+    expected = {k: v for k, v in environment(compose, "kafka").items() if k not in (*KAFKA_POD_ENV, VOTERS)}
+    if {k: v for k, v in env.items() if k not in (*KAFKA_POD_ENV, VOTERS)} != expected:
+        diff = sorted(k for k in set(env) | set(expected) if k != VOTERS and env.get(k) != expected.get(k))
+        problems.append(f"kafka: the environment is not docker-compose.yml's: {diff}")
+    listeners = listener_map(env.get("KAFKA_LISTENERS", ""))
+    client, controller = listeners.get("PLAINTEXT", ("", 0))[1], listeners.get("CONTROLLER", ("", 0))[1]
+    pods = kafka_pods(objs)
+    voters = ",".join(f"{i + 1}@{pod}:{controller}" for i, pod in enumerate(pods))
+    if env.get(VOTERS) != voters:
+        problems.append(f"kafka: voters {env.get(VOTERS)!r}, the StatefulSet's pods are {voters!r}")
+    for i, pod in enumerate(pods):
+        try:
+            got = kafka_pod_env(c, env, pod.split(".")[0])
+        except ValueError as exc:
+            return [*problems, str(exc)]
+        want = {"KAFKA_NODE_ID": str(i + 1), "KAFKA_ADVERTISED_LISTENERS": f"PLAINTEXT://{pod}:{client}"}
+        if got != want:
+            problems.append(f"kafka: pod {pod.split('.')[0]} sets {got}, not {want}")
+    logs = env.get("KAFKA_LOG_DIRS", "")
+    if not any(logs.startswith(m["mountPath"] + "/") for m in c["volumeMounts"]):
+        problems.append(f"kafka: log dir {logs} is not a directory inside a volume")
+    if not any(
+        t["metadata"]["name"] == m["name"] for t in spec.get("volumeClaimTemplates", []) for m in c["volumeMounts"]
+    ):
+        problems.append("kafka: each pod needs a volume of its own (a volumeClaimTemplate)")
+    svc = find(objs, "Service", spec["serviceName"])["spec"]
+    if svc.get("clusterIP") != "None" or not svc.get("publishNotReadyAddresses"):
+        problems.append(
+            "kafka: its Service must be headless and publish the pods before they are ready (they are the quorum)"
+        )
+    return problems
+
+
 # --- the checks -------------------------------------------------------------------------------------------
 
 
@@ -218,11 +336,13 @@ def env_problems(objs: list[Obj], monkeypatch: MonkeyPatch, gpu: bool = False) -
         qdrant = urlsplit(s.qdrant_url or "")
         for host, port in [
             (s.postgres.host, s.postgres.port),
-            (s.kafka.host, s.kafka.port),
+            *server_list(s.kafka.bootstrap),
             (s.connect.host, s.connect.port),
             (qdrant.hostname or "", qdrant.port or 0),
         ]:
-            problems += [f"{name}: {p}" for p in service_port(objs, host, port)]
+            problems += [f"{name}: {p}" for p in pod_endpoint(objs, host, port)]
+        if s.kafka.bootstrap != kafka_bootstrap(objs):
+            problems.append(f"{name}: kafka {s.kafka.bootstrap}, not every broker {kafka_bootstrap(objs)}")
         compose_env = environment(compose, name)
         for key in sorted((set(env) | set(compose_env)) - K8S_ONLY_ENV):
             if env.get(key) != compose_env.get(key):
@@ -280,23 +400,18 @@ def stack_problems(objs: list[Obj]) -> list[str]:
         for m in pg["volumeMounts"]
     ):
         problems.append("postgres: PGDATA must be a directory inside the volume (its root holds lost+found)")
-    kafka = find(objs, "StatefulSet", "kafka")
-    kafka_env = container_env(objs, container(kafka))
-    if kafka_env != environment(compose, "kafka"):
-        problems.append("kafka: the environment is not docker-compose.yml's")
-    logs = kafka_env.get("KAFKA_LOG_DIRS", "")
-    if not any(logs.startswith(m["mountPath"] + "/") for m in container(kafka)["volumeMounts"]):
-        problems.append(f"kafka: log dir {logs} is not a directory inside a volume")
-    svc = find(objs, "Service", "kafka")["spec"]
-    if svc.get("clusterIP") != "None" or not svc.get("publishNotReadyAddresses"):
-        problems.append(
-            "kafka: its Service must be headless and publish the pod before it is ready (it is its own controller)"
-        )
+    problems += kafka_problems(objs)
     connect_env = container_env(objs, container(find(objs, "Deployment", "connect")))
-    expected = {**environment(compose, "connect"), "ADVERTISED_HOST_NAME": "<status.podIP>"}
+    expected = {
+        **environment(compose, "connect"),
+        "ADVERTISED_HOST_NAME": "<status.podIP>",
+        "BOOTSTRAP_SERVERS": kafka_bootstrap(objs),
+    }
     if connect_env != expected:
         diff = sorted(k for k in set(connect_env) | set(expected) if connect_env.get(k) != expected.get(k))
-        problems.append(f"connect: {diff} differ from docker-compose.yml (the pod IP is advertised)")
+        problems.append(
+            f"connect: {diff} differ from docker-compose.yml (the pod IP is advertised, every kafka pod bootstrapped)"
+        )
     return problems
 
 
@@ -450,8 +565,18 @@ def test_project_environment_is_real_settings_and_matches_compose(base: list[Obj
     problems = env_problems(elsewhere, monkeypatch)
     assert any("db is not a Service" in p for p in problems)
     assert any("RAGTIDE_POSTGRES__HOST='db'" in p for p in problems)  # and it drifted from docker-compose.yml
-    port = mutated(base, set_env("Deployment", "retriever", "RAGTIDE_KAFKA__PORT", "9094"))
-    assert any("Service kafka has no port 9094" in p for p in env_problems(port, monkeypatch))
+    servers = "kafka-0.kafka:9092,kafka-1.kafka:9092,kafka-2.kafka:9094"
+    port = mutated(base, set_env("Deployment", "retriever", "RAGTIDE_KAFKA__BOOTSTRAP_SERVERS", servers))
+    problems = env_problems(port, monkeypatch)
+    assert any("kafka-2.kafka: pod kafka-2 does not listen on 9094" in p for p in problems)
+    assert any("retriever: kafka kafka-0.kafka:9092,kafka-1.kafka:9092,kafka-2.kafka:9094, not" in p for p in problems)
+    servers = "kafka-0.kafka:9092,kafka-1.kafka:9092,kafka-3.kafka:9092"
+    beyond = mutated(base, set_env("Deployment", "embedder", "RAGTIDE_KAFKA__BOOTSTRAP_SERVERS", servers))
+    assert any("StatefulSet kafka has no pod kafka-3" in p for p in env_problems(beyond, monkeypatch))
+    one = mutated(base, set_env("Deployment", "embedder", "RAGTIDE_KAFKA__BOOTSTRAP_SERVERS", "kafka-0.kafka:9092"))
+    assert any("embedder: kafka kafka-0.kafka:9092, not every broker" in p for p in env_problems(one, monkeypatch))
+    service = mutated(base, set_env("Deployment", "embedder", "RAGTIDE_KAFKA__BOOTSTRAP_SERVERS", "kafka:9094"))
+    assert any("Service kafka has no port 9094" in p for p in env_problems(service, monkeypatch))
 
 
 def test_the_sources_configmap_is_config_sources_yaml(base: list[Obj], monkeypatch: MonkeyPatch) -> None:
@@ -487,12 +612,79 @@ def test_postgres_kafka_and_connect_run_as_compose_runs_them(base: list[Obj]) ->
     assert any("postgres args" in p for p in stack_problems(mutated(base, edit("StatefulSet", "postgres", replica))))
     pgdata = mutated(base, set_env("StatefulSet", "postgres", "PGDATA", "/var/lib/postgresql/data"))
     assert any("PGDATA" in p for p in stack_problems(pgdata))
-    voters = mutated(base, set_env("StatefulSet", "kafka", "KAFKA_CONTROLLER_QUORUM_VOTERS", "1@kafka:9094"))
-    assert any("kafka: the environment" in p for p in stack_problems(voters))
+    partitions = mutated(base, set_env("StatefulSet", "kafka", "KAFKA_NUM_PARTITIONS", "3"))
+    assert any(
+        "kafka: the environment is not docker-compose.yml's: ['KAFKA_NUM_PARTITIONS']" in p
+        for p in stack_problems(partitions)
+    )
     routed = mutated(base, edit("Service", "kafka", lambda d: d["spec"].pop("publishNotReadyAddresses")))
     assert any("headless" in p for p in stack_problems(routed))
     fixed_host = mutated(base, set_env("Deployment", "connect", "ADVERTISED_HOST_NAME", "connect"))
     assert any("ADVERTISED_HOST_NAME" in p for p in stack_problems(fixed_host))
+    one_broker = mutated(base, set_env("Deployment", "connect", "BOOTSTRAP_SERVERS", "kafka:9092"))
+    assert any("['BOOTSTRAP_SERVERS'] differ" in p for p in stack_problems(one_broker))
+
+
+def test_kafka_runs_compose_quorum_one_broker_per_pod(base: list[Obj]) -> None:
+    assert kafka_problems(base) == []
+    assert kafka_pods(base) == ["kafka-0.kafka", "kafka-1.kafka", "kafka-2.kafka"]
+    c = container(find(base, "StatefulSet", "kafka"))
+    env = container_env(base, c)
+    assert kafka_pod_env(c, env, "kafka-2") == {
+        "KAFKA_NODE_ID": "3",
+        "KAFKA_ADVERTISED_LISTENERS": "PLAINTEXT://kafka-2.kafka:9092",
+    }
+
+    def spec(**values: object) -> Callable[[list[Obj]], object]:
+        return edit("StatefulSet", "kafka", lambda d: d["spec"].update(values))
+
+    ordered = mutated(base, spec(podManagementPolicy="OrderedReady"))
+    assert any("podManagementPolicy must be Parallel" in p for p in kafka_problems(ordered))
+    default = mutated(base, edit("StatefulSet", "kafka", lambda d: d["spec"].pop("podManagementPolicy")))
+    assert any("podManagementPolicy must be Parallel" in p for p in kafka_problems(default))  # OrderedReady
+    one = mutated(base, spec(replicas=1))
+    problems = kafka_problems(one)
+    assert any("kafka: 1 replicas, docker-compose.yml runs 3 brokers" in p for p in problems)
+    assert any("kafka: voters" in p for p in problems)  # the voters still name 3 pods
+    for voters in (
+        "1@kafka:9093",
+        "1@kafka-0.kafka:9093,2@kafka-1.kafka:9093",
+        "1@kafka-1.kafka:9093,2@kafka-0.kafka:9093,3@kafka-2.kafka:9093",
+        "1@kafka-0.kafka:9094,2@kafka-1.kafka:9094,3@kafka-2.kafka:9094",
+        "1@kafka-0:9093,2@kafka-1:9093,3@kafka-2:9093",
+    ):
+        wrong = mutated(base, set_env("StatefulSet", "kafka", "KAFKA_CONTROLLER_QUORUM_VOTERS", voters))
+        assert any("kafka: voters" in p for p in kafka_problems(wrong)), voters
+    static = mutated(base, set_env("StatefulSet", "kafka", "KAFKA_NODE_ID", "1"))
+    assert any("['KAFKA_NODE_ID'] differ per pod" in p for p in kafka_problems(static))
+    rf1 = mutated(base, set_env("StatefulSet", "kafka", "KAFKA_DEFAULT_REPLICATION_FACTOR", "1"))
+    assert any("['KAFKA_DEFAULT_REPLICATION_FACTOR']" in p for p in kafka_problems(rf1))
+
+    def script(text: str) -> Callable[[list[Obj]], object]:
+        return edit("StatefulSet", "kafka", lambda d: container(d).update(args=[text]))
+
+    run = "exec /etc/kafka/docker/run"
+    node = "export KAFKA_NODE_ID=$(( ${HOSTNAME##*-} + 1 ))"
+    advertised = "export KAFKA_ADVERTISED_LISTENERS=PLAINTEXT://${HOSTNAME}.kafka:9092"
+    assert kafka_problems(mutated(base, script(f"{node}\n{advertised}\n{run}\n"))) == []
+    from_zero = "export KAFKA_NODE_ID=${HOSTNAME##*-}"
+    assert any(
+        "pod kafka-0 sets" in p for p in kafka_problems(mutated(base, script(f"{from_zero}\n{advertised}\n{run}")))
+    )
+    no_pod = "export KAFKA_ADVERTISED_LISTENERS=PLAINTEXT://kafka:9092"
+    assert any("pod kafka-1 sets" in p for p in kafka_problems(mutated(base, script(f"{node}\n{no_pod}\n{run}"))))
+    unexported = "KAFKA_NODE_ID=$(( ${HOSTNAME##*-} + 1 ))"
+    assert any("sets" in p for p in kafka_problems(mutated(base, script(f"{unexported}\n{advertised}\n{run}"))))
+    assert any("ends in `exec" in p for p in kafka_problems(mutated(base, script(f"{node}\n{advertised}"))))
+    assert any(
+        "ends in `exec" in p
+        for p in kafka_problems(mutated(base, script(f"{node}\n{advertised}\nexec kafka-server-start.sh")))
+    )
+    assert any("the wrapper fails" in p for p in kafka_problems(mutated(base, script(f"set -u\necho $NOPE\n{run}"))))
+    plain = edit("StatefulSet", "kafka", lambda d: [container(d).pop("command"), container(d).pop("args")])
+    assert any("must run `bash -c" in p for p in kafka_problems(mutated(base, plain)))
+    shared = edit("StatefulSet", "kafka", lambda d: d["spec"].pop("volumeClaimTemplates"))
+    assert any("a volume of its own" in p for p in kafka_problems(mutated(base, shared)))
 
 
 def test_probes_ask_real_routes(base: list[Obj]) -> None:

@@ -183,20 +183,8 @@ class Cluster:
                 ),
             }
         )
-        voters = ",".join(f"{j + 1}@127.0.0.1:{self.port('broker', j) + 1}" for j in range(n))
-        rf, isr = str(min(3, n)), str(min(2, n))
-        extra = {
-            "node.id": str(i + 1),
-            "controller.quorum.voters": voters,
-            "default.replication.factor": rf,
-            "min.insync.replicas": isr,
-            "offsets.topic.replication.factor": rf,
-            "transaction.state.log.replication.factor": rf,
-            "transaction.state.log.min.isr": isr,
-            "share.coordinator.state.topic.replication.factor": rf,
-            "share.coordinator.state.topic.min.isr": isr,
-        }
-        return KafkaBroker(s, self.daemon(f"kafka-{i}"), extra=extra)
+        voters = [f"{j + 1}@127.0.0.1:{self.port('broker', j) + 1}" for j in range(n)]
+        return KafkaBroker(s, self.daemon(f"kafka-{i}"), extra=quorum_properties(i + 1, voters, n))
 
     def start_kafka(self) -> None:
         """All brokers at once (a quorum needs a majority before any broker listens), then wait for each."""
@@ -284,6 +272,27 @@ class Cluster:
             if pid is not None:
                 out[m.daemon.name] = (_rss_mb(pid), BUDGET_MB[m.kind])
         return out
+
+
+def quorum_properties(node_id: int, voters: Sequence[str] | str, brokers: int) -> dict[str, str]:
+    """What node `node_id` of a `brokers`-node KRaft quorum sets over infra/config/server.properties (a single
+    node): its id, the voters (`id@host:controller-port`, a list or already joined by commas), and topics, the
+    internal ones included, replicated 3 times with `min.insync.replicas` 2 (each at most `brokers`).
+
+    `ragtide up --cluster` appends these to each broker's properties; docker-compose.yml and infra/k8s set the same
+    as environment variables (tests/unit/test_compose.py and test_k8s.py hold them to this)."""
+    rf, isr = str(min(3, brokers)), str(min(2, brokers))
+    return {
+        "node.id": str(node_id),
+        "controller.quorum.voters": voters if isinstance(voters, str) else ",".join(voters),
+        "default.replication.factor": rf,
+        "min.insync.replicas": isr,
+        "offsets.topic.replication.factor": rf,
+        "transaction.state.log.replication.factor": rf,
+        "transaction.state.log.min.isr": isr,
+        "share.coordinator.state.topic.replication.factor": rf,
+        "share.coordinator.state.topic.min.isr": isr,
+    }
 
 
 def _rss_mb(pid: int) -> int:
