@@ -103,3 +103,31 @@ def test_one_partition_that_stops_while_the_others_commit_is_sought_back() -> No
     assert dog.stuck({b: 5.0}, after_s=30) == {b: 20}  # seek back to the committed offset
     assert dog.stuck({b: 5.0}, after_s=30) == {}  # once per after_s
     assert dog.stuck({a: clock.t}, after_s=30) == {}  # a is moving
+
+
+def test_a_partition_is_sought_back_on_the_consumers_own_thread() -> None:
+    """faust's Consumer.seek calls aiokafka from the caller's thread, racing its fetcher (a KeyError crashed the
+    worker in bench scale); the seek goes through the consumer thread's seek_wait instead."""
+    import asyncio
+
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+    from faust.types import TP
+
+    from ragtide.embedder.worker import seek_back
+
+    sought: list[dict[TP, int]] = []
+
+    class Thread:
+        async def seek_wait(self, partitions: dict[TP, int]) -> None:
+            sought.append(dict(partitions))
+
+    class Consumer:
+        _thread = Thread()
+
+        async def seek(self, tp: TP, offset: int) -> None:
+            raise AssertionError("Consumer.seek runs aiokafka on the caller's thread")
+
+    tp = TP("ragtide.public.docs", 3)
+    asyncio.run(seek_back(Consumer(), tp, 42))
+    assert sought == [{tp: 42}]
+    assert callable(getattr(AIOKafkaConsumerThread, "seek_wait", None))  # what the real consumer's thread offers

@@ -147,6 +147,8 @@ class Prober:
         body = {"query": "probe", "k": 1, "filter": {"label": label}}
         with httpx.Client() as client:
             while time.monotonic() - t0 < timeout_s:
+                if self._stop.is_set():  # the run is over (or the benchmark stopped): neither found nor lost
+                    return
                 try:
                     hits = client.post(f"{self.retriever}/v1/search", json=body, timeout=10).json().get("hits")
                 except (httpx.HTTPError, ValueError):
@@ -160,9 +162,13 @@ class Prober:
             self.lost += 1
 
     def stop(self) -> None:
+        """Stop probing; probes still waiting end within one search's timeout (10 s)."""
+        import time
+
         self._stop.set()
+        deadline = time.monotonic() + 15
         for t in self._threads:
-            t.join(timeout=130)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def bench_settings(base_port: int, data: Path) -> Any:

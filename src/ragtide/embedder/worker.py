@@ -366,7 +366,7 @@ def watch(app: faust.App, watchdog: Watchdog, processor: BatchProcessor, offsets
                 extra={"topic": topic, "partition": partition, "offset": committed},
             )
             metrics.rewinds.labels(topic, str(partition)).inc()
-            await app.consumer.seek(TP(topic, partition), committed)
+            await seek_back(app.consumer, TP(topic, partition), committed)
         verdict = watchdog.verdict()
         metrics.liveness_checks.inc()
         metrics.partitions.set(len(assigned))
@@ -381,3 +381,14 @@ def watch(app: faust.App, watchdog: Watchdog, processor: BatchProcessor, offsets
             await asyncio.Event().wait()
         finally:
             await offsets.close()
+
+
+async def seek_back(consumer: Any, tp: TP, offset: int) -> None:
+    """Seek a partition on the consumer's own thread. faust-streaming runs aiokafka on a thread of its own, and its
+    `Consumer.seek` calls aiokafka from the caller's thread: a seek racing the fetcher crashed the worker
+    (`KeyError` in aiokafka's `fetched_records`, seen in `bench scale`). `seek_wait` goes through the thread."""
+    thread = getattr(consumer, "_thread", None)
+    if thread is not None and hasattr(thread, "seek_wait"):
+        await thread.seek_wait({tp: offset})
+    else:  # a consumer without a thread of its own
+        await consumer.seek(tp, offset)
