@@ -93,8 +93,8 @@ bench-freshness: install ## freshness benchmark against the running stack (make 
 	$(BIN)/pip install -q -c constraints.txt -e '.[bench]'
 	$(BIN)/ragtide bench freshness --rate 5 --rate 50 --duration 30 --find-max
 
-bench-serve: install ## serving benchmark against the running stack: search with 1 and 8 clients, streamed answers (TTFT)
-	$(BIN)/ragtide bench serve
+bench-serve: install ## serving benchmark against the running stack (make up first): search during a 100k-row backfill, wrk at 64/256/1024 connections, this code and the baseline side by side (BASELINE=rev), TTFT
+	$(BIN)/ragtide bench serve --backfill-to 100000 $(if $(BASELINE),--baseline $(BASELINE),)
 
 bench-cache: install ## answer-cache benchmark against the running stack: hit rate, wrong and stale hits, hit vs miss latency
 	$(BIN)/ragtide bench cache

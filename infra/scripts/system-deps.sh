@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# System packages the native stack needs: Java 17+, Maven, PostgreSQL 15 server, npm, Chromium. Installs what is missing
+# System packages the native stack needs: Java 17+, Maven, PostgreSQL 15 server, npm, Chromium, wrk. Installs what is missing
 # when run as root on Debian; otherwise says what to install.
 set -euo pipefail
 missing=()
@@ -12,6 +12,8 @@ command -v openssl >/dev/null || missing+=(openssl)
 command -v npm >/dev/null || missing+=(npm)
 # Headless browser for the dashboard test (Debian's Chromium; nothing is downloaded by a test tool).
 command -v chromium >/dev/null || missing+=(chromium)
+# The HTTP load generator of `ragtide bench serve` (Debian's wrk; its Lua scripts give every request its own query).
+command -v wrk >/dev/null || missing+=(wrk)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "installing system packages: ${missing[*]}"

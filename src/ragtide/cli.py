@@ -842,15 +842,34 @@ def bench_serve(
         typer.Option(min=1, max=2_000_000, help="first insert synthetic rows until the index holds this many chunks"),
     ] = None,
     out: Annotated[Path, typer.Option(help="folder for the JSON result")] = Path("bench/results"),
+    backfill_to: Annotated[
+        int | None,
+        typer.Option(min=1, max=2_000_000, help="search with 1 client while a backfill grows the index to this many"),
+    ] = None,
+    connections: Annotated[
+        list[int] | None, typer.Option("--connections", help="wrk load levels (default 64, 256, 1024)")
+    ] = None,
+    sweep: Annotated[
+        list[int] | None, typer.Option("--sweep", help="smaller levels, for the best QPS at p99 ≤ 200 ms")
+    ] = None,
+    level_s: Annotated[float, typer.Option(min=1, max=120, help="seconds per wrk level")] = 15.0,
+    baseline: Annotated[
+        str | None, typer.Option(help="also run the node of this git revision over the same data, side by side")
+    ] = None,
+    load: Annotated[bool, typer.Option(help="run the wrk levels (needs wrk)")] = True,
 ) -> None:
-    """Search latency with 1 client and the QPS N clients hold, then TTFT of streamed answers, side by side."""
+    """Search latency with 1 client and the QPS N clients hold, then TTFT of streamed answers; then wrk at 64, 256
+    and 1,024 connections (and a sweep), for this code and, with --baseline, another revision's, side by side."""
+    from ragtide.bench import load as wrk
     from ragtide.bench.serve import (
         ServeResult,
         answer_phase,
         grow_index,
         indexed_chunks,
+        search_during_backfill,
         search_phase,
     )
+    from ragtide.contracts.machine import cpu_info
 
     s = _settings()
     api = _loopback_api(s)
@@ -859,6 +878,12 @@ def bench_serve(
         with console.status(f"growing the index to {grow_to} chunks through the pipeline…") as status:
             grow_index(s.postgres.dsn(), api, grow_to, timeout=3600, progress=lambda n: status.update(f"{n} chunks"))
     phases = []
+    if backfill_to:
+        with console.status(f"searching while a backfill grows the index to {backfill_to} chunks…"):
+            phases.append(search_during_backfill(s.postgres.dsn(), api, headers, backfill_to, timeout=3600))
+    if backfill_to or grow_to:
+        with console.status("building the index's HNSW graph (ragtide optimize)…"):
+            _post(s, "/v1/admin/optimize", {}, timeout=3600)
     for n in (1, clients):
         with console.status(f"/v1/search with {n} client(s) for {duration:g}s…"):
             phases.append(search_phase(api, headers, n, duration, max_requests=200_000))
@@ -866,6 +891,19 @@ def bench_serve(
         with console.status(f"{answers} streamed answers…"):
             phases.append(answer_phase(api, headers, answers, max_tokens, timeout=300))
     result = ServeResult(api, indexed_chunks(api, headers), phases, time.strftime("%Y%m%d-%H%M%S"))
+    result.machine = cpu_info()
+    if load:
+        levels, swept = connections or [64, 256, 1024], sweep or [1, 4, 16, 32, 64]
+        with console.status(f"wrk: {levels} and {swept} connections, {level_s:g}s each…"):
+            result.load["this"] = wrk.measure(api, levels, swept, level_s, key)
+        if baseline:
+            with (
+                console.status(f"the node of {baseline}, then wrk against it…"),
+                wrk.baseline_node(s, baseline, wrk.git_toplevel()) as short,
+            ):
+                result.load[f"baseline {short}"] = wrk.measure(api, levels, swept, level_s, key)
+        with console.status("limits still apply: a key of 10 requests/s under 16 connections…"):
+            result.limits = wrk.limits_apply(s, api)
     table = Table(
         "phase",
         "requests",
@@ -895,6 +933,24 @@ def bench_serve(
             f"{tps:.0f}" if tps else "–",
         )
     Console(width=200).print(table)
+    for name, measured in result.load.items():
+        lv = Table(
+            "connections", "QPS (200s)", "p50", "p95", "p99", "shed 503", "timeouts", "socket errors", title=name
+        )
+        for row in measured["levels"] + measured["sweep"]:
+            lv.add_row(
+                str(row["connections"]),
+                f"{row['qps']:g}",
+                *(f"{row[q]} ms" for q in ("p50_ms", "p95_ms", "p99_ms")),
+                str(row["shed"]),
+                str(row["timeouts"]),
+                str(row["socket_errors"]),
+            )
+        Console(width=200).print(lv)
+        print(f"{name}: best QPS with p99 ≤ 200 ms and nothing shed: {measured['best_qps_p99_200ms']:g}")
+    if result.limits:
+        lim = result.limits
+        print(f"limits: a {lim['rate_per_s']:g}/s key under 16 connections: {lim['ok']} ok, {lim['limited']} 429s")
     console.print(f"result: {result.save(out)}")
 
 

@@ -72,6 +72,28 @@ def test_authentication_dev_prod_revoked_and_admin() -> None:
     assert revoked.value.status_code == 401 and "revoked" in revoked.value.detail
 
 
+def test_dev_mode_takes_a_placeholder_key_as_no_key_but_not_a_wrong_ragtide_key() -> None:
+    """OpenAI clients refuse to send no key, so dev mode must serve "sk-no-key" as it serves no key; a key shaped
+    like a ragtide key that is unknown or revoked is still refused, and prod mode refuses every key it cannot find."""
+    store, clock = MemoryGatewayStore(), Clock()
+    key, record = new_key("acme")
+    store.add_key(record)
+    store.revoke_key(record.id)
+    unknown = "rtk_000000000000_" + "A" * 43
+    dev, prod = gateway(store, clock, mode="dev"), gateway(store, clock, mode="prod")
+    for placeholder in ("sk-no-key", "EMPTY", "rtk_not_a_key"):
+        assert dev.authenticate(placeholder) == Caller(tenant=None) == dev.authenticate(None)
+        assert dev.admit(dev.authenticate(placeholder)) == {}  # nothing to limit, as without a key
+        with pytest.raises(HTTPException) as refused:
+            prod.authenticate(placeholder)
+        assert refused.value.status_code == 401 and refused.value.detail == "invalid API key"
+    for wrong, reason in ((unknown, "invalid API key"), (key, "revoked")):
+        for gw in (dev, prod):
+            with pytest.raises(HTTPException) as refused:
+                gw.authenticate(wrong)
+            assert refused.value.status_code == 401 and reason in refused.value.detail
+
+
 def test_bearer_header_forms() -> None:
     assert bearer("Bearer abc", None) == "abc"
     assert bearer(None, " abc ") == "abc"

@@ -59,8 +59,17 @@ class Phase:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def search_phase(api: str, headers: dict[str, str], clients: int, duration: float, max_requests: int) -> Phase:
-    """`clients` threads, each with its own keep-alive connection, searching until the time or count runs out."""
+def search_phase(
+    api: str,
+    headers: dict[str, str],
+    clients: int,
+    duration: float,
+    max_requests: int,
+    stop: threading.Event | None = None,
+    name: str | None = None,
+) -> Phase:
+    """`clients` threads, each with its own keep-alive connection, searching until the time or count runs out (or
+    `stop` is set)."""
     lock = threading.Lock()
     latencies: list[float] = []
     server: list[float] = []
@@ -71,7 +80,7 @@ def search_phase(api: str, headers: dict[str, str], clients: int, duration: floa
     def client(n: int) -> None:
         with httpx.Client(base_url=api, headers=headers, timeout=30) as http:
             i = n
-            while time.perf_counter() < deadline:
+            while time.perf_counter() < deadline and not (stop is not None and stop.is_set()):
                 with lock:
                     if issued[0] >= max_requests:
                         return
@@ -105,7 +114,7 @@ def search_phase(api: str, headers: dict[str, str], clients: int, duration: floa
         t.join()
     elapsed = time.perf_counter() - t0
     return Phase(
-        f"search ×{clients}",
+        name or f"search ×{clients}",
         clients,
         len(latencies),
         errors[0],
@@ -181,6 +190,9 @@ class ServeResult:
     indexed_chunks: int
     phases: list[Phase]
     started: str
+    machine: dict[str, Any] = field(default_factory=dict)
+    load: dict[str, dict[str, Any]] = field(default_factory=dict)  # contender -> wrk levels (ragtide.bench.load)
+    limits: dict[str, Any] = field(default_factory=dict)
 
     def save(self, out: Path) -> Path:
         """bench/results/serve-<time>.json"""
@@ -188,6 +200,29 @@ class ServeResult:
         path = out / f"serve-{self.started}.json"
         path.write_text(json.dumps(asdict(self), indent=2))
         return path
+
+
+def search_during_backfill(dsn: str, api: str, headers: dict[str, str], target_points: int, timeout: float) -> Phase:
+    """One client searching while the index grows to `target_points` through the pipeline (a backfill: the
+    embedder busy with full batches). The phase's extra says how many points the backfill added."""
+    before = indexed_chunks(api, headers)
+    stop = threading.Event()
+    box: dict[str, Any] = {}
+
+    def grow() -> None:
+        try:
+            box["points"] = grow_index(dsn, api, target_points, timeout)
+        except Exception as exc:  # reported with the phase
+            box["error"] = repr(exc)
+        finally:
+            stop.set()
+
+    thread = threading.Thread(target=grow, name="backfill", daemon=True)
+    thread.start()
+    phase = search_phase(api, headers, 1, timeout, 10_000_000, stop=stop, name="search ×1 during backfill")
+    thread.join()
+    phase.extra = {"points_before": before, "points_after": box.get("points"), "error": box.get("error")}
+    return phase
 
 
 def indexed_chunks(api: str, headers: dict[str, str]) -> int:

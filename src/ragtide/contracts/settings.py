@@ -356,11 +356,39 @@ class ApiSettings(_Section):
     default_k: int = Field(5, ge=1, le=100)
     max_k: int = Field(50, ge=1, le=1000)
     max_query_chars: int = Field(2000, ge=1)
+    max_embedding_inputs: int = Field(
+        256,
+        ge=1,
+        le=2048,
+        description="texts per POST /v1/embeddings request at most (each at most max_query_chars); one request's "
+        "texts go through the model together, so this bounds how long one request holds it",
+    )
     advertise_url: str | None = Field(
         None,
         description="where other processes reach this one (an embedder that leads advertises it to the "
         "retrievers, which forward /v1/admin to it); default: http://host:port, or this machine's address (a "
         "container's or pod's IP) when host is 0.0.0.0",
+    )
+    max_in_progress: int = Field(
+        256,
+        ge=1,
+        description="searches and embeddings requests in progress at once; one more gets a fast 503 with "
+        "Retry-After (counted in ragtide_http_shed_total), instead of queueing without bound",
+    )
+    queue_timeout_s: float = Field(
+        1.0,
+        gt=0,
+        description="a query request whose text has not reached the model this long after it arrived is dropped "
+        "with a 503, not computed (its client has most likely given up); so is one whose client disconnected",
+    )
+    query_batch: int = Field(
+        32, ge=1, description="query texts embedded in one forward pass at most (concurrent queries share passes)"
+    )
+    query_batch_window_ms: float = Field(
+        2.0,
+        ge=0,
+        le=100,
+        description="how long the first query of an idle model waits for others to share its forward pass",
     )
 
     @property

@@ -67,20 +67,29 @@ class QueryVectors:
 
     def embed(self, encoder: Encoder, query: str) -> Vectors:
         """The query's vector from `encoder` (a generation switch brings another encoder, hence another key); call
-        it on the worker thread that goes on to search, so a request makes one thread hop. Keyed by the model's
-        name, not the object: a new encoder object for the same model gives the same vectors."""
+        it on a worker thread. Keyed by the model's name, not the object: a new encoder object for the same model
+        gives the same vectors."""
+        vector = self.get(encoder, query)
+        if vector is None:
+            vector = np.asarray(encoder.encode([query])[0], dtype=np.float32)
+            self.put(encoder, query, vector)
+        return vector
+
+    def get(self, encoder: Encoder, query: str) -> Vectors | None:
+        """The remembered vector, or None."""
         key = (encoder.model_name, query)
         with self._lock:
             vector = self._vectors.get(key)
             if vector is not None:
                 self._vectors.move_to_end(key)
-                return vector
-        vector = np.asarray(encoder.encode([query])[0], dtype=np.float32)
+            return vector
+
+    def put(self, encoder: Encoder, query: str, vector: Vectors) -> None:
+        """Remember a vector `encoder` gave for `query`."""
         with self._lock:
-            self._vectors[key] = vector
+            self._vectors[(encoder.model_name, query)] = vector
             while len(self._vectors) > self.size:
                 self._vectors.popitem(last=False)
-        return vector
 
 
 class RandomUnitEncoder:

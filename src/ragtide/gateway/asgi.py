@@ -36,7 +36,7 @@ class GatewayEdge:
             return
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            await self._refuse(send, 413, f"request body: larger than {self.max_body_bytes} bytes")
+            await refuse(send, 413, f"request body: larger than {self.max_body_bytes} bytes")
             return
         state = scope.setdefault("state", {})
 
@@ -53,9 +53,12 @@ class GatewayEdge:
 
         await self.app(scope, receive, send_with_headers)
 
-    @staticmethod
-    async def _refuse(send: Send, status: int, detail: str) -> None:
-        body = json.dumps({"detail": detail}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+
+async def refuse(send: Send, status: int, detail: str, retry_after: int | None = None) -> None:
+    """Answer a request at the edge, before the app: JSON {"detail": ...}."""
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

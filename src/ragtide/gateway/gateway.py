@@ -76,7 +76,7 @@ def placeholder_problem(key: str) -> str | None:
 
 @dataclass(frozen=True)
 class Caller:
-    """Who a request acts for. tenant None: every tenant (admin, or dev mode without a key)."""
+    """Who a request acts for. tenant None: every tenant (admin, or dev mode without a ragtide key)."""
 
     tenant: str | None
     key_id: str | None = None
@@ -186,7 +186,12 @@ class Gateway:
             ) from exc
 
     def authenticate(self, key: str | None) -> Caller:
-        """The caller of a request, or 401."""
+        """The caller of a request, or 401.
+
+        Dev mode treats a key that is neither the admin key nor shaped like a ragtide key (`rtk_<id>_<secret>`) as
+        no key: OpenAI clients refuse to send none, so users put a placeholder such as "sk-no-key". A ragtide-shaped
+        key that is unknown or revoked is still a 401 in dev mode: its caller meant to act as a tenant, and serving
+        every tenant's rows instead would hide the mistake."""
         admin = self.settings.admin_key.get_secret_value() if self.settings.admin_key else None
         if key is None:
             if self.settings.mode == "dev":
@@ -197,6 +202,8 @@ class Gateway:
         if admin is not None and hmac.compare_digest(key.encode(), admin.encode()):
             return Caller(tenant=None, admin=True)
         key_id = key_id_of(key)
+        if key_id is None and self.settings.mode == "dev":
+            return Caller(tenant=None)
         record = self._lookup(key_id) if key_id else None
         if record is None or not matches(record, key):
             raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})

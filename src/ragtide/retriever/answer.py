@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import StreamingResponse
 
 from ragtide.embedder.index.base import Filter, Hit
@@ -223,6 +223,7 @@ async def start_answer(
     params: GenerationParams,
     history: Sequence[Message] = (),
     use_cache: bool = True,
+    request: Request | None = None,
 ) -> Answering:
     """Answer from the cache, or retrieve, build the prompt, and start the generator; 503 with the reason when
     it cannot answer.
@@ -251,13 +252,14 @@ async def start_answer(
         tenant = caller.tenant if caller.tenant is not None else ALL_TENANTS
         cache = svc.cache
 
-        def embed_search_look_up() -> tuple[npt.NDArray[np.float32], list[Hit], CachedAnswer | None, list[str]]:
-            vector = svc.query_vectors.embed(encoder, query)
+        vector = (await svc.embed(encoder, [query], request))[0]
+
+        def search_look_up() -> tuple[list[Hit], CachedAnswer | None, list[str]]:
             found = index.search(vector, k, flt)
             versions = sources_of(found)
-            return vector, found, cache.lookup(vector, tenant, scope, versions), versions
+            return found, cache.lookup(vector, tenant, scope, versions), versions
 
-        vector, hits, cached, versions = await asyncio.to_thread(embed_search_look_up)  # one thread hop for all
+        hits, cached, versions = await asyncio.to_thread(search_look_up)  # one thread hop for both
         lookup = CacheLookup(vector, tenant, scope, since, versions)
         if cached is not None:
             ttft = time.perf_counter() - t0
@@ -276,7 +278,7 @@ async def start_answer(
                 cached=cached,
             )
     else:
-        hits = await retrieve(svc, query, k, flt)
+        hits = await retrieve(svc, query, k, flt, request)
     now = time.time()
     found = [to_hit(h, now) for h in hits]
     texts = fit([h.text for h in found], svc.settings.generator.max_context_chars)
@@ -347,11 +349,13 @@ def answer_router() -> APIRouter:
             **GATEWAY_RESPONSES,
         },
     )
-    async def answer(body: AnswerRequest, svc: ServicesDep, caller: CallerDep) -> Any:
+    async def answer(body: AnswerRequest, request: Request, svc: ServicesDep, caller: CallerDep) -> Any:
         """Answer from the freshest indexed rows, citing them; `stream: true` streams Server-Sent Events."""
         params = _params(svc, body.max_tokens, body.temperature)
         flt = build_filter(svc, body.filter, caller)
-        run = await start_answer(svc, caller, "answer", body.query, body.k, flt, params, use_cache=body.cache)
+        run = await start_answer(
+            svc, caller, "answer", body.query, body.k, flt, params, use_cache=body.cache, request=request
+        )
         if not body.stream:
             await run.complete()
             assert run.usage is not None
@@ -406,7 +410,9 @@ def answer_router() -> APIRouter:
             **GATEWAY_RESPONSES,
         },
     )
-    async def chat_completions(body: ChatCompletionRequest, svc: ServicesDep, caller: CallerDep) -> Any:
+    async def chat_completions(
+        body: ChatCompletionRequest, request: Request, svc: ServicesDep, caller: CallerDep
+    ) -> Any:
         """OpenAI-compatible chat completions, answered with retrieval over the freshest index.
 
         The last user message is the query; earlier user/assistant turns are kept as history. Citations come as
@@ -419,7 +425,9 @@ def answer_router() -> APIRouter:
         history = [Message(m.role, m.content) for m in body.messages[:last] if m.content]
         params = _params(svc, body.max_completion_tokens or body.max_tokens, body.temperature)
         flt = build_filter(svc, None, caller)
-        run = await start_answer(svc, caller, "chat", query, None, flt, params, history, use_cache=body.cache)
+        run = await start_answer(
+            svc, caller, "chat", query, None, flt, params, history, use_cache=body.cache, request=request
+        )
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         model = svc.generator.model if svc.generator else ""
         base = {"id": cid, "created": created, "model": model}

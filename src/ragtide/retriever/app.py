@@ -34,9 +34,11 @@ from ragtide.retriever.answer import answer_router
 from ragtide.retriever.cache import SemanticCache
 from ragtide.retriever.canary import Canary
 from ragtide.retriever.dashboard import DASHBOARD_HTML, counters_from
+from ragtide.retriever.openai_compat import openai_router
 from ragtide.retriever.openapi import tailored_openapi
+from ragtide.retriever.queries import RETRY_AFTER_S, AdmissionEdge, Overloaded
 from ragtide.retriever.schemas import (
-    GATEWAY_RESPONSES,
+    QUERY_RESPONSES,
     Health,
     IndexStats,
     SearchRequest,
@@ -136,6 +138,7 @@ def create_app(
                 try:
                     yield
                 finally:
+                    await svc.batcher.close()
                     if svc.generator is not None:
                         await svc.generator.aclose()
                     if store is not None:
@@ -164,10 +167,15 @@ def create_app(
     if settings.dashboard.assets_dir.is_dir():
         app.mount("/static", StaticFiles(directory=settings.dashboard.assets_dir), name="static")
 
-    for router in (*routers, answer_router()):
+    for router in (*routers, answer_router(), openai_router()):
         app.include_router(router)
 
     app.add_middleware(GatewayEdge, gateway=svc.gateway, max_body_bytes=settings.gateway.max_body_bytes)
+    # outermost: an overloaded API turns a query request away before any other work
+    api = settings.api
+    app.add_middleware(
+        AdmissionEdge, limit=api.max_in_progress, timeout_s=api.queue_timeout_s, metrics=svc.query_metrics
+    )
 
     internal_errors = Counter(
         "ragtide_http_internal_errors_total",
@@ -179,6 +187,10 @@ def create_app(
     @app.exception_handler(ClientError)
     async def _client_error(_: Request, exc: ClientError) -> JSONResponse:
         return JSONResponse(status_code=422, content={"detail": str(exc)})
+
+    @app.exception_handler(Overloaded)
+    async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:
+        return JSONResponse(status_code=503, content={"detail": str(exc)}, headers={"Retry-After": str(RETRY_AFTER_S)})
 
     @app.exception_handler(StoreUnavailable)
     @app.exception_handler(psycopg.OperationalError)  # Postgres read directly (verify, the source's rows)
@@ -193,13 +205,13 @@ def create_app(
             status_code=500, content={"detail": f"internal error ({type(exc).__name__}); it was logged"}
         )
 
-    @app.post("/v1/search", response_model=SearchResponse, tags=["retrieval"], responses=GATEWAY_RESPONSES)
-    async def search(body: SearchRequest, svc: ServicesDep, caller: CallerDep) -> SearchResponse:
+    @app.post("/v1/search", response_model=SearchResponse, tags=["retrieval"], responses=QUERY_RESPONSES)
+    async def search(body: SearchRequest, request: Request, svc: ServicesDep, caller: CallerDep) -> SearchResponse:
         """Semantic search over the freshest indexed state of the source tables (the caller's tenant only)."""
         t0 = time.perf_counter()
         k = check_query(svc, body.query, body.k)
         flt = build_filter(svc, body.filter, caller)
-        hits = await retrieve(svc, body.query, k, flt)
+        hits = await retrieve(svc, body.query, k, flt, request)
         if caller.tenant is not None:  # only tenants have a quota
             await asyncio.to_thread(svc.gateway.charge, caller, query_tokens(body.query))
         now = time.time()

@@ -1,6 +1,8 @@
 """The OpenAPI document says what this deployment accepts: the filterable fields of its sources, its tables,
-its limits (k, query length, completion tokens). A request that validates against the document is one the
-API accepts, so clients (and schemathesis) can rely on it; the runtime checks stay as the authority."""
+its limits (k, query length, completion tokens, texts to embed), and the live embedding model and its dimension
+(as of the document: a generation switch to another model makes the runtime checks disagree with it). A request
+that validates against the document is one the API accepts, so clients (and schemathesis) can rely on it; the
+runtime checks stay as the authority."""
 
 from __future__ import annotations
 
@@ -60,6 +62,14 @@ def tailored_openapi(
                 "properties": {"role": {"const": "user"}, "content": {"type": "string", "pattern": HAS_TEXT}},
                 "required": ["role", "content"],
             }
+        embeddings = schemas.get("EmbeddingRequest", {}).get("properties")
+        if embeddings:
+            _, encoder = app.state.services.active.current()  # the live model, as of this document
+            _limit_texts(embeddings["input"], api.max_query_chars, api.max_embedding_inputs)
+            embeddings["model"]["enum"] = [encoder.model_name]
+            for variant in embeddings["dimensions"]["anyOf"]:
+                if variant.get("type") == "integer":
+                    variant["minimum"] = variant["maximum"] = encoder.dim
         app.openapi_schema = doc
         return doc
 
@@ -71,3 +81,13 @@ def _set_max(prop: dict[str, Any], maximum: int) -> None:
     for variant in prop.get("anyOf", [prop]):
         if variant.get("type") == "integer":
             variant["maximum"] = min(variant.get("maximum", maximum), maximum)
+
+
+def _limit_texts(prop: dict[str, Any], max_chars: int, max_items: int) -> None:
+    """Bound a text-or-list-of-texts property: characters per text, texts per list."""
+    for variant in prop.get("anyOf", [prop]):
+        text = variant.get("items", variant)
+        if text.get("type") == "string":
+            text["maxLength"] = max_chars
+        if variant.get("type") == "array":
+            variant["maxItems"] = max_items

@@ -198,6 +198,96 @@ class ChatCompletionRequest(BaseModel):
     cache: StrictBool = Field(True, description="ragtide extension: false bypasses the semantic cache")
 
 
+def _texts_only(value: Any) -> Any:
+    """Token ids (a list of ints, or of lists of ints) get a message that says what is accepted instead of
+    pydantic's 'not a valid string'."""
+    if isinstance(value, list) and any(isinstance(v, int | list) and not isinstance(v, bool) for v in value):
+        raise ValueError(
+            "token ids are not supported: send text, a string or a list of strings (ragtide tokenizes with the "
+            "served model's own tokenizer)"
+        )
+    return value
+
+
+EmbeddingText = Annotated[str, Field(min_length=1)]
+EmbeddingTexts = Annotated[list[EmbeddingText], Field(min_length=1)]
+
+
+class EmbeddingRequest(BaseModel):
+    """POST /v1/embeddings: OpenAI's request, for text input."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    input: Annotated[EmbeddingText | EmbeddingTexts, BeforeValidator(_texts_only)] = Field(
+        description="a text or a list of texts (at most api.max_embedding_inputs, each at most api.max_query_chars)"
+    )
+    model: str = Field(max_length=200, description="the served embedding model (GET /v1/models lists it)")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="base64: each vector as little-endian float32 bytes, base64-encoded"
+    )
+    dimensions: Annotated[int, Field(ge=1), _JSON_INT] | None = Field(
+        None, description="only the model's own dimension is supported"
+    )
+    user: str | None = Field(None, max_length=200, description="ignored")
+
+
+class Embedding(BaseModel):
+    """One input's vector (L2-normalised)."""
+
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    """Tokens of an embeddings request (estimated at 4 characters a token, as search's quota charge)."""
+
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    """POST /v1/embeddings response, in OpenAI's shape."""
+
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+class ModelCard(BaseModel):
+    """One model this API serves, in OpenAI's shape."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "ragtide"
+
+
+class ModelList(BaseModel):
+    """GET /v1/models response."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class OpenAIError(BaseModel):
+    """OpenAI's error object."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorBody(BaseModel):
+    """An error of the OpenAI-compatible routes: OpenAI's `error` object, and ragtide's `detail` (the same
+    message)."""
+
+    error: OpenAIError
+    detail: str
+
+
 class ErrorBody(BaseModel):
     """Every 4xx/5xx that ragtide raises itself: what is wrong, in words."""
 
@@ -216,4 +306,13 @@ GATEWAY_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "no, unknown or revoked API key"},
     413: {"model": ErrorBody, "description": "request body larger than gateway.max_body_bytes"},
     429: {"model": ErrorBody, "description": "rate limit or daily token quota; see Retry-After"},
+}
+# the query routes (search, embeddings, answer, chat) also shed load
+QUERY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **GATEWAY_RESPONSES,
+    503: {
+        "model": ErrorBody,
+        "description": "overloaded (api.max_in_progress query requests in progress, or this one waited past "
+        "api.queue_timeout_s), or a store is unavailable; see Retry-After",
+    },
 }

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import Depends, Header, HTTPException, Request
 from prometheus_client import CollectorRegistry
 
 from ragtide.contracts.freshness import FreshnessTracker
 from ragtide.contracts.settings import RagtideSettings
-from ragtide.embedder.encoder import QueryVectors
+from ragtide.embedder.encoder import Encoder, QueryVectors, Vectors
 from ragtide.embedder.index.base import TENANT_FIELD, ActiveIndex, Filter, Hit
 from ragtide.gateway.asgi import CALLER_KEY, HEADERS_KEY
 from ragtide.gateway.gateway import Caller, Gateway, bearer
@@ -24,6 +25,7 @@ from ragtide.ingest.slot import SlotMonitor
 from ragtide.ingest.sources import SourcesConfig
 from ragtide.retriever.cache import SemanticCache
 from ragtide.retriever.canary import Canary
+from ragtide.retriever.queries import DEADLINE_KEY, QueryBatcher, QueryMetrics
 from ragtide.retriever.schemas import SearchHit
 
 
@@ -68,6 +70,26 @@ class Services:
         )
         self.serving = ServingMetrics(registry)
         self.query_vectors = QueryVectors()
+        self.query_metrics = QueryMetrics(registry)
+        api = settings.api
+        self.batcher = QueryBatcher(api.query_batch, api.query_batch_window_ms / 1000, self.query_metrics)
+
+    async def embed(self, encoder: Encoder, texts: Sequence[str], request: Request | None = None) -> Vectors:
+        """Query texts' vectors from `encoder`: recent texts from memory, the others in micro-batched forward
+        passes shared with concurrent requests. With `request`, it is dropped (Overloaded) rather than computed
+        once past its deadline or once its client has gone."""
+        vectors: list[Vectors | None] = [self.query_vectors.get(encoder, t) for t in texts]
+        missing = [i for i, v in enumerate(vectors) if v is None]
+        if missing:
+            deadline = getattr(request.state, DEADLINE_KEY, None) if request is not None else None
+            gone = request.is_disconnected if request is not None else None
+            fresh = await self.batcher.embed(encoder, [texts[i] for i in missing], deadline, gone)
+            for i, vector in zip(missing, fresh, strict=True):
+                vectors[i] = vector
+                self.query_vectors.put(encoder, texts[i], vector)
+        if not vectors:
+            return np.zeros((0, encoder.dim), dtype=np.float32)
+        return np.stack([v for v in vectors if v is not None])
 
     def generator_state(self) -> dict[str, Any]:
         """Which generator answers, and whether its circuit is closed."""
@@ -188,14 +210,11 @@ def check_query(svc: Services, query: str, k: int | None) -> int:
     return k
 
 
-async def retrieve(svc: Services, query: str, k: int, flt: Filter) -> list[Hit]:
-    """Encode the query with the live generation's encoder and search its collection."""
+async def retrieve(svc: Services, query: str, k: int, flt: Filter, request: Request | None = None) -> list[Hit]:
+    """Embed the query with the live generation's encoder (micro-batched) and search its collection."""
     index, encoder = svc.active.current()
-
-    def embed_and_search() -> list[Hit]:  # one thread hop for both
-        return index.search(svc.query_vectors.embed(encoder, query), k, flt)
-
-    return await asyncio.to_thread(embed_and_search)
+    vector = (await svc.embed(encoder, [query], request))[0]
+    return await asyncio.to_thread(index.search, vector, k, flt)
 
 
 def query_tokens(query: str) -> int:

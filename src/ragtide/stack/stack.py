@@ -6,6 +6,7 @@ import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -97,10 +98,15 @@ class Stack:
         d.start(server_argv(g))
         wait_until(lambda: http_ok(f"{g.endpoint}/models"), "the local generator (llama.cpp) to answer", 120, d)
 
-    def start_node(self) -> None:
-        """The ragtide node (embedder + retrieval API, owner of the embedded vector index)."""
+    def start_node(self, code: Path | None = None) -> None:
+        """The ragtide node (embedder + retrieval API, owner of the embedded vector index); `code`: the `src` folder
+        of another checkout to run instead (a benchmark's baseline)."""
         d = self.daemon("node")
         env = {**self.settings.to_env(), "RAGTIDE_JSON_LOGS": "true", "PYTHONUNBUFFERED": "1"}
+        if code is not None:  # only the settings that code knows (a setting added since would be refused)
+            known = _settings_known_to(code)
+            env = {k: v for k, v in env.items() if k in known or not k.startswith("RAGTIDE_")}
+            env["PYTHONPATH"] = str(code)
         d.start([sys.executable, "-m", "ragtide", "node"], env=env)
         wait_until(lambda: http_ok(f"{self.settings.api.url}/healthz"), "the ragtide node to answer", 240, d)
 
@@ -157,3 +163,23 @@ class Stack:
     def status(self) -> dict[str, int | None]:
         """name -> pid (None when not running)."""
         return {name: self.daemon(name).pid() for name in ORDER}
+
+
+def _settings_known_to(code: Path) -> set[str]:
+    """The RAGTIDE_* variables the ragtide under `code` writes for its settings."""
+    import json
+    import os
+    import subprocess
+
+    probe = (
+        "import json; from ragtide.contracts.settings import RagtideSettings as S; "
+        "print(json.dumps(list(S().to_env())))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("RAGTIDE_")}, "PYTHONPATH": str(code)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return set(json.loads(out.strip().splitlines()[-1]))

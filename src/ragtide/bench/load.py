@@ -1,0 +1,246 @@
+"""Load levels with wrk (Debian's HTTP load generator): many connections on /v1/search, each request with a query
+text of its own (a Lua script), answers counted by status; and a sweep for the highest QPS at p99 ≤ 200 ms.
+
+wrk keeps every connection busy (a closed loop): `connections` is the number of users waiting at once. Its
+latencies cover every answer, a fast 503 included; the 503s are counted apart (`shed`), as are timeouts and socket
+errors. Only loopback addresses are driven, for a bounded time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from ragtide.bench.serve import QUERIES, require_loopback
+from ragtide.contracts.settings import RagtideSettings
+
+P99_GOAL_MS = 200.0
+
+_SCRIPT = r"""
+-- ragtide bench serve: POST /v1/search, each request with its own query text; answers counted by status.
+local queries = {%(queries)s}
+local auth = %(auth)s
+local threads = {}
+
+function setup(thread)
+  thread:set("id", #threads + 1)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  n200, n503, n429, nother, counter = 0, 0, 0, 0, 0
+end
+
+function request()
+  counter = counter + 1
+  local q = queries[(counter %% #queries) + 1] .. " (request " .. id .. "-" .. counter .. ")"
+  local headers = {["Content-Type"] = "application/json"}
+  if auth ~= "" then headers["Authorization"] = auth end
+  return wrk.format("POST", "%(path)s", headers, '{"query": "' .. q .. '", "k": 5}')
+end
+
+function response(status, headers, body)
+  if status == 200 then n200 = n200 + 1 elseif status == 503 then n503 = n503 + 1
+  elseif status == 429 then n429 = n429 + 1 else nother = nother + 1 end
+end
+
+function done(summary, latency, requests)
+  local ok, shed, limited, other = 0, 0, 0, 0
+  for _, t in ipairs(threads) do
+    ok = ok + t:get("n200"); shed = shed + t:get("n503"); limited = limited + t:get("n429")
+    other = other + t:get("nother")
+  end
+  local e = summary.errors
+  io.write(string.format(
+    'RESULT {"ok": %%d, "shed": %%d, "limited": %%d, "other": %%d, "duration_us": %%d, "timeouts": %%d, ' ..
+    '"connect_errors": %%d, "read_errors": %%d, "write_errors": %%d, ' ..
+    '"p50_us": %%d, "p95_us": %%d, "p99_us": %%d, "max_us": %%d}\n',
+    ok, shed, limited, other, summary.duration, e.timeout, e.connect, e.read, e.write,
+    latency:percentile(50), latency:percentile(95), latency:percentile(99), latency.max))
+end
+"""
+
+
+@dataclass
+class Level:
+    """One load level's outcome."""
+
+    connections: int
+    seconds: float
+    ok: int
+    shed: int  # 503 with Retry-After: turned away by admission control
+    limited: int  # 429: a key's rate limit or quota
+    other: int  # any other non-200 status
+    timeouts: int
+    socket_errors: int  # connect, read and write errors (a refused or reset connection)
+    qps: float  # 200s per second
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+
+    @property
+    def clean(self) -> bool:
+        """No timeouts, no socket errors, nothing but 200, 503 and 429."""
+        return not (self.timeouts or self.socket_errors or self.other)
+
+
+def script(auth: str | None, path: str = "/v1/search") -> str:
+    """The Lua script: distinct queries, the optional Authorization header."""
+    queries = ", ".join(json.dumps(q) for q in QUERIES)
+    return _SCRIPT % {"queries": queries, "auth": json.dumps(f"Bearer {auth}" if auth else ""), "path": path}
+
+
+def wrk_path() -> str:
+    """wrk's path, or an error that says how to install it."""
+    path = shutil.which("wrk")
+    if path is None:
+        raise RuntimeError("wrk is not installed: run infra/scripts/system-deps.sh (apt-get install wrk)")
+    return path
+
+
+def run_level(
+    api: str, connections: int, seconds: float, key: str | None = None, timeout_s: float = 5.0, threads: int = 2
+) -> Level:
+    """`connections` connections on /v1/search for `seconds` (wrk's own timeout: `timeout_s`)."""
+    require_loopback(api)
+    host = urlparse(api)
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(script(key))
+    try:
+        proc = subprocess.run(
+            [
+                wrk_path(),
+                f"-t{min(threads, connections)}",
+                f"-c{connections}",
+                f"-d{seconds:g}s",
+                f"--timeout={timeout_s:g}s",
+                "-s",
+                f.name,
+                f"{host.scheme}://{host.netloc}/v1/search",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=seconds + timeout_s + 60,
+            check=False,
+        )
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+    return parse(proc.stdout + proc.stderr, connections)
+
+
+def parse(output: str, connections: int) -> Level:
+    """The RESULT line the script's done() prints."""
+    line = next((ln for ln in output.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no result:\n{output[-2000:]}")
+    r = json.loads(line.removeprefix("RESULT "))
+    seconds = r["duration_us"] / 1e6
+    return Level(
+        connections=connections,
+        seconds=round(seconds, 2),
+        ok=r["ok"],
+        shed=r["shed"],
+        limited=r["limited"],
+        other=r["other"],
+        timeouts=r["timeouts"],
+        socket_errors=r["connect_errors"] + r["read_errors"] + r["write_errors"],
+        qps=round(r["ok"] / seconds, 1) if seconds else 0.0,
+        p50_ms=round(r["p50_us"] / 1000, 1),
+        p95_ms=round(r["p95_us"] / 1000, 1),
+        p99_ms=round(r["p99_us"] / 1000, 1),
+        max_ms=round(r["max_us"] / 1000, 1),
+    )
+
+
+def best_qps_within(levels: list[Level], p99_ms: float = P99_GOAL_MS) -> float:
+    """The highest QPS among the levels whose p99 is within `p99_ms` with every request answered 200: a level that
+    sheds does not count (its fast 503s would flatter the percentile). 0.0 if none."""
+    return max(
+        (lv.qps for lv in levels if lv.clean and not lv.shed and not lv.limited and lv.p99_ms <= p99_ms), default=0.0
+    )
+
+
+def as_dicts(levels: list[Level]) -> list[dict[str, object]]:
+    """For the JSON result."""
+    return [asdict(lv) for lv in levels]
+
+
+def levels(api: str, connections: list[int], seconds: float, key: str | None, pause_s: float = 3.0) -> list[Level]:
+    """One level per connection count, a pause between them (the server drains what the last one left)."""
+    import time
+
+    out = []
+    for n in connections:
+        out.append(run_level(api, n, seconds, key))
+        time.sleep(pause_s)
+    return out
+
+
+@contextlib.contextmanager
+def baseline_node(settings: RagtideSettings, rev: str, repo: Path) -> Iterator[str]:
+    """While inside: the node runs the code of git revision `rev` (a worktree of `repo`) over the same data, then
+    this checkout's node again. Yields the revision's short hash."""
+    from ragtide.stack.stack import Stack
+
+    stack = Stack(settings)
+    short = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "--short", rev], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    tree = Path(tempfile.mkdtemp(prefix=f"ragtide-baseline-{short}-"))
+    subprocess.run(
+        ["git", "-C", str(repo), "worktree", "add", "--detach", str(tree), rev], capture_output=True, check=True
+    )
+    try:
+        stack.daemon("node").stop(timeout=60)
+        stack.start_node(code=tree / "src")
+        stack.wait_ready()
+        yield short
+    finally:
+        stack.daemon("node").stop(timeout=60)
+        subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)], capture_output=True)
+        stack.start_node()
+        stack.wait_ready()
+
+
+def measure(api: str, connections: list[int], sweep: list[int], seconds: float, key: str | None) -> dict[str, Any]:
+    """One contender: the load levels, a sweep of smaller ones, and the highest QPS at p99 ≤ 200 ms among all."""
+    main = levels(api, connections, seconds, key)
+    swept = levels(api, sweep, seconds, key)
+    return {
+        "levels": as_dicts(main),
+        "sweep": as_dicts(swept),
+        "best_qps_p99_200ms": best_qps_within(main + swept),
+    }
+
+
+def limits_apply(settings: RagtideSettings, api: str, rate: float = 10.0, seconds: float = 5.0) -> dict[str, Any]:
+    """The gateway's per-key limits still hold under load: a tenant key limited to `rate` requests/s, driven by 16
+    connections; most of its requests must be 429s. The key is revoked afterwards."""
+    from ragtide.gateway.store import PostgresGatewayStore, new_key
+
+    store = PostgresGatewayStore(settings.postgres.state())
+    key, record = new_key("bench-limits", "bench serve: limits apply", rate, int(rate))
+    store.add_key(record)
+    try:
+        level = run_level(api, 16, seconds, key=key)
+    finally:
+        store.revoke_key(record.id)
+        store.close()
+    return {"rate_per_s": rate, **asdict(level)}
+
+
+def git_toplevel() -> Path:
+    """The checkout this command runs in (for a baseline's worktree)."""
+    out = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError("--baseline needs a git checkout of ragtide as the working directory")
+    return Path(out.stdout.strip())

@@ -1,0 +1,262 @@
+"""The query path's front: micro-batched query embedding, and admission (a bound, a deadline, clients that left)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import httpx
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
+from ragtide.contracts.settings import RagtideSettings, load_settings
+from ragtide.embedder.encoder import Vectors
+from ragtide.embedder.index.memory import MemoryIndex
+from ragtide.embedder.writer import IndexWriter
+from ragtide.gateway.gateway import Gateway
+from ragtide.gateway.store import MemoryGatewayStore
+from ragtide.ingest.sources import SourcesConfig
+from ragtide.retriever.app import create_app
+from ragtide.retriever.queries import Overloaded, QueryBatcher, QueryMetrics
+from tests.doubles import HashEncoder, word_chunker
+from tests.serving import serve
+
+
+class CountingEncoder(HashEncoder):
+    """The hash encoder, recording each forward pass's texts; `hold` makes a pass wait (a busy model)."""
+
+    def __init__(self, pause_s: float = 0.0) -> None:
+        super().__init__()
+        self.passes: list[list[str]] = []
+        self.pause_s = pause_s
+        self.hold = threading.Event()
+        self.hold.set()
+        self.entered = threading.Event()
+
+    def encode(self, texts: Sequence[str]) -> Vectors:
+        self.passes.append(list(texts))
+        self.entered.set()
+        self.hold.wait(10)
+        time.sleep(self.pause_s)
+        return super().encode(texts)
+
+
+def batcher(max_texts: int = 32, window_s: float = 0.0) -> tuple[QueryBatcher, QueryMetrics]:
+    metrics = QueryMetrics(CollectorRegistry())
+    return QueryBatcher(max_texts, window_s, metrics), metrics
+
+
+def shed(metrics: QueryMetrics, reason: str) -> float:
+    return float(metrics.shed.labels(reason)._value.get())
+
+
+def test_queries_that_arrive_while_the_model_is_busy_share_one_forward_pass() -> None:
+    enc = CountingEncoder()
+    b, metrics = batcher()
+
+    async def main() -> list[Vectors]:
+        enc.hold.clear()
+        first = asyncio.create_task(b.embed(enc, ["query 0"]))
+        await asyncio.to_thread(enc.entered.wait, 5)  # the model is busy with the first query
+        rest = [asyncio.create_task(b.embed(enc, [f"query {i}"])) for i in range(1, 16)]
+        await asyncio.sleep(0.05)
+        enc.hold.set()
+        out = await asyncio.gather(first, *rest)
+        await b.close()
+        return out
+
+    out = asyncio.run(main())
+    assert enc.passes == [["query 0"], [f"query {i}" for i in range(1, 16)]]
+    alone = HashEncoder()
+    for i, vectors in enumerate(out):  # each request gets its own text's vector
+        np.testing.assert_allclose(vectors, alone.encode([f"query {i}"]), rtol=1e-6)
+    assert metrics.batches._value.get() == 2 and metrics.batch_texts._value.get() == 16
+
+
+def test_a_pass_takes_at_most_max_texts_and_a_larger_request_goes_whole() -> None:
+    enc = CountingEncoder()
+    b, _ = batcher(max_texts=4)
+
+    async def main() -> None:
+        enc.hold.clear()
+        first = asyncio.create_task(b.embed(enc, ["a"]))
+        await asyncio.to_thread(enc.entered.wait, 5)
+        asks = [asyncio.create_task(b.embed(enc, [f"q{i}"])) for i in range(6)]
+        big = asyncio.create_task(b.embed(enc, [f"big{i}" for i in range(6)]))
+        await asyncio.sleep(0.05)
+        enc.hold.set()
+        await asyncio.gather(first, *asks, big)
+        await b.close()
+
+    asyncio.run(main())
+    assert [len(p) for p in enc.passes] == [1, 4, 2, 6]
+
+
+def test_requests_past_their_deadline_or_whose_client_left_are_dropped_not_computed() -> None:
+    enc = CountingEncoder()
+    b, metrics = batcher()
+
+    async def gone() -> bool:
+        return True
+
+    async def here() -> bool:
+        return False
+
+    async def main() -> list[Any]:
+        enc.hold.clear()
+        first = asyncio.create_task(b.embed(enc, ["busy"]))
+        await asyncio.to_thread(enc.entered.wait, 5)
+        late = asyncio.create_task(b.embed(enc, ["late"], deadline=time.monotonic() + 0.01))
+        left = asyncio.create_task(b.embed(enc, ["left"], gone=gone))
+        kept = asyncio.create_task(b.embed(enc, ["kept"], deadline=time.monotonic() + 60, gone=here))
+        await asyncio.sleep(0.1)  # past the first one's deadline
+        enc.hold.set()
+        out = await asyncio.gather(first, late, left, kept, return_exceptions=True)
+        await b.close()
+        return list(out)
+
+    _, late, left, kept = asyncio.run(main())
+    assert isinstance(late, Overloaded) and late.reason == "deadline"
+    assert isinstance(left, Overloaded) and left.reason == "gone"
+    assert isinstance(kept, np.ndarray)
+    assert enc.passes == [["busy"], ["kept"]]
+    assert (shed(metrics, "deadline"), shed(metrics, "gone")) == (1, 1)
+
+
+def test_a_failing_pass_fails_its_requests_and_the_next_pass_works() -> None:
+    class Flaky(HashEncoder):
+        failures = 1
+
+        def encode(self, texts: Sequence[str]) -> Vectors:
+            if Flaky.failures:
+                Flaky.failures -= 1
+                raise RuntimeError("device lost")
+            return super().encode(texts)
+
+    b, _ = batcher()
+
+    async def main() -> tuple[Any, Any]:
+        enc = Flaky()
+        failed = await asyncio.gather(b.embed(enc, ["x"]), return_exceptions=True)
+        ok = await b.embed(enc, ["y"])
+        await b.close()
+        return failed[0], ok
+
+    failed, ok = asyncio.run(main())
+    assert isinstance(failed, RuntimeError) and ok.shape == (1, HashEncoder().dim)
+
+
+# --- admission over real HTTP (uvicorn): a burst beyond the bound ----------------------------------------------
+
+SOURCES = SourcesConfig.model_validate({"sources": [{"table": "public.docs", "key": ["id"], "text": "{body}"}]})
+
+
+@contextlib.contextmanager
+def slow_api(**api: Any) -> Iterator[tuple[str, CollectorRegistry, CountingEncoder]]:
+    """The API over doubles, served by uvicorn; its model takes 0.3 s a pass of at most 2 texts."""
+    index, enc = MemoryIndex(), CountingEncoder(pause_s=0.3)
+    index.ensure_collection(enc.dim)
+    writer = IndexWriter(index, HashEncoder(), word_chunker(50, 5), SOURCES)
+    rows = [(i, f"row {i} about loops and exceptions") for i in range(20)]
+    writer.apply(
+        [
+            ChangeEvent("public.docs", Op.CREATE, {"id": i}, {"id": i, "body": b}, SourcePosition(i, 1_700_000_000_000))
+            for i, b in rows
+        ]
+    )
+    settings = load_settings(
+        RagtideSettings,
+        api={"query_batch": 2, "query_batch_window_ms": 0, **api},
+        canary={"enabled": False},
+    )
+    registry = CollectorRegistry()
+    app = create_app(
+        settings, index, enc, SOURCES, registry=registry, gateway=Gateway(settings.gateway, MemoryGatewayStore())
+    )
+    with serve(app) as url:
+        yield url, registry, enc
+
+
+def burst(url: str, n: int, timeout_s: float) -> list[int | str]:
+    """`n` searches at once, each on its own connection; a client gives up after `timeout_s`."""
+
+    async def one(http: httpx.AsyncClient, i: int) -> int | str:
+        try:
+            resp = await http.post("/v1/search", json={"query": f"burst query {i}"})
+        except httpx.TimeoutException:
+            return "timeout"
+        if resp.status_code == 503:
+            assert resp.headers["retry-after"] == "1", resp.headers
+        return resp.status_code
+
+    async def main() -> list[int | str]:
+        limits = httpx.Limits(max_connections=n)
+        async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as http:
+            return await asyncio.gather(*(one(http, i) for i in range(n)))
+
+    return asyncio.run(main())
+
+
+def shed_http(registry: CollectorRegistry, reason: str) -> float:
+    return registry.get_sample_value("ragtide_http_shed_total", {"reason": reason}) or 0.0
+
+
+def computed(enc: CountingEncoder) -> list[str]:
+    return [t for p in enc.passes for t in p if t.startswith("burst")]
+
+
+def settled(registry: CollectorRegistry) -> None:
+    """Wait (bounded) until the server has finished with every request of the burst."""
+    deadline = time.monotonic() + 20
+    while registry.get_sample_value("ragtide_http_queries_in_progress"):
+        assert time.monotonic() < deadline, "requests still in progress after 20 s"
+        time.sleep(0.05)
+
+
+def answered_afterwards(url: str) -> None:
+    """A new request after the burst is answered: nothing is left queued for clients that left."""
+    with httpx.Client(base_url=url, timeout=5) as http:
+        resp = http.post("/v1/search", json={"query": "loops"})
+    assert resp.status_code == 200 and resp.json()["hits"]
+
+
+def test_a_burst_beyond_the_bound_is_shed_at_once_and_requests_past_the_deadline_are_not_computed() -> None:
+    with slow_api(max_in_progress=8, queue_timeout_s=0.4) as (url, registry, enc):
+        outcomes = burst(url, 64, timeout_s=5.0)
+        settled(registry)
+        # 8 admitted, the rest turned away at the edge. Of the 8, the model (2 texts a pass of 0.3 s or more) cannot
+        # reach the last ones within the 0.4 s deadline: they are answered 503 without being computed.
+        full, late = shed_http(registry, "full"), shed_http(registry, "deadline")
+        assert set(outcomes) <= {200, 503}, outcomes
+        assert full >= 1 and late >= 1, (full, late)
+        assert outcomes.count(503) == full + late
+        assert outcomes.count(200) == len(computed(enc))  # every 200 computed; nothing computed for a 503
+        answered_afterwards(url)
+
+
+def test_requests_whose_clients_left_are_not_computed() -> None:
+    with slow_api(max_in_progress=8, queue_timeout_s=30) as (url, registry, enc):
+        outcomes = burst(url, 8, timeout_s=0.5)  # all admitted; the clients leave after 0.5 s
+        assert outcomes.count("timeout") >= 4, outcomes
+        settled(registry)
+        gone = shed_http(registry, "gone")
+        assert gone >= 2 and len(computed(enc)) + gone == 8, (computed(enc), gone)
+        answered_afterwards(url)
+
+
+def test_wrk_drives_distinct_queries_and_counts_shed_requests_apart() -> None:
+    from ragtide.bench.load import best_qps_within, run_level
+
+    with slow_api(max_in_progress=4, queue_timeout_s=1.0) as (url, registry, enc):
+        level = run_level(url, connections=16, seconds=2, timeout_s=5)
+        settled(registry)
+    texts = [t for p in enc.passes for t in p if "(request " in t]
+    assert level.ok > 0 and level.shed > 0 and level.clean, level
+    assert level.ok <= len(texts)  # every 200 was a computed query
+    assert len(set(texts)) == len(texts)  # every request its own query: no query-vector cache hit
+    assert best_qps_within([level]) == 0.0  # a level that sheds does not count toward the goal
