@@ -81,13 +81,14 @@ def test_dev_mode_takes_a_placeholder_key_as_no_key_but_not_a_wrong_ragtide_key(
     store.revoke_key(record.id)
     unknown = "rtk_000000000000_" + "A" * 43
     dev, prod = gateway(store, clock, mode="dev"), gateway(store, clock, mode="prod")
-    for placeholder in ("sk-no-key", "EMPTY", "rtk_not_a_key"):
+    for placeholder in ("sk-no-key", "EMPTY", "not-needed"):
         assert dev.authenticate(placeholder) == Caller(tenant=None) == dev.authenticate(None)
         assert dev.admit(dev.authenticate(placeholder)) == {}  # nothing to limit, as without a key
         with pytest.raises(HTTPException) as refused:
             prod.authenticate(placeholder)
         assert refused.value.status_code == 401 and refused.value.detail == "invalid API key"
-    for wrong, reason in ((unknown, "invalid API key"), (key, "revoked")):
+    mangled = (key[:-3], f'"{key}"', "rtk_not_a_key")  # truncated, quoted from an env file: a ragtide key all the same
+    for wrong, reason in ((unknown, "invalid API key"), (key, "revoked"), *((m, "invalid API key") for m in mangled)):
         for gw in (dev, prod):
             with pytest.raises(HTTPException) as refused:
                 gw.authenticate(wrong)

@@ -110,6 +110,7 @@ def test_a_partition_is_sought_back_on_the_consumers_own_thread() -> None:
     worker in bench scale); the seek goes through the consumer thread's seek_wait instead."""
     import asyncio
 
+    from faust.transport.consumer import ThreadDelegateConsumer
     from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
     from faust.types import TP
 
@@ -117,12 +118,9 @@ def test_a_partition_is_sought_back_on_the_consumers_own_thread() -> None:
 
     sought: list[dict[TP, int]] = []
 
-    class Thread:
-        async def seek_wait(self, partitions: dict[TP, int]) -> None:
-            sought.append(dict(partitions))
-
     class Consumer:
-        _thread = Thread()
+        async def seek_wait(self, partitions: dict[TP, int]) -> None:  # faust: through the consumer's thread
+            sought.append(dict(partitions))
 
         async def seek(self, tp: TP, offset: int) -> None:
             raise AssertionError("Consumer.seek runs aiokafka on the caller's thread")
@@ -130,4 +128,6 @@ def test_a_partition_is_sought_back_on_the_consumers_own_thread() -> None:
     tp = TP("ragtide.public.docs", 3)
     asyncio.run(seek_back(Consumer(), tp, 42))
     assert sought == [{tp: 42}]
-    assert callable(getattr(AIOKafkaConsumerThread, "seek_wait", None))  # what the real consumer's thread offers
+    # the real consumer delegates seek_wait to its thread, which runs it there (call_thread)
+    assert callable(getattr(ThreadDelegateConsumer, "seek_wait", None))
+    assert callable(getattr(AIOKafkaConsumerThread, "seek_wait", None))

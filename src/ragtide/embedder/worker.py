@@ -386,9 +386,9 @@ def watch(app: faust.App, watchdog: Watchdog, processor: BatchProcessor, offsets
 async def seek_back(consumer: Any, tp: TP, offset: int) -> None:
     """Seek a partition on the consumer's own thread. faust-streaming runs aiokafka on a thread of its own, and its
     `Consumer.seek` calls aiokafka from the caller's thread: a seek racing the fetcher crashed the worker
-    (`KeyError` in aiokafka's `fetched_records`, seen in `bench scale`). `seek_wait` goes through the thread."""
-    thread = getattr(consumer, "_thread", None)
-    if thread is not None and hasattr(thread, "seek_wait"):
-        await thread.seek_wait({tp: offset})
-    else:  # a consumer without a thread of its own
-        await consumer.seek(tp, offset)
+    (`KeyError` in aiokafka's `fetched_records`, seen in `bench scale`). `seek_wait` goes through the thread. A
+    partition revoked meanwhile cannot be sought: logged, and the next check decides again."""
+    try:
+        await consumer.seek_wait({tp: offset})
+    except Exception as exc:
+        log.warning("could not seek the partition back", extra={"partition": str(tp), "error": repr(exc)})

@@ -54,11 +54,9 @@ class GatewayEdge:
         await self.app(scope, receive, send_with_headers)
 
 
-async def refuse(send: Send, status: int, detail: str, retry_after: int | None = None) -> None:
+async def refuse(send: Send, status: int, detail: str) -> None:
     """Answer a request at the edge, before the app: JSON {"detail": ...}."""
     body = json.dumps({"detail": detail}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if retry_after is not None:
-        headers.append((b"retry-after", str(retry_after).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

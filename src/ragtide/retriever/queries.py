@@ -1,8 +1,9 @@
 """The query path's front: admission and micro-batching.
 
 - **Admission** (`AdmissionEdge`, plain ASGI around the app): at most `api.max_in_progress` searches and
-  embeddings requests are in progress; one more is answered a fast 503 with `Retry-After` before any work (no key
-  lookup, no thread). Every request that embeds a query (answers and chat too) gets a deadline,
+  embeddings requests are in progress; one more is answered a fast 503 with `Retry-After` as soon as its body is
+  in, before any other work (no key lookup, no thread). A request takes its place only once its body is in.
+  Every request that embeds a query (answers and chat too) gets a deadline,
   `api.queue_timeout_s` after it arrived.
 - **Micro-batching** (`QueryBatcher`): query texts that arrive while the model is busy, or within
   `api.query_batch_window_ms` of an idle model, share one forward pass of at most `api.query_batch` texts. Just
@@ -19,13 +20,15 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from fastapi import HTTPException
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ragtide.embedder.encoder import Encoder, Vectors
-from ragtide.gateway.asgi import ASGIApp, Receive, Scope, Send, refuse
+from ragtide.gateway.asgi import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,8 @@ class QueryMetrics:
             ["reason"],
             registry=registry,
         )
+        for reason in ("full", "deadline", "gone"):  # every series exists from the start (0), for alerts and tests
+            self.shed.labels(reason)
         self.in_progress = Gauge(
             "ragtide_http_queries_in_progress", "query requests admitted and not yet answered", registry=registry
         )
@@ -84,18 +89,29 @@ class AdmissionEdge:
         if scope["path"] not in BOUNDED_PATHS:
             await self.app(scope, receive, send)
             return
-        if self.in_progress >= self.limit:
-            self.metrics.shed.labels("full").inc()
-            detail = f"overloaded: {self.in_progress} query requests in progress (api.max_in_progress); retry"
-            await refuse(send, 503, detail, retry_after=RETRY_AFTER_S)
-            return
-        self.in_progress += 1
-        self.metrics.in_progress.inc()
+        counted = False
+
+        async def receive_then_count() -> Message:
+            nonlocal counted
+            message = await receive()
+            if not counted and message["type"] == "http.request" and not message.get("more_body", False):
+                # The body is in (the app reads it before any other work): only now does the request take a place,
+                # so clients that trickle their bodies cannot hold every place.
+                if self.in_progress >= self.limit:
+                    self.metrics.shed.labels("full").inc()
+                    detail = f"overloaded: {self.in_progress} query requests in progress (api.max_in_progress); retry"
+                    raise HTTPException(503, detail, headers={"Retry-After": str(RETRY_AFTER_S)})
+                counted = True
+                self.in_progress += 1
+                self.metrics.in_progress.inc()
+            return message
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive_then_count, send)
         finally:
-            self.in_progress -= 1
-            self.metrics.in_progress.dec()
+            if counted:
+                self.in_progress -= 1
+                self.metrics.in_progress.dec()
 
 
 Gone = Callable[[], Awaitable[bool]]
@@ -110,17 +126,26 @@ class _Ask:
     gone: Gone | None
 
 
+class _Queue:
+    """One event loop's asks and the task that serves them (a TestClient or a test may bring another loop)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pending: list[_Ask] = []
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+
 class QueryBatcher:
-    """Query texts -> vectors, many requests to a forward pass; one pass at a time, on a worker thread."""
+    """Query texts -> vectors, many requests to a forward pass; one pass at a time, on a thread of its own (not the
+    default pool, where searches, key lookups and the embedder's writes queue)."""
 
     def __init__(self, max_texts: int, window_s: float, metrics: QueryMetrics) -> None:
         self.max_texts = max_texts
         self.window_s = window_s
         self.metrics = metrics
-        self._pending: list[_Ask] = []
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queues: dict[asyncio.AbstractEventLoop, _Queue] = {}
+        self._model = ThreadPoolExecutor(max_workers=1, thread_name_prefix="query-model")
 
     async def embed(
         self, encoder: Encoder, texts: Sequence[str], deadline: float | None = None, gone: Gone | None = None
@@ -129,45 +154,52 @@ class QueryBatcher:
         if not texts:
             return np.zeros((0, encoder.dim), dtype=np.float32)
         loop = asyncio.get_running_loop()
-        if self._task is None or self._task.done() or self._loop is not loop:
-            self._loop, self._wake = loop, asyncio.Event()
-            self._task = loop.create_task(self._run(), name="query-batcher")
+        queue = self._queues.get(loop)
+        if queue is None:
+            self._queues = {lp: q for lp, q in self._queues.items() if not lp.is_closed()}
+            queue = self._queues[loop] = _Queue(loop)
+        if queue.task is None or queue.task.done():
+            queue.task = loop.create_task(self._run(queue), name="query-batcher")
         ask = _Ask(encoder, list(texts), loop.create_future(), deadline, gone)
-        self._pending.append(ask)
-        assert self._wake is not None
-        self._wake.set()
+        queue.pending.append(ask)
+        queue.wake.set()
         return await ask.future
 
     async def close(self) -> None:
-        """Stop the batching task; waiting requests get Overloaded."""
-        if self._task is not None:
-            self._task.cancel()
+        """Stop this loop's batching task; its waiting requests get Overloaded."""
+        queue = self._queues.pop(asyncio.get_running_loop(), None)
+        if queue is None:
+            return
+        if queue.task is not None:
+            queue.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        for ask in self._pending:
-            if not ask.future.done():
-                ask.future.set_exception(Overloaded("closed", "the API is shutting down"))
-        self._pending.clear()
+                await queue.task
+        _fail(queue.pending, Overloaded("closed", "the API is shutting down"))
+        queue.pending.clear()
 
-    async def _run(self) -> None:
-        assert self._wake is not None
+    async def _run(self, queue: _Queue) -> None:
         while True:
-            if not self._pending:
-                self._wake.clear()
-                await self._wake.wait()
+            if not queue.pending:
+                queue.wake.clear()
+                await queue.wake.wait()
                 if self.window_s > 0:  # an idle model: let concurrent queries join the first one's pass
                     await asyncio.sleep(self.window_s)
+            asks = self._take(queue.pending)
             try:
-                await self._pass(self._take())
-            except Exception:  # never let the batching task die: each ask has its outcome already
+                await self._pass(asks)
+            except Exception as exc:  # never let the batching task die, nor leave an ask without an answer
                 log.exception("query batch failed")
+                _fail(asks, exc)
+            except asyncio.CancelledError:
+                _fail(asks, Overloaded("closed", "the API is shutting down"))
+                raise
 
-    def _take(self) -> list[_Ask]:
+    def _take(self, pending: list[_Ask]) -> list[_Ask]:
         """The oldest asks up to max_texts texts (at least one ask, however many texts it has)."""
         taken: list[_Ask] = []
         n = 0
-        while self._pending and (not taken or n + len(self._pending[0].texts) <= self.max_texts):
-            ask = self._pending.pop(0)
+        while pending and (not taken or n + len(pending[0].texts) <= self.max_texts):
+            ask = pending.pop(0)
             taken.append(ask)
             n += len(ask.texts)
         return taken
@@ -188,27 +220,27 @@ class QueryBatcher:
         for ask, left in zip(live, gone, strict=True):
             if left is True:
                 self._drop(ask, "gone", "the client disconnected")
-            else:
+            elif not ask.future.done():  # cancelled while the checks ran
                 kept.append(ask)
         return kept
 
     def _drop(self, ask: _Ask, reason: str, detail: str) -> None:
-        self.metrics.shed.labels(reason).inc()
-        ask.future.set_exception(Overloaded(reason, detail))
+        if not ask.future.done():
+            self.metrics.shed.labels(reason).inc()
+            ask.future.set_exception(Overloaded(reason, detail))
 
     async def _pass(self, asks: list[_Ask]) -> None:
         asks = await self._admit(asks)
         groups: dict[int, list[_Ask]] = {}
         for ask in asks:  # a generation switch can leave asks for two encoders in one batch
             groups.setdefault(id(ask.encoder), []).append(ask)
+        loop = asyncio.get_running_loop()
         for group in groups.values():
             texts = [t for ask in group for t in ask.texts]
             try:
-                vectors = await asyncio.to_thread(group[0].encoder.encode, texts)
+                vectors = await loop.run_in_executor(self._model, group[0].encoder.encode, texts)
             except Exception as exc:
-                for ask in group:
-                    if not ask.future.done():
-                        ask.future.set_exception(exc)
+                _fail(group, exc)
                 continue
             self.metrics.batches.inc()
             self.metrics.batch_texts.inc(len(texts))
@@ -218,6 +250,12 @@ class QueryBatcher:
                 if not ask.future.done():
                     ask.future.set_result(np.asarray(vectors[start:end], dtype=np.float32))
                 start = end
+
+
+def _fail(asks: Sequence[_Ask], exc: BaseException) -> None:
+    for ask in asks:
+        if not ask.future.done():
+            ask.future.set_exception(exc)
 
 
 async def _false() -> bool:

@@ -171,9 +171,21 @@ def _settings_known_to(code: Path) -> set[str]:
     import os
     import subprocess
 
+    # every field's variable, the unset (None) ones too: to_env() leaves those out
     probe = (
-        "import json; from ragtide.contracts.settings import RagtideSettings as S; "
-        "print(json.dumps(list(S().to_env())))"
+        "import json\n"
+        "from pydantic import BaseModel\n"
+        "from ragtide.contracts.settings import RagtideSettings\n"
+        "names = []\n"
+        "def walk(prefix, model):\n"
+        "    for name, field in model.model_fields.items():\n"
+        "        kind = field.annotation\n"
+        "        if isinstance(kind, type) and issubclass(kind, BaseModel):\n"
+        "            walk(f'{prefix}{name.upper()}__', kind)\n"
+        "        else:\n"
+        "            names.append(f'{prefix}{name.upper()}')\n"
+        "walk('RAGTIDE_', RagtideSettings)\n"
+        "print(json.dumps(names))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", probe],
