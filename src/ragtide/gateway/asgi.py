@@ -36,7 +36,7 @@ class GatewayEdge:
             return
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            await refuse(send, 413, f"request body: larger than {self.max_body_bytes} bytes")
+            await self._refuse(send, 413, f"request body: larger than {self.max_body_bytes} bytes")
             return
         state = scope.setdefault("state", {})
 
@@ -53,10 +53,9 @@ class GatewayEdge:
 
         await self.app(scope, receive, send_with_headers)
 
-
-async def refuse(send: Send, status: int, detail: str) -> None:
-    """Answer a request at the edge, before the app: JSON {"detail": ...}."""
-    body = json.dumps({"detail": detail}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    @staticmethod
+    async def _refuse(send: Send, status: int, detail: str) -> None:
+        body = json.dumps({"detail": detail}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
