@@ -42,6 +42,10 @@ class HashEncoder:
         return "hash-bow"
 
     @property
+    def precision(self) -> str:
+        return "float"
+
+    @property
     def encoded(self) -> int:
         """How many texts were embedded in total."""
         return sum(len(c) for c in self.calls)

@@ -709,13 +709,18 @@ def bench_embed(
     n: Annotated[int, typer.Option("--n", help="chunks in the corpus (100000 on a GPU)")] = 1000,
     repeats: Annotated[int, typer.Option(help="timed runs per contender (best counts)")] = 2,
     dtype: Annotated[
-        str, typer.Option(help="engine precision: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16")
+        str,
+        typer.Option(
+            help="engine precision: auto (fp16 on CUDA; bf16, int8 or fp32 by CPU features), fp32, fp16, bf16, int8"
+        ),
     ] = "auto",
     model: Annotated[Path | None, typer.Option(help="model folder (default: the packaged all-MiniLM-L6-v2)")] = None,
     out: Annotated[Path, typer.Option(help="folder for the JSON result")] = Path("bench/results"),
     variants: Annotated[
         bool,
-        typer.Option(help="also time the engine's other settings (fp32 on CPU; bf16, Rust tokenizer, ids on CUDA)"),
+        typer.Option(
+            help="also time the engine's other settings (fp32 and int8 on CPU; bf16, Rust tokenizer, ids on CUDA)"
+        ),
     ] = True,
     compile: Annotated[bool, typer.Option("--compile", help="also time the engine under torch.compile")] = False,
 ) -> None:
@@ -724,8 +729,8 @@ def bench_embed(
     from ragtide.bench import embed
     from ragtide.embedder.encoder import resolve_device
 
-    if dtype not in ("auto", "fp32", "fp16", "bf16"):
-        raise typer.BadParameter("one of auto, fp32, fp16, bf16", param_hint="--dtype")
+    if dtype not in ("auto", "fp32", "fp16", "bf16", "int8"):
+        raise typer.BadParameter("one of auto, fp32, fp16, bf16, int8", param_hint="--dtype")
     if n < 64:
         raise typer.BadParameter("at least 64 chunks", param_hint="--n")
     result = embed.run(
@@ -998,8 +1003,11 @@ def bench_freshness(
     """Commit -> searchable under a steady write load from a separate process: p50/p95/p99/max, per stage."""
     from ragtide.bench.freshness import RateResult, plot, run_rate
     from ragtide.bench.workload import parse_mix
+    from ragtide.contracts.machine import cpu_info
 
     s = _settings()
+    machine = cpu_info()
+    console.print(f"machine: {machine['model']}, {machine['cpus']} CPUs, features {' '.join(machine['features'])}")
     try:
         weights = parse_mix(mix)
     except ValueError as exc:
@@ -1066,6 +1074,7 @@ def bench_freshness(
     result_file.write_text(
         json.dumps(
             {
+                "machine": machine,
                 "mix": weights,
                 "duration_s": duration,
                 "max_sustained": max_sustained,

@@ -58,8 +58,8 @@ from ragtide.retriever.services import get_admin
 log = logging.getLogger(__name__)
 
 
-def build_encoder(settings: RagtideSettings, model_path: Path | None = None) -> Encoder:
-    """The configured encoder (or the model at `model_path`, for an older generation)."""
+def build_encoder(settings: RagtideSettings, model_path: Path | None = None, precision: str | None = None) -> Encoder:
+    """The configured encoder (or the model at `model_path` and the `precision` of an older generation)."""
     e = settings.encoder
     path = model_path or e.model_path
     if e.backend == "sentence-transformers":
@@ -68,13 +68,16 @@ def build_encoder(settings: RagtideSettings, model_path: Path | None = None) -> 
         return RandomUnitEncoder(path)
     from ragtide.embedder.engine import EmbeddingEngine
 
-    engine = EmbeddingEngine(path or default_model_path(), e.device, e.dtype, e.token_budget, tokenizer=e.tokenizer)
+    engine = EmbeddingEngine(
+        path or default_model_path(), e.device, e.dtype, e.token_budget, tokenizer=e.tokenizer, precision=precision
+    )
     log.info(
         "embedding engine loaded",
         extra={
             "model": engine.model_name,
             "device": str(engine.device),
             "dtype": engine.dtype_name,
+            "dtype_why": engine.dtype_why,
             "window": engine.max_seq,
             "token_budget": engine.token_budget,
             "tokenizer": engine.text_tokenizer.backend,
@@ -92,6 +95,7 @@ def desired_generation(settings: RagtideSettings, encoder: Encoder) -> Generatio
         max_tokens=min(settings.chunking.max_tokens, encoder.max_tokens),
         overlap=settings.chunking.overlap_tokens,
         model_path=str(settings.encoder.model_path) if settings.encoder.model_path else None,
+        precision=encoder.precision,
     )
 
 
@@ -100,18 +104,24 @@ def generation_factory(
 ) -> GenerationFactory:
     """Opens a generation's collection with an encoder of its model (loaded once per model) and its chunking;
     its writer shares the group's truncate log (the writing side only: a reader never applies events)."""
-    encoders = {encoder.model_name: encoder}
+    encoders = {(encoder.model_name, encoder.precision): encoder}
 
     def make(spec: GenerationSpec) -> Generation:
-        enc = encoders.get(spec.model)
+        enc = encoders.get((spec.model, spec.precision))
         if enc is None:
-            enc = build_encoder(settings, Path(spec.model_path) if spec.model_path else default_model_path())
+            path = Path(spec.model_path) if spec.model_path else default_model_path()
+            enc = build_encoder(settings, path, spec.precision)
             if enc.model_name != spec.model or enc.dim != spec.dim:
                 raise ConfigError(
                     f"encoder.model_path: generation {spec.fingerprint} needs {spec.model} (dim {spec.dim}) "
                     f"but {spec.model_path or 'the default model'} is {enc.model_name} (dim {enc.dim})"
                 )
-            encoders[spec.model] = enc
+            if enc.precision != spec.precision:
+                raise ConfigError(
+                    f"encoder.backend: generation {spec.fingerprint} holds {spec.precision} vectors, which the "
+                    f"{settings.encoder.backend} backend cannot make (set encoder.backend: engine)"
+                )
+            encoders[(spec.model, spec.precision)] = enc
         index = open_index(settings, spec.collection(settings.index.collection))
         chunker = Chunker(enc.tokenizer, spec.max_tokens, spec.overlap)
         return Generation(spec, index, enc, IndexWriter(index, enc, chunker, sources, truncations=truncations))
@@ -137,7 +147,10 @@ def open_generations(
     base = settings.index.collection
 
     def for_queries(gen: Generation) -> Encoder:
-        same = query_encoder is not None and query_encoder.model_name == gen.spec.model
+        same = query_encoder is not None and (query_encoder.model_name, query_encoder.precision) == (
+            gen.spec.model,
+            gen.spec.precision,
+        )
         return query_encoder if same and query_encoder is not None else gen.encoder
 
     gens = Generations(

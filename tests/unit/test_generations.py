@@ -218,6 +218,16 @@ def test_spec_identity_ignores_where_the_model_is_loaded_from() -> None:
     assert spec(max_tokens=9).fingerprint != a.fingerprint
 
 
+def test_precision_is_part_of_the_identity_and_float_keeps_the_old_fingerprints() -> None:
+    a = spec()
+    assert a.precision == "float" and a.fingerprint == "32eee995df"  # what this spec's fingerprint was before precision
+    int8 = GenerationSpec(model="hash-bow", dim=64, max_tokens=8, overlap=2, precision="int8")
+    assert int8.fingerprint != a.fingerprint and not int8.same_vectors(a)
+    assert GenerationSpec.from_dict(int8.as_dict()) == int8
+    old = {k: v for k, v in a.as_dict().items() if k != "precision"}  # a catalog written before precision
+    assert GenerationSpec.from_dict(old) == a
+
+
 def test_catalog_is_empty_on_a_new_store() -> None:
     catalog = Catalog(MemoryIndex())
     assert catalog.read().live is None

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from ragtide.contracts.machine import cpu_info
+from ragtide.embedder import quantized
 from ragtide.embedder.chunking import Chunker
 from ragtide.embedder.engine import EmbeddingEngine
 
@@ -129,7 +131,7 @@ def run(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """The whole benchmark; returns the JSON-able result. With `variants`, the engine's other settings run in
-    the same session (fp32 on CPU; bf16, the Rust tokenizer alone, and token ids in on CUDA; torch.compile with
+    the same session (fp32 and int8 on CPU; bf16, the Rust tokenizer alone, and token ids in on CUDA; torch.compile with
     `compile`), so one run on a GPU box answers which settings win there."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -189,6 +191,8 @@ def run(
         variant("rust tokenizer", dtype=engine.dtype_name, tokenizer="rust")
     elif variants and engine.dtype_name != "fp32":  # show what the precision alone buys on this CPU
         variant("fp32", dtype="fp32")
+    if variants and not engine.cuda and engine.dtype_name != "int8" and quantized.available():
+        variant("int8", dtype="int8")  # what ONNX Runtime's int8 kernels buy on this CPU
     if compile:
         variant("compile", dtype=engine.dtype_name, compile=True)
 
@@ -244,6 +248,8 @@ def run(
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "device": device,
         "device_name": torch.cuda.get_device_name(0) if engine.cuda else platform.processor() or platform.machine(),
+        "machine": cpu_info(),
+        "engine_dtype_why": engine.dtype_why,
         "cpu_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "versions": {
@@ -288,9 +294,12 @@ def _version(module: str) -> str | None:
 
 def render(result: dict[str, Any]) -> str:
     """The side-by-side table as plain text."""
+    machine = result.get("machine", {})
     lines = [
         f"embedding benchmark on {result['device']} ({result['device_name']}), {result['chunks']} chunks, "
         f"{result['tokens']} tokens, model {result['model']}",
+        f"CPU: {machine.get('model')}, {machine.get('cpus')} CPUs, features {' '.join(machine.get('features', []))}; "
+        f"engine precision: {result.get('engine_dtype_why')}",
         f"{'contender':<58} {'chunks/s':>10} {'tokens/s':>11} {'vs naive':>8} {'1-cos':>8} "
         f"{'p50 b=1':>8} {'p99 b=1':>8} {'p50 b=32':>8} {'GiB':>5}",
     ]

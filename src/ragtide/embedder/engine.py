@@ -16,7 +16,8 @@ What it does differently from `SentenceTransformer.encode`:
   attention mask (transformers' own mask building checks `mask.all()`, a device->host sync per batch), results
   scattered on the device and copied back once per macro-batch behind an event, so the launch queue stays full.
 - fp16 (or bf16) weights on CUDA, pooling in fp32. On CPU: bf16 where the CPU has native bf16 dot products
-  (AVX512_BF16 / AMX), else fp32; a 4,096-token budget (larger padded batches are slower on CPU caches).
+  (AVX512_BF16 / AMX), else fp32; int8 when configured (`quantized`: ONNX Runtime's int8 kernels over a cached
+  artifact); a 4,096-token budget (larger padded batches are slower on CPU caches).
 
 Vectors are L2-normalised mean pools of the last hidden state, the same as the model's sentence-transformers
 pipeline (Transformer -> Pooling(mean) -> Normalize); a parity test holds cosine >= 0.999 against it.
@@ -42,12 +43,14 @@ import numpy as np
 import numpy.typing as npt
 
 from ragtide.contracts.machine import cpu_info
+from ragtide.embedder import quantized
 from ragtide.embedder.encoder import model_name_of
+from ragtide.embedder.quantized import Int8Model
 
 log = logging.getLogger(__name__)
 
 Vectors = npt.NDArray[np.float32]
-DType = Literal["auto", "fp32", "fp16", "bf16"]
+DType = Literal["auto", "fp32", "fp16", "bf16", "int8"]
 TokenizerChoice = Literal["auto", "rust", "flash"]
 INLINE_ROWS = 64  # smaller calls are prepared on the caller's thread: a thread hop costs more than the work
 
@@ -88,6 +91,27 @@ def cpu_has_native_bf16() -> bool:
     deviation of ~1e-4 from fp32; elsewhere bf16 is emulated and slower than fp32."""
     features = cpu_info()["features"]
     return "avx512_bf16" in features or "amx_bf16" in features
+
+
+def choose_dtype(requested: DType, cuda: bool, precision: str | None = None) -> tuple[DType, str]:
+    """The engine's precision and why: fp16 on CUDA; on CPU bf16 where the CPU has native bf16 dot products, else
+    fp32. A requested precision is kept. int8 is never chosen for you: it runs ~1.5x fp32 on AVX2 and meets the
+    vector gate (mean cosine to fp32 >= 0.99), but not yet the search gate (top-10 overlap with fp32 0.90, below
+    0.95). `precision` ("int8" or "float") is an existing generation's, which wins: its vectors must stay
+    comparable."""
+    if precision == "int8":
+        return "int8", "the generation's vectors are int8"
+    if precision == "float" and requested in ("int8", "auto"):
+        if cuda:
+            return "fp16", "CUDA; the generation's vectors are float"
+        return ("bf16" if cpu_has_native_bf16() else "fp32"), "the generation's vectors are float"
+    if requested != "auto":
+        return requested, "configured (encoder.dtype)"
+    if cuda:
+        return "fp16", "CUDA"
+    if cpu_has_native_bf16():
+        return "bf16", "the CPU has native bf16 dot products (avx512_bf16 or amx_bf16)"
+    return "fp32", "no native bf16 on this CPU (encoder.dtype=int8 trades some search quality for ~1.5x)"
 
 
 def model_window(model_dir: Path) -> int:
@@ -299,6 +323,7 @@ class EmbeddingEngine:
         macro_batch: int = 8192,
         compile: bool = False,
         tokenizer: TokenizerChoice = "auto",
+        precision: str | None = None,
     ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -312,10 +337,13 @@ class EmbeddingEngine:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        if dtype == "auto":
-            dtype = "fp16" if self.cuda else ("bf16" if cpu_has_native_bf16() else "fp32")
-        self.dtype_name: DType = dtype
-        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+        self.dtype_name, self.dtype_why = choose_dtype(dtype, self.cuda, precision)
+        if self.dtype_name == "int8" and self.cuda:
+            raise ValueError("encoder.dtype int8 runs on CPU only (ONNX Runtime's int8 kernels); use fp16 on CUDA")
+        # int8: the weights are ONNX Runtime's; pooling and everything around the transformer stays fp32.
+        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}[
+            self.dtype_name
+        ]
         self.max_seq = model_window(self.model_dir)
         # CPU: big batches buy nothing and cost cache; CUDA: big batches keep the GPU busy.
         self.token_budget = token_budget or (65_536 if self.cuda else 4_096)
@@ -328,13 +356,19 @@ class EmbeddingEngine:
         self.cls_id = int(self._hf_tokenizer.cls_token_id)
         self.sep_id = int(self._hf_tokenizer.sep_token_id)
 
-        model: Any = AutoModel.from_pretrained(
-            str(self.model_dir), local_files_only=True, dtype=self.dtype, attn_implementation="sdpa"
-        )
-        self.model: Any = model.to(self.device).eval()
-        self._dim = int(model.config.hidden_size)
-        if compile:
-            self.model = torch.compile(self.model, dynamic=True)
+        self.int8: Int8Model | None = None
+        self.model: Any = None
+        if self.dtype_name == "int8":
+            self.int8 = Int8Model(quantized.artifact(self.model_dir), threads=torch.get_num_threads())
+            self._dim = int(json.loads((self.model_dir / "config.json").read_text())["hidden_size"])
+        else:
+            model: Any = AutoModel.from_pretrained(
+                str(self.model_dir), local_files_only=True, dtype=self.dtype, attn_implementation="sdpa"
+            )
+            self.model = model.to(self.device).eval()
+            self._dim = int(model.config.hidden_size)
+            if compile:
+                self.model = torch.compile(self.model, dynamic=True)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-host")
         self._lock = threading.Lock()  # one forward pipeline at a time (threads share the device)
         self.truncated = 0
@@ -361,6 +395,11 @@ class EmbeddingEngine:
     def model_name(self) -> str:
         """The model's name, stable across machines and precisions."""
         return self._name
+
+    @property
+    def precision(self) -> str:
+        """int8 or float (fp32, bf16 and fp16 give the same vectors to a cosine of 0.999)."""
+        return "int8" if self.dtype_name == "int8" else "float"
 
     def encode(self, texts: Sequence[str]) -> Vectors:
         """Texts -> L2-normalised float32 vectors of shape (n, dim). Text past the model's window is truncated,
@@ -459,8 +498,11 @@ class EmbeddingEngine:
             rows = b.rows.to(dev, non_blocking=True)
             keep = torch.arange(ids.shape[1], device=dev)[None, :] < lens[:, None]
             # A 4-D mask is used as given (no `mask.all()` check, which would sync); none at all without padding.
-            mask = None if b.full else keep[:, None, None, :]
-            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            if self.int8 is not None:
+                hidden = torch.from_numpy(self.int8(ids.numpy(), keep.to(torch.int64).numpy()))
+            else:
+                mask = None if b.full else keep[:, None, None, :]
+                hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
             summed = (hidden.to(torch.float32) * keep.unsqueeze(-1)).sum(1)
             pooled = torch.nn.functional.normalize(summed / lens.unsqueeze(-1).to(torch.float32), p=2, dim=1)
             out.index_copy_(0, rows, pooled)

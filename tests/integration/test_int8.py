@@ -1,0 +1,152 @@
+"""The int8 engine on the real model (CPU, ONNX Runtime): its quality gates against fp32, and its cached artifact.
+
+The gates, on the real model and the real corpora:
+- vectors: mean cosine to fp32 >= 0.99 on the bench corpus (and no chunk below 0.95);
+- search: top-10 overlap with fp32, averaged over a fixed set of questions on the demo corpus, each side embedding
+  its queries and its chunks with its own precision (as a generation does). The gate is 0.95; today's recipe
+  measures 0.90 (bf16 measures 0.99), so int8 runs only where configured, and this test holds a floor under it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ragtide.bench.embed import corpus
+from ragtide.contracts.settings import RagtideSettings
+from ragtide.embedder import quantized
+from ragtide.embedder.chunking import Chunker
+from ragtide.embedder.encoder import default_model_path
+from ragtide.embedder.engine import EmbeddingEngine
+from ragtide.embedder.generations import GenerationSpec
+from ragtide.ingest.demo import demo_rows
+from ragtide.ingest.sources import SourcesConfig, SourceTable
+from ragtide.node import desired_generation, generation_factory
+
+pytestmark = pytest.mark.skipif(not quantized.available(), reason="onnxruntime is not installed")
+
+QUESTIONS = [
+    "how do I catch an exception and run cleanup code",
+    "what does the with statement do",
+    "operator precedence in expressions",
+    "how are default argument values evaluated",
+    "define a class with a custom constructor",
+    "what is a generator function and yield",
+    "how does string formatting with f-strings work",
+    "compare two objects for equality",
+    "what happens when an attribute is looked up on an instance",
+    "import a module from a package",
+    "how do for loops iterate over sequences",
+    "what are the rules for variable scope and global names",
+    "slicing a list with a step",
+    "how to write a lambda expression",
+    "what does the assert statement do",
+    "bitwise operators on integers",
+    "how do context managers implement __enter__ and __exit__",
+    "what are the truth values of objects",
+    "dictionary displays and comprehensions",
+    "how does a while loop with else work",
+    "raise an exception with a cause",
+    "what is the difference between is and ==",
+    "how async functions and await work",
+    "keyword-only arguments in a function definition",
+    "how to delete a name or an item",
+    "boolean operations and short-circuit evaluation",
+    "special methods for container emulation",
+    "the pass statement",
+    "numeric literals: integers, floats and imaginary numbers",
+    "how are decorators applied to functions",
+    "the return statement in a function",
+    "conditional expressions",
+]
+
+
+@pytest.fixture(scope="module")
+def engines() -> Iterator[tuple[EmbeddingEngine, EmbeddingEngine]]:
+    fp32 = EmbeddingEngine(default_model_path(), device="cpu", dtype="fp32")
+    int8 = EmbeddingEngine(default_model_path(), device="cpu", dtype="int8")
+    yield fp32, int8
+    fp32.close()
+    int8.close()
+
+
+def test_int8_vectors_stay_close_to_fp32_on_the_bench_corpus(
+    engines: tuple[EmbeddingEngine, EmbeddingEngine],
+) -> None:
+    fp32, int8 = engines
+    assert (int8.dtype_name, int8.precision, fp32.precision) == ("int8", "int8", "float")
+    texts = corpus(fp32.tokenizer, 400)
+    got, want = int8.encode(texts), fp32.encode(texts)
+    assert got.shape == want.shape and got.dtype == np.float32
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    cosines = (got * want).sum(axis=1)
+    assert cosines.mean() >= 0.99, cosines.mean()
+    assert cosines.min() >= 0.95, cosines.min()
+    assert cosines.mean() < 0.99999  # the int8 path really ran: quantization moves every vector a little
+
+
+def test_int8_search_keeps_the_top_10_of_fp32_on_the_demo_corpus(
+    engines: tuple[EmbeddingEngine, EmbeddingEngine],
+) -> None:
+    fp32, int8 = engines
+    chunker = Chunker(fp32.tokenizer, 200, 32)  # the writer's default chunking
+    chunks = [piece for row in demo_rows() for piece in chunker(f"{row['title']}\n\n{row['body']}")]
+    assert len(chunks) > 400
+
+    def top10(engine: EmbeddingEngine) -> list[set[int]]:
+        docs, queries = engine.encode(chunks), engine.encode(QUESTIONS)
+        return [set(np.argsort(-row)[:10].tolist()) for row in queries @ docs.T]
+
+    overlap = [len(a & b) / 10 for a, b in zip(top10(int8), top10(fp32), strict=True)]
+    # The issue's gate is 0.95 and this recipe measures 0.90: that is why `auto` never picks int8. This floor keeps
+    # a change of recipe from making it worse unnoticed; raise it to 0.95 with the recipe that meets the gate.
+    assert float(np.mean(overlap)) >= 0.88, overlap
+
+
+def test_the_artifact_is_keyed_by_the_model_files(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(default_model_path(), model)
+    key = quantized.artifact_key(model)
+    assert quantized.artifact_key(model) == key
+    config = model / "config.json"
+    config.write_text(config.read_text() + "\n")
+    assert quantized.artifact_key(model) != key  # a changed model never loads another model's int8 weights
+
+
+def test_a_cached_artifact_is_reused_not_rebuilt(engines: tuple[EmbeddingEngine, EmbeddingEngine]) -> None:
+    _, int8 = engines
+    assert int8.int8 is not None
+    path = int8.int8.path
+    before = path.stat().st_mtime_ns
+    assert quantized.artifact(default_model_path()) == path
+    assert path.stat().st_mtime_ns == before
+
+
+def test_each_generation_is_served_in_its_own_precision(
+    tmp_path: Path, engines: tuple[EmbeddingEngine, EmbeddingEngine]
+) -> None:
+    """A deployment configured for fp32 that finds an int8 generation live (or the other way round) embeds that
+    generation's chunks and queries in int8: one collection never mixes precisions."""
+    fp32, int8 = engines
+    settings = RagtideSettings(data_dir=tmp_path, encoder={"dtype": "fp32"})
+    sources = SourcesConfig(sources=(SourceTable(table="public.docs", key=("id",), text="{body}"),))
+    float_spec = desired_generation(settings, fp32)
+    int8_spec = desired_generation(settings, int8)
+    assert (float_spec.precision, int8_spec.precision) == ("float", "int8")
+    assert int8_spec.fingerprint != float_spec.fingerprint
+    assert int8_spec == GenerationSpec.from_dict({**float_spec.as_dict(), "precision": "int8"})
+    make = generation_factory(settings, fp32, sources)
+    live, other = make(float_spec), make(int8_spec)
+    try:
+        assert live.encoder is fp32  # the configured encoder serves its own generation
+        assert other.encoder.precision == "int8" and other.encoder is not fp32
+        assert other.index is not live.index and int8_spec.collection("c") != float_spec.collection("c")
+        text = ["a change in Postgres is searchable in well under a second"]
+        assert float((other.encoder.encode(text) * int8.encode(text)).sum()) > 0.99999  # the same int8 model
+    finally:
+        for gen in (live, other):
+            gen.index.close()

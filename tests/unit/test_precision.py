@@ -1,0 +1,42 @@
+"""Which precision the engine runs in, and why: chosen by CPU features, overridden by configuration, and held by
+an existing generation (whose vectors must stay comparable). No model is loaded."""
+
+from __future__ import annotations
+
+import pytest
+
+from ragtide.embedder import engine
+
+AVX2 = ["avx2", "fma"]
+BF16 = ["avx2", "fma", "avx512f", "avx512_bf16"]
+
+
+@pytest.fixture
+def features(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    have: list[str] = []
+    monkeypatch.setattr(engine, "cpu_info", lambda: {"model": "test", "cpus": 2, "features": have})
+    return have
+
+
+@pytest.mark.parametrize(
+    ("cpu", "requested", "cuda", "precision", "want"),
+    [
+        (BF16, "auto", False, None, "bf16"),
+        (AVX2, "auto", False, None, "fp32"),  # int8 is never chosen for you (its search gate is not met yet)
+        ([], "auto", False, None, "fp32"),
+        (AVX2, "auto", True, None, "fp16"),
+        (AVX2, "int8", False, None, "int8"),
+        (BF16, "fp32", False, None, "fp32"),
+        (AVX2, "fp32", False, "int8", "int8"),  # an int8 generation keeps int8 vectors
+        (AVX2, "int8", False, "float", "fp32"),  # a float generation keeps float vectors
+        (BF16, "int8", False, "float", "bf16"),
+        (AVX2, "auto", True, "float", "fp16"),
+        (AVX2, "bf16", False, "float", "bf16"),  # any float precision serves a float generation
+    ],
+)
+def test_the_precision_follows_cpu_configuration_and_generation(
+    features: list[str], cpu: list[str], requested: engine.DType, cuda: bool, precision: str | None, want: str
+) -> None:
+    features.extend(cpu)
+    chosen, why = engine.choose_dtype(requested, cuda, precision)
+    assert chosen == want and why
