@@ -183,16 +183,25 @@ def slow_api(**api: Any) -> Iterator[tuple[str, CollectorRegistry, CountingEncod
         yield url, registry, enc
 
 
-def burst(url: str, n: int, timeout_s: float) -> list[int | str]:
-    """`n` searches at once, each on its own connection; a client gives up after `timeout_s`."""
+def burst(url: str, n: int, timeout_s: float, embeddings: bool = False) -> list[int | str]:
+    """`n` searches (or embeddings requests) at once, each on its own connection; a client gives up after
+    `timeout_s`."""
 
     async def one(http: httpx.AsyncClient, i: int) -> int | str:
         try:
-            resp = await http.post("/v1/search", json={"query": f"burst query {i}"})
+            if embeddings:
+                ask = {"model": "hash-bow", "input": f"burst query {i}"}
+                resp = await http.post("/v1/embeddings", json=ask)
+            else:
+                resp = await http.post("/v1/search", json={"query": f"burst query {i}"})
         except httpx.TimeoutException:
             return "timeout"
         if resp.status_code == 503:
             assert resp.headers["retry-after"] == "1", resp.headers
+            if embeddings:  # OpenAI's error shape, which its SDK parses (and retries after Retry-After)
+                error = resp.json()["error"]
+                assert error["type"] == "server_error" and error["code"] in ("overloaded_full", "overloaded_deadline")
+                assert "overloaded" in error["message"] or "deadline" in error["message"], error
         return resp.status_code
 
     async def main() -> list[int | str]:
@@ -238,6 +247,16 @@ def test_a_burst_beyond_the_bound_is_shed_at_once_and_requests_past_the_deadline
         assert outcomes.count(503) == full + late
         assert outcomes.count(200) == len(computed(enc))  # every 200 computed; nothing computed for a 503
         answered_afterwards(url)
+
+
+def test_embeddings_requests_are_shed_in_openais_error_shape() -> None:
+    with slow_api(max_in_progress=8, queue_timeout_s=0.4) as (url, registry, enc):
+        outcomes = burst(url, 64, timeout_s=5.0, embeddings=True)
+        settled(registry)
+        full, late = shed_http(registry, "full"), shed_http(registry, "deadline")
+        assert set(outcomes) <= {200, 503} and full >= 1 and late >= 1, (outcomes, full, late)
+        assert outcomes.count(503) == full + late
+        assert outcomes.count(200) == len(computed(enc))
 
 
 def test_requests_whose_clients_left_are_not_computed() -> None:

@@ -4,8 +4,8 @@ for OpenAI (its SDK, LangChain's OpenAIEmbeddings, Open WebUI, LibreChat) work a
 
 Embeddings share the query path with search: the gateway (key, rate limit, quota, charged as search is, at 4
 characters a token), admission, and the micro-batched forward passes. Only the served model's name is accepted:
-vectors of another model would not be comparable with the index. Errors raised here come in OpenAI's shape
-(`error`) with ragtide's `detail` beside it.
+vectors of another model would not be comparable with the index. Every error of these routes comes in OpenAI's
+shape (`error`) with ragtide's `detail` beside it, the query path's 503s included.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
+from ragtide.contracts.errors import StoreUnavailable
 from ragtide.embedder.encoder import Encoder, Vectors
+from ragtide.retriever.queries import RETRY_AFTER_S, Overloaded
 from ragtide.retriever.schemas import (
     GATEWAY_RESPONSES,
     QUERY_RESPONSES,
@@ -46,8 +48,17 @@ class OpenAIStatus(HTTPException):
         self.body = OpenAIErrorBody(error=error, detail=message)
 
 
+def openai_error(status: int, message: str, kind: str, code: str | None, headers: dict[str, str] | None) -> Response:
+    """OpenAI's error body (with ragtide's `detail`), keeping headers such as Retry-After."""
+    body = OpenAIErrorBody(error=OpenAIError(message=message, type=kind, code=code), detail=message)
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
 class OpenAIRoute(APIRoute):
-    """A route that renders OpenAIStatus as OpenAI's error body (a router cannot add an exception handler)."""
+    """A route whose every error comes in OpenAI's shape (a router cannot add an exception handler): its own
+    OpenAIStatus, and what the shared query path raises through it: admission's 503 (the bound is full), a request
+    dropped past its deadline (503), an index that is down (503). Each keeps its Retry-After, which OpenAI's SDK
+    honours when it retries."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -57,6 +68,15 @@ class OpenAIRoute(APIRoute):
                 return await handler(request)
             except OpenAIStatus as exc:
                 return JSONResponse(exc.body.model_dump(), status_code=exc.status_code)
+            except Overloaded as exc:
+                retry = {"Retry-After": str(RETRY_AFTER_S)}
+                return openai_error(503, str(exc), "server_error", f"overloaded_{exc.reason}", retry)
+            except StoreUnavailable as exc:
+                return openai_error(503, str(exc), "server_error", "index_unavailable", {"Retry-After": "5"})
+            except HTTPException as exc:  # admission's fast 503, and FastAPI's own
+                kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+                code = "overloaded_full" if exc.status_code == 503 else None
+                return openai_error(exc.status_code, str(exc.detail), kind, code, exc.headers)
 
         return run
 
