@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -48,7 +48,7 @@ class OpenAIStatus(HTTPException):
         self.body = OpenAIErrorBody(error=error, detail=message)
 
 
-def openai_error(status: int, message: str, kind: str, code: str | None, headers: dict[str, str] | None) -> Response:
+def openai_error(status: int, message: str, kind: str, code: str | None, headers: Mapping[str, str] | None) -> Response:
     """OpenAI's error body (with ragtide's `detail`), keeping headers such as Retry-After."""
     body = OpenAIErrorBody(error=OpenAIError(message=message, type=kind, code=code), detail=message)
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
