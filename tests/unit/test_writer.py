@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from ragtide.contracts.chunks import point_id
 from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
 from ragtide.embedder.index.memory import MemoryIndex
-from ragtide.embedder.writer import IndexWriter, coalesce
+from ragtide.embedder.writer import ApplyStats, IndexWriter, coalesce
 from ragtide.ingest.sources import UNAVAILABLE, SourcesConfig
 from tests.doubles import HashEncoder, MemoryTruncateLog, word_chunker
 
@@ -305,3 +306,32 @@ def test_an_unavailable_toasted_metadata_or_tenant_value_keeps_the_stored_one() 
     assert point.payload["metadata"] == {"category": "big"}
     assert point.payload["tenant"] == "acme"
     assert texts_of(index, "1") == ["New text"]
+
+
+def test_merging_a_generations_work_adds_every_field_but_what_the_batch_was() -> None:
+    """During a build a batch goes to two generations: their work adds up field by field, and a field added to
+    ApplyStats later is added too (or refused), never silently dropped."""
+    ev = ChangeEvent("public.docs", Op.UPDATE, {"id": 1}, {"id": 1, "body": "x"}, SourcePosition(1, 1))
+
+    def filled(n: int) -> ApplyStats:
+        stats = ApplyStats()
+        for f in dataclasses.fields(stats):
+            value = getattr(stats, f.name)
+            if isinstance(value, Counter):
+                value["public.docs"] = n
+            elif isinstance(value, int):
+                setattr(stats, f.name, n)
+            elif isinstance(value, list):
+                value.append(ev)
+        return stats
+
+    merged = filled(2).merge(filled(3))
+    for f in dataclasses.fields(merged):
+        value = getattr(merged, f.name)
+        if f.name in ApplyStats.PER_BATCH:
+            assert value == getattr(filled(2), f.name), f.name  # the same batch: not counted twice
+        elif isinstance(value, Counter):
+            assert value == Counter({"public.docs": 5}), f.name
+        else:
+            assert value == 5, f.name
+    assert {f.name for f in dataclasses.fields(ApplyStats)} >= ApplyStats.PER_BATCH  # no stale names

@@ -369,13 +369,7 @@ class Generations:
                     extra = self.building.writer.apply(events)
                 finally:
                     self.applying_build = False
-                stats.embedded += extra.embedded
-                stats.embedded_from_ids += extra.embedded_from_ids
-                stats.embedded_by_table.update(extra.embedded_by_table)
-                stats.skipped += extra.skipped
-                stats.skipped_by_table.update(extra.skipped_by_table)
-                stats.payload_updates += extra.payload_updates
-                stats.deleted_points += extra.deleted_points
+                stats.merge(extra)
             return stats
 
     def apply_to(self, gen: Generation, events: Sequence[ChangeEvent]) -> ApplyStats:

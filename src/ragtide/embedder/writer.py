@@ -12,8 +12,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, cast
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, cast
 
 from ragtide.contracts.chunks import Chunk, PointPayload, content_hash, point_id, row_key
 from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
@@ -45,6 +45,36 @@ class ApplyStats:
     unknown_table: int = 0
     embedded_ms: int = 0  # when the batch's embeddings were done (0: nothing needed embedding)
     applied: list[ChangeEvent] = field(default_factory=list)
+
+    # What the batch was, the same whichever generations it went to; every other field is work a generation did.
+    PER_BATCH: ClassVar[frozenset[str]] = frozenset(
+        {
+            "events",
+            "rows_written",
+            "rows_deleted",
+            "tables_truncated",
+            "stale",
+            "unknown_table",
+            "embedded_ms",
+            "applied",
+        }
+    )
+
+    def merge(self, other: ApplyStats) -> ApplyStats:
+        """Add another generation's work on the same batch (during a build the batch goes to two): counts and
+        per-table counters add up; what the batch was stays this one's. A new field adds up unless it is listed in
+        PER_BATCH; one that cannot be added is refused, never dropped."""
+        for f in fields(self):
+            if f.name in self.PER_BATCH:
+                continue
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(mine, Counter):
+                mine.update(theirs)
+            elif isinstance(mine, int):
+                setattr(self, f.name, mine + theirs)
+            else:
+                raise TypeError(f"ApplyStats.{f.name}: cannot add {type(mine).__name__}; list it in PER_BATCH")
+        return self
 
 
 @dataclass

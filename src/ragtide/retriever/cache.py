@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from ragtide.contracts.chunks import row_key
 from ragtide.contracts.errors import StoreUnavailable
 from ragtide.contracts.events import ChangeEvent, Op
 from ragtide.contracts.logging import Throttled
@@ -78,11 +79,6 @@ def sources_of(hits: Sequence[Hit]) -> list[str]:
         p = h.payload
         versions.add(f"{p.get('table')}:{p.get('row_id')}@{p.get('lsn', 0)}/{p.get('source_ts_ms', 0)}")
     return sorted(versions)
-
-
-def row_key(table: str, row_id: str) -> str:
-    """The same `table:row` key the index stores per point."""
-    return f"{table}:{row_id}"
 
 
 class CacheMetrics:
