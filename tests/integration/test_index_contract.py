@@ -219,3 +219,25 @@ def test_optimize_reports_and_search_still_answers(index: VectorIndex) -> None:
     report = index.optimize()
     assert report["points"] == 4 and isinstance(report["optimized"], bool)
     assert [h.payload["text"] for h in index.search(vec(0), 1)] == ["1-0"]
+
+
+def test_optimize_builds_hnsw_on_a_corpus_past_the_indexing_threshold(tmp_path: Path) -> None:
+    """qdrant indexes a segment once it holds ~10 MB of vectors: 8,000 of dimension 384 pass that, and after
+    optimize the engine reports them indexed (before it, none are)."""
+    idx = EdgeIndex(tmp_path, "hnsw")
+    idx.ensure_collection(384)
+    rng = np.random.default_rng(5)
+    vectors = rng.standard_normal((8_000, 384)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    for start in range(0, len(vectors), 1_000):
+        idx.upsert(
+            [
+                IndexPoint(point_id("t", str(i), 0), vectors[i], {"row_key": f"t:{i}", "table": "t"})
+                for i in range(start, start + 1_000)
+            ]
+        )
+    assert idx.shard.info().indexed_vectors_count == 0  # plain segments until asked
+    report = idx.optimize()
+    assert report["points"] == 8_000 and report["indexed_vectors"] > 0, report
+    assert idx.search(vectors[123], 1)[0].payload["row_key"] == "t:123"
+    idx.close()
