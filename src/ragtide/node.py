@@ -62,14 +62,19 @@ def build_encoder(settings: RagtideSettings, model_path: Path | None = None, pre
     """The configured encoder (or the model at `model_path` and the `precision` of an older generation)."""
     e = settings.encoder
     path = model_path or e.model_path
+    if e.dtype == "int8" and e.backend != "engine":
+        raise ConfigError(f"encoder.dtype: int8 needs encoder.backend: engine (the {e.backend} backend is float only)")
     if e.backend == "sentence-transformers":
         return SentenceTransformerEncoder(path, e.device, e.batch_size)
     if e.backend == "random-unit":
         return RandomUnitEncoder(path)
     from ragtide.embedder.engine import EmbeddingEngine
 
+    # int8 runs on the CPU (ONNX Runtime's kernels): an int8 generation is served there on a GPU machine too.
+    int8 = precision == "int8" or (precision is None and e.dtype == "int8")
+    device = "cpu" if int8 else e.device
     engine = EmbeddingEngine(
-        path or default_model_path(), e.device, e.dtype, e.token_budget, tokenizer=e.tokenizer, precision=precision
+        path or default_model_path(), device, e.dtype, e.token_budget, tokenizer=e.tokenizer, precision=precision
     )
     log.info(
         "embedding engine loaded",

@@ -27,8 +27,6 @@ from ragtide.ingest.demo import demo_rows
 from ragtide.ingest.sources import SourcesConfig, SourceTable
 from ragtide.node import desired_generation, generation_factory
 
-pytestmark = pytest.mark.skipif(not quantized.available(), reason="onnxruntime is not installed")
-
 QUESTIONS = [
     "how do I catch an exception and run cleanup code",
     "what does the with statement do",

@@ -3,9 +3,15 @@ an existing generation (whose vectors must stay comparable). No model is loaded.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import pytest
 
 from ragtide.embedder import engine
+from ragtide.embedder.encoder import QueryVectors, Vectors
+from ragtide.embedder.generations import GenerationSpec
+from tests.doubles import HashEncoder
 
 AVX2 = ["avx2", "fma"]
 BF16 = ["avx2", "fma", "avx512f", "avx512_bf16"]
@@ -40,3 +46,29 @@ def test_the_precision_follows_cpu_configuration_and_generation(
     features.extend(cpu)
     chosen, why = engine.choose_dtype(requested, cuda, precision)
     assert chosen == want and why
+
+
+class Int8Hash(HashEncoder):
+    """The same model's name, int8 vectors (here: another vector for the same text)."""
+
+    @property
+    def precision(self) -> str:
+        return "int8"
+
+    def encode(self, texts: Sequence[str]) -> Vectors:
+        return -super().encode(texts)
+
+
+def test_remembered_query_vectors_are_kept_apart_by_precision() -> None:
+    """A switch to or from int8 keeps the model's name: a query's float vector must not answer for int8."""
+    vectors, float_enc, int8_enc = QueryVectors(), HashEncoder(), Int8Hash()
+    first = vectors.embed(float_enc, "kafka lag")
+    second = vectors.embed(int8_enc, "kafka lag")
+    assert np.allclose(second, -first) and len(int8_enc.calls) == 1
+    assert vectors.embed(float_enc, "kafka lag") is first and len(float_enc.calls) == 1
+
+
+def test_a_catalog_with_an_unknown_precision_is_refused_with_the_cause() -> None:
+    spec = GenerationSpec(model="m", dim=4, max_tokens=8, overlap=2).as_dict()
+    with pytest.raises(ValueError, match="precision is one of float, int8, not 'fp16'"):
+        GenerationSpec.from_dict({**spec, "precision": "fp16"})

@@ -259,6 +259,8 @@ def run(
             "sentence_transformers": __import__("sentence_transformers").__version__,
             "tokenizers": __import__("tokenizers").__version__,
             "flash_tokenizer": _version("flash_tokenizer"),
+            "onnx": _version("onnx"),
+            "onnxruntime": _version("onnxruntime"),
         },
         "model": engine.model_name,
         "chunks": len(texts),

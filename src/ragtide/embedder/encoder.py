@@ -68,13 +68,13 @@ class QueryVectors:
 
     def __init__(self, size: int = 4096) -> None:
         self.size = size
-        self._vectors: OrderedDict[tuple[str, str], Vectors] = OrderedDict()
+        self._vectors: OrderedDict[tuple[str, str, str], Vectors] = OrderedDict()
         self._lock = threading.Lock()
 
     def embed(self, encoder: Encoder, query: str) -> Vectors:
         """The query's vector from `encoder` (a generation switch brings another encoder, hence another key); call
         it on a worker thread. Keyed by the model's name, not the object: a new encoder object for the same model
-        gives the same vectors."""
+        gives the same vectors; and by its precision: a switch to or from int8 keeps the model's name."""
         vector = self.get(encoder, query)
         if vector is None:
             vector = np.asarray(encoder.encode([query])[0], dtype=np.float32)
@@ -83,7 +83,7 @@ class QueryVectors:
 
     def get(self, encoder: Encoder, query: str) -> Vectors | None:
         """The remembered vector, or None."""
-        key = (encoder.model_name, query)
+        key = (encoder.model_name, encoder.precision, query)
         with self._lock:
             vector = self._vectors.get(key)
             if vector is not None:
@@ -93,7 +93,7 @@ class QueryVectors:
     def put(self, encoder: Encoder, query: str, vector: Vectors) -> None:
         """Remember a vector `encoder` gave for `query`."""
         with self._lock:
-            self._vectors[(encoder.model_name, query)] = vector
+            self._vectors[(encoder.model_name, encoder.precision, query)] = vector
             while len(self._vectors) > self.size:
                 self._vectors.popitem(last=False)
 

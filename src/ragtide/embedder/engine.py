@@ -95,7 +95,7 @@ def cpu_has_native_bf16() -> bool:
 
 def choose_dtype(requested: DType, cuda: bool, precision: str | None = None) -> tuple[DType, str]:
     """The engine's precision and why: fp16 on CUDA; on CPU bf16 where the CPU has native bf16 dot products, else
-    fp32. A requested precision is kept. int8 is never chosen for you: it runs ~1.5x fp32 on AVX2 and meets the
+    fp32. A requested precision is kept. int8 is never chosen for you: it runs ~1.4x fp32 on AVX2 and meets the
     vector gate (mean cosine to fp32 >= 0.99), but not yet the search gate (top-10 overlap with fp32 0.90, below
     0.95). `precision` ("int8" or "float") is an existing generation's, which wins: its vectors must stay
     comparable."""
@@ -111,7 +111,7 @@ def choose_dtype(requested: DType, cuda: bool, precision: str | None = None) -> 
         return "fp16", "CUDA"
     if cpu_has_native_bf16():
         return "bf16", "the CPU has native bf16 dot products (avx512_bf16 or amx_bf16)"
-    return "fp32", "no native bf16 on this CPU (encoder.dtype=int8 trades some search quality for ~1.5x)"
+    return "fp32", "no native bf16 on this CPU (encoder.dtype=int8 trades some search quality for ~1.4x)"
 
 
 def model_window(model_dir: Path) -> int:

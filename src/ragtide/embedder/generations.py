@@ -37,6 +37,7 @@ from ragtide.ingest.sources import SourcesConfig
 
 log = logging.getLogger(__name__)
 
+PRECISIONS = ("float", "int8")
 CATALOG_POINT = str(uuid.uuid5(uuid.NAMESPACE_URL, "ragtide:catalog"))
 
 
@@ -91,8 +92,14 @@ class GenerationSpec:
             overlap=int(d["overlap"]),
             revision=int(d.get("revision", 1)),
             model_path=d.get("model_path"),
-            precision=str(d.get("precision", "float")),
+            precision=_precision(d.get("precision", "float")),
         )
+
+
+def _precision(value: Any) -> str:
+    if value not in PRECISIONS:
+        raise ValueError(f"a generation's precision is one of {', '.join(PRECISIONS)}, not {value!r}")
+    return str(value)
 
 
 @dataclass(frozen=True)

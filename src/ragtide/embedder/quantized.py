@@ -4,13 +4,14 @@ by ONNX Runtime's int8 kernels (MLAS: AVX2 `vpmaddubsw`, VNNI where the CPU has 
 The recipe, measured on a 2-core AVX2-only EPYC against torch's own dynamic quantization (fbgemm): export the
 transformer (eager attention, so the padding mask stays in the graph), fuse it with ONNX Runtime's BERT optimizer
 (attention, skip-LayerNorm, bias-GELU), then quantize every MatMul dynamically, int8 weights per output channel
-(per-tensor weights lose too much: mean cosine to fp32 0.94). That ran 1.5x torch fp32 at a mean cosine of 0.99 to
+(per-tensor weights lose too much: mean cosine to fp32 0.94). That ran 1.4-1.5x torch fp32 at a mean cosine of 0.99 to
 fp32; torch's fbgemm path ran 1.3x at 0.976.
 
 The artifact is built from the model folder on this machine, never downloaded. It is cached under
-`~/.cache/ragtide/int8/` (or `$RAGTIDE_CACHE_DIR/int8/`) by a hash of the model's files, the recipe and the
-versions of the libraries that build it; concurrent builders (several processes starting at once) wait on a file
-lock, and a finished artifact is renamed into place, so no process ever loads half of one.
+`~/.cache/ragtide/int8/` (or `$RAGTIDE_CACHE_DIR/int8/`: point it at a volume in containers, or each new
+container builds it again, ~20 s) by a hash of the model's files, the recipe and the versions of the libraries
+that build it; concurrent builders (several processes starting at once) wait on a file lock (local filesystems),
+and a finished artifact is renamed into place, so no process ever loads half of one.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -54,8 +56,10 @@ def artifact_key(model_dir: Path) -> str:
     import onnx
     import onnxruntime
     import torch
+    import transformers
 
-    h = hashlib.sha256(f"{RECIPE}|{torch.__version__}|{onnx.__version__}|{onnxruntime.__version__}".encode())
+    versions = f"{torch.__version__}|{transformers.__version__}|{onnx.__version__}|{onnxruntime.__version__}"
+    h = hashlib.sha256(f"{RECIPE}|{versions}".encode())
     for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
         h.update(str(path.relative_to(model_dir)).encode())
         with path.open("rb") as f:
@@ -74,6 +78,8 @@ def artifact(model_dir: Path, root: Path | None = None) -> Path:
     with (target.parent / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it right now
         if not target.exists():
+            for stale in target.parent.glob("tmp*"):  # a builder killed mid-way (we hold the lock: none runs)
+                shutil.rmtree(stale, ignore_errors=True)
             started = time.monotonic()
             build(model_dir, target)
             log.info(
@@ -91,7 +97,9 @@ def build(model_dir: Path, target: Path) -> None:
     from transformers import AutoModel
 
     config = json.loads((model_dir / "config.json").read_text())
-    model = AutoModel.from_pretrained(str(model_dir), local_files_only=True, attn_implementation="eager").eval()
+    model = AutoModel.from_pretrained(
+        str(model_dir), local_files_only=True, dtype=torch.float32, attn_implementation="eager"
+    ).eval()  # fp32 whatever the folder holds: the quantizer takes float weights
 
     class Hidden(torch.nn.Module):
         def __init__(self, inner: Any) -> None:

@@ -70,7 +70,7 @@ class ApplyStats:
             mine, theirs = getattr(self, f.name), getattr(other, f.name)
             if isinstance(mine, Counter):
                 mine.update(theirs)
-            elif isinstance(mine, int):
+            elif isinstance(mine, int) and not isinstance(mine, bool):
                 setattr(self, f.name, mine + theirs)
             else:
                 raise TypeError(f"ApplyStats.{f.name}: cannot add {type(mine).__name__}; list it in PER_BATCH")

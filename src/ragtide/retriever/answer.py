@@ -246,7 +246,7 @@ async def start_answer(
             max_tokens=params.max_tokens,
             temperature=params.temperature,
             history=[(m.role, m.content) for m in history],
-            encoder=encoder.model_name,
+            encoder=f"{encoder.model_name}/{encoder.precision}",
             generator=svc.generator.model,
         )
         tenant = caller.tenant if caller.tenant is not None else ALL_TENANTS

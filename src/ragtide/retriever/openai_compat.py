@@ -4,8 +4,9 @@ for OpenAI (its SDK, LangChain's OpenAIEmbeddings, Open WebUI, LibreChat) work a
 
 Embeddings share the query path with search: the gateway (key, rate limit, quota, charged as search is, at 4
 characters a token), admission, and the micro-batched forward passes. Only the served model's name is accepted:
-vectors of another model would not be comparable with the index. Every error of these routes comes in OpenAI's
-shape (`error`) with ragtide's `detail` beside it, the query path's 503s included.
+vectors of another model would not be comparable with the index. The errors raised in these routes come in
+OpenAI's shape (`error`) with ragtide's `detail` beside it, the query path's 503s included (request validation
+errors keep FastAPI's 422 shape).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from fastapi.routing import APIRoute
 
 from ragtide.contracts.errors import StoreUnavailable
 from ragtide.embedder.encoder import Encoder, Vectors
-from ragtide.retriever.queries import RETRY_AFTER_S, Overloaded
+from ragtide.retriever.queries import RETRY_AFTER_S, Overloaded, Shed
 from ragtide.retriever.schemas import (
     GATEWAY_RESPONSES,
     QUERY_RESPONSES,
@@ -55,7 +56,7 @@ def openai_error(status: int, message: str, kind: str, code: str | None, headers
 
 
 class OpenAIRoute(APIRoute):
-    """A route whose every error comes in OpenAI's shape (a router cannot add an exception handler): its own
+    """A route whose errors come in OpenAI's shape (a router cannot add an exception handler): its own
     OpenAIStatus, and what the shared query path raises through it: admission's 503 (the bound is full), a request
     dropped past its deadline (503), an index that is down (503). Each keeps its Retry-After, which OpenAI's SDK
     honours when it retries."""
@@ -68,15 +69,16 @@ class OpenAIRoute(APIRoute):
                 return await handler(request)
             except OpenAIStatus as exc:
                 return JSONResponse(exc.body.model_dump(), status_code=exc.status_code)
+            except Shed as exc:
+                return openai_error(503, str(exc.detail), "server_error", "overloaded_full", exc.headers)
             except Overloaded as exc:
                 retry = {"Retry-After": str(RETRY_AFTER_S)}
                 return openai_error(503, str(exc), "server_error", f"overloaded_{exc.reason}", retry)
             except StoreUnavailable as exc:
                 return openai_error(503, str(exc), "server_error", "index_unavailable", {"Retry-After": "5"})
-            except HTTPException as exc:  # admission's fast 503, and FastAPI's own
+            except HTTPException as exc:  # the gateway's and FastAPI's own
                 kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
-                code = "overloaded_full" if exc.status_code == 503 else None
-                return openai_error(exc.status_code, str(exc.detail), kind, code, exc.headers)
+                return openai_error(exc.status_code, str(exc.detail), kind, None, exc.headers)
 
         return run
 

@@ -49,6 +49,14 @@ class Overloaded(Exception):
         self.reason = reason
 
 
+class Shed(HTTPException):
+    """Admission's fast 503: the bound on query requests in progress is full. An HTTPException because it is raised
+    while the route reads the body, where FastAPI turns any other exception into a 400."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(503, detail, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 class QueryMetrics:
     """The query path's own metrics."""
 
@@ -100,7 +108,7 @@ class AdmissionEdge:
                 if self.in_progress >= self.limit:
                     self.metrics.shed.labels("full").inc()
                     detail = f"overloaded: {self.in_progress} query requests in progress (api.max_in_progress); retry"
-                    raise HTTPException(503, detail, headers={"Retry-After": str(RETRY_AFTER_S)})
+                    raise Shed(detail)
                 counted = True
                 self.in_progress += 1
                 self.metrics.in_progress.inc()
