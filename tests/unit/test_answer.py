@@ -132,6 +132,12 @@ def test_no_generator_is_a_503_with_the_reason_and_search_still_works() -> None:
         for stream in (False, True):
             resp = api.client.post("/v1/answer", json={"query": "kafka", "stream": stream})
             assert resp.status_code == 503 and "connection refused by gen:8000" in resp.json()["detail"]
+        for stream in (False, True):  # the OpenAI-compatible route answers in OpenAI's error shape
+            ask = {"messages": [{"role": "user", "content": "kafka"}], "stream": stream}
+            resp = api.client.post("/v1/chat/completions", json=ask)
+            error = resp.json()["error"]
+            assert resp.status_code == 503 and error["type"] == "server_error", resp.text
+            assert "connection refused by gen:8000" in error["message"] == resp.json()["detail"]
         assert api.client.post("/v1/search", json={"query": "kafka"}).status_code == 200
 
 
@@ -249,6 +255,18 @@ def test_chat_completions_is_openai_shaped_and_streams(api: Api) -> None:
         ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "hi"}]}, 422, "user message"),
         ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "hi"}]}, 422, "role"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 2}, 422, "n"),
+        (  # found by schemathesis: a limit within bounds let the other one past them
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 5, "max_tokens": 5000},
+            422,
+            "max_tokens: must be at most 1024",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 5000, "max_tokens": 5},
+            422,
+            "max_completion_tokens: must be at most 1024",
+        ),
         ("/v1/answer", {"query": "x" * 70_000}, 413, "larger than 65536 bytes"),
     ],
 )

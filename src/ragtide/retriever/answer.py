@@ -29,6 +29,7 @@ from ragtide.generator.client import Delta, GenerationParams, GeneratorUnavailab
 from ragtide.generator.client import Usage as GenUsage
 from ragtide.generator.prompt import Source, build_messages, cited_numbers, fit
 from ragtide.retriever.cache import ALL_TENANTS, CachedAnswer, scope_key, sources_of
+from ragtide.retriever.openai_compat import OpenAIRoute
 from ragtide.retriever.schemas import (
     GATEWAY_RESPONSES,
     AnswerRequest,
@@ -37,6 +38,7 @@ from ragtide.retriever.schemas import (
     ChatCompletionRequest,
     Citation,
     ErrorBody,
+    OpenAIErrorBody,
     Usage,
 )
 from ragtide.retriever.services import (
@@ -322,11 +324,14 @@ async def start_answer(
     )
 
 
-def _params(svc: Services, max_tokens: int | None, temperature: float | None) -> GenerationParams:
+def _params(svc: Services, limits: dict[str, int | None], temperature: float | None) -> GenerationParams:
+    """The generation's parameters: the first given of `limits` (field -> value, in order of precedence), each
+    given one checked against the limit (one within it must not let another past it)."""
     g = svc.settings.generator
-    wanted = max_tokens or g.max_tokens
-    if wanted > g.max_tokens_limit:
-        raise HTTPException(422, f"max_tokens: must be at most {g.max_tokens_limit}")
+    for name, value in limits.items():
+        if value is not None and value > g.max_tokens_limit:
+            raise HTTPException(422, f"{name}: must be at most {g.max_tokens_limit}")
+    wanted = next((v for v in limits.values() if v), None) or g.max_tokens
     return GenerationParams(max_tokens=wanted, temperature=g.temperature if temperature is None else temperature)
 
 
@@ -351,7 +356,7 @@ def answer_router() -> APIRouter:
     )
     async def answer(body: AnswerRequest, request: Request, svc: ServicesDep, caller: CallerDep) -> Any:
         """Answer from the freshest indexed rows, citing them; `stream: true` streams Server-Sent Events."""
-        params = _params(svc, body.max_tokens, body.temperature)
+        params = _params(svc, {"max_tokens": body.max_tokens}, body.temperature)
         flt = build_filter(svc, body.filter, caller)
         run = await start_answer(
             svc, caller, "answer", body.query, body.k, flt, params, use_cache=body.cache, request=request
@@ -402,14 +407,6 @@ def answer_router() -> APIRouter:
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
-    @router.post(
-        "/v1/chat/completions",
-        responses={
-            200: {"content": {"text/event-stream": {}}, "description": "an OpenAI chat.completion, or chunks"},
-            503: {"model": ErrorBody, "description": "no generator reachable"},
-            **GATEWAY_RESPONSES,
-        },
-    )
     async def chat_completions(
         body: ChatCompletionRequest, request: Request, svc: ServicesDep, caller: CallerDep
     ) -> Any:
@@ -423,7 +420,8 @@ def answer_router() -> APIRouter:
         last = users[-1]
         query = body.messages[last].content[: svc.settings.api.max_query_chars]
         history = [Message(m.role, m.content) for m in body.messages[:last] if m.content]
-        params = _params(svc, body.max_completion_tokens or body.max_tokens, body.temperature)
+        limits = {"max_completion_tokens": body.max_completion_tokens, "max_tokens": body.max_tokens}
+        params = _params(svc, limits, body.temperature)
         flt = build_filter(svc, None, caller)
         run = await start_answer(
             svc, caller, "chat", query, None, flt, params, history, use_cache=body.cache, request=request
@@ -475,4 +473,16 @@ def answer_router() -> APIRouter:
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
+    # OpenAI's clients parse OpenAI's error body: this route's errors come in that shape (with `detail` beside it).
+    router.add_api_route(
+        "/v1/chat/completions",
+        chat_completions,
+        methods=["POST"],
+        responses={
+            200: {"content": {"text/event-stream": {}}, "description": "an OpenAI chat.completion, or chunks"},
+            503: {"model": OpenAIErrorBody, "description": "no generator reachable"},
+            **GATEWAY_RESPONSES,
+        },
+        route_class_override=OpenAIRoute,
+    )
     return router

@@ -1,6 +1,7 @@
-"""The rest of the OpenAI-compatible surface (chat completions live in answer.py): `GET /v1/models` lists what
-this API serves, and `POST /v1/embeddings` embeds texts with the live generation's own encoder, so clients built
-for OpenAI (its SDK, LangChain's OpenAIEmbeddings, Open WebUI, LibreChat) work against ragtide unchanged.
+"""The rest of the OpenAI-compatible surface (chat completions live in answer.py, on this module's OpenAIRoute):
+`GET /v1/models` lists what this API serves, and `POST /v1/embeddings` embeds texts with the live generation's
+own encoder, so clients built for OpenAI (its SDK, LangChain's OpenAIEmbeddings, Open WebUI, LibreChat) work
+against ragtide unchanged.
 
 Embeddings share the query path with search: the gateway (key, rate limit, quota, charged as search is, at 4
 characters a token), admission, and the micro-batched forward passes. Only the served model's name is accepted:
@@ -41,7 +42,7 @@ from ragtide.retriever.services import CallerDep, Services, ServicesDep, get_cal
 
 
 class OpenAIStatus(HTTPException):
-    """An error answered in OpenAI's shape by the routes of this module (elsewhere: FastAPI's `detail`)."""
+    """An error answered in OpenAI's shape by the OpenAI-compatible routes (elsewhere: FastAPI's `detail`)."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(status, message)
