@@ -68,10 +68,12 @@ def build_encoder(settings: RagtideSettings, model_path: Path | None = None, pre
         return SentenceTransformerEncoder(path, e.device, e.batch_size)
     if e.backend == "random-unit":
         return RandomUnitEncoder(path)
-    from ragtide.embedder.engine import EmbeddingEngine
+    from ragtide.embedder.engine import EmbeddingEngine, choose_dtype
 
     # int8 runs on the CPU (ONNX Runtime's kernels): an int8 generation is served there on a GPU machine too.
-    int8 = precision == "int8" or (precision is None and e.dtype == "int8")
+    # The engine's own choice decides (the generation's precision wins over the configured dtype); the device does
+    # not enter into whether it is int8.
+    int8 = choose_dtype(e.dtype, cuda=False, precision=precision)[0] == "int8"
     device = "cpu" if int8 else e.device
     engine = EmbeddingEngine(
         path or default_model_path(), device, e.dtype, e.token_budget, tokenizer=e.tokenizer, precision=precision
