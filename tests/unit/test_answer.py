@@ -56,7 +56,7 @@ class Api:
         return {"Authorization": f"Bearer {key}"}
 
 
-def make_api(generator: EchoGenerator, cache: CacheSettings | None = None, **settings: Any) -> Iterator[Api]:
+def make_api(generator: EchoGenerator, /, cache: CacheSettings | None = None, **settings: Any) -> Iterator[Api]:
     index, encoder = MemoryIndex(), HashEncoder()
     index.ensure_collection(encoder.dim)
     writer = IndexWriter(index, encoder, word_chunker(50, 5), SOURCES)
@@ -295,3 +295,15 @@ def test_serving_snapshot_has_percentiles_per_endpoint_and_totals(api: Api) -> N
         "last_error": "",
     }
     assert api.client.get("/v1/serving", params={"window_s": 0}).status_code == 422
+
+
+def test_a_configured_default_past_the_limit_is_refused_not_generated() -> None:
+    """A request that sets no length gets generator.max_tokens; one configured past max_tokens_limit is a 422,
+    on both routes (the limit holds whichever field, or none, the request uses)."""
+    for api in make_api(EchoGenerator(), generator={"max_tokens": 2048, "max_tokens_limit": 1024}):
+        for path, body in (
+            ("/v1/answer", {"query": "kafka"}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "kafka"}]}),
+        ):
+            resp = api.client.post(path, json=body)
+            assert resp.status_code == 422 and "max_tokens: must be at most 1024" in resp.text, resp.text

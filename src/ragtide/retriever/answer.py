@@ -332,6 +332,8 @@ def _params(svc: Services, limits: dict[str, int | None], temperature: float | N
         if value is not None and value > g.max_tokens_limit:
             raise HTTPException(422, f"{name}: must be at most {g.max_tokens_limit}")
     wanted = next((v for v in limits.values() if v), None) or g.max_tokens
+    if wanted > g.max_tokens_limit:  # the configured default past the limit, as before
+        raise HTTPException(422, f"max_tokens: must be at most {g.max_tokens_limit}")
     return GenerationParams(max_tokens=wanted, temperature=g.temperature if temperature is None else temperature)
 
 
