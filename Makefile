@@ -12,7 +12,7 @@ FAULTS ?= 4
 # llama-cpp-python builds llama.cpp from source (a few minutes on 2 cores; pip caches the wheel): the library only.
 LLAMA_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
-.PHONY: help install qdrant up up-cluster doctor down clean status lint fmt test test-unit test-integration test-e2e test-faults test-scale bench-freshness bench-embed bench-serve bench-cache bench-scale bench-query-wait gpu-kit
+.PHONY: help install qdrant up up-cluster doctor down clean status lint fmt test test-unit test-integration test-e2e test-faults test-scale bench-freshness bench-embed bench-serve bench-cache bench-scale bench-query-wait bench-write gpu-kit
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-17s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -105,6 +105,9 @@ bench-scale: install ## scale-out benchmark on its own cluster: backfill rows/s 
 
 bench-query-wait: install ## query embedding latency during a backfill: the writer's engine shared vs the node's own, side by side
 	$(BIN)/ragtide bench query-wait
+
+bench-write: install ## write-path benchmark (no stack needed): chunking, payloads and upserts with free embeddings, this code and the baseline side by side (BASELINE=rev), verify after each
+	$(BIN)/ragtide bench write $(if $(BASELINE),--baseline $(BASELINE),)
 
 bench-embed: install ## embedding benchmark (no stack needed): naive sentence-transformers vs the engine, side by side
 	$(BIN)/ragtide bench embed --device auto

@@ -28,7 +28,7 @@ from ragtide.contracts.logging import setup_logging
 from ragtide.contracts.settings import RagtideSettings, load_settings, redact_dsn
 
 if TYPE_CHECKING:
-    from ragtide.stack.stack import Stack
+    from ragtide.stack.supervise import Supervised
 
 app = typer.Typer(help="ragtide: CDC-driven streaming RAG ingestion.", no_args_is_help=True, add_completion=False)
 # Wide enough for the side-by-side benchmark tables when output is piped to a file.
@@ -86,14 +86,18 @@ def up(
 
     s = _own_settings()
     if cluster:
+        from ragtide.stack.cluster import Cluster
+
         up_cluster(s, demo, wait)
+        if supervise:
+            supervise_processes(Cluster(s))
         return
     stack = Stack(s)
     with console.status("starting") as status:
         for name in ("postgres", "kafka", "connect", "generator", "node"):
             status.update(f"starting {name}…")
             t0 = time.monotonic()
-            getattr(stack, f"start_{name}")()
+            stack.start(name)
             label = {
                 "postgres": "postgres" if s.postgres.managed else "source database checked (ragtide doctor)",
                 "kafka": "kafka" if s.kafka.managed else f"kafka at {s.kafka.bootstrap}",
@@ -119,7 +123,7 @@ def up(
     ask = json.dumps({"query": "How do I catch an exception?", "stream": True})
     print(f"curl -sN {api}/v1/answer -H 'content-type: application/json' -d '{ask}'")
     if supervise:
-        supervise_stack(stack)
+        supervise_processes(stack)
 
 
 def up_cluster(s: RagtideSettings, demo: bool, wait: bool) -> None:
@@ -151,8 +155,9 @@ def up_cluster(s: RagtideSettings, demo: bool, wait: bool) -> None:
     print(f"curl -s {urls[0]}/v1/search -H 'content-type: application/json' -d '{query}'")
 
 
-def supervise_stack(stack: Stack) -> None:
-    """Restart whatever dies until SIGINT or SIGTERM; the processes keep running afterwards."""
+def supervise_processes(stack: Supervised) -> None:
+    """Restart whatever dies (of the one-node stack or the cluster) until SIGINT or SIGTERM; the processes keep
+    running afterwards."""
     import signal
     import threading
 
@@ -745,6 +750,31 @@ def bench_embed(
     )
     print(embed.render(result))
     console.print(f"result: {embed.save(result, out)}")
+
+
+@bench_app.command("write")
+def bench_write(
+    n: Annotated[int, typer.Option("--n", help="rows in the backfill")] = 20_000,
+    batch: Annotated[int, typer.Option(help="events per batch (256: the CPU default; 4096: CUDA's)")] = 256,
+    repeats: Annotated[int, typer.Option(help="runs per contender, alternating (best counts)")] = 2,
+    baseline: Annotated[
+        str | None, typer.Option(help="also run the write path of this git revision, side by side")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="folder for the JSON result")] = Path("bench/results"),
+) -> None:
+    """The write path with embeddings made free (random unit vectors): chunking, diffing, payloads, upserts into
+    the embedded engine, in one process; `verify` after each run (needs no running stack)."""
+    from ragtide.bench import write
+
+    if n < 100:
+        raise typer.BadParameter("at least 100 rows", param_hint="--n")
+    repo = Path(write.__file__).resolve().parents[3]
+    result = write.run(n, batch, repeats, baseline, repo, log=console.print)
+    print(write.render(result))
+    console.print(f"result: {write.save(result, out)}")
+    if any(r["verify_drift"] for r in result["contenders"].values()):
+        console.print("[red]verify found drift[/]")
+        raise typer.Exit(1)
 
 
 @bench_app.command("scale")

@@ -16,16 +16,9 @@ from ragtide.bench.embed import corpus, cosine_deviation
 from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
 from ragtide.embedder.chunking import Chunker
 from ragtide.embedder.encoder import SentenceTransformerEncoder, default_model_path
-from ragtide.embedder.engine import (
-    FLASH_EXTRA,
-    EmbeddingEngine,
-    TextTokenizer,
-    flash_contexts,
-    model_window,
-    plan_batches,
-    probe_texts,
-)
+from ragtide.embedder.engine import EmbeddingEngine, model_window, plan_batches
 from ragtide.embedder.index.memory import MemoryIndex
+from ragtide.embedder.tokenize import FLASH_EXTRA, TextTokenizer, flash_contexts, probe_texts
 from ragtide.embedder.writer import IndexWriter
 from ragtide.ingest.sources import SourcesConfig
 
@@ -140,7 +133,7 @@ def test_flash_tokenizer_serves_ascii_text_with_the_model_tokenizers_ids(engine:
     got, cut = tok(texts)
     assert got == want
     assert cut == sum(1 for t in texts if len(engine.tokenizer(t)["input_ids"]) > engine.max_seq) > 0
-    rust = TextTokenizer(engine.model_dir, engine.max_seq, "rust")
+    rust = TextTokenizer.of_model(engine.model_dir, engine.max_seq, "rust")
     assert rust.backend == "rust" and rust(texts) == (got, cut)
     # Special-token strings in raw text are the tokens themselves to the model's tokenizer; flash-tokenizer
     # would split them as words, so such text is routed to the Rust tokenizer.
@@ -153,11 +146,11 @@ def test_a_disagreeing_flash_tokenizer_is_not_used(engine: EmbeddingEngine, monk
         return [[101, 100, 102] for _ in texts]
 
     monkeypatch.setattr(TextTokenizer, "_flash_ids", wrong)
-    fallback = TextTokenizer(engine.model_dir, engine.max_seq, "auto")
+    fallback = TextTokenizer.of_model(engine.model_dir, engine.max_seq, "auto")
     assert fallback.backend == "rust" and "disagreed" in fallback.why_not_flash
     assert fallback(["hello world"])[0] == [engine.tokenizer("hello world")["input_ids"]]
     with pytest.raises(RuntimeError, match="tokenizer=flash: flash-tokenizer disagreed"):
-        TextTokenizer(engine.model_dir, engine.max_seq, "flash")
+        TextTokenizer.of_model(engine.model_dir, engine.max_seq, "flash")
 
 
 def test_texts_and_ids_mix_in_one_call_without_tokenizing_the_ids(engine: EmbeddingEngine, texts: list[str]) -> None:
@@ -233,7 +226,7 @@ def test_flash_tokenizer_agrees_on_every_extra_character_in_every_context(engine
     probes += ["".join(rng.choice(extra + list(base)) for _ in range(rng.randint(1, 400))) for _ in range(2000)]
     assert all(tok.other.search(p) is None for p in probes)  # all of them take the flash path
     got, cut = tok(probes)
-    rust = TextTokenizer(engine.model_dir, engine.max_seq, "rust")
+    rust = TextTokenizer.of_model(engine.model_dir, engine.max_seq, "rust")
     want, want_cut = rust(probes)
     assert cut == want_cut and [i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b] == []
     # ...and text with other characters takes the Rust path.
@@ -243,7 +236,7 @@ def test_flash_tokenizer_agrees_on_every_extra_character_in_every_context(engine
 def test_flash_tokenizer_works_from_a_folder_with_only_tokenizer_json(engine: EmbeddingEngine, tmp_path: Path) -> None:
     # Newer transformers save a model's tokenizer as tokenizer.json alone (the fp16 export for the GPU box).
     shutil.copy(engine.model_dir / "tokenizer.json", tmp_path / "tokenizer.json")
-    tok = TextTokenizer(tmp_path, engine.max_seq)
+    tok = TextTokenizer.of_model(tmp_path, engine.max_seq)
     assert tok.backend == "flash+rust", tok.why_not_flash
     texts = [*corpus(engine.tokenizer, 200), *probe_texts(200, seed=5)]
     assert tok(texts) == engine.text_tokenizer(texts)

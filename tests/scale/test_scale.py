@@ -1,6 +1,7 @@
 """The split topology under a steady write load (inserts, text and metadata updates, deletes on `public.faults`):
 embedders added, SIGKILLed and stopped; a Qdrant node SIGKILLed; a Kafka broker SIGKILLed; a blue/green rebuild
-whose leading embedder is SIGKILLed mid-build. After each: the consumer group has caught up with every record,
+whose leading embedder is SIGKILLed mid-build; an embedder, a retriever and a broker SIGKILLed and started again by
+the supervisor (`up --cluster --supervise`). After each: the consumer group has caught up with every record,
 then Postgres against search row by row (0 lost, 0 stale, 0 ghosts), `verify` through a retriever (0 drift, the
 leader answers it), an empty dead-letter topic. And two retrievers share one answer cache: a hit on one for an
 answer the other stored, never a hit once a cited row changed, and one size bound over both.
@@ -37,6 +38,7 @@ from ragtide.ingest.connector import source_topics
 from ragtide.ingest.sources import sources_of
 from ragtide.stack.cluster import Cluster
 from ragtide.stack.process import wait_until
+from ragtide.stack.supervise import Supervisor
 
 STEP_S = float(os.environ.get("RAGTIDE_SCALE_STEP_S", "12"))
 RATE = 10.0  # changes per second: steady, and within what 2 shared cores embed while everything else runs
@@ -271,3 +273,41 @@ def test_two_retrievers_share_the_cache_and_never_serve_an_answer_whose_row_chan
     cache = f"{c.settings.index.collection}-cache"
     count = httpx.post(f"{node}/collections/{cache}/points/count", json={"exact": True}, timeout=10).json()
     assert count["result"]["count"] <= c.settings.cache.max_entries
+
+
+def test_a_supervised_cluster_restarts_what_dies_and_loses_nothing(cluster: Cluster) -> None:
+    """`up --cluster --supervise`: an embedder, a retriever and a broker SIGKILLed under load are each started
+    again by the supervisor alone (new pids, restart times printed), search keeps answering through the other
+    retriever, and nothing is lost."""
+    c = cluster
+    for i in (0, 1):
+        c.start_embedder(i)  # the rebuild test left one of them dead
+    load = WriteLoad(c.settings.postgres.dsn(), rate=RATE, seed=5, first_id=400_000)
+    load.start()
+    probe = SearchProbe(c.retriever_urls()[:1]).start()
+    supervisor = Supervisor(c, interval_s=0.5)  # watches what runs now
+    assert {"embedder-0", "embedder-1", "retriever-1", "kafka-2", "qdrant-0"} <= set(supervisor.watched)
+    victims = ["embedder-0", "retriever-1", "kafka-2"]
+    before = {name: c.daemon(name).pid() for name in victims}
+    time.sleep(3)
+    for name in victims:
+        kill(c, name)  # each seen dead before the supervisor runs: it alone starts them again
+    stop = threading.Event()
+    watcher = threading.Thread(target=supervisor.run, args=(stop,), daemon=True)
+    watcher.start()
+    try:
+
+        def restarted() -> bool:
+            return all(c.daemon(n).pid() not in (None, before[n]) for n in victims)
+
+        wait_until(restarted, "the supervisor to start every killed process again", 300)
+        time.sleep(STEP_S)
+    finally:
+        stop.set()
+        watcher.join(timeout=30)
+        probe.stop()
+    exact(c, load)
+    took = {r.name: round(r.took_s, 1) for r in supervisor.restarts if r.ok}
+    print({"restarted_in_s": took, "failed_starts": [r.error for r in supervisor.restarts if not r.ok]})
+    assert set(took) == set(victims)  # each started once, by the supervisor, and nothing else was
+    assert probe.answered > 0 and probe.failures == []

@@ -4,8 +4,14 @@ leaves alone what was not running when it began."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
 
 from ragtide.contracts.errors import StackError
+from ragtide.contracts.settings import RagtideSettings
+from ragtide.stack.cluster import Cluster
+from ragtide.stack.stack import ORDER
 from ragtide.stack.supervise import Supervisor
 
 
@@ -24,19 +30,17 @@ class FakeStack:
     failing: dict[str, Exception] = field(default_factory=dict)
     started: list[str] = field(default_factory=list)
 
+    def processes(self) -> tuple[str, ...]:
+        return ORDER
+
     def daemon(self, name: str) -> FakeDaemon:
         return FakeDaemon(self, name)
 
-    def __getattr__(self, attr: str) -> object:
-        name = attr.removeprefix("start_")
-
-        def start() -> None:
-            self.started.append(name)
-            if name in self.failing:
-                raise self.failing[name]
-            self.alive.add(name)
-
-        return start
+    def start(self, name: str) -> None:
+        self.started.append(name)
+        if name in self.failing:
+            raise self.failing[name]
+        self.alive.add(name)
 
 
 class Clock:
@@ -72,3 +76,26 @@ def test_a_failing_start_backs_off_and_an_unexpected_error_does_not_stop_the_sup
     stack.failing = {}
     assert [(r.name, r.ok) for r in sup.check()] == [("kafka", True), ("node", True)]
     assert stack.started == ["kafka", "node", "kafka", "node"] and len(sup.restarts) == 4
+
+
+def test_a_cluster_is_supervised_member_by_member_in_dependency_order(tmp_path: Path) -> None:
+    """`up --cluster --supervise`: the cluster names its processes in start order, and a name starts exactly that
+    member (the index parsed from it); an unknown name is refused with the names it could be."""
+    c = Cluster(RagtideSettings(data_dir=tmp_path, cluster={"qdrant_nodes": 3, "brokers": 3}))
+    names = c.processes()
+    assert names[:8] == ["postgres", "qdrant-0", "qdrant-1", "qdrant-2", "kafka-0", "kafka-1", "kafka-2", "connect"]
+    assert names[8:11] == ["generator", "embedder-0", "embedder-1"] and names[-1] == "retriever-7"
+    calls: list[tuple[str, int]] = []
+    c.start_embedder = lambda i: calls.append(("embedder", i))  # type: ignore[method-assign]
+    c.start_retriever = lambda i: calls.append(("retriever", i))  # type: ignore[method-assign]
+    c.start_connect = lambda: calls.append(("connect", 0))  # type: ignore[method-assign]
+    for name in ("embedder-3", "retriever-1", "connect"):
+        c.start(name)
+    assert calls == [("embedder", 3), ("retriever", 1), ("connect", 0)]
+    for bad in ("qdrant-3", "kafka-x", "embedder-8", "node"):
+        with pytest.raises(ValueError, match=r"no process .* in the cluster .*embedder-0"):
+            c.start(bad)
+
+    stopped = FakeStack(alive=set())
+    sup = Supervisor(stopped, names=["node", "kafka"])  # type: ignore[arg-type]
+    assert sup.names == ["kafka", "node"]  # dependency order, whatever order was asked

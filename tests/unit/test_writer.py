@@ -335,3 +335,46 @@ def test_merging_a_generations_work_adds_every_field_but_what_the_batch_was() ->
         else:
             assert value == 5, f.name
     assert {f.name for f in dataclasses.fields(ApplyStats)} >= ApplyStats.PER_BATCH  # no stale names
+
+
+def test_a_large_batch_written_in_pipelined_slices_is_what_one_pass_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past PIPELINE_ROWS rows a batch is chunked slice by slice in a thread while the previous slice is written:
+    the same points, payloads and counts as writing it in one pass; a store error in a later slice still fails
+    the whole batch (nothing is acknowledged)."""
+    from ragtide.contracts.errors import StoreUnavailable
+    from ragtide.embedder import writer as writer_module
+
+    def run(pipeline_rows: int) -> tuple[dict[str, Any], ApplyStats, IndexWriter]:
+        monkeypatch.setattr(writer_module, "PIPELINE_ROWS", pipeline_rows)
+        index, encoder, feed = MemoryIndex(), HashEncoder(), Feed()
+        index.ensure_collection(encoder.dim)
+        w = IndexWriter(index, encoder, word_chunker(8, 2), SOURCES, clock=lambda: 1234.5)
+        w.apply([feed.ev(Op.CREATE, i, "T", LONG if i % 3 else "short") for i in range(0, 150, 2)])
+        batch = [feed.ev(Op.CREATE, i, "T", f"row {i} " + LONG) for i in range(150)]  # new, changed, unchanged
+        batch += [feed.ev(Op.DELETE, i) for i in range(0, 20, 4)]
+        stats = w.apply(batch)
+        return {p.id: p.payload for p in index.scroll(limit=10_000)}, stats, w
+
+    sliced, s_stats, w = run(16)  # 150 rows: 4 slices of 38
+    assert w._chunking is not None  # the slices were chunked on the writer's thread
+    whole, w_stats, w1 = run(10_000)
+    assert w1._chunking is None
+    assert sliced == whole and len(whole) > 150
+    assert dataclasses.asdict(s_stats) == dataclasses.asdict(w_stats)
+
+    monkeypatch.setattr(writer_module, "PIPELINE_ROWS", 16)
+    index, encoder, feed = MemoryIndex(), HashEncoder(), Feed()
+    index.ensure_collection(encoder.dim)
+    calls = []
+
+    def upsert(points: Any) -> None:
+        calls.append(len(points))
+        if len(calls) == 3:
+            raise StoreUnavailable("store down")
+        MemoryIndex.upsert(index, points)
+
+    monkeypatch.setattr(index, "upsert", upsert)
+    w = IndexWriter(index, encoder, word_chunker(8, 2), SOURCES)
+    with pytest.raises(StoreUnavailable):
+        w.apply([feed.ev(Op.CREATE, i, "T", LONG) for i in range(100)])
+    assert len(calls) == 3  # the slices after the failing one were never written

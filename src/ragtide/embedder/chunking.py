@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from ragtide.embedder.tokenize import OffsetsTokenizer, TextTokenizer
+
 
 @runtime_checkable
 class PieceChunker(Protocol):
@@ -36,31 +38,6 @@ class Piece:
 
     text: str
     ids: list[int] | None
-
-
-class _Backend:
-    """The fast (Rust) tokenizer behind a Hugging Face tokenizer, copied with truncation and padding off.
-
-    Chunking must see every token of a long text; the model's own wrapper would warn about (or cut at) its
-    maximum length, which is exactly what chunking exists to avoid.
-    """
-
-    def __init__(self, hf_tokenizer: Any) -> None:
-        from tokenizers import Tokenizer as RustTokenizer
-
-        self._tok = RustTokenizer.from_str(hf_tokenizer.backend_tokenizer.to_str())
-        self._tok.no_truncation()
-        self._tok.no_padding()
-        # WordPiece tokenizes each word on its own, so a window cut at word boundaries has exactly the ids that
-        # tokenizing its text would give; other models only hand over the ids of a single-window text.
-        self.word_exact = type(self._tok.model).__name__ == "WordPiece"
-
-    def offsets(self, text: str) -> list[tuple[int, int]]:
-        return [(int(a), int(b)) for a, b in self._tok.encode(text, add_special_tokens=False).offsets]
-
-    def encode_batch(self, texts: list[str]) -> list[Any]:
-        """One batched call (parallel, outside the GIL)."""
-        return list(self._tok.encode_batch(texts, add_special_tokens=False))
 
 
 def windows(n_tokens: int, max_tokens: int, overlap: int) -> list[tuple[int, int]]:
@@ -98,13 +75,20 @@ def chunk_text(text: str, offsets: Sequence[tuple[int, int]], max_tokens: int, o
 
 
 class Chunker:
-    """Chunks text with a given tokenizer and limits."""
+    """Chunks text with a given tokenizer and limits.
+
+    With a fast (Rust-backed) tokenizer, the texts that fit one window, most of a stream's rows, are recognised by
+    their ids alone (flash-tokenizer, `TextTokenizer.content_ids`); only the others are tokenized with character
+    offsets to be cut into windows. Verify's `__call__` and the writer's `pieces_many` are one implementation.
+    """
 
     def __init__(self, tokenizer: Tokenizer, max_tokens: int, overlap: int) -> None:
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
         self.overlap = min(overlap, max_tokens - 1)
-        self._backend = _Backend(tokenizer) if hasattr(tokenizer, "backend_tokenizer") else None
+        hf: Any = tokenizer
+        self._backend = OffsetsTokenizer(hf.backend_tokenizer) if hasattr(hf, "backend_tokenizer") else None
+        self._ids = TextTokenizer(hf.backend_tokenizer.to_str(), max_tokens + 2) if self._backend else None
 
     def offsets(self, text: str) -> list[tuple[int, int]]:
         """Token spans of `text`, through the fast backend when there is one."""
@@ -113,31 +97,45 @@ class Chunker:
         return token_offsets(self.tokenizer, text)
 
     def __call__(self, text: str) -> list[str]:
+        if self._backend is not None:
+            return [p.text for p in self.pieces_many([text])[0]]
         text = text.strip()
         if not text:
             return []
         return chunk_text(text, self.offsets(text), self.max_tokens, self.overlap)
 
     def pieces_many(self, texts: Sequence[str]) -> list[list[Piece]]:
-        """Chunk many texts with one batched tokenizer call; each piece carries its ids where they are exact
+        """Chunk many texts with batched tokenizer calls; each piece carries its ids where they are exact
         (the whole text in one window, or, with WordPiece, a window cut at word boundaries)."""
         stripped = [t.strip() for t in texts]
-        if self._backend is None:
+        if self._backend is None or self._ids is None:
             return [[Piece(c, None) for c in self(t)] for t in stripped]
-        encodings = self._backend.encode_batch(stripped)
+        fitting = self._ids.content_ids(stripped, self.max_tokens)
+        rest = [i for i, (t, ids) in enumerate(zip(stripped, fitting, strict=True)) if t and ids is None]
+        encodings = dict(zip(rest, self._backend.encode_batch([stripped[i] for i in rest]), strict=True))
         out: list[list[Piece]] = []
-        for text, enc in zip(stripped, encodings, strict=True):
-            ids, offsets, words = enc.ids, enc.offsets, enc.word_ids
-            spans = windows(len(ids), self.max_tokens, self.overlap) if text else []
-            if len(spans) == 1:
-                out.append([Piece(text, list(ids))])
-                continue
-            pieces = []
-            for start, end in spans:
-                piece = text[offsets[start][0] : offsets[end - 1][1]].strip()
-                exact = self._backend.word_exact and (start == 0 or words[start] != words[start - 1])
-                exact = exact and (end == len(ids) or words[end] != words[end - 1])
-                if piece:
-                    pieces.append(Piece(piece, list(ids[start:end]) if exact else None))
-            out.append(pieces)
+        for i, text in enumerate(stripped):
+            ids = fitting[i]
+            if not text:
+                out.append([])
+            elif ids is not None:
+                out.append([Piece(text, ids)])
+            else:
+                out.append(self._windows(text, encodings[i]))
         return out
+
+    def _windows(self, text: str, enc: Any) -> list[Piece]:
+        """One text's pieces from its encoding (ids, offsets, words)."""
+        ids, offsets, words = enc.ids, enc.offsets, enc.word_ids
+        spans = windows(len(ids), self.max_tokens, self.overlap)
+        if len(spans) == 1:
+            return [Piece(text, list(ids))]
+        assert self._backend is not None
+        pieces = []
+        for start, end in spans:
+            piece = text[offsets[start][0] : offsets[end - 1][1]].strip()
+            exact = self._backend.word_exact and (start == 0 or words[start] != words[start - 1])
+            exact = exact and (end == len(ids) or words[end] != words[end - 1])
+            if piece:
+                pieces.append(Piece(piece, list(ids[start:end]) if exact else None))
+        return pieces

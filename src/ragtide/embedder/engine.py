@@ -29,9 +29,6 @@ import itertools
 import json
 import logging
 import os
-import random
-import re
-import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,12 +43,12 @@ from ragtide.contracts.machine import cpu_info
 from ragtide.embedder import quantized
 from ragtide.embedder.encoder import model_name_of
 from ragtide.embedder.quantized import Int8Model
+from ragtide.embedder.tokenize import TextTokenizer, TokenizerChoice
 
 log = logging.getLogger(__name__)
 
 Vectors = npt.NDArray[np.float32]
 DType = Literal["auto", "fp32", "fp16", "bf16", "int8"]
-TokenizerChoice = Literal["auto", "rust", "flash"]
 INLINE_ROWS = 64  # smaller calls are prepared on the caller's thread: a thread hop costs more than the work
 
 
@@ -131,176 +128,6 @@ def model_window(model_dir: Path) -> int:
     return min(length, positions)
 
 
-def probe_texts(n: int = 2000, seed: int = 13) -> list[str]:
-    """ASCII strings that exercise a WordPiece tokenizer's corners: every ASCII character (controls included),
-    punctuation runs, digits, contractions, mixed case, URLs, and texts past the model's window."""
-    rng = random.Random(seed)
-    words = [
-        "The",
-        "quick",
-        "BROWN",
-        "fox's",
-        "don't",
-        "co-operate",
-        "e.g.",
-        "U.S.A.",
-        "3.14",
-        "$100",
-        "#tag",
-        "@user",
-        "x86_64",
-        "AT&T",
-        "C++",
-        "http://example.com/a?b=1&c=2",
-        "tokenization",
-        "unaffable",
-        "...",
-    ]
-    chars = [chr(i) for i in range(128)]
-    out = ["", " ", "a", "A\tb\nc\r\nd", "   padded   ", "!!!???", "word " * 400]
-    for i in range(n):
-        size = rng.randint(0, 300)
-        if i % 2:
-            out.append("".join(rng.choice(chars) for _ in range(size)))
-        else:
-            out.append(" ".join(rng.choice(words) for _ in range(size // 5)))
-    return out
-
-
-def _unpad(ids: list[int]) -> list[int]:
-    end = len(ids)
-    while end and ids[end - 1] == 0:
-        end -= 1
-    return ids if end == len(ids) else ids[:end]
-
-
-# Non-ASCII characters flash-tokenizer 1.2 tokenizes exactly as the model's tokenizer in every context tried
-# (alone, inside, before and after words, doubled, beside digits and punctuation, in random ASCII): Latin-1 and
-# Latin Extended letters, typographic quotes and dashes, currency and letterlike symbols. Left out, where the
-# two differ: the marks below, the line/paragraph separators, invisible operators; and every other block
-# (full-width forms, combining marks, a BOM, several scripts). Checked again at load and by a test.
-FLASH_UNSAFE = "\u00a1\u00a7\u00ab\u00ad\u00b6\u00bb\u00bf\u2028\u2029\u2044\u2052"
-FLASH_EXTRA = "".join(
-    chr(c)
-    for lo, hi in ((0x00A0, 0x024F), (0x2000, 0x205F), (0x20A0, 0x20BF), (0x2100, 0x21FF))
-    for c in range(lo, hi + 1)
-    if chr(c) not in FLASH_UNSAFE
-)
-
-
-def flash_contexts(ch: str) -> str:
-    """One probe text that puts `ch` in the contexts where tokenizers disagree."""
-    return f"{ch} a{ch}b {ch}word word{ch} It{ch}s {ch}{ch} x {ch}. ({ch}) {ch}1 2{ch}"
-
-
-class TextTokenizer:
-    """Text -> ids with [CLS]/[SEP], cut to the model's window as sentence-transformers cuts (the final [SEP]
-    kept), counting what was cut. Identical ids from either backend: flash-tokenizer serves text made of ASCII
-    and the characters of FLASH_EXTRA only after it matched the Rust tokenizer on every probe text at load (if
-    the extra characters fail, on ASCII alone); any other text always goes to the Rust tokenizer."""
-
-    def __init__(self, model_dir: Path, max_seq: int, choice: TokenizerChoice = "auto", threads: bool = False) -> None:
-        from tokenizers import Tokenizer
-
-        self.max_seq = max_seq
-        self.rust: Any = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        self.rust.no_padding()
-        self.rust.enable_truncation(max_seq)
-        self.threads = threads  # flash-tokenizer's OpenMP threads: worth it only with cores to spare
-        self.flash: Any = None
-        self.why_not_flash = ""
-        self.other = re.compile("[^\x00-\x7f]")  # text that goes to the Rust tokenizer
-        # Special-token strings in raw text ("[SEP]") are matched as the token by the Rust tokenizer (and the
-        # chunker, and sentence-transformers); flash-tokenizer splits them as words: such text goes to Rust.
-        added = sorted({str(t.content) for t in self.rust.get_added_tokens_decoder().values()}, key=len)
-        self.special = re.compile("|".join(re.escape(t) for t in reversed(added))) if added else None
-        if choice != "rust":
-            self.flash, self.why_not_flash = self._load_flash(model_dir)
-            if self.flash is None and choice == "flash":
-                raise RuntimeError(f"tokenizer=flash: {self.why_not_flash}")
-        self.backend = "flash+rust" if self.flash is not None else "rust"
-
-    def _load_flash(self, model_dir: Path) -> tuple[Any, str]:
-        spec = json.loads((model_dir / "tokenizer.json").read_text())
-        model = spec.get("model") or {}
-        if model.get("type") != "WordPiece":
-            return None, "the model's tokenizer is not a WordPiece vocabulary"
-        try:
-            from flash_tokenizer import BertTokenizerFlash
-        except ImportError:
-            return None, "flash-tokenizer is not installed"
-        vocab = model_dir / "vocab.txt"
-        if not vocab.exists():  # a folder saved by newer transformers keeps only tokenizer.json
-            self._vocab_dir = tempfile.TemporaryDirectory(prefix="ragtide-vocab-")
-            vocab = Path(self._vocab_dir.name) / "vocab.txt"
-            tokens = sorted(model["vocab"].items(), key=lambda kv: kv[1])
-            vocab.write_text("".join(f"{token}\n" for token, _ in tokens), encoding="utf-8")
-        lower = bool((spec.get("normalizer") or {}).get("lowercase", True))
-        flash = BertTokenizerFlash(str(vocab), do_lower_case=lower, model_max_length=self.max_seq + 1)
-        probes = probe_texts()
-        bad = self._disagreements(flash, probes)
-        if bad:
-            log.warning(
-                "flash-tokenizer disagrees with the model's tokenizer; using the Rust tokenizer",
-                extra={"mismatches": bad, "probes": len(probes)},
-            )
-            return None, f"flash-tokenizer disagreed with the model's tokenizer on {bad} of {len(probes)} probes"
-        if self._disagreements(flash, [flash_contexts(ch) for ch in FLASH_EXTRA]):
-            log.warning("flash-tokenizer disagrees on non-ASCII characters; it serves ASCII text only")
-        else:
-            self.other = re.compile(f"[^\\x00-\\x7f{re.escape(FLASH_EXTRA)}]")
-        return flash, ""
-
-    def _disagreements(self, flash: Any, probes: list[str]) -> int:
-        want = self.rust_ids(probes)[0]
-        got = self._cut(self._flash_ids(flash, probes))[0]
-        return sum(1 for a, b in zip(want, got, strict=True) if a != b)
-
-    def _flash_ids(self, flash: Any, texts: list[str]) -> list[list[int]]:
-        # Unpadded lists; any trailing zeros are padding ([PAD] = 0 and every sequence ends with [SEP]).
-        out = flash.tokenizer.batch_encode(texts, "longest", self.max_seq + 1, self.threads)
-        return [_unpad(s) for s in out]
-
-    def window(self, ids: Sequence[int]) -> list[int]:
-        """Ids with specials cut to the model's window as sentence-transformers cuts: the final [SEP] kept."""
-        return [*ids[: self.max_seq - 1], ids[-1]] if len(ids) > self.max_seq else list(ids)
-
-    def _cut(self, seqs: list[list[int]]) -> tuple[list[list[int]], int]:
-        return [self.window(s) if len(s) > self.max_seq else s for s in seqs], sum(
-            1 for s in seqs if len(s) > self.max_seq
-        )
-
-    def rust_ids(self, texts: Sequence[str]) -> tuple[list[list[int]], int]:
-        """Ids per text from the Rust tokenizer, and how many texts it cut to the window."""
-        encs = self.rust.encode_batch(list(texts))
-        return [e.ids for e in encs], sum(1 for e in encs if e.overflowing)
-
-    def __call__(self, texts: Sequence[str]) -> tuple[list[list[int]], int]:
-        """Ids per text, and how many texts were cut to the window."""
-        texts = list(texts)
-        if self.flash is None:
-            rust_rows = list(range(len(texts)))
-        else:
-            other, special = self.other.search, self.special.search if self.special else (lambda _: None)
-            rust_rows = [i for i, t in enumerate(texts) if (not t.isascii() and other(t)) or special(t)]
-        if len(rust_rows) == len(texts):
-            return self.rust_ids(texts)
-        if not rust_rows:
-            return self._cut(self._flash_ids(self.flash, texts))
-        skip = set(rust_rows)
-        flash_rows = [i for i in range(len(texts)) if i not in skip]
-        out: list[list[int]] = [[] for _ in texts]
-        total = 0
-        for rows, (seqs, cut) in (
-            (rust_rows, self.rust_ids([texts[i] for i in rust_rows])),
-            (flash_rows, self._cut(self._flash_ids(self.flash, [texts[i] for i in flash_rows]))),
-        ):
-            for i, s in zip(rows, seqs, strict=True):
-                out[i] = s
-            total += cut
-        return out, total
-
-
 @dataclass
 class HostBatch:
     """One forward pass, ready on the host: padded ids, lengths and output rows (pinned on CUDA)."""
@@ -350,7 +177,7 @@ class EmbeddingEngine:
         self.macro_batch = macro_batch
 
         # flash-tokenizer's OpenMP threads would compete with torch's for a CPU run's cores.
-        self.text_tokenizer = TextTokenizer(self.model_dir, self.max_seq, tokenizer, threads=self.cuda)
+        self.text_tokenizer = TextTokenizer.of_model(self.model_dir, self.max_seq, tokenizer, threads=self.cuda)
         self._hf_tokenizer: Any = AutoTokenizer.from_pretrained(str(self.model_dir), local_files_only=True)
         self.pad_id = int(self._hf_tokenizer.pad_token_id or 0)
         self.cls_id = int(self._hf_tokenizer.cls_token_id)

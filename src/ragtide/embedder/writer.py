@@ -11,6 +11,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, cast
@@ -24,6 +25,11 @@ from ragtide.embedder.truncations import TruncateLog
 from ragtide.ingest.sources import UNAVAILABLE, SourcesConfig, SourceTable
 
 log = logging.getLogger(__name__)
+
+# A batch of more rows than this is written in slices (at most PIPELINE_SLICES), the next slice chunked while the
+# current one is embedded and written.
+PIPELINE_ROWS = 64
+PIPELINE_SLICES = 4
 
 
 @dataclass
@@ -145,6 +151,7 @@ class IndexWriter:
         self._remembering = 0
         self._deleted: dict[str, SourcePosition] = {}
         self._tomb_lock = threading.Lock()
+        self._chunking: ThreadPoolExecutor | None = None  # chunks a batch's next slice (`_planned`)
 
     @contextmanager
     def remembering_deletes(self) -> Iterator[None]:
@@ -272,7 +279,36 @@ class IndexWriter:
             position = pos if pos is not None and pos.lsn and not ev.position.lsn else ev.position
             rows.append((ev, source, row, position))
             stats.applied.append(ev)
-        plans = [
+        if deletes:
+            self.index.delete_where({"row_key": deletes})
+        for plans in self._planned(rows, texts):
+            self._write_plans(plans, stored, stats)
+
+    def _planned(
+        self, rows: list[tuple[ChangeEvent, SourceTable, dict[str, Any], SourcePosition]], texts: list[str]
+    ) -> Iterator[list[_RowPlan]]:
+        """The rows' plans, a slice at a time: while the caller embeds and writes one slice, the next is chunked
+        in a thread (the Rust tokenizer works outside the GIL). A batch of one slice stays on this thread."""
+        step = max(PIPELINE_ROWS, -(-len(rows) // PIPELINE_SLICES))
+        bounds = [(i, min(i + step, len(rows))) for i in range(0, len(rows), step)]
+        if len(bounds) <= 1:
+            yield self._plans(rows, self._chunk(texts))
+            return
+        if self._chunking is None:
+            self._chunking = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragtide-chunk")
+        pending = self._chunking.submit(self._chunk, texts[: bounds[0][1]])
+        for k, (a, b) in enumerate(bounds):
+            pieces = pending.result()
+            if k + 1 < len(bounds):
+                c, d = bounds[k + 1]
+                pending = self._chunking.submit(self._chunk, texts[c:d])
+            yield self._plans(rows[a:b], pieces)
+
+    @staticmethod
+    def _plans(
+        rows: Sequence[tuple[ChangeEvent, SourceTable, dict[str, Any], SourcePosition]], chunked: list[list[Piece]]
+    ) -> list[_RowPlan]:
+        return [
             _RowPlan(
                 ev,
                 source,
@@ -281,12 +317,8 @@ class IndexWriter:
                 [p.ids for p in pieces],
                 position,
             )
-            for (ev, source, row, position), pieces in zip(rows, self._chunk(texts), strict=True)
+            for (ev, source, row, position), pieces in zip(rows, chunked, strict=True)
         ]
-
-        if deletes:
-            self.index.delete_where({"row_key": deletes})
-        self._write_plans(plans, stored, stats)
 
     def _chunk(self, texts: list[str]) -> list[list[Piece]]:
         """All rows' texts in one batched tokenizer call where the chunker offers one."""

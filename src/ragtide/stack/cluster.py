@@ -34,6 +34,7 @@ from ragtide.stack.stack import Stack
 # Resident memory each kind of process is sized for (MiB): the JVM heaps are set to fit, the Python processes are
 # measured (model, torch, one thread) and reported against it.
 BUDGET_MB = {"broker": 640, "connect": 900, "qdrant": 400, "embedder": 1600, "retriever": 1300}
+MAX_REPLICAS = 8  # embedders, and retrievers, the port layout has room for
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,40 @@ class Cluster:
         out = [Member("qdrant", self.daemon(f"qdrant-{i}"), self.port("qdrant", i)) for i in range(self.c.qdrant_nodes)]
         out += [Member("broker", self.daemon(f"kafka-{i}"), self.port("broker", i)) for i in range(self.c.brokers)]
         out.append(Member("connect", self.daemon("connect"), self.port("connect")))
-        out += [Member("embedder", self.daemon(f"embedder-{i}"), self.port("embedder", i)) for i in range(8)]
-        out += [Member("retriever", self.daemon(f"retriever-{i}"), self.port("retriever", i)) for i in range(8)]
+        out += [Member("embedder", self.daemon(f"embedder-{i}"), self.port("embedder", i)) for i in range(MAX_REPLICAS)]
+        out += [
+            Member("retriever", self.daemon(f"retriever-{i}"), self.port("retriever", i)) for i in range(MAX_REPLICAS)
+        ]
         return out
+
+    def processes(self) -> list[str]:
+        """Every process that may run, in start order: Postgres and the local generator (the stack's) with the
+        members (the supervisor watches those of them that run)."""
+        names = [m.daemon.name for m in self.members()]
+        first_python = next(i for i, m in enumerate(self.members()) if m.kind == "embedder")
+        return ["postgres", *names[:first_python], "generator", *names[first_python:]]
+
+    def start(self, name: str) -> None:
+        """Start one process by name (idempotent), e.g. a member the supervisor found dead: `kafka-1` rejoins its
+        quorum, `qdrant-0` its cluster (its storage kept), `embedder-2` its consumer group."""
+        kind, _, index = name.rpartition("-")
+        i = int(index) if index.isdigit() else -1
+        if name in ("postgres", "generator"):
+            Stack(self.settings).start(name)
+        elif name == "connect":
+            self.start_connect()
+        elif kind == "qdrant" and 0 <= i < self.c.qdrant_nodes:
+            self.qdrant_node(i).start(timeout=90)
+        elif kind == "kafka" and 0 <= i < self.c.brokers:
+            broker = self.broker(i)
+            broker.launch()
+            broker.wait(timeout=120)
+        elif kind == "embedder" and 0 <= i < MAX_REPLICAS:
+            self.start_embedder(i)
+        elif kind == "retriever" and 0 <= i < MAX_REPLICAS:
+            self.start_retriever(i)
+        else:
+            raise ValueError(f"no process {name!r} in the cluster (one of {', '.join(self.processes())})")
 
     @property
     def settings(self) -> RagtideSettings:

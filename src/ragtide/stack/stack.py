@@ -140,11 +140,21 @@ class Stack:
                     raise StackError(f"backfilling {table} from the source failed ({resp.status_code}): {resp.text}")
         return added
 
+    def processes(self) -> tuple[str, ...]:
+        """Every process, in start order."""
+        return ORDER
+
+    def start(self, name: str) -> None:
+        """Start one process by name (`start_<name>`)."""
+        if name not in ORDER:
+            raise ValueError(f"no process {name!r} in the stack (one of {', '.join(ORDER)})")
+        getattr(self, f"start_{name}")()
+
     def up(self, progress: Callable[[str], None] = lambda _: None) -> None:
         """Start everything that is not running yet, in order."""
         for name in ORDER:
             progress(name)
-            getattr(self, f"start_{name}")()
+            self.start(name)
 
     def down(
         self, progress: Callable[[str], None] = lambda _: None, drop_slot: bool = False, force: bool = False

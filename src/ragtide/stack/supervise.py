@@ -1,10 +1,11 @@
 """Keep the native stack running: a process of it that dies (a crash, the OOM killer, a SIGKILL) is started again,
 in dependency order, with the same code `ragtide up` uses, without a person running `make up`.
 
-`ragtide up --supervise` stays in the foreground and does this until it is stopped (the processes keep running
-after it; `ragtide down` stops them). Kubernetes restarts pods by itself; this is the native install's
-equivalent. Only the processes that were running when supervision began are watched (the local generator is
-optional). A start that fails is tried again with backoff (1, 2, 5, 10, then every 30 s), so a process that cannot
+`ragtide up --supervise` (and `ragtide up --cluster --supervise`, over the split topology's members) stays in the
+foreground and does this until it is stopped (the processes keep running after it; `ragtide down` stops them).
+Kubernetes restarts pods by itself; this is the native install's equivalent. Only the processes that were running
+when supervision began are watched (the local generator is optional; so are a cluster's replicas beyond those
+started). A start that fails is tried again with backoff (1, 2, 5, 10, then every 30 s), so a process that cannot
 start does not spin.
 """
 
@@ -15,8 +16,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-from ragtide.stack.stack import ORDER, Stack
+from ragtide.stack.process import Daemon
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +36,38 @@ class Restart:
     error: str = ""
 
 
+class Supervised(Protocol):
+    """Named processes in dependency order, each with its Daemon and a start: `Stack` (one node) and `Cluster`
+    (the split topology)."""
+
+    def processes(self) -> Sequence[str]:
+        """Every process that may run, in dependency order."""
+        ...
+
+    def daemon(self, name: str) -> Daemon:
+        """One process' Daemon (its pid)."""
+        ...
+
+    def start(self, name: str) -> None:
+        """Start one process (idempotent) and wait until it serves."""
+        ...
+
+
 class Supervisor:
-    """Restarts the dead processes of a `Stack`; `check()` is one pass, `run(stop)` passes until `stop` is set."""
+    """Restarts the dead processes of a `Stack` or a `Cluster`; `check()` is one pass, `run(stop)` passes until
+    `stop` is set."""
 
     def __init__(
         self,
-        stack: Stack,
-        names: Sequence[str] = ORDER,
+        stack: Supervised,
+        names: Sequence[str] | None = None,
         interval_s: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
         on_restart: Callable[[Restart], None] = lambda _: None,
     ) -> None:
         self.stack = stack
-        self.names = [n for n in ORDER if n in names]  # dependency order, whatever order was asked
+        # dependency order, whatever order was asked
+        self.names = [n for n in stack.processes() if names is None or n in names]
         self.interval_s = interval_s
         self.clock = clock
         self.on_restart = on_restart
@@ -64,7 +85,7 @@ class Supervisor:
             found = self.clock()
             log.warning("process not running; starting it", extra={"daemon": name})
             try:
-                getattr(self.stack, f"start_{name}")()
+                self.stack.start(name)
             except Exception as exc:  # whatever a start raised, the supervisor itself must keep running
                 n = self._failures[name] = self._failures.get(name, 0) + 1
                 self._next_try[name] = self.clock() + BACKOFF_S[min(n, len(BACKOFF_S)) - 1]

@@ -58,6 +58,12 @@ class IndexPoint:
     payload: Mapping[str, Any]
 
 
+def vector_lists(points: Sequence[IndexPoint]) -> list[list[float]]:
+    """The points' vectors as float lists, in one conversion (one per point costs ~25 us of a write's time)."""
+    out: list[list[float]] = np.asarray([p.vector for p in points], dtype=np.float32).tolist()
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class StoredPoint:
     """A stored point without its vector."""

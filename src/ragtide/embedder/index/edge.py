@@ -30,6 +30,7 @@ from ragtide.embedder.index.base import (
     StoredPoint,
     normalise_filter,
     scroll_pages,
+    vector_lists,
 )
 
 # The only errors of the embedded engine that mean "unavailable right now": its disk cannot take the write. Freeing
@@ -122,9 +123,10 @@ class EdgeIndex:
     def upsert(self, points: Sequence[IndexPoint]) -> None:
         """Insert or replace points."""
         if points:
+            vectors = vector_lists(points)
             self._writable().update(
                 qe.UpdateOperation.upsert_points(
-                    [qe.Point(p.id, p.vector.astype(np.float32).tolist(), dict(p.payload)) for p in points]
+                    [qe.Point(p.id, v, dict(p.payload)) for p, v in zip(points, vectors, strict=True)]
                 )
             )
 

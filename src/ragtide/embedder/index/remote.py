@@ -25,6 +25,7 @@ from ragtide.embedder.index.base import (
     StoredPoint,
     normalise_filter,
     scroll_pages,
+    vector_lists,
 )
 
 
@@ -178,14 +179,10 @@ class QdrantClientIndex:
     def upsert(self, points: Sequence[IndexPoint]) -> None:
         """Insert or replace points."""
         if points:
-            self.client.upsert(
-                self.collection,
-                wait=True,
-                points=[
-                    models.PointStruct(id=p.id, vector=p.vector.astype(np.float32).tolist(), payload=dict(p.payload))
-                    for p in points
-                ],
+            batch = models.Batch(  # columns, not a pydantic model per point
+                ids=[p.id for p in points], vectors=vector_lists(points), payloads=[dict(p.payload) for p in points]
             )
+            self.client.upsert(self.collection, wait=True, points=batch)
 
     def set_payload(self, ids: Sequence[str], payload: Mapping[str, Any]) -> None:
         """Set payload fields on existing points."""

@@ -1,0 +1,297 @@
+"""Tokenizers: text to token ids, fast and identical to the model's own tokenizer.
+
+- `TextTokenizer`: ids per text with the special tokens, for the embedding engine and for the chunker. Text of
+  ASCII and FLASH_EXTRA characters goes to flash-tokenizer's C++ WordPiece where it is installed and agrees with
+  the model's tokenizer on probe sets at load (~10x the Rust tokenizer per core); everything else (other scripts,
+  special-token strings) to the model's Rust fast tokenizer. The ids are identical either way.
+- `OffsetsTokenizer`: ids with each token's character span and word, for cutting a long text into windows
+  (chunking.py). The model's Rust tokenizer; ASCII text without control characters skips its normaliser (which
+  costs half its time) when that normaliser only lowercases such text: same ids, same spans.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+TokenizerChoice = Literal["auto", "rust", "flash"]
+
+# What the BERT normaliser's `clean_text` removes from ASCII text (control characters other than tab, newline and
+# carriage return): text with one of them goes through the normaliser, whose removal shifts every offset after it.
+_ASCII_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+class OffsetsTokenizer:
+    """The fast (Rust) tokenizer behind a Hugging Face tokenizer, copied with truncation and padding off: ids,
+    character offsets and words of every token, for cutting windows.
+
+    Chunking must see every token of a long text; the model's own wrapper would warn about (or cut at) its maximum
+    length, which is exactly what chunking exists to avoid. When the model's normaliser is BERT's, which on ASCII
+    text without control characters only lowercases (one character for one: offsets unchanged), such text is
+    lowercased here and tokenized by a copy without the normaliser: the same ids and offsets at half the cost.
+    """
+
+    def __init__(self, backend: Any) -> None:
+        from tokenizers import Tokenizer as RustTokenizer
+
+        spec = backend.to_str()
+        self._tok = RustTokenizer.from_str(spec)
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        # WordPiece tokenizes each word on its own, so a window cut at word boundaries has exactly the ids that
+        # tokenizing its text would give; other models only hand over the ids of a single-window text.
+        self.word_exact = type(self._tok.model).__name__ == "WordPiece"
+        self._plain: Any = None
+        self._lower = False
+        norm = json.loads(spec).get("normalizer") or {}
+        if norm.get("type") == "BertNormalizer" and norm.get("strip_accents") in (None, False, True):
+            self._plain = RustTokenizer.from_str(spec)
+            self._plain.no_truncation()
+            self._plain.no_padding()
+            self._plain.normalizer = None
+            self._lower = bool(norm.get("lowercase", True))
+        # Added tokens ("[SEP]") are matched on the raw text, before the normaliser: text holding one, in any
+        # case, goes through the normaliser as the model's tokenizer would take it.
+        added = [str(t.content) for t in self._tok.get_added_tokens_decoder().values()]
+        self._added = re.compile("|".join(re.escape(t) for t in added), re.IGNORECASE) if added else None
+
+    def _plain_ok(self, text: str) -> bool:
+        return (
+            self._plain is not None
+            and text.isascii()
+            and _ASCII_CONTROL.search(text) is None
+            and (self._added is None or self._added.search(text) is None)
+        )
+
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        """Token spans of one text."""
+        return [(int(a), int(b)) for a, b in self.encode_batch([text])[0].offsets]
+
+    def encode_batch(self, texts: list[str]) -> list[Any]:
+        """Encodings (ids, offsets, word_ids) in at most two batched calls (parallel, outside the GIL)."""
+        plain = [i for i, t in enumerate(texts) if self._plain_ok(t)]
+        if not plain:
+            return list(self._tok.encode_batch(texts, add_special_tokens=False))
+        out: list[Any] = [None] * len(texts)
+        fed = [texts[i].lower() if self._lower else texts[i] for i in plain]
+        for i, enc in zip(plain, self._plain.encode_batch(fed, add_special_tokens=False), strict=True):
+            out[i] = enc
+        rest = [i for i, enc in enumerate(out) if enc is None]
+        if rest:
+            encs = self._tok.encode_batch([texts[i] for i in rest], add_special_tokens=False)
+            for i, enc in zip(rest, encs, strict=True):
+                out[i] = enc
+        return out
+
+
+def probe_texts(n: int = 2000, seed: int = 13) -> list[str]:
+    """ASCII strings that exercise a WordPiece tokenizer's corners: every ASCII character (controls included),
+    punctuation runs, digits, contractions, mixed case, URLs, and texts past the model's window."""
+    rng = random.Random(seed)
+    words = [
+        "The",
+        "quick",
+        "BROWN",
+        "fox's",
+        "don't",
+        "co-operate",
+        "e.g.",
+        "U.S.A.",
+        "3.14",
+        "$100",
+        "#tag",
+        "@user",
+        "x86_64",
+        "AT&T",
+        "C++",
+        "http://example.com/a?b=1&c=2",
+        "tokenization",
+        "unaffable",
+        "...",
+    ]
+    chars = [chr(i) for i in range(128)]
+    out = ["", " ", "a", "A\tb\nc\r\nd", "   padded   ", "!!!???", "word " * 400]
+    for i in range(n):
+        size = rng.randint(0, 300)
+        if i % 2:
+            out.append("".join(rng.choice(chars) for _ in range(size)))
+        else:
+            out.append(" ".join(rng.choice(words) for _ in range(size // 5)))
+    return out
+
+
+def _unpad(ids: list[int]) -> list[int]:
+    end = len(ids)
+    while end and ids[end - 1] == 0:
+        end -= 1
+    return ids if end == len(ids) else ids[:end]
+
+
+# Non-ASCII characters flash-tokenizer 1.2 tokenizes exactly as the model's tokenizer in every context tried
+# (alone, inside, before and after words, doubled, beside digits and punctuation, in random ASCII): Latin-1 and
+# Latin Extended letters, typographic quotes and dashes, currency and letterlike symbols. Left out, where the
+# two differ: the marks below, the line/paragraph separators, invisible operators; and every other block
+# (full-width forms, combining marks, a BOM, several scripts). Checked again at load and by a test.
+FLASH_UNSAFE = "\u00a1\u00a7\u00ab\u00ad\u00b6\u00bb\u00bf\u2028\u2029\u2044\u2052"
+FLASH_EXTRA = "".join(
+    chr(c)
+    for lo, hi in ((0x00A0, 0x024F), (0x2000, 0x205F), (0x20A0, 0x20BF), (0x2100, 0x21FF))
+    for c in range(lo, hi + 1)
+    if chr(c) not in FLASH_UNSAFE
+)
+
+
+def flash_contexts(ch: str) -> str:
+    """One probe text that puts `ch` in the contexts where tokenizers disagree."""
+    return f"{ch} a{ch}b {ch}word word{ch} It{ch}s {ch}{ch} x {ch}. ({ch}) {ch}1 2{ch}"
+
+
+class TextTokenizer:
+    """Text -> ids with [CLS]/[SEP], cut to the model's window as sentence-transformers cuts (the final [SEP]
+    kept), counting what was cut. Identical ids from either backend: flash-tokenizer serves text made of ASCII
+    and the characters of FLASH_EXTRA only after it matched the Rust tokenizer on every probe text at load (if
+    the extra characters fail, on ASCII alone); any other text always goes to the Rust tokenizer."""
+
+    def __init__(
+        self,
+        spec: str,
+        max_seq: int,
+        choice: TokenizerChoice = "auto",
+        threads: bool = False,
+        vocab: Path | None = None,
+    ) -> None:
+        """`spec`: the model's tokenizer.json (or a fast tokenizer's `backend_tokenizer.to_str()`); `vocab`: its
+        vocab.txt, where the folder has one (else it is written from `spec` for flash-tokenizer)."""
+        from tokenizers import Tokenizer
+
+        self.max_seq = max_seq
+        self.rust: Any = Tokenizer.from_str(spec)
+        self.rust.no_padding()
+        self.rust.enable_truncation(max_seq)
+        self.threads = threads  # flash-tokenizer's OpenMP threads: worth it only with cores to spare
+        self.flash: Any = None
+        self.why_not_flash = ""
+        self.other = re.compile("[^\x00-\x7f]")  # text that goes to the Rust tokenizer
+        # Special-token strings in raw text ("[SEP]") are matched as the token by the Rust tokenizer (and the
+        # chunker, and sentence-transformers); flash-tokenizer splits them as words: such text goes to Rust.
+        added = sorted({str(t.content) for t in self.rust.get_added_tokens_decoder().values()}, key=len)
+        self.special = re.compile("|".join(re.escape(t) for t in reversed(added))) if added else None
+        if choice != "rust":
+            self.flash, self.why_not_flash = self._load_flash(json.loads(spec), vocab)
+            if self.flash is None and choice == "flash":
+                raise RuntimeError(f"tokenizer=flash: {self.why_not_flash}")
+        self.backend = "flash+rust" if self.flash is not None else "rust"
+
+    @classmethod
+    def of_model(
+        cls, model_dir: Path, max_seq: int, choice: TokenizerChoice = "auto", threads: bool = False
+    ) -> TextTokenizer:
+        """The tokenizer of a model folder."""
+        vocab = model_dir / "vocab.txt"
+        spec = (model_dir / "tokenizer.json").read_text()
+        return cls(spec, max_seq, choice, threads, vocab if vocab.exists() else None)
+
+    def _load_flash(self, spec: dict[str, Any], vocab: Path | None) -> tuple[Any, str]:
+        model = spec.get("model") or {}
+        if model.get("type") != "WordPiece":
+            return None, "the model's tokenizer is not a WordPiece vocabulary"
+        try:
+            from flash_tokenizer import BertTokenizerFlash
+        except ImportError:
+            return None, "flash-tokenizer is not installed"
+        if vocab is None:  # a folder saved by newer transformers keeps only tokenizer.json
+            self._vocab_dir = tempfile.TemporaryDirectory(prefix="ragtide-vocab-")
+            vocab = Path(self._vocab_dir.name) / "vocab.txt"
+            tokens = sorted(model["vocab"].items(), key=lambda kv: kv[1])
+            vocab.write_text("".join(f"{token}\n" for token, _ in tokens), encoding="utf-8")
+        lower = bool((spec.get("normalizer") or {}).get("lowercase", True))
+        flash = BertTokenizerFlash(str(vocab), do_lower_case=lower, model_max_length=self.max_seq + 1)
+        probes = probe_texts()
+        bad = self._disagreements(flash, probes)
+        if bad:
+            log.warning(
+                "flash-tokenizer disagrees with the model's tokenizer; using the Rust tokenizer",
+                extra={"mismatches": bad, "probes": len(probes)},
+            )
+            return None, f"flash-tokenizer disagreed with the model's tokenizer on {bad} of {len(probes)} probes"
+        if self._disagreements(flash, [flash_contexts(ch) for ch in FLASH_EXTRA]):
+            log.warning("flash-tokenizer disagrees on non-ASCII characters; it serves ASCII text only")
+        else:
+            self.other = re.compile(f"[^\\x00-\\x7f{re.escape(FLASH_EXTRA)}]")
+        return flash, ""
+
+    def _disagreements(self, flash: Any, probes: list[str]) -> int:
+        want = self.rust_ids(probes)[0]
+        got = self._cut(self._flash_ids(flash, probes))[0]
+        return sum(1 for a, b in zip(want, got, strict=True) if a != b)
+
+    def _flash_ids(self, flash: Any, texts: list[str]) -> list[list[int]]:
+        # Unpadded lists; any trailing zeros are padding ([PAD] = 0 and every sequence ends with [SEP]).
+        out = flash.tokenizer.batch_encode(texts, "longest", self.max_seq + 1, self.threads)
+        return [_unpad(s) for s in out]
+
+    def window(self, ids: Sequence[int]) -> list[int]:
+        """Ids with specials cut to the model's window as sentence-transformers cuts: the final [SEP] kept."""
+        return [*ids[: self.max_seq - 1], ids[-1]] if len(ids) > self.max_seq else list(ids)
+
+    def _cut(self, seqs: list[list[int]]) -> tuple[list[list[int]], int]:
+        return [self.window(s) if len(s) > self.max_seq else s for s in seqs], sum(
+            1 for s in seqs if len(s) > self.max_seq
+        )
+
+    def rust_ids(self, texts: Sequence[str]) -> tuple[list[list[int]], int]:
+        """Ids per text from the Rust tokenizer, and how many texts it cut to the window."""
+        encs = self.rust.encode_batch(list(texts))
+        return [e.ids for e in encs], sum(1 for e in encs if e.overflowing)
+
+    def __call__(self, texts: Sequence[str]) -> tuple[list[list[int]], int]:
+        """Ids per text, and how many texts were cut to the window."""
+        texts = list(texts)
+        if self.flash is None:
+            rust_rows = list(range(len(texts)))
+        else:
+            other, special = self.other.search, self.special.search if self.special else (lambda _: None)
+            rust_rows = [i for i, t in enumerate(texts) if (not t.isascii() and other(t)) or special(t)]
+        if len(rust_rows) == len(texts):
+            return self.rust_ids(texts)
+        if not rust_rows:
+            return self._cut(self._flash_ids(self.flash, texts))
+        skip = set(rust_rows)
+        flash_rows = [i for i in range(len(texts)) if i not in skip]
+        out: list[list[int]] = [[] for _ in texts]
+        total = 0
+        for rows, (seqs, cut) in (
+            (rust_rows, self.rust_ids([texts[i] for i in rust_rows])),
+            (flash_rows, self._cut(self._flash_ids(self.flash, [texts[i] for i in flash_rows]))),
+        ):
+            for i, s in zip(rows, seqs, strict=True):
+                out[i] = s
+            total += cut
+        return out, total
+
+    def content_ids(self, texts: Sequence[str], max_tokens: int) -> list[list[int] | None]:
+        """For the chunker: each text's ids without the special tokens where flash-tokenizer serves the text and
+        it has at most `max_tokens` tokens (one window: its ids are exactly the chunk's); None for every other text
+        (longer, or for the Rust tokenizer), which the chunker cuts with token offsets. Needs `max_tokens + 2 <=
+        max_seq`, so that a text cut at the window is never taken for one that fits."""
+        if max_tokens + 2 > self.max_seq:
+            raise ValueError(f"max_tokens {max_tokens} does not fit a window of {self.max_seq} with its specials")
+        out: list[list[int] | None] = [None] * len(texts)
+        if self.flash is None:
+            return out
+        other, special = self.other.search, self.special.search if self.special else (lambda _: None)
+        rows = [i for i, t in enumerate(texts) if not ((not t.isascii() and other(t)) or special(t))]
+        if not rows:
+            return out
+        for i, seq in zip(rows, self._flash_ids(self.flash, [texts[i] for i in rows]), strict=True):
+            if len(seq) - 2 <= max_tokens:
+                out[i] = seq[1:-1]
+        return out

@@ -1,0 +1,111 @@
+"""The chunker's fast paths give exactly what the model's own Rust tokenizer gives (the real packaged tokenizer):
+- `OffsetsTokenizer` skips BERT's normaliser on plain ASCII: the same ids, offsets and words on every text, controls,
+  special-token strings and non-ASCII text included;
+- `Chunker.pieces_many` recognises one-window texts by flash-tokenizer's ids: the same pieces and ids as cutting
+  every text with the Rust tokenizer's offsets, at the window's edge too; verify's `Chunker.__call__` agrees.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from tokenizers import Tokenizer
+from transformers import AutoTokenizer
+
+from ragtide.bench.write import corpus
+from ragtide.embedder.chunking import Chunker, Piece, windows
+from ragtide.embedder.encoder import default_model_path
+from ragtide.embedder.tokenize import OffsetsTokenizer, TextTokenizer, probe_texts
+
+AWKWARD = [
+    "[SEP] x [sep] y [MASK] [cls] [Unk]",
+    "A\x00B\x07c and \x1b[31m colour",
+    "Tab\tnew\nline\r\nEnd  ",
+    "café Ünïcode naïve — “quoted” 🚀",
+    "x" * 500,
+    "",
+    "   ",
+    "UPPER lower MiXeD 3.14 $100 e.g. U.S.A. don't",
+]
+
+
+@pytest.fixture(scope="module")
+def hf() -> Any:
+    return AutoTokenizer.from_pretrained(str(default_model_path()), local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def rust(hf: Any) -> Any:
+    tok = Tokenizer.from_str(hf.backend_tokenizer.to_str())
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
+def texts(n: int = 400) -> list[str]:
+    rows = corpus(n)  # the write benchmark's: every seventh row several windows long
+    return [*probe_texts(1500, seed=3), *AWKWARD, *(f"{r['title']}\n\n{r['body']}" for r in rows)]
+
+
+def test_the_offsets_tokenizer_equals_the_models_tokenizer(hf: Any, rust: Any) -> None:
+    fast = OffsetsTokenizer(hf.backend_tokenizer)
+    assert fast._plain is not None  # BERT's normaliser: the fast path is on
+    sample = texts()
+    want = rust.encode_batch(sample, add_special_tokens=False)
+    got = fast.encode_batch(sample)
+    bad = [
+        t
+        for t, a, b in zip(sample, want, got, strict=True)
+        if (a.ids, a.offsets, a.word_ids) != (b.ids, b.offsets, b.word_ids)
+    ]
+    assert bad == []
+    assert fast.offsets(AWKWARD[0]) == [tuple(o) for o in rust.encode(AWKWARD[0], add_special_tokens=False).offsets]
+
+
+def reference_pieces(rust: Any, text: str, max_tokens: int, overlap: int) -> list[Piece]:
+    """Every text cut with the Rust tokenizer's offsets (what the chunker did before its fast path)."""
+    text = text.strip()
+    if not text:
+        return []
+    enc = rust.encode(text, add_special_tokens=False)
+    ids, offsets, words = enc.ids, enc.offsets, enc.word_ids
+    spans = windows(len(ids), max_tokens, overlap)
+    if len(spans) == 1:
+        return [Piece(text, list(ids))]
+    out = []
+    for start, end in spans:
+        piece = text[offsets[start][0] : offsets[end - 1][1]].strip()
+        exact = (start == 0 or words[start] != words[start - 1]) and (end == len(ids) or words[end] != words[end - 1])
+        if piece:
+            out.append(Piece(piece, list(ids[start:end]) if exact else None))
+    return out
+
+
+@pytest.mark.parametrize(("max_tokens", "overlap"), [(254, 32), (40, 8)])
+def test_pieces_are_those_of_cutting_every_text_by_offsets(hf: Any, rust: Any, max_tokens: int, overlap: int) -> None:
+    chunker = Chunker(hf, max_tokens, overlap)
+    assert chunker._ids is not None and chunker._ids.flash is not None  # the fast path is on
+    sample = texts(300)
+    # at the window's edge: exactly max_tokens tokens fit one window, one more does not
+    edge = " ".join(["harbor"] * (max_tokens - 1))
+    sample += [edge, edge + " harbor", edge + " harbor harbor"]
+    got = chunker.pieces_many(sample)
+    want = [reference_pieces(rust, t, max_tokens, overlap) for t in sample]
+    bad = [t[:60] for t, a, b in zip(sample, want, got, strict=True) if a != b]
+    assert bad == []
+    assert [len(p) for p in got[-3:]] == [1, 1, 2]
+    assert all(chunker(t) == [p.text for p in pieces] for t, pieces in zip(sample[:200], got, strict=False))
+
+
+def test_content_ids_refuse_a_window_too_small_and_tell_apart_fitting_texts(hf: Any) -> None:
+    tok = TextTokenizer(hf.backend_tokenizer.to_str(), 42)
+    assert tok.flash is not None
+    with pytest.raises(ValueError, match="does not fit"):
+        tok.content_ids(["a"], 41)
+    sample = ["one two three", " ".join(["word"] * 40), " ".join(["word"] * 41), "café au lait", "[SEP] x", "\u4e2d"]
+    ids = tok.content_ids(sample, 40)
+    assert ids[0] is not None and len(ids[0]) == 3 and ids[1] is not None and len(ids[1]) == 40
+    assert ids[2] is None  # one token too many: cut by offsets instead
+    assert ids[3] is not None  # FLASH_EXTRA letters are flash-tokenizer's too
+    assert ids[4] is None and ids[5] is None  # a special-token string, another script: the Rust tokenizer's
