@@ -43,8 +43,8 @@ qdrant: ## build the Qdrant server (v1.16.3) from source once, cached under ~/.c
 # Your own database: SOURCE_DSN=postgresql://user@host:5432/db (no local Postgres; `ragtide init` writes SOURCES).
 SOURCE_ENV = $(if $(SOURCE_DSN),RAGTIDE_POSTGRES__DSN='$(SOURCE_DSN)') $(if $(SOURCES),RAGTIDE_SOURCES_FILE='$(SOURCES)')
 
-up-cluster: install ## the production topology on localhost: 3 Qdrant nodes, 3 Kafka brokers, Connect, 2 embedders, 2 retrievers (needs make qdrant)
-	$(BIN)/ragtide up --cluster
+up-cluster: install ## the production topology on localhost: 3 Qdrant nodes, 3 Kafka brokers, Connect, 2 embedders, 2 retrievers (needs make qdrant; SUPERVISE=1: restart whatever dies)
+	$(BIN)/ragtide up --cluster $(if $(SUPERVISE),--supervise)
 
 up: install ## start Postgres (or use SOURCE_DSN=... after `ragtide doctor` passes), Kafka, Connect+Debezium, the generator and the node; wait until indexed (SUPERVISE=1: restart whatever dies)
 	@$(SOURCE_ENV) $(BIN)/ragtide up $(if $(SUPERVISE),--supervise)
