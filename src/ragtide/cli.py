@@ -1029,9 +1029,18 @@ def bench_freshness(
     mix: Annotated[str, typer.Option(help="update:insert:meta:delete weights")] = "50:20:15:15",
     find_max: Annotated[bool, typer.Option(help="also step up the rate until lag grows")] = False,
     out: Annotated[Path, typer.Option(help="folder for the JSON result and the PNG plot")] = Path("bench/results"),
+    dtype: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="run the rates once per encoder precision (fp32, bf16, int8; repeat for a side-by-side run): the "
+            "node is restarted with it, and its index rebuilt in that precision first"
+        ),
+    ] = None,
 ) -> None:
     """Commit -> searchable under a steady write load from a separate process: p50/p95/p99/max, per stage."""
-    from ragtide.bench.freshness import RateResult, plot, run_rate
+    from contextlib import nullcontext
+
+    from ragtide.bench.freshness import RateResult, node_with_dtype, plot, run_rate
     from ragtide.bench.workload import parse_mix
     from ragtide.contracts.machine import cpu_info
 
@@ -1044,10 +1053,20 @@ def bench_freshness(
         raise typer.BadParameter(str(exc), param_hint="--mix") from exc
     if any(per_s <= 0 or per_s > 1000 for per_s in rate):
         raise typer.BadParameter("rates must be in (0, 1000]", param_hint="--rate")
+    if any(d not in ("fp32", "bf16", "int8") for d in dtype or []):
+        raise typer.BadParameter("one of fp32, bf16, int8", param_hint="--dtype")
+    if dtype and find_max:
+        raise typer.BadParameter("--find-max runs with the node as configured, without --dtype", param_hint="--dtype")
     results: list[RateResult] = []
-    for per_s in rate:
-        with console.status(f"{per_s:g} changes/s for {duration:g}s…"):
-            results.append(run_rate(s, per_s, duration, weights))
+    for node in dtype or [""]:
+        if node:
+            console.print(f"restarting the node with encoder.dtype={node} (its index rebuilt in it if need be)…")
+        with node_with_dtype(s, node) if node else nullcontext(s) as ns:
+            for per_s in rate:
+                with console.status(f"{node + ': ' if node else ''}{per_s:g} changes/s for {duration:g}s…"):
+                    res = run_rate(ns, per_s, duration, weights)
+                res.node = node
+                results.append(res)
     max_sustained: float | None = None
     if find_max:
         # Step up from the best sustained rate, staying below the lowest rate that already failed.
@@ -1062,6 +1081,7 @@ def bench_freshness(
         max_sustained = max((r.rate for r in results if r.sustained), default=None)
         results.sort(key=lambda r: r.rate)
     table = Table(
+        *(["encoder.dtype"] if dtype else []),
         "rate (/s)",
         "achieved",
         "changes",
@@ -1080,6 +1100,7 @@ def bench_freshness(
         ok = tgt is not None and (e["p50"] or 99) <= tgt[0] and (e["p99"] or 99) <= tgt[1]
         target = f"{tgt[0]}/{tgt[1]} {'[green]met[/]' if ok else '[red]missed[/]'}" if tgt else "-"
         table.add_row(
+            *([r.node] if dtype else []),
             f"{r.rate:g}",
             f"{r.achieved_per_s:g}",
             str(e["count"]),
@@ -1092,7 +1113,9 @@ def bench_freshness(
             "yes" if r.sustained else "[red]no[/]",
         )
     console.print(table)
-    stages = Table("stage", *(f"{r.rate:g}/s p50 · p95" for r in results), title="where the time goes")
+    stages = Table(
+        "stage", *(f"{r.node} {r.rate:g}/s p50 · p95".lstrip() for r in results), title="where the time goes"
+    )
     for stage in results[0].stages:
         stages.add_row(stage, *(f"{_s(r.stages[stage]['p50'])} · {_s(r.stages[stage]['p95'])}" for r in results))
     console.print(stages)

@@ -130,7 +130,7 @@ def generation_factory(
                 )
             encoders[(spec.model, spec.precision)] = enc
         index = open_index(settings, spec.collection(settings.index.collection))
-        chunker = Chunker(enc.tokenizer, spec.max_tokens, spec.overlap)
+        chunker = Chunker(enc.tokenizer, spec.max_tokens, spec.overlap, settings.encoder.tokenizer)
         return Generation(spec, index, enc, IndexWriter(index, enc, chunker, sources, truncations=truncations))
 
     return make

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -42,3 +43,24 @@ def test_bench_cache_questions_are_deterministic_and_mixed() -> None:
     assert kinds[: len(TOPICS)] == ["first"] * len(TOPICS)  # every topic is asked once before any repeat
     assert {"repeat", "paraphrase", "new"} <= set(kinds[len(TOPICS) :])
     assert len({q for kind, _, q in qs if kind == "first"}) == len(TOPICS)
+
+
+def test_bench_freshness_refuses_an_unknown_precision_and_find_max_with_precisions(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ragtide.cli import app
+
+    env = {"RAGTIDE_DATA_DIR": str(tmp_path)}
+    bad = CliRunner().invoke(app, ["bench", "freshness", "--dtype", "fp16"], env=env)
+    assert bad.exit_code == 2 and "one of fp32, bf16, int8" in bad.output
+    both = CliRunner().invoke(app, ["bench", "freshness", "--dtype", "int8", "--find-max"], env=env)
+    assert both.exit_code == 2 and "--find-max" in both.output
+
+
+def test_bench_write_corpus_is_deterministic_with_long_rows_every_seventh() -> None:
+    from ragtide.bench.write import corpus
+
+    rows = corpus(50)
+    assert rows == corpus(50) and rows != corpus(50, seed=8)
+    words = [len(r["body"].split()) for r in rows]
+    assert all(210 <= w <= 560 for w in words[::7]) and all(30 <= w <= 80 for i, w in enumerate(words) if i % 7)

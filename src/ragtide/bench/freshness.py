@@ -10,6 +10,8 @@ import json
 import multiprocessing as mp
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import httpx
 from ragtide.bench.workload import Workload, run_workload, seed_rows
 from ragtide.contracts.freshness import STAGES, percentile, summarize
 from ragtide.contracts.settings import RagtideSettings
+from ragtide.stack.process import wait_until
 
 
 @dataclass
@@ -35,6 +38,7 @@ class RateResult:
     sustained: bool
     first_p50: float | None
     last_p50: float | None
+    node: str = ""  # the node's configuration it ran against (`--dtype`), when the run compares several
     series: list[tuple[int, float]] = field(default_factory=list)  # (commit ms, seconds)
     canary_series: list[tuple[int, float]] = field(default_factory=list)
 
@@ -128,6 +132,40 @@ def run_rate(
     )
 
 
+def live_generation(settings: RagtideSettings) -> dict[str, Any]:
+    """The node's generations (live, building) as its admin API reports them."""
+    url = f"{settings.api.url}/v1/admin/generations"
+    out: dict[str, Any] = httpx.get(url, headers=settings.gateway.admin_headers(), timeout=10).json()
+    return out
+
+
+@contextmanager
+def node_with_dtype(settings: RagtideSettings, dtype: str, timeout: float = 1800.0) -> Iterator[RagtideSettings]:
+    """While inside: the node runs with `encoder.dtype` = `dtype`, its index in that precision (a change of
+    precision rebuilds it blue/green: this waits until the rebuilt generation is live); afterwards the node as
+    configured again (a rebuild back, if any, goes on in the background)."""
+    from ragtide.stack.stack import Stack
+
+    s = settings.model_copy(update={"encoder": settings.encoder.model_copy(update={"dtype": dtype})})
+    want = "int8" if dtype == "int8" else "float"
+
+    def switched() -> bool:
+        gens = live_generation(s)
+        return bool(gens["live"]["precision"] == want and gens["building"] is None)
+
+    stack = Stack(s)
+    stack.daemon("node").stop(timeout=60)
+    try:
+        stack.start_node()
+        wait_until(switched, f"the index in {want} precision to be live", timeout, stack.daemon("node"))
+        stack.wait_ready()
+        yield s
+    finally:
+        stack.daemon("node").stop(timeout=60)
+        Stack(settings).start_node()
+        Stack(settings).wait_ready()
+
+
 def plot(results: list[RateResult], path: Path) -> Path | None:
     """Latency over time per rate (PNG); None when matplotlib is not installed."""
     try:
@@ -146,7 +184,9 @@ def plot(results: list[RateResult], path: Path) -> Path | None:
                 ax.plot(
                     [(t - t0) / 1000 for t, _ in r.canary_series], [s for _, s in r.canary_series], "g-", label="canary"
                 )
-        ax.set_title(f"{r.rate:g} changes/s: p50 {r.end_to_end['p50']} s, p99 {r.end_to_end['p99']} s")
+        e = r.end_to_end
+        node = f"{r.node}, " if r.node else ""
+        ax.set_title(f"{node}{r.rate:g} changes/s: p50 {e['p50']} s, p99 {e['p99']} s")
         ax.set_xlabel("seconds into the run")
         ax.set_ylabel("commit -> searchable (s)")
         ax.legend(loc="upper right")

@@ -2,8 +2,9 @@
 
 One process applies a backfill of change events (rows of 30-80 words, every seventh row seven times longer) to
 the embedded Qdrant engine through the real `IndexWriter`: the real chunker and tokenizer, the diff against
-stored hashes, payloads, upserts. The encoder returns random unit vectors (`encoder.backend: random-unit`), so
-what is measured is everything a GPU leaves to the CPU. Afterwards `verify` compares every row with the index
+stored hashes, payloads, upserts. The encoder returns random unit vectors (`FreeEncoder`, defined here so that
+every contender gets the same one, whatever its `encoder.backend: random-unit` costs), so what is measured is
+everything a GPU leaves to the CPU. Afterwards `verify` compares every row with the index
 (drift must be 0).
 
 Each contender runs in a process of its own over the same rows: this checkout, and with `--baseline REV` the
@@ -48,13 +49,43 @@ def corpus(n: int, seed: int = 7) -> list[dict[str, Any]]:
     return rows
 
 
+class FreeEncoder:
+    """Embeddings made free: the model's tokenizer (for chunking) and, per text, the normalised sum of three rows
+    of a fixed random table picked by the text's hash, vectorised (about a microsecond a text)."""
+
+    model_name = "free"
+    precision = "float"
+    dim = 384
+    max_tokens = 254  # as the packaged model's window
+
+    def __init__(self) -> None:
+        import numpy as np
+        from transformers import AutoTokenizer
+
+        from ragtide.embedder.encoder import default_model_path
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(default_model_path()), local_files_only=True)
+        self._table = np.random.default_rng(0).standard_normal((4096, self.dim)).astype(np.float32)
+
+    def encode(self, texts: Sequence[str]) -> Any:
+        """One unit vector per text."""
+        import hashlib
+
+        import numpy as np
+
+        raw = b"".join(hashlib.blake2b(t.encode(), digest_size=8).digest() for t in texts)
+        h = np.frombuffer(raw, dtype=np.uint64)
+        picks = [((h >> np.uint64(12 * k)) & np.uint64(4095)).astype(np.intp) for k in range(3)]
+        out = self._table[picks[0]] + self._table[picks[1]] + self._table[picks[2]]
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
 def measure(rows_file: Path, batch: int) -> dict[str, Any]:
     """Apply the rows as Debezium snapshot reads, `batch` events at a time, into a fresh embedded collection;
     then verify. Runs in the contender's process (its ragtide)."""
     from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
     from ragtide.contracts.settings import RagtideSettings
     from ragtide.embedder.chunking import Chunker
-    from ragtide.embedder.encoder import RandomUnitEncoder
     from ragtide.embedder.index.edge import EdgeIndex
     from ragtide.embedder.verify import verify_table
     from ragtide.embedder.writer import IndexWriter
@@ -64,7 +95,7 @@ def measure(rows_file: Path, batch: int) -> dict[str, Any]:
     sources = SourcesConfig.model_validate({"sources": [TABLE]})
     source = sources.sources[0]
     chunking = RagtideSettings().chunking
-    encoder = RandomUnitEncoder()
+    encoder = FreeEncoder()
     chunker = Chunker(encoder.tokenizer, min(chunking.max_tokens, encoder.max_tokens), chunking.overlap_tokens)
     events = [
         ChangeEvent(
@@ -102,7 +133,8 @@ def run_contender(src: Path, rows_file: Path, batch: int) -> dict[str, Any]:
     """One measurement in a fresh process whose `ragtide` is the one under `src`."""
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1", "RAGTIDE_JSON_LOGS": "true"}
     proc = subprocess.run(
-        [sys.executable, __file__, "--rows-file", str(rows_file), "--batch", str(batch)],
+        # -P: this file's folder stays off the path, so `ragtide` is imported from `src` alone
+        [sys.executable, "-P", __file__, "--rows-file", str(rows_file), "--batch", str(batch)],
         capture_output=True,
         text=True,
         env=env,
@@ -118,13 +150,19 @@ def run_contender(src: Path, rows_file: Path, batch: int) -> dict[str, Any]:
 def worktree(repo: Path, rev: str) -> Iterator[tuple[str, Path]]:
     """A detached worktree of `rev`: (short hash, its src folder); removed afterwards."""
     git = ["git", "-C", str(repo)]
-    short = subprocess.run([*git, "rev-parse", "--short", rev], capture_output=True, text=True, check=True)
+    short = subprocess.run([*git, "rev-parse", "--short", rev], capture_output=True, text=True)
+    if short.returncode != 0:
+        raise ValueError(f"--baseline {rev}: {short.stderr.strip()}")
     tree = Path(tempfile.mkdtemp(prefix="ragtide-baseline-"))
-    subprocess.run([*git, "worktree", "add", "--detach", str(tree), rev], capture_output=True, check=True)
+    added = subprocess.run([*git, "worktree", "add", "--detach", str(tree), rev], capture_output=True, text=True)
+    if added.returncode != 0:
+        tree.rmdir()
+        raise RuntimeError(f"git worktree add {rev}: {added.stderr.strip()}")
     try:
         yield short.stdout.strip(), tree / "src"
     finally:
         subprocess.run([*git, "worktree", "remove", "--force", str(tree)], capture_output=True)
+        subprocess.run([*git, "worktree", "prune"], capture_output=True)
 
 
 def run(
@@ -154,7 +192,7 @@ def run(
         "machine": cpu_info(),
         "rows": n,
         "batch": batch,
-        "encoder": "random-unit",
+        "encoder": "free (random unit vectors from a hash, the same in every contender)",
         "index": "embedded (qdrant-edge)",
         "repeats": repeats,
         "contenders": best,
@@ -209,5 +247,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.path = [p for p in sys.path if Path(p).resolve() != Path(__file__).resolve().parent]
     main()

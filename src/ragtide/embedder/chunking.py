@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from ragtide.embedder.tokenize import OffsetsTokenizer, TextTokenizer
+from ragtide.embedder.tokenize import OffsetsTokenizer, TextTokenizer, TokenizerChoice
 
 
 @runtime_checkable
@@ -82,13 +83,27 @@ class Chunker:
     offsets to be cut into windows. Verify's `__call__` and the writer's `pieces_many` are one implementation.
     """
 
-    def __init__(self, tokenizer: Tokenizer, max_tokens: int, overlap: int) -> None:
+    def __init__(self, tokenizer: Tokenizer, max_tokens: int, overlap: int, choice: TokenizerChoice = "auto") -> None:
+        """`choice`: `encoder.tokenizer` ("rust" keeps flash-tokenizer out of chunking too)."""
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
         self.overlap = min(overlap, max_tokens - 1)
+        self.choice = choice
         hf: Any = tokenizer
         self._backend = OffsetsTokenizer(hf.backend_tokenizer) if hasattr(hf, "backend_tokenizer") else None
-        self._ids = TextTokenizer(hf.backend_tokenizer.to_str(), max_tokens + 2) if self._backend else None
+        self._ids: TextTokenizer | None = None  # loaded at the first chunking (its flash probes take ~0.5 s)
+        self._ids_lock = threading.Lock()
+
+    def _fitting(self, texts: list[str]) -> list[list[int] | None]:
+        """`TextTokenizer.content_ids` of the texts (all None with the Rust tokenizer alone)."""
+        if self._ids is None:
+            with self._ids_lock:
+                if self._ids is None:
+                    hf: Any = self.tokenizer
+                    # "flash" is the engine's demand (refused at its load when unmet); chunking falls back quietly
+                    choice: TokenizerChoice = "rust" if self.choice == "rust" else "auto"
+                    self._ids = TextTokenizer(hf.backend_tokenizer.to_str(), self.max_tokens + 2, choice)
+        return self._ids.content_ids(texts, self.max_tokens)
 
     def offsets(self, text: str) -> list[tuple[int, int]]:
         """Token spans of `text`, through the fast backend when there is one."""
@@ -108,9 +123,9 @@ class Chunker:
         """Chunk many texts with batched tokenizer calls; each piece carries its ids where they are exact
         (the whole text in one window, or, with WordPiece, a window cut at word boundaries)."""
         stripped = [t.strip() for t in texts]
-        if self._backend is None or self._ids is None:
+        if self._backend is None:
             return [[Piece(c, None) for c in self(t)] for t in stripped]
-        fitting = self._ids.content_ids(stripped, self.max_tokens)
+        fitting = self._fitting(stripped)
         rest = [i for i, (t, ids) in enumerate(zip(stripped, fitting, strict=True)) if t and ids is None]
         encodings = dict(zip(rest, self._backend.encode_batch([stripped[i] for i in rest]), strict=True))
         out: list[list[Piece]] = []

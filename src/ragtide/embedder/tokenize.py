@@ -16,6 +16,7 @@ import logging
 import random
 import re
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -29,33 +30,38 @@ TokenizerChoice = Literal["auto", "rust", "flash"]
 _ASCII_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
+def _untruncated(spec: str) -> Any:
+    """A Rust tokenizer from its JSON, with truncation and padding off."""
+    from tokenizers import Tokenizer as RustTokenizer
+
+    tok = RustTokenizer.from_str(spec)
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
 class OffsetsTokenizer:
     """The fast (Rust) tokenizer behind a Hugging Face tokenizer, copied with truncation and padding off: ids,
     character offsets and words of every token, for cutting windows.
 
     Chunking must see every token of a long text; the model's own wrapper would warn about (or cut at) its maximum
     length, which is exactly what chunking exists to avoid. When the model's normaliser is BERT's, which on ASCII
-    text without control characters only lowercases (one character for one: offsets unchanged), such text is
-    lowercased here and tokenized by a copy without the normaliser: the same ids and offsets at half the cost.
+    text without control characters only lowercases and turns tabs and line ends into spaces (one character for
+    one: offsets unchanged; the pre-tokenizer splits on either), such text is lowercased here and tokenized by a
+    copy without the normaliser: the same ids and offsets at half the cost.
     """
 
     def __init__(self, backend: Any) -> None:
-        from tokenizers import Tokenizer as RustTokenizer
-
         spec = backend.to_str()
-        self._tok = RustTokenizer.from_str(spec)
-        self._tok.no_truncation()
-        self._tok.no_padding()
+        self._tok = _untruncated(spec)
         # WordPiece tokenizes each word on its own, so a window cut at word boundaries has exactly the ids that
         # tokenizing its text would give; other models only hand over the ids of a single-window text.
         self.word_exact = type(self._tok.model).__name__ == "WordPiece"
         self._plain: Any = None
         self._lower = False
         norm = json.loads(spec).get("normalizer") or {}
-        if norm.get("type") == "BertNormalizer" and norm.get("strip_accents") in (None, False, True):
-            self._plain = RustTokenizer.from_str(spec)
-            self._plain.no_truncation()
-            self._plain.no_padding()
+        if norm.get("type") == "BertNormalizer":  # its accent and Chinese-character options touch no ASCII
+            self._plain = _untruncated(spec)
             self._plain.normalizer = None
             self._lower = bool(norm.get("lowercase", True))
         # Added tokens ("[SEP]") are matched on the raw text, before the normaliser: text holding one, in any
@@ -178,6 +184,7 @@ class TextTokenizer:
         self.rust.enable_truncation(max_seq)
         self.threads = threads  # flash-tokenizer's OpenMP threads: worth it only with cores to spare
         self.flash: Any = None
+        self._flash_lock = threading.Lock()
         self.why_not_flash = ""
         self.other = re.compile("[^\x00-\x7f]")  # text that goes to the Rust tokenizer
         # Special-token strings in raw text ("[SEP]") are matched as the token by the Rust tokenizer (and the
@@ -196,7 +203,7 @@ class TextTokenizer:
     ) -> TextTokenizer:
         """The tokenizer of a model folder."""
         vocab = model_dir / "vocab.txt"
-        spec = (model_dir / "tokenizer.json").read_text()
+        spec = (model_dir / "tokenizer.json").read_text(encoding="utf-8")
         return cls(spec, max_seq, choice, threads, vocab if vocab.exists() else None)
 
     def _load_flash(self, spec: dict[str, Any], vocab: Path | None) -> tuple[Any, str]:
@@ -234,8 +241,10 @@ class TextTokenizer:
         return sum(1 for a, b in zip(want, got, strict=True) if a != b)
 
     def _flash_ids(self, flash: Any, texts: list[str]) -> list[list[int]]:
-        # Unpadded lists; any trailing zeros are padding ([PAD] = 0 and every sequence ends with [SEP]).
-        out = flash.tokenizer.batch_encode(texts, "longest", self.max_seq + 1, self.threads)
+        # Unpadded lists; any trailing zeros are padding ([PAD] = 0 and every sequence ends with [SEP]). One call
+        # at a time: the writer's chunking thread and verify may share this tokenizer.
+        with self._flash_lock:
+            out = flash.tokenizer.batch_encode(texts, "longest", self.max_seq + 1, self.threads)
         return [_unpad(s) for s in out]
 
     def window(self, ids: Sequence[int]) -> list[int]:
@@ -252,14 +261,16 @@ class TextTokenizer:
         encs = self.rust.encode_batch(list(texts))
         return [e.ids for e in encs], sum(1 for e in encs if e.overflowing)
 
+    def _for_flash(self, text: str) -> bool:
+        """Whether flash-tokenizer serves `text` (loaded, its characters, no special-token string)."""
+        if self.flash is None or (not text.isascii() and self.other.search(text)):
+            return False
+        return self.special is None or self.special.search(text) is None
+
     def __call__(self, texts: Sequence[str]) -> tuple[list[list[int]], int]:
         """Ids per text, and how many texts were cut to the window."""
         texts = list(texts)
-        if self.flash is None:
-            rust_rows = list(range(len(texts)))
-        else:
-            other, special = self.other.search, self.special.search if self.special else (lambda _: None)
-            rust_rows = [i for i, t in enumerate(texts) if (not t.isascii() and other(t)) or special(t)]
+        rust_rows = [i for i, t in enumerate(texts) if not self._for_flash(t)]
         if len(rust_rows) == len(texts):
             return self.rust_ids(texts)
         if not rust_rows:
@@ -285,10 +296,7 @@ class TextTokenizer:
         if max_tokens + 2 > self.max_seq:
             raise ValueError(f"max_tokens {max_tokens} does not fit a window of {self.max_seq} with its specials")
         out: list[list[int] | None] = [None] * len(texts)
-        if self.flash is None:
-            return out
-        other, special = self.other.search, self.special.search if self.special else (lambda _: None)
-        rows = [i for i, t in enumerate(texts) if not ((not t.isascii() and other(t)) or special(t))]
+        rows = [i for i, t in enumerate(texts) if self._for_flash(t)]
         if not rows:
             return out
         for i, seq in zip(rows, self._flash_ids(self.flash, [texts[i] for i in rows]), strict=True):

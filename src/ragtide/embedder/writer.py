@@ -49,7 +49,7 @@ class ApplyStats:
     deleted_points: int = 0
     stale: int = 0
     unknown_table: int = 0
-    embedded_ms: int = 0  # when the batch's embeddings were done (0: nothing needed embedding)
+    embedded_ms: int = 0  # when the batch's last embeddings were done (its last slice that embedded; 0: none)
     applied: list[ChangeEvent] = field(default_factory=list)
 
     # What the batch was, the same whichever generations it went to; every other field is work a generation did.
@@ -321,7 +321,7 @@ class IndexWriter:
         ]
 
     def _chunk(self, texts: list[str]) -> list[list[Piece]]:
-        """All rows' texts in one batched tokenizer call where the chunker offers one."""
+        """The texts (a slice of the batch's rows) in batched tokenizer calls where the chunker offers them."""
         if isinstance(self.chunker, PieceChunker):
             return self.chunker.pieces_many(texts)
         return [[Piece(c, None) for c in self.chunker(t)] for t in texts]

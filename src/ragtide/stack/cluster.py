@@ -101,9 +101,11 @@ class Cluster:
         elif kind == "qdrant" and 0 <= i < self.c.qdrant_nodes:
             self.qdrant_node(i).start(timeout=90)
         elif kind == "kafka" and 0 <= i < self.c.brokers:
-            broker = self.broker(i)
-            broker.launch()
-            broker.wait(timeout=120)
+            # Every dead broker first: one alone cannot listen while its quorum lacks a majority.
+            for j in range(self.c.brokers):
+                if self.daemon(f"kafka-{j}").pid() is None:
+                    self.broker(j).launch()
+            self.broker(i).wait(timeout=120)
         elif kind == "embedder" and 0 <= i < MAX_REPLICAS:
             self.start_embedder(i)
         elif kind == "retriever" and 0 <= i < MAX_REPLICAS:
