@@ -106,6 +106,12 @@ def desired_generation(settings: RagtideSettings, encoder: Encoder) -> Generatio
     )
 
 
+def spares_the_cpu(encoder: Encoder) -> bool:
+    """Whether the encoder leaves this process' cores to the writer: an engine on CUDA, or free vectors (the
+    writer then chunks in a thread while it writes: `IndexWriter.pipeline`)."""
+    return isinstance(encoder, RandomUnitEncoder) or getattr(encoder, "cuda", False) is True
+
+
 def generation_factory(
     settings: RagtideSettings, encoder: Encoder, sources: SourcesConfig, truncations: TruncateLog | None = None
 ) -> GenerationFactory:
@@ -131,7 +137,8 @@ def generation_factory(
             encoders[(spec.model, spec.precision)] = enc
         index = open_index(settings, spec.collection(settings.index.collection))
         chunker = Chunker(enc.tokenizer, spec.max_tokens, spec.overlap, settings.encoder.tokenizer)
-        return Generation(spec, index, enc, IndexWriter(index, enc, chunker, sources, truncations=truncations))
+        writer = IndexWriter(index, enc, chunker, sources, truncations=truncations, pipeline=spares_the_cpu(enc))
+        return Generation(spec, index, enc, writer)
 
     return make
 

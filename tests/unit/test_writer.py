@@ -338,9 +338,9 @@ def test_merging_a_generations_work_adds_every_field_but_what_the_batch_was() ->
 
 
 def test_a_large_batch_written_in_pipelined_slices_is_what_one_pass_writes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past PIPELINE_ROWS rows a batch is chunked slice by slice in a thread while the previous slice is written:
-    the same points, payloads and counts as writing it in one pass; a store error in a later slice still fails
-    the whole batch (nothing is acknowledged)."""
+    """With `pipeline` (an encoder that spares the CPU), past PIPELINE_ROWS rows a batch is chunked slice by slice
+    in a thread while the previous slice is written: the same points, payloads and counts as writing it in one
+    pass; a store error in a later slice still fails the whole batch (nothing is acknowledged)."""
     from ragtide.contracts.errors import StoreUnavailable
     from ragtide.embedder import writer as writer_module
 
@@ -348,7 +348,7 @@ def test_a_large_batch_written_in_pipelined_slices_is_what_one_pass_writes(monke
         monkeypatch.setattr(writer_module, "PIPELINE_ROWS", pipeline_rows)
         index, encoder, feed = MemoryIndex(), HashEncoder(), Feed()
         index.ensure_collection(encoder.dim)
-        w = IndexWriter(index, encoder, word_chunker(8, 2), SOURCES, clock=lambda: 1234.5)
+        w = IndexWriter(index, encoder, word_chunker(8, 2), SOURCES, clock=lambda: 1234.5, pipeline=True)
         w.apply([feed.ev(Op.CREATE, i, "T", LONG if i % 3 else "short") for i in range(0, 150, 2)])
         batch = [feed.ev(Op.CREATE, i, "T", f"row {i} " + LONG) for i in range(150)]  # new, changed, unchanged
         batch += [feed.ev(Op.DELETE, i) for i in range(0, 20, 4)]
@@ -374,7 +374,13 @@ def test_a_large_batch_written_in_pipelined_slices_is_what_one_pass_writes(monke
         MemoryIndex.upsert(index, points)
 
     monkeypatch.setattr(index, "upsert", upsert)
-    w = IndexWriter(index, encoder, word_chunker(8, 2), SOURCES)
+    w = IndexWriter(index, encoder, word_chunker(8, 2), SOURCES, pipeline=True)
     with pytest.raises(StoreUnavailable):
         w.apply([feed.ev(Op.CREATE, i, "T", LONG) for i in range(100)])
     assert len(calls) == 3  # the slices after the failing one were never written
+
+
+def test_without_pipeline_a_large_batch_stays_on_the_callers_thread(env: Any) -> None:
+    writer, index, _encoder, feed = env  # the default: a CPU encoder keeps its cores
+    writer.apply([feed.ev(Op.CREATE, i, "T", LONG) for i in range(200)])
+    assert writer._chunking is None and index.count() == 200 * N_LONG
