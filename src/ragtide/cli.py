@@ -1040,6 +1040,7 @@ def bench_freshness(
     """Commit -> searchable under a steady write load from a separate process: p50/p95/p99/max, per stage."""
     from contextlib import nullcontext
 
+    from ragtide.bench import save_result
     from ragtide.bench.freshness import RateResult, node_with_dtype, plot, run_rate
     from ragtide.bench.workload import parse_mix
     from ragtide.contracts.machine import cpu_info
@@ -1122,20 +1123,14 @@ def bench_freshness(
     if max_sustained is not None:
         console.print(f"largest sustained rate tried: {max_sustained:g} changes/s")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
-    result_file = out / f"freshness-{stamp}.json"
-    result_file.write_text(
-        json.dumps(
-            {
-                "machine": machine,
-                "mix": weights,
-                "duration_s": duration,
-                "max_sustained": max_sustained,
-                "results": [r.as_dict() for r in results],
-            },
-            indent=2,
-        )
-    )
+    summary = {
+        "machine": machine,
+        "mix": weights,
+        "duration_s": duration,
+        "max_sustained": max_sustained,
+        "results": [r.as_dict() for r in results],
+    }
+    result_file = save_result(summary, out, "freshness", stamp)
     png = plot(results, out / f"freshness-{stamp}.png")
     console.print(f"wrote {result_file}" + (f" and {png}" if png else " (install matplotlib for the plot)"))
 

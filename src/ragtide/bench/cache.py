@@ -10,7 +10,6 @@ there is a *stale hit* (the target is zero).
 
 from __future__ import annotations
 
-import json
 import random
 import time
 import uuid
@@ -21,6 +20,7 @@ from typing import Any
 import httpx
 import psycopg
 
+from ragtide.bench import save_result
 from ragtide.contracts.freshness import summarize_ms
 
 TOPICS = [
@@ -114,10 +114,7 @@ class CacheBench:
 
     def save(self, out: Path) -> Path:
         """bench/results/cache-<time>.json"""
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"cache-{self.started}.json"
-        path.write_text(json.dumps({**asdict(self), "summary": self.summary()}, indent=2))
-        return path
+        return save_result({**asdict(self), "summary": self.summary()}, out, "cache", self.started)
 
 
 def _answer(http: httpx.Client, query: str, k: int, max_tokens: int) -> tuple[dict[str, Any], float]:

@@ -15,7 +15,6 @@ Runs with only torch, transformers, sentence-transformers and numpy installed (t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -29,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ragtide.bench import save_result
 from ragtide.contracts.machine import cpu_info
 from ragtide.embedder import quantized
 from ragtide.embedder.chunking import Chunker
@@ -336,10 +336,7 @@ def render(result: dict[str, Any]) -> str:
 
 def save(result: dict[str, Any], out: Path) -> Path:
     """Write the JSON result; returns its path."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"embed-{result['device']}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2))
-    return path
+    return save_result(result, out, f"embed-{result['device']}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 import httpx
 
+from ragtide.bench import save_result
 from ragtide.contracts.freshness import summarize, summarize_ms
 from ragtide.stack.process import is_loopback
 
@@ -196,10 +197,7 @@ class ServeResult:
 
     def save(self, out: Path) -> Path:
         """bench/results/serve-<time>.json"""
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"serve-{self.started}.json"
-        path.write_text(json.dumps(asdict(self), indent=2))
-        return path
+        return save_result(asdict(self), out, "serve", self.started)
 
 
 def search_during_backfill(dsn: str, api: str, headers: dict[str, str], target_points: int, timeout: float) -> Phase:

@@ -240,10 +240,9 @@ def render(result: dict[str, Any]) -> str:
 
 def save(result: dict[str, Any], out: Path) -> Path:
     """Write the JSON result; returns its path."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"write-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2))
-    return path
+    from ragtide.bench import save_result
+
+    return save_result(result, out, "write")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
