@@ -1032,8 +1032,9 @@ def bench_freshness(
     dtype: Annotated[
         list[str] | None,
         typer.Option(
-            help="run the rates once per encoder precision (fp32, bf16, int8; repeat for a side-by-side run): the "
-            "node is restarted with it, and its index rebuilt in that precision first"
+            help="run the rates once per encoder precision (fp32, fp16, bf16, int8; repeat for a side-by-side run): "
+            "the node is restarted with it, its index rebuilt in that precision first, and restarted as configured "
+            "after (rebuilding back in the background); one-node stack only, not under `up --supervise`"
         ),
     ] = None,
 ) -> None:
@@ -1054,10 +1055,14 @@ def bench_freshness(
         raise typer.BadParameter(str(exc), param_hint="--mix") from exc
     if any(per_s <= 0 or per_s > 1000 for per_s in rate):
         raise typer.BadParameter("rates must be in (0, 1000]", param_hint="--rate")
-    if any(d not in ("fp32", "bf16", "int8") for d in dtype or []):
-        raise typer.BadParameter("one of fp32, bf16, int8", param_hint="--dtype")
+    if any(d not in ("fp32", "fp16", "bf16", "int8") for d in dtype or []):
+        raise typer.BadParameter("one of fp32, fp16, bf16, int8", param_hint="--dtype")
     if dtype and find_max:
         raise typer.BadParameter("--find-max runs with the node as configured, without --dtype", param_hint="--dtype")
+    if dtype and s.encoder.backend != "engine":
+        raise typer.BadParameter(f"needs encoder.backend: engine (not {s.encoder.backend})", param_hint="--dtype")
+    if dtype and s.data_dir != _own_settings().data_dir:  # `_settings()` gave the cluster's
+        raise typer.BadParameter("restarts the one-node stack's node; not with `up --cluster`", param_hint="--dtype")
     results: list[RateResult] = []
     for node in dtype or [""]:
         if node:

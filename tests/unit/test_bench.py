@@ -51,8 +51,8 @@ def test_bench_freshness_refuses_an_unknown_precision_and_find_max_with_precisio
     from ragtide.cli import app
 
     env = {"RAGTIDE_DATA_DIR": str(tmp_path)}
-    bad = CliRunner().invoke(app, ["bench", "freshness", "--dtype", "fp16"], env=env)
-    assert bad.exit_code == 2 and "one of fp32, bf16, int8" in bad.output
+    bad = CliRunner().invoke(app, ["bench", "freshness", "--dtype", "fp64"], env=env)
+    assert bad.exit_code == 2 and "one of fp32, fp16, bf16, int8" in bad.output
     both = CliRunner().invoke(app, ["bench", "freshness", "--dtype", "int8", "--find-max"], env=env)
     assert both.exit_code == 2 and "--find-max" in both.output
 
@@ -64,3 +64,13 @@ def test_bench_write_corpus_is_deterministic_with_long_rows_every_seventh() -> N
     assert rows == corpus(50) and rows != corpus(50, seed=8)
     words = [len(r["body"].split()) for r in rows]
     assert all(210 <= w <= 560 for w in words[::7]) and all(30 <= w <= 80 for i, w in enumerate(words) if i % 7)
+
+
+def test_bench_freshness_dtype_needs_the_engine_backend(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ragtide.cli import app
+
+    env = {"RAGTIDE_DATA_DIR": str(tmp_path), "RAGTIDE_ENCODER__BACKEND": "random-unit"}
+    out = CliRunner().invoke(app, ["bench", "freshness", "--dtype", "int8"], env=env)
+    assert out.exit_code == 2 and "encoder.backend: engine" in out.output

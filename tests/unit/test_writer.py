@@ -384,3 +384,13 @@ def test_without_pipeline_a_large_batch_stays_on_the_callers_thread(env: Any) ->
     writer, index, _encoder, feed = env  # the default: a CPU encoder keeps its cores
     writer.apply([feed.ev(Op.CREATE, i, "T", LONG) for i in range(200)])
     assert writer._chunking is None and index.count() == 200 * N_LONG
+
+
+def test_only_an_encoder_that_spares_the_cpu_gets_a_pipelined_writer() -> None:
+    from types import SimpleNamespace
+
+    from ragtide.node import spares_the_cpu
+
+    assert spares_the_cpu(SimpleNamespace(cuda=True))  # type: ignore[arg-type]
+    assert not spares_the_cpu(SimpleNamespace(cuda=False))  # type: ignore[arg-type]  # a CPU engine, int8 included
+    assert not spares_the_cpu(HashEncoder())  # no device at all: the caller's cores

@@ -7,6 +7,7 @@ read back from /v1/freshness/changes. Throughout: the canary (commit -> returned
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing as mp
 import time
 import uuid
@@ -19,9 +20,11 @@ from typing import Any
 import httpx
 
 from ragtide.bench.workload import Workload, run_workload, seed_rows
+from ragtide.contracts.errors import StackError
 from ragtide.contracts.freshness import STAGES, percentile, summarize
 from ragtide.contracts.settings import RagtideSettings
-from ragtide.stack.process import wait_until
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -132,10 +135,19 @@ def run_rate(
     )
 
 
-def live_generation(settings: RagtideSettings) -> dict[str, Any]:
-    """The node's generations (live, building) as its admin API reports them."""
+def live_generation(settings: RagtideSettings) -> dict[str, Any] | None:
+    """The node's generations (live, building) as its admin API reports them; None while it does not answer. A
+    refusal (prod mode without the admin key) is an error at once, not a wait."""
     url = f"{settings.api.url}/v1/admin/generations"
-    out: dict[str, Any] = httpx.get(url, headers=settings.gateway.admin_headers(), timeout=10).json()
+    try:
+        resp = httpx.get(url, headers=settings.gateway.admin_headers(), timeout=10)
+    except httpx.HTTPError:
+        return None
+    if resp.status_code in (401, 403):
+        raise StackError(f"{url} refused the admin request ({resp.status_code}): set RAGTIDE_GATEWAY__ADMIN_KEY")
+    if resp.status_code != 200:
+        return None
+    out: dict[str, Any] = resp.json()
     return out
 
 
@@ -143,27 +155,42 @@ def live_generation(settings: RagtideSettings) -> dict[str, Any]:
 def node_with_dtype(settings: RagtideSettings, dtype: str, timeout: float = 1800.0) -> Iterator[RagtideSettings]:
     """While inside: the node runs with `encoder.dtype` = `dtype`, its index in that precision (a change of
     precision rebuilds it blue/green: this waits until the rebuilt generation is live); afterwards the node as
-    configured again (a rebuild back, if any, goes on in the background)."""
+    configured again (a rebuild back, if any, goes on in the background). Not while `up --supervise` runs: its
+    supervisor would start the node as configured in between."""
     from ragtide.stack.stack import Stack
 
     s = settings.model_copy(update={"encoder": settings.encoder.model_copy(update={"dtype": dtype})})
     want = "int8" if dtype == "int8" else "float"
-
-    def switched() -> bool:
-        gens = live_generation(s)
-        return bool(gens["live"]["precision"] == want and gens["building"] is None)
-
     stack = Stack(s)
-    stack.daemon("node").stop(timeout=60)
+    node = stack.daemon("node")
+    node.stop(timeout=60)
+    failed = False
     try:
         stack.start_node()
-        wait_until(switched, f"the index in {want} precision to be live", timeout, stack.daemon("node"))
+        deadline = time.monotonic() + timeout
+        while True:
+            gens = live_generation(s)
+            if gens is not None and gens["live"]["precision"] == want and gens["building"] is None:
+                break
+            if node.pid() is None:
+                raise StackError(f"the node exited while rebuilding its index in {want}; log {node.log_file}")
+            if time.monotonic() > deadline:
+                raise StackError(f"timed out after {timeout:.0f}s waiting for the index in {want} to be live")
+            time.sleep(1.0)
         stack.wait_ready()
         yield s
+    except BaseException:
+        failed = True
+        raise
     finally:
-        stack.daemon("node").stop(timeout=60)
-        Stack(settings).start_node()
-        Stack(settings).wait_ready()
+        try:
+            node.stop(timeout=60)
+            Stack(settings).start_node()
+            Stack(settings).wait_ready()
+        except Exception as exc:
+            if not failed:
+                raise
+            log.error("restarting the node as configured failed too", extra={"error": repr(exc)})
 
 
 def plot(results: list[RateResult], path: Path) -> Path | None:

@@ -184,6 +184,11 @@ class SentenceTransformerEncoder:
         self._lock = threading.Lock()
 
     @property
+    def cuda(self) -> bool:
+        """On a CUDA device (the writer may then chunk in a thread: `node.spares_the_cpu`)."""
+        return self._device == "cuda"
+
+    @property
     def dim(self) -> int:
         """Vector size."""
         get_dim = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension

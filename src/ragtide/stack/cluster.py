@@ -17,6 +17,7 @@ whole topology near 7 GB; `Cluster.memory()` reports each process' resident size
 from __future__ import annotations
 
 import base64
+import logging
 import sys
 import uuid
 from collections.abc import Callable, Sequence
@@ -30,6 +31,8 @@ from ragtide.stack.jvm import ConnectWorker, KafkaBroker
 from ragtide.stack.process import Daemon, http_ok, wait_until
 from ragtide.stack.qdrant import QdrantServer
 from ragtide.stack.stack import Stack
+
+log = logging.getLogger(__name__)
 
 # Resident memory each kind of process is sized for (MiB): the JVM heaps are set to fit, the Python processes are
 # measured (model, torch, one thread) and reported against it.
@@ -101,10 +104,14 @@ class Cluster:
         elif kind == "qdrant" and 0 <= i < self.c.qdrant_nodes:
             self.qdrant_node(i).start(timeout=90)
         elif kind == "kafka" and 0 <= i < self.c.brokers:
-            # Every dead broker first: one alone cannot listen while its quorum lacks a majority.
+            # The other dead brokers too, before waiting: one alone cannot listen while its quorum lacks a majority.
+            self.broker(i).launch()
             for j in range(self.c.brokers):
-                if self.daemon(f"kafka-{j}").pid() is None:
-                    self.broker(j).launch()
+                if j != i and self.daemon(f"kafka-{j}").pid() is None:
+                    try:
+                        self.broker(j).launch()
+                    except Exception as exc:  # its own restart reports it; broker i may still reach a majority
+                        log.warning("could not launch a dead broker", extra={"broker": j, "error": str(exc)})
             self.broker(i).wait(timeout=120)
         elif kind == "embedder" and 0 <= i < MAX_REPLICAS:
             self.start_embedder(i)
