@@ -99,3 +99,14 @@ def test_a_cluster_is_supervised_member_by_member_in_dependency_order(tmp_path: 
     stopped = FakeStack(alive=set())
     sup = Supervisor(stopped, names=["node", "kafka"])  # type: ignore[arg-type]
     assert sup.names == ["kafka", "node"]  # dependency order, whatever order was asked
+
+
+def test_free_ports_lie_below_the_ephemeral_range_and_are_never_handed_out_twice() -> None:
+    """A port from Linux's ephemeral range (32768-60999) can be taken by an outgoing connection before the server
+    binds it (CI saw a node's API port taken so); and two calls must not give the same not-yet-bound port."""
+    from ragtide.stack.process import free_port, free_port_range
+
+    ports = [free_port() for _ in range(200)]
+    assert all(20_000 <= p < 32_000 for p in ports) and len(set(ports)) == len(ports)
+    base = free_port_range(51)
+    assert not set(ports) & set(range(base, base + 51))

@@ -150,11 +150,29 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def free_port() -> int:
-    """A TCP port that is free right now on loopback."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# Ports handed out by this process (free_port, free_port_range): none is handed out twice, even before it is bound.
+_HANDED_OUT: set[int] = set()
+
+
+def free_port(low: int = 20_000, high: int = 32_000) -> int:
+    """A TCP port free right now on loopback, below Linux's ephemeral range (32768-60999): a port from that range
+    can be taken by a client's outgoing connection between this call and the server's bind (seen in CI: a node's
+    API port held by a connection to its own Kafka). Never the same port twice in one process."""
+    import random
+
+    rng = random.Random()
+    for _ in range(500):
+        port = rng.randrange(low, high)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise StackError(f"no free port between {low} and {high}")
 
 
 def free_port_range(span: int, low: int = 20_000, high: int = 32_000) -> int:
@@ -165,8 +183,11 @@ def free_port_range(span: int, low: int = 20_000, high: int = 32_000) -> int:
     rng = random.Random()
     for _ in range(200):
         base = rng.randrange(low, high - span)
-        if not any(port_open("127.0.0.1", p) for p in range(base, base + span)):
-            return base
+        ports = range(base, base + span)
+        if _HANDED_OUT.intersection(ports) or any(port_open("127.0.0.1", p) for p in ports):
+            continue
+        _HANDED_OUT.update(ports)
+        return base
     raise StackError(f"no {span} free ports in a row between {low} and {high}")
 
 
