@@ -94,7 +94,7 @@ def up(
         return
     stack = Stack(s)
     with console.status("starting") as status:
-        for name in ("postgres", "kafka", "connect", "generator", "node"):
+        for name in stack.processes():
             status.update(f"starting {name}…")
             t0 = time.monotonic()
             stack.start(name)

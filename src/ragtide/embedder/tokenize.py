@@ -30,6 +30,13 @@ TokenizerChoice = Literal["auto", "rust", "flash"]
 _ASCII_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
+def added_tokens_pattern(tok: Any, flags: int = 0) -> re.Pattern[str] | None:
+    """A pattern matching any of a Rust tokenizer's added tokens ("[SEP]") in raw text, longest first (None when it
+    has none)."""
+    added = sorted({str(t.content) for t in tok.get_added_tokens_decoder().values()}, key=len, reverse=True)
+    return re.compile("|".join(re.escape(t) for t in added), flags) if added else None
+
+
 def _untruncated(spec: str) -> Any:
     """A Rust tokenizer from its JSON, with truncation and padding off."""
     from tokenizers import Tokenizer as RustTokenizer
@@ -66,8 +73,7 @@ class OffsetsTokenizer:
             self._lower = bool(norm.get("lowercase", True))
         # Added tokens ("[SEP]") are matched on the raw text, before the normaliser: text holding one, in any
         # case, goes through the normaliser as the model's tokenizer would take it.
-        added = [str(t.content) for t in self._tok.get_added_tokens_decoder().values()]
-        self._added = re.compile("|".join(re.escape(t) for t in added), re.IGNORECASE) if added else None
+        self._added = added_tokens_pattern(self._tok, re.IGNORECASE)
 
     def _plain_ok(self, text: str) -> bool:
         return (
@@ -189,8 +195,7 @@ class TextTokenizer:
         self.other = re.compile("[^\x00-\x7f]")  # text that goes to the Rust tokenizer
         # Special-token strings in raw text ("[SEP]") are matched as the token by the Rust tokenizer (and the
         # chunker, and sentence-transformers); flash-tokenizer splits them as words: such text goes to Rust.
-        added = sorted({str(t.content) for t in self.rust.get_added_tokens_decoder().values()}, key=len)
-        self.special = re.compile("|".join(re.escape(t) for t in reversed(added))) if added else None
+        self.special = added_tokens_pattern(self.rust)
         if choice != "rust":
             self.flash, self.why_not_flash = self._load_flash(json.loads(spec), vocab)
             if self.flash is None and choice == "flash":

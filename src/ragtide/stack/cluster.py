@@ -88,8 +88,9 @@ class Cluster:
     def processes(self) -> list[str]:
         """Every process that may run, in start order: Postgres and the local generator (the stack's) with the
         members (the supervisor watches those of them that run)."""
-        names = [m.daemon.name for m in self.members()]
-        first_python = next(i for i, m in enumerate(self.members()) if m.kind == "embedder")
+        members = self.members()
+        names = [m.daemon.name for m in members]
+        first_python = next(i for i, m in enumerate(members) if m.kind == "embedder")
         return ["postgres", *names[:first_python], "generator", *names[first_python:]]
 
     def start(self, name: str) -> None:
