@@ -42,6 +42,10 @@ class HashEncoder:
         return "hash-bow"
 
     @property
+    def provider(self) -> str:
+        return "local"
+
+    @property
     def precision(self) -> str:
         return "float"
 

@@ -546,6 +546,19 @@ def retriever() -> None:
     uvicorn.run(create_retriever_app(s), host=s.api.host, port=s.api.port, log_config=None, access_log=False)
 
 
+@app.command("serve-embeddings")
+def serve_embeddings() -> None:
+    """Serve this machine's embedding model as an OpenAI-compatible POST /v1/embeddings (for other deployments'
+    `encoder.backend: openai`, e.g. one GPU box shared by several teams), on api.host:api.port."""
+    import uvicorn
+
+    from ragtide.node import create_embeddings_app
+
+    s = _settings()
+    setup_logging(s.log_level, s.json_logs)
+    uvicorn.run(create_embeddings_app(s), host=s.api.host, port=s.api.port, log_config=None, access_log=False)
+
+
 @app.command()
 def embedder() -> None:
     """Run one Faust embedder (with QDRANT_URL: one of N in the group; the one holding the lease leads builds);

@@ -58,15 +58,32 @@ from ragtide.retriever.services import get_admin
 log = logging.getLogger(__name__)
 
 
-def build_encoder(settings: RagtideSettings, model_path: Path | None = None, precision: str | None = None) -> Encoder:
-    """The configured encoder (or the model at `model_path` and the `precision` of an older generation)."""
+def build_encoder(
+    settings: RagtideSettings, spec: GenerationSpec | None = None, registry: CollectorRegistry | None = None
+) -> Encoder:
+    """The configured encoder, or the one an older generation `spec` needs: its model, precision and provider
+    ("local": a model in this process, whatever encoder.backend now says; else the embeddings API at the URL it
+    was built from, with the configured key and limits). `registry` gets a provider's metrics."""
     e = settings.encoder
-    path = model_path or e.model_path
-    if e.dtype == "int8" and e.backend != "engine":
-        raise ConfigError(f"encoder.dtype: int8 needs encoder.backend: engine (the {e.backend} backend is float only)")
-    if e.backend == "sentence-transformers":
+    path = (Path(spec.model_path) if spec.model_path else default_model_path()) if spec else e.model_path
+    precision = spec.precision if spec else None
+    backend = e.backend
+    if spec is not None:
+        backend = "openai" if spec.provider != "local" else "engine" if backend == "openai" else backend
+    if backend == "openai":
+        from ragtide.embedder.provider import OpenAIEmbeddingsEncoder
+
+        api = e.api
+        if spec is not None:  # the generation's own model, where it was embedded
+            api = api.model_copy(update={"model": spec.model, "dim": spec.dim, "url": spec.url or api.url})
+            if spec.url and spec.url != e.api.url:
+                api = api.model_copy(update={"provider": spec.provider.removeprefix("openai:")})
+        return OpenAIEmbeddingsEncoder(api, registry)
+    if e.dtype == "int8" and backend != "engine":
+        raise ConfigError(f"encoder.dtype: int8 needs encoder.backend: engine (the {backend} backend is float only)")
+    if backend == "sentence-transformers":
         return SentenceTransformerEncoder(path, e.device, e.batch_size)
-    if e.backend == "random-unit":
+    if backend == "random-unit":
         return RandomUnitEncoder(path)
     from ragtide.embedder.engine import EmbeddingEngine, choose_dtype
 
@@ -103,6 +120,8 @@ def desired_generation(settings: RagtideSettings, encoder: Encoder) -> Generatio
         overlap=settings.chunking.overlap_tokens,
         model_path=str(settings.encoder.model_path) if settings.encoder.model_path else None,
         precision=encoder.precision,
+        provider=encoder.provider,
+        url=settings.encoder.api.url if encoder.provider != "local" else None,
     )
 
 
@@ -113,31 +132,46 @@ def spares_the_cpu(encoder: Encoder) -> bool:
 
 
 def generation_factory(
-    settings: RagtideSettings, encoder: Encoder, sources: SourcesConfig, truncations: TruncateLog | None = None
+    settings: RagtideSettings,
+    encoder: Encoder,
+    sources: SourcesConfig,
+    truncations: TruncateLog | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> GenerationFactory:
-    """Opens a generation's collection with an encoder of its model (loaded once per model) and its chunking;
-    its writer shares the group's truncate log (the writing side only: a reader never applies events)."""
-    encoders = {(encoder.model_name, encoder.precision): encoder}
+    """Opens a generation's collection with an encoder of its model (loaded once per provider, model and
+    precision) and its chunking; its writer shares the group's truncate log (the writing side only: a reader never
+    applies events)."""
+    encoders = {(encoder.provider, encoder.model_name, encoder.precision): encoder}
 
     def make(spec: GenerationSpec) -> Generation:
-        enc = encoders.get((spec.model, spec.precision))
+        enc = encoders.get((spec.provider, spec.model, spec.precision))
         if enc is None:
-            path = Path(spec.model_path) if spec.model_path else default_model_path()
-            enc = build_encoder(settings, path, spec.precision)
-            if enc.model_name != spec.model or enc.dim != spec.dim:
+            enc = build_encoder(settings, spec, registry)
+            if enc.model_name != spec.model or enc.dim != spec.dim or enc.provider != spec.provider:
+                field = "encoder.model_path" if spec.provider == "local" else "encoder.api.provider"
                 raise ConfigError(
-                    f"encoder.model_path: generation {spec.fingerprint} needs {spec.model} (dim {spec.dim}) "
-                    f"but {spec.model_path or 'the default model'} is {enc.model_name} (dim {enc.dim})"
+                    f"{field}: generation {spec.fingerprint} needs {spec.model} (dim {spec.dim}, {spec.provider}) "
+                    f"but {spec.model_path or spec.url or 'the default model'} is {enc.model_name} (dim {enc.dim}, "
+                    f"{enc.provider})"
                 )
             if enc.precision != spec.precision:
                 raise ConfigError(
                     f"encoder.backend: generation {spec.fingerprint} holds {spec.precision} vectors, which the "
                     f"{settings.encoder.backend} backend cannot make (set encoder.backend: engine)"
                 )
-            encoders[(spec.model, spec.precision)] = enc
+            encoders[(spec.provider, spec.model, spec.precision)] = enc
         index = open_index(settings, spec.collection(settings.index.collection))
         chunker = Chunker(enc.tokenizer, spec.max_tokens, spec.overlap, settings.encoder.tokenizer)
-        writer = IndexWriter(index, enc, chunker, sources, truncations=truncations, pipeline=spares_the_cpu(enc))
+        price = settings.encoder.api.usd_per_million_tokens if enc.provider != "local" else 0.0
+        writer = IndexWriter(
+            index,
+            enc,
+            chunker,
+            sources,
+            truncations=truncations,
+            pipeline=spares_the_cpu(enc),
+            usd_per_million_tokens=price,
+        )
         return Generation(spec, index, enc, writer)
 
     return make
@@ -161,15 +195,16 @@ def open_generations(
     base = settings.index.collection
 
     def for_queries(gen: Generation) -> Encoder:
-        same = query_encoder is not None and (query_encoder.model_name, query_encoder.precision) == (
-            gen.spec.model,
-            gen.spec.precision,
-        )
+        same = query_encoder is not None and (
+            query_encoder.provider,
+            query_encoder.model_name,
+            query_encoder.precision,
+        ) == (gen.spec.provider, gen.spec.model, gen.spec.precision)
         return query_encoder if same and query_encoder is not None else gen.encoder
 
     gens = Generations(
         open_catalog(settings),
-        generation_factory(settings, encoder, sources, PostgresTruncateLog(settings.postgres.state())),
+        generation_factory(settings, encoder, sources, PostgresTruncateLog(settings.postgres.state()), registry),
         registry,
         drop_collection=lambda spec: open_index(settings, spec.collection(base)).drop(),
         grace_s=settings.index.retire_grace_s,
@@ -254,11 +289,11 @@ def create_node_app(settings: RagtideSettings) -> FastAPI:
     from faust.contrib.asgi import faust_lifespan
 
     sources = sources_of(settings)
-    encoder = build_encoder(settings)
+    registry = CollectorRegistry()
+    encoder = build_encoder(settings, registry=registry)
     # Search embeds with an engine of its own: the writer's runs a whole batch (256 events on a CPU, 4,096 on
     # CUDA) under its lock, and a query queued behind it waited for all of it.
-    queries = build_encoder(settings)
-    registry = CollectorRegistry()
+    queries = build_encoder(settings, registry=registry)
     tracker = FreshnessTracker(registry)
     generations = open_generations(settings, encoder, sources, registry, queries)
     cache = build_cache(settings, registry, encoder.dim)
@@ -391,11 +426,11 @@ def create_retriever_app(settings: RagtideSettings) -> FastAPI:
             "QDRANT_URL: the standalone retriever needs a Qdrant server; in embedded mode run `ragtide node`"
         )
     sources = sources_of(settings)
-    encoder = build_encoder(settings)
     registry = CollectorRegistry()
+    encoder = build_encoder(settings, registry=registry)
     follower = CatalogFollower(
         open_catalog(settings),
-        generation_factory(settings, encoder, sources),
+        generation_factory(settings, encoder, sources, registry=registry),
         desired_generation(settings, encoder),
         failures=BackgroundFailures.of(registry),
     )
@@ -404,13 +439,34 @@ def create_retriever_app(settings: RagtideSettings) -> FastAPI:
     return create_app(settings, follower, None, sources, registry, cache=cache, routers=[forward])
 
 
+def create_embeddings_app(settings: RagtideSettings) -> FastAPI:
+    """`ragtide serve-embeddings`: this machine's encoder (a GPU box's, say) as an OpenAI-compatible embeddings
+    API for other deployments, which point `encoder.backend: openai` at it. The retrieval API over an index of its
+    own that nothing writes: /v1/embeddings, /v1/models, the gateway's keys and limits, admission and
+    micro-batching, /metrics; its search has nothing to find. No canary or slot checks: it has no source."""
+    from ragtide.embedder.index.edge import EdgeIndex
+
+    registry = CollectorRegistry()
+    encoder = build_encoder(settings, registry=registry)
+    if encoder.provider != "local":
+        raise ConfigError("encoder.backend: serve-embeddings serves a model of this machine, not another provider")
+    index = EdgeIndex(settings.data_dir / "embeddings-server", "embeddings", settings.index.min_free_mb << 20)
+    alone = settings.model_copy(
+        update={
+            "canary": settings.canary.model_copy(update={"enabled": False}),
+            "connect": settings.connect.model_copy(update={"slot_check_s": 0}),
+        }
+    )
+    return create_app(alone, index, encoder, sources_of(settings), registry)
+
+
 def create_embedder(settings: RagtideSettings) -> tuple[faust.App, FastAPI]:
     """The standalone embedder (with a Qdrant server, one of N in a consumer group): its Faust worker, and its HTTP
     API (/healthz, /metrics, and, while it leads, the admin endpoints the retrievers forward)."""
     sources = sources_of(settings)
     registry = CollectorRegistry()
     tracker = FreshnessTracker(registry)
-    encoder = build_encoder(settings)
+    encoder = build_encoder(settings, registry=registry)
     generations = open_generations(settings, encoder, sources, registry)
     cache = build_cache(settings, registry, encoder.dim, sole_writer=False)  # the retrievers store, we invalidate
     worker, watchdog = build_embedder(settings, generations, sources, registry, tracker, cache)

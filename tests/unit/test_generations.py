@@ -4,6 +4,7 @@ the switch, encoder and collection switched together, catalog kept, builds resum
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -375,3 +376,15 @@ def test_a_process_that_resigned_switches_and_drops_nothing() -> None:
     with pytest.raises(RuntimeError, match="does not lead"):
         gens.rebuild()
     assert Catalog(store.index("chunks-catalog")).read().live == spec()
+
+
+def test_the_provider_is_part_of_the_identity_and_where_it_is_reached_is_not() -> None:
+    a = spec()
+    served = GenerationSpec(model="hash-bow", dim=64, max_tokens=8, overlap=2, provider="openai:tei:8080")
+    assert served.fingerprint != a.fingerprint and not served.same_vectors(a)
+    moved = replace(served, url="http://elsewhere:9000/v1")
+    assert moved.fingerprint == served.fingerprint and moved.same_vectors(served)
+    assert GenerationSpec.from_dict(moved.as_dict()) == moved
+    assert replace(served, provider="openai:api.openai.com").fingerprint != served.fingerprint
+    old = {k: v for k, v in a.as_dict().items() if k not in {"provider", "url"}}  # a catalog from before providers
+    assert GenerationSpec.from_dict(old) == a and a.fingerprint == "32eee995df"

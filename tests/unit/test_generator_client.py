@@ -10,9 +10,9 @@ from collections.abc import Callable
 import httpx
 import pytest
 
+from ragtide.contracts.resilience import CircuitBreaker, retry_after_s
 from ragtide.contracts.settings import GeneratorSettings
 from ragtide.generator.client import (
-    CircuitBreaker,
     Delta,
     GenerationParams,
     GeneratorUnavailable,
@@ -119,7 +119,7 @@ def test_a_timeout_is_a_clear_unavailable() -> None:
 
 def test_breaker_half_opens_after_the_reset_and_closes_on_success() -> None:
     now = [0.0]
-    breaker = CircuitBreaker(failures=2, reset_s=10, clock=lambda: now[0])
+    breaker = CircuitBreaker(failures=2, reset_s=10, clock=lambda: now[0], error=GeneratorUnavailable)
     breaker.failure("x")
     breaker.check()
     breaker.failure("y")
@@ -150,3 +150,10 @@ def test_fit_keeps_rank_order_within_the_budget_and_citations_are_parsed() -> No
     assert fit(["aaaa", "bbbb", "cccc"], 6) == ["aaaa", "bb …"]
     assert fit(["aaaa"], 100) == ["aaaa"]
     assert cited_numbers("See [2], [1] and [2] again; [7] is not a source.", 3) == [2, 1]
+
+
+def test_retry_after_reads_seconds_and_http_dates_and_ignores_garbage() -> None:
+    assert retry_after_s({"retry-after": "3"}) == 3.0
+    assert retry_after_s({"Retry-After": "Wed, 21 Oct 2026 07:28:10 GMT"}, now=lambda: 1792567680.0) == 10.0
+    assert retry_after_s({"retry-after": "soon"}) is None
+    assert retry_after_s({}) is None

@@ -56,6 +56,7 @@ class FreeEncoder:
     of a fixed random table picked by the text's hash, vectorised (about a microsecond a text)."""
 
     model_name = "free"
+    provider = "local"
     precision = "float"
     dim = 384
     max_tokens = 254  # as the packaged model's window

@@ -24,6 +24,12 @@ class StoreUnavailable(RagtideError):
     knows. The message says which store and why."""
 
 
+class ProviderUnavailable(StoreUnavailable):
+    """The embeddings provider (`encoder.backend: openai`) cannot embed right now: unreachable, timing out,
+    rate-limiting past its retries, failing, refusing the key, or answering with fewer vectors than texts. An
+    outage like a store's: the batch is retried, never dead-lettered; a query gets a 503 with Retry-After."""
+
+
 class ClientError(RagtideError):
     """A request the caller must fix (HTTP 422); the message says what and how."""
 

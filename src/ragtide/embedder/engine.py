@@ -224,6 +224,11 @@ class EmbeddingEngine:
         return self._name
 
     @property
+    def provider(self) -> str:
+        """In this process."""
+        return "local"
+
+    @property
     def precision(self) -> str:
         """int8 or float (fp32, bf16 and fp16 give the same vectors to a cosine of 0.999)."""
         return "int8" if self.dtype_name == "int8" else "float"

@@ -43,7 +43,8 @@ CATALOG_POINT = str(uuid.uuid5(uuid.NAMESPACE_URL, "ragtide:catalog"))
 
 @dataclass(frozen=True)
 class GenerationSpec:
-    """What decides the vectors of a collection. `model_path` says where to load the model, not what it is."""
+    """What decides the vectors of a collection. `model_path` and `url` say where to load the model or reach its
+    provider, not what it is."""
 
     model: str
     dim: int
@@ -52,16 +53,21 @@ class GenerationSpec:
     revision: int = 1
     model_path: str | None = None
     precision: str = "float"
+    provider: str = "local"
+    url: str | None = None  # where a provider's generation was embedded (like model_path: not what it is)
 
     @property
     def fingerprint(self) -> str:
         """Stable across machines: the model's name, not its path. int8 vectors are a generation of their own: they
         agree with fp32 only to a cosine of ~0.99 (fp32, bf16 and fp16 to 0.999), enough to reorder close results,
-        so a change of precision is a blue/green rebuild, never a mix in one collection. "float" adds nothing, so
-        generations made before precision was part of a spec keep their fingerprint."""
+        so a change of precision is a blue/green rebuild, never a mix in one collection. So is a change of
+        provider: two servers may serve different weights under one model name. "float" and "local" add nothing,
+        so generations made before precision and provider were part of a spec keep their fingerprint."""
         ident = f"{self.model}|{self.dim}|{self.max_tokens}|{self.overlap}|{self.revision}"
         if self.precision != "float":
             ident += f"|{self.precision}"
+        if self.provider != "local":
+            ident += f"|{self.provider}"
         return hashlib.sha256(ident.encode()).hexdigest()[:10]
 
     def collection(self, base: str) -> str:
@@ -69,8 +75,9 @@ class GenerationSpec:
         return f"{base}-{self.fingerprint}"
 
     def same_vectors(self, other: GenerationSpec) -> bool:
-        """Same model, precision and chunking: the vectors would be identical, whatever the revision."""
-        return (self.model, self.dim, self.max_tokens, self.overlap, self.precision) == (
+        """Same provider, model, precision and chunking: the vectors would be identical, whatever the revision."""
+        return (self.provider, self.model, self.dim, self.max_tokens, self.overlap, self.precision) == (
+            other.provider,
             other.model,
             other.dim,
             other.max_tokens,
@@ -93,6 +100,8 @@ class GenerationSpec:
             revision=int(d.get("revision", 1)),
             model_path=d.get("model_path"),
             precision=_precision(d.get("precision", "float")),
+            provider=str(d.get("provider", "local")),
+            url=d.get("url"),
         )
 
 

@@ -22,6 +22,18 @@ class EmbedderMetrics:
             ["table"],
             registry=registry,
         )
+        self.tokens = Counter(
+            "ragtide_embed_tokens",
+            "tokens of the chunks embedded (every generation written)",
+            ["table"],
+            registry=registry,
+        )
+        self.cost_usd = Counter(
+            "ragtide_embed_cost_usd",
+            "what an embeddings provider charged for them (encoder.api.usd_per_million_tokens)",
+            ["table"],
+            registry=registry,
+        )
         self.payload_updates = Counter(
             "ragtide_payload_updates_total", "points updated in place (no embedding)", registry=registry
         )

@@ -193,6 +193,10 @@ class BatchProcessor:
             m.embedded.labels(table).inc(n)
         for table, n in stats.skipped_by_table.items():
             m.skipped.labels(table).inc(n)
+        for table, n in stats.tokens_by_table.items():
+            m.tokens.labels(table).inc(n)
+        for table, nano in stats.nano_usd_by_table.items():
+            m.cost_usd.labels(table).inc(nano / 1e9)
         m.embedded_from_ids.inc(stats.embedded_from_ids)
         m.payload_updates.inc(stats.payload_updates)
         m.deleted.inc(stats.deleted_points)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -19,6 +18,7 @@ from typing import Any, Protocol
 import httpx
 
 from ragtide.contracts.errors import RagtideError
+from ragtide.contracts.resilience import RETRYABLE_STATUS, CircuitBreaker
 from ragtide.contracts.settings import GeneratorSettings
 
 log = logging.getLogger(__name__)
@@ -81,50 +81,6 @@ class Generator(Protocol):
         ...
 
 
-class CircuitBreaker:
-    """Closed → open after `failures` consecutive failures; half-open (one trial) after `reset_s`."""
-
-    def __init__(self, failures: int, reset_s: float, clock: Any = time.monotonic) -> None:
-        self.failures = failures
-        self.reset_s = reset_s
-        self.clock = clock
-        self.consecutive = 0
-        self.opened_at: float | None = None
-        self.last_error = ""
-
-    @property
-    def state(self) -> str:
-        """closed, open or half-open."""
-        if self.opened_at is None:
-            return "closed"
-        return "half-open" if self.clock() - self.opened_at >= self.reset_s else "open"
-
-    def check(self) -> None:
-        """Raise while open."""
-        if self.state == "open":
-            assert self.opened_at is not None
-            wait = self.reset_s - (self.clock() - self.opened_at)
-            raise GeneratorUnavailable(
-                f"generator circuit open after {self.consecutive} consecutive failures "
-                f"(last: {self.last_error}); next try in {wait:.0f} s"
-            )
-
-    def success(self) -> None:
-        """A completion started: close."""
-        self.consecutive = 0
-        self.opened_at = None
-
-    def failure(self, reason: str) -> None:
-        """Count a failure; open at the threshold (or again after a failed half-open trial)."""
-        self.consecutive += 1
-        self.last_error = reason
-        if self.consecutive >= self.failures or self.state == "half-open":
-            self.opened_at = self.clock()
-
-
-_RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
-
-
 class OpenAIGenerator:
     """Streams from an OpenAI-compatible chat completions endpoint."""
 
@@ -141,7 +97,7 @@ class OpenAIGenerator:
             transport=transport,
             timeout=httpx.Timeout(settings.read_timeout_s, connect=settings.connect_timeout_s),
         )
-        self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s)
+        self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s, error=GeneratorUnavailable)
 
     def _body(self, messages: Sequence[Message], params: GenerationParams) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -175,7 +131,7 @@ class OpenAIGenerator:
                 detail = (await response.aread()).decode(errors="replace")[:300]
                 await response.aclose()
                 reason = f"generator answered {response.status_code}: {detail}"
-                if response.status_code not in _RETRYABLE_STATUS:
+                if response.status_code not in RETRYABLE_STATUS:
                     self.breaker.failure(reason)
                     raise GeneratorUnavailable(reason)
             if attempt + 1 < attempts:

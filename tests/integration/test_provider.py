@@ -1,0 +1,122 @@
+"""`encoder.backend: openai` against a real OpenAI-compatible server, ragtide's own `serve-embeddings` (the
+packaged model, in a process of its own), through a proxy that injects provider faults: 429 with Retry-After,
+500, a response past the client's timeout, a short vector list, an outage, a refused input. Nothing is lost: the
+request or the batch is retried, the metrics count it, and only the refused row goes to the dead-letter list."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
+
+from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
+from ragtide.contracts.settings import ProviderSettings, RagtideSettings, load_settings
+from ragtide.embedder.chunking import Chunker
+from ragtide.embedder.index.edge import EdgeIndex
+from ragtide.embedder.metrics import EmbedderMetrics
+from ragtide.embedder.provider import OpenAIEmbeddingsEncoder
+from ragtide.embedder.worker import BatchProcessor
+from ragtide.embedder.writer import IndexWriter
+from ragtide.gateway.gateway import Gateway
+from ragtide.gateway.store import MemoryGatewayStore
+from ragtide.ingest.sources import SourcesConfig
+from ragtide.node import build_encoder
+from ragtide.retriever.app import create_app
+from tests.providers import MODEL, FaultProxy, embeddings_server
+
+SOURCES = SourcesConfig.model_validate({"sources": [{"table": "public.docs", "key": ["id"], "text": "{body}"}]})
+TEXTS = [f"Document {i}: how to rotate the credentials of service {i} without downtime." for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with embeddings_server(tmp_path_factory.mktemp("provider")) as url:
+        yield url
+
+
+@pytest.fixture
+def proxy(upstream: str) -> Iterator[FaultProxy]:
+    p = FaultProxy(upstream, slow_s=3.0, refuse="POISON")
+    yield p
+    p.close()
+
+
+def provider(
+    proxy: FaultProxy, registry: CollectorRegistry | None = None, **overrides: object
+) -> OpenAIEmbeddingsEncoder:
+    settings = {"url": proxy.url, "model": MODEL, "timeout_s": 1.5, "backoff_s": 0.05, "batch_size": 16, **overrides}
+    return OpenAIEmbeddingsEncoder(ProviderSettings.model_validate(settings), registry)
+
+
+def rows(first: int, n: int, what: str) -> list[ChangeEvent]:
+    return [
+        ChangeEvent("public.docs", Op.CREATE, {"id": i}, {"id": i, "body": f"{what} row {i}"}, SourcePosition(i, 1))
+        for i in range(first, first + n)
+    ]
+
+
+def test_faults_are_retried_and_the_vectors_are_the_models(proxy: FaultProxy) -> None:
+    registry = CollectorRegistry()
+    enc = provider(proxy, registry, retries=5)
+    local = build_encoder(load_settings(RagtideSettings))  # the same model, in this process
+    assert enc.dim == local.dim == 384 and enc.provider == f"openai:{proxy.url.split('/')[2]}"
+    proxy.faults = ["429", "500", "slow", "short"]
+    got = enc.encode(TEXTS)  # three requests of at most 16 texts: the faults land on them in turn
+    want = local.encode(TEXTS)
+    assert np.min(np.sum(got * want, axis=1)) > 0.999
+    assert proxy.seen == {"429": 1, "500": 1, "slow": 1, "short": 1}
+    labels = {"provider": enc.provider, "model": MODEL}
+    for reason in ("429", "5xx", "timeout", "short"):
+        assert registry.get_sample_value("ragtide_provider_retries_total", {**labels, "reason": reason}) == 1
+    assert registry.get_sample_value("ragtide_provider_texts_total", labels) == len(TEXTS) + 2  # and the probe
+    tokens = registry.get_sample_value("ragtide_provider_tokens_total", labels)
+    assert tokens is not None and tokens > len(TEXTS) * 10  # the server's usage report
+
+
+def test_an_outage_loses_nothing_search_says_503_and_only_a_refused_row_is_dead_lettered(
+    proxy: FaultProxy, tmp_path: Path
+) -> None:
+    enc = provider(proxy, retries=1, breaker_failures=3, breaker_reset_s=1.0)
+    index = EdgeIndex(tmp_path, "docs")
+    index.ensure_collection(enc.dim)
+    registry = CollectorRegistry()
+    writer = IndexWriter(index, enc, Chunker(enc.tokenizer, 200, 32), SOURCES, usd_per_million_tokens=20.0)
+    proc = BatchProcessor(writer, EmbedderMetrics(registry), "ragtide")
+    settings = load_settings(RagtideSettings, canary={"enabled": False})
+    app = create_app(settings, index, enc, SOURCES, gateway=Gateway(settings.gateway, MemoryGatewayStore()))
+
+    async def outage(api: TestClient) -> None:
+        assert await proc.apply(rows(1, 20, "before the outage")) == []
+        proxy.down = True
+        batch = asyncio.create_task(proc.apply(rows(21, 20, "during the outage")))
+        down_at = time.monotonic()
+        while time.monotonic() - down_at < 8:
+            await asyncio.sleep(1.0)
+            resp = await asyncio.to_thread(api.post, "/v1/search", json={"query": "a fresh query", "k": 3})
+            assert resp.status_code == 503 and resp.headers["retry-after"], resp.text
+            assert not batch.done()  # nothing acknowledged while the provider is away
+        proxy.down = False
+        assert await asyncio.wait_for(batch, timeout=60) == []
+        poisoned = rows(41, 5, "after the outage")
+        poisoned[2] = ChangeEvent(
+            "public.docs", Op.CREATE, {"id": 43}, {"id": 43, "body": "POISON"}, SourcePosition(43, 1)
+        )
+        dead = await proc.apply(poisoned)
+        assert [(ev.row_id, "cannot be embedded" in reason) for ev, reason in dead] == [(poisoned[2].row_id, True)]
+
+    with TestClient(app, raise_server_exceptions=False) as api:
+        asyncio.run(outage(api))
+        resp = api.post("/v1/search", json={"query": "row during the outage", "k": 3})
+        assert resp.status_code == 200 and "during the outage" in resp.json()["hits"][0]["text"]
+        assert index.count({"chunk_no": 0}) == 44 and proxy.seen["down"] > 3 and proxy.seen["refused"] >= 1
+    retries = registry.get_sample_value("ragtide_store_retries_total")
+    assert retries is not None and retries >= 2
+    tokens = registry.get_sample_value("ragtide_embed_tokens_total", {"table": "public.docs"})
+    cost = registry.get_sample_value("ragtide_embed_cost_usd_total", {"table": "public.docs"})
+    assert tokens is not None and tokens > 44 * 3 and cost == pytest.approx(tokens * 20.0 / 1e6)
