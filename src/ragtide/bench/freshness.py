@@ -11,7 +11,7 @@ import logging
 import multiprocessing as mp
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +22,7 @@ import httpx
 from ragtide.bench.workload import Workload, run_workload, seed_rows
 from ragtide.contracts.errors import StackError
 from ragtide.contracts.freshness import STAGES, percentile, summarize
-from ragtide.contracts.settings import RagtideSettings
+from ragtide.contracts.settings import EncoderSettings, RagtideSettings
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +157,27 @@ def node_with_dtype(settings: RagtideSettings, dtype: str, timeout: float = 1800
     precision rebuilds it blue/green: this waits until the rebuilt generation is live); afterwards the node as
     configured again (a rebuild back, if any, goes on in the background). Not while `up --supervise` runs: its
     supervisor would start the node as configured in between."""
+    want = "int8" if dtype == "int8" else "float"
+    encoder = settings.encoder.model_copy(update={"dtype": dtype})
+    with node_with_encoder(settings, encoder, lambda live: live["precision"] == want, f"the index in {want}", timeout):
+        yield settings.model_copy(update={"encoder": encoder})
+
+
+@contextmanager
+def node_with_encoder(
+    settings: RagtideSettings,
+    encoder: EncoderSettings,
+    wanted: Callable[[dict[str, Any]], bool],
+    what: str,
+    timeout: float = 1800.0,
+    meanwhile: Callable[[], None] = lambda: None,
+) -> Iterator[RagtideSettings]:
+    """While inside: the node runs with `encoder`, and the generation it rebuilt blue/green (`wanted` of the live
+    spec says when) is live; `meanwhile` runs once a second until then. Afterwards the node as configured again (a
+    rebuild back, if any, goes on in the background)."""
     from ragtide.stack.stack import Stack
 
-    s = settings.model_copy(update={"encoder": settings.encoder.model_copy(update={"dtype": dtype})})
-    want = "int8" if dtype == "int8" else "float"
+    s = settings.model_copy(update={"encoder": encoder})
     stack = Stack(s)
     node = stack.daemon("node")
     node.stop(timeout=60)
@@ -170,12 +187,13 @@ def node_with_dtype(settings: RagtideSettings, dtype: str, timeout: float = 1800
         deadline = time.monotonic() + timeout
         while True:
             gens = live_generation(s)
-            if gens is not None and gens["live"]["precision"] == want and gens["building"] is None:
+            if gens is not None and wanted(gens["live"]) and gens["building"] is None:
                 break
             if node.pid() is None:
-                raise StackError(f"the node exited while rebuilding its index in {want}; log {node.log_file}")
+                raise StackError(f"the node exited while rebuilding its index for {what}; log {node.log_file}")
             if time.monotonic() > deadline:
-                raise StackError(f"timed out after {timeout:.0f}s waiting for the index in {want} to be live")
+                raise StackError(f"timed out after {timeout:.0f}s waiting for {what} to be live")
+            meanwhile()
             time.sleep(1.0)
         stack.wait_ready()
         yield s
