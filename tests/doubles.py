@@ -69,8 +69,14 @@ class HashEncoder:
 class WhitespaceTokenizer:
     """A tokenizer double: one token per whitespace-separated word, with character offsets."""
 
-    def __call__(self, text: str, *, add_special_tokens: bool, return_offsets_mapping: bool) -> dict[str, Any]:
-        return {"offset_mapping": [(m.start(), m.end()) for m in _WORD.finditer(text)]}
+    def __call__(
+        self, text: str, *, add_special_tokens: bool = False, return_offsets_mapping: bool = False
+    ) -> dict[str, Any]:
+        words = list(_WORD.finditer(text))
+        return {
+            "offset_mapping": [(m.start(), m.end()) for m in words],
+            "input_ids": [int.from_bytes(hashlib.blake2b(m.group().encode(), digest_size=2).digest()) for m in words],
+        }
 
 
 def word_chunker(max_tokens: int = 8, overlap: int = 2) -> Any:

@@ -72,6 +72,7 @@ class FaultProxy:
         self.faults: list[str] = []
         self.down = False
         self.seen: Counter[str] = Counter()
+        self.keys: list[str | None] = []  # the Authorization header of each request
         self._lock = threading.Lock()
         self._client = httpx.Client(timeout=120)
         proxy = self
@@ -95,13 +96,14 @@ class FaultProxy:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def handle(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
-        with self._lock:
-            fault = "down" if self.down else self.faults.pop(0) if self.faults else None
         texts = json.loads(body).get("input", [])
-        if fault is None and any(self.refuse in t for t in ([texts] if isinstance(texts, str) else texts)):
-            fault = "refused"
-        if fault is not None:
-            self.seen[fault] += 1
+        with self._lock:
+            self.keys.append(headers.get("Authorization"))
+            fault = "down" if self.down else self.faults.pop(0) if self.faults else None
+            if fault is None and any(self.refuse in t for t in ([texts] if isinstance(texts, str) else texts)):
+                fault = "refused"
+            if fault is not None:
+                self.seen[fault] += 1
         error = {"content-type": "application/json"}
         if fault == "429":
             return 429, {**error, "Retry-After": "1"}, b'{"error": {"message": "rate limited"}}'

@@ -25,8 +25,15 @@ from ragtide.contracts.errors import ConfigError
 from ragtide.contracts.freshness import FreshnessTracker
 from ragtide.contracts.logging import BackgroundFailures
 from ragtide.contracts.settings import RagtideSettings
-from ragtide.embedder.chunking import Chunker
-from ragtide.embedder.encoder import Encoder, RandomUnitEncoder, SentenceTransformerEncoder, default_model_path
+from ragtide.embedder.chunking import Chunker, token_offsets
+from ragtide.embedder.encoder import (
+    Encoder,
+    RandomUnitEncoder,
+    SentenceTransformerEncoder,
+    default_model_path,
+    model_prompts,
+    with_query_prefix,
+)
 from ragtide.embedder.generations import (
     BuildWatcher,
     Catalog,
@@ -35,6 +42,7 @@ from ragtide.embedder.generations import (
     GenerationFactory,
     Generations,
     GenerationSpec,
+    encoder_identity,
     verifier,
     verify_generation,
 )
@@ -71,13 +79,23 @@ def build_encoder(
     if spec is not None:
         backend = "openai" if spec.provider != "local" else "engine" if backend == "openai" else backend
     if backend == "openai":
-        from ragtide.embedder.provider import OpenAIEmbeddingsEncoder
+        from ragtide.embedder.provider import OpenAIEmbeddingsEncoder, provider_id
 
+        if e.backend == "openai" and e.dtype == "int8":
+            raise ConfigError("encoder.dtype: int8 is the local engine's; an embeddings provider makes its own vectors")
         api = e.api
-        if spec is not None:  # the generation's own model, where it was embedded
-            api = api.model_copy(update={"model": spec.model, "dim": spec.dim, "url": spec.url or api.url})
-            if spec.url and spec.url != e.api.url:
-                api = api.model_copy(update={"provider": spec.provider.removeprefix("openai:")})
+        if spec is not None:  # the generation's own model and provider
+            same = spec.provider == f"openai:{provider_id(e.api)}" and e.api.url
+            # The configured provider at its configured address (it may have moved), with its key; another one at
+            # the address it was built from, without the configured key (never sent to another host).
+            url = e.api.url if same else spec.url
+            if not url:
+                raise ConfigError(f"encoder.api.url: generation {spec.fingerprint} needs {spec.provider}; set it")
+            update: dict[str, object] = {"model": spec.model, "dim": spec.dim, "url": url}
+            update["provider"] = spec.provider.removeprefix("openai:")
+            if not same:
+                update["api_key"] = None
+            api = api.model_copy(update=update)
         return OpenAIEmbeddingsEncoder(api, registry)
     if e.dtype == "int8" and backend != "engine":
         raise ConfigError(f"encoder.dtype: int8 needs encoder.backend: engine (the {backend} backend is float only)")
@@ -111,17 +129,33 @@ def build_encoder(
     return engine
 
 
+def prompts(settings: RagtideSettings, encoder: Encoder) -> tuple[str, str]:
+    """The (query, document) prompts: encoder.query_prefix / document_prefix where set, else the local model
+    folder's (config_sentence_transformers.json), else none."""
+    e = settings.encoder
+    folder = ("", "")
+    if encoder.provider == "local" and (e.query_prefix is None or e.document_prefix is None):
+        folder = model_prompts(e.model_path or default_model_path())
+    query = e.query_prefix if e.query_prefix is not None else folder[0]
+    document = e.document_prefix if e.document_prefix is not None else folder[1]
+    return query, document
+
+
 def desired_generation(settings: RagtideSettings, encoder: Encoder) -> GenerationSpec:
-    """The generation the configuration asks for."""
+    """The generation the configuration asks for (a document prompt's tokens come off the chunk window)."""
+    query, document = prompts(settings, encoder)
+    prompt_tokens = len(token_offsets(encoder.tokenizer, document)) if document else 0
     return GenerationSpec(
         model=encoder.model_name,
         dim=encoder.dim,
-        max_tokens=min(settings.chunking.max_tokens, encoder.max_tokens),
+        max_tokens=min(settings.chunking.max_tokens, encoder.max_tokens - prompt_tokens),
         overlap=settings.chunking.overlap_tokens,
         model_path=str(settings.encoder.model_path) if settings.encoder.model_path else None,
         precision=encoder.precision,
         provider=encoder.provider,
         url=settings.encoder.api.url if encoder.provider != "local" else None,
+        query_prefix=query,
+        document_prefix=document,
     )
 
 
@@ -141,10 +175,10 @@ def generation_factory(
     """Opens a generation's collection with an encoder of its model (loaded once per provider, model and
     precision) and its chunking; its writer shares the group's truncate log (the writing side only: a reader never
     applies events)."""
-    encoders = {(encoder.provider, encoder.model_name, encoder.precision): encoder}
+    encoders = {encoder_identity(encoder): encoder}
 
     def make(spec: GenerationSpec) -> Generation:
-        enc = encoders.get((spec.provider, spec.model, spec.precision))
+        enc = encoders.get(spec.encoder_identity)
         if enc is None:
             enc = build_encoder(settings, spec, registry)
             if enc.model_name != spec.model or enc.dim != spec.dim or enc.provider != spec.provider:
@@ -159,7 +193,7 @@ def generation_factory(
                     f"encoder.backend: generation {spec.fingerprint} holds {spec.precision} vectors, which the "
                     f"{settings.encoder.backend} backend cannot make (set encoder.backend: engine)"
                 )
-            encoders[(spec.provider, spec.model, spec.precision)] = enc
+            encoders[spec.encoder_identity] = enc
         index = open_index(settings, spec.collection(settings.index.collection))
         chunker = Chunker(enc.tokenizer, spec.max_tokens, spec.overlap, settings.encoder.tokenizer)
         price = settings.encoder.api.usd_per_million_tokens if enc.provider != "local" else 0.0
@@ -171,8 +205,9 @@ def generation_factory(
             truncations=truncations,
             pipeline=spares_the_cpu(enc),
             usd_per_million_tokens=price,
+            document_prefix=spec.document_prefix,
         )
-        return Generation(spec, index, enc, writer)
+        return Generation(spec, index, with_query_prefix(enc, spec.query_prefix), writer)
 
     return make
 
@@ -193,14 +228,15 @@ def open_generations(
     the lease (`build_lifecycle`), and then converges them on the configuration. `query_encoder`: search's own
     instance of the configured model (the node's), used for the generations of that model."""
     base = settings.index.collection
+    prompted: dict[str, Encoder] = {}  # one query encoder per prompt: the query batcher groups by encoder
 
     def for_queries(gen: Generation) -> Encoder:
-        same = query_encoder is not None and (
-            query_encoder.provider,
-            query_encoder.model_name,
-            query_encoder.precision,
-        ) == (gen.spec.provider, gen.spec.model, gen.spec.precision)
-        return query_encoder if same and query_encoder is not None else gen.encoder
+        if query_encoder is None or encoder_identity(query_encoder) != gen.spec.encoder_identity:
+            return gen.encoder
+        prefix = gen.spec.query_prefix
+        if prefix not in prompted:
+            prompted[prefix] = with_query_prefix(query_encoder, prefix)
+        return prompted[prefix]
 
     gens = Generations(
         open_catalog(settings),
@@ -451,10 +487,21 @@ def create_embeddings_app(settings: RagtideSettings) -> FastAPI:
     if encoder.provider != "local":
         raise ConfigError("encoder.backend: serve-embeddings serves a model of this machine, not another provider")
     index = EdgeIndex(settings.data_dir / "embeddings-server", "embeddings", settings.index.min_free_mb << 20)
+    # Document chunks, not queries: a chunk of 510 tokens is longer than a query may be, and a pipeline's bulk
+    # requests wait longer than a search would (its own retries cover what admission still turns away).
+    api = settings.api
     alone = settings.model_copy(
         update={
             "canary": settings.canary.model_copy(update={"enabled": False}),
             "connect": settings.connect.model_copy(update={"slot_check_s": 0}),
+            "api": api.model_copy(
+                update={
+                    "max_query_chars": max(api.max_query_chars, 100_000),
+                    "max_embedding_inputs": max(api.max_embedding_inputs, 2048),
+                    "queue_timeout_s": max(api.queue_timeout_s, 30.0),
+                    "query_batch": max(api.query_batch, 256),
+                }
+            ),
         }
     )
     return create_app(alone, index, encoder, sources_of(settings), registry)

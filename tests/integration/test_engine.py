@@ -3,6 +3,7 @@ across batch compositions, and edge inputs."""
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import string
@@ -14,13 +15,17 @@ import pytest
 
 from ragtide.bench.embed import corpus, cosine_deviation
 from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
+from ragtide.contracts.settings import RagtideSettings, load_settings
 from ragtide.embedder.chunking import Chunker
-from ragtide.embedder.encoder import SentenceTransformerEncoder, default_model_path
+from ragtide.embedder.encoder import SentenceTransformerEncoder, default_model_path, with_query_prefix
 from ragtide.embedder.engine import EmbeddingEngine, model_window, plan_batches
 from ragtide.embedder.index.memory import MemoryIndex
 from ragtide.embedder.tokenize import FLASH_EXTRA, TextTokenizer, flash_contexts, probe_texts
 from ragtide.embedder.writer import IndexWriter
 from ragtide.ingest.sources import SourcesConfig
+from ragtide.node import build_encoder, desired_generation, prompts
+
+SOURCES = SourcesConfig.model_validate({"sources": [{"table": "public.docs", "key": ["id"], "text": "{body}"}]})
 
 
 @pytest.fixture(scope="module")
@@ -187,10 +192,9 @@ def test_the_bench_corpus_is_mixed_length_distinct_and_deterministic(engine: Emb
 
 def test_the_writer_hands_the_chunkers_ids_to_the_engine_tokenizing_nothing_twice(engine: EmbeddingEngine) -> None:
     chunker = Chunker(engine.tokenizer, 64, 8)  # small windows: most rows span several
-    sources = SourcesConfig.model_validate({"sources": [{"table": "public.docs", "key": ["id"], "text": "{body}"}]})
     index = MemoryIndex()
     index.ensure_collection(engine.dim)
-    writer = IndexWriter(index, engine, chunker, sources)
+    writer = IndexWriter(index, engine, chunker, SOURCES)
     parts = corpus(engine.tokenizer, 60)
     bodies = [" ".join(parts[i : i + 3]) for i in range(0, 60, 3)] + [*NON_ASCII, "short row", "  "]
     events = [
@@ -250,3 +254,37 @@ def test_the_window_is_sentence_transformers_window(engine: EmbeddingEngine, tmp
     assert model_window(tmp_path) == 512  # "no limit": the position embeddings decide
     (tmp_path / "tokenizer_config.json").write_text('{"model_max_length": 256}')
     assert model_window(tmp_path) == 256  # a folder saved without sentence_bert_config's max_seq_length
+
+
+def test_a_model_folders_prompts_reach_documents_through_ids_and_queries(
+    engine: EmbeddingEngine, tmp_path: Path
+) -> None:
+    folder = tmp_path / "e5-style"
+    folder.mkdir()
+    for item in default_model_path().iterdir():
+        (folder / item.name).symlink_to(item)
+    config = folder / "config_sentence_transformers.json"
+    declared = {**json.loads(config.read_text()), "prompts": {"query": "query: ", "document": "passage: "}}
+    config.unlink()
+    config.write_text(json.dumps(declared))
+    settings = load_settings(RagtideSettings, encoder={"model_path": str(folder)}, chunking={"max_tokens": 510})
+    enc = build_encoder(settings)
+    spec = desired_generation(settings, enc)
+    assert (spec.query_prefix, spec.document_prefix) == ("query: ", "passage: ")
+    prompt = enc.tokenizer("passage: ", add_special_tokens=False)["input_ids"]
+    assert len(prompt) == 2 and spec.max_tokens == enc.max_tokens - 2  # "passage", ":" off the window
+
+    index = MemoryIndex()
+    index.ensure_collection(enc.dim)
+    chunker = Chunker(enc.tokenizer, spec.max_tokens, spec.overlap)
+    writer = IndexWriter(index, enc, chunker, SOURCES, document_prefix=spec.document_prefix)
+    text = "How to rotate the signing keys of a service without downtime"
+    row = ChangeEvent("public.docs", Op.CREATE, {"id": 1}, {"id": 1, "body": text}, SourcePosition(10, 1))
+    assert writer.apply([row]).embedded_from_ids == 1  # the chunker's ids, with the prompt's ids before them
+    prompted, plain = engine.encode([f"passage: {text}", text])
+    assert index.search(prompted, 1)[0].score > 0.999 > index.search(plain, 1)[0].score
+
+    query = with_query_prefix(enc, spec.query_prefix)
+    assert cosine_deviation(query.encode(["rotate keys"]), engine.encode(["query: rotate keys"])) <= 1e-3
+    overrides = load_settings(RagtideSettings, encoder={"model_path": str(folder), "query_prefix": ""})
+    assert prompts(overrides, enc) == ("", "passage: ")  # a setting wins over the folder's prompt

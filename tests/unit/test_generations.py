@@ -7,9 +7,12 @@ import time
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import pytest
 
+from ragtide.contracts.errors import ConfigError, StoreUnavailable
 from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
+from ragtide.embedder.encoder import Encoder, QueryVectors, unprompted, with_query_prefix
 from ragtide.embedder.generations import (
     BuildWatcher,
     Catalog,
@@ -18,9 +21,11 @@ from ragtide.embedder.generations import (
     Generations,
     GenerationSpec,
     LockedWriter,
+    encoder_identity,
 )
 from ragtide.embedder.index.memory import MemoryIndex
 from ragtide.embedder.verify import TableDrift, verify_table
+from ragtide.embedder.worker import is_transient
 from ragtide.embedder.writer import IndexWriter
 from ragtide.ingest.sources import SourcesConfig
 from tests.doubles import HashEncoder, word_chunker
@@ -388,3 +393,52 @@ def test_the_provider_is_part_of_the_identity_and_where_it_is_reached_is_not() -
     assert replace(served, provider="openai:api.openai.com").fingerprint != served.fingerprint
     old = {k: v for k, v in a.as_dict().items() if k not in {"provider", "url"}}  # a catalog from before providers
     assert GenerationSpec.from_dict(old) == a and a.fingerprint == "32eee995df"
+
+
+def test_prompts_are_part_of_the_identity_and_queries_are_prompted_apart() -> None:
+    a = spec()
+    e5 = replace(a, query_prefix="query: ", document_prefix="passage: ")
+    assert e5.fingerprint != a.fingerprint and not e5.same_vectors(a)
+    assert replace(e5, query_prefix="").fingerprint not in {a.fingerprint, e5.fingerprint}
+    assert GenerationSpec.from_dict(e5.as_dict()) == e5
+    encoder = HashEncoder()
+    prompted = with_query_prefix(encoder, "query: ")
+    assert with_query_prefix(encoder, "") is encoder and unprompted(prompted) is encoder
+    assert np.allclose(prompted.encode(["rotate keys"]), encoder.encode(["query: rotate keys"]))
+    assert isinstance(prompted, Encoder) and not hasattr(prompted, "encode_mixed")
+    vectors = QueryVectors()
+    vectors.put(encoder, "rotate keys", np.ones(4, dtype=np.float32))
+    assert vectors.get(prompted, "rotate keys") is None  # another prompt, another vector
+    assert vectors.get(encoder, "rotate keys") is not None
+
+
+def test_a_follower_that_cannot_open_the_leaders_new_generation_retries_the_batch_never_dead_letters_it() -> None:
+    store = Store()
+    leader = store.generations()
+    leader.converge(spec())
+    follower = store.generations()
+    follower.leading = False
+    follower.follow(spec())
+    leader.converge(spec(max_tokens=12))  # the leader starts a build this follower's configuration cannot open
+    opened = store.factory
+
+    def unreachable(s: GenerationSpec) -> Generation:
+        if s.max_tokens == 12:
+            raise ConfigError("encoder.api.url: the provider refused the start-up probe")
+        return opened(s)
+
+    follower.factory = unreachable
+    with pytest.raises(StoreUnavailable, match=r"cannot be opened here.*encoder\.api\.url") as err:
+        follower.apply([ev(10, 1, TEXT, Op.CREATE)])
+    assert is_transient(err.value)  # the worker retries the batch and commits nothing
+    follower.factory = opened  # fixed: the same batch goes to both generations
+    follower.apply([ev(10, 1, TEXT, Op.CREATE)])
+    assert follower.building is not None and "1" in rows_of(follower.building.index)
+
+
+def test_an_encoder_serves_the_generations_of_its_identity_dimension_included() -> None:
+    encoder = HashEncoder(dim=64)
+    assert encoder_identity(encoder) == spec(dim=64).encoder_identity != spec(dim=32).encoder_identity
+    vectors = QueryVectors()
+    vectors.put(encoder, "q", np.ones(64, dtype=np.float32))
+    assert vectors.get(HashEncoder(dim=32), "q") is None and vectors.get(HashEncoder(dim=64), "q") is not None

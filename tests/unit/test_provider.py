@@ -162,8 +162,8 @@ def test_start_up_refuses_a_provider_that_does_not_fit() -> None:
         make(Server(scale=3.0))
     enc, _ = make(Server(scale=3.0), normalize=True)
     assert np.allclose(np.linalg.norm(enc.encode(["a", "b"]), axis=1), 1.0)
-    with pytest.raises(ConfigError, match="answered 1 vectors for 2 inputs"):
-        make(Server([short] * 5), retries=1)
+    with pytest.raises(ProviderUnavailable, match="answered 1 vectors for 2 inputs"):
+        make(Server([short] * 5), retries=1)  # maybe a provider under load: an outage, with its cause
     with pytest.raises(ConfigError, match="ENCODING_FORMAT=float"):
         make(Server([status(400)]))
     with pytest.raises(ConfigError, match=r"encoder.api.model"):
@@ -175,3 +175,39 @@ def test_floats_on_the_wire_and_dimensions_when_asked() -> None:
     enc, _ = make(server, encoding_format="float", dim=DIM, send_dimensions=True)
     enc.encode(["a"])
     assert server.bodies[-1]["encoding_format"] == "float" and server.bodies[-1]["dimensions"] == DIM
+
+
+def test_a_refused_request_of_several_texts_is_halved_down_to_the_text_refused() -> None:
+    server = Server()
+    enc, _ = make(server, retries=0)
+
+    def too_many_or_bad(request: httpx.Request) -> httpx.Response:
+        texts = json.loads(request.content)["input"]
+        if len(texts) > 2 or "BAD" in texts:
+            server.bodies.append(json.loads(request.content))
+            return httpx.Response(413, text="batch too large")
+        return server(request)
+
+    enc._client._transport = httpx.MockTransport(too_many_or_bad)  # a provider with a cap of 2 inputs
+    got = enc.encode(["a", "b", "c", "d", "e"])
+    np.testing.assert_allclose(got, np.stack([unit(t) for t in "abcde"]), atol=1e-6)
+    with pytest.raises(ProviderRejected, match="413"):
+        enc.encode(["a", "BAD"])
+
+
+def test_retries_stop_at_give_up_s_and_a_malformed_usage_is_retried_not_a_crash() -> None:
+    server = Server()
+    enc, sleeps = make(server, retries=10, backoff_s=1, give_up_s=5)
+    server.faults = [status(503, "3")] * 10
+    with pytest.raises(ProviderUnavailable, match="after 2 attempt"):
+        enc.encode(["x"])  # 3 s waited, the next 3 s would pass give_up_s: the batch goes back to the worker
+    assert sleeps == [3.0]
+
+    def odd_usage(texts: list[str]) -> httpx.Response:
+        data = [{"index": i, "embedding": unit(t).tolist()} for i, t in enumerate(texts)]
+        return httpx.Response(200, json={"data": data, "usage": ["not", "a", "dict"]})
+
+    server.faults = [odd_usage]
+    enc2, _ = make(server, retries=1)
+    server.faults = [odd_usage]
+    assert enc2.encode(["y"]).shape == (1, DIM)

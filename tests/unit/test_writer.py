@@ -394,3 +394,16 @@ def test_only_an_encoder_that_spares_the_cpu_gets_a_pipelined_writer() -> None:
     assert spares_the_cpu(SimpleNamespace(cuda=True))  # type: ignore[arg-type]
     assert not spares_the_cpu(SimpleNamespace(cuda=False))  # type: ignore[arg-type]  # a CPU engine, int8 included
     assert not spares_the_cpu(HashEncoder())  # no device at all: the caller's cores
+
+
+def test_a_document_prompt_goes_before_every_chunk_embedded_not_into_the_index(env: Any) -> None:
+    _, _, encoder, feed = env
+    index = MemoryIndex()
+    index.ensure_collection(encoder.dim)
+    writer = IndexWriter(index, encoder, word_chunker(8, 2), SOURCES, document_prefix="passage: ")
+    stats = writer.apply([feed.ev(Op.CREATE, 1, "Title", LONG)])
+    sent = encoder.calls[-1]
+    assert len(sent) == N_LONG and all(t.startswith("passage: ") for t in sent)
+    assert [f"passage: {t}" for t in texts_of(index, "1")] == sent  # the index keeps the chunk's own text
+    # the prompt's token is counted with each chunk's (the words of the chunk, for text without ids: 4 chars)
+    assert stats.tokens_by_table["public.docs"] == sum(1 + max(1, len(t) // 4) for t in texts_of(index, "1"))

@@ -4,6 +4,7 @@ Used by the generator client (`generator/client.py`) and the embeddings provider
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping
 from email.utils import parsedate_to_datetime
@@ -29,8 +30,8 @@ def retry_after_s(headers: Mapping[str, str], now: Callable[[], float] = time.ti
 
 
 class CircuitBreaker:
-    """Closed → open after `failures` consecutive failures; half-open (one trial) after `reset_s`. While open,
-    `check` raises `error` naming the service, the failures and the last reason."""
+    """Closed → open after `failures` consecutive failures; half-open (trials) after `reset_s`. While open,
+    `check` raises `error` naming the service, the failures and the last reason. Safe across threads."""
 
     def __init__(
         self,
@@ -48,32 +49,39 @@ class CircuitBreaker:
         self.consecutive = 0
         self.opened_at: float | None = None
         self.last_error = ""
+        self._lock = threading.Lock()
+
+    def _state(self, opened_at: float | None) -> str:
+        if opened_at is None:
+            return "closed"
+        return "half-open" if self.clock() - opened_at >= self.reset_s else "open"
 
     @property
     def state(self) -> str:
         """closed, open or half-open."""
-        if self.opened_at is None:
-            return "closed"
-        return "half-open" if self.clock() - self.opened_at >= self.reset_s else "open"
+        return self._state(self.opened_at)
 
     def check(self) -> None:
         """Raise while open."""
-        if self.state == "open":
-            assert self.opened_at is not None
-            wait = self.reset_s - (self.clock() - self.opened_at)
+        with self._lock:
+            opened_at, consecutive, last = self.opened_at, self.consecutive, self.last_error
+        if opened_at is not None and self._state(opened_at) == "open":
+            wait = self.reset_s - (self.clock() - opened_at)
             raise self.error(
-                f"{self.name} circuit open after {self.consecutive} consecutive failures "
-                f"(last: {self.last_error}); next try in {wait:.0f} s"
+                f"{self.name} circuit open after {consecutive} consecutive failures (last: {last}); "
+                f"next try in {wait:.0f} s"
             )
 
     def success(self) -> None:
         """A call succeeded: close."""
-        self.consecutive = 0
-        self.opened_at = None
+        with self._lock:
+            self.consecutive = 0
+            self.opened_at = None
 
     def failure(self, reason: str) -> None:
         """Count a failure; open at the threshold (or again after a failed half-open trial)."""
-        self.consecutive += 1
-        self.last_error = reason
-        if self.consecutive >= self.failures or self.state == "half-open":
-            self.opened_at = self.clock()
+        with self._lock:
+            self.consecutive += 1
+            self.last_error = reason
+            if self.consecutive >= self.failures or self._state(self.opened_at) == "half-open":
+                self.opened_at = self.clock()

@@ -361,7 +361,7 @@ class ProviderSettings(_Section):
     batch_tokens: int = Field(8192, ge=16, le=1_000_000, description="tokens per request at most")
     concurrency: int = Field(4, ge=1, le=64, description="requests in flight at once")
     connect_timeout_s: float = Field(5.0, gt=0, le=120)
-    timeout_s: float = Field(60.0, gt=0, le=600, description="longest wait for one response")
+    timeout_s: float = Field(30.0, gt=0, le=600, description="longest wait for one response")
     retries: int = Field(
         4,
         ge=0,
@@ -370,6 +370,13 @@ class ProviderSettings(_Section):
         "list) before the batch goes back to the worker as an outage: retried again, never dead-lettered",
     )
     backoff_s: float = Field(0.5, ge=0, le=60, description="first retry delay; doubles each retry")
+    give_up_s: float = Field(
+        60.0,
+        gt=0,
+        le=600,
+        description="no retry starts past this many seconds after the first try: the batch goes back to the worker "
+        "as an outage (/healthz: degraded; keep it under batch.stall_s)",
+    )
     max_retry_after_s: float = Field(
         60.0, ge=0, le=3600, description="the longest Retry-After honoured within one request's retries"
     )
@@ -400,6 +407,16 @@ class EncoderSettings(_Section):
         "of their own (a change is a blue/green rebuild)",
     )
     token_budget: int | None = Field(None, ge=256, le=1_048_576, description="engine: padded tokens per batch")
+    query_prefix: str | None = Field(
+        None,
+        description="put before every query (E5: 'query: '); unset: the model folder's prompts "
+        "(config_sentence_transformers.json), else none. Part of a generation: a change is a blue/green rebuild",
+    )
+    document_prefix: str | None = Field(
+        None,
+        description="put before every chunk embedded (E5: 'passage: '); unset: the model folder's prompts, else none; "
+        "its tokens come off the chunk window",
+    )
     tokenizer: Literal["auto", "rust", "flash"] = Field(
         "auto",
         description="engine: text tokenizer; auto: flash-tokenizer for ASCII text when installed and in agreement "

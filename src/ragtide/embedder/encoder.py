@@ -74,7 +74,7 @@ class QueryVectors:
 
     def __init__(self, size: int = 4096) -> None:
         self.size = size
-        self._vectors: OrderedDict[tuple[str, str, str, str], Vectors] = OrderedDict()
+        self._vectors: OrderedDict[tuple[str, str, str, int, str], Vectors] = OrderedDict()
         self._lock = threading.Lock()
 
     def embed(self, encoder: Encoder, query: str) -> Vectors:
@@ -90,19 +90,97 @@ class QueryVectors:
 
     def get(self, encoder: Encoder, query: str) -> Vectors | None:
         """The remembered vector, or None."""
-        key = (encoder.provider, encoder.model_name, encoder.precision, query)
+        key = self._key(encoder, query)
         with self._lock:
             vector = self._vectors.get(key)
             if vector is not None:
                 self._vectors.move_to_end(key)
             return vector
 
+    @staticmethod
+    def _key(encoder: Encoder, query: str) -> tuple[str, str, str, int, str]:
+        return (encoder.provider, encoder.model_name, encoder.precision, encoder.dim, query_prefix(encoder) + query)
+
     def put(self, encoder: Encoder, query: str, vector: Vectors) -> None:
         """Remember a vector `encoder` gave for `query`."""
         with self._lock:
-            self._vectors[(encoder.provider, encoder.model_name, encoder.precision, query)] = vector
+            self._vectors[self._key(encoder, query)] = vector
             while len(self._vectors) > self.size:
                 self._vectors.popitem(last=False)
+
+
+class QueryPrompted:
+    """A generation's query encoder when its model wants a prompt before queries (E5: "query: ", BGE: "Represent
+    this sentence for searching relevant passages: "): `encode` puts it before each text; everything else is the
+    model's encoder (`inner`). Documents get theirs from the writer (`IndexWriter.document_prefix`)."""
+
+    def __init__(self, inner: Encoder, prefix: str) -> None:
+        self.inner = inner
+        self.query_prefix = prefix
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("encode"):  # never an unprompted way in (encode_mixed is the writer's, on the model)
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    @property
+    def dim(self) -> int:
+        """The model's."""
+        return self.inner.dim
+
+    @property
+    def max_tokens(self) -> int:
+        """The model's."""
+        return self.inner.max_tokens
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's."""
+        return self.inner.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        """The model's."""
+        return self.inner.model_name
+
+    @property
+    def provider(self) -> str:
+        """The model's."""
+        return self.inner.provider
+
+    @property
+    def precision(self) -> str:
+        """The model's."""
+        return self.inner.precision
+
+    def encode(self, texts: Sequence[str]) -> Vectors:
+        """The prompted texts' vectors."""
+        return self.inner.encode([self.query_prefix + t for t in texts])
+
+
+def query_prefix(encoder: Encoder) -> str:
+    """The prompt `encoder` puts before each query ("" for a plain encoder)."""
+    return encoder.query_prefix if isinstance(encoder, QueryPrompted) else ""
+
+
+def unprompted(encoder: Encoder) -> Encoder:
+    """The model's own encoder, without a query prompt (/v1/embeddings: its clients send their own)."""
+    return encoder.inner if isinstance(encoder, QueryPrompted) else encoder
+
+
+def with_query_prefix(encoder: Encoder, prefix: str) -> Encoder:
+    """`encoder` prompting queries with `prefix` (itself when there is none)."""
+    return QueryPrompted(encoder, prefix) if prefix else encoder
+
+
+def model_prompts(path: Path) -> tuple[str, str]:
+    """The (query, document) prompts a sentence-transformers folder declares in config_sentence_transformers.json
+    (`prompts`: "query", and "document" or "passage"), else empty."""
+    config = path / "config_sentence_transformers.json"
+    if not config.exists():
+        return "", ""
+    prompts = json.loads(config.read_text(encoding="utf-8")).get("prompts") or {}
+    return str(prompts.get("query", "")), str(prompts.get("document", prompts.get("passage", "")))
 
 
 class RandomUnitEncoder:

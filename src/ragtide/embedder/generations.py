@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry, Gauge
 
+from ragtide.contracts.errors import StoreUnavailable
 from ragtide.contracts.events import ChangeEvent, Op
 from ragtide.contracts.logging import BackgroundFailures
 from ragtide.embedder.encoder import Encoder
@@ -55,6 +56,8 @@ class GenerationSpec:
     precision: str = "float"
     provider: str = "local"
     url: str | None = None  # where a provider's generation was embedded (like model_path: not what it is)
+    query_prefix: str = ""  # put before each query (E5/BGE-style models)
+    document_prefix: str = ""  # put before each chunk embedded
 
     @property
     def fingerprint(self) -> str:
@@ -68,22 +71,24 @@ class GenerationSpec:
             ident += f"|{self.precision}"
         if self.provider != "local":
             ident += f"|{self.provider}"
+        if self.query_prefix or self.document_prefix:
+            ident += f"|q={self.query_prefix!r}|d={self.document_prefix!r}"
         return hashlib.sha256(ident.encode()).hexdigest()[:10]
+
+    @property
+    def encoder_identity(self) -> tuple[str, str, str, int]:
+        """What an encoder of this generation must be (`encoder_identity` of it): provider, model, precision and
+        dimension (a provider's model may make vectors of several sizes)."""
+        return (self.provider, self.model, self.precision, self.dim)
 
     def collection(self, base: str) -> str:
         """The physical collection of this generation."""
         return f"{base}-{self.fingerprint}"
 
     def same_vectors(self, other: GenerationSpec) -> bool:
-        """Same provider, model, precision and chunking: the vectors would be identical, whatever the revision."""
-        return (self.provider, self.model, self.dim, self.max_tokens, self.overlap, self.precision) == (
-            other.provider,
-            other.model,
-            other.dim,
-            other.max_tokens,
-            other.overlap,
-            other.precision,
-        )
+        """Same provider, model, prompts, precision and chunking: the vectors would be identical, whatever the
+        revision."""
+        return replace(self, revision=other.revision, model_path=other.model_path, url=other.url) == other
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form (catalog payload, API)."""
@@ -102,7 +107,14 @@ class GenerationSpec:
             precision=_precision(d.get("precision", "float")),
             provider=str(d.get("provider", "local")),
             url=d.get("url"),
+            query_prefix=str(d.get("query_prefix", "")),
+            document_prefix=str(d.get("document_prefix", "")),
         )
+
+
+def encoder_identity(encoder: Encoder) -> tuple[str, str, str, int]:
+    """Which generations an encoder can serve: those whose `GenerationSpec.encoder_identity` this is."""
+    return (encoder.provider, encoder.model_name, encoder.precision, encoder.dim)
 
 
 def _precision(value: Any) -> str:
@@ -357,7 +369,18 @@ class Generations:
             return self.building.spec
 
     def _open(self, spec: GenerationSpec) -> Generation:
-        gen = self.factory(spec)
+        """Open a generation. One this process cannot open (its model or provider unreachable, or configured
+        differently here) is an outage: a follower opens what the leader started before each batch, and a batch
+        that fails there must be retried, never dead-lettered row by row (every row would fail alike)."""
+        try:
+            gen = self.factory(spec)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            raise StoreUnavailable(
+                f"generation {spec.fingerprint} ({spec.model}, {spec.provider}) cannot be opened here, so nothing is "
+                f"applied until it can: {exc}"
+            ) from exc
         gen.index.ensure_collection(spec.dim)
         return gen
 

@@ -34,7 +34,7 @@ import httpx
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from ragtide.contracts.errors import ConfigError, ProviderUnavailable, RagtideError
+from ragtide.contracts.errors import ClientError, ConfigError, ProviderUnavailable
 from ragtide.contracts.resilience import RETRYABLE_STATUS, CircuitBreaker, retry_after_s
 from ragtide.contracts.settings import ProviderSettings
 from ragtide.embedder.encoder import Vectors, default_model_path
@@ -47,9 +47,9 @@ AUTH_STATUS = {401: "refused the key (401)", 403: "refused the key (403)", 404: 
 REJECTED_STATUS = frozenset({400, 413, 422})
 
 
-class ProviderRejected(RagtideError):
-    """The provider refused these inputs (400, 413, 422): not an outage. The worker retries the batch row by row
-    and dead-letters the row it still refuses, with this message."""
+class ProviderRejected(ClientError):
+    """The provider refused this input (400, 413, 422, for one text): not an outage. The worker retries the batch
+    row by row and dead-letters the row it still refuses, with this message; a query gets a 422 with it."""
 
 
 class ProviderMetrics:
@@ -98,7 +98,9 @@ def provider_id(settings: ProviderSettings) -> str:
     if settings.provider:
         return settings.provider
     parts = urlsplit(settings.url or "")
-    return parts.netloc or (settings.url or "")
+    if not parts.hostname:
+        return settings.url or ""
+    return f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname  # never a user:password@
 
 
 class _Retry(Exception):
@@ -181,17 +183,29 @@ class OpenAIEmbeddingsEncoder:
 
     def encode(self, texts: Sequence[str]) -> Vectors:
         """One unit vector per text, in order: requests of at most batch_size texts and batch_tokens tokens,
-        `concurrency` at a time; raises ProviderUnavailable (retry the batch) or ProviderRejected (an input)."""
+        `concurrency` at a time; raises ProviderUnavailable (retry the batch) or ProviderRejected (one input)."""
         if not texts:
             return np.zeros((0, self._dim), dtype=np.float32)
         groups = self._requests(texts)
         if len(groups) == 1:
-            return self._post(groups[0])
+            return self._post_splitting(groups[0])
         with self._pool_lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="ragtide-provider")
-        parts = list(self._pool.map(self._post, groups))
+        parts = list(self._pool.map(self._post_splitting, groups))
         return np.concatenate(parts, axis=0)
+
+    def _post_splitting(self, texts: list[str]) -> Vectors:
+        """`_post`, halving a request the provider refuses (a 400, 413 or 422 often means "too many texts" or "too
+        large a body": TEI's default cap is 32 inputs), down to the one text it refuses (ProviderRejected)."""
+        try:
+            return self._post(texts)
+        except ProviderRejected:
+            if len(texts) == 1:
+                raise
+            half = len(texts) // 2
+            self.metrics.retries.labels(**self._labels, reason="split").inc()
+            return np.concatenate([self._post_splitting(texts[:half]), self._post_splitting(texts[half:])], axis=0)
 
     def close(self) -> None:
         """Close the connections and the request threads."""
@@ -224,6 +238,9 @@ class OpenAIEmbeddingsEncoder:
         s = self.settings
         attempts = s.retries + 1
         last: _Retry | None = None
+        # Past give_up_s the batch goes back to the worker as an outage, which /healthz reports as degraded (the
+        # worker's wait between tries is not a stall); a stall would get the process restarted.
+        start, slept = time.monotonic(), 0.0
         for attempt in range(attempts):
             self.breaker.check()
             try:
@@ -232,16 +249,18 @@ class OpenAIEmbeddingsEncoder:
                 last = exc
                 self.breaker.failure(str(exc))
                 self.metrics.retries.labels(**self._labels, reason=exc.label).inc()
-                if attempt + 1 >= attempts or self.breaker.state == "open":
-                    break
                 delay = s.backoff_s * (2**attempt)
                 if exc.retry_after is not None:
                     delay = max(delay, min(exc.retry_after, s.max_retry_after_s))
+                spent = max(time.monotonic() - start, slept)
+                if attempt + 1 >= attempts or self.breaker.state == "open" or spent + delay > s.give_up_s:
+                    break
                 log.warning(
                     "embeddings request failed; retrying",
                     extra={"attempt": attempt + 1, "of": attempts, "reason": str(exc), "delay_s": round(delay, 2)},
                 )
                 self._sleep(delay)
+                slept += delay
                 continue
             self.breaker.success()
             return vectors
@@ -261,6 +280,8 @@ class OpenAIEmbeddingsEncoder:
             raise _Retry("timeout", f"timed out ({type(exc).__name__})") from exc
         except httpx.TransportError as exc:
             raise _Retry("connect", f"cannot reach it: {exc or type(exc).__name__}") from exc
+        except httpx.HTTPError as exc:  # a body that cannot be decoded, redirects: the answer was not usable
+            raise _Retry("malformed", f"answered unreadably: {exc or type(exc).__name__}") from exc
         status = response.status_code
         if status >= 400:
             detail = response.text[:300]
@@ -295,31 +316,32 @@ class OpenAIEmbeddingsEncoder:
             doc = response.json()
             data = sorted(doc["data"], key=lambda d: int(d.get("index", 0)))
             rows = [_vector(d["embedding"]) for d in data]
-        except (ValueError, KeyError, TypeError) as exc:
+            usage = doc.get("usage") or {}
+            tokens = int(usage.get("prompt_tokens") or usage.get("total_tokens") or 0)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise _Retry("malformed", f"answered something that is not an embeddings list: {exc}") from exc
         if len(rows) != n:
             raise _Retry("short", f"answered {len(rows)} vectors for {n} inputs")
         dims = {r.shape[0] if r.ndim == 1 else -1 for r in rows}
         if self._dim and dims != {self._dim}:
             raise _Retry("malformed", f"answered vectors of size {sorted(dims)}, not {self._dim} (encoder.api.dim)")
-        usage = doc.get("usage") or {}
-        tokens = int(usage.get("prompt_tokens") or usage.get("total_tokens") or 0)
         if len(dims) != 1 or -1 in dims:
             raise _Retry("malformed", f"answered vectors of different sizes {sorted(dims)}")
         return np.stack(rows).astype(np.float32, copy=False), tokens
 
     def _probe(self) -> None:
-        """Embed two texts once; refuse a provider that does not fit (ConfigError naming the setting). Outages
-        are retried as for any request, then refused too: the process cannot know the dimension without it."""
+        """Embed two texts once; refuse a provider that does not fit (ConfigError naming the setting). An outage
+        stays one (ProviderUnavailable, after the retries): where a generation is opened mid-stream the batch is
+        retried; at start-up the process stops with it, and its supervisor starts it again."""
         try:
             vectors = self._post(list(PROBE))
-        except (ProviderUnavailable, ProviderRejected) as exc:
+        except ProviderRejected as exc:
             hint = (
                 " (a server that refuses base64 takes RAGTIDE_ENCODER__API__ENCODING_FORMAT=float)"
-                if isinstance(exc, ProviderRejected) and self.settings.encoding_format == "base64"
+                if self.settings.encoding_format == "base64"
                 else ""
             )
-            raise ConfigError(f"encoder.api.url: the start-up probe failed: {exc}{hint}") from exc
+            raise ConfigError(f"encoder.api.url: the provider refused the start-up probe: {exc}{hint}") from exc
         dim = int(vectors.shape[1])
         if self.settings.dim and dim != self.settings.dim:
             raise ConfigError(f"encoder.api.dim: the provider's vectors have {dim} dimensions, not {self.settings.dim}")

@@ -141,11 +141,13 @@ class IndexWriter:
         truncations: TruncateLog | None = None,
         pipeline: bool = False,
         usd_per_million_tokens: float = 0.0,
+        document_prefix: str = "",
     ) -> None:
         """`pipeline`: chunk a large batch's next slice in a thread while this one is embedded and written; for
         encoders that do not compute on this process' cores (CUDA, or free vectors). With a CPU model the thread
         takes a core from the forward pass: measured on 2 cores, 35 instead of 43 chunks/s.
-        `usd_per_million_tokens`: the provider's price, for `ApplyStats.nano_usd_by_table`."""
+        `usd_per_million_tokens`: the provider's price, for `ApplyStats.nano_usd_by_table`. `document_prefix`:
+        the prompt put before every chunk embedded (E5's "passage: "; chunks are cut short enough for it)."""
         self.index = index
         self.encoder = encoder
         self.chunker = chunker
@@ -154,6 +156,8 @@ class IndexWriter:
         self.truncations = truncations
         self.pipeline = pipeline
         self.nano_usd_per_token = usd_per_million_tokens * 1000
+        self.document_prefix = document_prefix
+        self._prefix_ids: list[int] | None = None  # the prompt's token ids, for chunks embedded from ids
         # Each table's newest truncate position, for good: events from before it are stale (see truncations.py).
         self._truncated_at: dict[str, SourcePosition] = {}
         # Row tombstones, kept only while a repair's snapshot is in flight (`remembering_deletes`): row key ->
@@ -407,10 +411,11 @@ class IndexWriter:
             self.index.upsert(points)
             stats.embedded += len(points)
             stats.embedded_by_table.update(c.table for c, _, _ in to_embed)
+            prompt = len(self._document_prefix_ids())
             for c, _, ids in to_embed:
                 # Exact for the chunks the chunker tokenized (a row that fits one window); about 4 characters a
-                # token for the windows of a longer row.
-                tokens = len(ids) if ids is not None else max(1, len(c.text) // 4)
+                # token for the windows of a longer row. With the document prompt's tokens.
+                tokens = prompt + (len(ids) if ids is not None else max(1, len(c.text) // 4))
                 stats.tokens_by_table[c.table] += tokens
                 if self.nano_usd_per_token:
                     stats.nano_usd_by_table[c.table] += round(tokens * self.nano_usd_per_token)
@@ -422,9 +427,23 @@ class IndexWriter:
         """Chunks with exact ids go to the engine as ids (tokenized once, by the chunker), the rest as text;
         returns the vectors and how many chunks went in as ids."""
         from_ids = sum(1 for _, _, ids in to_embed if ids is not None)
+        prefix = self.document_prefix
         if isinstance(self.encoder, IdsEncoder) and from_ids:
-            return self.encoder.encode_mixed([c.text if ids is None else ids for c, _, ids in to_embed]), from_ids
-        return self.encoder.encode([c.text for c, _, _ in to_embed]), 0
+            head = self._document_prefix_ids()
+            items = [prefix + c.text if ids is None else [*head, *ids] for c, _, ids in to_embed]
+            return self.encoder.encode_mixed(items), from_ids
+        return self.encoder.encode([prefix + c.text for c, _, _ in to_embed]), 0
+
+    def _document_prefix_ids(self) -> list[int]:
+        """The document prompt's token ids (no special tokens), tokenized once."""
+        if self._prefix_ids is None:
+            tokenizer: Any = self.encoder.tokenizer
+            self._prefix_ids = (
+                list(tokenizer(self.document_prefix, add_special_tokens=False)["input_ids"])
+                if self.document_prefix
+                else []
+            )
+        return self._prefix_ids
 
 
 __all__ = ["ApplyStats", "IndexWriter", "coalesce", "content_hash"]

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from ragtide.contracts.errors import StoreUnavailable
-from ragtide.embedder.encoder import Encoder, Vectors
+from ragtide.embedder.encoder import Encoder, Vectors, unprompted
 from ragtide.retriever.queries import RETRY_AFTER_S, Overloaded, Shed
 from ragtide.retriever.schemas import (
     GATEWAY_RESPONSES,
@@ -175,7 +175,8 @@ def openai_router() -> APIRouter:
         """OpenAI-compatible embeddings from the live index's own model (L2-normalised, the vectors search
         compares). Text input only; `encoding_format: base64` as the OpenAI clients send by default."""
         t0 = time.perf_counter()
-        _, encoder = svc.active.current()
+        _, live = svc.active.current()
+        encoder = unprompted(live)  # the client brings its own prompt, if its model wants one
         texts = check_embedding_request(svc, body, encoder)
         vectors = await svc.embed(encoder, texts, request)
         tokens = sum(query_tokens(text) for text in texts)
