@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ragtide.contracts.errors import ClientError
 from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
 from ragtide.embedder.index.memory import MemoryIndex
 from ragtide.embedder.verify import verify_table
@@ -120,3 +121,25 @@ def test_repair_does_not_resurrect_a_table_the_stream_truncated_after_its_snapsh
         fresh = {"id": 9, "title": "t9", "body": "after the truncate", "category": "a"}
         writer.apply([ChangeEvent("public.docs", Op.CREATE, {"id": 9}, fresh, SourcePosition(1_020, 4))])
     assert [p.payload["row_id"] for p in index.scroll()] == ["9"]
+
+
+class RefusingEncoder(HashEncoder):
+    """An encoder that refuses one text, as an embeddings provider refuses an input it cannot embed (422)."""
+
+    def encode(self, texts: Any) -> Any:
+        if any("REFUSED" in t for t in texts):
+            raise ClientError("embeddings provider refused the input (422): too long")
+        return super().encode(texts)
+
+
+def test_a_row_the_encoder_refuses_is_reported_and_does_not_stop_the_rest_of_the_repair() -> None:
+    index, encoder = MemoryIndex(), RefusingEncoder()
+    index.ensure_collection(encoder.dim)
+    writer = IndexWriter(index, encoder, word_chunker(6, 1), SOURCES)
+    data = rows(6)
+    data[2] = {**data[2], "body": "REFUSED text"}
+    fixed = verify_table(SRC, SourcePosition(1_000, 2), data, index, writer, repair=True)
+    assert fixed.repaired == 5 and list(fixed.unrepairable) == ["2"] and "too long" in fixed.unrepairable["2"]
+    again = verify_table(SRC, SourcePosition(1_001, 2), data, index, writer)
+    assert again.missing == ["2"] and again.drift == 1  # still drift: a build with it is never switched live
+    assert fixed.as_dict()["unrepairable"] == {"2": fixed.unrepairable["2"]}

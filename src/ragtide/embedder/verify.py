@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ragtide.contracts.chunks import content_hash, row_key
+from ragtide.contracts.errors import StoreUnavailable
 from ragtide.contracts.events import ChangeEvent, Op, SourcePosition, row_id
 from ragtide.embedder.index.base import StoredPoint, VectorIndex
 from ragtide.embedder.writer import ApplyStats
@@ -40,6 +41,8 @@ class TableDrift:
     stale: list[str] = field(default_factory=list)  # indexed, but chunks or metadata differ from the row
     orphaned: list[str] = field(default_factory=list)  # in the index, no longer in Postgres
     repaired: int = 0
+    # rows a repair could not write, with why (e.g. an embeddings provider refusing the text): still drift
+    unrepairable: dict[str, str] = field(default_factory=dict)
 
     @property
     def drift(self) -> int:
@@ -57,6 +60,7 @@ class TableDrift:
             "stale": len(self.stale),
             "orphaned": len(self.orphaned),
             "repaired": self.repaired,
+            "unrepairable": dict(list(self.unrepairable.items())[:EXAMPLES]),
             "examples": {
                 "missing": self.missing[:EXAMPLES],
                 "stale": self.stale[:EXAMPLES],
@@ -143,9 +147,33 @@ def verify_table(
         r for r, pts in by_row.items() if r not in seen and all(_older_than_snapshot(p, position) for p in pts)
     )
     if repair or reembed:
+        failed = 0
         for i in range(0, len(fixes), 256):
-            writer.apply(fixes[i : i + 256])
+            failed += _apply_fixes(writer, fixes[i : i + 256], report)
         if report.orphaned:
             index.delete_where({"row_key": [row_key(source.id, r) for r in report.orphaned]})
-        report.repaired = len(fixes) + len(report.orphaned)
+        report.repaired = len(fixes) - failed + len(report.orphaned)
     return report
+
+
+def _apply_fixes(writer: RowWriter, fixes: list[ChangeEvent], report: TableDrift) -> int:
+    """Write a slice of repairs; a slice that fails for a reason other than a store outage (which propagates: the
+    repair is retried later) is written row by row, and the rows that still fail are reported, not left to block
+    the rest. Returns how many failed."""
+    try:
+        writer.apply(fixes)
+        return 0
+    except StoreUnavailable:
+        raise
+    except Exception:
+        pass  # row by row below
+    failed = 0
+    for fix in fixes:
+        try:
+            writer.apply([fix])
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            report.unrepairable[fix.row_id] = f"{type(exc).__name__}: {exc}"[:300]
+            failed += 1
+    return failed
