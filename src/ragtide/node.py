@@ -67,11 +67,16 @@ log = logging.getLogger(__name__)
 
 
 def build_encoder(
-    settings: RagtideSettings, spec: GenerationSpec | None = None, registry: CollectorRegistry | None = None
+    settings: RagtideSettings,
+    spec: GenerationSpec | None = None,
+    registry: CollectorRegistry | None = None,
+    queries: bool = False,
 ) -> Encoder:
     """The configured encoder, or the one an older generation `spec` needs: its model, precision and provider
     ("local": a model in this process, whatever encoder.backend now says; else the embeddings API at the URL it
-    was built from, with the configured key and limits). `registry` gets a provider's metrics."""
+    was built from, with the configured key and limits). `registry` gets a provider's metrics. `queries`: an
+    encoder for search alone, so a provider's faults get one quick retry, never a long wait (a search waiting on
+    Retry-After would hold the query path; it answers 503 with Retry-After instead)."""
     e = settings.encoder
     path = (Path(spec.model_path) if spec.model_path else default_model_path()) if spec else e.model_path
     precision = spec.precision if spec else None
@@ -96,6 +101,9 @@ def build_encoder(
             if not same:
                 update["api_key"] = None
             api = api.model_copy(update=update)
+        if queries:
+            quick = {"retries": min(api.retries, 1), "max_retry_after_s": 0.5, "give_up_s": min(api.give_up_s, 2.0)}
+            api = api.model_copy(update=quick)
         return OpenAIEmbeddingsEncoder(api, registry)
     if e.dtype == "int8" and backend != "engine":
         raise ConfigError(f"encoder.dtype: int8 needs encoder.backend: engine (the {backend} backend is float only)")
@@ -171,6 +179,7 @@ def generation_factory(
     sources: SourcesConfig,
     truncations: TruncateLog | None = None,
     registry: CollectorRegistry | None = None,
+    queries: bool = False,
 ) -> GenerationFactory:
     """Opens a generation's collection with an encoder of its model (loaded once per provider, model and
     precision) and its chunking; its writer shares the group's truncate log (the writing side only: a reader never
@@ -180,7 +189,7 @@ def generation_factory(
     def make(spec: GenerationSpec) -> Generation:
         enc = encoders.get(spec.encoder_identity)
         if enc is None:
-            enc = build_encoder(settings, spec, registry)
+            enc = build_encoder(settings, spec, registry, queries)
             if enc.model_name != spec.model or enc.dim != spec.dim or enc.provider != spec.provider:
                 field = "encoder.model_path" if spec.provider == "local" else "encoder.api.provider"
                 raise ConfigError(
@@ -329,7 +338,7 @@ def create_node_app(settings: RagtideSettings) -> FastAPI:
     encoder = build_encoder(settings, registry=registry)
     # Search embeds with an engine of its own: the writer's runs a whole batch (256 events on a CPU, 4,096 on
     # CUDA) under its lock, and a query queued behind it waited for all of it.
-    queries = build_encoder(settings, registry=registry)
+    queries = build_encoder(settings, registry=registry, queries=True)
     tracker = FreshnessTracker(registry)
     generations = open_generations(settings, encoder, sources, registry, queries)
     cache = build_cache(settings, registry, encoder.dim)
@@ -463,10 +472,10 @@ def create_retriever_app(settings: RagtideSettings) -> FastAPI:
         )
     sources = sources_of(settings)
     registry = CollectorRegistry()
-    encoder = build_encoder(settings, registry=registry)
+    encoder = build_encoder(settings, registry=registry, queries=True)  # a reader: it only embeds queries
     follower = CatalogFollower(
         open_catalog(settings),
-        generation_factory(settings, encoder, sources, registry=registry),
+        generation_factory(settings, encoder, sources, registry=registry, queries=True),
         desired_generation(settings, encoder),
         failures=BackgroundFailures.of(registry),
     )

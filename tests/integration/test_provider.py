@@ -16,6 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
+from ragtide.contracts.errors import ProviderUnavailable
 from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
 from ragtide.contracts.settings import ProviderSettings, RagtideSettings, load_settings
 from ragtide.embedder.chunking import Chunker
@@ -139,3 +140,15 @@ def test_an_older_generations_provider_is_reached_as_it_was_built_and_the_key_st
     # The configured provider, which has moved: reached at its configured address, with its key.
     moved = build_encoder(settings, replace(base, provider="openai:tei-prod", url="http://127.0.0.1:9/v1"))
     assert moved.provider == "openai:tei-prod" and proxy.keys[-1] == "Bearer sk-current"
+
+
+def test_search_s_encoder_fails_fast_on_a_rate_limit_instead_of_waiting_it_out(proxy: FaultProxy) -> None:
+    configured = {"url": proxy.url, "model": MODEL, "retries": 4, "max_retry_after_s": 60}
+    settings = load_settings(RagtideSettings, encoder={"backend": "openai", "api": configured})
+    search = build_encoder(settings, queries=True)
+    proxy.faults = ["429"] * 3  # each with Retry-After: 1
+    with pytest.raises(ProviderUnavailable, match="after 2 attempt"):
+        search.encode(["a query"])
+    assert proxy.seen["429"] == 2  # one short retry (Retry-After capped at 0.5 s), not four waits of a second
+    proxy.faults = []
+    assert search.encode(["a query"]).shape == (1, 384)
