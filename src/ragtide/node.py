@@ -99,7 +99,7 @@ def build_encoder(
             update: dict[str, object] = {"model": spec.model, "dim": spec.dim, "url": url}
             update["provider"] = spec.provider.removeprefix("openai:")
             if not same:
-                update["api_key"] = None
+                update["api_key"] = e.api.keys.get(spec.provider.removeprefix("openai:"))
             api = api.model_copy(update=update)
         if queries:
             quick = {"retries": min(api.retries, 1), "max_retry_after_s": 0.5, "give_up_s": min(api.give_up_s, 2.0)}
@@ -153,6 +153,11 @@ def desired_generation(settings: RagtideSettings, encoder: Encoder) -> Generatio
     """The generation the configuration asks for (a document prompt's tokens come off the chunk window)."""
     query, document = prompts(settings, encoder)
     prompt_tokens = len(token_offsets(encoder.tokenizer, document)) if document else 0
+    if encoder.max_tokens - prompt_tokens < 16:
+        raise ConfigError(
+            f"encoder.document_prefix: its {prompt_tokens} tokens leave {encoder.max_tokens - prompt_tokens} of "
+            f"{encoder.model_name}'s {encoder.max_tokens}-token window for the text; shorten it"
+        )
     return GenerationSpec(
         model=encoder.model_name,
         dim=encoder.dim,
@@ -507,7 +512,7 @@ def create_embeddings_app(settings: RagtideSettings) -> FastAPI:
                 update={
                     "max_query_chars": max(api.max_query_chars, 100_000),
                     "max_embedding_inputs": max(api.max_embedding_inputs, 2048),
-                    "queue_timeout_s": max(api.queue_timeout_s, 30.0),
+                    "queue_timeout_s": max(api.queue_timeout_s, 15.0),  # below its clients' timeout (30 s)
                     "query_batch": max(api.query_batch, 256),
                 }
             ),

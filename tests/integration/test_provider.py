@@ -136,6 +136,10 @@ def test_an_older_generations_provider_is_reached_as_it_was_built_and_the_key_st
     # is another provider now, reached where it was built, without the configured key.
     old = build_encoder(settings, replace(base, provider=f"openai:{here}", url=proxy.url))
     assert old.provider == f"openai:{here}" and proxy.keys[-1] is None
+    keyed = {**configured, "keys": {here: "sk-old"}}  # unless its own key is given, by its name
+    settings_with_keys = load_settings(RagtideSettings, encoder={"backend": "openai", "api": keyed})
+    build_encoder(settings_with_keys, replace(base, provider=f"openai:{here}", url=proxy.url))
+    assert proxy.keys[-1] == "Bearer sk-old"
 
     # The configured provider, which has moved: reached at its configured address, with its key.
     moved = build_encoder(settings, replace(base, provider="openai:tei-prod", url="http://127.0.0.1:9/v1"))

@@ -88,7 +88,10 @@ def test_settings_from_env_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_settings_round_trip_through_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    original = load_settings(RagtideSettings, api={"port": 61234}, batch={"window_ms": 7})
+    provider = {"url": "http://tei:8080/v1", "model": "bge", "api_key": "sk-new", "keys": {"api.openai.com": "sk-o"}}
+    original = load_settings(
+        RagtideSettings, api={"port": 61234}, batch={"window_ms": 7}, encoder={"backend": "openai", "api": provider}
+    )
     for k, v in original.to_env().items():
         monkeypatch.setenv(k, v)
     again = load_settings(RagtideSettings)

@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 from prometheus_client import CollectorRegistry
 
+from ragtide.contracts.errors import ClientError
 from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
 from ragtide.contracts.settings import RagtideSettings, load_settings
 from ragtide.embedder.encoder import Vectors
@@ -150,6 +151,34 @@ def test_a_failing_pass_fails_its_requests_and_the_next_pass_works() -> None:
 
     failed, ok = asyncio.run(main())
     assert isinstance(failed, RuntimeError) and ok.shape == (1, HashEncoder().dim)
+
+
+def test_an_input_the_model_refuses_fails_only_its_own_request_not_the_ones_sharing_its_pass() -> None:
+    class Refusing(CountingEncoder):
+        def encode(self, texts: Sequence[str]) -> Vectors:
+            if any("REFUSED" in t for t in texts):
+                self.passes.append(list(texts))
+                raise ClientError("embeddings provider refused the input (422)")
+            return super().encode(texts)
+
+    enc = Refusing()
+    b, _ = batcher()
+
+    async def main() -> list[Any]:
+        enc.hold.clear()
+        first = asyncio.create_task(b.embed(enc, ["query 0"]))
+        await asyncio.to_thread(enc.entered.wait, 5)
+        rest = [asyncio.create_task(b.embed(enc, [t])) for t in ("query 1", "REFUSED query", "query 3")]
+        await asyncio.sleep(0.05)
+        enc.hold.set()
+        out = await asyncio.gather(first, *rest, return_exceptions=True)
+        await b.close()
+        return out
+
+    out = asyncio.run(main())
+    assert [isinstance(o, ClientError) for o in out] == [False, False, True, False]
+    assert ["query 1", "REFUSED query", "query 3"] in enc.passes  # tried together first, then alone
+    np.testing.assert_allclose(out[3], HashEncoder().encode(["query 3"]), rtol=1e-6)
 
 
 # --- admission over real HTTP (uvicorn): a burst beyond the bound ----------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from ragtide.contracts.errors import ClientError
 from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
 from ragtide.embedder.index.memory import MemoryIndex
@@ -143,3 +145,12 @@ def test_a_row_the_encoder_refuses_is_reported_and_does_not_stop_the_rest_of_the
     again = verify_table(SRC, SourcePosition(1_001, 2), data, index, writer)
     assert again.missing == ["2"] and again.drift == 1  # still drift: a build with it is never switched live
     assert fixed.as_dict()["unrepairable"] == {"2": fixed.unrepairable["2"]}
+
+
+def test_a_repair_whose_every_row_fails_stops_with_the_error_rather_than_reporting_each_row() -> None:
+    index, encoder = MemoryIndex(), RefusingEncoder()
+    index.ensure_collection(encoder.dim)
+    writer = IndexWriter(index, encoder, word_chunker(6, 1), SOURCES)
+    data = [{**r, "body": "REFUSED"} for r in rows(4)]  # not about a row: everything fails
+    with pytest.raises(ClientError, match="refused"):
+        verify_table(SRC, SourcePosition(1_000, 2), data, index, writer, repair=True)

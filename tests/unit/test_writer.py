@@ -10,10 +10,11 @@ import pytest
 
 from ragtide.contracts.chunks import point_id
 from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
+from ragtide.embedder.chunking import Piece
 from ragtide.embedder.index.memory import MemoryIndex
 from ragtide.embedder.writer import ApplyStats, IndexWriter, coalesce
 from ragtide.ingest.sources import UNAVAILABLE, SourcesConfig
-from tests.doubles import HashEncoder, MemoryTruncateLog, word_chunker
+from tests.doubles import HashEncoder, MemoryTruncateLog, WhitespaceTokenizer, word_chunker
 
 SOURCES = SourcesConfig.model_validate(
     {"sources": [{"table": "public.docs", "key": ["id"], "text": "{title} {body}", "metadata": ["category"]}]}
@@ -407,3 +408,60 @@ def test_a_document_prompt_goes_before_every_chunk_embedded_not_into_the_index(e
     assert [f"passage: {t}" for t in texts_of(index, "1")] == sent  # the index keeps the chunk's own text
     # the prompt's token is counted with each chunk's (the words of the chunk, for text without ids: 4 chars)
     assert stats.tokens_by_table["public.docs"] == sum(1 + max(1, len(t) // 4) for t in texts_of(index, "1"))
+
+
+class SpaceKeepingTokenizer(WhitespaceTokenizer):
+    """Like SentencePiece's "▁": a text's trailing space is a token of its own, so the prompt's ids followed by a
+    chunk's ids are not the ids of the prompt and the chunk together."""
+
+    def __call__(self, text: str, *, add_special_tokens: bool = False, return_offsets_mapping: bool = False) -> Any:
+        out = super().__call__(text, add_special_tokens=add_special_tokens)
+        if text.endswith(" "):
+            out["input_ids"] = [*out["input_ids"], 0]
+        return out
+
+
+class IdsHashEncoder(HashEncoder):
+    """An encoder that takes the chunker's ids too (as the engine does), recording what it was given."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        super().__init__()
+        self._tok = tokenizer
+        self.mixed: list[list[Any]] = []
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tok
+
+    def encode_mixed(self, items: Any) -> Any:
+        self.mixed.append(list(items))
+        return self.encode([" ".join(map(str, i)) if isinstance(i, list) else i for i in items])
+
+
+class IdsChunker:
+    """One chunk per row, with its ids (a row that fits one window)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, text: str) -> list[str]:
+        return [text]
+
+    def pieces_many(self, texts: Any) -> list[list[Piece]]:
+        return [[Piece(t, self.tokenizer(t)["input_ids"])] for t in texts]
+
+
+@pytest.mark.parametrize(("tokenizer", "as_ids"), [(WhitespaceTokenizer(), True), (SpaceKeepingTokenizer(), False)])
+def test_the_document_prompt_goes_in_as_ids_only_where_they_join_as_the_texts_would(
+    tokenizer: Any, as_ids: bool
+) -> None:
+    index, encoder, feed = MemoryIndex(), IdsHashEncoder(tokenizer), Feed()
+    index.ensure_collection(encoder.dim)
+    writer = IndexWriter(index, encoder, IdsChunker(tokenizer), SOURCES, document_prefix="passage: ")
+    stats = writer.apply([feed.ev(Op.CREATE, 1, "Title", "a short body")])
+    if as_ids:
+        prompt = tokenizer("passage: ")["input_ids"]
+        assert encoder.mixed == [[[*prompt, *tokenizer("Title a short body")["input_ids"]]]]
+        assert stats.embedded_from_ids == 1
+    else:  # ids would not be the prompted text's: the text goes, prompted
+        assert encoder.mixed == [] and encoder.calls[-1] == ["passage: Title a short body"]

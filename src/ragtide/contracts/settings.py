@@ -326,6 +326,12 @@ class ProviderSettings(_Section):
     url: str | None = Field(None, description="base URL of the API, ending in /v1 (e.g. https://api.openai.com/v1)")
     model: str | None = Field(None, min_length=1, description="the model name sent with every request")
     api_key: SecretStr | None = Field(None, description="sent as `Authorization: Bearer <key>`")
+    keys: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="keys of other providers, by their name in a generation (host:port, or their `provider`): "
+        "while a switch from one keyed provider to another rebuilds, the old one still embeds the queries "
+        '(JSON, e.g. {"api.openai.com": "sk-..."}); the configured api_key goes to the configured provider only',
+    )
     dim: int | None = Field(
         None,
         ge=1,
@@ -679,6 +685,10 @@ class RagtideSettings(BaseSettings):
             if isinstance(value, BaseModel):
                 for name in type(value).model_fields:
                     put(f"{prefix}__{name.upper()}", getattr(value, name))
+            elif isinstance(value, dict):  # JSON, as pydantic-settings reads a complex value back
+                env[prefix] = json.dumps(
+                    {k: v.get_secret_value() if isinstance(v, SecretStr) else v for k, v in value.items()}
+                )
             elif value is not None:
                 env[prefix] = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
 

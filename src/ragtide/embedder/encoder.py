@@ -317,5 +317,6 @@ class SentenceTransformerEncoder:
                 normalize_embeddings=True,
                 convert_to_numpy=True,
                 show_progress_bar=False,
+                prompt="",  # the generation's prompts are put before the texts already, never a second time
             )
         return np.asarray(out, dtype=np.float32)

@@ -182,6 +182,9 @@ class BuildProgress:
     started: float = field(default_factory=time.time)
     checks: int = 0
     drift: int = -1
+    # rows the last repair could not write (e.g. refused by the build's embeddings provider), a few with why:
+    # while they drift the build is not switched live
+    unrepairable: dict[str, str] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -204,6 +207,7 @@ class BuildProgress:
             "eta_s": round(eta, 1) if eta is not None else None,
             "drift": self.drift,
             "checks": self.checks,
+            "unrepairable": self.unrepairable,
         }
 
 
@@ -541,8 +545,17 @@ class BuildWatcher:
         self._unchanged = self._unchanged + 1 if drift == before and idle else 0
         if self._unchanged >= self.stall_checks:
             log.warning("build stalled; repairing its drift from the source", extra={"drift": drift})
+            refused: dict[str, str] = {}
             for table in self.sources.user_tables:
-                self.verify(gen, table, True)
+                report = self.verify(gen, table, True)
+                refused |= {f"{table}:{row}": why for row, why in report.unrepairable.items()}
+                if report.unrepaired:  # e.g. rows its provider refuses: the build cannot go live while they drift
+                    log.error(
+                        "rows the build cannot hold; it will not switch live until they change",
+                        extra={"table": table, "rows": report.unrepaired, "examples": report.unrepairable},
+                    )
+            if progress is not None:
+                progress.unrepairable = refused
             self._unchanged = 0
         log.info("building", extra=progress.as_dict() if progress else {})
         return False

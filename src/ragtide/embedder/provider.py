@@ -97,10 +97,8 @@ def provider_id(settings: ProviderSettings) -> str:
     """What names the provider in a generation's fingerprint: `encoder.api.provider`, else the URL's host:port."""
     if settings.provider:
         return settings.provider
-    parts = urlsplit(settings.url or "")
-    if not parts.hostname:
-        return settings.url or ""
-    return f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname  # never a user:password@
+    netloc = urlsplit(settings.url or "").netloc
+    return netloc.rsplit("@", 1)[-1] or (settings.url or "")  # never a user:password@
 
 
 class _Retry(Exception):

@@ -41,8 +41,10 @@ class TableDrift:
     stale: list[str] = field(default_factory=list)  # indexed, but chunks or metadata differ from the row
     orphaned: list[str] = field(default_factory=list)  # in the index, no longer in Postgres
     repaired: int = 0
-    # rows a repair could not write, with why (e.g. an embeddings provider refusing the text): still drift
+    # rows a repair could not write, with why (e.g. an embeddings provider refusing the text): still drift. The
+    # first EXAMPLES with their reasons; `unrepaired` counts them all.
     unrepairable: dict[str, str] = field(default_factory=dict)
+    unrepaired: int = 0
 
     @property
     def drift(self) -> int:
@@ -60,6 +62,7 @@ class TableDrift:
             "stale": len(self.stale),
             "orphaned": len(self.orphaned),
             "repaired": self.repaired,
+            "unrepaired": self.unrepaired,
             "unrepairable": dict(list(self.unrepairable.items())[:EXAMPLES]),
             "examples": {
                 "missing": self.missing[:EXAMPLES],
@@ -159,14 +162,14 @@ def verify_table(
 def _apply_fixes(writer: RowWriter, fixes: list[ChangeEvent], report: TableDrift) -> int:
     """Write a slice of repairs; a slice that fails for a reason other than a store outage (which propagates: the
     repair is retried later) is written row by row, and the rows that still fail are reported, not left to block
-    the rest. Returns how many failed."""
+    the rest. A failure of every row of a slice is not about rows: it propagates. Returns how many failed."""
     try:
         writer.apply(fixes)
         return 0
     except StoreUnavailable:
         raise
-    except Exception:
-        pass  # row by row below
+    except Exception as first:
+        slice_error = first  # row by row below
     failed = 0
     for fix in fixes:
         try:
@@ -174,6 +177,10 @@ def _apply_fixes(writer: RowWriter, fixes: list[ChangeEvent], report: TableDrift
         except StoreUnavailable:
             raise
         except Exception as exc:
-            report.unrepairable[fix.row_id] = f"{type(exc).__name__}: {exc}"[:300]
             failed += 1
+            if failed == len(fixes) > 1:
+                raise exc from slice_error
+            report.unrepaired += 1
+            if len(report.unrepairable) < EXAMPLES:
+                report.unrepairable[fix.row_id] = f"{type(exc).__name__}: {exc}"[:300]
     return failed

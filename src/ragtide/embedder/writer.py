@@ -158,6 +158,7 @@ class IndexWriter:
         self.nano_usd_per_token = usd_per_million_tokens * 1000
         self.document_prefix = document_prefix
         self._prefix_ids: list[int] | None = None  # the prompt's token ids, for chunks embedded from ids
+        self._joins: bool | None = None  # whether those ids can go before a chunk's (`_prefix_joins`)
         # Each table's newest truncate position, for good: events from before it are stale (see truncations.py).
         self._truncated_at: dict[str, SourcePosition] = {}
         # Row tombstones, kept only while a repair's snapshot is in flight (`remembering_deletes`): row key ->
@@ -428,11 +429,29 @@ class IndexWriter:
         returns the vectors and how many chunks went in as ids."""
         from_ids = sum(1 for _, _, ids in to_embed if ids is not None)
         prefix = self.document_prefix
-        if isinstance(self.encoder, IdsEncoder) and from_ids:
+        if isinstance(self.encoder, IdsEncoder) and from_ids and self._prefix_joins():
             head = self._document_prefix_ids()
             items = [prefix + c.text if ids is None else [*head, *ids] for c, _, ids in to_embed]
             return self.encoder.encode_mixed(items), from_ids
         return self.encoder.encode([prefix + c.text for c, _, _ in to_embed]), 0
+
+    def _prefix_joins(self) -> bool:
+        """Whether the prompt's ids followed by a chunk's ids are the ids of prompt + chunk text (WordPiece cuts at
+        the prompt's closing space); a tokenizer that joins across it (SentencePiece's "▁", byte-level BPE's "Ġ")
+        gets the chunks as text. Probed once."""
+        if self._joins is None:
+            if not self.document_prefix:
+                self._joins = True
+            else:
+                tokenizer: Any = self.encoder.tokenizer
+                head = self._document_prefix_ids()
+
+                def ids(text: str) -> list[int]:
+                    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+                samples = ("Hello world", "x", "42 résumés, naïve café.", "(quoted) text")
+                self._joins = all(ids(self.document_prefix + t) == [*head, *ids(t)] for t in samples)
+        return self._joins
 
     def _document_prefix_ids(self) -> list[int]:
         """The document prompt's token ids (no special tokens), tokenized once."""

@@ -23,6 +23,8 @@ import numpy.typing as npt
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import StreamingResponse
 
+from ragtide.embedder.encoder import query_prefix
+from ragtide.embedder.generations import encoder_identity
 from ragtide.embedder.index.base import Filter, Hit
 from ragtide.gateway.gateway import Caller
 from ragtide.generator.client import Delta, GenerationParams, GeneratorUnavailable, Message
@@ -248,7 +250,7 @@ async def start_answer(
             max_tokens=params.max_tokens,
             temperature=params.temperature,
             history=[(m.role, m.content) for m in history],
-            encoder=f"{encoder.model_name}/{encoder.precision}",
+            encoder=f"{encoder_identity(encoder)}/{query_prefix(encoder)!r}",
             generator=svc.generator.model,
         )
         tenant = caller.tenant if caller.tenant is not None else ALL_TENANTS

@@ -27,6 +27,7 @@ import numpy as np
 from fastapi import HTTPException
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from ragtide.contracts.errors import ClientError
 from ragtide.embedder.encoder import Encoder, Vectors
 from ragtide.gateway.asgi import ASGIApp, Message, Receive, Scope, Send
 
@@ -247,6 +248,19 @@ class QueryBatcher:
             texts = [t for ask in group for t in ask.texts]
             try:
                 vectors = await loop.run_in_executor(self._model, group[0].encoder.encode, texts)
+            except ClientError as exc:  # an input the model refuses (a provider's 422): fail only its own request
+                if len(group) == 1:
+                    _fail(group, exc)
+                    continue
+                for ask in group:
+                    try:
+                        alone = await loop.run_in_executor(self._model, ask.encoder.encode, ask.texts)
+                    except Exception as one:
+                        _fail([ask], one)
+                    else:
+                        if not ask.future.done():
+                            ask.future.set_result(np.asarray(alone, dtype=np.float32))
+                continue
             except Exception as exc:
                 _fail(group, exc)
                 continue
