@@ -73,6 +73,7 @@ class FaultProxy:
         self.down = False
         self.seen: Counter[str] = Counter()
         self.keys: list[str | None] = []  # the Authorization header of each request
+        self.formats: list[str | None] = []  # the encoding_format each request asked for
         self._lock = threading.Lock()
         self._client = httpx.Client(timeout=120)
         proxy = self
@@ -99,6 +100,7 @@ class FaultProxy:
         texts = json.loads(body).get("input", [])
         with self._lock:
             self.keys.append(headers.get("Authorization"))
+            self.formats.append(json.loads(body).get("encoding_format"))
             fault = "down" if self.down else self.faults.pop(0) if self.faults else None
             if fault is None and any(self.refuse in t for t in ([texts] if isinstance(texts, str) else texts)):
                 fault = "refused"

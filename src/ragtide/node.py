@@ -98,8 +98,9 @@ def build_encoder(
                 raise ConfigError(f"encoder.api.url: generation {spec.fingerprint} needs {spec.provider}; set it")
             update: dict[str, object] = {"model": spec.model, "dim": spec.dim, "url": url}
             update["provider"] = spec.provider.removeprefix("openai:")
-            if not same:
+            if not same:  # another provider: its key by its name, its requests shaped as when it was built
                 update["api_key"] = e.api.keys.get(spec.provider.removeprefix("openai:"))
+                update |= {k: getattr(spec, k) for k in ("normalize", "send_dimensions", "encoding_format")}
             api = api.model_copy(update=update)
         if queries:
             quick = {"retries": min(api.retries, 1), "max_retry_after_s": 0.5, "give_up_s": min(api.give_up_s, 2.0)}
@@ -169,7 +170,14 @@ def desired_generation(settings: RagtideSettings, encoder: Encoder) -> Generatio
         url=settings.encoder.api.url if encoder.provider != "local" else None,
         query_prefix=query,
         document_prefix=document,
+        **(provider_requests(settings) if encoder.provider != "local" else {}),
     )
+
+
+def provider_requests(settings: RagtideSettings) -> dict[str, Any]:
+    """How the configured provider's requests are shaped, kept with its generations (`GenerationSpec`)."""
+    api = settings.encoder.api
+    return {"normalize": api.normalize, "send_dimensions": api.send_dimensions, "encoding_format": api.encoding_format}
 
 
 def spares_the_cpu(encoder: Encoder) -> bool:

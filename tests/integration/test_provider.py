@@ -134,8 +134,9 @@ def test_an_older_generations_provider_is_reached_as_it_was_built_and_the_key_st
 
     # The configured provider, renamed since (its old generation keeps its old name) but moved nowhere: it
     # is another provider now, reached where it was built, without the configured key.
-    old = build_encoder(settings, replace(base, provider=f"openai:{here}", url=proxy.url))
+    old = build_encoder(settings, replace(base, provider=f"openai:{here}", url=proxy.url, encoding_format="float"))
     assert old.provider == f"openai:{here}" and proxy.keys[-1] is None
+    assert proxy.formats[-1] == "float"  # its requests shaped as when it was built, not as configured now
     keyed = {**configured, "keys": {here: "sk-old"}}  # unless its own key is given, by its name
     settings_with_keys = load_settings(RagtideSettings, encoder={"backend": "openai", "api": keyed})
     build_encoder(settings_with_keys, replace(base, provider=f"openai:{here}", url=proxy.url))

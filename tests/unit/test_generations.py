@@ -442,3 +442,12 @@ def test_an_encoder_serves_the_generations_of_its_identity_dimension_included() 
     vectors = QueryVectors()
     vectors.put(encoder, "q", np.ones(64, dtype=np.float32))
     assert vectors.get(HashEncoder(dim=32), "q") is None and vectors.get(HashEncoder(dim=64), "q") is not None
+
+
+def test_how_a_providers_requests_are_shaped_travels_with_its_generation_outside_its_identity() -> None:
+    served = replace(spec(), provider="openai:tei:8080", url="http://tei:8080/v1")
+    floats = replace(served, encoding_format="float", normalize=True)
+    assert floats.fingerprint == served.fingerprint and floats.same_vectors(served)
+    assert GenerationSpec.from_dict(floats.as_dict()) == floats
+    old = {k: v for k, v in served.as_dict().items() if k not in {"normalize", "send_dimensions", "encoding_format"}}
+    assert GenerationSpec.from_dict(old) == served  # a catalog written before these fields

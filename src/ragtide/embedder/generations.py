@@ -58,6 +58,11 @@ class GenerationSpec:
     url: str | None = None  # where a provider's generation was embedded (like model_path: not what it is)
     query_prefix: str = ""  # put before each query (E5/BGE-style models)
     document_prefix: str = ""  # put before each chunk embedded
+    # How a provider's requests were shaped when it was built (not what the vectors are: outside the fingerprint),
+    # so that its generation is still reached the same way after the configuration moved to another provider.
+    normalize: bool = False
+    send_dimensions: bool = False
+    encoding_format: str = "base64"
 
     @property
     def fingerprint(self) -> str:
@@ -88,7 +93,16 @@ class GenerationSpec:
     def same_vectors(self, other: GenerationSpec) -> bool:
         """Same provider, model, prompts, precision and chunking: the vectors would be identical, whatever the
         revision."""
-        return replace(self, revision=other.revision, model_path=other.model_path, url=other.url) == other
+        mine = replace(
+            self,
+            revision=other.revision,
+            model_path=other.model_path,  # where and how it is reached, not what it makes
+            url=other.url,
+            normalize=other.normalize,
+            send_dimensions=other.send_dimensions,
+            encoding_format=other.encoding_format,
+        )
+        return mine == other
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form (catalog payload, API)."""
@@ -109,6 +123,9 @@ class GenerationSpec:
             url=d.get("url"),
             query_prefix=str(d.get("query_prefix", "")),
             document_prefix=str(d.get("document_prefix", "")),
+            normalize=bool(d.get("normalize", False)),
+            send_dimensions=bool(d.get("send_dimensions", False)),
+            encoding_format=str(d.get("encoding_format", "base64")),
         )
 
 
