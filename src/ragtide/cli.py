@@ -25,7 +25,7 @@ from rich.table import Table
 
 from ragtide.contracts.errors import RagtideError
 from ragtide.contracts.logging import setup_logging
-from ragtide.contracts.settings import RagtideSettings, load_settings, redact_dsn
+from ragtide.contracts.settings import RagtideSettings, authorization, load_settings, redact_dsn
 
 if TYPE_CHECKING:
     from ragtide.stack.supervise import Supervised
@@ -921,7 +921,7 @@ def bench_serve(
 
     s = _settings()
     api = _loopback_api(s)
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers = authorization(key)
     if grow_to:
         with console.status(f"growing the index to {grow_to} chunks through the pipeline…") as status:
             grow_index(s.postgres.dsn(), api, grow_to, timeout=3600, progress=lambda n: status.update(f"{n} chunks"))

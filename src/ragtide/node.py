@@ -84,23 +84,23 @@ def build_encoder(
     if spec is not None:
         backend = "openai" if spec.provider != "local" else "engine" if backend == "openai" else backend
     if backend == "openai":
-        from ragtide.embedder.provider import OpenAIEmbeddingsEncoder, provider_id
+        from ragtide.embedder.provider import PROVIDER_PREFIX, OpenAIEmbeddingsEncoder, provider_name
 
         if e.backend == "openai" and e.dtype == "int8":
             raise ConfigError("encoder.dtype: int8 is the local engine's; an embeddings provider makes its own vectors")
         api = e.api
         if spec is not None:  # the generation's own model and provider
-            same = spec.provider == f"openai:{provider_id(e.api)}" and e.api.url
+            same = spec.provider == provider_name(e.api) and e.api.url
             # The configured provider at its configured address (it may have moved), with its key; another one at
             # the address it was built from, without the configured key (never sent to another host).
             url = e.api.url if same else spec.url
             if not url:
                 raise ConfigError(f"encoder.api.url: generation {spec.fingerprint} needs {spec.provider}; set it")
-            update: dict[str, object] = {"model": spec.model, "dim": spec.dim, "url": url}
-            update["provider"] = spec.provider.removeprefix("openai:")
+            name = spec.provider.removeprefix(PROVIDER_PREFIX)
+            update: dict[str, object] = {"model": spec.model, "dim": spec.dim, "url": url, "provider": name}
             if not same:  # another provider: its key by its name, its requests shaped as when it was built
-                update["api_key"] = e.api.keys.get(spec.provider.removeprefix("openai:"))
-                update |= {k: getattr(spec, k) for k in ("normalize", "send_dimensions", "encoding_format")}
+                update["api_key"] = e.api.keys.get(name)
+                update |= {k: getattr(spec, k) for k in GenerationSpec.REQUEST_SHAPE}
             api = api.model_copy(update=update)
         if queries:
             quick = {"retries": min(api.retries, 1), "max_retry_after_s": 0.5, "give_up_s": min(api.give_up_s, 2.0)}
@@ -176,8 +176,7 @@ def desired_generation(settings: RagtideSettings, encoder: Encoder) -> Generatio
 
 def provider_requests(settings: RagtideSettings) -> dict[str, Any]:
     """How the configured provider's requests are shaped, kept with its generations (`GenerationSpec`)."""
-    api = settings.encoder.api
-    return {"normalize": api.normalize, "send_dimensions": api.send_dimensions, "encoding_format": api.encoding_format}
+    return {k: getattr(settings.encoder.api, k) for k in GenerationSpec.REQUEST_SHAPE}
 
 
 def spares_the_cpu(encoder: Encoder) -> bool:

@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter
 
@@ -101,14 +101,32 @@ class Throttled:
             self.logger.info(f"recovered: {self.message}", extra={"failures": failures})
 
 
-class BackgroundFailures:
+PerRegistryT = TypeVar("PerRegistryT", bound="PerRegistry")
+
+
+class PerRegistry:
+    """Metrics that exist once per registry: `of(registry)` is the one set, whichever part of a process asks first
+    (a Prometheus registry refuses a metric name twice)."""
+
+    _by_registry: ClassVar[weakref.WeakKeyDictionary[CollectorRegistry, dict[type, Any]]] = weakref.WeakKeyDictionary()
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        pass
+
+    @classmethod
+    def of(cls: type[PerRegistryT], registry: CollectorRegistry) -> PerRegistryT:
+        """The registry's set (created on first use)."""
+        sets = PerRegistry._by_registry.setdefault(registry, {})
+        found = sets.get(cls)
+        if found is None:
+            found = sets[cls] = cls(registry)
+        return cast(PerRegistryT, found)
+
+
+class BackgroundFailures(PerRegistry):
     """Failures of the background loops (build watcher, reaper, catalog follower, backfill monitor, slot monitor):
     one counter, `ragtide_background_failures_total{loop}`, and a throttled log per loop. `of(registry)` is the one
     per registry, whichever part of a process asks first."""
-
-    _by_registry: ClassVar[weakref.WeakKeyDictionary[CollectorRegistry, BackgroundFailures]] = (
-        weakref.WeakKeyDictionary()
-    )
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.counter = Counter(
@@ -117,14 +135,6 @@ class BackgroundFailures:
             ["loop"],
             registry=registry if registry is not None else CollectorRegistry(),
         )
-
-    @classmethod
-    def of(cls, registry: CollectorRegistry) -> BackgroundFailures:
-        """The registry's counter (created on first use)."""
-        found = cls._by_registry.get(registry)
-        if found is None:
-            found = cls._by_registry[registry] = cls(registry)
-        return found
 
     def loop(self, name: str, logger: logging.Logger, every_s: float = 60.0) -> Throttled:
         """The failure log of one loop."""

@@ -33,6 +33,13 @@ def _find_root() -> Path:
 REPO_ROOT = _find_root()
 
 
+def authorization(key: SecretStr | str | None) -> dict[str, str]:
+    """`Authorization: Bearer <key>` as a request header, or none without a key."""
+    if not key:
+        return {}
+    return {"Authorization": f"Bearer {key.get_secret_value() if isinstance(key, SecretStr) else key}"}
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -551,7 +558,7 @@ class GatewaySettings(_Section):
 
     def admin_headers(self) -> dict[str, str]:
         """The admin key as a request header, when one is configured (prod mode)."""
-        return {"Authorization": f"Bearer {self.admin_key.get_secret_value()}"} if self.admin_key else {}
+        return authorization(self.admin_key)
 
 
 class CacheSettings(_Section):

@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Gauge
@@ -63,6 +63,7 @@ class GenerationSpec:
     normalize: bool = False
     send_dimensions: bool = False
     encoding_format: str = "base64"
+    REQUEST_SHAPE: ClassVar[tuple[str, ...]] = ("normalize", "send_dimensions", "encoding_format")
 
     @property
     def fingerprint(self) -> str:
@@ -93,16 +94,9 @@ class GenerationSpec:
     def same_vectors(self, other: GenerationSpec) -> bool:
         """Same provider, model, prompts, precision and chunking: the vectors would be identical, whatever the
         revision."""
-        mine = replace(
-            self,
-            revision=other.revision,
-            model_path=other.model_path,  # where and how it is reached, not what it makes
-            url=other.url,
-            normalize=other.normalize,
-            send_dimensions=other.send_dimensions,
-            encoding_format=other.encoding_format,
-        )
-        return mine == other
+        # where and how it is reached, not what it makes
+        reach: dict[str, Any] = {k: getattr(other, k) for k in ("revision", "model_path", "url", *self.REQUEST_SHAPE)}
+        return replace(self, **reach) == other
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form (catalog payload, API)."""

@@ -11,8 +11,9 @@ Infinity, Ollama, llama.cpp's server, another ragtide's API).
   unknown model (404) is an outage too, with the setting to fix in its message: every row would fail alike. Only
   a 400, 413 or 422 says *this input* is refused: it raises `ProviderRejected`, so the worker isolates the row
   and dead-letters it with the provider's reason.
-- **Start-up refuses a mismatch** with the cause: fewer vectors than inputs, another dimension than
-  `encoder.api.dim`, vectors that are not unit length (unless `encoder.api.normalize`).
+- **Start-up refuses a mismatch** (ConfigError) with the cause: another dimension than `encoder.api.dim`, vectors
+  that are not unit length (unless `encoder.api.normalize`), a refused probe. A provider that is down or answers
+  fewer vectors than inputs stays an outage (ProviderUnavailable) after its retries.
 - **Identity.** `provider` (the URL's host and port, or `encoder.api.provider`) and the model name are part of a
   generation's fingerprint: a switch of provider or model is a blue/green rebuild.
 """
@@ -24,10 +25,9 @@ import logging
 import os
 import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ClassVar
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -35,8 +35,9 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from ragtide.contracts.errors import ClientError, ConfigError, ProviderUnavailable
+from ragtide.contracts.logging import PerRegistry
 from ragtide.contracts.resilience import RETRYABLE_STATUS, CircuitBreaker, retry_after_s
-from ragtide.contracts.settings import ProviderSettings
+from ragtide.contracts.settings import ProviderSettings, authorization
 from ragtide.embedder.encoder import Vectors, default_model_path
 
 log = logging.getLogger(__name__)
@@ -52,11 +53,9 @@ class ProviderRejected(ClientError):
     row by row and dead-letters the row it still refuses, with this message; a query gets a 422 with it."""
 
 
-class ProviderMetrics:
+class ProviderMetrics(PerRegistry):
     """`ragtide_provider_*`: requests by outcome, retries by reason, tokens the provider billed, request time; one
     set per registry (`of`), whichever encoder of a process asks first, labelled by provider and model."""
-
-    _by_registry: ClassVar[weakref.WeakKeyDictionary[CollectorRegistry, ProviderMetrics]] = weakref.WeakKeyDictionary()
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         reg = registry if registry is not None else CollectorRegistry()
@@ -82,23 +81,17 @@ class ProviderMetrics:
             registry=reg,
         )
 
-    @classmethod
-    def of(cls, registry: CollectorRegistry | None) -> ProviderMetrics:
-        """The registry's metrics (created on first use); a private set without one."""
-        if registry is None:
-            return cls()
-        found = cls._by_registry.get(registry)
-        if found is None:
-            found = cls._by_registry[registry] = cls(registry)
-        return found
+
+PROVIDER_PREFIX = "openai:"
 
 
-def provider_id(settings: ProviderSettings) -> str:
-    """What names the provider in a generation's fingerprint: `encoder.api.provider`, else the URL's host:port."""
+def provider_name(settings: ProviderSettings) -> str:
+    """What names the provider in a generation's fingerprint: "openai:" and `encoder.api.provider`, else the URL's
+    host:port."""
     if settings.provider:
-        return settings.provider
+        return PROVIDER_PREFIX + settings.provider
     netloc = urlsplit(settings.url or "").netloc
-    return netloc.rsplit("@", 1)[-1] or (settings.url or "")  # never a user:password@
+    return PROVIDER_PREFIX + (netloc.rsplit("@", 1)[-1] or (settings.url or ""))  # never a user:password@
 
 
 class _Retry(Exception):
@@ -128,12 +121,11 @@ class OpenAIEmbeddingsEncoder:
             raise ConfigError("encoder.api.model: encoder.backend openai needs the model name to request")
         self.settings = settings
         self._model = settings.model
-        self.provider = f"openai:{provider_id(settings)}"
+        self.provider = provider_name(settings)
         self.url = settings.url.rstrip("/")
-        headers = {"Authorization": f"Bearer {settings.api_key.get_secret_value()}"} if settings.api_key else {}
         self._client = httpx.Client(
             base_url=self.url,
-            headers=headers,
+            headers=authorization(settings.api_key),
             transport=transport,
             timeout=httpx.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
             limits=httpx.Limits(max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency),
@@ -144,7 +136,7 @@ class OpenAIEmbeddingsEncoder:
             name=f"embeddings provider {self.url}",
             error=ProviderUnavailable,
         )
-        self.metrics = ProviderMetrics.of(registry)
+        self.metrics = ProviderMetrics.of(registry) if registry is not None else ProviderMetrics()
         self._labels = {"provider": self.provider, "model": self._model}
         self._sleep = sleep
         self._pool: ThreadPoolExecutor | None = None
@@ -284,11 +276,8 @@ class OpenAIEmbeddingsEncoder:
         if status >= 400:
             detail = response.text[:300]
             if status in RETRYABLE_STATUS:
-                raise _Retry(
-                    str(status) if status == 429 else "5xx" if status >= 500 else str(status),
-                    f"answered {status}: {detail}",
-                    retry_after_s(response.headers),
-                )
+                label = "5xx" if status >= 500 else str(status)
+                raise _Retry(label, f"answered {status}: {detail}", retry_after_s(response.headers))
             if status in AUTH_STATUS:
                 field = "encoder.api.model" if status == 404 else "encoder.api.api_key"
                 raise _Retry("auth", f"{field}: the provider {AUTH_STATUS[status]}: {detail}")

@@ -19,7 +19,7 @@ import httpx
 
 from ragtide.contracts.errors import RagtideError
 from ragtide.contracts.resilience import RETRYABLE_STATUS, CircuitBreaker
-from ragtide.contracts.settings import GeneratorSettings
+from ragtide.contracts.settings import GeneratorSettings, authorization
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class OpenAIGenerator:
         self.settings = settings
         self.url = settings.endpoint
         self.model = settings.model
-        headers = {"Authorization": f"Bearer {settings.api_key.get_secret_value()}"} if settings.api_key else {}
+        headers = authorization(settings.api_key)
         self._client = httpx.AsyncClient(
             base_url=self.url,
             headers=headers,
