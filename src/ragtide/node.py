@@ -11,19 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import faust
-from fastapi import APIRouter, Depends, FastAPI, HTTPException
+from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
-from pydantic import BaseModel, ConfigDict, Field
 
 from ragtide.contracts.errors import ConfigError
 from ragtide.contracts.freshness import FreshnessTracker
-from ragtide.contracts.logging import BackgroundFailures
+from ragtide.contracts.logging import BackgroundFailures, setup_logging
 from ragtide.contracts.settings import RagtideSettings
 from ragtide.embedder.chunking import Chunker, token_offsets
 from ragtide.embedder.encoder import (
@@ -44,11 +42,10 @@ from ragtide.embedder.generations import (
     GenerationSpec,
     encoder_identity,
     verifier,
-    verify_generation,
 )
 from ragtide.embedder.index.factory import open_index
 from ragtide.embedder.lease import Leadership, Lease, LocalLease, PostgresLease
-from ragtide.embedder.liveness import Watchdog, health_app
+from ragtide.embedder.liveness import Watchdog, health_app, serve_health
 from ragtide.embedder.metrics import EmbedderMetrics
 from ragtide.embedder.progress import BackfillMonitor, counts_by_table
 from ragtide.embedder.truncations import PostgresTruncateLog, TruncateLog
@@ -58,10 +55,10 @@ from ragtide.gateway.gateway import Gateway
 from ragtide.gateway.store import PostgresGatewayStore
 from ragtide.ingest.connector import ensure_topics, signal_snapshots, source_topics
 from ragtide.ingest.sources import SourcesConfig, dsn_of, sources_of
+from ragtide.retriever.admin import admin_router
 from ragtide.retriever.app import create_app
 from ragtide.retriever.cache import InvalidatingApplier, SemanticCache, build_cache
 from ragtide.retriever.forward import admin_proxy
-from ragtide.retriever.services import get_admin
 
 log = logging.getLogger(__name__)
 
@@ -383,99 +380,6 @@ def create_node_app(settings: RagtideSettings) -> FastAPI:
     )
 
 
-class VerifyRequest(BaseModel):
-    """POST /v1/admin/verify."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    table: str | None = Field(None, description="one source table (schema.table); default: all")
-    repair: bool = Field(False, description="fix exactly the drift that was found")
-
-
-class ReindexRequest(BaseModel):
-    """POST /v1/admin/reindex."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    table: str | None = Field(
-        None,
-        description="re-embed one table's rows in place; default: build a new generation of every table "
-        "beside the live one and switch when it has caught up",
-    )
-
-
-def admin_router(
-    settings: RagtideSettings,
-    generations: Generations,
-    sources: SourcesConfig,
-    lease: Lease,
-    cache: SemanticCache | None = None,
-) -> APIRouter:
-    """Operator endpoints where the writes happen: the node, or the embedder that leads (the retrievers forward
-    them there: `admin_proxy`). An embedder that does not lead refuses them and names the one that does."""
-
-    def leading() -> None:
-        if not generations.leading:
-            leader = lease.leader() or "the leader (none right now)"
-            raise HTTPException(409, f"this embedder does not lead; send it to {leader} or to any retriever")
-
-    router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(get_admin), Depends(leading)])
-    dsn = dsn_of(settings, sources)
-
-    def check_table(table: str | None) -> list[str]:
-        if table is not None and table not in sources.user_tables:
-            raise HTTPException(422, f"table: {table!r} is not a source table; tables: {sources.user_tables}")
-        return [table] if table else sources.user_tables
-
-    def run_verify(table: str, repair: bool, reembed: bool) -> dict[str, Any]:
-        report, embedded = verify_generation(dsn, generations, sources, generations.live, table, repair, reembed)
-        return {**report.as_dict(), "embedded_chunks": embedded}
-
-    @router.post("/verify")
-    async def verify(body: VerifyRequest) -> dict[str, Any]:
-        """Compare the source tables with the live index (missing, stale, orphaned rows); optionally repair."""
-        reports = [await asyncio.to_thread(run_verify, t, body.repair, False) for t in check_table(body.table)]
-        return {"drift": sum(r["drift"] for r in reports), "repair": body.repair, "tables": reports}
-
-    @router.post("/reindex")
-    async def reindex(body: ReindexRequest) -> dict[str, Any]:
-        """Re-embed one table in place, or build a new generation of the whole index (blue/green)."""
-        if body.table is not None:
-            report = await asyncio.to_thread(run_verify, check_table(body.table)[0], True, True)
-            return {
-                "table": body.table,
-                "reembedded_rows": report["repaired"],
-                "embedded_chunks": report["embedded_chunks"],
-                "report": report,
-            }
-        spec = await asyncio.to_thread(generations.rebuild)
-        await asyncio.to_thread(signal_snapshots, settings, sources, sources.user_tables)
-        return {"building": spec.as_dict(), **generations.status()}
-
-    @router.post("/optimize")
-    async def optimize() -> dict[str, Any]:
-        """Build the live generation's search index (HNSW) after a large backfill: search at 100k chunks goes
-        from a brute-force scan to a graph walk. With the embedded engine the node pauses while it runs."""
-        index, _ = generations.current()
-        t0 = time.perf_counter()
-        report = await asyncio.to_thread(index.optimize)
-        return {**report, "seconds": round(time.perf_counter() - t0, 2)}
-
-    @router.post("/cache/clear")
-    async def cache_clear() -> dict[str, Any]:
-        """Drop every cached answer (benchmarks start from an empty cache; also after editing prompts)."""
-        if cache is None:
-            raise HTTPException(409, "the answer cache is off (cache.enabled)")
-        return {"dropped": await asyncio.to_thread(cache.clear)}
-
-    @router.get("/generations")
-    async def generations_status() -> dict[str, Any]:
-        """The live generation and the build in progress, with rows done / total, rate and ETA."""
-        return generations.status()
-
-    return router
-
-
 def create_retriever_app(settings: RagtideSettings) -> FastAPI:
     """The retrieval API alone; it reads a Qdrant server that the embedder writes."""
     if not settings.qdrant_url:
@@ -549,3 +453,22 @@ def create_embedder(settings: RagtideSettings) -> tuple[faust.App, FastAPI]:
     gateway = Gateway(settings.gateway, PostgresGatewayStore(settings.postgres.state()), registry=registry)
     routers = [admin_router(settings, generations, sources, lease, cache)]
     return worker, health_app(registry, watchdog, routers, gateway)
+
+
+def serve(build: Callable[[RagtideSettings], FastAPI], settings: RagtideSettings) -> None:
+    """Run one of the HTTP processes (`create_node_app`, `create_retriever_app`, `create_embeddings_app`) on
+    api.host:api.port until it is stopped."""
+    import uvicorn
+
+    setup_logging(settings.log_level, settings.json_logs)
+    uvicorn.run(build(settings), host=settings.api.host, port=settings.api.port, log_config=None, access_log=False)
+
+
+def run_embedder(settings: RagtideSettings) -> None:
+    """Run one standalone embedder until it is stopped: its topics exist before its consumer subscribes; its HTTP
+    API runs on a thread of its own (the worker's event loop stays free); Faust's worker owns the main thread."""
+    setup_logging(settings.log_level, settings.json_logs)
+    worker, api = create_embedder(settings)
+    asyncio.run(ensure_topics(settings, source_topics(settings, sources_of(settings))))
+    serve_health(api, settings.api.host, settings.api.port)
+    faust.Worker(worker, loglevel=settings.log_level).execute_from_commandline()

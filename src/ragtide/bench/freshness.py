@@ -12,7 +12,7 @@ import multiprocessing as mp
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,9 @@ from ragtide.contracts.freshness import STAGES, percentile, summarize
 from ragtide.contracts.settings import EncoderSettings, RagtideSettings
 
 log = logging.getLogger(__name__)
+
+FIND_MAX_STEPS = (10.0, 15.0, 20.0, 25.0, 30.0, 40.0, 50.0, 70.0, 100.0, 150.0, 200.0, 300.0, 400.0)
+TARGETS = {5.0: (0.3, 0.8), 50.0: (0.5, 1.5)}  # rate -> (p50, p99) seconds on a 2-core machine
 
 
 @dataclass
@@ -44,6 +47,12 @@ class RateResult:
     node: str = ""  # the node's configuration it ran against (`--dtype`), when the run compares several
     series: list[tuple[int, float]] = field(default_factory=list)  # (commit ms, seconds)
     canary_series: list[tuple[int, float]] = field(default_factory=list)
+
+    def meets_target(self) -> bool:
+        """p50 and p99 within the target for this rate (`TARGETS`); False for a rate without one."""
+        target = TARGETS.get(self.rate)
+        e = self.end_to_end
+        return target is not None and (e["p50"] or 99) <= target[0] and (e["p99"] or 99) <= target[1]
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form (without the raw series)."""
@@ -240,3 +249,39 @@ def plot(results: list[RateResult], path: Path) -> Path | None:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def sweep(
+    settings: RagtideSettings,
+    rates: list[float],
+    duration: float,
+    weights: dict[str, int],
+    dtypes: list[str],
+    find_max: bool,
+    status: Callable[[str], None] = lambda _: None,
+) -> tuple[list[RateResult], float | None]:
+    """Every rate, once per precision in `dtypes` (the node restarted in it; none: as configured); with `find_max`,
+    then step up from the best sustained rate, staying below the lowest one that already failed. Returns the
+    results (by rate with `find_max`) and the largest sustained rate tried (with `find_max`)."""
+    results: list[RateResult] = []
+    for node in dtypes or [""]:
+        if node:
+            status(f"restarting the node with encoder.dtype={node} (its index rebuilt in it if need be)…")
+        with node_with_dtype(settings, node) if node else nullcontext(settings) as ns:
+            for per_s in rates:
+                status(f"{node + ': ' if node else ''}{per_s:g} changes/s for {duration:g}s…")
+                res = run_rate(ns, per_s, duration, weights)
+                res.node = node
+                results.append(res)
+    if not find_max:
+        return results, None
+    ok = max((r.rate for r in results if r.sustained), default=0.0)
+    failed = min((r.rate for r in results if not r.sustained), default=float("inf"))
+    for step in [c for c in FIND_MAX_STEPS if ok < c < failed]:
+        status(f"looking for the sustained maximum: {step:g} changes/s…")
+        res = run_rate(settings, step, min(duration, 20.0), weights)
+        results.append(res)
+        if not res.sustained:
+            break
+    results.sort(key=lambda r: r.rate)
+    return results, max((r.rate for r in results if r.sustained), default=None)

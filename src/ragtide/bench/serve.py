@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import httpx
 
 from ragtide.bench import save_result
 from ragtide.contracts.freshness import summarize, summarize_ms
+from ragtide.contracts.settings import RagtideSettings, authorization
 from ragtide.stack.process import is_loopback
 
 QUERIES = [
@@ -267,3 +269,63 @@ def grow_index(dsn: str, api: str, target_points: int, timeout: float, progress:
             raise TimeoutError(f"only {points} of {target_points} points indexed after {timeout:.0f}s")
         time.sleep(2)
     return points
+
+
+@dataclass
+class ServePlan:
+    """What one `ragtide bench serve` measures (its options)."""
+
+    duration_s: float = 10.0  # per search phase
+    clients: int = 8  # of the second search phase
+    answers: int = 5  # streamed answers (0: none)
+    max_tokens: int = 32
+    key: str | None = None  # None: no key (dev mode)
+    grow_to: int | None = None  # first grow the index to this many chunks
+    backfill_to: int | None = None  # search with 1 client while a backfill grows the index to this many
+    level_s: float = 15.0  # per wrk level
+    baseline: str | None = None  # also the node of this git revision, side by side
+    load: bool = True  # the wrk levels
+    connections: list[int] = field(default_factory=lambda: [64, 256, 1024])
+    sweep: list[int] = field(default_factory=lambda: [1, 4, 16, 32, 64])
+
+
+def run(
+    settings: RagtideSettings, api: str, plan: ServePlan, status: Callable[[str], None] = lambda _: None
+) -> ServeResult:
+    """The whole benchmark against the running API at `api` (loopback): grow or backfill first if asked (then build
+    the HNSW graph), search with 1 and N clients, streamed answers, then wrk's levels for this code and the
+    baseline's node, and a limited key's 429s."""
+    from ragtide.bench import load as wrk
+    from ragtide.contracts.machine import cpu_info
+
+    dsn, headers = settings.postgres.dsn(), authorization(plan.key)
+    if plan.grow_to:
+        status(f"growing the index to {plan.grow_to} chunks through the pipeline…")
+        grow_index(dsn, api, plan.grow_to, timeout=3600, progress=lambda n: status(f"{n} chunks"))
+    phases = []
+    if plan.backfill_to:
+        status(f"searching while a backfill grows the index to {plan.backfill_to} chunks…")
+        phases.append(search_during_backfill(dsn, api, headers, plan.backfill_to, timeout=3600))
+    if plan.backfill_to or plan.grow_to:
+        status("building the index's HNSW graph (ragtide optimize)…")
+        admin = settings.gateway.admin_headers()
+        httpx.post(f"{api}/v1/admin/optimize", json={}, headers=admin, timeout=3600).raise_for_status()
+    for n in (1, plan.clients):
+        status(f"/v1/search with {n} client(s) for {plan.duration_s:g}s…")
+        phases.append(search_phase(api, headers, n, plan.duration_s, max_requests=200_000))
+    if plan.answers:
+        status(f"{plan.answers} streamed answers…")
+        phases.append(answer_phase(api, headers, plan.answers, plan.max_tokens, timeout=300))
+    result = ServeResult(api, indexed_chunks(api, headers), phases, time.strftime("%Y%m%d-%H%M%S"))
+    result.machine = cpu_info()
+    if plan.load:
+        levels, swept = plan.connections, plan.sweep
+        status(f"wrk: {levels} and {swept} connections, {plan.level_s:g}s each…")
+        result.load["this"] = wrk.measure(api, levels, swept, plan.level_s, plan.key)
+        if plan.baseline:
+            status(f"the node of {plan.baseline}, then wrk against it…")
+            with wrk.baseline_node(settings, plan.baseline, wrk.git_toplevel()) as short:
+                result.load[f"baseline {short}"] = wrk.measure(api, levels, swept, plan.level_s, plan.key)
+        status("limits still apply: a key of 10 requests/s under 16 connections…")
+        result.limits = wrk.limits_apply(settings, api)
+    return result

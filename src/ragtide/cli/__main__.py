@@ -1,0 +1,3 @@
+from ragtide.cli import main
+
+main()
