@@ -3,7 +3,7 @@
 Every embedder of the consumer group writes the changes of its partitions, but one of them, the *leader*, owns the
 generations' life cycle: it starts builds, verifies them, switches one live and drops retired collections. Two
 replicas doing that from memory of their own could drop a collection the other still writes. The others *follow*:
-they read the catalog before every batch (generations.py).
+they read the catalog before every batch (generations/dual.py).
 
 `PostgresLease` is a session-level advisory lock in ragtide's state database, held on a connection of its own: a
 leader that dies, or loses its connection, loses the lock with its session, and another replica takes it at its

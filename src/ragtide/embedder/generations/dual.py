@@ -1,187 +1,28 @@
-"""Index generations: blue/green collections behind one alias, so a model change or a full reindex never shows
-search a half-built index.
-
-A *generation* is everything that decides the vectors: the model, its dimension, the chunking, and a revision.
-Each generation lives in its own collection `<collection>-<fingerprint>`. The *catalog* (one point in a small
-collection of the same store, so it lives wherever the index lives) is the alias: it names the live generation
-and the one being built.
-
-While a build runs, the embedder applies every change to both generations (dual write); the new one receives the
-existing rows through Debezium's incremental snapshot, which Debezium interleaves correctly with the live stream.
-`BuildWatcher` verifies the new generation against the source; once there is no drift it becomes live in one
-step (search switches its collection and its query encoder together) and the old collection is dropped.
-"""
+"""The embedder's generations at run time: the live one and the one being built, every batch written to both
+(dual write) under one lock, with the catalog kept in step: the leader converges, promotes and reaps, a follower
+adopts what the catalog names before each batch."""
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, ClassVar
+from dataclasses import dataclass, field, replace
+from typing import Any
 
-import numpy as np
 from prometheus_client import CollectorRegistry, Gauge
 
 from ragtide.contracts.errors import StoreUnavailable
 from ragtide.contracts.events import ChangeEvent, Op
-from ragtide.contracts.logging import BackgroundFailures
 from ragtide.embedder.encoder import Encoder
-from ragtide.embedder.index.base import IndexPoint, VectorIndex
-from ragtide.embedder.verify import TableDrift, verify_table
-from ragtide.embedder.writer import ApplyStats, IndexWriter
-from ragtide.ingest.sources import SourcesConfig
+from ragtide.embedder.generations.catalog import Catalog, CatalogState
+from ragtide.embedder.generations.spec import Generation, GenerationFactory, GenerationSpec
+from ragtide.embedder.index.base import VectorIndex
+from ragtide.embedder.verify import TableDrift
+from ragtide.embedder.writer import ApplyStats
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("float", "int8")
-CATALOG_POINT = str(uuid.uuid5(uuid.NAMESPACE_URL, "ragtide:catalog"))
-
-
-@dataclass(frozen=True)
-class GenerationSpec:
-    """What decides the vectors of a collection. `model_path` and `url` say where to load the model or reach its
-    provider, not what it is."""
-
-    model: str
-    dim: int
-    max_tokens: int
-    overlap: int
-    revision: int = 1
-    model_path: str | None = None
-    precision: str = "float"
-    provider: str = "local"
-    url: str | None = None  # where a provider's generation was embedded (like model_path: not what it is)
-    query_prefix: str = ""  # put before each query (E5/BGE-style models)
-    document_prefix: str = ""  # put before each chunk embedded
-    # How a provider's requests were shaped when it was built (not what the vectors are: outside the fingerprint),
-    # so that its generation is still reached the same way after the configuration moved to another provider.
-    normalize: bool = False
-    send_dimensions: bool = False
-    encoding_format: str = "base64"
-    REQUEST_SHAPE: ClassVar[tuple[str, ...]] = ("normalize", "send_dimensions", "encoding_format")
-
-    @property
-    def fingerprint(self) -> str:
-        """Stable across machines: the model's name, not its path. int8 vectors are a generation of their own: they
-        agree with fp32 only to a cosine of ~0.99 (fp32, bf16 and fp16 to 0.999), enough to reorder close results,
-        so a change of precision is a blue/green rebuild, never a mix in one collection. So is a change of
-        provider: two servers may serve different weights under one model name. "float" and "local" add nothing,
-        so generations made before precision and provider were part of a spec keep their fingerprint."""
-        ident = f"{self.model}|{self.dim}|{self.max_tokens}|{self.overlap}|{self.revision}"
-        if self.precision != "float":
-            ident += f"|{self.precision}"
-        if self.provider != "local":
-            ident += f"|{self.provider}"
-        if self.query_prefix or self.document_prefix:
-            ident += f"|q={self.query_prefix!r}|d={self.document_prefix!r}"
-        return hashlib.sha256(ident.encode()).hexdigest()[:10]
-
-    @property
-    def encoder_identity(self) -> tuple[str, str, str, int]:
-        """What an encoder of this generation must be (`encoder_identity` of it): provider, model, precision and
-        dimension (a provider's model may make vectors of several sizes)."""
-        return (self.provider, self.model, self.precision, self.dim)
-
-    def collection(self, base: str) -> str:
-        """The physical collection of this generation."""
-        return f"{base}-{self.fingerprint}"
-
-    def same_vectors(self, other: GenerationSpec) -> bool:
-        """Same provider, model, prompts, precision and chunking: the vectors would be identical, whatever the
-        revision."""
-        # where and how it is reached, not what it makes
-        reach: dict[str, Any] = {k: getattr(other, k) for k in ("revision", "model_path", "url", *self.REQUEST_SHAPE)}
-        return replace(self, **reach) == other
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON form (catalog payload, API)."""
-        return {**asdict(self), "fingerprint": self.fingerprint}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GenerationSpec:
-        """Inverse of as_dict."""
-        return cls(
-            model=str(d["model"]),
-            dim=int(d["dim"]),
-            max_tokens=int(d["max_tokens"]),
-            overlap=int(d["overlap"]),
-            revision=int(d.get("revision", 1)),
-            model_path=d.get("model_path"),
-            precision=_precision(d.get("precision", "float")),
-            provider=str(d.get("provider", "local")),
-            url=d.get("url"),
-            query_prefix=str(d.get("query_prefix", "")),
-            document_prefix=str(d.get("document_prefix", "")),
-            normalize=bool(d.get("normalize", False)),
-            send_dimensions=bool(d.get("send_dimensions", False)),
-            encoding_format=str(d.get("encoding_format", "base64")),
-        )
-
-
-def encoder_identity(encoder: Encoder) -> tuple[str, str, str, int]:
-    """Which generations an encoder can serve: those whose `GenerationSpec.encoder_identity` this is."""
-    return (encoder.provider, encoder.model_name, encoder.precision, encoder.dim)
-
-
-def _precision(value: Any) -> str:
-    if value not in PRECISIONS:
-        raise ValueError(f"a generation's precision is one of {', '.join(PRECISIONS)}, not {value!r}")
-    return str(value)
-
-
-@dataclass(frozen=True)
-class CatalogState:
-    """Which generation is live, and which is being built."""
-
-    live: GenerationSpec | None = None
-    building: GenerationSpec | None = None
-    retired: tuple[GenerationSpec, ...] = ()  # switched away from; dropped after a grace period
-
-
-class Catalog:
-    """The alias, stored as one point of a 1-d collection in the same store as the generations."""
-
-    def __init__(self, index: VectorIndex) -> None:
-        self.index = index
-        index.ensure_collection(1)
-
-    def read(self) -> CatalogState:
-        """The current state (empty on a new store)."""
-        points = self.index.scroll(limit=10)
-        payload = next((p.payload for p in points if p.id == CATALOG_POINT), None)
-        if not payload:
-            return CatalogState()
-        live, building = payload.get("live"), payload.get("building")
-        return CatalogState(
-            GenerationSpec.from_dict(live) if live else None,
-            GenerationSpec.from_dict(building) if building else None,
-            tuple(GenerationSpec.from_dict(r) for r in payload.get("retired") or []),
-        )
-
-    def write(self, state: CatalogState) -> None:
-        """Replace the state in one write."""
-        payload = {
-            "live": state.live.as_dict() if state.live else None,
-            "building": state.building.as_dict() if state.building else None,
-            "retired": [r.as_dict() for r in state.retired],
-            "updated_ms": int(time.time() * 1000),
-        }
-        self.index.upsert([IndexPoint(CATALOG_POINT, np.ones(1, dtype=np.float32), payload)])
-
-
-@dataclass
-class Generation:
-    """A generation at run time: its collection, its encoder and the writer that keeps it equal to the source."""
-
-    spec: GenerationSpec
-    index: VectorIndex
-    encoder: Encoder
-    writer: IndexWriter
 
 
 @dataclass
@@ -220,9 +61,6 @@ class BuildProgress:
             "checks": self.checks,
             "unrepairable": self.unrepairable,
         }
-
-
-GenerationFactory = Callable[[GenerationSpec], Generation]
 
 
 class Generations:
@@ -507,120 +345,6 @@ class Generations:
         self.catalog.index.close()
 
 
-VerifyTable = Callable[[Generation, str, bool], TableDrift]
-
-
-class BuildWatcher:
-    """Verifies the generation being built and switches it live when it equals the source.
-
-    Checks get rarer as they get longer (at least `interval_s`, at most a quarter of the time spent verifying).
-    When the drift stops shrinking while nothing else moves (a lost snapshot signal), the drift is repaired.
-    """
-
-    def __init__(
-        self,
-        generations: Generations,
-        sources: SourcesConfig,
-        verify: VerifyTable,
-        interval_s: float = 2.0,
-        stall_checks: int = 5,
-        failures: BackgroundFailures | None = None,
-    ) -> None:
-        self.failures = failures or BackgroundFailures()
-        self.generations = generations
-        self.sources = sources
-        self.verify = verify
-        self.interval_s = interval_s
-        self.stall_checks = stall_checks
-        self._unchanged = 0
-        self._batches_seen = -1
-
-    def check(self) -> bool:
-        """One verify pass over the build; True when it switched live."""
-        gens = self.generations
-        gen = gens.building
-        if gen is None:
-            return False
-        before = gens.progress.drift if gens.progress else -1
-        batches = gens.build_batches
-        reports = [self.verify(gen, table, False) for table in self.sources.user_tables]
-        progress = gens.record_progress(reports)
-        drift = sum(r.drift for r in reports)
-        if drift == 0:
-            gens.promote()
-            return True
-        # Stalled: the drift stays the same while the stream brings the build nothing (a lost snapshot signal).
-        # A big snapshot batch still being embedded is not a stall.
-        idle = batches == self._batches_seen and not gens.applying_build
-        self._batches_seen = gens.build_batches
-        self._unchanged = self._unchanged + 1 if drift == before and idle else 0
-        if self._unchanged >= self.stall_checks:
-            log.warning("build stalled; repairing its drift from the source", extra={"drift": drift})
-            refused: dict[str, str] = {}
-            for table in self.sources.user_tables:
-                report = self.verify(gen, table, True)
-                refused |= {f"{table}:{row}": why for row, why in report.unrepairable.items()}
-                if report.unrepaired:  # e.g. rows its provider refuses: the build cannot go live while they drift
-                    log.error(
-                        "rows the build cannot hold; it will not switch live until they change",
-                        extra={"table": table, "rows": report.unrepaired, "examples": report.unrepairable},
-                    )
-            if progress is not None:
-                progress.unrepairable = refused
-            self._unchanged = 0
-        log.info("building", extra=progress.as_dict() if progress else {})
-        return False
-
-    async def run(self) -> None:
-        """Check until cancelled."""
-        reap_failures = self.failures.loop("dropping a retired generation", log)
-        check_failures = self.failures.loop("build check", log)
-        delay = self.interval_s
-        while True:
-            await asyncio.sleep(delay)
-            try:
-                await asyncio.to_thread(self.generations.reap)
-                reap_failures.recovered()
-            except Exception as exc:
-                reap_failures.failed(exc)
-            if self.generations.building is None:
-                delay = self.interval_s
-                continue
-            t0 = time.monotonic()
-            try:
-                await asyncio.to_thread(self.check)
-                check_failures.recovered()
-            except Exception as exc:
-                check_failures.failed(exc)
-            delay = max(self.interval_s, 4 * (time.monotonic() - t0))
-
-
-def verify_generation(
-    dsn_of: Callable[[str], str],
-    generations: Generations,
-    sources: SourcesConfig,
-    gen: Generation,
-    table: str,
-    repair: bool,
-    reembed: bool = False,
-) -> tuple[TableDrift, int]:
-    """verify_table against one generation, reading the source at a REPEATABLE READ snapshot; its writes are
-    serialised with the stream's. Returns the report and how many chunks its writes embedded."""
-    from ragtide.ingest.rows import read_rows
-
-    source = sources.get(table)
-    assert source is not None
-    writer = LockedWriter(generations, gen)
-    with gen.writer.remembering_deletes():  # from before the snapshot until its writes are done
-        position, rows = read_rows(dsn_of(table), source)
-        return verify_table(source, position, rows, gen.index, writer, repair, reembed), writer.embedded
-
-
-def verifier(dsn_of: Callable[[str], str], generations: Generations, sources: SourcesConfig) -> VerifyTable:
-    """The BuildWatcher's verify: verify_generation without the embedding count."""
-    return lambda gen, table, repair: verify_generation(dsn_of, generations, sources, gen, table, repair)[0]
-
-
 class LockedWriter:
     """A generation's writer whose writes are serialised with the stream's (what verify's repair needs)."""
 
@@ -635,61 +359,3 @@ class LockedWriter:
         stats = self.generations.apply_to(self.gen, events)
         self.embedded += stats.embedded
         return stats
-
-
-class CatalogFollower:
-    """The standalone retriever's view of the live generation. A background thread re-reads the catalog every
-    `every_s` seconds; after a switch it opens the new collection and its encoder, and only then serves them
-    (search never waits on it; the embedder keeps the old collection for a grace period)."""
-
-    def __init__(
-        self,
-        catalog: Catalog,
-        factory: GenerationFactory,
-        desired: GenerationSpec,
-        every_s: float = 2.0,
-        failures: BackgroundFailures | None = None,
-    ):
-        self.failures = failures or BackgroundFailures()
-        self.catalog = catalog
-        self.factory = factory
-        self.every_s = every_s
-        live = catalog.read().live or desired  # an empty store: the embedder will create this one
-        self._gen = factory(live)
-        self._gen.index.ensure_collection(live.dim)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def refresh(self) -> bool:
-        """Follow the catalog once; True when it switched."""
-        live = self.catalog.read().live
-        if live is None or live.fingerprint == self._gen.spec.fingerprint:
-            return False
-        gen = self.factory(live)
-        gen.index.ensure_collection(live.dim)
-        self._gen = gen  # the old pair stays usable by requests holding it; the embedder drops it later
-        log.info("following the switch to a new generation", extra={"live": live.as_dict()})
-        return True
-
-    def _loop(self) -> None:
-        failures = self.failures.loop("reading the catalog (serving the current generation)", log)
-        while not self._stop.wait(self.every_s):
-            try:
-                self.refresh()
-                failures.recovered()
-            except Exception as exc:
-                failures.failed(exc)
-
-    def current(self) -> tuple[VectorIndex, Encoder]:
-        """The live pair (never blocks); starts the follower thread on first use."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="catalog-follower", daemon=True)
-            self._thread.start()
-        gen = self._gen
-        return gen.index, gen.encoder
-
-    def close(self) -> None:
-        """Stop following; close the collection and the catalog."""
-        self._stop.set()
-        self._gen.index.close()
-        self.catalog.index.close()
