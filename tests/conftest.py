@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from ragtide.contracts.machine import quiet_native_teardown
+
+quiet_native_teardown()  # the summary line ends the output, not triton's teardown report
 TESTS = Path(__file__).parent
 
 

@@ -9,6 +9,7 @@ import sys
 
 from ragtide.cli.common import app, console
 from ragtide.contracts.errors import RagtideError
+from ragtide.contracts.machine import quiet_native_teardown
 
 __all__ = ["app", "main"]
 
@@ -19,6 +20,7 @@ for _group in ("stack", "processes", "ops", "dlq", "keys", "bench"):
 
 def main() -> None:
     """Entry point: errors we raise on purpose print as one clear message, not a traceback."""
+    quiet_native_teardown()
     try:
         app()
     except RagtideError as exc:

@@ -24,3 +24,22 @@ def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
     except OSError:
         pass
     return {"model": model, "cpus": os.cpu_count(), "features": [f for f in FEATURES if f in flags]}
+
+
+def quiet_native_teardown() -> None:
+    """Silence stderr once the interpreter's exit handlers have run.
+
+    transformers imports `torch._dynamo`, which imports triton even on a CPU-only machine, and triton's nanobind
+    extension prints hundreds of `nanobind: leaked ...` lines as the interpreter tears its modules down, after
+    everything a process meant to say. Call this early: exit handlers run last-registered first, so this one runs
+    after those registered later (torch's, triton's, the application's), which keep their stderr."""
+    import atexit
+    import sys
+
+    def silence() -> None:
+        sys.stderr.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+
+    atexit.register(silence)
