@@ -23,10 +23,10 @@ import typer.main
 import yaml
 
 from ragtide.cli import app as cli_app
+from ragtide.contracts import templates
 from ragtide.contracts.errors import ConfigError
 from ragtide.contracts.settings import ClusterSettings, PostgresSettings, RagtideSettings
 from ragtide.gateway.gateway import check_config
-from ragtide.stack import templates
 from ragtide.stack.cluster import Cluster, quorum_properties
 from ragtide.stack.postgres import SERVER_SETTINGS
 from tests.deploy import (

@@ -21,8 +21,8 @@ import httpx
 
 from ragtide.bench import save_result
 from ragtide.contracts.freshness import summarize, summarize_ms
+from ragtide.contracts.net import is_loopback
 from ragtide.contracts.settings import RagtideSettings, authorization
-from ragtide.stack.process import is_loopback
 
 QUERIES = [
     "how do I catch an exception",

@@ -31,9 +31,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ragtide.contracts.errors import ConfigError, StoreUnavailable
 from ragtide.contracts.logging import Throttled
+from ragtide.contracts.net import is_loopback
 from ragtide.contracts.settings import GatewaySettings, RagtideSettings
 from ragtide.gateway.store import ApiKey, GatewayStore, TokenBucket, key_id_of, matches, take_from
-from ragtide.stack.process import is_loopback
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ from collections.abc import Sequence
 import httpx
 import psycopg
 
+from ragtide.contracts import templates
 from ragtide.contracts.errors import ConfigError, StackError
 from ragtide.contracts.settings import KafkaSettings, RagtideSettings
 from ragtide.ingest import pgsetup
 from ragtide.ingest.sources import SourcesConfig, source_dbs
-from ragtide.stack import templates
 
 log = logging.getLogger(__name__)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from ragtide.contracts import templates
 from ragtide.contracts.errors import StackError
 from ragtide.contracts.settings import REPO_ROOT, RagtideSettings
-from ragtide.stack import templates
 from ragtide.stack.process import Daemon, http_ok, port_open, run_checked, wait_until
 
 STACK_CACHE = REPO_ROOT / ".cache" / "stack"

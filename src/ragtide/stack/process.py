@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import signal
 import socket
@@ -138,16 +137,6 @@ def port_open(host: str, port: int) -> bool:
 def http_ok(url: str) -> bool:
     """True if GET url answers 2xx."""
     return httpx.get(url, timeout=2.0).is_success
-
-
-def is_loopback(host: str) -> bool:
-    """`localhost` or a loopback address (127.0.0.0/8, ::1)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # Ports handed out by this process (free_port, free_port_range): none is handed out twice, even before it is bound.
