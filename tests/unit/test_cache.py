@@ -4,7 +4,7 @@ rows an answer used (and by truncate), the in-flight race, TTL, size bound, rest
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -32,8 +32,9 @@ def cite(table: str, row: str) -> dict[str, Any]:
             "source_commit_ts": None, "indexed_at": None}  # fmt: skip
 
 
-def make(index: MemoryIndex | None = None, **kw: Any) -> SemanticCache:
-    cache = SemanticCache(index or MemoryIndex(), CacheSettings(threshold=0.9, **kw), CollectorRegistry())
+def make(index: MemoryIndex | None = None, clock: Callable[[], float] = time.time, **kw: Any) -> SemanticCache:
+    settings = CacheSettings(threshold=0.9, **kw)
+    cache = SemanticCache(index or MemoryIndex(), settings, CollectorRegistry(), clock=clock)
     cache.ensure(DIM)
     return cache
 
@@ -85,9 +86,12 @@ def test_ttl_size_bound_and_restart() -> None:
     assert len(cache) == 2 and cache.lookup(vec(1), "t1", "scope") is None  # the oldest was evicted
     reopened = make(index, max_entries=2)  # the collection survives a restart
     assert len(reopened) == 2 and reopened.lookup(vec(0, 0, 1), "t1", "scope") is not None
-    short = make(ttl_s=0.05)
+    now = [1_000.0]
+    short = make(ttl_s=60, clock=lambda: now[0])
     put(short, vec(1), ("public.docs", "1"))
-    time.sleep(0.1)
+    now[0] += 59
+    assert short.lookup(vec(1), "t1", "scope") is not None  # within its TTL
+    now[0] += 2
     assert short.lookup(vec(1), "t1", "scope") is None and len(short) == 0
 
 

@@ -13,7 +13,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -345,6 +345,37 @@ def _sse(event: str | None, data: Any) -> str:
     return f"{head}data: {payload}\n\n"
 
 
+def _stream(
+    run: Answering,
+    first: str,
+    token: Callable[[str], str],
+    failed: Callable[[GeneratorUnavailable], list[str]],
+    last: Callable[[str], list[str]],
+) -> StreamingResponse:
+    """One answer as Server-Sent Events, in either shape: `first` (the citations), one event per token, `failed`'s
+    events if the generator broke mid-answer, then `last(outcome)`. The run is settled (usage charged, the answer
+    cached if it completed) whatever happened, including a client that went away ("abandoned")."""
+
+    async def events() -> AsyncIterator[str]:
+        outcome = "abandoned"
+        try:
+            yield first
+            async for text in run.tokens():
+                yield token(text)
+            outcome = "ok"
+        except GeneratorUnavailable as exc:
+            outcome = "broken"
+            for event in failed(exc):
+                yield event
+        finally:
+            await run.finish(outcome)
+            await run.aclose()
+        for event in last(outcome):
+            yield event
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
 def answer_router() -> APIRouter:
     """POST /v1/answer and the OpenAI-compatible POST /v1/chat/completions."""
     router = APIRouter(tags=["answering"])
@@ -381,35 +412,27 @@ def answer_router() -> APIRouter:
                 cache=run.cache_info,
             )
 
-        async def events() -> AsyncIterator[str]:
-            outcome = "abandoned"
-            try:
-                citations = [c.model_dump() for c in run.citations]
-                yield _sse("citations", {"citations": citations, "cache": run.cache_info.model_dump()})
-                async for text in run.tokens():
-                    yield _sse("token", {"text": text})
-                outcome = "ok"
-            except GeneratorUnavailable as exc:
-                outcome = "broken"
-                yield _sse("error", {"detail": f"the generator failed mid-answer: {exc}"})
-            finally:
-                await run.finish(outcome)
-                await run.aclose()
+        def done(outcome: str) -> list[str]:
             assert run.usage is not None
-            yield _sse(
-                "done",
-                {
-                    "finish_reason": run.finish_reason,
-                    "usage": run.usage.model_dump(),
-                    "cost": run.cost,
-                    "cited": [c.n for c in run.citations if c.cited],
-                    "ttft_ms": round(run.ttft * 1000, 2),
-                    "took_ms": run.took_ms,
-                    "cache": run.cache_info.model_dump(),
-                },
-            )
+            end = {
+                "finish_reason": run.finish_reason,
+                "usage": run.usage.model_dump(),
+                "cost": run.cost,
+                "cited": [c.n for c in run.citations if c.cited],
+                "ttft_ms": round(run.ttft * 1000, 2),
+                "took_ms": run.took_ms,
+                "cache": run.cache_info.model_dump(),
+            }
+            return [_sse("done", end)]
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+        citations = [c.model_dump() for c in run.citations]
+        return _stream(
+            run,
+            _sse("citations", {"citations": citations, "cache": run.cache_info.model_dump()}),
+            lambda text: _sse("token", {"text": text}),
+            lambda exc: [_sse("error", {"detail": f"the generator failed mid-answer: {exc}"})],
+            done,
+        )
 
     async def chat_completions(
         body: ChatCompletionRequest, request: Request, svc: ServicesDep, caller: CallerDep
@@ -457,25 +480,19 @@ def answer_router() -> APIRouter:
             body["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish}]
             return _sse(None, body)
 
-        async def events() -> AsyncIterator[str]:
-            outcome = "abandoned"
-            try:
-                citations = [c.model_dump() for c in run.citations]
-                yield chunk({"role": "assistant"}, citations=citations, cache=run.cache_info.model_dump())
-                async for text in run.tokens():
-                    yield chunk({"content": text})
-                outcome = "ok"
-            except GeneratorUnavailable:
-                outcome = "broken"
-            finally:
-                await run.finish(outcome)
-                await run.aclose()
+        def done(outcome: str) -> list[str]:
             assert run.usage is not None
             finish = run.finish_reason if outcome == "ok" else "error"
-            yield chunk({}, finish, usage=run.usage.model_dump(exclude={"estimated"}))
-            yield _sse(None, "[DONE]")
+            return [chunk({}, finish, usage=run.usage.model_dump(exclude={"estimated"})), _sse(None, "[DONE]")]
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+        citations = [c.model_dump() for c in run.citations]
+        return _stream(
+            run,
+            chunk({"role": "assistant"}, citations=citations, cache=run.cache_info.model_dump()),
+            lambda text: chunk({"content": text}),
+            lambda _: [],  # OpenAI's stream has no error event: the last chunk's finish_reason says "error"
+            done,
+        )
 
     # OpenAI's clients parse OpenAI's error body: this route's errors come in that shape (with `detail` beside it).
     router.add_api_route(

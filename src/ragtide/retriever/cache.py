@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -104,11 +104,18 @@ class SemanticCache:
     """Lookup, store, invalidate; thread-safe (the embedder invalidates from its worker thread)."""
 
     def __init__(
-        self, index: VectorIndex, settings: CacheSettings, registry: CollectorRegistry, sole_writer: bool = True
+        self,
+        index: VectorIndex,
+        settings: CacheSettings,
+        registry: CollectorRegistry,
+        sole_writer: bool = True,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """`sole_writer`: this object stores every entry (the node); False when another process stores answers
-        in the same collection (a standalone embedder invalidating for the retrievers)."""
+        in the same collection (a standalone embedder invalidating for the retrievers). `clock`: wall time in
+        seconds (entries carry their creation time, shared by every process)."""
         self.index = index
+        self.clock = clock
         self.settings = settings
         self.sole_writer = sole_writer
         self.metrics = CacheMetrics(registry)
@@ -151,7 +158,7 @@ class SemanticCache:
         if sources is not None and list(p.get("sources") or []) != list(sources):
             self.metrics.requests.labels("other_sources").inc()
             return None
-        if time.time() * 1000 - int(p["created_ms"]) > self.settings.ttl_s * 1000:
+        if self.clock() * 1000 - int(p["created_ms"]) > self.settings.ttl_s * 1000:
             try:
                 self._drop([hit.id])
             except StoreUnavailable as exc:  # dropped at a later lookup; the answer is not served either way
@@ -201,7 +208,7 @@ class SemanticCache:
                 if rows & changed_rows or tables & changed_tables:
                     log.info("not caching an answer: a row it used changed while it was generated")
                     return False
-        created = int(time.time() * 1000)
+        created = int(self.clock() * 1000)
         point_id = str(uuid.uuid4())
         payload = {
             "tenant": tenant,

@@ -64,7 +64,7 @@ class Canary:
         self.last_error: str | None = "waiting for the first round trip"
         self._conn: psycopg.Connection[Any] | None = None
 
-    def _write(self, nonce: str) -> float:
+    def commit(self, nonce: str) -> float:
         """Commit the canary row; returns the wall time just before the commit was sent."""
         if self._conn is None or self._conn.closed:
             self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
@@ -89,7 +89,7 @@ class Canary:
     async def probe(self) -> float:
         """One round trip; returns seconds from commit to searchable."""
         nonce = uuid.uuid4().hex
-        committed = await asyncio.to_thread(self._write, nonce)
+        committed = await asyncio.to_thread(self.commit, nonce)
         deadline = committed + self.settings.timeout_s
         while time.time() < deadline:
             if await asyncio.to_thread(self._found, nonce):
@@ -113,13 +113,16 @@ class Canary:
                     self.last_error = f"{type(exc).__name__}: {exc}"
                     log.warning("canary failed", extra={"error": self.last_error})
                     with contextlib.suppress(Exception):
-                        if self._conn is not None:
-                            self._conn.close()
+                        self.close()
                     self._conn = None
                 await asyncio.sleep(max(0.0, self.settings.interval_s - (time.monotonic() - started)))
         finally:
-            if self._conn is not None:
-                self._conn.close()
+            self.close()
+
+    def close(self) -> None:
+        """Close the connection the probes write through (the next probe opens another)."""
+        if self._conn is not None:
+            self._conn.close()
 
     def readiness(self) -> tuple[bool, str]:
         """Ready when the last round trip is recent and within the freshness bound."""
