@@ -94,8 +94,9 @@ class EchoGenerator:
 
     model = "echo"
 
-    def __init__(self, fail: str | None = None) -> None:
+    def __init__(self, fail: str | None = None, break_after: int | None = None) -> None:
         self.fail = fail
+        self.break_after = break_after  # words streamed before the generator breaks mid-answer
         self.calls: list[list[Message]] = []
 
     async def stream(self, messages: Sequence[Message], params: GenerationParams) -> AsyncIterator[Delta]:
@@ -106,7 +107,9 @@ class EchoGenerator:
         prompt = messages[-1].content
         words = ["According", "to", "[1]."] if '<source id="1"' in prompt else ["No", "sources."]
         words = words[: params.max_tokens]
-        for word in words:
+        for i, word in enumerate(words):
+            if i == self.break_after:
+                raise GeneratorUnavailable("connection reset by the generator")
             yield Delta(text=word + " ")
         yield Delta(finish_reason="stop", usage=Usage(prompt_tokens=len(prompt) // 4, completion_tokens=len(words)))
 

@@ -127,6 +127,25 @@ def test_streamed_answer_sends_citations_first_then_tokens_then_done(api: Api) -
     assert events[-1][1]["cited"] == [1] and events[-1][1]["finish_reason"] == "stop"
 
 
+def test_a_generator_that_breaks_mid_answer_ends_each_stream_in_its_shape_and_is_charged() -> None:
+    """Both routes, one token in: /v1/answer sends an error event, then done; chat completions ends with a chunk
+    whose finish_reason is "error", then [DONE]. The tokens used so far are charged; nothing is cached."""
+    for api in make_api(EchoGenerator(break_after=1), cache=CacheSettings(threshold=0.99)):
+        headers = api.key("acme")
+        resp = api.client.post("/v1/answer", json={"query": "kafka topics", "stream": True}, headers=headers)
+        events = sse_events(resp.text)
+        assert [e[0] for e in events] == ["citations", "token", "error", "done"], events
+        assert "connection reset by the generator" in events[2][1]["detail"]
+        assert events[-1][1]["usage"]["completion_tokens"] == 1
+        chat = {"messages": [{"role": "user", "content": "kafka topics"}], "stream": True}
+        events = sse_events(api.client.post("/v1/chat/completions", json=chat, headers=headers).text)
+        assert events[0][1]["choices"][0]["delta"] == {"role": "assistant"}
+        assert [e[1]["choices"][0]["delta"].get("content") for e in events[1:2]] == ["According "]
+        assert events[-2][1]["choices"][0]["finish_reason"] == "error" and events[-1][1] == "[DONE]"
+        assert api.store.usage("acme", next(iter(api.store.used))[1]) > 0  # both charged
+        assert api.cache is not None and len(api.cache) == 0  # a broken answer is never replayed
+
+
 def test_no_generator_is_a_503_with_the_reason_and_search_still_works() -> None:
     for api in make_api(EchoGenerator(fail="connection refused by gen:8000")):
         for stream in (False, True):
