@@ -58,7 +58,7 @@ def test_replicas_canaries_do_not_disturb_each_other(live: LiveStack) -> None:
 
     def replica_b() -> None:
         while not stop.is_set():
-            other._write(uuid.uuid4().hex)
+            other.commit(uuid.uuid4().hex)
             time.sleep(0.2)
 
     before = live.metric("ragtide_canary_freshness_seconds_count")
@@ -70,8 +70,7 @@ def test_replicas_canaries_do_not_disturb_each_other(live: LiveStack) -> None:
     finally:
         stop.set()
         writer.join()
-        if other._conn is not None:
-            other._conn.close()
+        other.close()
     ids = {r[0] for r in live.sql(f"SELECT id FROM {CANARY_TABLE}")}
     assert 777 not in ids and {778, other.slot} <= ids
     live.sql(f"DELETE FROM {CANARY_TABLE} WHERE id IN (778, %s)", (other.slot,))

@@ -99,4 +99,9 @@ def test_backfill_progress_is_exported_per_table(live: LiveStack) -> None:
         return total == in_sql and done == docs_rows(live)
 
     poll(caught_up, "the backfill gauges to match Postgres and the index")
-    assert live.metric("ragtide_backfill_rows_per_second", table="public.docs") >= 0
+
+    def idle() -> bool:  # caught up, nothing more arriving: the rate falls to 0 and the ETA is "done"
+        rate = live.metric("ragtide_backfill_rows_per_second", table="public.docs")
+        return rate == 0 and live.metric("ragtide_backfill_eta_seconds", table="public.docs") == 0
+
+    poll(idle, "the backfill rate to settle at 0 rows/s with an ETA of 0")

@@ -11,13 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ragtide.cli.common import (
-    app,
-    configured_settings,
-    console,
-    current_settings,
-    loopback_api,
-)
+from ragtide.cli.common import app, configured_settings, console, current_settings, loopback_api
 
 bench_app = typer.Typer(help="Benchmarks against the running stack (start it with `make up`).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")

@@ -8,11 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ragtide.cli.common import (
-    app,
-    console,
-    current_settings,
-)
+from ragtide.cli.common import app, console, current_settings
 
 dlq_app = typer.Typer(help="The dead-letter topic: what could not be indexed, and why.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")

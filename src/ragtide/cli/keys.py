@@ -7,11 +7,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from ragtide.cli.common import (
-    app,
-    console,
-    current_settings,
-)
+from ragtide.cli.common import app, console, current_settings
 
 keys_app = typer.Typer(help="API keys and quotas of tenants (stored hashed in Postgres).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")

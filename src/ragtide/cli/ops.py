@@ -14,13 +14,7 @@ import httpx
 import typer
 from rich.table import Table
 
-from ragtide.cli.common import (
-    api_post,
-    app,
-    console,
-    current_settings,
-    rows_progress,
-)
+from ragtide.cli.common import api_post, app, console, current_settings, rows_progress
 from ragtide.contracts.errors import RagtideError
 from ragtide.contracts.settings import RagtideSettings
 

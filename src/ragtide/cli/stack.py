@@ -14,13 +14,7 @@ import httpx
 import typer
 from rich.table import Table
 
-from ragtide.cli.common import (
-    app,
-    configured_settings,
-    console,
-    current_settings,
-    wait_indexed,
-)
+from ragtide.cli.common import app, configured_settings, console, current_settings, wait_indexed
 from ragtide.contracts.settings import RagtideSettings, redact_dsn
 
 if TYPE_CHECKING:
