@@ -174,7 +174,9 @@ def own_stack_settings(prefix: str, extra_sources: list[dict[str, Any]], **overr
 @pytest.fixture(scope="session")
 def live() -> Iterator[LiveStack]:
     # The product's sources plus a multi-tenant table (snapshotted with the rest) for the gateway's tests.
-    settings = own_stack_settings("ragtide-e2e-", [TICKETS_SOURCE, SCRATCH_SOURCE], index={"retire_grace_s": 5})
+    settings = own_stack_settings(
+        "ragtide-e2e-", [TICKETS_SOURCE, SCRATCH_SOURCE], index={"retire_grace_s": 5, "indexing_threshold_kb": 100}
+    )
     with stopped_after(settings) as stack:
         PostgresCluster(settings, stack.daemon("postgres")).start()
         tenants = create_tickets(settings.postgres.dsn())

@@ -7,6 +7,7 @@ Like qdrant-client's congruence tests: the same assertions against each backend.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -241,3 +242,45 @@ def test_optimize_builds_hnsw_on_a_corpus_past_the_indexing_threshold(tmp_path: 
     assert report["points"] == 8_000 and report["indexed_vectors"] > 0, report
     assert idx.search(vectors[123], 1)[0].payload["row_key"] == "t:123"
     idx.close()
+
+
+@pytest.mark.parametrize("backend", ["edge", "qdrant-server"])
+def test_a_lowered_indexing_threshold_builds_hnsw_on_a_small_index(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """index.indexing_threshold_kb: 300 vectors of 384 floats (~450 KB) stay a scanned segment under the default,
+    and get a graph past a threshold of 100 KB (set on the collection; a server builds it in the background)."""
+    rng = np.random.default_rng(7)
+    vectors = rng.standard_normal((300, 384)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    points = [
+        IndexPoint(point_id("t", str(i), 0), v, {"row_key": f"t:{i}", "table": "t"}) for i, v in enumerate(vectors)
+    ]
+
+    def indexed(threshold: int | None) -> int:
+        if backend == "edge":
+            edge = EdgeIndex(tmp_path / str(threshold), "small", indexing_threshold_kb=threshold)
+            edge.ensure_collection(384)
+            edge.upsert(points)
+            try:
+                return int(edge.optimize()["indexed_vectors"])
+            finally:
+                edge.close()
+        server = request.getfixturevalue("qdrant_server")
+        client = QdrantClient(url=server.url, timeout=10)
+        name = f"small-{uuid.uuid4().hex[:12]}"
+        remote = QdrantClientIndex(client, name, indexing_threshold_kb=threshold)
+        remote.ensure_collection(384)
+        remote.upsert(points)
+        if threshold is not None:
+            assert client.get_collection(name).config.optimizer_config.indexing_threshold == threshold
+        deadline = time.monotonic() + (30 if threshold else 3)
+        count = 0
+        while time.monotonic() < deadline and not count:
+            count = client.get_collection(name).indexed_vectors_count or 0
+            time.sleep(0.2)
+        client.delete_collection(name)
+        return count
+
+    assert indexed(None) == 0
+    assert indexed(100) > 0

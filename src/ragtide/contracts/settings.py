@@ -317,6 +317,14 @@ class IndexSettings(_Section):
         1, ge=1, le=8, description="Qdrant server (distributed mode): copies of each shard on different nodes"
     )
     api_key: SecretStr | None = None
+    indexing_threshold_kb: int | None = Field(
+        None,
+        ge=1,
+        description="KB of vectors a segment holds before it is searched by an HNSW graph instead of a scan (set on "
+        "new collections; the embedded engine builds the graph on `ragtide optimize`, a server in the background). "
+        "Default: the engine's own, about 10 MB (~6,500 vectors of 384 floats); lower it for a small index that "
+        "should still search by graph",
+    )
     min_free_mb: int = Field(
         256,
         ge=0,

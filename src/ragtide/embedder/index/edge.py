@@ -80,9 +80,12 @@ def check_free_space(directory: Path, min_free_bytes: int) -> None:
 class EdgeIndex:
     """VectorIndex over one qdrant-edge shard at <path>/<collection>."""
 
-    def __init__(self, path: Path, collection: str, min_free_bytes: int = 0) -> None:
+    def __init__(
+        self, path: Path, collection: str, min_free_bytes: int = 0, indexing_threshold_kb: int | None = None
+    ) -> None:
         self.dir = path / collection
         self.min_free_bytes = min_free_bytes
+        self.indexing_threshold_kb = indexing_threshold_kb
         self._shard: Any = None
         self._lock = threading.Lock()  # guards creation only; the shard itself is thread-safe
 
@@ -107,7 +110,12 @@ class EdgeIndex:
                 shard = qe.EdgeShard.load(str(self.dir))
             else:
                 self.dir.mkdir(parents=True, exist_ok=True)
-                cfg = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine))
+                vectors = qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine)
+                if self.indexing_threshold_kb is None:
+                    cfg = qe.EdgeConfig(vectors=vectors)
+                else:
+                    optimizers = qe.EdgeOptimizersConfig(indexing_threshold=self.indexing_threshold_kb)
+                    cfg = qe.EdgeConfig(vectors=vectors, optimizers=optimizers)
                 shard = qe.EdgeShard.create(str(self.dir), cfg)
             have = set(shard.info().payload_schema)  # a shard from an older version gets the indexes it lacks
             for field in KEYWORD_FIELDS:

@@ -17,7 +17,8 @@ def open_index(settings: RagtideSettings, collection: str | None = None) -> Vect
 
         key = settings.index.api_key.get_secret_value() if settings.index.api_key else None
         nodes = [QdrantClient(url=url.strip(), api_key=key) for url in settings.qdrant_url.split(",")]
-        return QdrantClientIndex(nodes, name, settings.index.shards, settings.index.replication_factor)
+        s = settings.index
+        return QdrantClientIndex(nodes, name, s.shards, s.replication_factor, s.indexing_threshold_kb)
     from ragtide.embedder.index.edge import EdgeIndex
 
-    return EdgeIndex(settings.index_path, name, min_free_bytes=settings.index.min_free_mb << 20)
+    return EdgeIndex(settings.index_path, name, settings.index.min_free_mb << 20, settings.index.indexing_threshold_kb)

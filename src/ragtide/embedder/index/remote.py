@@ -136,7 +136,12 @@ class QdrantClientIndex:
     node that is down passes each call to the next). `wait=True` on every write: it returns once acknowledged."""
 
     def __init__(
-        self, client: QdrantClient | Sequence[QdrantClient], collection: str, shards: int = 1, replication: int = 1
+        self,
+        client: QdrantClient | Sequence[QdrantClient],
+        collection: str,
+        shards: int = 1,
+        replication: int = 1,
+        indexing_threshold_kb: int | None = None,
     ) -> None:
         # qdrant-client's local mode (tests, no server) is plain Python and not safe across threads; the node
         # calls the index from worker threads, so calls to it are serialised. A real server needs no lock.
@@ -150,6 +155,7 @@ class QdrantClientIndex:
         self.collection = collection
         self.shards = shards
         self.replication = replication
+        self.indexing_threshold_kb = indexing_threshold_kb
 
     def ensure_collection(self, dim: int) -> None:
         """Create the collection (its shards and replicas, on a cluster) and payload indexes if missing."""
@@ -161,6 +167,11 @@ class QdrantClientIndex:
                 vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE),
                 shard_number=self.shards,
                 replication_factor=self.replication,
+                optimizers_config=(
+                    None
+                    if self.indexing_threshold_kb is None
+                    else models.OptimizersConfigDiff(indexing_threshold=self.indexing_threshold_kb)
+                ),
             )
         except UnexpectedResponse as exc:  # another process of the cluster created it first
             if exc.status_code != 409 and "already exists" not in str(exc):
