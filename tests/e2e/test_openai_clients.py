@@ -18,8 +18,8 @@ from langchain_openai import OpenAIEmbeddings
 from openai.types.chat import ChatCompletionMessageParam
 from pydantic import Field, SecretStr
 
+from ragtide.compose import build_encoder
 from ragtide.embedder.encoder import Encoder
-from ragtide.node import build_encoder
 from tests.e2e.conftest import LiveStack, poll
 from tests.e2e.test_answer import new_key
 

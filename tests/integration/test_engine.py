@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from ragtide.bench.embed import corpus, cosine_deviation
+from ragtide.compose import build_encoder, desired_generation, prompts
 from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
 from ragtide.contracts.settings import RagtideSettings, load_settings
 from ragtide.embedder.chunking import Chunker
@@ -23,7 +24,6 @@ from ragtide.embedder.index.memory import MemoryIndex
 from ragtide.embedder.tokenize import FLASH_EXTRA, TextTokenizer, flash_contexts, probe_texts
 from ragtide.embedder.writer import IndexWriter
 from ragtide.ingest.sources import SourcesConfig
-from ragtide.node import build_encoder, desired_generation, prompts
 
 SOURCES = SourcesConfig.model_validate({"sources": [{"table": "public.docs", "key": ["id"], "text": "{body}"}]})
 

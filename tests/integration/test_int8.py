@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from ragtide.bench.embed import corpus
+from ragtide.compose import desired_generation, generation_factory
 from ragtide.contracts.settings import RagtideSettings
 from ragtide.embedder import quantized
 from ragtide.embedder.chunking import Chunker
@@ -25,7 +26,6 @@ from ragtide.embedder.engine import EmbeddingEngine
 from ragtide.embedder.generations import GenerationSpec
 from ragtide.ingest.demo import demo_rows
 from ragtide.ingest.sources import SourcesConfig, SourceTable
-from ragtide.node import desired_generation, generation_factory
 
 QUESTIONS = [
     "how do I catch an exception and run cleanup code",

@@ -16,6 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
+from ragtide.compose import build_encoder
 from ragtide.contracts.errors import ProviderUnavailable
 from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
 from ragtide.contracts.settings import ProviderSettings, RagtideSettings, load_settings
@@ -29,7 +30,6 @@ from ragtide.embedder.writer import IndexWriter
 from ragtide.gateway.gateway import Gateway
 from ragtide.gateway.store import MemoryGatewayStore
 from ragtide.ingest.sources import SourcesConfig
-from ragtide.node import build_encoder
 from ragtide.retriever.app import create_app
 from tests.providers import MODEL, FaultProxy, embeddings_server
 

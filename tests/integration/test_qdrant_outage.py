@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 from qdrant_client import QdrantClient
 
+from ragtide.compose import build_encoder
 from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
 from ragtide.contracts.settings import RagtideSettings, load_settings
 from ragtide.embedder.chunking import Chunker
@@ -26,7 +27,6 @@ from ragtide.embedder.writer import IndexWriter
 from ragtide.gateway.gateway import Gateway
 from ragtide.gateway.store import MemoryGatewayStore
 from ragtide.ingest.sources import SourcesConfig
-from ragtide.node import build_encoder
 from ragtide.retriever.app import create_app
 from ragtide.stack.process import Daemon, free_port
 from ragtide.stack.qdrant import QDRANT_VERSION, QdrantServer, qdrant_binary

@@ -1,4 +1,4 @@
-"""The module layers of docs/ARCHITECTURE.md, kept: a package imports only from the layers below it (and `node`,
+"""The module layers of docs/ARCHITECTURE.md, kept: a package imports only from the layers below it (and `compose`,
 the composition roots, and `cli` from anything). A new upward or sideways import fails here, naming the file."""
 
 from __future__ import annotations
@@ -47,5 +47,5 @@ def test_each_package_imports_only_from_the_layers_below_it() -> None:
 
 def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
-    module.write_text("from ragtide.stack import templates\nimport ragtide.node\nfrom ragtide import cli\n")
-    assert imported_packages(module) == {"stack", "node", "cli"}
+    module.write_text("from ragtide.stack import templates\nimport ragtide.compose\nfrom ragtide import cli\n")
+    assert imported_packages(module) == {"stack", "compose", "cli"}

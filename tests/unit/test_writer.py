@@ -390,7 +390,7 @@ def test_without_pipeline_a_large_batch_stays_on_the_callers_thread(env: Any) ->
 def test_only_an_encoder_that_spares_the_cpu_gets_a_pipelined_writer() -> None:
     from types import SimpleNamespace
 
-    from ragtide.node import spares_the_cpu
+    from ragtide.compose import spares_the_cpu
 
     assert spares_the_cpu(SimpleNamespace(cuda=True))  # type: ignore[arg-type]
     assert not spares_the_cpu(SimpleNamespace(cuda=False))  # type: ignore[arg-type]  # a CPU engine, int8 included

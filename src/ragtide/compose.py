@@ -1,9 +1,15 @@
-"""Composition roots of the long-running processes.
+"""The composition roots of the long-running processes, one each, built from the building blocks defined above them
+(`build_encoder`, `open_generations`, `build_embedder`, `build_lifecycle`, ...):
 
-The embedded Qdrant engine is single-process, so in embedded mode one process, the *node*, owns it: it runs
-the Faust embedder and the retrieval API on one event loop (uvicorn drives, Faust starts from the API's
-lifespan). With QDRANT_URL set, `ragtide embedder` and `ragtide retriever` run as separate processes that
-scale independently.
+- `create_node_app`: `ragtide node`, the embedder and the retrieval API in one process over the embedded index;
+- `create_embedder` (run by `run_embedder`): `ragtide embedder`, one of N over a Qdrant server;
+- `create_retriever_app`: `ragtide retriever`, one of M over a Qdrant server;
+- `create_embeddings_app`: `ragtide serve-embeddings`, this machine's encoder as an embeddings API.
+
+The CLI only parses arguments and calls them (`serve`, `run_embedder`). The embedded Qdrant engine is single-process,
+so in embedded mode one process, the *node*, owns it: it runs the Faust embedder and the retrieval API on one event
+loop (uvicorn drives, Faust starts from the API's lifespan). With QDRANT_URL set, `ragtide embedder` and `ragtide
+retriever` run as separate processes that scale independently.
 """
 
 from __future__ import annotations
