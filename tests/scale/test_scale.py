@@ -311,3 +311,10 @@ def test_a_supervised_cluster_restarts_what_dies_and_loses_nothing(cluster: Clus
     print({"restarted_in_s": took, "failed_starts": [r.error for r in supervisor.restarts if not r.ok]})
     assert set(took) == set(victims)  # each started once, by the supervisor, and nothing else was
     assert probe.answered > 0 and probe.failures == []
+    # The broker first (they need it); then the embedder and the retriever side by side: each began before the
+    # other had finished.
+    ok = {r.name: r for r in supervisor.restarts if r.ok}
+    embedder, retriever, broker = ok["embedder-0"], ok["retriever-1"], ok["kafka-2"]
+    assert broker.found_at + broker.took_s <= min(embedder.found_at, retriever.found_at)
+    assert embedder.found_at < retriever.found_at + retriever.took_s
+    assert retriever.found_at < embedder.found_at + embedder.took_s

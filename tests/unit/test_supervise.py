@@ -3,6 +3,7 @@ leaves alone what was not running when it began."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from ragtide.contracts.errors import StackError
 from ragtide.contracts.settings import RagtideSettings
 from ragtide.stack.cluster import Cluster
-from ragtide.stack.stack import ORDER
+from ragtide.stack.stack import TIERS
 from ragtide.stack.supervise import Supervisor
 
 
@@ -30,8 +31,10 @@ class FakeStack:
     failing: dict[str, Exception] = field(default_factory=dict)
     started: list[str] = field(default_factory=list)
 
-    def processes(self) -> tuple[str, ...]:
-        return ORDER
+    tiers_: tuple[tuple[str, ...], ...] = TIERS
+
+    def tiers(self) -> tuple[tuple[str, ...], ...]:
+        return self.tiers_
 
     def daemon(self, name: str) -> FakeDaemon:
         return FakeDaemon(self, name)
@@ -83,6 +86,10 @@ def test_a_cluster_is_supervised_member_by_member_in_dependency_order(tmp_path: 
     member (the index parsed from it); an unknown name is refused with the names it could be."""
     c = Cluster(RagtideSettings(data_dir=tmp_path, cluster={"qdrant_nodes": 3, "brokers": 3}))
     names = c.processes()
+    tiers = c.tiers()
+    assert sorted(n for tier in tiers for n in tier) == sorted(names)  # every process in exactly one tier
+    assert tiers[0] == ["postgres"] and tiers[2] == ["connect"] and "generator" in tiers[1]
+    assert {"kafka-0", "qdrant-2"} <= set(tiers[1]) and {"embedder-0", "retriever-7"} <= set(tiers[3])
     assert names[:8] == ["postgres", "qdrant-0", "qdrant-1", "qdrant-2", "kafka-0", "kafka-1", "kafka-2", "connect"]
     assert names[8:11] == ["generator", "embedder-0", "embedder-1"] and names[-1] == "retriever-7"
     calls: list[tuple[str, int]] = []
@@ -99,6 +106,56 @@ def test_a_cluster_is_supervised_member_by_member_in_dependency_order(tmp_path: 
     stopped = FakeStack(alive=set())
     sup = Supervisor(stopped, names=["node", "kafka"])  # type: ignore[arg-type]
     assert sup.names == ["kafka", "node"]  # dependency order, whatever order was asked
+
+
+def test_the_dead_of_one_tier_start_side_by_side_and_one_kind_one_after_another() -> None:
+    """An embedder and a retriever that died together start at the same time (each start here waits until the
+    other has begun: one after the other, the first would time out); two dead brokers start one after the other;
+    the tier after waits for both."""
+    tiers = (("kafka-0", "kafka-1"), ("embedder-0", "retriever-0"))
+    both_begun = threading.Barrier(2, timeout=5)
+    running: dict[str, int] = {}
+    overlap: list[str] = []
+    lock = threading.Lock()
+
+    class Concurrent(FakeStack):
+        def start(self, name: str) -> None:
+            kind = name.split("-")[0]
+            with lock:
+                running[kind] = running.get(kind, 0) + 1
+                if running[kind] > 1:
+                    overlap.append(name)
+            try:
+                if kind in ("embedder", "retriever"):
+                    assert not {"kafka-0", "kafka-1"} - self.alive  # its tier waited for the brokers
+                    both_begun.wait()
+                super().start(name)
+            finally:
+                with lock:
+                    running[kind] -= 1
+
+    everything = {n for tier in tiers for n in tier}
+    stack = Concurrent(alive=set(everything), tiers_=tiers)
+    sup = Supervisor(stack, clock=Clock())  # type: ignore[arg-type]
+    assert sup.names == ["kafka-0", "kafka-1", "embedder-0", "retriever-0"]
+    stack.alive.clear()
+    done = sup.check()
+    assert [(r.name, r.ok, r.error) for r in done] == [(n, True, "") for n in sup.names]
+    assert overlap == [] and stack.alive == everything
+
+
+def test_a_start_that_brings_up_the_next_of_its_kind_is_not_repeated() -> None:
+    """`kafka-0`'s start launches the other dead brokers of its quorum: `kafka-1` is then running and is skipped."""
+
+    class Quorum(FakeStack):
+        def start(self, name: str) -> None:
+            super().start(name)
+            self.alive |= {"kafka-0", "kafka-1"}
+
+    stack = Quorum(alive={"kafka-0", "kafka-1"}, tiers_=(("kafka-0", "kafka-1"),))
+    sup = Supervisor(stack, clock=Clock())  # type: ignore[arg-type]
+    stack.alive.clear()
+    assert [r.name for r in sup.check()] == ["kafka-0"] and stack.started == ["kafka-0"]
 
 
 def test_free_ports_lie_below_the_ephemeral_range_and_are_never_handed_out_twice() -> None:

@@ -93,6 +93,15 @@ class Cluster:
         first_python = next(i for i, m in enumerate(members) if m.kind == "embedder")
         return ["postgres", *names[:first_python], "generator", *names[first_python:]]
 
+    def tiers(self) -> list[list[str]]:
+        """Every process, in dependency tiers: Postgres; the Qdrant nodes, the brokers and the local generator;
+        Connect (it needs the brokers); the embedders and the retrievers (they need all of the above but not each
+        other)."""
+        names = self.processes()
+        first = [n for n in names if n.startswith(("qdrant-", "kafka-")) or n == "generator"]
+        python = [n for n in names if n.startswith(("embedder-", "retriever-"))]
+        return [["postgres"], first, ["connect"], python]
+
     def start(self, name: str) -> None:
         """Start one process by name (idempotent), e.g. a member the supervisor found dead: `kafka-1` rejoins its
         quorum, `qdrant-0` its cluster (its storage kept), `embedder-2` its consumer group."""

@@ -24,6 +24,9 @@ from ragtide.stack.process import Daemon, http_ok, wait_until
 log = logging.getLogger(__name__)
 
 ORDER = ("postgres", "kafka", "connect", "generator", "node")
+# What each process needs started first: the local generator needs nothing of the stack, Connect needs Kafka, the
+# node needs Kafka (its topics) and Postgres.
+TIERS = (("postgres",), ("kafka", "generator"), ("connect",), ("node",))
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,10 @@ class Stack:
     def processes(self) -> tuple[str, ...]:
         """Every process, in start order."""
         return ORDER
+
+    def tiers(self) -> tuple[tuple[str, ...], ...]:
+        """Every process, in dependency tiers (for the supervisor: a tier's dead processes start side by side)."""
+        return TIERS
 
     def start(self, name: str) -> None:
         """Start one process by name (`start_<name>`)."""
