@@ -32,10 +32,10 @@ BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 @dataclass(frozen=True)
 class Restart:
-    """One restart: which process, when it was found dead, and how long its start took."""
+    """One restart: which process, when its start began, and how long it took."""
 
     name: str
-    found_at: float  # the supervisor's clock
+    found_at: float  # when its start began, on the supervisor's clock (after the tiers it needs)
     took_s: float
     ok: bool
     error: str = ""
