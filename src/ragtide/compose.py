@@ -311,6 +311,7 @@ async def build_lifecycle(
     retired collections and exports backfill progress (rows done / total, rate, ETA per table)."""
     dsn = dsn_of(settings, sources)
     failures = BackgroundFailures.of(registry)
+    generations.fence = lease.confirm  # every catalog write and drop confirms the lease first
     watcher = BuildWatcher(generations, sources, verifier(dsn, generations, sources), failures=failures)
     monitor = BackfillMonitor(
         generations,

@@ -88,3 +88,24 @@ def test_a_dead_holder_loses_the_lease_and_another_takes_it(kit: Kit) -> None:
     assert b.hold() is True
     assert a.hold() is False  # the old holder learns it at its next renewal, and does not take it back
     assert a.leader() == "http://b:2"
+
+
+def test_confirm_is_true_only_for_the_holder_and_never_takes_the_lease(kit: Kit) -> None:
+    a, b = kit.make("http://a:1"), kit.make("http://b:2")
+    assert a.confirm() is False  # free, and confirming does not take it
+    assert b.hold() is True and b.confirm() is True
+    assert a.confirm() is False and a.hold() is False and b.confirm() is True
+
+
+def test_a_holder_whose_session_ended_cannot_confirm_and_retaking_is_a_new_tenure(kit: Kit) -> None:
+    """Postgres ended the holder's session (a crash or a partition, as the server sees it): its very next
+    confirmation says so, before any renewal; another process takes over; a later take is a new tenure."""
+    a, b = kit.make("http://a:1"), kit.make("http://b:2")
+    assert a.hold() is True
+    tenure = a.tenure
+    assert a.hold() is True and a.tenure == tenure  # renewals keep the tenure
+    kit.kill(a)
+    assert a.confirm() is False
+    assert b.hold() is True and a.hold() is False
+    b.release()
+    assert a.hold() is True and a.tenure == tenure + 1

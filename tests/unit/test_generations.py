@@ -383,6 +383,40 @@ def test_a_process_that_resigned_switches_and_drops_nothing() -> None:
     assert Catalog(store.index("chunks-catalog")).read().live == spec()
 
 
+def test_a_leader_whose_lease_cannot_be_confirmed_writes_and_drops_nothing() -> None:
+    """Cut off from Postgres, a leader still believes it leads until its renewal says otherwise; every catalog
+    write and drop asks the lease first (a round trip), so a switch, a new build or a reap stops there."""
+    store = Store()
+    gens = store.generations()
+    gens.converge(spec())
+    gens.converge(spec(max_tokens=12))  # a build in progress
+    catalog = Catalog(store.index("chunks-catalog"))
+    before = catalog.read()
+    confirmed = [False]
+    asked: list[bool] = []
+
+    def fence() -> bool:
+        asked.append(confirmed[0])
+        return confirmed[0]
+
+    gens.fence = fence
+    dropped: list[str] = []
+    gens.drop_collection = lambda s: dropped.append(s.fingerprint)
+    for change in (gens.promote, lambda: gens.converge(spec(max_tokens=16))):  # a switch; a build abandoned
+        with pytest.raises(RuntimeError, match="lease could not be confirmed"):
+            change()
+    assert catalog.read() == before and dropped == [] and gens.switches == 0
+    assert gens.live.spec == spec() and gens.building is not None
+    confirmed[0] = True  # still the holder after all: the switch goes through
+    gens.promote()
+    assert catalog.read().live == gens.live.spec == spec(max_tokens=12, revision=2)
+    assert catalog.read().retired == (spec(),)
+    confirmed[0] = False
+    with pytest.raises(RuntimeError, match="lease could not be confirmed"):
+        gens.reap(now=time.monotonic() + 3600)  # the old generation is due, but may not be dropped
+    assert dropped == [] and asked == [False, False, True, False]
+
+
 def test_the_provider_is_part_of_the_identity_and_where_it_is_reached_is_not() -> None:
     a = spec()
     served = GenerationSpec(model="hash-bow", dim=64, max_tokens=8, overlap=2, provider="openai:tei:8080")

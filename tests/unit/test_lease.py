@@ -44,3 +44,35 @@ def test_duties_run_while_the_lease_is_held_and_move_to_the_next_holder() -> Non
 
     asyncio.run(scenario())
     assert events == ["a leads", "b leads", "a duty stopped", "a resigned", "b duty stopped"]
+
+
+def test_a_lease_lost_and_taken_again_between_renewals_is_led_anew() -> None:
+    """The session died and this process took the lease again before its next renewal noticed: another process
+    may have led in between, so the duties stop, it resigns and becomes leader again from the catalog."""
+    holders: dict[str, LocalLease] = {}
+    lease = LocalLease(holders, "embedders", "http://a")
+    events: list[str] = []
+
+    async def become() -> None:
+        events.append("leads")
+
+    async def duty() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            events.append("duty stopped")
+
+    async def scenario() -> None:
+        lead = Leadership(lease, become, [duty], resign=lambda: events.append("resigned"))
+        assert await lead.step() is True
+        assert await lead.step() is True and events == ["leads"]  # renewed: the same tenure
+        lease.release()  # the session died...
+        other = LocalLease(holders, "embedders", "http://b")
+        assert other.hold() and not lease.confirm()  # ...another led for a moment...
+        other.release()
+        assert await lead.step() is True  # ...and this one took it again at its next renewal
+        await asyncio.sleep(0)
+        assert events == ["leads", "duty stopped", "resigned", "leads"]
+        await lead._stop()
+
+    asyncio.run(scenario())

@@ -45,6 +45,17 @@ class Lease(Protocol):
         """Give it up (a graceful stop hands over at once)."""
         ...
 
+    def confirm(self) -> bool:
+        """True only while this process holds the lease, by a fresh round trip (never takes it; fails closed).
+        The leader asks right before each change to the catalog."""
+        ...
+
+    @property
+    def tenure(self) -> int:
+        """How many times this process has taken the lease: a change between two holds means it was lost and
+        taken again in between (another process may have led meanwhile)."""
+        ...
+
 
 def lock_key(name: str) -> int:
     """A stable signed 64-bit advisory lock key for `name`."""
@@ -78,8 +89,14 @@ class PostgresLease:
         self.connect_timeout = connect_timeout
         self._conn: psycopg.Connection[Any] | None = None
         self._held = False
+        self._tenure = 0
         self._lock = threading.Lock()
         self._reader = SerialConnection(dsn, setup=DDL, name="embedder lease")
+
+    @property
+    def tenure(self) -> int:
+        """Times taken (see `Lease.tenure`)."""
+        return self._tenure
 
     def _connect(self) -> psycopg.Connection[Any]:
         conn = psycopg.connect(
@@ -90,6 +107,10 @@ class PostgresLease:
             keepalives_idle=5,
             keepalives_interval=2,
             keepalives_count=2,
+            # A round trip whose bytes go unacknowledged for 5 s fails: keepalives cover only an idle connection, and
+            # without this a renewal or a confirmation sent into a partition would wait for TCP's own retries
+            # (minutes) while the leader's duties went on.
+            tcp_user_timeout=5000,
             # the server notices a dead or partitioned leader in seconds too, and ends its session (and lock)
             options="-c statement_timeout=10000 -c idle_session_timeout=0 -c tcp_keepalives_idle=5 "
             "-c tcp_keepalives_interval=2 -c tcp_keepalives_count=2",
@@ -118,11 +139,26 @@ class PostgresLease:
                         (self.name, self.url, socket.gethostname(), os.getpid()),
                     )
                     self._held = True
+                    self._tenure += 1
             except psycopg.Error as exc:
                 if self._held:
                     log.error("lost the embedder lease (its Postgres session)", extra={"error": str(exc)})
                 self._close()
             return self._held
+
+    def confirm(self) -> bool:
+        """A round trip on the lock's session (see `Lease.confirm`). A session Postgres ended, or one cut off (no
+        answer within `tcp_user_timeout`), is the lease lost: False, and `hold` notices too."""
+        with self._lock:
+            if not self._held or self._conn is None:
+                return False
+            try:
+                self._conn.execute("SELECT 1")
+            except psycopg.Error as exc:
+                log.error("lost the embedder lease (its Postgres session)", extra={"error": str(exc)})
+                self._close()
+                return False
+            return True
 
     def leader(self) -> str | None:
         """The holder's advertised URL, read from any process."""
@@ -156,10 +192,20 @@ class LocalLease:
         self.holders = holders
         self.name = name
         self.url = url
+        self.tenure = 0
+        self._held = False
 
     def hold(self) -> bool:
         """Take it when free (a holder whose session died has released it: `release`)."""
-        return self.holders.setdefault(self.name, self) is self
+        held = self.holders.setdefault(self.name, self) is self
+        self.tenure += held and not self._held
+        self._held = held
+        return held
+
+    def confirm(self) -> bool:
+        """Still the holder (never takes it)."""
+        self._held = self._held and self.holders.get(self.name) is self
+        return self._held
 
     def leader(self) -> str | None:
         """The holder's url."""
@@ -190,13 +236,21 @@ class Leadership:
         self.resign = resign
         self.every_s = every_s
         self.leading = False
+        self._tenure = 0  # the lease's tenure this leadership began in
         self._tasks: list[asyncio.Task[None]] = []
 
     async def step(self) -> bool:
         """Renew once; start or stop the duties on a change. True while leading."""
         held = await asyncio.to_thread(self.lease.hold)
+        if held and self.leading and self.lease.tenure != self._tenure:
+            # Lost and taken again between two renewals: another process may have led meanwhile, so this one
+            # starts over from the catalog as it is now.
+            log.warning("the lease was lost and taken again; leading anew from the catalog")
+            await self._stop()
+            await asyncio.to_thread(self.resign)
         if held and not self.leading:
             log.info("this embedder leads the generations (build, switch, reap)")
+            self._tenure = self.lease.tenure
             await self.become()
             self._tasks = [asyncio.create_task(duty()) for duty in self.duties]
             self.leading = True

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
 from ragtide.contracts.settings import RagtideSettings
-from ragtide.embedder.generations import Generations, verify_generation
+from ragtide.embedder.generations import Generations, NotLeading, verify_generation
 from ragtide.embedder.lease import Lease
 from ragtide.ingest.connector import signal_snapshots
 from ragtide.ingest.sources import SourcesConfig, dsn_of
@@ -85,7 +85,10 @@ def admin_router(
                 "embedded_chunks": report["embedded_chunks"],
                 "report": report,
             }
-        spec = await asyncio.to_thread(generations.rebuild)
+        try:
+            spec = await asyncio.to_thread(generations.rebuild)
+        except NotLeading as exc:  # the lease was lost, or could not be confirmed, since the check above
+            raise HTTPException(409, f"{exc}; send it to {lease.leader() or 'the leader'} or to any retriever") from exc
         await asyncio.to_thread(signal_snapshots, settings, sources, sources.user_tables)
         return {"building": spec.as_dict(), **generations.status()}
 

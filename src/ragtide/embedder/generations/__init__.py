@@ -17,7 +17,7 @@ retriever's view of the catalog).
 """
 
 from ragtide.embedder.generations.catalog import Catalog
-from ragtide.embedder.generations.dual import Generations, LockedWriter
+from ragtide.embedder.generations.dual import Generations, LockedWriter, NotLeading
 from ragtide.embedder.generations.follower import CatalogFollower
 from ragtide.embedder.generations.spec import Generation, GenerationFactory, GenerationSpec, encoder_identity
 from ragtide.embedder.generations.switch import BuildWatcher, verifier, verify_generation
@@ -31,6 +31,7 @@ __all__ = [
     "GenerationSpec",
     "Generations",
     "LockedWriter",
+    "NotLeading",
     "encoder_identity",
     "verifier",
     "verify_generation",

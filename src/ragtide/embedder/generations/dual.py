@@ -63,6 +63,10 @@ class BuildProgress:
         }
 
 
+class NotLeading(RuntimeError):
+    """A change only the leader makes, asked of a process that does not hold the lease (any more)."""
+
+
 class Generations:
     """The live generation and the one being built. Implements the writer side (`apply`) for the worker and the
     read side (`current`) for search; a switch changes both at once."""
@@ -93,6 +97,10 @@ class Generations:
         self.build_batches = 0  # batches applied to the generation being built (the watcher's sign of progress)
         self.applying_build = False
         self.leading = True  # False in an embedder that does not hold the lease (lease.py): it follows the catalog
+        # Asked right before each catalog write or drop: does this process still hold the lease, by a fresh round trip
+        # (`Lease.confirm`; `build_lifecycle` sets it)? A leader cut off from Postgres learns it there, not only at
+        # its next renewal, which may hang while its duties go on (lease.py).
+        self.fence: Callable[[], bool] = lambda: True
         registry = registry or CollectorRegistry()
         self._rows = Gauge(
             "ragtide_reindex_rows", "Rows of the generation being built: done and total", ["kind"], registry=registry
@@ -124,7 +132,7 @@ class Generations:
         with self._lock:
             if state.live is None:
                 self._adopt(desired, None)
-                self.catalog.write(CatalogState(live=desired))
+                self._write(CatalogState(live=desired))
                 return False
             live, building = state.live, state.building
             # What this process had open as a follower may be older than the catalog (a switch it never saw):
@@ -190,7 +198,18 @@ class Generations:
         """Only the leader changes the catalog: a process that lost the lease while a check ran in a thread must
         not switch or drop anything afterwards (called under the lock, which `resign` takes)."""
         if not self.leading:
-            raise RuntimeError(f"this process does not lead the generations: it may not {what}")
+            raise NotLeading(f"this process does not lead the generations: it may not {what}")
+
+    def _fenced(self, what: str) -> None:
+        """`_must_lead`, then the lease confirmed by a round trip: the last check before a write to the catalog or
+        a drop (called under the lock)."""
+        self._must_lead(what)
+        if not self.fence():
+            raise NotLeading(f"the lease could not be confirmed (Postgres unreachable, or taken over): not {what}")
+
+    def _write(self, state: CatalogState) -> None:
+        self._fenced("write the catalog")
+        self.catalog.write(state)
 
     def resign(self) -> None:
         """Stop leading: once this returns, no switch, build start or drop of this process is in progress or
@@ -204,9 +223,10 @@ class Generations:
         live = live or self.live.spec
         retired = tuple(spec for _, _, spec in self._retired if spec.fingerprint != live.fingerprint)
         same = building is not None and building.fingerprint == live.fingerprint
-        self.catalog.write(CatalogState(live=live, building=None if same else building, retired=retired))
+        self._write(CatalogState(live=live, building=None if same else building, retired=retired))
 
     def _drop_building(self, spec: GenerationSpec) -> None:
+        self._fenced("drop a build")
         if self.building is not None and self.building.spec.fingerprint == spec.fingerprint:
             self.building.index.close()
             self.building = None
