@@ -473,6 +473,18 @@ def scale_problems(objs: list[Obj]) -> list[str]:
     pdb = find(objs, "PodDisruptionBudget", "retriever")["spec"]
     if not pdb["selector"]["matchLabels"].items() <= labels.items():
         problems.append("retriever: the disruption budget selects other pods")
+    for quorum in ("kafka", "qdrant"):  # a drain or a lost node takes one member of the quorum, not two
+        members = find(objs, "StatefulSet", quorum)
+        own = members["spec"]["template"]["metadata"]["labels"]
+        budgets = [o["spec"] for o in objs if o["kind"] == "PodDisruptionBudget" and o["metadata"]["name"] == quorum]
+        if not budgets or budgets[0].get("maxUnavailable") != 1 or budgets[0]["selector"]["matchLabels"] != own:
+            problems.append(f"{quorum}: needs a disruption budget of maxUnavailable 1 over its pods")
+        spread = pod(members).get("affinity", {}).get("podAntiAffinity", {})
+        terms = [t["podAffinityTerm"] for t in spread.get("preferredDuringSchedulingIgnoredDuringExecution", [])]
+        if not any(
+            t["topologyKey"] == "kubernetes.io/hostname" and t["labelSelector"]["matchLabels"] == own for t in terms
+        ):
+            problems.append(f"{quorum}: its pods must prefer different Kubernetes nodes (podAntiAffinity)")
     return problems
 
 
@@ -712,6 +724,10 @@ def test_scale_out_follows_kafka(base: list[Obj]) -> None:
     assert any("Recreate" in p for p in scale_problems(rolling))
     one = mutated(base, edit("HorizontalPodAutoscaler", "retriever", lambda d: d["spec"].update(minReplicas=1)))
     assert scale_problems(one)
+    two = mutated(base, edit("PodDisruptionBudget", "kafka", lambda d: d["spec"].update(maxUnavailable=2)))
+    assert scale_problems(two) == ["kafka: needs a disruption budget of maxUnavailable 1 over its pods"]
+    packed = mutated(base, edit("StatefulSet", "qdrant", lambda d: pod(d).pop("affinity")))
+    assert scale_problems(packed) == ["qdrant: its pods must prefer different Kubernetes nodes (podAntiAffinity)"]
 
 
 def test_project_pods_are_restricted(base: list[Obj]) -> None:
