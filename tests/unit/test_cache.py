@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
 from ragtide.contracts.settings import CacheSettings
 from ragtide.embedder.index.memory import MemoryIndex
+from ragtide.embedder.writer import ApplyStats
 from ragtide.retriever.cache import InvalidatingApplier, SemanticCache
 from tests.doubles import EchoGenerator
 from tests.unit.test_answer import Api, make_api
@@ -154,3 +155,33 @@ def test_a_close_question_whose_retrieval_differs_is_not_served_the_cached_answe
     assert cache.lookup(vec(1, 0.05), "t1", "scope", ["public.docs:beta@11/1001"]) is None  # another row
     assert cache.lookup(vec(1, 0.05), "t1", "scope", ["public.docs:alpha@12/1002"]) is None  # a newer version
     assert cache.stats()["refused_other_sources"] == 2
+
+
+class NoWriter:
+    def apply(self, events: Any) -> ApplyStats:
+        return ApplyStats(events=len(events))
+
+
+def test_the_invalidating_applier_drops_the_answers_that_cited_a_changed_row() -> None:
+    cache = make()
+    put(cache, vec(1, 0), ("public.docs", "1"))
+    put(cache, vec(0, 1), ("public.docs", "2"))
+    change = ChangeEvent("public.docs", Op.UPDATE, {"id": "1"}, {"id": "1", "body": "x"}, SourcePosition(9, 1))
+    InvalidatingApplier(NoWriter(), cache).apply([change])
+    assert cache.lookup(vec(1, 0), "t1", "scope") is None  # no sources given: only invalidation can refuse it
+    assert cache.lookup(vec(0, 1), "t1", "scope") is not None and len(cache) == 1
+
+
+def test_a_deleted_row_drops_the_answers_that_cited_it() -> None:
+    cache = make()
+    put(cache, vec(1, 0), ("public.docs", "1"))
+    delete = ChangeEvent("public.docs", Op.DELETE, {"id": "1"}, None, SourcePosition(9, 1))
+    assert cache.invalidate_events([delete]) == 1 and len(cache) == 0
+
+
+def test_an_answer_generated_across_a_truncate_of_its_table_is_not_stored() -> None:
+    cache = make()
+    since = cache.seq
+    cache.invalidate((), {"public.docs"})
+    assert not put(cache, vec(1, 0), ("public.docs", "7"), since=since)
+    assert put(cache, vec(0, 1), ("public.tickets", "8"), since=since)

@@ -48,3 +48,23 @@ def test_chunker_keeps_original_text_and_unicode() -> None:
     assert len(chunks) > 1
     assert all(c in text for c in chunks)
     assert "🚀" in "".join(chunks)
+
+
+def test_windows_hand_over_ids_only_where_they_equal_the_windows_own_tokenization() -> None:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from ragtide.embedder.chunking import Chunker
+
+    vocab = {"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "[PAD]": 3, "un": 4, "##able": 5}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+                                 pad_token="[PAD]")  # fmt: skip
+    chunker = Chunker(hf, max_tokens=3, overlap=0, choice="rust")
+    pieces = chunker.pieces_many(["unable unable unable"])[0]
+    assert len(pieces) == 2
+    for p in pieces:
+        if p.ids is not None:
+            assert p.ids == hf(p.text, add_special_tokens=False)["input_ids"], p

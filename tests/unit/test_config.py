@@ -254,3 +254,13 @@ def test_any_password_survives_the_connector_config_and_kafka_replication_follow
     theirs = load_settings(RagtideSettings, kafka={"bootstrap_servers": "k:9092"})
     assert connector_config(theirs, sources)["topic.creation.default.replication.factor"] == "3"
     assert theirs.kafka.model_copy(update={"replication_factor": 2}).replication == 2
+
+
+def test_a_missing_kafka_ca_file_names_the_field(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"kafka: .*ssl_cafile .* is not a file"):
+        load_settings(RagtideSettings, kafka={"ssl_cafile": str(tmp_path / "nope.pem")})
+
+
+def test_a_dsn_with_two_hosts_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"postgres: .*name one host"):
+        load_settings(RagtideSettings, postgres={"dsn": "postgresql://u@a,b/db"})

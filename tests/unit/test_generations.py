@@ -23,6 +23,7 @@ from ragtide.embedder.generations import (
     LockedWriter,
     encoder_identity,
 )
+from ragtide.embedder.generations.catalog import CatalogState
 from ragtide.embedder.index.memory import MemoryIndex
 from ragtide.embedder.verify import TableDrift, verify_table
 from ragtide.embedder.worker import is_transient
@@ -485,3 +486,15 @@ def test_how_a_providers_requests_are_shaped_travels_with_its_generation_outside
     assert GenerationSpec.from_dict(floats.as_dict()) == floats
     old = {k: v for k, v in served.as_dict().items() if k not in {"normalize", "send_dimensions", "encoding_format"}}
     assert GenerationSpec.from_dict(old) == served  # a catalog written before these fields
+
+
+def test_reap_never_drops_the_live_generation_even_if_the_catalog_lists_it_as_retired() -> None:
+    store = Store()
+    gens = store.generations()
+    gens.converge(spec())
+    gens.apply([ev(10, 1, TEXT, Op.CREATE)])
+    Catalog(store.index("chunks-catalog")).write(CatalogState(live=spec(), retired=(spec(),)))
+    again = store.generations()
+    again.converge(spec())
+    assert again.reap(now=time.monotonic() + again.grace_s) == 0
+    assert store.index(spec().collection("chunks")).count() > 0

@@ -24,7 +24,7 @@ from ragtide.gateway.gateway import Gateway
 from ragtide.gateway.store import MemoryGatewayStore
 from ragtide.ingest.sources import SourcesConfig
 from ragtide.retriever.app import create_app
-from ragtide.retriever.queries import Overloaded, QueryBatcher, QueryMetrics
+from ragtide.retriever.queries import AdmissionEdge, Overloaded, QueryBatcher, QueryMetrics, Shed
 from tests.doubles import HashEncoder, word_chunker
 from tests.serving import serve
 
@@ -331,3 +331,34 @@ def test_wrk_drives_distinct_queries_and_counts_shed_requests_apart() -> None:
     assert level.ok <= len(texts)  # every 200 was a computed query
     assert len(set(texts)) == len(texts)  # every request its own query: no query-vector cache hit
     assert best_qps_within([level]) == 0.0  # a level that sheds does not count toward the goal
+
+
+def test_admission_admits_exactly_max_in_progress_and_sheds_the_next() -> None:
+    async def main() -> list[int]:
+        release = asyncio.Event()
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await receive()
+            await release.wait()
+
+        edge = AdmissionEdge(app, limit=2, timeout_s=5, metrics=QueryMetrics(CollectorRegistry()))
+
+        async def call() -> int:
+            async def receive() -> dict[str, Any]:
+                return {"type": "http.request", "body": b"{}", "more_body": False}
+
+            async def send(_: Any) -> None:
+                pass
+
+            try:
+                await edge({"type": "http", "path": "/v1/search"}, receive, send)
+            except Shed:
+                return 503
+            return 200
+
+        tasks = [asyncio.create_task(call()) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        release.set()
+        return sorted(await asyncio.gather(*tasks))
+
+    assert asyncio.run(main()) == [200, 200, 503]

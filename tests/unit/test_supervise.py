@@ -167,3 +167,26 @@ def test_free_ports_lie_below_the_ephemeral_range_and_are_never_handed_out_twice
     assert all(20_000 <= p < 32_000 for p in ports) and len(set(ports)) == len(ports)
     base = free_port_range(51)
     assert not set(ports) & set(range(base, base + 51))
+
+
+def test_the_backoff_grows_1_2_5_10_30_and_resets_after_a_success() -> None:
+    clock = Clock()
+    stack = FakeStack(alive={"postgres", "kafka", "node"})
+    sup = Supervisor(stack, names=["kafka"], clock=clock)  # type: ignore[arg-type]
+    stack.alive.discard("kafka")
+    stack.failing = {"kafka": StackError("kafka exited")}
+    tries = []
+    for t in range(0, 49):
+        clock.t = float(t)
+        if sup.check():
+            tries.append(t)
+    assert tries[:6] == [0, 1, 3, 8, 18, 48]
+    stack.failing = {}
+    clock.t = 78.0
+    assert sup.check()[0].ok
+    stack.alive.discard("kafka")
+    stack.failing = {"kafka": StackError("again")}
+    clock.t = 79.0
+    sup.check()
+    clock.t = 80.0
+    assert sup.check() != []  # after a success the next failure waits 1 s again, not 30

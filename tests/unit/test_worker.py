@@ -14,11 +14,12 @@ from prometheus_client import CollectorRegistry
 from ragtide.contracts.chunks import row_key
 from ragtide.contracts.errors import StoreUnavailable
 from ragtide.contracts.events import ChangeEvent
+from ragtide.contracts.settings import RagtideSettings, load_settings
 from ragtide.embedder.index.memory import MemoryIndex
 from ragtide.embedder.metrics import EmbedderMetrics
 from ragtide.embedder.truncations import PostgresTruncateLog
-from ragtide.embedder.worker import BatchProcessor, is_transient
-from ragtide.embedder.writer import IndexWriter
+from ragtide.embedder.worker import BatchProcessor, create_worker_app, is_transient
+from ragtide.embedder.writer import ApplyStats, IndexWriter
 from ragtide.ingest.sources import SourcesConfig
 from ragtide.stack.process import free_port
 from tests.doubles import HashEncoder, word_chunker
@@ -197,3 +198,66 @@ def test_a_long_outage_neither_overflows_the_backoff_nor_stays_reported_after_it
 
     asyncio.run(cancelled_mid_outage())
     assert not proc.outage.ongoing and registry.get_sample_value("ragtide_store_outage_seconds") == 0
+
+
+@dataclass
+class KMsg:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp: float
+
+    @property
+    def tp(self) -> Any:
+        from faust.types import TP
+
+        return TP(self.topic, self.partition)
+
+
+@dataclass
+class KEvent:
+    message: KMsg
+
+
+def test_the_agent_acks_a_batch_only_after_its_writes_and_dead_letters_are_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    order: list[str] = []
+    index, enc = MemoryIndex(), HashEncoder()
+    index.ensure_collection(enc.dim)
+    writer = IndexWriter(index, enc, word_chunker(), SOURCES)
+
+    class Recording:
+        def apply(self, events: Any) -> ApplyStats:
+            stats = writer.apply(events)
+            order.append("applied")
+            return stats
+
+    async def fake_send(self: Any, *a: Any, **kw: Any) -> Any:
+        fut = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(lambda: (order.append("dlq durable"), fut.set_result(None)))
+        return fut
+
+    from faust.topics import Topic
+
+    monkeypatch.setattr(Topic, "send", fake_send)
+    monkeypatch.setenv("RAGTIDE_DATA_DIR", str(tmp_path))
+    settings = load_settings(RagtideSettings)
+    proc = BatchProcessor(Recording(), EmbedderMetrics(CollectorRegistry()), settings.connect.topic_prefix)
+    app = create_worker_app(settings, proc, ["ragtide.public.docs"])
+    good = fixture_msg("create")
+    msgs = [KMsg(good.topic, good.partition, good.offset, good.key, good.value, good.timestamp),
+            KMsg(good.topic, good.partition, good.offset + 1, b'{"id":"x"}', b"{broken", good.timestamp)]  # fmt: skip
+
+    class Stream:
+        async def noack_take(self, n: int, within: float) -> Any:
+            yield [KEvent(m) for m in msgs]
+
+        async def ack(self, e: Any) -> None:
+            order.append("ack")
+
+    agent = next(iter(app.agents.values()))
+    asyncio.run(agent.fun(Stream()))
+    assert order == ["applied", "dlq durable", "ack", "ack"], order
