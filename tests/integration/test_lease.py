@@ -109,3 +109,28 @@ def test_a_holder_whose_session_ended_cannot_confirm_and_retaking_is_a_new_tenur
     assert b.hold() is True and a.hold() is False
     b.release()
     assert a.hold() is True and a.tenure == tenure + 1
+
+
+def test_a_session_that_stops_answering_is_the_lease_lost_not_a_hang(pg: str) -> None:
+    """The holder's backend stops answering while its host still acknowledges the bytes (SIGSTOP: what a hung
+    server or a stuck proxy looks like; TCP's own timeouts never fire). The confirmation gives up after its
+    ping timeout and says the lease is lost, instead of holding the leader, and the lock every batch needs, for
+    good."""
+    import os
+    import signal
+
+    lease = PostgresLease(pg, "test-stopped-backend", "http://a:1")
+    try:
+        lease.ping_timeout_s = 1.0
+        assert lease.hold() is True and lease._conn is not None
+        backend = lease._conn.info.backend_pid
+        try:
+            os.kill(backend, signal.SIGSTOP)
+        except PermissionError:
+            pytest.skip("this user may not stop Postgres' backends")
+        try:
+            assert lease.confirm() is False
+        finally:
+            os.kill(backend, signal.SIGCONT)
+    finally:
+        lease.release()

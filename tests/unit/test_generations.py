@@ -390,7 +390,9 @@ def test_a_leader_whose_lease_cannot_be_confirmed_writes_and_drops_nothing() -> 
     store = Store()
     gens = store.generations()
     gens.converge(spec())
+    gens.apply([ev(10, 1, TEXT, Op.CREATE)])
     gens.converge(spec(max_tokens=12))  # a build in progress
+    old = store.index(spec().collection("chunks"))
     catalog = Catalog(store.index("chunks-catalog"))
     before = catalog.read()
     confirmed = [False]
@@ -415,7 +417,27 @@ def test_a_leader_whose_lease_cannot_be_confirmed_writes_and_drops_nothing() -> 
     confirmed[0] = False
     with pytest.raises(RuntimeError, match="lease could not be confirmed"):
         gens.reap(now=time.monotonic() + 3600)  # the old generation is due, but may not be dropped
-    assert dropped == [] and asked == [False, False, True, False]
+    with pytest.raises(RuntimeError, match="lease could not be confirmed"):
+        gens.rebuild()  # nor a build started: none is left half-started in this process
+    assert gens.building is None and catalog.read().building is None
+    assert dropped == [] and old.count() > 0 and asked == [False, False, True, False, False]
+    confirmed[0] = True  # the refused reap forgot nothing: the next one drops the old generation
+    assert gens.reap(now=time.monotonic() + 3600) == 1 and old.count() == 0
+    assert catalog.read().retired == ()
+
+
+def test_a_switch_goes_only_to_the_build_that_was_verified() -> None:
+    """A verify pass that began before the lease was lost and taken again may end after another build started:
+    it switches only to the build it verified."""
+    store = Store()
+    gens = store.generations()
+    gens.converge(spec())
+    gens.converge(spec(max_tokens=12))
+    verified = gens.building.spec.fingerprint if gens.building else ""
+    gens.converge(spec(max_tokens=16))  # the configuration moved on meanwhile: another build
+    with pytest.raises(RuntimeError, match="unverified"):
+        gens.promote(expected=verified)
+    assert gens.live.spec == spec() and gens.switches == 0
 
 
 def test_the_provider_is_part_of_the_identity_and_where_it_is_reached_is_not() -> None:

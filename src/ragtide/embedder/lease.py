@@ -87,6 +87,7 @@ class PostgresLease:
         self.url = url
         self.key = lock_key(name)
         self.connect_timeout = connect_timeout
+        self.ping_timeout_s = 5.0  # a renewal or confirmation that gets no answer this long: the lease is lost
         self._conn: psycopg.Connection[Any] | None = None
         self._held = False
         self._tenure = 0
@@ -127,7 +128,7 @@ class PostgresLease:
                     self._held = False
                     self._conn = self._connect()
                 if self._held:
-                    self._conn.execute("SELECT 1")  # the session lives, and the lock with it
+                    self._ping()  # the session lives, and the lock with it
                     return True
                 row = self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
                 if row and row[0]:
@@ -153,12 +154,26 @@ class PostgresLease:
             if not self._held or self._conn is None:
                 return False
             try:
-                self._conn.execute("SELECT 1")
+                self._ping()
             except psycopg.Error as exc:
                 log.error("lost the embedder lease (its Postgres session)", extra={"error": str(exc)})
                 self._close()
                 return False
             return True
+
+    def _ping(self) -> None:
+        """`SELECT 1` on the lock's session, given up after `ping_timeout_s` whatever the network does: a server
+        that acknowledges the bytes but never answers would otherwise hold the caller (and the generations' lock
+        a confirmation is asked under) for good. Called under `_lock`."""
+        assert self._conn is not None
+        conn = self._conn
+        timer = threading.Timer(self.ping_timeout_s, _cut, args=(conn,))
+        timer.daemon = True
+        timer.start()
+        try:
+            conn.execute("SELECT 1")
+        finally:
+            timer.cancel()
 
     def leader(self) -> str | None:
         """The holder's advertised URL, read from any process."""
@@ -178,6 +193,16 @@ class PostgresLease:
             conn, self._conn = self._conn, None
             with contextlib.suppress(psycopg.Error):
                 conn.close()
+
+
+def _cut(conn: psycopg.Connection[Any]) -> None:
+    """Shut the connection's socket down under a blocked call: it fails at once (psycopg.OperationalError)."""
+    with contextlib.suppress(OSError, psycopg.Error):
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            sock.close()
 
 
 def _oid(v: int) -> int:
@@ -214,6 +239,7 @@ class LocalLease:
 
     def release(self) -> None:
         """Give it up."""
+        self._held = False
         if self.holders.get(self.name) is self:
             del self.holders[self.name]
 

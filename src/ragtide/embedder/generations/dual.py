@@ -217,13 +217,19 @@ class Generations:
         with self._lock:
             self.leading = False
 
-    def _publish(self, live: GenerationSpec | None = None) -> None:
-        """Write the catalog: the live generation (or `live`, before switching to it), the build, the retired."""
+    def _publish(
+        self,
+        live: GenerationSpec | None = None,
+        retired: list[tuple[float, Generation | None, GenerationSpec]] | None = None,
+    ) -> None:
+        """Write the catalog: the live generation (or `live`, before switching to it), the build, the retired (or
+        `retired`, before forgetting the others)."""
         building = self.building.spec if self.building is not None else None
         live = live or self.live.spec
-        retired = tuple(spec for _, _, spec in self._retired if spec.fingerprint != live.fingerprint)
+        listed = self._retired if retired is None else retired
+        retired_specs = tuple(spec for _, _, spec in listed if spec.fingerprint != live.fingerprint)
         same = building is not None and building.fingerprint == live.fingerprint
-        self._write(CatalogState(live=live, building=None if same else building, retired=retired))
+        self._write(CatalogState(live=live, building=None if same else building, retired=retired_specs))
 
     def _drop_building(self, spec: GenerationSpec) -> None:
         self._fenced("drop a build")
@@ -258,9 +264,15 @@ class Generations:
         return gen
 
     def _start(self, spec: GenerationSpec) -> None:
+        self._fenced("start a build")
+        before = (self.building, self.progress)
         self.building = self._reuse(spec)
         self.progress = BuildProgress()
-        self._publish()
+        try:
+            self._publish()
+        except Exception:  # the catalog does not name it: neither does this process
+            self.building, self.progress = before
+            raise
         self._building.set(1)
         log.info("building generation", extra={"generation": spec.as_dict(), "live": self.live.spec.fingerprint})
 
@@ -304,13 +316,16 @@ class Generations:
         self._eta.set(eta if eta is not None else -1)
         return p
 
-    def promote(self) -> GenerationSpec:
-        """Make the generation being built live, then drop the old collection."""
+    def promote(self, expected: str | None = None) -> GenerationSpec:
+        """Make the generation being built live, then drop the old collection. `expected`: the fingerprint of the
+        build that was verified; another build (the lease lost and taken again while the check ran) is refused."""
         with self._lock:
             self._must_lead("switch generations")
             new = self.building
             if new is None:
                 raise RuntimeError("no generation is being built")
+            if expected is not None and new.spec.fingerprint != expected:
+                raise NotLeading(f"the build changed while {expected} was verified: not switching to an unverified one")
             old = self.live
             if new.spec.fingerprint == old.spec.fingerprint:
                 raise RuntimeError(f"generation {new.spec.fingerprint} is already live")
@@ -335,9 +350,10 @@ class Generations:
         with self._lock:
             self._must_lead("drop retired generations")
             in_use = {self._fingerprint(self._live), self._fingerprint(self.building)}
-            self._retired = [r for r in self._retired if r not in due]
+            kept = [r for r in self._retired if r not in due]
             due = [r for r in due if r[2].fingerprint not in in_use]  # never the live one, nor the build
-            self._publish()
+            self._publish(retired=kept)  # forgotten only once the catalog no longer names them
+            self._retired = kept
         for _, gen, spec in due:
             if gen is not None:
                 gen.index.drop()

@@ -56,7 +56,7 @@ class BuildWatcher:
         progress = gens.record_progress(reports)
         drift = sum(r.drift for r in reports)
         if drift == 0:
-            gens.promote()
+            gens.promote(expected=gen.spec.fingerprint)  # what was verified, even if a new tenure moved on
             return True
         # Stalled: the drift stays the same while the stream brings the build nothing (a lost snapshot signal).
         # A big snapshot batch still being embedded is not a stall.
