@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 from ragtide.contracts.errors import ConfigError
 from ragtide.contracts.freshness import FreshnessTracker
 from ragtide.contracts.logging import BackgroundFailures, setup_logging
+from ragtide.contracts.machine import keep_stderr_at_exit
 from ragtide.contracts.settings import RagtideSettings
 from ragtide.embedder.chunking import Chunker, token_offsets
 from ragtide.embedder.encoder import (
@@ -467,6 +468,7 @@ def serve(build: Callable[[RagtideSettings], FastAPI], settings: RagtideSettings
     api.host:api.port until it is stopped."""
     import uvicorn
 
+    keep_stderr_at_exit()
     setup_logging(settings.log_level, settings.json_logs)
     uvicorn.run(build(settings), host=settings.api.host, port=settings.api.port, log_config=None, access_log=False)
 

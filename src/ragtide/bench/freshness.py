@@ -259,14 +259,16 @@ def sweep(
     dtypes: list[str],
     find_max: bool,
     status: Callable[[str], None] = lambda _: None,
+    say: Callable[[str], None] = lambda _: None,
 ) -> tuple[list[RateResult], float | None]:
     """Every rate, once per precision in `dtypes` (the node restarted in it; none: as configured); with `find_max`,
     then step up from the best sustained rate, staying below the lowest one that already failed. Returns the
-    results (by rate with `find_max`) and the largest sustained rate tried (with `find_max`)."""
+    results (by rate with `find_max`) and the largest sustained rate tried (with `find_max`). `status`: what runs
+    now (transient); `say`: what stays on the screen."""
     results: list[RateResult] = []
     for node in dtypes or [""]:
         if node:
-            status(f"restarting the node with encoder.dtype={node} (its index rebuilt in it if need be)…")
+            say(f"restarting the node with encoder.dtype={node} (its index rebuilt in it if need be)…")
         with node_with_dtype(settings, node) if node else nullcontext(settings) as ns:
             for per_s in rates:
                 status(f"{node + ': ' if node else ''}{per_s:g} changes/s for {duration:g}s…")

@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 import httpx
 
 from ragtide.bench import save_result
+from ragtide.contracts.errors import RagtideError
 from ragtide.contracts.freshness import summarize, summarize_ms
 from ragtide.contracts.net import is_loopback
 from ragtide.contracts.settings import RagtideSettings, authorization
@@ -309,7 +310,9 @@ def run(
     if plan.backfill_to or plan.grow_to:
         status("building the index's HNSW graph (ragtide optimize)…")
         admin = settings.gateway.admin_headers()
-        httpx.post(f"{api}/v1/admin/optimize", json={}, headers=admin, timeout=3600).raise_for_status()
+        resp = httpx.post(f"{api}/v1/admin/optimize", json={}, headers=admin, timeout=3600)
+        if resp.status_code != 200:
+            raise RagtideError(f"optimize answered {resp.status_code}: {resp.text}")
     for n in (1, plan.clients):
         status(f"/v1/search with {n} client(s) for {plan.duration_s:g}s…")
         phases.append(search_phase(api, headers, n, plan.duration_s, max_requests=200_000))

@@ -297,7 +297,7 @@ def bench_freshness(
     if dtype and s.data_dir != configured_settings().data_dir:  # `current_settings()` gave the cluster's
         raise typer.BadParameter("restarts the one-node stack's node; not with `up --cluster`", param_hint="--dtype")
     with console.status("") as status:
-        results, max_sustained = sweep(s, rate, duration, weights, dtype or [], find_max, status.update)
+        results, max_sustained = sweep(s, rate, duration, weights, dtype or [], find_max, status.update, console.print)
     table = Table(
         *(["encoder.dtype"] if dtype else []),
         "rate (/s)",

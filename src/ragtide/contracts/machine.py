@@ -26,20 +26,32 @@ def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
     return {"model": model, "cpus": os.cpu_count(), "features": [f for f in FEATURES if f in flags]}
 
 
+_QUIET_AT_EXIT = {"enabled": True}
+
+
 def quiet_native_teardown() -> None:
-    """Silence stderr once the interpreter's exit handlers have run.
+    """Silence stderr once the interpreter's exit handlers have run, if triton was imported.
 
     transformers imports `torch._dynamo`, which imports triton even on a CPU-only machine, and triton's nanobind
     extension prints hundreds of `nanobind: leaked ...` lines as the interpreter tears its modules down, after
     everything a process meant to say. Call this early: exit handlers run last-registered first, so this one runs
-    after those registered later (torch's, triton's, the application's), which keep their stderr."""
+    after those registered later (torch's, triton's, the application's), which keep their stderr. An uncaught
+    exception's traceback is printed before any exit handler, so it is never hidden. The long-running processes
+    keep their stderr to the end (`keep_stderr_at_exit`): it is their log."""
     import atexit
     import sys
 
     def silence() -> None:
+        if not _QUIET_AT_EXIT["enabled"] or "triton" not in sys.modules:
+            return
         sys.stderr.flush()
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
         os.close(devnull)
 
     atexit.register(silence)
+
+
+def keep_stderr_at_exit() -> None:
+    """A long-running process: nothing of its stderr is silenced at exit (see `quiet_native_teardown`)."""
+    _QUIET_AT_EXIT["enabled"] = False

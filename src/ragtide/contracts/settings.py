@@ -320,8 +320,9 @@ class IndexSettings(_Section):
     indexing_threshold_kb: int | None = Field(
         None,
         ge=1,
-        description="KB of vectors a segment holds before it is searched by an HNSW graph instead of a scan (set on "
-        "new collections; the embedded engine builds the graph on `ragtide optimize`, a server in the background). "
+        description="KB of vectors a segment holds before it is searched by an HNSW graph instead of a scan. Set on "
+        "collections when they are created: a change applies from the next `ragtide reindex`. The embedded engine "
+        "builds the graph on `ragtide optimize`, a server in the background. "
         "Default: the engine's own, about 10 MB (~6,500 vectors of 384 floats); lower it for a small index that "
         "should still search by graph",
     )

@@ -84,7 +84,8 @@ class Answering:
         """Whether this answer came from the cache, how old and how close it is."""
         if self.cached is None:
             return CacheInfo(hit=False)
-        return CacheInfo(hit=True, age_s=round(self.cached.age_s(time.time()), 3), similarity=self.cached.similarity)
+        now = self.svc.cache.clock() if self.svc.cache is not None else time.time()
+        return CacheInfo(hit=True, age_s=round(self.cached.age_s(now), 3), similarity=self.cached.similarity)
 
     async def tokens(self) -> AsyncIterator[str]:
         """The completion's text pieces; records inter-token latency; ends with usage set."""
@@ -347,19 +348,19 @@ def _sse(event: str | None, data: Any) -> str:
 
 def _stream(
     run: Answering,
-    first: str,
+    first: Callable[[], str],
     token: Callable[[str], str],
     failed: Callable[[GeneratorUnavailable], list[str]],
     last: Callable[[str], list[str]],
 ) -> StreamingResponse:
-    """One answer as Server-Sent Events, in either shape: `first` (the citations), one event per token, `failed`'s
+    """One answer as Server-Sent Events, in either shape: `first()` (the citations), one event per token, `failed`'s
     events if the generator broke mid-answer, then `last(outcome)`. The run is settled (usage charged, the answer
     cached if it completed) whatever happened, including a client that went away ("abandoned")."""
 
     async def events() -> AsyncIterator[str]:
         outcome = "abandoned"
         try:
-            yield first
+            yield first()
             async for text in run.tokens():
                 yield token(text)
             outcome = "ok"
@@ -425,10 +426,13 @@ def answer_router() -> APIRouter:
             }
             return [_sse("done", end)]
 
-        citations = [c.model_dump() for c in run.citations]
+        def first() -> str:
+            citations = [c.model_dump() for c in run.citations]
+            return _sse("citations", {"citations": citations, "cache": run.cache_info.model_dump()})
+
         return _stream(
             run,
-            _sse("citations", {"citations": citations, "cache": run.cache_info.model_dump()}),
+            first,
             lambda text: _sse("token", {"text": text}),
             lambda exc: [_sse("error", {"detail": f"the generator failed mid-answer: {exc}"})],
             done,
@@ -485,10 +489,13 @@ def answer_router() -> APIRouter:
             finish = run.finish_reason if outcome == "ok" else "error"
             return [chunk({}, finish, usage=run.usage.model_dump(exclude={"estimated"})), _sse(None, "[DONE]")]
 
-        citations = [c.model_dump() for c in run.citations]
+        def opening() -> str:
+            citations = [c.model_dump() for c in run.citations]
+            return chunk({"role": "assistant"}, citations=citations, cache=run.cache_info.model_dump())
+
         return _stream(
             run,
-            chunk({"role": "assistant"}, citations=citations, cache=run.cache_info.model_dump()),
+            opening,
             lambda text: chunk({"content": text}),
             lambda _: [],  # OpenAI's stream has no error event: the last chunk's finish_reason says "error"
             done,

@@ -124,7 +124,10 @@ class Supervisor:
             restart = Restart(name, found, self.clock() - found, True)
             log.info("restarted", extra={"daemon": name, "took_s": round(restart.took_s, 1)})
         self.restarts.append(restart)
-        self.on_restart(restart)
+        try:
+            self.on_restart(restart)
+        except Exception as exc:  # a report that failed must not stop the restarts
+            log.error("restart report failed", extra={"daemon": name, "error": repr(exc)})
         return restart
 
     def run(self, stop: threading.Event) -> None:
