@@ -476,6 +476,7 @@ def serve(build: Callable[[RagtideSettings], FastAPI], settings: RagtideSettings
 def run_embedder(settings: RagtideSettings) -> None:
     """Run one standalone embedder until it is stopped: its topics exist before its consumer subscribes; its HTTP
     API runs on a thread of its own (the worker's event loop stays free); Faust's worker owns the main thread."""
+    keep_stderr_at_exit()  # its stderr is its log, to the last line
     setup_logging(settings.log_level, settings.json_logs)
     worker, api = create_embedder(settings)
     asyncio.run(ensure_topics(settings, source_topics(settings, sources_of(settings))))

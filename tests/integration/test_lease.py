@@ -3,7 +3,13 @@ same suite: one holder at a time, the holder's address visible to anyone, a dead
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import threading
+import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -111,26 +117,59 @@ def test_a_holder_whose_session_ended_cannot_confirm_and_retaking_is_a_new_tenur
     assert a.hold() is True and a.tenure == tenure + 1
 
 
-def test_a_session_that_stops_answering_is_the_lease_lost_not_a_hang(pg: str) -> None:
-    """The holder's backend stops answering while its host still acknowledges the bytes (SIGSTOP: what a hung
-    server or a stuck proxy looks like; TCP's own timeouts never fire). The confirmation gives up after its
-    ping timeout and says the lease is lost, instead of holding the leader, and the lock every batch needs, for
-    good."""
-    import os
-    import signal
+def within(seconds: float, call: Callable[[], bool]) -> bool:
+    """`call()`'s answer, failing (not hanging) if it takes longer than `seconds`."""
+    answer: list[bool] = []
+    worker = threading.Thread(target=lambda: answer.append(call()), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert answer, f"no answer within {seconds} s: the call hangs on a backend that stopped answering"
+    return answer[0]
 
+
+@contextlib.contextmanager
+def stopped(conn: psycopg.Connection[Any] | None) -> Iterator[None]:
+    """The connection's backend stops answering while its host still acknowledges the bytes (SIGSTOP: what a hung
+    server or a stuck proxy looks like; TCP's own timeouts never fire)."""
+    assert conn is not None
+    backend = conn.info.backend_pid
+    try:
+        os.kill(backend, signal.SIGSTOP)
+    except PermissionError:
+        pytest.skip("this user may not stop Postgres' backends")
+    try:
+        yield
+    finally:
+        os.kill(backend, signal.SIGCONT)
+
+
+def test_a_session_that_stops_answering_is_the_lease_lost_not_a_hang(pg: str) -> None:
+    """The holder's backend stops answering: the confirmation gives up after its timeout and says the lease is lost,
+    instead of holding the leader, and the lock every batch needs, for good."""
     lease = PostgresLease(pg, "test-stopped-backend", "http://a:1")
     try:
         lease.ping_timeout_s = 1.0
-        assert lease.hold() is True and lease._conn is not None
-        backend = lease._conn.info.backend_pid
-        try:
-            os.kill(backend, signal.SIGSTOP)
-        except PermissionError:
-            pytest.skip("this user may not stop Postgres' backends")
-        try:
-            assert lease.confirm() is False
-        finally:
-            os.kill(backend, signal.SIGCONT)
+        assert lease.hold() is True
+        with stopped(lease._conn):
+            assert within(10, lease.confirm) is False
+        deadline = time.monotonic() + 10  # a new session takes the lock once Postgres has ended the stopped one
+        while not within(10, lease.hold):
+            assert time.monotonic() < deadline, "the lock of a session cut off was never freed"
+            time.sleep(0.2)
     finally:
         lease.release()
+
+
+def test_a_follower_whose_session_stops_answering_does_not_hang(pg: str) -> None:
+    """A follower's try for the lock gets no answer: it gives up (not held) instead of holding the lease's lock, which
+    a shutdown's `release` waits for, and its next try for leadership, for good."""
+    holder = PostgresLease(pg, "test-stopped-follower", "http://a:1")
+    follower = PostgresLease(pg, "test-stopped-follower", "http://b:2")
+    try:
+        follower.ping_timeout_s = 1.0
+        assert holder.hold() is True and follower.hold() is False
+        with stopped(follower._conn):
+            assert within(10, follower.hold) is False
+    finally:
+        holder.release()
+        follower.release()

@@ -426,6 +426,29 @@ def test_a_leader_whose_lease_cannot_be_confirmed_writes_and_drops_nothing() -> 
     assert catalog.read().retired == ()
 
 
+def test_a_build_start_refused_after_opening_the_build_lets_its_index_go() -> None:
+    """The lease is lost while a build is being opened (a model loads for seconds): the start is refused at the
+    catalog write, and the index it opened is closed (its model freed), not kept by a process that forgot it."""
+    store = Store()
+    gens = store.generations()
+    gens.converge(spec())
+    answers = iter([True, False])  # confirmed before opening, lost by the time of the catalog write
+    gens.fence = lambda: next(answers)
+    closed: list[str] = []
+    opened = store.factory
+
+    def factory(s: GenerationSpec) -> Generation:
+        gen = opened(s)
+        gen.index.close = lambda: closed.append(s.fingerprint)  # type: ignore[method-assign]
+        return gen
+
+    gens.factory = factory
+    with pytest.raises(RuntimeError, match="lease could not be confirmed"):
+        gens.rebuild()
+    assert gens.building is None and closed == [spec(revision=2).fingerprint]
+    assert Catalog(store.index("chunks-catalog")).read().building is None
+
+
 def test_a_switch_goes_only_to_the_build_that_was_verified() -> None:
     """A verify pass that began before the lease was lost and taken again may end after another build started:
     it switches only to the build it verified."""

@@ -11,12 +11,14 @@ from typing import Any
 import httpx2
 import numpy as np
 import openai
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from langchain_openai import OpenAIEmbeddings
 from openai.types.chat import ChatCompletionMessageParam
 from pydantic import SecretStr
 
+from ragtide.contracts.errors import StoreUnavailable
 from ragtide.retriever.services import query_tokens
 from tests.doubles import EchoGenerator, HashEncoder
 from tests.unit.test_answer import ADMIN, Api, make_api
@@ -192,3 +194,30 @@ def test_langchain_openai_embeddings_match_the_encoder(api: Api) -> None:
     )
     assert np.allclose(lc.embed_query(TEXTS[1]), expected([TEXTS[1]])[0])
     assert np.allclose(lc.embed_documents(TEXTS[:2]), expected(TEXTS[:2]))
+
+
+@pytest.mark.parametrize(
+    "down", [StoreUnavailable("qdrant at :6333 refused"), psycopg.OperationalError("postgres at :5432 refused")]
+)
+def test_a_store_that_is_down_is_the_same_503_on_every_route(
+    api: Api, down: Exception, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One mapping of "not now": ragtide's routes and the OpenAI-compatible ones answer a store outage with the
+    same 503 and Retry-After (OpenAI's shape on the latter, whose SDK retries after it), never a 500."""
+
+    def refuse(*_: Any, **__: Any) -> Any:
+        raise down
+
+    monkeypatch.setattr(api.writer.index, "search", refuse)
+    search = api.client.post("/v1/search", json={"query": "kafka topics"})
+    assert (search.status_code, search.headers["retry-after"]) == (503, "5")
+    assert search.json()["detail"] == str(down)
+    question = {"model": "echo", "messages": [{"role": "user", "content": "how are kafka topics stored?"}]}
+    chat = api.client.post("/v1/chat/completions", json=question)
+    assert (chat.status_code, chat.headers["retry-after"]) == (503, "5"), chat.text
+    assert chat.json()["error"] == {
+        "message": str(down),
+        "type": "server_error",
+        "param": None,
+        "code": "index_unavailable",
+    }

@@ -39,6 +39,12 @@ class Msg:
     value: bytes | None
     timestamp: float
 
+    @property
+    def tp(self) -> Any:
+        from faust.types import TP
+
+        return TP(self.topic, self.partition)
+
 
 def fixture_msg(name: str) -> Msg:
     r = json.loads((FIXTURES / f"{name}.json").read_text(encoding="utf-8"))
@@ -201,24 +207,8 @@ def test_a_long_outage_neither_overflows_the_backoff_nor_stays_reported_after_it
 
 
 @dataclass
-class KMsg:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp: float
-
-    @property
-    def tp(self) -> Any:
-        from faust.types import TP
-
-        return TP(self.topic, self.partition)
-
-
-@dataclass
 class KEvent:
-    message: KMsg
+    message: Msg
 
 
 def test_the_agent_acks_a_batch_only_after_its_writes_and_dead_letters_are_durable(
@@ -248,8 +238,7 @@ def test_the_agent_acks_a_batch_only_after_its_writes_and_dead_letters_are_durab
     proc = BatchProcessor(Recording(), EmbedderMetrics(CollectorRegistry()), settings.connect.topic_prefix)
     app = create_worker_app(settings, proc, ["ragtide.public.docs"])
     good = fixture_msg("create")
-    msgs = [KMsg(good.topic, good.partition, good.offset, good.key, good.value, good.timestamp),
-            KMsg(good.topic, good.partition, good.offset + 1, b'{"id":"x"}', b"{broken", good.timestamp)]  # fmt: skip
+    msgs = [good, Msg(good.topic, good.partition, good.offset + 1, b'{"id":"x"}', b"{broken", good.timestamp)]
 
     class Stream:
         async def noack_take(self, n: int, within: float) -> Any:

@@ -119,7 +119,10 @@ def supervise_processes(stack: Supervised) -> None:
     import signal
     import threading
 
+    from ragtide.contracts.machine import keep_stderr_at_exit
     from ragtide.stack.supervise import Restart, Supervisor
+
+    keep_stderr_at_exit()  # a long-running process: its stderr is its log
 
     def report(r: Restart) -> None:
         mark = "[green]✓[/]" if r.ok else "[red]✗[/]"

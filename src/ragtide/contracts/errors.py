@@ -21,7 +21,9 @@ class DecodeError(RagtideError):
 class StoreUnavailable(RagtideError):
     """A store (the vector index: a Qdrant server unreachable or the embedded index's disk full; or Postgres) cannot
     serve right now. The embedder retries the batch and commits nothing; the gateway falls back to what the process
-    knows. The message says which store and why."""
+    knows; an HTTP request gets a 503 with `Retry-After: retry_after_s`. The message says which store and why."""
+
+    retry_after_s = 5
 
 
 class ProviderUnavailable(StoreUnavailable):

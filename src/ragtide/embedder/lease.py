@@ -87,7 +87,7 @@ class PostgresLease:
         self.url = url
         self.key = lock_key(name)
         self.connect_timeout = connect_timeout
-        self.ping_timeout_s = 5.0  # a renewal or confirmation that gets no answer this long: the lease is lost
+        self.ping_timeout_s = 5.0  # any statement on the lease's session unanswered this long: the lease is lost
         self._conn: psycopg.Connection[Any] | None = None
         self._held = False
         self._tenure = 0
@@ -116,8 +116,12 @@ class PostgresLease:
             options="-c statement_timeout=10000 -c idle_session_timeout=0 -c tcp_keepalives_idle=5 "
             "-c tcp_keepalives_interval=2 -c tcp_keepalives_count=2",
         )
-        for statement in DDL:
-            conn.execute(statement)
+        try:
+            for statement in DDL:
+                self._run(conn, statement)
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def hold(self) -> bool:
@@ -130,9 +134,10 @@ class PostgresLease:
                 if self._held:
                     self._ping()  # the session lives, and the lock with it
                     return True
-                row = self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
+                row = self._run(self._conn, "SELECT pg_try_advisory_lock(%s)", (self.key,))
                 if row and row[0]:
-                    self._conn.execute(
+                    self._run(
+                        self._conn,
                         "INSERT INTO ragtide_embedder.leaders (name, url, backend_pid, host, pid) "
                         "VALUES (%s, %s, pg_backend_pid(), %s, %s) ON CONFLICT (name) DO UPDATE SET "
                         "url = EXCLUDED.url, backend_pid = EXCLUDED.backend_pid, host = EXCLUDED.host, "
@@ -162,18 +167,42 @@ class PostgresLease:
             return True
 
     def _ping(self) -> None:
-        """`SELECT 1` on the lock's session, given up after `ping_timeout_s` whatever the network does: a server
-        that acknowledges the bytes but never answers would otherwise hold the caller (and the generations' lock
-        a confirmation is asked under) for good. Called under `_lock`."""
+        """`SELECT 1` on the lock's session. Called under `_lock`."""
         assert self._conn is not None
-        conn = self._conn
-        timer = threading.Timer(self.ping_timeout_s, _cut, args=(conn,))
+        self._run(self._conn, "SELECT 1")
+
+    def _run(self, conn: psycopg.Connection[Any], sql: str, params: tuple[Any, ...] | None = None) -> Any:
+        """One statement on the lease's session (its first row, if any), given up after `ping_timeout_s` whatever
+        the network does: a server that acknowledges the bytes but never answers would otherwise hold the caller,
+        and `_lock` (under which a confirmation, a renewal and `release` at shutdown wait), for good.
+
+        A timer shuts the socket down under the blocked call. It acts only while the call is still running (the
+        socket is then still this connection's), and a call it cut fails whatever it got back: a lease whose
+        answer came just as the time ran out is lost, never half-lost."""
+        fd = conn.fileno()
+        guard = threading.Lock()
+        done = fired = False
+
+        def cut() -> None:
+            nonlocal fired
+            with guard:
+                if not done:
+                    fired = True
+                    _shutdown(fd)
+
+        timer = threading.Timer(self.ping_timeout_s, cut)
         timer.daemon = True
         timer.start()
         try:
-            conn.execute("SELECT 1")
+            cur = conn.execute(sql, params)
+            row = cur.fetchone() if cur.description is not None else None
         finally:
+            with guard:
+                done = True
             timer.cancel()
+        if fired:
+            raise psycopg.OperationalError(f"Postgres did not answer within {self.ping_timeout_s:g} s")
+        return row
 
     def leader(self) -> str | None:
         """The holder's advertised URL, read from any process."""
@@ -195,14 +224,20 @@ class PostgresLease:
                 conn.close()
 
 
-def _cut(conn: psycopg.Connection[Any]) -> None:
-    """Shut the connection's socket down under a blocked call: it fails at once (psycopg.OperationalError)."""
-    with contextlib.suppress(OSError, psycopg.Error):
-        sock = socket.socket(fileno=os.dup(conn.fileno()))
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        finally:
-            sock.close()
+def _shutdown(fd: int) -> None:
+    """Shut a socket down under a blocked call: the call fails at once (psycopg.OperationalError)."""
+    try:
+        dup = os.dup(fd)
+    except OSError:
+        return
+    try:
+        sock = socket.socket(fileno=dup)
+    except OSError:
+        os.close(dup)
+        return
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
 
 
 def _oid(v: int) -> int:

@@ -265,7 +265,7 @@ def health_app(
 
     @app.exception_handler(StoreUnavailable)
     async def _unavailable(_: Any, exc: StoreUnavailable) -> Response:
-        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "5"})
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": str(exc.retry_after_s)})
 
     @app.get("/healthz")
     async def healthz() -> Response:

@@ -182,7 +182,9 @@ class Gateway:
             return self._fresh(self._keys, key_id, lambda: self.store.get_key(key_id) if self.store else None, "key")
         except StoreUnavailable as exc:
             raise HTTPException(
-                503, f"the API key cannot be checked now ({exc}); retry shortly", headers={"Retry-After": "5"}
+                503,
+                f"the API key cannot be checked now ({exc}); retry shortly",
+                headers={"Retry-After": str(exc.retry_after_s)},
             ) from exc
 
     def authenticate(self, key: str | None) -> Caller:

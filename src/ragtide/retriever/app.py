@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any
 
-import psycopg
 from fastapi import APIRouter, FastAPI, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -36,7 +35,7 @@ from ragtide.retriever.canary import Canary
 from ragtide.retriever.dashboard import DASHBOARD_HTML, counters_from
 from ragtide.retriever.openai_compat import openai_router
 from ragtide.retriever.openapi import tailored_openapi
-from ragtide.retriever.queries import RETRY_AFTER_S, AdmissionEdge, Overloaded
+from ragtide.retriever.queries import REFUSED, AdmissionEdge, Shed, refusal
 from ragtide.retriever.schemas import (
     QUERY_RESPONSES,
     Health,
@@ -188,14 +187,13 @@ def create_app(
     async def _client_error(_: Request, exc: ClientError) -> JSONResponse:
         return JSONResponse(status_code=422, content={"detail": str(exc)})
 
-    @app.exception_handler(Overloaded)
-    async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:
-        return JSONResponse(status_code=503, content={"detail": str(exc)}, headers={"Retry-After": str(RETRY_AFTER_S)})
+    async def _refused(_: Request, exc: Exception) -> JSONResponse:
+        detail, _code, headers = refusal(exc)
+        return JSONResponse(status_code=503, content={"detail": detail}, headers=headers)
 
-    @app.exception_handler(StoreUnavailable)
-    @app.exception_handler(psycopg.OperationalError)  # Postgres read directly (verify, the source's rows)
-    async def _store_unavailable(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(status_code=503, content={"detail": str(exc)}, headers={"Retry-After": "5"})
+    for refused in REFUSED:  # overload, and a store that is down (the index; Postgres read directly by verify)
+        if refused is not Shed:  # an HTTPException: FastAPI's own handler answers it, with its headers
+            app.add_exception_handler(refused, _refused)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -23,9 +23,8 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
-from ragtide.contracts.errors import StoreUnavailable
 from ragtide.embedder.encoder import Encoder, Vectors, unprompted
-from ragtide.retriever.queries import RETRY_AFTER_S, Overloaded, Shed
+from ragtide.retriever.queries import REFUSED, refusal
 from ragtide.retriever.schemas import (
     GATEWAY_RESPONSES,
     QUERY_RESPONSES,
@@ -70,13 +69,9 @@ class OpenAIRoute(APIRoute):
                 return await handler(request)
             except OpenAIStatus as exc:
                 return JSONResponse(exc.body.model_dump(), status_code=exc.status_code)
-            except Shed as exc:
-                return openai_error(503, str(exc.detail), "server_error", "overloaded_full", exc.headers)
-            except Overloaded as exc:
-                retry = {"Retry-After": str(RETRY_AFTER_S)}
-                return openai_error(503, str(exc), "server_error", f"overloaded_{exc.reason}", retry)
-            except StoreUnavailable as exc:
-                return openai_error(503, str(exc), "server_error", "index_unavailable", {"Retry-After": "5"})
+            except REFUSED as exc:
+                detail, code, headers = refusal(exc)
+                return openai_error(503, detail, "server_error", code, headers)
             except HTTPException as exc:  # the gateway's and FastAPI's own
                 kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
                 return openai_error(exc.status_code, str(exc.detail), kind, None, exc.headers)

@@ -24,10 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import psycopg
 from fastapi import HTTPException
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from ragtide.contracts.errors import ClientError
+from ragtide.contracts.errors import ClientError, StoreUnavailable
 from ragtide.embedder.encoder import Encoder, Vectors
 from ragtide.gateway.asgi import ASGIApp, Message, Receive, Scope, Send
 
@@ -56,6 +57,23 @@ class Shed(HTTPException):
 
     def __init__(self, detail: str) -> None:
         super().__init__(503, detail, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+REFUSED = (Shed, Overloaded, StoreUnavailable, psycopg.OperationalError)  # what `refusal` maps
+
+
+def refusal(exc: Exception) -> tuple[str, str, dict[str, str]]:
+    """The one mapping of a query turned away "not now" (one of `REFUSED`) to its 503: the detail, a code (OpenAI's
+    error shape carries it) and the headers, with the Retry-After a client should honour. Admission and the
+    deadline say retry in RETRY_AFTER_S; a store that is down (the index, or Postgres read directly) in
+    StoreUnavailable.retry_after_s."""
+    if isinstance(exc, Shed):
+        return str(exc.detail), "overloaded_full", dict(exc.headers or {})
+    if isinstance(exc, Overloaded):
+        return str(exc), f"overloaded_{exc.reason}", {"Retry-After": str(RETRY_AFTER_S)}
+    if isinstance(exc, REFUSED):
+        return str(exc), "index_unavailable", {"Retry-After": str(StoreUnavailable.retry_after_s)}
+    raise TypeError(f"not a refusal: {exc!r}")
 
 
 class QueryMetrics:

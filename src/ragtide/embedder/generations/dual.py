@@ -271,6 +271,8 @@ class Generations:
         try:
             self._publish()
         except Exception:  # the catalog does not name it: neither does this process
+            if self.building not in (self._live, before[0]):  # opened for this start: let its index and model go
+                self.building.index.close()  # (its collection only a leader may drop: that needs the lease)
             self.building, self.progress = before
             raise
         self._building.set(1)
