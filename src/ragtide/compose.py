@@ -75,12 +75,14 @@ def build_encoder(
     spec: GenerationSpec | None = None,
     registry: CollectorRegistry | None = None,
     queries: bool = False,
+    nice: int = 0,
 ) -> Encoder:
     """The configured encoder, or the one an older generation `spec` needs: its model, precision and provider
     ("local": a model in this process, whatever encoder.backend now says; else the embeddings API at the URL it
     was built from, with the configured key and limits). `registry` gets a provider's metrics. `queries`: an
     encoder for search alone, so a provider's faults get one quick retry, never a long wait (a search waiting on
-    Retry-After would hold the query path; it answers 503 with Retry-After instead)."""
+    Retry-After would hold the query path; it answers 503 with Retry-After instead). `nice`: the local engine's
+    threads run at that nice value (see encoder.ingest_nice)."""
     e = settings.encoder
     path = (Path(spec.model_path) if spec.model_path else default_model_path()) if spec else e.model_path
     precision = spec.precision if spec else None
@@ -124,7 +126,13 @@ def build_encoder(
     int8 = choose_dtype(e.dtype, cuda=False, precision=precision)[0] == "int8"
     device = "cpu" if int8 else e.device
     engine = EmbeddingEngine(
-        path or default_model_path(), device, e.dtype, e.token_budget, tokenizer=e.tokenizer, precision=precision
+        path or default_model_path(),
+        device,
+        e.dtype,
+        e.token_budget,
+        tokenizer=e.tokenizer,
+        precision=precision,
+        nice=nice,
     )
     log.info(
         "embedding engine loaded",
@@ -196,6 +204,7 @@ def generation_factory(
     truncations: TruncateLog | None = None,
     registry: CollectorRegistry | None = None,
     queries: bool = False,
+    nice: int = 0,
 ) -> GenerationFactory:
     """Opens a generation's collection with an encoder of its model (loaded once per provider, model and
     precision) and its chunking; its writer shares the group's truncate log (the writing side only: a reader never
@@ -205,7 +214,7 @@ def generation_factory(
     def make(spec: GenerationSpec) -> Generation:
         enc = encoders.get(spec.encoder_identity)
         if enc is None:
-            enc = build_encoder(settings, spec, registry, queries)
+            enc = build_encoder(settings, spec, registry, queries, nice)
             if enc.model_name != spec.model or enc.dim != spec.dim or enc.provider != spec.provider:
                 field = "encoder.model_path" if spec.provider == "local" else "encoder.api.provider"
                 raise ConfigError(
@@ -248,6 +257,7 @@ def open_generations(
     sources: SourcesConfig,
     registry: CollectorRegistry,
     query_encoder: Encoder | None = None,
+    nice: int = 0,
 ) -> Generations:
     """The generations as the catalog names them, followed (nothing written): the process leads only once it holds
     the lease (`build_lifecycle`), and then converges them on the configuration. `query_encoder`: search's own
@@ -265,7 +275,9 @@ def open_generations(
 
     gens = Generations(
         open_catalog(settings),
-        generation_factory(settings, encoder, sources, PostgresTruncateLog(settings.postgres.state()), registry),
+        generation_factory(
+            settings, encoder, sources, PostgresTruncateLog(settings.postgres.state()), registry, nice=nice
+        ),
         registry,
         drop_collection=lambda spec: open_index(settings, spec.collection(base)).drop(),
         grace_s=settings.index.retire_grace_s,
@@ -352,12 +364,14 @@ def create_node_app(settings: RagtideSettings) -> FastAPI:
 
     sources = sources_of(settings)
     registry = CollectorRegistry()
-    encoder = build_encoder(settings, registry=registry)
     # Search embeds with an engine of its own: the writer's runs a whole batch (256 events on a CPU, 4,096 on
-    # CUDA) under its lock, and a query queued behind it waited for all of it.
+    # CUDA) under its lock, and a query queued behind it waited for all of it. On shared cores the writer's threads
+    # run at a lower priority (encoder.ingest_nice), so a query's pass goes first during a backfill.
+    nice = settings.encoder.ingest_nice
+    encoder = build_encoder(settings, registry=registry, nice=nice)
     queries = build_encoder(settings, registry=registry, queries=True)
     tracker = FreshnessTracker(registry)
-    generations = open_generations(settings, encoder, sources, registry, queries)
+    generations = open_generations(settings, encoder, sources, registry, queries, nice)
     cache = build_cache(settings, registry, encoder.dim)
     worker, watchdog = build_embedder(settings, generations, sources, registry, tracker, cache)
     lease = LocalLease({}, "node", settings.api.url)  # the node is the only writer of its embedded index

@@ -3,10 +3,13 @@ across batch compositions, and edge inputs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import shutil
 import string
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -288,3 +291,35 @@ def test_a_model_folders_prompts_reach_documents_through_ids_and_queries(
     assert cosine_deviation(query.encode(["rotate keys"]), engine.encode(["query: rotate keys"])) <= 1e-3
     overrides = load_settings(RagtideSettings, encoder={"model_path": str(folder), "query_prefix": ""})
     assert prompts(overrides, enc) == ("", "passage: ")  # a setting wins over the folder's prompt
+
+
+def thread_nices() -> dict[int, int]:
+    """This process's threads: native id -> nice value (field 19 of /proc/self/task/<tid>/stat)."""
+    out = {}
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):
+            stat = (task / "stat").read_text()
+            out[int(task.name)] = int(stat[stat.rindex(")") + 2 :].split()[16])
+    return out
+
+
+def test_a_niced_engine_embeds_on_threads_at_its_nice_value_with_the_same_vectors(
+    engine: EmbeddingEngine, texts: list[str]
+) -> None:
+    """The node's writer engine (encoder.ingest_nice): its forward passes run on its own thread at that nice value,
+    and so do the threads of the OpenMP team that thread starts (the matmuls' other cores); the caller's thread,
+    and so search's engine, keep theirs. The vectors are the same."""
+    import torch
+
+    before = thread_nices()
+    niced = EmbeddingEngine(default_model_path(), device="cpu", dtype="fp32", token_budget=2048, nice=7)
+    try:
+        got = niced.encode(texts[:80])
+        new = {tid: n for tid, n in thread_nices().items() if tid not in before}
+        at_seven = [tid for tid, n in new.items() if n == 7]
+        # the forward thread, the host thread, and the forward thread's OpenMP workers
+        assert len(at_seven) >= 2 + (torch.get_num_threads() - 1), new
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == 0
+        assert cosine_deviation(got, engine.encode(texts[:80])) < 1e-6
+    finally:
+        niced.close()

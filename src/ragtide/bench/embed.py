@@ -369,33 +369,50 @@ if __name__ == "__main__":
 
 
 def query_wait(
-    make_engine: Callable[[], EmbeddingEngine], texts: Sequence[str], queries: Sequence[str], batch: int = 256
+    make_engine: Callable[[int], EmbeddingEngine],
+    texts: Sequence[str],
+    queries: Sequence[str],
+    batch: int = 256,
+    nice: int = 10,
 ) -> dict[str, dict[str, float]]:
-    """A query's embedding latency while batches of `batch` texts are embedded without pause (a backfill), when
-    the query shares the batches' engine and when it has an engine of its own (what the node does). Milliseconds,
-    p50 / p95 / max, side by side in one run."""
+    """A query's embedding latency while batches of `batch` texts are embedded without pause (a backfill): when
+    the query shares the batches' engine, when it has an engine of its own, and when the batches' engine also runs
+    at nice `nice` (what the node does; `make_engine(nice)`). Milliseconds, p50 / p95 / max, and the backfill's
+    chunks/s meanwhile, side by side in one run."""
     import threading
 
-    shared = make_engine()
+    shared = make_engine(0)
+    own = make_engine(0)
+    contenders = (
+        ("shared engine", shared, shared),
+        ("own engine, writer at nice 0", shared, own),
+        (f"own engine, writer at nice {nice}", make_engine(nice), own),
+    )
     results: dict[str, dict[str, float]] = {}
-    for name, query_engine in (("shared engine (before)", shared), ("own engine (now)", make_engine())):
+    for name, writer, query_engine in contenders:
         stop = threading.Event()
+        embedded = [0]
 
-        def backfill(stop: threading.Event = stop) -> None:
+        def backfill(
+            stop: threading.Event = stop, writer: EmbeddingEngine = writer, embedded: list[int] = embedded
+        ) -> None:
             i = 0
             while not stop.is_set():
-                shared.encode(list(texts[i : i + batch]) or list(texts[:batch]))
+                writer.encode(list(texts[i : i + batch]) or list(texts[:batch]))
+                embedded[0] += batch
                 i = (i + batch) % max(1, len(texts) - batch)
 
         worker = threading.Thread(target=backfill, daemon=True)
         worker.start()
         time.sleep(0.5)  # the first batch is running
         took: list[float] = []
+        started, before = time.perf_counter(), embedded[0]
         for q in queries:
             t0 = time.perf_counter()
             query_engine.encode([q])
             took.append((time.perf_counter() - t0) * 1000)
             time.sleep(0.05)
+        rate = (embedded[0] - before) / (time.perf_counter() - started)
         stop.set()
         worker.join()
         took.sort()
@@ -403,5 +420,6 @@ def query_wait(
             "p50_ms": round(took[len(took) // 2], 1),
             "p95_ms": round(took[int(len(took) * 0.95) - 1], 1),
             "max_ms": round(took[-1], 1),
+            "backfill_chunks_s": round(rate, 1),
         }
     return results

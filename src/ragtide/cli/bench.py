@@ -117,22 +117,29 @@ def bench_scale(
 def bench_query_wait(
     n: Annotated[int, typer.Option("--n", help="queries timed per contender")] = 40,
     batch: Annotated[int, typer.Option(help="texts per backfill batch (the embedder's default on a CPU)")] = 256,
+    nice: Annotated[int, typer.Option(min=1, max=19, help="the writer's nice value in the last contender")] = 10,
+    out: Annotated[Path, typer.Option(help="folder for the JSON result")] = Path("bench/results"),
 ) -> None:
     """A query's embedding latency during a backfill: sharing the writer's engine (one lock: it waits for whole
-    batches) against an engine of its own, side by side (needs no running stack)."""
-    from ragtide.bench import embed
+    batches), an engine of its own, and an engine of its own while the writer's threads run at a lower priority
+    (encoder.ingest_nice, what the node does), side by side (needs no running stack)."""
+    from ragtide.bench import embed, save_result
     from ragtide.contracts.machine import cpu_info
     from ragtide.embedder.engine import EmbeddingEngine
 
     model = embed.default_model_dir()
     texts = embed.corpus(EmbeddingEngine(model, "cpu").tokenizer, 4 * batch)
     queries = [f"how do I {w} a file" for w in ("open", "read", "close", "lock", "copy", "move", "delete", "rename")]
-    result = embed.query_wait(lambda: EmbeddingEngine(model, "cpu"), texts, (queries * n)[:n], batch)
-    table = Table("query embedding during a backfill", "p50 ms", "p95 ms", "max ms")
+    make = lambda nice: EmbeddingEngine(model, "cpu", nice=nice)  # noqa: E731
+    result = embed.query_wait(make, texts, (queries * n)[:n], batch, nice)
+    table = Table("query embedding during a backfill", "p50 ms", "p95 ms", "max ms", "backfill chunks/s")
     for name, r in result.items():
-        table.add_row(name, str(r["p50_ms"]), str(r["p95_ms"]), str(r["max_ms"]))
+        table.add_row(name, str(r["p50_ms"]), str(r["p95_ms"]), str(r["max_ms"]), str(r["backfill_chunks_s"]))
     console.print(table)
-    console.print(f"machine: {cpu_info()}")
+    machine = cpu_info()
+    console.print(f"machine: {machine}")
+    saved = {"machine": machine, "queries": n, "batch": batch, "contenders": result}
+    console.print(f"result: {save_result(saved, out, 'query-wait')}")
 
 
 @bench_app.command("serve")

@@ -444,6 +444,14 @@ class EncoderSettings(_Section):
         description="engine: text tokenizer; auto: flash-tokenizer for ASCII text when installed and in agreement "
         "with the model's tokenizer at load, the Rust tokenizer otherwise",
     )
+    ingest_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="engine, in a process that embeds both changes and search queries (the node): the nice value "
+        "of the threads that embed changes, so search's own engine goes first on shared cores during a backfill "
+        "(0: equal)",
+    )
 
 
 class ChunkingSettings(_Section):

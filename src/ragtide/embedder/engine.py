@@ -30,11 +30,11 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -49,7 +49,17 @@ log = logging.getLogger(__name__)
 
 Vectors = npt.NDArray[np.float32]
 DType = Literal["auto", "fp32", "fp16", "bf16", "int8"]
+T = TypeVar("T")
 INLINE_ROWS = 64  # smaller calls are prepared on the caller's thread: a thread hop costs more than the work
+
+
+def lower_priority(nice: int) -> None:
+    """Run the calling thread (and the threads it starts) at `nice` (Linux: a thread's own nice value); elsewhere,
+    or where it is refused, as before."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (OSError, AttributeError) as exc:
+        log.warning("could not lower the embedding threads' priority", extra={"nice": nice, "error": str(exc)})
 
 
 @dataclass(frozen=True)
@@ -151,6 +161,7 @@ class EmbeddingEngine:
         compile: bool = False,
         tokenizer: TokenizerChoice = "auto",
         precision: str | None = None,
+        nice: int = 0,
     ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -183,10 +194,16 @@ class EmbeddingEngine:
         self.cls_id = int(self._hf_tokenizer.cls_token_id)
         self.sep_id = int(self._hf_tokenizer.sep_token_id)
 
+        # nice > 0: the forward passes and the host work run on threads of their own at that nice value (the
+        # threads of their OpenMP team and of ONNX Runtime's pool are made by them, and inherit it), so a process's
+        # other engine (search's) goes first on shared cores.
+        self.nice = nice
+        self._forward = self._worker("embed-forward") if nice > 0 else None
         self.int8: Int8Model | None = None
         self.model: Any = None
         if self.dtype_name == "int8":
-            self.int8 = Int8Model(quantized.artifact(self.model_dir), threads=torch.get_num_threads())
+            artifact, threads = quantized.artifact(self.model_dir), torch.get_num_threads()
+            self.int8 = self._on_forward(lambda: Int8Model(artifact, threads=threads))
             self._dim = int(json.loads((self.model_dir / "config.json").read_text())["hidden_size"])
         else:
             model: Any = AutoModel.from_pretrained(
@@ -196,7 +213,7 @@ class EmbeddingEngine:
             self._dim = int(model.config.hidden_size)
             if compile:
                 self.model = torch.compile(self.model, dynamic=True)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-host")
+        self._pool = self._worker("embed-host")
         self._lock = threading.Lock()  # one forward pipeline at a time (threads share the device)
         self.truncated = 0
         self.tokenized = 0  # texts this engine tokenized (ids handed in are not counted)
@@ -305,9 +322,22 @@ class EmbeddingEngine:
                 pending = self._pool.submit(self._prepare, items[start + step : start + 2 * step], special)
             yield min(step, len(items) - start), current
 
+    def _worker(self, name: str) -> ThreadPoolExecutor:
+        """A thread of the engine's own, at its nice value."""
+        if self.nice > 0:
+            return ThreadPoolExecutor(1, thread_name_prefix=name, initializer=lower_priority, initargs=(self.nice,))
+        return ThreadPoolExecutor(1, thread_name_prefix=name)
+
+    def _on_forward(self, work: Callable[[], T]) -> T:
+        """`work()` on the forward thread (at the engine's nice value), or here when there is none."""
+        return self._forward.submit(work).result() if self._forward is not None else work()
+
     def _run(self, items: Sequence[str | Sequence[int]], special: bool = False) -> Vectors:
         if not items:
             return np.zeros((0, self._dim), dtype=np.float32)
+        return self._on_forward(lambda: self._run_here(items, special))
+
+    def _run_here(self, items: Sequence[str | Sequence[int]], special: bool) -> Vectors:
         parts: list[Vectors] = []
         in_flight: tuple[Any, Any] | None = None  # (host result, event) of the macro-batch the device still runs
         with self._lock, self.torch.inference_mode():
@@ -354,5 +384,7 @@ class EmbeddingEngine:
         return result
 
     def close(self) -> None:
-        """Stop the host worker thread."""
+        """Stop the worker threads."""
         self._pool.shutdown(wait=False)
+        if self._forward is not None:
+            self._forward.shutdown(wait=False)
