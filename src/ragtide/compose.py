@@ -47,6 +47,7 @@ from ragtide.embedder.generations import (
     GenerationFactory,
     Generations,
     GenerationSpec,
+    SearchEncoders,
     encoder_identity,
     verifier,
 )
@@ -261,18 +262,10 @@ def open_generations(
 ) -> Generations:
     """The generations as the catalog names them, followed (nothing written): the process leads only once it holds
     the lease (`build_lifecycle`), and then converges them on the configuration. `query_encoder`: search's own
-    instance of the configured model (the node's), used for the generations of that model."""
+    instance of the configured model (the node's); a generation of another model (a migration) gets one of its own
+    too, loaded once when search first reads it: never the writer's, whose lock holds whole batches and whose
+    threads run at `nice`."""
     base = settings.index.collection
-    prompted: dict[str, Encoder] = {}  # one query encoder per prompt: the query batcher groups by encoder
-
-    def for_queries(gen: Generation) -> Encoder:
-        if query_encoder is None or encoder_identity(query_encoder) != gen.spec.encoder_identity:
-            return gen.encoder
-        prefix = gen.spec.query_prefix
-        if prefix not in prompted:
-            prompted[prefix] = with_query_prefix(query_encoder, prefix)
-        return prompted[prefix]
-
     gens = Generations(
         open_catalog(settings),
         generation_factory(
@@ -281,7 +274,9 @@ def open_generations(
         registry,
         drop_collection=lambda spec: open_index(settings, spec.collection(base)).drop(),
         grace_s=settings.index.retire_grace_s,
-        query_encoder=for_queries,
+        query_encoder=None
+        if query_encoder is None
+        else SearchEncoders(query_encoder, lambda spec: build_encoder(settings, spec, registry, queries=True)),
     )
     gens.leading = False
     gens.follow(desired_generation(settings, encoder))

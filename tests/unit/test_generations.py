@@ -21,6 +21,7 @@ from ragtide.embedder.generations import (
     Generations,
     GenerationSpec,
     LockedWriter,
+    SearchEncoders,
     encoder_identity,
 )
 from ragtide.embedder.generations.catalog import CatalogState
@@ -332,17 +333,36 @@ def test_only_snapshot_reads_count_as_build_progress() -> None:
     assert gens.build_batches == 1
 
 
-def test_search_embeds_with_its_own_encoder_of_the_live_model() -> None:
+def test_search_embeds_with_its_own_encoder_of_the_live_model_and_of_a_migrations_model() -> None:
+    """Search never embeds on the writer's encoder (its lock holds whole batches, its threads run niced): the
+    configured model's own instance, and for a generation of another model one loaded once; one that cannot be
+    loaded leaves search on the writer's."""
     store = Store()
     own = HashEncoder()
-    gens = Generations(
-        Catalog(store.index("chunks-catalog")),
-        store.factory,
-        query_encoder=lambda gen: own if gen.spec.model == own.model_name else gen.encoder,
-    )
+    loaded: list[str] = []
+
+    def load(s: GenerationSpec) -> HashEncoder:
+        loaded.append(s.model)
+        return OtherModel()
+
+    gens = Generations(Catalog(store.index("chunks-catalog")), store.factory, query_encoder=SearchEncoders(own, load))
     gens.converge(spec())
     index, encoder = gens.current()
     assert encoder is own and encoder is not gens.live.encoder and index is gens.live.index
+    gens.converge(spec(model="other-model", dim=16))
+    gens.promote()
+    first, again = gens.current()[1], gens.current()[1]
+    assert first is again and first is not gens.live.encoder and first.model_name == "other-model"
+    assert loaded == ["other-model"]
+
+    def refuse(s: GenerationSpec) -> HashEncoder:
+        raise OSError("no such model folder")
+
+    fallback = Generations(
+        Catalog(store.index("chunks-catalog")), store.factory, query_encoder=SearchEncoders(own, refuse)
+    )
+    fallback.converge(spec(model="other-model", dim=16))
+    assert fallback.current()[1] is fallback.live.encoder
 
 
 def test_a_follower_that_missed_a_switch_takes_over_without_dropping_the_live_generation() -> None:
@@ -428,7 +448,7 @@ def test_a_leader_whose_lease_cannot_be_confirmed_writes_and_drops_nothing() -> 
 
 def test_a_build_start_refused_after_opening_the_build_lets_its_index_go() -> None:
     """The lease is lost while a build is being opened (a model loads for seconds): the start is refused at the
-    catalog write, and the index it opened is closed (its model freed), not kept by a process that forgot it."""
+    catalog write, and the index it opened is closed, not kept by a process that forgot it."""
     store = Store()
     gens = store.generations()
     gens.converge(spec())

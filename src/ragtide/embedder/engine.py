@@ -54,10 +54,11 @@ INLINE_ROWS = 64  # smaller calls are prepared on the caller's thread: a thread 
 
 
 def lower_priority(nice: int) -> None:
-    """Run the calling thread (and the threads it starts) at `nice` (Linux: a thread's own nice value); elsewhere,
-    or where it is refused, as before."""
+    """Run the calling thread (and the threads it starts) `nice` steps below the process (Linux: a thread's own
+    nice value, at most 19); elsewhere, or where it is refused, as before."""
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
     except (OSError, AttributeError) as exc:
         log.warning("could not lower the embedding threads' priority", extra={"nice": nice, "error": str(exc)})
 

@@ -176,10 +176,11 @@ class PostgresLease:
         the network does: a server that acknowledges the bytes but never answers would otherwise hold the caller,
         and `_lock` (under which a confirmation, a renewal and `release` at shutdown wait), for good.
 
-        A timer shuts the socket down under the blocked call. It acts only while the call is still running (the
-        socket is then still this connection's), and a call it cut fails whatever it got back: a lease whose
-        answer came just as the time ran out is lost, never half-lost."""
-        fd = conn.fileno()
+        A timer shuts the socket down under the blocked call, through a duplicate of its descriptor taken before
+        the call (libpq may close its own on an error; the duplicate keeps the socket, so the cut can never reach
+        another one that took the number). It acts only while the call is still running, and a call it cut fails
+        whatever it got back: a lease whose answer came just as the time ran out is lost, never half-lost."""
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
         guard = threading.Lock()
         done = fired = False
 
@@ -188,7 +189,8 @@ class PostgresLease:
             with guard:
                 if not done:
                     fired = True
-                    _shutdown(fd)
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
 
         timer = threading.Timer(self.ping_timeout_s, cut)
         timer.daemon = True
@@ -200,6 +202,7 @@ class PostgresLease:
             with guard:
                 done = True
             timer.cancel()
+            sock.close()
         if fired:
             raise psycopg.OperationalError(f"Postgres did not answer within {self.ping_timeout_s:g} s")
         return row
@@ -222,22 +225,6 @@ class PostgresLease:
             conn, self._conn = self._conn, None
             with contextlib.suppress(psycopg.Error):
                 conn.close()
-
-
-def _shutdown(fd: int) -> None:
-    """Shut a socket down under a blocked call: the call fails at once (psycopg.OperationalError)."""
-    try:
-        dup = os.dup(fd)
-    except OSError:
-        return
-    try:
-        sock = socket.socket(fileno=dup)
-    except OSError:
-        os.close(dup)
-        return
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-    sock.close()
 
 
 def _oid(v: int) -> int:

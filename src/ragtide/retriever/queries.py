@@ -72,7 +72,8 @@ def refusal(exc: Exception) -> tuple[str, str, dict[str, str]]:
     if isinstance(exc, Overloaded):
         return str(exc), f"overloaded_{exc.reason}", {"Retry-After": str(RETRY_AFTER_S)}
     if isinstance(exc, REFUSED):
-        return str(exc), "index_unavailable", {"Retry-After": str(StoreUnavailable.retry_after_s)}
+        retry = exc.retry_after_s if isinstance(exc, StoreUnavailable) else StoreUnavailable.retry_after_s
+        return str(exc), "index_unavailable", {"Retry-After": str(retry)}
     raise TypeError(f"not a refusal: {exc!r}")
 
 

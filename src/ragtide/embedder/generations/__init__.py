@@ -19,7 +19,13 @@ retriever's view of the catalog).
 from ragtide.embedder.generations.catalog import Catalog
 from ragtide.embedder.generations.dual import Generations, LockedWriter, NotLeading
 from ragtide.embedder.generations.follower import CatalogFollower
-from ragtide.embedder.generations.spec import Generation, GenerationFactory, GenerationSpec, encoder_identity
+from ragtide.embedder.generations.spec import (
+    Generation,
+    GenerationFactory,
+    GenerationSpec,
+    SearchEncoders,
+    encoder_identity,
+)
 from ragtide.embedder.generations.switch import BuildWatcher, verifier, verify_generation
 
 __all__ = [
@@ -32,6 +38,7 @@ __all__ = [
     "Generations",
     "LockedWriter",
     "NotLeading",
+    "SearchEncoders",
     "encoder_identity",
     "verifier",
     "verify_generation",

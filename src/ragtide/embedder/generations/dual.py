@@ -271,7 +271,7 @@ class Generations:
         try:
             self._publish()
         except Exception:  # the catalog does not name it: neither does this process
-            if self.building not in (self._live, before[0]):  # opened for this start: let its index and model go
+            if self.building not in (self._live, before[0]):  # opened for this start: let its index go
                 self.building.index.close()  # (its collection only a leader may drop: that needs the lease)
             self.building, self.progress = before
             raise

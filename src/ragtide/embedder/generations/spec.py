@@ -4,13 +4,17 @@ revision) and names its collection, and the run-time `Generation` a factory open
 from __future__ import annotations
 
 import hashlib
+import logging
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar
 
-from ragtide.embedder.encoder import Encoder
+from ragtide.embedder.encoder import Encoder, with_query_prefix
 from ragtide.embedder.index.base import VectorIndex
 from ragtide.embedder.writer import IndexWriter
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = ("float", "int8")
 
@@ -118,3 +122,37 @@ class Generation:
 
 
 GenerationFactory = Callable[[GenerationSpec], Generation]
+
+
+class SearchEncoders:
+    """Search's own encoder for each generation (`Generations(query_encoder=...)` in a process that both writes and
+    searches: the node): `configured` for the generations of its model, and for a generation of another model (a
+    migration) one loaded by `load(spec)` once, when search first reads it; never the writer's, whose lock holds
+    whole batches and whose threads run at a lower priority. One that cannot be loaded leaves search on the
+    writer's (logged). Each with the generation's query prompt."""
+
+    def __init__(self, configured: Encoder, load: Callable[[GenerationSpec], Encoder]) -> None:
+        self.load = load
+        self._own: dict[tuple[str, str, str, int], Encoder] = {encoder_identity(configured): configured}
+        self._prompted: dict[tuple[tuple[str, str, str, int], str], Encoder] = {}  # the batcher groups by encoder
+        self._loading = threading.Lock()
+
+    def __call__(self, gen: Generation) -> Encoder:
+        key = (gen.spec.encoder_identity, gen.spec.query_prefix)
+        found = self._prompted.get(key)
+        if found is None:
+            with self._loading:
+                found = self._prompted.get(key)
+                if found is None:
+                    found = self._prompted[key] = with_query_prefix(self._of(gen), gen.spec.query_prefix)
+        return found
+
+    def _of(self, gen: Generation) -> Encoder:
+        identity = gen.spec.encoder_identity
+        if identity not in self._own:
+            try:
+                self._own[identity] = self.load(gen.spec)
+            except Exception as exc:  # search still answers, on the writer's encoder
+                log.warning("no encoder of search's own", extra={"generation": gen.spec.fingerprint, "error": str(exc)})
+                self._own[identity] = gen.encoder
+        return self._own[identity]
