@@ -53,12 +53,18 @@ T = TypeVar("T")
 INLINE_ROWS = 64  # smaller calls are prepared on the caller's thread: a thread hop costs more than the work
 
 
-def lower_priority(nice: int) -> None:
-    """Run the calling thread (and the threads it starts) `nice` steps below the process (Linux: a thread's own
-    nice value, at most 19); elsewhere, or where it is refused, as before."""
+def thread_nice() -> int:
+    """The calling thread's nice value (Linux: each thread has its own; elsewhere the process's)."""
     try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    except (OSError, AttributeError):
+        return 0
+
+
+def set_thread_nice(nice: int) -> None:
+    """Run the calling thread (and the threads it starts) at `nice`; where that is refused, as before."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     except (OSError, AttributeError) as exc:
         log.warning("could not lower the embedding threads' priority", extra={"nice": nice, "error": str(exc)})
 
@@ -198,7 +204,8 @@ class EmbeddingEngine:
         # nice > 0: the forward passes and the host work run on threads of their own at that nice value (the
         # threads of their OpenMP team and of ONNX Runtime's pool are made by them, and inherit it), so a process's
         # other engine (search's) goes first on shared cores.
-        self.nice = nice
+        self.nice = nice  # steps below the thread that made the engine (search's, in the node), at most 19
+        self._nice_at = min(19, thread_nice() + nice)
         self._forward = self._worker("embed-forward") if nice > 0 else None
         self.int8: Int8Model | None = None
         self.model: Any = None
@@ -326,7 +333,9 @@ class EmbeddingEngine:
     def _worker(self, name: str) -> ThreadPoolExecutor:
         """A thread of the engine's own, at its nice value."""
         if self.nice > 0:
-            return ThreadPoolExecutor(1, thread_name_prefix=name, initializer=lower_priority, initargs=(self.nice,))
+            return ThreadPoolExecutor(
+                1, thread_name_prefix=name, initializer=set_thread_nice, initargs=(self._nice_at,)
+            )
         return ThreadPoolExecutor(1, thread_name_prefix=name)
 
     def _on_forward(self, work: Callable[[], T]) -> T:
