@@ -358,11 +358,19 @@ def test_search_embeds_with_its_own_encoder_of_the_live_model_and_of_a_migration
     def refuse(s: GenerationSpec) -> HashEncoder:
         raise OSError("no such model folder")
 
+    other = Store()
+
+    def prompted_factory(s: GenerationSpec) -> Generation:  # as the real factory: the writer's encoder prompted
+        gen = other.factory(s)
+        gen.encoder = with_query_prefix(gen.encoder, s.query_prefix)
+        return gen
+
     fallback = Generations(
-        Catalog(store.index("chunks-catalog")), store.factory, query_encoder=SearchEncoders(own, refuse)
+        Catalog(other.index("chunks-catalog")), prompted_factory, query_encoder=SearchEncoders(own, refuse)
     )
-    fallback.converge(spec(model="other-model", dim=16))
-    assert fallback.current()[1] is fallback.live.encoder
+    fallback.converge(replace(spec(model="other-model", dim=16), query_prefix="query: "))
+    _, encoder = fallback.current()  # the writer's model, with the generation's prompt once
+    assert encoder.encode(["kafka"]).tolist() == OtherModel().encode(["query: kafka"]).tolist()
 
 
 def test_a_follower_that_missed_a_switch_takes_over_without_dropping_the_live_generation() -> None:

@@ -180,7 +180,10 @@ class PostgresLease:
         the call (libpq may close its own on an error; the duplicate keeps the socket, so the cut can never reach
         another one that took the number). It acts only while the call is still running, and a call it cut fails
         whatever it got back: a lease whose answer came just as the time ran out is lost, never half-lost."""
-        sock = socket.socket(fileno=os.dup(conn.fileno()))
+        try:
+            sock = socket.socket(fileno=os.dup(conn.fileno()))
+        except OSError as exc:  # out of descriptors: this round trip fails like any other
+            raise psycopg.OperationalError(f"cannot watch the lease's connection: {exc}") from exc
         guard = threading.Lock()
         done = fired = False
 
@@ -194,8 +197,8 @@ class PostgresLease:
 
         timer = threading.Timer(self.ping_timeout_s, cut)
         timer.daemon = True
-        timer.start()
         try:
+            timer.start()
             cur = conn.execute(sql, params)
             row = cur.fetchone() if cur.description is not None else None
         finally:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar
 
-from ragtide.embedder.encoder import Encoder, with_query_prefix
+from ragtide.embedder.encoder import Encoder, unprompted, with_query_prefix
 from ragtide.embedder.index.base import VectorIndex
 from ragtide.embedder.writer import IndexWriter
 
@@ -154,5 +154,5 @@ class SearchEncoders:
                 self._own[identity] = self.load(gen.spec)
             except Exception as exc:  # search still answers, on the writer's encoder
                 log.warning("no encoder of search's own", extra={"generation": gen.spec.fingerprint, "error": str(exc)})
-                self._own[identity] = gen.encoder
+                self._own[identity] = unprompted(gen.encoder)  # the writer's carries the prompt: one, not two
         return self._own[identity]
