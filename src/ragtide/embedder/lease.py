@@ -147,9 +147,7 @@ class PostgresLease:
                     self._held = True
                     self._tenure += 1
             except psycopg.Error as exc:
-                if self._held:
-                    log.error("lost the embedder lease (its Postgres session)", extra={"error": str(exc)})
-                self._close()
+                self._lost(exc)
             return self._held
 
     def confirm(self) -> bool:
@@ -161,8 +159,7 @@ class PostgresLease:
             try:
                 self._ping()
             except psycopg.Error as exc:
-                log.error("lost the embedder lease (its Postgres session)", extra={"error": str(exc)})
-                self._close()
+                self._lost(exc)
                 return False
             return True
 
@@ -221,6 +218,12 @@ class PostgresLease:
         with self._lock:
             self._close()
         self._reader.close()
+
+    def _lost(self, exc: psycopg.Error) -> None:
+        """A round trip on the session failed: the session, and the lock if it was held, are gone (logged)."""
+        if self._held:
+            log.error("lost the embedder lease (its Postgres session)", extra={"error": str(exc)})
+        self._close()
 
     def _close(self) -> None:
         self._held = False

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Query, Request, Response
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
@@ -35,7 +35,7 @@ from ragtide.retriever.canary import Canary
 from ragtide.retriever.dashboard import DASHBOARD_HTML, counters_from
 from ragtide.retriever.openai_compat import openai_router
 from ragtide.retriever.openapi import tailored_openapi
-from ragtide.retriever.queries import REFUSED, AdmissionEdge, Shed, refusal
+from ragtide.retriever.queries import REFUSED, AdmissionEdge, refusal
 from ragtide.retriever.schemas import (
     QUERY_RESPONSES,
     Health,
@@ -192,7 +192,7 @@ def create_app(
         return JSONResponse(status_code=503, content={"detail": detail}, headers=headers)
 
     for refused in REFUSED:  # overload, and a store that is down (the index; Postgres read directly by verify)
-        if refused is not Shed:  # an HTTPException: FastAPI's own handler answers it, with its headers
+        if not issubclass(refused, HTTPException):  # those FastAPI's own handler answers, with their headers
             app.add_exception_handler(refused, _refused)
 
     @app.exception_handler(Exception)
