@@ -52,7 +52,7 @@ from ragtide.embedder.generations import (
     verifier,
 )
 from ragtide.embedder.index.factory import open_index
-from ragtide.embedder.lease import Leadership, Lease, LocalLease, PostgresLease
+from ragtide.embedder.lease import Leadership, Lease, LocalLease, LocalLeases, PostgresLease
 from ragtide.embedder.liveness import Watchdog, health_app, serve_health
 from ragtide.embedder.metrics import EmbedderMetrics
 from ragtide.embedder.progress import BackfillMonitor, counts_by_table
@@ -319,7 +319,7 @@ async def build_lifecycle(
     retired collections and exports backfill progress (rows done / total, rate, ETA per table)."""
     dsn = dsn_of(settings, sources)
     failures = BackgroundFailures.of(registry)
-    generations.fence = lease.confirm  # every catalog write and drop confirms the lease first
+    generations.lease = lease  # every catalog write and drop confirms it first, and writes in its term
     watcher = BuildWatcher(generations, sources, verifier(dsn, generations, sources), failures=failures)
     monitor = BackfillMonitor(
         generations,
@@ -369,7 +369,7 @@ def create_node_app(settings: RagtideSettings) -> FastAPI:
     generations = open_generations(settings, encoder, sources, registry, queries, nice)
     cache = build_cache(settings, registry, encoder.dim)
     worker, watchdog = build_embedder(settings, generations, sources, registry, tracker, cache)
-    lease = LocalLease({}, "node", settings.api.url)  # the node is the only writer of its embedded index
+    lease = LocalLease(LocalLeases(), "node", settings.api.url)  # the node is the only writer of its embedded index
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from ragtide.embedder.lease import Lease, LocalLease, PostgresLease
+from ragtide.embedder.lease import Lease, LocalLease, LocalLeases, PostgresLease
 from tests.sourcedb import source_db
 
 pytestmark = pytest.mark.integration
@@ -55,7 +55,7 @@ def kit(request: pytest.FixtureRequest) -> Iterator[Kit]:
 
         yield Kit(make, kill)
     else:
-        holders: dict[str, LocalLease] = {}
+        holders = LocalLeases()
 
         def make_local(url: str | None) -> Lease:
             made.append(LocalLease(holders, "embedders", url))
@@ -103,18 +103,34 @@ def test_confirm_is_true_only_for_the_holder_and_never_takes_the_lease(kit: Kit)
     assert a.confirm() is False and a.hold() is False and b.confirm() is True
 
 
-def test_a_holder_whose_session_ended_cannot_confirm_and_retaking_is_a_new_tenure(kit: Kit) -> None:
+def test_a_holder_whose_session_ended_cannot_confirm_and_every_take_is_a_later_term(kit: Kit) -> None:
     """Postgres ended the holder's session (a crash or a partition, as the server sees it): its very next
-    confirmation says so, before any renewal; another process takes over; a later take is a new tenure."""
+    confirmation says so, before any renewal; another process takes over in a later term; taking it back is a
+    later term again. Renewals keep the term."""
     a, b = kit.make("http://a:1"), kit.make("http://b:2")
     assert a.hold() is True
-    tenure = a.tenure
-    assert a.hold() is True and a.tenure == tenure  # renewals keep the tenure
+    first = a.term
+    assert first > 0 and a.hold() is True and a.term == first  # renewals keep the term
     kit.kill(a)
     assert a.confirm() is False
     assert b.hold() is True and a.hold() is False
+    assert b.term == first + 1  # counted across processes: a later leader's term is higher
     b.release()
-    assert a.hold() is True and a.tenure == tenure + 1
+    assert a.hold() is True and a.term == first + 2
+
+
+def test_advance_moves_the_holders_term_past_a_catalogs_and_only_while_held(kit: Kit) -> None:
+    """A catalog written in a term this lease does not count (its table reset): the holder leads past it; the
+    next holder's term is later still. A process that does not hold the lease cannot move it."""
+    a, b = kit.make("http://a:1"), kit.make("http://b:2")
+    assert a.hold() is True
+    assert b.advance(a.term + 50) == b.term == 0  # not held: nothing moves
+    taken = a.term
+    assert a.advance(taken + 50) == taken + 51 == a.term
+    assert a.advance(3) == a.term  # already past: unchanged
+    moved = a.term
+    a.release()
+    assert b.hold() is True and b.term == moved + 1
 
 
 def within(seconds: float, call: Callable[[], bool]) -> bool:

@@ -4,6 +4,7 @@ the switch, encoder and collection switched together, catalog kept, builds resum
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -24,8 +25,10 @@ from ragtide.embedder.generations import (
     SearchEncoders,
     encoder_identity,
 )
-from ragtide.embedder.generations.catalog import CatalogState
+from ragtide.embedder.generations.catalog import CatalogState, point_id
+from ragtide.embedder.index.base import IndexPoint
 from ragtide.embedder.index.memory import MemoryIndex
+from ragtide.embedder.lease import LocalLease, LocalLeases
 from ragtide.embedder.verify import TableDrift, verify_table
 from ragtide.embedder.worker import is_transient
 from ragtide.embedder.writer import IndexWriter
@@ -64,6 +67,19 @@ class Store:
 
     def generations(self) -> Generations:
         return Generations(Catalog(self.index("chunks-catalog")), self.factory)
+
+
+class ScriptedLease(LocalLease):
+    """A held lease (a term of its own among `shared`'s) whose confirmations answer `confirm` in turn."""
+
+    def __init__(self, confirm: Callable[[], bool], shared: LocalLeases | None = None) -> None:
+        super().__init__(shared or LocalLeases(), "embedders")
+        assert self.hold()
+        self.holders.clear()  # the next process may take it: the term stays this one's
+        self.answer = confirm
+
+    def confirm(self) -> bool:
+        return self.answer()
 
 
 def spec(model: str = "hash-bow", dim: int = 64, max_tokens: int = 8, revision: int = 1) -> GenerationSpec:
@@ -430,7 +446,7 @@ def test_a_leader_whose_lease_cannot_be_confirmed_writes_and_drops_nothing() -> 
         asked.append(confirmed[0])
         return confirmed[0]
 
-    gens.fence = fence
+    gens.lease = ScriptedLease(fence)
     dropped: list[str] = []
     gens.drop_collection = lambda s: dropped.append(s.fingerprint)
     for change in (gens.promote, lambda: gens.converge(spec(max_tokens=16))):  # a switch; a build abandoned
@@ -454,6 +470,58 @@ def test_a_leader_whose_lease_cannot_be_confirmed_writes_and_drops_nothing() -> 
     assert catalog.read().retired == ()
 
 
+def test_a_late_write_of_a_leader_that_lost_the_lease_is_never_read() -> None:
+    """A leader confirmed its lease, then paused past losing it (a GC pause, a frozen VM); a later leader took
+    over and wrote the catalog. The old leader's switch, when it resumes, is refused, and a write that slips in
+    anyway (a race with the check) is never read: the catalog is the highest term's state."""
+    store, shared = Store(), LocalLeases()
+    old_leader = store.generations()
+    old_leader.lease = ScriptedLease(lambda: True, shared)  # term 1; its confirmation passed before the pause
+    old_leader.converge(spec())
+    old_leader.apply([ev(10, 1, TEXT, Op.CREATE)])
+    old_leader.converge(spec(max_tokens=12))  # a build in progress
+    new_leader = store.generations()
+    new_leader.lease = ScriptedLease(lambda: True, shared)  # term 2
+    new_leader.converge(spec())  # takes over, and abandons that build: the configuration it runs says so
+    catalog = Catalog(store.index("chunks-catalog"))
+    assert catalog.read() == CatalogState(live=spec(), term=2)
+    with pytest.raises(RuntimeError, match="a later leader took over"):
+        old_leader.promote()  # would switch search to a build the new leader dropped
+    assert catalog.read() == CatalogState(live=spec(), term=2)
+    stale = {"live": spec(max_tokens=12, revision=2).as_dict(), "building": None, "retired": [], "term": 1}
+    store.index("chunks-catalog").upsert([IndexPoint(point_id(1), np.ones(1, dtype=np.float32), stale)])
+    assert catalog.read() == CatalogState(live=spec(), term=2)  # raced in: still not what anyone reads
+    follower = store.generations()
+    follower.leading = False
+    follower.follow()
+    assert follower.live.spec == spec() and follower.building is None
+    third = store.generations()
+    third.lease = ScriptedLease(lambda: True, shared)  # term 3
+    third.converge(spec())  # nothing to change, and still it claims its term at once
+    assert catalog.read() == CatalogState(live=spec(), term=3)
+    with pytest.raises(RuntimeError, match="a later leader took over"):
+        new_leader.rebuild()
+    assert catalog.read() == CatalogState(live=spec(), term=3)
+
+
+def test_a_leader_whose_lease_counts_terms_anew_leads_past_the_catalogs_term() -> None:
+    """The store was written in term 7 by a lease whose table has since been reset (or the store was moved): the
+    new leader's term 1 would be read as older than its own catalog, so it leads in term 8, and its writes are
+    read."""
+    store = Store()
+    Catalog(store.index("chunks-catalog")).write(CatalogState(live=spec(), term=7))
+    gens = store.generations()
+    gens.lease = LocalLease(LocalLeases(), "embedders")
+    assert gens.lease.hold() and gens.lease.term == 1
+    gens.converge(spec(max_tokens=12))  # a build of other chunking
+    catalog = Catalog(store.index("chunks-catalog"))
+    assert gens.lease.term == 8 and catalog.read().term == 8
+    assert catalog.read().building == spec(max_tokens=12, revision=2)
+    gens.promote()
+    assert catalog.read() == CatalogState(live=spec(max_tokens=12, revision=2), retired=(spec(),), term=8)
+    assert [p.id for p in store.index("chunks-catalog").scroll()] == [point_id(8)]  # older terms are forgotten
+
+
 def test_a_build_start_refused_after_opening_the_build_lets_its_index_go() -> None:
     """The lease is lost while a build is being opened (a model loads for seconds): the start is refused at the
     catalog write, and the index it opened is closed, not kept by a process that forgot it."""
@@ -461,7 +529,7 @@ def test_a_build_start_refused_after_opening_the_build_lets_its_index_go() -> No
     gens = store.generations()
     gens.converge(spec())
     answers = iter([True, False])  # confirmed before opening, lost by the time of the catalog write
-    gens.fence = lambda: next(answers)
+    gens.lease = ScriptedLease(lambda: next(answers))
     closed: list[str] = []
     opened = store.factory
 

@@ -7,13 +7,13 @@ import asyncio
 
 import pytest
 
-from ragtide.embedder.lease import Leadership, LocalLease
+from ragtide.embedder.lease import Leadership, LocalLease, LocalLeases
 
 pytestmark = pytest.mark.unit
 
 
 def test_duties_run_while_the_lease_is_held_and_move_to_the_next_holder() -> None:
-    holders: dict[str, LocalLease] = {}
+    holders = LocalLeases()
     events: list[str] = []
 
     def leadership(name: str) -> tuple[Leadership, LocalLease]:
@@ -49,7 +49,7 @@ def test_duties_run_while_the_lease_is_held_and_move_to_the_next_holder() -> Non
 def test_a_lease_lost_and_taken_again_between_renewals_is_led_anew() -> None:
     """The session died and this process took the lease again before its next renewal noticed: another process
     may have led in between, so the duties stop, it resigns and becomes leader again from the catalog."""
-    holders: dict[str, LocalLease] = {}
+    holders = LocalLeases()
     lease = LocalLease(holders, "embedders", "http://a")
     events: list[str] = []
 

@@ -50,10 +50,16 @@ class Lease(Protocol):
         The leader asks right before each change to the catalog."""
         ...
 
+    def advance(self, past: int) -> int:
+        """While held: move this holder's term past `past`, a term the catalog was written in that this lease no
+        longer counts (its table was reset, or the store came from elsewhere). Returns the term."""
+        ...
+
     @property
-    def tenure(self) -> int:
-        """How many times this process has taken the lease: a change between two holds means it was lost and
-        taken again in between (another process may have led meanwhile)."""
+    def term(self) -> int:
+        """The term this process last took the lease in. Terms grow each time any process takes it, so a later
+        leader's term is always higher: the catalog keeps the highest term's state (generations/catalog.py), and
+        a change between two holds of one process means it was lost and taken again (another may have led)."""
         ...
 
 
@@ -67,6 +73,8 @@ DDL = [
     """CREATE TABLE IF NOT EXISTS ragtide_embedder.leaders (
          name text PRIMARY KEY, url text, backend_pid int NOT NULL, host text NOT NULL, pid int NOT NULL,
          since timestamptz NOT NULL DEFAULT now())""",
+    # Counted by whoever takes the lock, under it: a term no earlier leader had (the row outlives its holders).
+    "ALTER TABLE ragtide_embedder.leaders ADD COLUMN IF NOT EXISTS term bigint NOT NULL DEFAULT 0",
 ]
 
 # The advertised address counts only while the session that wrote it holds the lock (a dead leader's row stays).
@@ -90,14 +98,14 @@ class PostgresLease:
         self.ping_timeout_s = 5.0  # any statement on the lease's session unanswered this long: the lease is lost
         self._conn: psycopg.Connection[Any] | None = None
         self._held = False
-        self._tenure = 0
+        self._term = 0
         self._lock = threading.Lock()
         self._reader = SerialConnection(dsn, setup=DDL, name="embedder lease")
 
     @property
-    def tenure(self) -> int:
-        """Times taken (see `Lease.tenure`)."""
-        return self._tenure
+    def term(self) -> int:
+        """See `Lease.term` (0 before the first take)."""
+        return self._term
 
     def _connect(self) -> psycopg.Connection[Any]:
         conn = psycopg.connect(
@@ -136,16 +144,16 @@ class PostgresLease:
                     return True
                 row = self._run(self._conn, "SELECT pg_try_advisory_lock(%s)", (self.key,))
                 if row and row[0]:
-                    self._run(
+                    taken = self._run(
                         self._conn,
-                        "INSERT INTO ragtide_embedder.leaders (name, url, backend_pid, host, pid) "
-                        "VALUES (%s, %s, pg_backend_pid(), %s, %s) ON CONFLICT (name) DO UPDATE SET "
+                        "INSERT INTO ragtide_embedder.leaders (name, url, backend_pid, host, pid, term) "
+                        "VALUES (%s, %s, pg_backend_pid(), %s, %s, 1) ON CONFLICT (name) DO UPDATE SET "
                         "url = EXCLUDED.url, backend_pid = EXCLUDED.backend_pid, host = EXCLUDED.host, "
-                        "pid = EXCLUDED.pid, since = now()",
+                        "pid = EXCLUDED.pid, since = now(), term = ragtide_embedder.leaders.term + 1 RETURNING term",
                         (self.name, self.url, socket.gethostname(), os.getpid()),
                     )
                     self._held = True
-                    self._tenure += 1
+                    self._term = int(taken[0])
             except psycopg.Error as exc:
                 self._lost(exc)
             return self._held
@@ -162,6 +170,23 @@ class PostgresLease:
                 self._lost(exc)
                 return False
             return True
+
+    def advance(self, past: int) -> int:
+        """See `Lease.advance`: one statement on the lock's session, while it is held."""
+        with self._lock:
+            if self._held and self._conn is not None and self._term <= past:
+                try:
+                    row = self._run(
+                        self._conn,
+                        "UPDATE ragtide_embedder.leaders SET term = greatest(term, %s) + 1 "
+                        "WHERE name = %s RETURNING term",
+                        (past, self.name),
+                    )
+                except psycopg.Error as exc:
+                    self._lost(exc)
+                    raise
+                self._term = int(row[0])
+            return self._term
 
     def _ping(self) -> None:
         """`SELECT 1` on the lock's session. Called under `_lock`."""
@@ -238,22 +263,38 @@ def _oid(v: int) -> int:
     return v & 0xFFFFFFFF
 
 
-class LocalLease:
-    """The double: leases of one process, shared through `holders` (name -> the holding LocalLease)."""
+class LocalLeases:
+    """What the doubles of one process share, by lease name: the holder, and the last term given out."""
 
-    def __init__(self, holders: dict[str, LocalLease], name: str, url: str | None = None) -> None:
-        self.holders = holders
+    def __init__(self) -> None:
+        self.holders: dict[str, LocalLease] = {}
+        self.terms: dict[str, int] = {}
+
+
+class LocalLease:
+    """The double: leases of one process, shared through a `LocalLeases`."""
+
+    def __init__(self, shared: LocalLeases, name: str, url: str | None = None) -> None:
+        self.shared = shared
+        self.holders = shared.holders
         self.name = name
         self.url = url
-        self.tenure = 0
+        self.term = 0
         self._held = False
 
     def hold(self) -> bool:
-        """Take it when free (a holder whose session died has released it: `release`)."""
+        """Take it when free (a holder whose session died has released it: `release`); a take is a new term."""
         held = self.holders.setdefault(self.name, self) is self
-        self.tenure += held and not self._held
+        if held and not self._held:
+            self.term = self.shared.terms[self.name] = self.shared.terms.get(self.name, 0) + 1
         self._held = held
         return held
+
+    def advance(self, past: int) -> int:
+        """See `Lease.advance`."""
+        if self.confirm() and self.term <= past:
+            self.term = self.shared.terms[self.name] = max(self.shared.terms.get(self.name, 0), past) + 1
+        return self.term
 
     def confirm(self) -> bool:
         """Still the holder (never takes it)."""
@@ -290,13 +331,13 @@ class Leadership:
         self.resign = resign
         self.every_s = every_s
         self.leading = False
-        self._tenure = 0  # the lease's tenure this leadership began in
+        self._term = 0  # the lease's term this leadership began in
         self._tasks: list[asyncio.Task[None]] = []
 
     async def step(self) -> bool:
         """Renew once; start or stop the duties on a change. True while leading."""
         held = await asyncio.to_thread(self.lease.hold)
-        if held and self.leading and self.lease.tenure != self._tenure:
+        if held and self.leading and self.lease.term != self._term:
             # Lost and taken again between two renewals: another process may have led meanwhile, so this one
             # starts over from the catalog as it is now.
             log.warning("the lease was lost and taken again; leading anew from the catalog")
@@ -304,8 +345,8 @@ class Leadership:
             await asyncio.to_thread(self.resign)
         if held and not self.leading:
             log.info("this embedder leads the generations (build, switch, reap)")
-            self._tenure = self.lease.tenure
             await self.become()
+            self._term = self.lease.term  # after `become`, which may have advanced it past the catalog's
             self._tasks = [asyncio.create_task(duty()) for duty in self.duties]
             self.leading = True
         elif not held and self.leading:

@@ -1,5 +1,11 @@
-"""The catalog: the alias naming the live generation, the one being built and the retired ones, stored as one
-point of a small collection in the same store as the generations."""
+"""The catalog: the alias naming the live generation, the one being built and the retired ones, stored in a small
+collection in the same store as the generations.
+
+Each leader writes under its lease's term (lease.py), as a point of that term, and the state of the highest term
+is the catalog. A leader that lost the lease and still writes (paused between its lease check and its write, say)
+writes a lower term than its successor's, so nobody reads it: the successor claims its term with a write as soon
+as it leads (`Generations.converge`), and from then on a late write of an earlier leader changes nothing. The
+store needs no conditional write for this. Points of older terms are deleted after each write."""
 
 from __future__ import annotations
 
@@ -10,9 +16,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from ragtide.embedder.generations.spec import GenerationSpec
-from ragtide.embedder.index.base import IndexPoint, VectorIndex
+from ragtide.embedder.index.base import IndexPoint, StoredPoint, VectorIndex
 
-CATALOG_POINT = str(uuid.uuid5(uuid.NAMESPACE_URL, "ragtide:catalog"))
+CATALOG_POINT = str(uuid.uuid5(uuid.NAMESPACE_URL, "ragtide:catalog"))  # term 0: the node, and stores of before terms
+
+
+def point_id(term: int) -> str:
+    """The point a term's state is stored as."""
+    return CATALOG_POINT if term == 0 else str(uuid.uuid5(uuid.NAMESPACE_URL, f"ragtide:catalog:{term}"))
+
+
+class Superseded(RuntimeError):
+    """A catalog write under a term older than the one the catalog already has: a later leader took over."""
 
 
 @dataclass(frozen=True)
@@ -22,34 +37,50 @@ class CatalogState:
     live: GenerationSpec | None = None
     building: GenerationSpec | None = None
     retired: tuple[GenerationSpec, ...] = ()  # switched away from; dropped after a grace period
+    term: int = 0  # the lease term of the leader that wrote it
 
 
 class Catalog:
-    """The alias, stored as one point of a 1-d collection in the same store as the generations."""
+    """The alias, stored as points of a 1-d collection in the same store as the generations (see the module)."""
 
     def __init__(self, index: VectorIndex) -> None:
         self.index = index
         index.ensure_collection(1)
 
+    def _points(self) -> list[tuple[int, StoredPoint]]:
+        """Every term's point, highest term first."""
+        points = [(int(p.payload.get("term") or 0), p) for p in self.index.scroll(limit=1_000) if p.payload]
+        return sorted(points, key=lambda tp: tp[0], reverse=True)
+
     def read(self) -> CatalogState:
-        """The current state (empty on a new store)."""
-        points = self.index.scroll(limit=10)
-        payload = next((p.payload for p in points if p.id == CATALOG_POINT), None)
-        if not payload:
+        """The current state: the highest term's (empty on a new store)."""
+        points = self._points()
+        if not points:
             return CatalogState()
+        term, point = points[0]
+        payload = point.payload
         live, building = payload.get("live"), payload.get("building")
         return CatalogState(
             GenerationSpec.from_dict(live) if live else None,
             GenerationSpec.from_dict(building) if building else None,
             tuple(GenerationSpec.from_dict(r) for r in payload.get("retired") or []),
+            term,
         )
 
     def write(self, state: CatalogState) -> None:
-        """Replace the state in one write."""
+        """Write the state under `state.term`, then forget older terms. Raises `Superseded` when a higher term
+        was already written (a check before the write: a write that races it is still never read)."""
+        newer = [term for term, _ in self._points() if term > state.term]
+        if newer:
+            raise Superseded(f"the catalog has term {max(newer)}, newer than this leader's {state.term}")
         payload = {
             "live": state.live.as_dict() if state.live else None,
             "building": state.building.as_dict() if state.building else None,
             "retired": [r.as_dict() for r in state.retired],
+            "term": state.term,
             "updated_ms": int(time.time() * 1000),
         }
-        self.index.upsert([IndexPoint(CATALOG_POINT, np.ones(1, dtype=np.float32), payload)])
+        self.index.upsert([IndexPoint(point_id(state.term), np.ones(1, dtype=np.float32), payload)])
+        older = [p.id for term, p in self._points() if term < state.term]
+        if older:
+            self.index.delete(older)

@@ -16,9 +16,10 @@ from prometheus_client import CollectorRegistry, Gauge
 from ragtide.contracts.errors import StoreUnavailable
 from ragtide.contracts.events import ChangeEvent, Op
 from ragtide.embedder.encoder import Encoder
-from ragtide.embedder.generations.catalog import Catalog, CatalogState
+from ragtide.embedder.generations.catalog import Catalog, CatalogState, Superseded
 from ragtide.embedder.generations.spec import Generation, GenerationFactory, GenerationSpec
 from ragtide.embedder.index.base import VectorIndex
+from ragtide.embedder.lease import Lease
 from ragtide.embedder.verify import TableDrift
 from ragtide.embedder.writer import ApplyStats
 
@@ -97,10 +98,12 @@ class Generations:
         self.build_batches = 0  # batches applied to the generation being built (the watcher's sign of progress)
         self.applying_build = False
         self.leading = True  # False in an embedder that does not hold the lease (lease.py): it follows the catalog
-        # Asked right before each catalog write or drop: does this process still hold the lease, by a fresh round trip
-        # (`Lease.confirm`; `build_lifecycle` sets it)? A leader cut off from Postgres learns it there, not only at
-        # its next renewal, which may hang while its duties go on (lease.py).
-        self.fence: Callable[[], bool] = lambda: True
+        # The lease of the replicas (`build_lifecycle` sets it; None: this process is the only writer). Asked right
+        # before each catalog write or drop: does this process still hold it, by a fresh round trip
+        # (`Lease.confirm`)? A leader cut off from Postgres learns it there, not only at its next renewal, which may
+        # hang while its duties go on. Its term goes with every catalog write (catalog.py).
+        self.lease: Lease | None = None
+        self._claimed: int | None = None  # the last term this process wrote the catalog in
         registry = registry or CollectorRegistry()
         self._rows = Gauge(
             "ragtide_reindex_rows", "Rows of the generation being built: done and total", ["kind"], registry=registry
@@ -130,6 +133,10 @@ class Generations:
         """
         state = self.catalog.read()
         with self._lock:
+            if self.lease is not None and state.term > self.lease.term:
+                # Written in a term this lease does not count (its table was reset, or the store came from
+                # elsewhere): lead in a later one, or every write of this leader would be refused as superseded.
+                self.lease.advance(state.term)
             if state.live is None:
                 self._adopt(desired, None)
                 self._write(CatalogState(live=desired))
@@ -150,6 +157,8 @@ class Generations:
             if not live.same_vectors(desired):
                 self._start(replace(desired, revision=live.revision + 1))
                 return True
+            if state.term != self._term() and self._claimed != self._term():
+                self._publish()  # claims this leader's term: from now on an earlier leader's late write is not read
             return False
 
     def follow(self, desired: GenerationSpec | None = None) -> bool:
@@ -204,12 +213,20 @@ class Generations:
         """`_must_lead`, then the lease confirmed by a round trip: the last check before a write to the catalog or
         a drop (called under the lock)."""
         self._must_lead(what)
-        if not self.fence():
+        if self.lease is not None and not self.lease.confirm():
             raise NotLeading(f"the lease could not be confirmed (Postgres unreachable, or taken over): not {what}")
+
+    def _term(self) -> int:
+        return self.lease.term if self.lease is not None else 0
 
     def _write(self, state: CatalogState) -> None:
         self._fenced("write the catalog")
-        self.catalog.write(state)
+        term = self._term()
+        try:
+            self.catalog.write(replace(state, term=term))
+        except Superseded as exc:
+            raise NotLeading(f"a later leader took over: not writing the catalog ({exc})") from exc
+        self._claimed = term
 
     def resign(self) -> None:
         """Stop leading: once this returns, no switch, build start or drop of this process is in progress or
