@@ -133,6 +133,27 @@ def test_advance_moves_the_holders_term_past_a_catalogs_and_only_while_held(kit:
     assert b.hold() is True and b.term == moved + 1
 
 
+def test_a_leaders_table_of_before_terms_gets_the_column_and_a_reset_row_is_led_past(pg: str) -> None:
+    """A state database whose leaders table predates terms gets the column on connect (its old row counts from
+    0); a row deleted while held (the table reset) does not stop the holder from moving past a catalog's term."""
+    with psycopg.connect(pg, autocommit=True) as admin:
+        admin.execute("DROP SCHEMA IF EXISTS ragtide_embedder CASCADE")
+        admin.execute("CREATE SCHEMA ragtide_embedder")
+        admin.execute(  # the table as the code of before terms made it, with its leader's row
+            "CREATE TABLE ragtide_embedder.leaders (name text PRIMARY KEY, url text, backend_pid int NOT NULL, "
+            "host text NOT NULL, pid int NOT NULL, since timestamptz NOT NULL DEFAULT now())"
+        )
+        admin.execute("INSERT INTO ragtide_embedder.leaders VALUES ('old', 'http://old', 1, 'h', 1, now())")
+        lease = PostgresLease(pg, "old", "http://a:1")
+        try:
+            assert lease.hold() is True and lease.term == 1
+            admin.execute("DELETE FROM ragtide_embedder.leaders")  # reset under the holder
+            assert lease.advance(7) == 8 == lease.term and lease.confirm() is True
+            assert lease.leader() == "http://a:1"
+        finally:
+            lease.release()
+
+
 def within(seconds: float, call: Callable[[], bool]) -> bool:
     """`call()`'s answer, failing (not hanging) if it takes longer than `seconds`."""
     answer: list[bool] = []

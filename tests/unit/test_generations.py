@@ -25,7 +25,7 @@ from ragtide.embedder.generations import (
     SearchEncoders,
     encoder_identity,
 )
-from ragtide.embedder.generations.catalog import CatalogState, point_id
+from ragtide.embedder.generations.catalog import CATALOG_POINT, CatalogState, point_id
 from ragtide.embedder.index.base import IndexPoint
 from ragtide.embedder.index.memory import MemoryIndex
 from ragtide.embedder.lease import LocalLease, LocalLeases
@@ -519,7 +519,45 @@ def test_a_leader_whose_lease_counts_terms_anew_leads_past_the_catalogs_term() -
     assert catalog.read().building == spec(max_tokens=12, revision=2)
     gens.promote()
     assert catalog.read() == CatalogState(live=spec(max_tokens=12, revision=2), retired=(spec(),), term=8)
-    assert [p.id for p in store.index("chunks-catalog").scroll()] == [point_id(8)]  # older terms are forgotten
+    kept = {point_id(7), point_id(8), CATALOG_POINT}  # the previous term is kept, and the copy
+    assert {p.id for p in store.index("chunks-catalog").scroll()} == kept
+    catalog.write(replace(catalog.read(), term=9))
+    assert {p.id for p in store.index("chunks-catalog").scroll()} == {point_id(8), point_id(9), CATALOG_POINT}
+
+
+def test_a_catalog_of_before_terms_is_read_as_term_0_and_its_readers_still_follow() -> None:
+    """A store written before terms (one point, no term) is term 0; a leader claims its term over it, and the
+    one point that code reads stays a copy of the newest state (readers of that version follow a rolling
+    upgrade)."""
+    store = Store()
+    index = store.index("chunks-catalog")
+    before = {"live": spec().as_dict(), "building": None, "retired": [], "updated_ms": 1}
+    index.ensure_collection(1)
+    index.upsert([IndexPoint(CATALOG_POINT, np.ones(1, dtype=np.float32), before)])
+    catalog = Catalog(index)
+    assert catalog.read() == CatalogState(live=spec(), term=0)
+    gens = store.generations()
+    gens.lease = ScriptedLease(lambda: True)  # term 1
+    gens.converge(spec(max_tokens=12))
+    assert catalog.read().term == 1 and catalog.read().building == spec(max_tokens=12, revision=2)
+    copy = next(p.payload for p in index.scroll() if p.id == CATALOG_POINT)
+    assert copy["building"] == spec(max_tokens=12, revision=2).as_dict() and copy["term"] == 1
+
+
+def test_a_catalog_write_whose_tidying_fails_still_counts() -> None:
+    """Deleting older terms' points is tidying after the write: its failure neither raises nor undoes the
+    caller's change (a switch that was written must not be rolled back in the leader's memory)."""
+    store = Store()
+    catalog = Catalog(store.index("chunks-catalog"))
+    for term in (1, 2):
+        catalog.write(CatalogState(live=spec(), term=term))
+
+    def broken(ids: Any) -> None:
+        raise StoreUnavailable("the delete failed")
+
+    catalog.index.delete = broken  # type: ignore[method-assign]
+    catalog.write(CatalogState(live=spec(max_tokens=12), term=3))  # would delete term 1: fails, quietly
+    assert catalog.read() == CatalogState(live=spec(max_tokens=12), term=3)
 
 
 def test_a_build_start_refused_after_opening_the_build_lets_its_index_go() -> None:

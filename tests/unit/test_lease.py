@@ -76,3 +76,23 @@ def test_a_lease_lost_and_taken_again_between_renewals_is_led_anew() -> None:
         await lead._stop()
 
     asyncio.run(scenario())
+
+
+def test_a_term_moved_on_while_becoming_leader_is_not_taken_for_a_lost_lease() -> None:
+    """`become` may advance the lease's term past the catalog's (a reset lease table): the next renewal sees the
+    same term the leadership began in, and leads on (no resign, no second `become`)."""
+    lease = LocalLease(LocalLeases(), "embedders", "http://a")
+    events: list[str] = []
+
+    async def become() -> None:
+        lease.advance(41)
+        events.append(f"leads in {lease.term}")
+
+    async def scenario() -> None:
+        lead = Leadership(lease, become, [], resign=lambda: events.append("resigned"))
+        assert await lead.step() is True
+        assert await lead.step() is True
+        await lead._stop()
+
+    asyncio.run(scenario())
+    assert events == ["leads in 42"]

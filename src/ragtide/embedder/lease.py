@@ -72,9 +72,16 @@ DDL = [
     "CREATE SCHEMA IF NOT EXISTS ragtide_embedder",
     """CREATE TABLE IF NOT EXISTS ragtide_embedder.leaders (
          name text PRIMARY KEY, url text, backend_pid int NOT NULL, host text NOT NULL, pid int NOT NULL,
-         since timestamptz NOT NULL DEFAULT now())""",
-    # Counted by whoever takes the lock, under it: a term no earlier leader had (the row outlives its holders).
-    "ALTER TABLE ragtide_embedder.leaders ADD COLUMN IF NOT EXISTS term bigint NOT NULL DEFAULT 0",
+         since timestamptz NOT NULL DEFAULT now(), term bigint NOT NULL DEFAULT 0)""",
+    # `term` (Lease.term) is counted by whoever takes the lock, under it: a term no earlier leader had (the row
+    # outlives its holders). A table of before terms gets the column once; the check first, because ALTER TABLE
+    # locks the table and needs its owner even when the column exists.
+    """DO $$ BEGIN
+         IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = 'ragtide_embedder'
+                        AND table_name = 'leaders' AND column_name = 'term') THEN
+           ALTER TABLE ragtide_embedder.leaders ADD COLUMN term bigint NOT NULL DEFAULT 0;
+         END IF;
+       END $$""",
 ]
 
 # The advertised address counts only while the session that wrote it holds the lock (a dead leader's row stays).
@@ -176,11 +183,12 @@ class PostgresLease:
         with self._lock:
             if self._held and self._conn is not None and self._term <= past:
                 try:
-                    row = self._run(
+                    row = self._run(  # an upsert: the row may have gone with a reset table
                         self._conn,
-                        "UPDATE ragtide_embedder.leaders SET term = greatest(term, %s) + 1 "
-                        "WHERE name = %s RETURNING term",
-                        (past, self.name),
+                        "INSERT INTO ragtide_embedder.leaders (name, url, backend_pid, host, pid, term) "
+                        "VALUES (%s, %s, pg_backend_pid(), %s, %s, %s) ON CONFLICT (name) DO UPDATE SET "
+                        "term = greatest(ragtide_embedder.leaders.term + 1, EXCLUDED.term) RETURNING term",
+                        (self.name, self.url, socket.gethostname(), os.getpid(), past + 1),
                     )
                 except psycopg.Error as exc:
                     self._lost(exc)

@@ -5,10 +5,16 @@ Each leader writes under its lease's term (lease.py), as a point of that term, a
 is the catalog. A leader that lost the lease and still writes (paused between its lease check and its write, say)
 writes a lower term than its successor's, so nobody reads it: the successor claims its term with a write as soon
 as it leads (`Generations.converge`), and from then on a late write of an earlier leader changes nothing. The
-store needs no conditional write for this. Points of older terms are deleted after each write."""
+store needs no conditional write for this.
+
+Every write also copies the state to the one point ragtide used before terms (`CATALOG_POINT`, read as term 0 when
+it has none): readers of that version still follow during a rolling upgrade, and a reader that misses the newest
+term's point (a lagging replica) still finds that copy, never an empty catalog. Points of terms older than the
+previous one are deleted after a write."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,7 +24,9 @@ import numpy as np
 from ragtide.embedder.generations.spec import GenerationSpec
 from ragtide.embedder.index.base import IndexPoint, StoredPoint, VectorIndex
 
-CATALOG_POINT = str(uuid.uuid5(uuid.NAMESPACE_URL, "ragtide:catalog"))  # term 0: the node, and stores of before terms
+log = logging.getLogger(__name__)
+
+CATALOG_POINT = str(uuid.uuid5(uuid.NAMESPACE_URL, "ragtide:catalog"))  # the copy (see the module), and term 0
 
 
 def point_id(term: int) -> str:
@@ -68,8 +76,9 @@ class Catalog:
         )
 
     def write(self, state: CatalogState) -> None:
-        """Write the state under `state.term`, then forget older terms. Raises `Superseded` when a higher term
-        was already written (a check before the write: a write that races it is still never read)."""
+        """Write the state under `state.term` (and its copy), then forget terms before the previous one. Raises
+        `Superseded` when a higher term was already written (a check before the write: a write that races it is
+        still never read)."""
         newer = [term for term, _ in self._points() if term > state.term]
         if newer:
             raise Superseded(f"the catalog has term {max(newer)}, newer than this leader's {state.term}")
@@ -80,7 +89,16 @@ class Catalog:
             "term": state.term,
             "updated_ms": int(time.time() * 1000),
         }
-        self.index.upsert([IndexPoint(point_id(state.term), np.ones(1, dtype=np.float32), payload)])
-        older = [p.id for term, p in self._points() if term < state.term]
-        if older:
-            self.index.delete(older)
+        vector = np.ones(1, dtype=np.float32)
+        self.index.upsert(
+            [IndexPoint(i, vector, payload) for i in dict.fromkeys((point_id(state.term), CATALOG_POINT))]
+        )
+        # The write is done; what follows only tidies (a failure there must not undo the caller's change).
+        try:
+            points = [(term, p.id) for term, p in self._points() if term < state.term and p.id != CATALOG_POINT]
+            previous = points[0][0] if points else None  # kept: a reader that misses the newest still finds it
+            older = [pid for term, pid in points if term != previous]
+            if older:
+                self.index.delete(older)
+        except Exception as exc:
+            log.warning("could not delete the catalog's older terms", extra={"error": repr(exc)})
