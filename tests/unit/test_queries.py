@@ -334,31 +334,81 @@ def test_wrk_drives_distinct_queries_and_counts_shed_requests_apart() -> None:
 
 
 def test_admission_admits_exactly_max_in_progress_and_sheds_the_next() -> None:
+    """Two places: the third request is answered 503 by the edge itself, its body read, without reaching the app;
+    one that arrived while a place was free but found them all taken once its body was in is shed too."""
+    entered: list[str] = []
+
     async def main() -> list[int]:
         release = asyncio.Event()
 
         async def app(scope: Any, receive: Any, send: Any) -> None:
-            await receive()
+            entered.append(scope["path"])
+            while (await receive()).get("more_body"):  # the whole body, as a route reads it
+                pass
             await release.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
 
         edge = AdmissionEdge(app, limit=2, timeout_s=5, metrics=QueryMetrics(CollectorRegistry()))
 
-        async def call() -> int:
-            async def receive() -> dict[str, Any]:
-                return {"type": "http.request", "body": b"{}", "more_body": False}
+        async def call(parts: int = 1) -> int:
+            chunks = [{"type": "http.request", "body": b"{", "more_body": True}] * (parts - 1)
+            chunks.append({"type": "http.request", "body": b"}", "more_body": False})
+            status: list[int] = []
 
-            async def send(_: Any) -> None:
-                pass
+            async def receive() -> dict[str, Any]:
+                await asyncio.sleep(0)
+                return chunks.pop(0)
+
+            async def send(message: dict[str, Any]) -> None:
+                if message["type"] == "http.response.start":
+                    status.append(message["status"])
 
             try:
                 await edge({"type": "http", "path": "/v1/search"}, receive, send)
             except Shed:
-                return 503
-            return 200
+                return -503  # raised while the body came in (FastAPI answers it)
+            return status[0]
 
-        tasks = [asyncio.create_task(call()) for _ in range(3)]
+        tasks = [asyncio.create_task(call(parts)) for parts in (1, 3, 1)]  # the second one's body comes slowly
         await asyncio.sleep(0.05)
         release.set()
-        return sorted(await asyncio.gather(*tasks))
+        return await asyncio.gather(*tasks)
 
-    assert asyncio.run(main()) == [200, 200, 503]
+    assert asyncio.run(main()) == [200, -503, 200]
+    assert len(entered) == 3  # every one arrived while a place was free
+
+    async def full() -> list[int]:
+        release = asyncio.Event()
+        reached: list[str] = []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            reached.append(scope["path"])
+            await receive()
+            await release.wait()
+
+        metrics = QueryMetrics(CollectorRegistry())
+        edge = AdmissionEdge(app, limit=1, timeout_s=5, metrics=metrics)
+        held = asyncio.create_task(edge({"type": "http", "path": "/v1/search"}, body_once, ignore))
+        await asyncio.sleep(0.01)
+        sent: list[dict[str, Any]] = []
+
+        async def record(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await edge({"type": "http", "path": "/v1/search", "headers": []}, body_once, record)
+        release.set()
+        await held
+        assert reached == ["/v1/search"] and metrics.shed.labels("full")._value.get() == 1
+        assert dict(sent[0]["headers"])[b"retry-after"] == b"1"
+        return [sent[0]["status"]]
+
+    assert asyncio.run(full()) == [503]
+
+
+async def body_once() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"{}", "more_body": False}
+
+
+async def ignore(_: Any) -> None:
+    pass

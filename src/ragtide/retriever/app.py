@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
@@ -33,7 +34,7 @@ from ragtide.retriever.answer import answer_router
 from ragtide.retriever.cache import SemanticCache
 from ragtide.retriever.canary import Canary
 from ragtide.retriever.dashboard import DASHBOARD_HTML, counters_from
-from ragtide.retriever.openai_compat import openai_router
+from ragtide.retriever.openai_compat import openai_router, shed_answer
 from ragtide.retriever.openapi import tailored_openapi
 from ragtide.retriever.queries import REFUSED, AdmissionEdge, refusal
 from ragtide.retriever.schemas import (
@@ -166,14 +167,19 @@ def create_app(
     if settings.dashboard.assets_dir.is_dir():
         app.mount("/static", StaticFiles(directory=settings.dashboard.assets_dir), name="static")
 
-    for router in (*routers, answer_router(), openai_router()):
+    openai = openai_router()
+    for router in (*routers, answer_router(), openai):
         app.include_router(router)
 
     app.add_middleware(GatewayEdge, gateway=svc.gateway, max_body_bytes=settings.gateway.max_body_bytes)
     # outermost: an overloaded API turns a query request away before any other work
     api = settings.api
     app.add_middleware(
-        AdmissionEdge, limit=api.max_in_progress, timeout_s=api.queue_timeout_s, metrics=svc.query_metrics
+        AdmissionEdge,
+        limit=api.max_in_progress,
+        timeout_s=api.queue_timeout_s,
+        metrics=svc.query_metrics,
+        answer=shed_answer({route.path for route in openai.routes if isinstance(route, APIRoute)}),
     )
 
     internal_errors = Counter(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Set
 from typing import Any, Literal
 
 import numpy as np
@@ -24,7 +24,8 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from ragtide.embedder.encoder import Encoder, Vectors, unprompted
-from ragtide.retriever.queries import REFUSED, refusal
+from ragtide.gateway.asgi import ASGIApp
+from ragtide.retriever.queries import REFUSED, RETRY_AFTER_S, ShedAnswer, plain_shed, refusal
 from ragtide.retriever.schemas import (
     GATEWAY_RESPONSES,
     QUERY_RESPONSES,
@@ -53,6 +54,18 @@ def openai_error(status: int, message: str, kind: str, code: str | None, headers
     """OpenAI's error body (with ragtide's `detail`), keeping headers such as Retry-After."""
     body = OpenAIErrorBody(error=OpenAIError(message=message, type=kind, code=code), detail=message)
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def shed_answer(openai_paths: Set[str]) -> ShedAnswer:
+    """Admission's 503 for a request shed on arrival (`AdmissionEdge`): OpenAI's shape on `openai_paths` (what
+    OpenAIRoute answers there), FastAPI's elsewhere."""
+
+    def answer(path: str, detail: str) -> ASGIApp:
+        if path in openai_paths:
+            return openai_error(503, detail, "server_error", "overloaded_full", {"Retry-After": str(RETRY_AFTER_S)})
+        return plain_shed(path, detail)
+
+    return answer
 
 
 class OpenAIRoute(APIRoute):

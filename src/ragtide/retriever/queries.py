@@ -99,15 +99,45 @@ class QueryMetrics:
         self.batches = Counter("ragtide_query_forward_passes", "forward passes over query texts", registry=registry)
 
 
+ShedAnswer = Callable[[str, str], ASGIApp]  # (path, detail) -> the 503 to send, in that path's error shape
+
+
+def plain_shed(path: str, detail: str) -> ASGIApp:
+    """FastAPI's shape: {"detail": ...}, with Retry-After."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 class AdmissionEdge:
     """ASGI middleware: the bound on query requests in progress, and each one's deadline."""
 
-    def __init__(self, app: ASGIApp, limit: int, timeout_s: float, metrics: QueryMetrics) -> None:
+    def __init__(
+        self, app: ASGIApp, limit: int, timeout_s: float, metrics: QueryMetrics, answer: ShedAnswer = plain_shed
+    ) -> None:
+        """`answer` makes the 503 of a request shed on arrival, in its path's error shape (OpenAI's routes have
+        their own)."""
         self.app = app
         self.limit = limit
         self.timeout_s = timeout_s
         self.metrics = metrics
+        self.answer = answer
         self.in_progress = 0
+
+    def _full(self) -> str:
+        self.metrics.shed.labels("full").inc()
+        return f"overloaded: {self.in_progress} query requests in progress (api.max_in_progress); retry"
+
+    async def _shed_now(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Full on arrival: read the body to its end (discarded), then answer the 503 here, without the app's
+        middleware, routing or body parsing: under a flood, the shed answer costs little more than HTTP parsing."""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            if not message.get("more_body", False):
+                break
+        await self.answer(scope["path"], self._full())(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in QUERY_PATHS:
@@ -117,6 +147,9 @@ class AdmissionEdge:
         if scope["path"] not in BOUNDED_PATHS:
             await self.app(scope, receive, send)
             return
+        if self.in_progress >= self.limit:
+            await self._shed_now(scope, receive, send)
+            return
         counted = False
 
         async def receive_then_count() -> Message:
@@ -125,10 +158,8 @@ class AdmissionEdge:
             if not counted and message["type"] == "http.request" and not message.get("more_body", False):
                 # The body is in (the app reads it before any other work): only now does the request take a place,
                 # so clients that trickle their bodies cannot hold every place.
-                if self.in_progress >= self.limit:
-                    self.metrics.shed.labels("full").inc()
-                    detail = f"overloaded: {self.in_progress} query requests in progress (api.max_in_progress); retry"
-                    raise Shed(detail)
+                if self.in_progress >= self.limit:  # filled up while this body came in
+                    raise Shed(self._full())
                 counted = True
                 self.in_progress += 1
                 self.metrics.in_progress.inc()
