@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -384,8 +385,9 @@ def test_admission_admits_exactly_max_in_progress_and_sheds_the_next() -> None:
 
         async def app(scope: Any, receive: Any, send: Any) -> None:
             reached.append(scope["path"])
-            await receive()
-            await release.wait()
+            if scope.get("method", "POST") == "POST":  # the router answers another method 405, body unread
+                await receive()
+                await release.wait()
 
         metrics = QueryMetrics(CollectorRegistry())
         edge = AdmissionEdge(app, limit=1, timeout_s=5, metrics=metrics)
@@ -396,11 +398,17 @@ def test_admission_admits_exactly_max_in_progress_and_sheds_the_next() -> None:
         async def record(message: dict[str, Any]) -> None:
             sent.append(message)
 
-        await edge({"type": "http", "path": "/v1/search", "headers": []}, body_once, record)
+        async def unread() -> dict[str, Any]:
+            raise AssertionError("a request shed on arrival is answered without reading its body")
+
+        await edge({"type": "http", "method": "POST", "path": "/v1/search", "headers": []}, unread, record)
+        await edge({"type": "http", "method": "GET", "path": "/v1/search", "headers": []}, body_once, ignore)
         release.set()
         await held
-        assert reached == ["/v1/search"] and metrics.shed.labels("full")._value.get() == 1
+        assert reached == ["/v1/search", "/v1/search"]  # the GET went to the app (its 405), not counted as shed
+        assert metrics.shed.labels("full")._value.get() == 1
         assert dict(sent[0]["headers"])[b"retry-after"] == b"1"
+        assert json.loads(sent[1]["body"])["detail"].startswith("overloaded: 1 query requests in progress")
         return [sent[0]["status"]]
 
     assert asyncio.run(full()) == [503]

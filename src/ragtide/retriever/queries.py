@@ -1,8 +1,9 @@
 """The query path's front: admission and micro-batching.
 
 - **Admission** (`AdmissionEdge`, plain ASGI around the app): at most `api.max_in_progress` searches and
-  embeddings requests are in progress; one more is answered a fast 503 with `Retry-After` as soon as its body is
-  in, before any other work (no key lookup, no thread). A request takes its place only once its body is in.
+  embeddings requests are in progress; one more is answered a fast 503 with `Retry-After` before any other work
+  (no key lookup, no thread): by the edge itself when the bound is full as it arrives, else as soon as its body is
+  in, if the bound filled meanwhile. A request takes its place only once its body is in.
   Every request that embeds a query (answers and chat too) gets a deadline,
   `api.queue_timeout_s` after it arrived.
 - **Micro-batching** (`QueryBatcher`): query texts that arrive while the model is busy, or within
@@ -129,14 +130,9 @@ class AdmissionEdge:
         return f"overloaded: {self.in_progress} query requests in progress (api.max_in_progress); retry"
 
     async def _shed_now(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Full on arrival: read the body to its end (discarded), then answer the 503 here, without the app's
-        middleware, routing or body parsing: under a flood, the shed answer costs little more than HTTP parsing."""
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            if not message.get("more_body", False):
-                break
+        """Full on arrival: answer the 503 here, without reading the body (the server discards it, and keeps the
+        connection) and without the app's middleware, routing or body parsing: under a flood, a shed answer costs
+        little more than HTTP parsing."""
         await self.answer(scope["path"], self._full())(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -147,7 +143,7 @@ class AdmissionEdge:
         if scope["path"] not in BOUNDED_PATHS:
             await self.app(scope, receive, send)
             return
-        if self.in_progress >= self.limit:
+        if self.in_progress >= self.limit and scope.get("method") == "POST":  # (other methods: 405, not work)
             await self._shed_now(scope, receive, send)
             return
         counted = False
