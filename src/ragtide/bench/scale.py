@@ -333,12 +333,13 @@ class ScaleReport:
             )
         return "\n".join(lines)
 
-    def write(self, directory: Path) -> tuple[Path, Path | None]:
-        """bench/results/scale-<time>.json and its PNG (rows/s by embedders, per encoder)."""
+    def write(self, directory: Path, stem: str | None = None) -> tuple[Path, Path | None]:
+        """bench/results/scale-<time>.json and its PNG (rows/s by embedders, per encoder); `stem` rewrites the
+        files of an earlier call (the benchmark writes after every run, so that a stopped one keeps its results)."""
         import time
 
         directory.mkdir(parents=True, exist_ok=True)
-        stem = time.strftime("scale-%Y%m%d-%H%M%S", time.gmtime())
+        stem = stem or time.strftime("scale-%Y%m%d-%H%M%S", time.gmtime())
         path = directory / f"{stem}.json"
         path.write_text(json.dumps({**asdict(self), "table": self.table()}, indent=2))
         return path, self.plot(directory / f"{stem}.png")
@@ -384,6 +385,7 @@ def run(
     import asyncio
     import shutil
     import tempfile
+    import time
 
     import psycopg
 
@@ -410,6 +412,7 @@ def run(
             "partitions": settings.cluster.partitions,
         },
     )
+    stem = time.strftime("scale-%Y%m%d-%H%M%S", time.gmtime())
     try:
         PostgresCluster(c.settings, c.daemon("postgres")).start()
         with psycopg.connect(c.settings.postgres.dsn(), autocommit=True) as conn:
@@ -425,16 +428,21 @@ def run(
         load_rows(c.settings.postgres.dsn(), model_rows)
         c.up(lambda what: log(f"starting {what}"), ragtide=False)
         wait_until(in_kafka(model_rows), "Debezium's snapshot of the table", 1800)
+
+        def done(result: ScaleRun) -> None:
+            report.runs.append(result)
+            report.write(out, stem)  # after every run: a benchmark stopped later keeps what it measured
+
         for n in counts if model_rows > 0 else ():
-            report.runs.append(run_one(settings, "engine", n, model_rows, rate, log))
+            done(run_one(settings, "engine", n, model_rows, rate, log))
         if rows > model_rows:
             log(f"loading rows up to {rows}")
             load_rows(c.settings.postgres.dsn(), rows, first=model_rows + 1)
             wait_until(in_kafka(rows), "Debezium to stream the new rows", 1800)
         for n in counts if rows > 0 else ():
-            report.runs.append(run_one(settings, "random-unit", n, max(rows, model_rows), rate, log))
+            done(run_one(settings, "random-unit", n, max(rows, model_rows), rate, log))
     finally:
         c.down()
         shutil.rmtree(data, ignore_errors=True)
-    json_path, png = report.write(out)
+    json_path, png = report.write(out, stem)
     return report, json_path, png
