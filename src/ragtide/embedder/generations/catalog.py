@@ -79,7 +79,8 @@ class Catalog:
         """Write the state under `state.term` (and its copy), then forget terms before the previous one. Raises
         `Superseded` when a higher term was already written (a check before the write: a write that races it is
         still never read)."""
-        newer = [term for term, _ in self._points() if term > state.term]
+        points = self._points()
+        newer = [term for term, _ in points if term > state.term]
         if newer:
             raise Superseded(f"the catalog has term {max(newer)}, newer than this leader's {state.term}")
         payload = {
@@ -93,11 +94,12 @@ class Catalog:
         self.index.upsert(
             [IndexPoint(i, vector, payload) for i in dict.fromkeys((point_id(state.term), CATALOG_POINT))]
         )
-        # The write is done; what follows only tidies (a failure there must not undo the caller's change).
+        # The write is done; what follows only tidies (a failure there must not undo the caller's change). The
+        # points read before the write are those of older terms: the write added only its own.
+        earlier = [(term, p.id) for term, p in points if term < state.term and p.id != CATALOG_POINT]
+        previous = earlier[0][0] if earlier else None  # kept: a reader that misses the newest still finds it
+        older = [pid for term, pid in earlier if term != previous]
         try:
-            points = [(term, p.id) for term, p in self._points() if term < state.term and p.id != CATALOG_POINT]
-            previous = points[0][0] if points else None  # kept: a reader that misses the newest still finds it
-            older = [pid for term, pid in points if term != previous]
             if older:
                 self.index.delete(older)
         except Exception as exc:

@@ -103,7 +103,6 @@ class Generations:
         # (`Lease.confirm`)? A leader cut off from Postgres learns it there, not only at its next renewal, which may
         # hang while its duties go on. Its term goes with every catalog write (catalog.py).
         self.lease: Lease | None = None
-        self._claimed: int | None = None  # the last term this process wrote the catalog in
         registry = registry or CollectorRegistry()
         self._rows = Gauge(
             "ragtide_reindex_rows", "Rows of the generation being built: done and total", ["kind"], registry=registry
@@ -157,7 +156,7 @@ class Generations:
             if not live.same_vectors(desired):
                 self._start(replace(desired, revision=live.revision + 1))
                 return True
-            if state.term != self._term() and self._claimed != self._term():
+            if building is None and state.term != self._term():  # (a build abandoned above was published)
                 self._publish()  # claims this leader's term: from now on an earlier leader's late write is not read
             return False
 
@@ -221,12 +220,10 @@ class Generations:
 
     def _write(self, state: CatalogState) -> None:
         self._fenced("write the catalog")
-        term = self._term()
         try:
-            self.catalog.write(replace(state, term=term))
+            self.catalog.write(replace(state, term=self._term()))
         except Superseded as exc:
             raise NotLeading(f"a later leader took over: not writing the catalog ({exc})") from exc
-        self._claimed = term
 
     def resign(self) -> None:
         """Stop leading: once this returns, no switch, build start or drop of this process is in progress or
