@@ -25,7 +25,7 @@ from fastapi.routing import APIRoute
 
 from ragtide.embedder.encoder import Encoder, Vectors, unprompted
 from ragtide.gateway.asgi import ASGIApp
-from ragtide.retriever.queries import REFUSED, RETRY_AFTER_S, ShedAnswer, plain_shed, refusal
+from ragtide.retriever.queries import REFUSED, Shed, ShedAnswer, plain_shed, refusal
 from ragtide.retriever.schemas import (
     GATEWAY_RESPONSES,
     QUERY_RESPONSES,
@@ -60,12 +60,16 @@ def shed_answer(openai_paths: Set[str]) -> ShedAnswer:
     """Admission's 503 for a request shed on arrival (`AdmissionEdge`): OpenAI's shape on `openai_paths` (what
     OpenAIRoute answers there), FastAPI's elsewhere."""
 
-    def answer(path: str, detail: str) -> ASGIApp:
-        if path in openai_paths:
-            return openai_error(503, detail, "server_error", "overloaded_full", {"Retry-After": str(RETRY_AFTER_S)})
-        return plain_shed(path, detail)
+    def answer(path: str, exc: Shed) -> ASGIApp:
+        return refused(exc) if path in openai_paths else plain_shed(path, exc)
 
     return answer
+
+
+def refused(exc: Exception) -> Response:
+    """A query turned away "not now" (`REFUSED`), in OpenAI's shape: the one mapping's detail, code and headers."""
+    detail, code, headers = refusal(exc)
+    return openai_error(503, detail, "server_error", code, headers)
 
 
 class OpenAIRoute(APIRoute):
@@ -83,8 +87,7 @@ class OpenAIRoute(APIRoute):
             except OpenAIStatus as exc:
                 return JSONResponse(exc.body.model_dump(), status_code=exc.status_code)
             except REFUSED as exc:
-                detail, code, headers = refusal(exc)
-                return openai_error(503, detail, "server_error", code, headers)
+                return refused(exc)
             except HTTPException as exc:  # the gateway's and FastAPI's own
                 kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
                 return openai_error(exc.status_code, str(exc.detail), kind, None, exc.headers)

@@ -100,14 +100,14 @@ class QueryMetrics:
         self.batches = Counter("ragtide_query_forward_passes", "forward passes over query texts", registry=registry)
 
 
-ShedAnswer = Callable[[str, str], ASGIApp]  # (path, detail) -> the 503 to send, in that path's error shape
+ShedAnswer = Callable[[str, Shed], ASGIApp]  # (path, the refusal) -> its 503, in that path's error shape
 
 
-def plain_shed(path: str, detail: str) -> ASGIApp:
-    """FastAPI's shape: {"detail": ...}, with Retry-After."""
+def plain_shed(path: str, exc: Shed) -> ASGIApp:
+    """What FastAPI answers for the HTTPException: {"detail": ...}, with its headers (Retry-After)."""
     from fastapi.responses import JSONResponse
 
-    return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 class AdmissionEdge:
@@ -125,9 +125,9 @@ class AdmissionEdge:
         self.answer = answer
         self.in_progress = 0
 
-    def _full(self) -> str:
+    def _full(self) -> Shed:
         self.metrics.shed.labels("full").inc()
-        return f"overloaded: {self.in_progress} query requests in progress (api.max_in_progress); retry"
+        return Shed(f"overloaded: {self.in_progress} query requests in progress (api.max_in_progress); retry")
 
     async def _shed_now(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Full on arrival: answer the 503 here, without reading the body (the server discards it, and keeps the
@@ -155,7 +155,7 @@ class AdmissionEdge:
                 # The body is in (the app reads it before any other work): only now does the request take a place,
                 # so clients that trickle their bodies cannot hold every place.
                 if self.in_progress >= self.limit:  # filled up while this body came in
-                    raise Shed(self._full())
+                    raise self._full()
                 counted = True
                 self.in_progress += 1
                 self.metrics.in_progress.inc()
