@@ -92,7 +92,7 @@ def test_a_tenants_embeddings_are_charged_to_its_quota(live: LiveStack, encoder:
 class RagtideRetriever(BaseRetriever):
     """The README's retriever over /v1/search."""
 
-    url: str = "http://localhost:58000"
+    url: str = "http://localhost:28000"
     k: int = 5
     headers: dict[str, str] = Field(default_factory=dict)  # prod mode: {"Authorization": "Bearer rtk_..."}
 

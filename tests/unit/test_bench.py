@@ -27,7 +27,7 @@ def test_sentences_are_30_to_80_words_and_deterministic() -> None:
 def test_bench_serve_targets_loopback_only() -> None:
     from ragtide.bench.serve import require_loopback
 
-    require_loopback("http://127.0.0.1:58000")
+    require_loopback("http://127.0.0.1:28000")
     require_loopback("http://localhost:8000")
     for url in ("http://10.0.0.5:8000", "http://example.com", "http://0.0.0.0:8000"):
         with pytest.raises(ValueError, match="loopback"):

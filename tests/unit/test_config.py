@@ -264,3 +264,21 @@ def test_a_missing_kafka_ca_file_names_the_field(tmp_path: Path) -> None:
 def test_a_dsn_with_two_hosts_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"postgres: .*name one host"):
         load_settings(RagtideSettings, postgres={"dsn": "postgresql://u@a,b/db"})
+
+
+def test_every_default_listening_port_lies_below_the_ephemeral_range() -> None:
+    """A server port inside Linux's ephemeral range (32768-60999) can be held by any outgoing connection's local end
+    when the server (re)binds it: a node restarted after a load test failed with `address already in use` on 58000
+    for most of a minute. Every port `ragtide up` listens on by default stays below it, as the cluster's do."""
+    s = RagtideSettings()
+    ports = {
+        "postgres.port": s.postgres.port,
+        "kafka.port": s.kafka.port,
+        "kafka.controller_port": s.kafka.controller_port,
+        "connect.port": s.connect.port,
+        "api.port": s.api.port,
+        "generator.port": s.generator.port,
+        "cluster.base_port + 50": s.cluster.base_port + 50,
+    }
+    assert {name: p for name, p in ports.items() if not 1024 <= p < 32768} == {}
+    assert len(set(ports.values())) == len(ports)

@@ -179,9 +179,10 @@ def levels(api: str, connections: list[int], seconds: float, key: str | None, pa
     import time
 
     out = []
-    for n in connections:
+    for i, n in enumerate(connections):
+        if i:
+            time.sleep(pause_s)
         out.append(run_level(api, n, seconds, key))
-        time.sleep(pause_s)
     return out
 
 
@@ -212,12 +213,18 @@ def baseline_node(settings: RagtideSettings, rev: str, repo: Path) -> Iterator[s
 
 
 def measure(api: str, connections: list[int], sweep: list[int], seconds: float, key: str | None) -> dict[str, Any]:
-    """One contender: the load levels, a sweep of smaller ones, and the highest QPS at p99 ≤ 200 ms among all."""
-    main = levels(api, connections, seconds, key)
+    """One contender: a sweep of small levels on the fresh node (the highest QPS at p99 ≤ 200 ms comes from it and the
+    load levels), then the load levels, then one connection right after the largest (recovery from overload)."""
+    import time
+
     swept = levels(api, sweep, seconds, key)
+    time.sleep(3.0)
+    main = levels(api, connections, seconds, key)
+    after = levels(api, [1], seconds, key)  # no pause: what a new client gets the moment the overload ends
     return {
-        "levels": as_dicts(main),
         "sweep": as_dicts(swept),
+        "levels": as_dicts(main),
+        "after_overload": as_dicts(after),
         "best_qps_p99_200ms": best_qps_within(main + swept),
     }
 

@@ -213,7 +213,8 @@ def bench_serve(
         lv = Table(
             "connections", "QPS (200s)", "p50", "p95", "p99", "shed 503", "timeouts", "socket errors", title=name
         )
-        for row in measured["levels"] + measured["sweep"]:
+        after = [{**row, "connections": f"{row['connections']} (right after)"} for row in measured["after_overload"]]
+        for row in measured["sweep"] + measured["levels"] + after:
             lv.add_row(
                 str(row["connections"]),
                 f"{row['qps']:g}",

@@ -60,7 +60,7 @@ class PostgresSettings(_Section):
     user's own, given as `dsn` (`RAGTIDE_POSTGRES__DSN`, or `make up SOURCE_DSN=...`)."""
 
     host: str = "127.0.0.1"
-    port: int = Field(55432, ge=1, le=65535)
+    port: int = Field(25432, ge=1, le=65535)
     database: str = "ragtide"
     user: str = "postgres"
     password: SecretStr = SecretStr("")
@@ -136,8 +136,8 @@ class KafkaSettings(_Section):
     """The Kafka broker (KRaft, single node locally)."""
 
     host: str = "127.0.0.1"
-    port: int = Field(59092, ge=1, le=65535)
-    controller_port: int = Field(59093, ge=1, le=65535)
+    port: int = Field(26092, ge=1, le=65535)
+    controller_port: int = Field(26093, ge=1, le=65535)
     partitions: int = Field(1, ge=1, description="partitions of each source topic")
     heap: str = "512m"
     instance_id: str | None = Field(
@@ -265,7 +265,7 @@ class ConnectSettings(_Section):
     """Kafka Connect (distributed mode) running the Debezium PostgreSQL connector."""
 
     host: str = "127.0.0.1"
-    port: int = Field(58083, ge=1, le=65535)
+    port: int = Field(28083, ge=1, le=65535)
     connector_name: str = "ragtide-pg"
     topic_prefix: str = Field("ragtide", pattern=r"^[A-Za-z0-9_.-]+$")
     slot_name: str = Field("ragtide_slot", pattern=r"^[a-z0-9_]+$")
@@ -465,7 +465,7 @@ class ApiSettings(_Section):
     """The retrieval API."""
 
     host: str = "127.0.0.1"
-    port: int = Field(58000, ge=1, le=65535)
+    port: int = Field(28000, ge=1, le=65535)
     default_k: int = Field(5, ge=1, le=100)
     max_k: int = Field(50, ge=1, le=1000)
     max_query_chars: int = Field(2000, ge=1)
@@ -532,7 +532,7 @@ class GeneratorSettings(_Section):
     model: str = Field("smollm2", min_length=1, description="the model name sent to the generator")
     api_key: SecretStr | None = None
     local: bool = Field(True, description="`ragtide up` starts llama.cpp's server with the SmolLM2 GGUF on `port`")
-    port: int = Field(58081, ge=1, le=65535, description="port of the local llama.cpp server")
+    port: int = Field(28081, ge=1, le=65535, description="port of the local llama.cpp server")
     context_tokens: int = Field(2048, ge=256, le=131_072, description="the local server's context window")
     threads: int = Field(2, ge=1, le=256, description="the local server's CPU threads")
     connect_timeout_s: float = Field(2.0, gt=0, le=60)
