@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -74,3 +78,36 @@ def test_bench_freshness_dtype_needs_the_engine_backend(tmp_path: Path) -> None:
     env = {"RAGTIDE_DATA_DIR": str(tmp_path), "RAGTIDE_ENCODER__BACKEND": "random-unit"}
     out = CliRunner().invoke(app, ["bench", "freshness", "--dtype", "int8"], env=env)
     assert out.exit_code == 2 and "encoder.backend: engine" in out.output
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="needs wrk (infra/scripts/system-deps.sh)")
+def test_bench_serve_sends_no_query_text_twice_across_levels() -> None:
+    """Every search of a run has its own text, across levels too: a text sent again (the next level restarting the
+    counter) is answered from the query-vector cache without the model, which flattered every level after the
+    first. Real wrk against a loopback server that records the bodies."""
+    from ragtide.bench.load import run_level
+
+    bodies: list[str] = []
+
+    class Recorder(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            bodies.append(self.rfile.read(int(self.headers["Content-Length"])).decode())
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        api = f"http://127.0.0.1:{server.server_address[1]}"
+        levels = [run_level(api, 2, 1) for _ in range(2)]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert all(lv.ok > 0 for lv in levels) and len(bodies) >= sum(lv.ok for lv in levels)
+    texts = [json.loads(b)["query"] for b in bodies]
+    assert len(set(texts)) == len(texts)

@@ -13,6 +13,7 @@ import json
 import shutil
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,8 +26,10 @@ from ragtide.contracts.settings import RagtideSettings
 P99_GOAL_MS = 200.0
 
 _SCRIPT = r"""
--- ragtide bench serve: POST /v1/search, each request with its own query text; answers counted by status.
+-- ragtide bench serve: POST /v1/search, each request with its own query text (tagged with this level's run, so no
+-- text repeats across levels: a repeat would skip the model through the query-vector cache); counted by status.
 local queries = {%(queries)s}
+local run = %(run)s
 local auth = %(auth)s
 local threads = {}
 
@@ -41,7 +44,7 @@ end
 
 function request()
   counter = counter + 1
-  local q = queries[(counter %% #queries) + 1] .. " (request " .. id .. "-" .. counter .. ")"
+  local q = queries[(counter %% #queries) + 1] .. " (request " .. run .. "-" .. id .. "-" .. counter .. ")"
   local headers = {["Content-Type"] = "application/json"}
   if auth ~= "" then headers["Authorization"] = auth end
   return wrk.format("POST", "%(path)s", headers, '{"query": "' .. q .. '", "k": 5}')
@@ -93,10 +96,17 @@ class Level:
         return not (self.timeouts or self.socket_errors or self.other)
 
 
-def script(auth: str | None, path: str = "/v1/search") -> str:
-    """The Lua script: distinct queries, the optional Authorization header."""
+def script(auth: str | None, path: str = "/v1/search", run: str | None = None) -> str:
+    """The Lua script: distinct queries (`run` tags them; a fresh tag per call by default), the optional
+    Authorization header."""
     queries = ", ".join(json.dumps(q) for q in QUERIES)
-    return _SCRIPT % {"queries": queries, "auth": json.dumps(f"Bearer {auth}" if auth else ""), "path": path}
+    tag = json.dumps(run or uuid.uuid4().hex[:8])
+    return _SCRIPT % {
+        "queries": queries,
+        "auth": json.dumps(f"Bearer {auth}" if auth else ""),
+        "path": path,
+        "run": tag,
+    }
 
 
 def wrk_path() -> str:

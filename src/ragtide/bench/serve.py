@@ -287,7 +287,7 @@ class ServePlan:
     baseline: str | None = None  # also the node of this git revision, side by side
     load: bool = True  # the wrk levels
     connections: list[int] = field(default_factory=lambda: [64, 256, 1024])
-    sweep: list[int] = field(default_factory=lambda: [1, 4, 16, 32, 64])
+    sweep: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
 
 
 def run(
