@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 import pytest
 
-from ragtide.contracts.errors import ConfigError
+from ragtide.contracts.errors import ConfigError, StackError
 from ragtide.contracts.settings import REPO_ROOT, RagtideSettings, load_settings, redact_dsn
 from ragtide.ingest.sources import SourcesConfig, dsn_of, load_sources, source_dbs
 
@@ -268,17 +269,16 @@ def test_a_dsn_with_two_hosts_is_refused() -> None:
 
 def test_every_default_listening_port_lies_below_the_ephemeral_range() -> None:
     """A server port inside Linux's ephemeral range (32768-60999) can be held by any outgoing connection's local end
-    when the server (re)binds it: a node restarted after a load test failed with `address already in use` on 58000
-    for most of a minute. Every port `ragtide up` listens on by default stays below it, as the cluster's do."""
-    s = RagtideSettings()
-    ports = {
-        "postgres.port": s.postgres.port,
-        "kafka.port": s.kafka.port,
-        "kafka.controller_port": s.kafka.controller_port,
-        "connect.port": s.connect.port,
-        "api.port": s.api.port,
-        "generator.port": s.generator.port,
-        "cluster.base_port + 50": s.cluster.base_port + 50,
-    }
+    when the server (re)binds it: a node restarted after a load test failed with `address already in use` on its
+    old default port for most of a minute. Every port `ragtide up` listens on by default stays below it, as the
+    cluster's do, no two are equal, and the tests' free ports never are one of them."""
+    from ragtide.contracts.settings import default_ports
+    from ragtide.stack.process import free_port
+
+    ports = default_ports()
     assert {name: p for name, p in ports.items() if not 1024 <= p < 32768} == {}
     assert len(set(ports.values())) == len(ports)
+    assert RagtideSettings().api.port == ports["api.port"] or "RAGTIDE_API__PORT" in os.environ
+    for name in ("api.port", "postgres.port", "cluster.base_port + 0"):
+        with pytest.raises(StackError, match="no free port"):  # the one candidate is a default: never handed out
+            free_port(low=ports[name], high=ports[name] + 1)

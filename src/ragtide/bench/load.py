@@ -223,13 +223,11 @@ def baseline_node(settings: RagtideSettings, rev: str, repo: Path) -> Iterator[s
 
 
 def measure(api: str, connections: list[int], sweep: list[int], seconds: float, key: str | None) -> dict[str, Any]:
-    """One contender: a sweep of small levels on the fresh node (the highest QPS at p99 ≤ 200 ms comes from it and the
-    load levels), then the load levels, then one connection right after the largest (recovery from overload)."""
-    import time
-
-    swept = levels(api, sweep, seconds, key)
-    time.sleep(3.0)
-    main = levels(api, connections, seconds, key)
+    """One contender: a sweep of small levels before any overload (the highest QPS at p99 ≤ 200 ms comes from it and
+    the load levels), then the load levels, then one connection right after the largest (recovery from overload)."""
+    main_levels = [*sweep, *connections]
+    measured = levels(api, main_levels, seconds, key)
+    swept, main = measured[: len(sweep)], measured[len(sweep) :]
     after = levels(api, [1], seconds, key)  # no pause: what a new client gets the moment the overload ends
     return {
         "sweep": as_dicts(swept),

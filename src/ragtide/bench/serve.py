@@ -323,7 +323,7 @@ def run(
     result.machine = cpu_info()
     if plan.load:
         levels, swept = plan.connections, plan.sweep
-        status(f"wrk: {levels} and {swept} connections, {plan.level_s:g}s each…")
+        status(f"wrk: {swept}, then {levels} connections and 1 right after, {plan.level_s:g}s each…")
         result.load["this"] = wrk.measure(api, levels, swept, plan.level_s, plan.key)
         if plan.baseline:
             status(f"the node of {plan.baseline}, then wrk against it…")

@@ -170,8 +170,9 @@ def bench_serve(
     ] = None,
     load: Annotated[bool, typer.Option(help="run the wrk levels (needs wrk)")] = True,
 ) -> None:
-    """Search latency with 1 client and the QPS N clients hold, then TTFT of streamed answers; then wrk at 64, 256
-    and 1,024 connections (and a sweep), for this code and, with --baseline, another revision's, side by side."""
+    """Search latency with 1 client and the QPS N clients hold, then TTFT of streamed answers; then wrk: a sweep of
+    small levels, 64, 256 and 1,024 connections, and 1 right after, for this code and, with --baseline, another
+    revision's node, side by side."""
     from ragtide.bench.serve import ServePlan, run
 
     s = current_settings()

@@ -743,6 +743,30 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
 S = TypeVar("S", bound="RagtideSettings")
 
 
+CLUSTER_PORT_SPAN = 51  # base_port..base_port+50
+
+
+def default_ports() -> dict[str, int]:
+    """Every port `ragtide up` (and `up --cluster`, from its base) listens on by default, by setting; the fields'
+    defaults, whatever the environment says. They lie below Linux's ephemeral range (32768-60999), where any
+    outgoing connection's local end could hold one when the server (re)binds it; free_port() never hands them out."""
+
+    def default(section: type[BaseModel], name: str) -> int:
+        return int(section.model_fields[name].default)
+
+    ports = {
+        "postgres.port": default(PostgresSettings, "port"),
+        "kafka.port": default(KafkaSettings, "port"),
+        "kafka.controller_port": default(KafkaSettings, "controller_port"),
+        "connect.port": default(ConnectSettings, "port"),
+        "api.port": default(ApiSettings, "port"),
+        "generator.port": default(GeneratorSettings, "port"),
+    }
+    base = default(ClusterSettings, "base_port")
+    ports.update({f"cluster.base_port + {i}": base + i for i in range(CLUSTER_PORT_SPAN)})
+    return ports
+
+
 def load_settings(cls: type[S], **overrides: Any) -> S:
     """Build a settings class from the environment; a mistake raises ConfigError naming the field."""
     try:

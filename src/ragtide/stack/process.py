@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 
 from ragtide.contracts.errors import StackError
+from ragtide.contracts.settings import default_ports
 
 
 @dataclass(frozen=True)
@@ -139,8 +140,9 @@ def http_ok(url: str) -> bool:
     return httpx.get(url, timeout=2.0).is_success
 
 
-# Ports handed out by this process (free_port, free_port_range): none is handed out twice, even before it is bound.
-_HANDED_OUT: set[int] = set()
+# Ports handed out by this process (free_port, free_port_range): none is handed out twice, even before it is bound;
+# and none of the defaults of `ragtide up` and `up --cluster` (a stopped dev stack, or one being restarted, keeps them).
+_HANDED_OUT: set[int] = set(default_ports().values())
 
 
 def free_port(low: int = 20_000, high: int = 32_000) -> int:
