@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from ragtide.bench.faults import DDL, SOURCE
+from ragtide.contracts.settings import CLUSTER_PORT_SPAN
 from ragtide.stack.cluster import Cluster
 from ragtide.stack.postgres import PostgresCluster
 from ragtide.stack.process import free_port_range
@@ -27,7 +28,7 @@ def cluster() -> Iterator[Cluster]:
     settings = own_stack_settings(
         "ragtide-scale-",
         [SOURCE],
-        cluster={"base_port": free_port_range(51), "embedders": 1, "retrievers": 2, "ack_logs": True},
+        cluster={"base_port": free_port_range(CLUSTER_PORT_SPAN), "embedders": 1, "retrievers": 2, "ack_logs": True},
         kafka={"session_timeout_s": 10},
         index={"retire_grace_s": 5},
         canary={"enabled": False},

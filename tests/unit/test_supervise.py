@@ -161,12 +161,13 @@ def test_a_start_that_brings_up_the_next_of_its_kind_is_not_repeated() -> None:
 def test_free_ports_lie_below_the_ephemeral_range_and_are_never_handed_out_twice() -> None:
     """A port from Linux's ephemeral range (32768-60999) can be taken by an outgoing connection before the server
     binds it (CI saw a node's API port taken so); and two calls must not give the same not-yet-bound port."""
+    from ragtide.contracts.settings import CLUSTER_PORT_SPAN
     from ragtide.stack.process import free_port, free_port_range
 
     ports = [free_port() for _ in range(200)]
     assert all(20_000 <= p < 32_000 for p in ports) and len(set(ports)) == len(ports)
-    base = free_port_range(51)
-    assert not set(ports) & set(range(base, base + 51))
+    base = free_port_range(CLUSTER_PORT_SPAN)
+    assert not set(ports) & set(range(base, base + CLUSTER_PORT_SPAN))
 
 
 def test_the_backoff_grows_1_2_5_10_30_and_resets_after_a_success() -> None:

@@ -96,11 +96,11 @@ class Level:
         return not (self.timeouts or self.socket_errors or self.other)
 
 
-def script(auth: str | None, path: str = "/v1/search", run: str | None = None) -> str:
-    """The Lua script: distinct queries (`run` tags them; a fresh tag per call by default), the optional
+def script(auth: str | None, path: str = "/v1/search") -> str:
+    """The Lua script: distinct queries (a fresh run tag per call, so no text repeats across levels), the optional
     Authorization header."""
     queries = ", ".join(json.dumps(q) for q in QUERIES)
-    tag = json.dumps(run or uuid.uuid4().hex[:8])
+    tag = json.dumps(uuid.uuid4().hex[:8])
     return _SCRIPT % {
         "queries": queries,
         "auth": json.dumps(f"Bearer {auth}" if auth else ""),
@@ -225,8 +225,7 @@ def baseline_node(settings: RagtideSettings, rev: str, repo: Path) -> Iterator[s
 def measure(api: str, connections: list[int], sweep: list[int], seconds: float, key: str | None) -> dict[str, Any]:
     """One contender: a sweep of small levels before any overload (the highest QPS at p99 ≤ 200 ms comes from it and
     the load levels), then the load levels, then one connection right after the largest (recovery from overload)."""
-    main_levels = [*sweep, *connections]
-    measured = levels(api, main_levels, seconds, key)
+    measured = levels(api, [*sweep, *connections], seconds, key)
     swept, main = measured[: len(sweep)], measured[len(sweep) :]
     after = levels(api, [1], seconds, key)  # no pause: what a new client gets the moment the overload ends
     return {

@@ -395,6 +395,7 @@ def run(
 
     from ragtide.bench.faults import DDL
     from ragtide.contracts.machine import cpu_info
+    from ragtide.contracts.settings import CLUSTER_PORT_SPAN
     from ragtide.embedder.liveness import end_offsets
     from ragtide.stack.cluster import Cluster
     from ragtide.stack.postgres import PostgresCluster
@@ -402,7 +403,7 @@ def run(
 
     data = Path(tempfile.mkdtemp(prefix="ragtide-bench-scale-"))
     data.chmod(0o755)
-    settings = bench_settings(free_port_range(51), data)
+    settings = bench_settings(free_port_range(CLUSTER_PORT_SPAN), data)
     c = Cluster(settings)
     report = ScaleReport(
         machine=cpu_info(),

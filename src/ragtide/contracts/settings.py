@@ -743,7 +743,7 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
 S = TypeVar("S", bound="RagtideSettings")
 
 
-CLUSTER_PORT_SPAN = 51  # base_port..base_port+50
+CLUSTER_PORT_SPAN = 51  # base_port..base_port+50: the ports Cluster.port lays out (Connect at +50)
 
 
 def default_ports() -> dict[str, int]:
