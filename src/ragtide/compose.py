@@ -77,13 +77,15 @@ def build_encoder(
     registry: CollectorRegistry | None = None,
     queries: bool = False,
     nice: int = 0,
+    threads: int | None = None,
 ) -> Encoder:
     """The configured encoder, or the one an older generation `spec` needs: its model, precision and provider
     ("local": a model in this process, whatever encoder.backend now says; else the embeddings API at the URL it
     was built from, with the configured key and limits). `registry` gets a provider's metrics. `queries`: an
     encoder for search alone, so a provider's faults get one quick retry, never a long wait (a search waiting on
     Retry-After would hold the query path; it answers 503 with Retry-After instead). `nice`: the local engine's
-    threads run at that nice value (see encoder.ingest_nice)."""
+    threads run at that nice value (see encoder.ingest_nice); `threads`: its forward passes' intra-op team (see
+    encoder.query_threads)."""
     e = settings.encoder
     path = (Path(spec.model_path) if spec.model_path else default_model_path()) if spec else e.model_path
     precision = spec.precision if spec else None
@@ -134,6 +136,7 @@ def build_encoder(
         tokenizer=e.tokenizer,
         precision=precision,
         nice=nice,
+        threads=threads,
     )
     log.info(
         "embedding engine loaded",
@@ -144,6 +147,7 @@ def build_encoder(
             "dtype_why": engine.dtype_why,
             "window": engine.max_seq,
             "token_budget": engine.token_budget,
+            "threads": threads or "torch's default",
             "tokenizer": engine.text_tokenizer.backend,
             "why_not_flash": engine.text_tokenizer.why_not_flash or None,
         },
@@ -190,6 +194,14 @@ def desired_generation(settings: RagtideSettings, encoder: Encoder) -> Generatio
 def provider_requests(settings: RagtideSettings) -> dict[str, Any]:
     """How the configured provider's requests are shaped, kept with its generations (`GenerationSpec`)."""
     return {k: getattr(settings.encoder.api, k) for k in GenerationSpec.REQUEST_SHAPE}
+
+
+def node_query_encoder(
+    settings: RagtideSettings, registry: CollectorRegistry, spec: GenerationSpec | None = None
+) -> Encoder:
+    """Search's own encoder in the node, beside the writer's: its engine's passes run with a team of
+    encoder.query_threads."""
+    return build_encoder(settings, spec, registry, queries=True, threads=settings.encoder.query_threads)
 
 
 def spares_the_cpu(encoder: Encoder) -> bool:
@@ -276,7 +288,7 @@ def open_generations(
         grace_s=settings.index.retire_grace_s,
         query_encoder=None
         if query_encoder is None
-        else SearchEncoders(query_encoder, lambda spec: build_encoder(settings, spec, registry, queries=True)),
+        else SearchEncoders(query_encoder, lambda spec: node_query_encoder(settings, registry, spec)),
     )
     gens.leading = False
     gens.follow(desired_generation(settings, encoder))
@@ -364,7 +376,7 @@ def create_node_app(settings: RagtideSettings) -> FastAPI:
     # run at a lower priority (encoder.ingest_nice), so a query's pass goes first during a backfill.
     nice = settings.encoder.ingest_nice
     encoder = build_encoder(settings, registry=registry, nice=nice)
-    queries = build_encoder(settings, registry=registry, queries=True)
+    queries = node_query_encoder(settings, registry)
     tracker = FreshnessTracker(registry)
     generations = open_generations(settings, encoder, sources, registry, queries, nice)
     cache = build_cache(settings, registry, encoder.dim)

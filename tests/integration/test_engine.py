@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
 from ragtide.bench.embed import corpus, cosine_deviation
-from ragtide.compose import build_encoder, desired_generation, prompts
+from ragtide.compose import build_encoder, desired_generation, node_query_encoder, prompts
 from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
 from ragtide.contracts.settings import RagtideSettings, load_settings
 from ragtide.embedder.chunking import Chunker
@@ -301,6 +302,35 @@ def thread_nices() -> dict[int, int]:
             stat = (task / "stat").read_text()
             out[int(task.name)] = int(stat[stat.rindex(")") + 2 :].split()[16])
     return out
+
+
+def test_an_engine_with_its_own_thread_count_runs_its_passes_with_that_team_and_leaves_the_process_its_own(
+    engine: EmbeddingEngine, texts: list[str]
+) -> None:
+    """The node's search engine (encoder.query_threads: 1): its forward passes run with a team of one, so they never
+    wait at an op's barrier for a thread the writer's engine preempted; the caller, and threads started later (the
+    writer's engine, the process's other work), keep torch's count. The vectors are the same."""
+    import torch
+
+    process_wide = torch.get_num_threads()
+    assert process_wide > 1, "needs a machine with 2 cores or more"
+    alone = EmbeddingEngine(default_model_path(), device="cpu", dtype="fp32", token_budget=2048, threads=1)
+    try:
+        assert alone._on_forward(torch.get_num_threads) == 1
+        assert torch.get_num_threads() == process_wide
+        later: list[int] = []
+        started = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        started.start()
+        started.join()
+        assert later == [process_wide]
+        assert cosine_deviation(alone.encode(texts[:80]), engine.encode(texts[:80])) < 1e-6
+    finally:
+        alone.close()
+    node = node_query_encoder(load_settings(RagtideSettings), CollectorRegistry())  # the node's, by default
+    try:
+        assert isinstance(node, EmbeddingEngine) and node._on_forward(torch.get_num_threads) == 1
+    finally:
+        node.close()
 
 
 def test_a_niced_engine_embeds_on_threads_at_its_nice_value_with_the_same_vectors(

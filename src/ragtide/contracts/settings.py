@@ -452,6 +452,14 @@ class EncoderSettings(_Section):
         "of the threads that embed changes, so search's own engine goes first on shared cores during a backfill "
         "(0: equal)",
     )
+    query_threads: int | None = Field(
+        1,
+        ge=1,
+        le=256,
+        description="engine, in the node: the intra-op threads of search's own engine. 1: a query's pass never waits "
+        "at an op's barrier for a thread the writer's engine preempted on the shared cores (the p99 stalls); "
+        "null: torch's default, one per core",
+    )
 
 
 class ChunkingSettings(_Section):

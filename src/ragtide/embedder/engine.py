@@ -69,6 +69,17 @@ def set_thread_nice(nice: int) -> None:
         log.warning("could not lower the embedding threads' priority", extra={"nice": nice, "error": str(exc)})
 
 
+def _start_engine_thread(nice: int | None, threads: int | None) -> None:
+    """A new engine thread: its nice value, and the size of the intra-op (OpenMP) team its torch ops use."""
+    if nice is not None:
+        set_thread_nice(nice)
+    if threads is not None:
+        import torch
+
+        torch.get_num_threads()  # torch's lazy init first: it would reset the count set below
+        torch.set_num_threads(threads)
+
+
 @dataclass(frozen=True)
 class Batch:
     """Positions (into the caller's inputs) of one forward pass, and its padded length."""
@@ -169,6 +180,7 @@ class EmbeddingEngine:
         tokenizer: TokenizerChoice = "auto",
         precision: str | None = None,
         nice: int = 0,
+        threads: int | None = None,
     ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -206,12 +218,16 @@ class EmbeddingEngine:
         # other engine (search's) goes first on shared cores.
         self.nice = nice  # steps below the thread that made the engine (search's, in the node), at most 19
         self._nice_at = min(19, thread_nice() + nice)
-        self._forward = self._worker("embed-forward") if nice > 0 else None
+        # threads: the forward thread's intra-op team, its own (torch's count is per thread; the process's stays).
+        # The node's search engine runs with a team of one: a two-thread team on two cores shared with the writer's
+        # engine waits at every op's barrier for whichever of its threads the writer's preempted (p99 stalls).
+        self.threads = threads
+        self._forward = self._worker("embed-forward") if nice > 0 or threads else None
         self.int8: Int8Model | None = None
         self.model: Any = None
         if self.dtype_name == "int8":
-            artifact, threads = quantized.artifact(self.model_dir), torch.get_num_threads()
-            self.int8 = self._on_forward(lambda: Int8Model(artifact, threads=threads))
+            artifact, team = quantized.artifact(self.model_dir), threads or torch.get_num_threads()
+            self.int8 = self._on_forward(lambda: Int8Model(artifact, threads=team))
             self._dim = int(json.loads((self.model_dir / "config.json").read_text())["hidden_size"])
         else:
             model: Any = AutoModel.from_pretrained(
@@ -331,12 +347,19 @@ class EmbeddingEngine:
             yield min(step, len(items) - start), current
 
     def _worker(self, name: str) -> ThreadPoolExecutor:
-        """A thread of the engine's own, at its nice value."""
-        if self.nice > 0:
-            return ThreadPoolExecutor(
-                1, thread_name_prefix=name, initializer=set_thread_nice, initargs=(self._nice_at,)
-            )
-        return ThreadPoolExecutor(1, thread_name_prefix=name)
+        """A thread of the engine's own, at its nice value, with its intra-op team."""
+        nice = self._nice_at if self.nice > 0 else None
+        if nice is None and self.threads is None:
+            return ThreadPoolExecutor(1, thread_name_prefix=name)
+        worker = ThreadPoolExecutor(
+            1, thread_name_prefix=name, initializer=_start_engine_thread, initargs=(nice, self.threads)
+        )
+        if self.threads is not None:
+            process_wide = self.torch.get_num_threads()
+            worker.submit(self.torch.get_num_threads).result()  # started now, so the count is set back after it
+            # torch.set_num_threads on a new thread also sets the default of threads started later: set that back.
+            self.torch.set_num_threads(process_wide)
+        return worker
 
     def _on_forward(self, work: Callable[[], T]) -> T:
         """`work()` on the forward thread (at the engine's nice value), or here when there is none."""
