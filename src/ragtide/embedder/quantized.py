@@ -7,6 +7,15 @@ transformer (eager attention, so the padding mask stays in the graph), fuse it w
 (per-tensor weights lose too much: mean cosine to fp32 0.94). That ran 1.4-1.5x torch fp32 at a mean cosine of 0.99 to
 fp32; torch's fbgemm path ran 1.3x at 0.976.
 
+Before quantizing, the projections that read a LayerNorm's output (the attention's QKV and the FFN's first layer)
+are smoothed (SmoothQuant, Xiao et al. 2023): a few channels of a LayerNorm's output run far larger than the rest,
+so one scale per activation tensor rounds the others coarsely. Each input channel j is divided by
+s_j = max|x_j|^0.5 / max|w_j|^0.5 (an element-wise Mul in front of the projection) and the weight's row j is
+multiplied by it: the same function in floats, a flatter activation for int8. The channel maxima come from a
+calibration pass of the fp32 graph over docstrings of Python's standard library (not the corpora the quality gates
+measure on). On the demo corpus's top-10 it lifted the overlap with fp32 from 0.89 to 0.93 at the same speed
+(smoothing the FFN's second layer and the attention output too made it worse).
+
 The artifact is built from the model folder on this machine, never downloaded. It is cached under
 `~/.cache/ragtide/int8/` (or `$RAGTIDE_CACHE_DIR/int8/`: point it at a volume in containers, or each new
 container builds it again, ~20 s) by a hash of the model's files, the recipe and the versions of the libraries
@@ -21,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import shutil
 import tempfile
 import time
@@ -32,7 +42,13 @@ import numpy.typing as npt
 
 log = logging.getLogger(__name__)
 
-RECIPE = "onnx-bert-fused-dynamic-qint8-per-channel-v1"
+RECIPE = "onnx-bert-fused-smoothquant-0.5-dynamic-qint8-per-channel-v2"
+SMOOTHING = 0.5  # SmoothQuant's alpha: how much of an activation channel's range moves into the weights
+CALIBRATION_MODULES = tuple(  # their docstrings calibrate the smoothing
+    "argparse asyncio collections csv datetime decimal email.message functools http.client itertools json logging "
+    "os pathlib re shutil socket sqlite3 ssl subprocess tempfile threading typing unittest urllib.parse zipfile".split()
+)
+CALIBRATION_TEXTS = 512
 
 
 def available() -> bool:
@@ -59,6 +75,7 @@ def artifact_key(model_dir: Path) -> str:
     import transformers
 
     versions = f"{torch.__version__}|{transformers.__version__}|{onnx.__version__}|{onnxruntime.__version__}"
+    versions += f"|{platform.python_version()}"  # the calibration texts are its standard library's docstrings
     h = hashlib.sha256(f"{RECIPE}|{versions}".encode())
     for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
         h.update(str(path.relative_to(model_dir)).encode())
@@ -90,9 +107,28 @@ def artifact(model_dir: Path, root: Path | None = None) -> Path:
 
 
 def build(model_dir: Path, target: Path) -> None:
-    """Export, fuse and quantize `model_dir` into `target` (written atomically)."""
-    import torch
+    """Export, fuse, smooth and quantize `model_dir` into `target` (written atomically)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        fused, quantized = Path(tmp) / "fused.onnx", Path(tmp) / "int8.onnx"
+        optimized = fused_graph(model_dir, Path(tmp))
+        smooth_layernorm_inputs(optimized.model, calibration_batches(model_dir), SMOOTHING)
+        optimized.save_model_to_file(str(fused))
+        quantize_dynamic(
+            str(fused),
+            str(quantized),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            extra_options={"DefaultTensorType": 1},  # fused ops' outputs are float (ONNX's FLOAT)
+        )
+        os.replace(quantized, target)
+
+
+def fused_graph(model_dir: Path, workdir: Path) -> Any:
+    """The model's transformer in fp32, exported to ONNX under `workdir` and fused by ONNX Runtime's BERT optimizer
+    (its OnnxModel: `.model` is the graph)."""
+    import torch
     from onnxruntime.transformers.optimizer import optimize_model
     from transformers import AutoModel
 
@@ -112,35 +148,124 @@ def build(model_dir: Path, target: Path) -> None:
     ids = torch.full((2, 16), 1000, dtype=torch.int64)
     mask = torch.ones((2, 16), dtype=torch.int64)
     mask[1, 9:] = 0  # traced with padding: a mask-free trace would drop the mask from the graph
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        exported, fused, quantized = (Path(tmp) / n for n in ("fp32.onnx", "fused.onnx", "int8.onnx"))
-        with torch.inference_mode():
-            torch.onnx.export(
-                Hidden(model),
-                (ids, mask),
-                str(exported),
-                input_names=["input_ids", "attention_mask"],
-                output_names=["hidden"],
-                dynamic_axes={name: {0: "rows", 1: "tokens"} for name in ("input_ids", "attention_mask", "hidden")},
-                opset_version=17,
-                dynamo=False,
-            )
-        optimized = optimize_model(
+    exported = workdir / "fp32.onnx"
+    with torch.inference_mode():
+        torch.onnx.export(
+            Hidden(model),
+            (ids, mask),
             str(exported),
-            model_type="bert",
-            num_heads=int(config["num_attention_heads"]),
-            hidden_size=int(config["hidden_size"]),
-            opt_level=1,
+            input_names=["input_ids", "attention_mask"],
+            output_names=["hidden"],
+            dynamic_axes={name: {0: "rows", 1: "tokens"} for name in ("input_ids", "attention_mask", "hidden")},
+            opset_version=17,
+            dynamo=False,
         )
-        optimized.save_model_to_file(str(fused))
-        quantize_dynamic(
-            str(fused),
-            str(quantized),
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            extra_options={"DefaultTensorType": 1},  # fused ops' outputs are float (ONNX's FLOAT)
+    return optimize_model(
+        str(exported),
+        model_type="bert",
+        num_heads=int(config["num_attention_heads"]),
+        hidden_size=int(config["hidden_size"]),
+        opt_level=1,
+    )
+
+
+def calibration_texts(n: int = CALIBRATION_TEXTS) -> list[str]:
+    """`n` paragraphs of the standard library's docstrings (deterministic for one Python version)."""
+    import importlib
+    import inspect
+
+    paragraphs: list[str] = []
+    for name in CALIBRATION_MODULES:
+        module = importlib.import_module(name)
+        docs = [inspect.getdoc(module) or ""]
+        docs += [inspect.getdoc(getattr(module, a)) or "" for a in sorted(dir(module)) if not a.startswith("_")]
+        paragraphs += [p.strip()[:1500] for d in docs for p in d.split("\n\n") if len(p.strip()) > 20]
+    distinct = list(dict.fromkeys(paragraphs))
+    return distinct[:: max(1, len(distinct) // n)][:n]
+
+
+def calibration_batches(model_dir: Path, rows: int = 16) -> list[dict[str, npt.NDArray[np.int64]]]:
+    """The calibration texts as the graph's inputs: padded batches of ids and attention masks."""
+    from transformers import AutoTokenizer
+
+    from ragtide.embedder.engine import model_window  # the engine imports this module
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    window = model_window(model_dir)
+    texts = calibration_texts()
+    batches = []
+    for start in range(0, len(texts), rows):
+        enc = tokenizer(
+            texts[start : start + rows], truncation=True, max_length=window, padding=True, return_tensors="np"
         )
-        os.replace(quantized, target)
+        batches.append({name: enc[name].astype(np.int64) for name in ("input_ids", "attention_mask")})
+    return batches
+
+
+def smooth_layernorm_inputs(model: Any, batches: list[dict[str, npt.NDArray[np.int64]]], alpha: float) -> None:
+    """SmoothQuant, in place, on a fused BERT graph: every int8-bound projection whose input is a LayerNorm's output
+    (an Attention node's QKV, a MatMul after a (Skip)LayerNormalization) gets its input divided per channel by s and
+    its weight rows multiplied by s, with s from the channel maxima over `batches` (the fp32 graph's own run)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    weights = {init.name: init for init in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    layernorms = {"LayerNormalization", "SkipLayerNormalization", "EmbedLayerNormalization"}
+    targets = [
+        node
+        for node in graph.node
+        if node.op_type in ("Attention", "MatMul")
+        and len(node.input) > 1
+        and node.input[1] in weights
+        and node.input[0] in producer
+        and producer[node.input[0]].op_type in layernorms
+    ]
+    if not targets:
+        raise ValueError("int8: no LayerNorm-fed projection found to smooth; is this a fused BERT graph?")
+    peak = channel_peaks(model, batches, sorted({node.input[0] for node in targets}))
+    mul_before: dict[str, Any] = {}
+    for node in targets:
+        w = numpy_helper.to_array(weights[node.input[1]])
+        x_peak = np.maximum(peak[node.input[0]], 1e-5)
+        w_peak = np.maximum(np.abs(w).max(axis=1), 1e-5)
+        s = np.clip(x_peak**alpha / w_peak ** (1 - alpha), 1e-3, 1e3).astype(np.float32)
+        weights[node.input[1]].CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), node.input[1]))
+        inverse = numpy_helper.from_array((1.0 / s).astype(np.float32), f"{node.name}/smooth_inverse")
+        graph.initializer.append(inverse)
+        smoothed = f"{node.name}/smoothed_input"
+        mul_before[node.name] = onnx.helper.make_node(
+            "Mul", [node.input[0], inverse.name], [smoothed], name=f"{node.name}/smooth"
+        )
+        node.input[0] = smoothed
+    ordered = []
+    for node in graph.node:  # each Mul right before its projection: the graph stays topologically sorted
+        if node.name in mul_before:
+            ordered.append(mul_before[node.name])
+        ordered.append(node)
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def channel_peaks(model: Any, batches: list[dict[str, npt.NDArray[np.int64]]], names: list[str]) -> dict[str, Any]:
+    """The largest |value| of each channel (last axis) of the graph's tensors `names` over `batches`, padding
+    positions left out (an fp32 run of the graph with those tensors as extra outputs)."""
+    import onnx
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    peak: dict[str, Any] = {}
+    for feed in batches:
+        got = dict(zip(names, session.run(names, feed), strict=True))
+        real = feed["attention_mask"].astype(bool)  # padding positions carry no text
+        for name in names:
+            m = np.abs(got[name][real]).max(axis=0)
+            peak[name] = m if name not in peak else np.maximum(peak[name], m)
+    return peak
 
 
 class Int8Model:
