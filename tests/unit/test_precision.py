@@ -72,3 +72,20 @@ def test_a_catalog_with_an_unknown_precision_is_refused_with_the_cause() -> None
     spec = GenerationSpec(model="m", dim=4, max_tokens=8, overlap=2).as_dict()
     with pytest.raises(ValueError, match="precision is one of float, int8, not 'fp16'"):
         GenerationSpec.from_dict({**spec, "precision": "fp16"})
+
+
+def test_the_int8_calibration_texts_do_not_depend_on_what_the_process_imported_before() -> None:
+    """The texts that calibrate int8's smoothing are the same in a process that imported submodules of the
+    calibration modules first (uvicorn imports logging.config: each becomes an attribute of its package), so every
+    host builds the same artifact for one Python version."""
+    import subprocess
+    import sys
+
+    probe = "from ragtide.embedder.quantized import calibration_texts; print(hash(tuple(calibration_texts())))"
+    first = "import logging.config, logging.handlers, unittest.mock, email.mime.text, http.server, json.tool; "
+
+    def texts_hash(code: str) -> str:
+        env = {"PYTHONHASHSEED": "0", "PATH": ""}
+        return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env).stdout
+
+    assert texts_hash(probe) == texts_hash(first + probe)

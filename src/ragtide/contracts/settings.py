@@ -425,7 +425,7 @@ class EncoderSettings(_Section):
     dtype: Literal["auto", "fp32", "fp16", "bf16", "int8"] = Field(
         "auto",
         description="engine precision; auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32. int8 (CPU, ONNX "
-        "Runtime; ~1.4x fp32 on AVX2, top-10 overlap with fp32 ~0.92) only when set; int8 vectors are a generation "
+        "Runtime; ~1.4x fp32 on AVX2, top-10 overlap with fp32 ~0.91) only when set; int8 vectors are a generation "
         "of their own (a change is a blue/green rebuild)",
     )
     token_budget: int | None = Field(None, ge=256, le=1_048_576, description="engine: padded tokens per batch")

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 Vectors = npt.NDArray[np.float32]
 DType = Literal["auto", "fp32", "fp16", "bf16", "int8"]
 T = TypeVar("T")
+_THREAD_COUNT = threading.Lock()  # held while an engine thread of its own count starts (see EmbeddingEngine._worker)
 INLINE_ROWS = 64  # smaller calls are prepared on the caller's thread: a thread hop costs more than the work
 
 
@@ -355,10 +356,12 @@ class EmbeddingEngine:
             1, thread_name_prefix=name, initializer=_start_engine_thread, initargs=(nice, self.threads)
         )
         if self.threads is not None:
-            process_wide = self.torch.get_num_threads()
-            worker.submit(self.torch.get_num_threads).result()  # started now, so the count is set back after it
-            # torch.set_num_threads on a new thread also sets the default of threads started later: set that back.
-            self.torch.set_num_threads(process_wide)
+            # torch.set_num_threads on a new thread also sets the default of threads started later: set it back.
+            # One engine at a time, so that none reads another's count as the process's.
+            with _THREAD_COUNT:
+                process_wide = self.torch.get_num_threads()
+                worker.submit(self.torch.get_num_threads).result()  # started now, so the count is set back after it
+                self.torch.set_num_threads(process_wide)
         return worker
 
     def _on_forward(self, work: Callable[[], T]) -> T:
