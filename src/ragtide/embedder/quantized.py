@@ -18,7 +18,7 @@ drawn) at the same speed (smoothing the FFN's second layer and the attention out
 
 The artifact is built from the model folder on this machine, never downloaded. It is cached under
 `~/.cache/ragtide/int8/` (or `$RAGTIDE_CACHE_DIR/int8/`: point it at a volume in containers, or each new
-container builds it again, ~20 s) by a hash of the model's files, the recipe and the versions of the libraries
+container builds it again, ~30 s) by a hash of the model's files, the recipe and the versions of the libraries
 that build it; concurrent builders (several processes starting at once) wait on a file lock (local filesystems),
 and a finished artifact is renamed into place, so no process ever loads half of one.
 """
