@@ -8,7 +8,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -104,19 +104,20 @@ def test_requests_past_their_deadline_or_whose_client_left_are_dropped_not_compu
     enc = CountingEncoder()
     b, metrics = batcher()
 
-    async def gone() -> bool:
-        return True
+    async def gone() -> dict[str, Any]:  # the request's ASGI receive once its client has left
+        return {"type": "http.disconnect"}
 
-    async def here() -> bool:
-        return False
+    async def here() -> dict[str, Any]:  # ... while its client waits: nothing arrives
+        await asyncio.Event().wait()
+        return {}
 
     async def main() -> list[Any]:
         enc.hold.clear()
         first = asyncio.create_task(b.embed(enc, ["busy"]))
         await asyncio.to_thread(enc.entered.wait, 5)
         late = asyncio.create_task(b.embed(enc, ["late"], deadline=time.monotonic() + 0.01))
-        left = asyncio.create_task(b.embed(enc, ["left"], gone=gone))
-        kept = asyncio.create_task(b.embed(enc, ["kept"], deadline=time.monotonic() + 60, gone=here))
+        left = asyncio.create_task(b.embed(enc, ["left"], receive=gone))
+        kept = asyncio.create_task(b.embed(enc, ["kept"], deadline=time.monotonic() + 60, receive=here))
         await asyncio.sleep(0.1)  # past the first one's deadline
         enc.hold.set()
         out = await asyncio.gather(first, late, left, kept, return_exceptions=True)
@@ -129,6 +130,65 @@ def test_requests_past_their_deadline_or_whose_client_left_are_dropped_not_compu
     assert isinstance(kept, np.ndarray)
     assert enc.passes == [["busy"], ["kept"]]
     assert (shed(metrics, "deadline"), shed(metrics, "gone")) == (1, 1)
+
+
+def blocking_wait(condition: Callable[[], bool], timeout_s: float) -> bool:
+    """Poll `condition` without yielding to the event loop (the caller's loop stays blocked)."""
+    until = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < until:
+        time.sleep(0.001)
+    return condition()
+
+
+def test_the_model_thread_takes_its_next_pass_without_the_event_loop() -> None:
+    """The vectors of one pass go back to the loop while the next pass already runs: the model never waits for the
+    loop to collect its next batch (under load it did, 40% of the time)."""
+    enc = CountingEncoder()
+    b, _ = batcher()
+
+    async def main() -> bool:
+        enc.hold.clear()
+        first = asyncio.create_task(b.embed(enc, ["first"]))
+        await asyncio.to_thread(enc.entered.wait, 5)
+        second = asyncio.create_task(b.embed(enc, ["second"]))
+        await asyncio.sleep(0.05)  # queued behind the first pass
+        enc.hold.set()
+        started_alone = blocking_wait(lambda: len(enc.passes) == 2, 5)  # the loop is blocked, not at an await
+        await asyncio.gather(first, second)
+        await b.close()
+        return started_alone
+
+    assert asyncio.run(main()), enc.passes
+
+
+def test_a_client_that_leaves_while_its_pass_waits_is_not_computed() -> None:
+    """Noticed as it leaves, not only when a batch is formed: a request queued behind a long pass whose client
+    disconnects meanwhile is skipped by the model thread."""
+    enc = CountingEncoder()
+    b, metrics = batcher()
+
+    async def main() -> Any:
+        enc.hold.clear()
+        first = asyncio.create_task(b.embed(enc, ["busy"]))
+        await asyncio.to_thread(enc.entered.wait, 5)
+        leaves = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            await leaves.wait()
+            return {"type": "http.disconnect"}
+
+        left = asyncio.create_task(b.embed(enc, ["left"], receive=receive))
+        await asyncio.sleep(0.05)  # queued (and, before, already checked) while the model is busy
+        leaves.set()
+        await asyncio.sleep(0.05)
+        enc.hold.set()
+        out = await asyncio.gather(first, left, return_exceptions=True)
+        await b.close()
+        return out[1]
+
+    left = asyncio.run(main())
+    assert isinstance(left, Overloaded) and left.reason == "gone"
+    assert enc.passes == [["busy"]] and shed(metrics, "gone") == 1
 
 
 def test_a_failing_pass_fails_its_requests_and_the_next_pass_works() -> None:

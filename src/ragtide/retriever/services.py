@@ -82,8 +82,8 @@ class Services:
         missing = [i for i, v in enumerate(vectors) if v is None]
         if missing:
             deadline = getattr(request.state, DEADLINE_KEY, None) if request is not None else None
-            gone = request.is_disconnected if request is not None else None
-            fresh = await self.batcher.embed(encoder, [texts[i] for i in missing], deadline, gone)
+            receive = request.receive if request is not None else None
+            fresh = await self.batcher.embed(encoder, [texts[i] for i in missing], deadline, receive)
             for i, vector in zip(missing, fresh, strict=True):
                 vectors[i] = vector
                 self.query_vectors.put(encoder, texts[i], vector)
