@@ -190,7 +190,7 @@ class QueryBatcher:
 
     The model thread takes its next batch itself the moment a pass ends: the model never waits for the event loop
     to hand back vectors and collect the next batch (at 32 connections it did, 40% of the time). Requests are
-    queued for it from any event loop and answered on their own. A client that disconnects is noticed as it happens
+    queued from any event loop and answered on their own loop. A client that disconnects is noticed as it happens
     (a watcher on its ASGI `receive`), so the model thread skips it however long it waited; one past its deadline
     is dropped by the model thread just before the pass."""
 
@@ -201,7 +201,8 @@ class QueryBatcher:
         self._pending: deque[_Ask] = deque()
         self._pending_texts = 0
         self._ready = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # the model thread; None once it stops (or is stopping)
+        self._closing = False  # the last loop closed: the thread stops when nothing is pending
 
     async def embed(
         self,
@@ -218,7 +219,8 @@ class QueryBatcher:
         loop = asyncio.get_running_loop()
         ask = _Ask(encoder, list(texts), loop, loop.create_future(), deadline)
         with self._ready:
-            if self._thread is None or not self._thread.is_alive():
+            self._closing = False
+            if self._thread is None:
                 self._thread = threading.Thread(target=self._serve, name="query-model", daemon=True)
                 self._thread.start()
             self._pending.append(ask)
@@ -233,19 +235,26 @@ class QueryBatcher:
             watcher.cancel()
 
     async def close(self) -> None:
-        """Turn away this loop's waiting requests (Overloaded): the API is shutting down."""
+        """Turn away this loop's waiting requests (Overloaded): the API is shutting down. With none of another
+        loop's left, the model thread stops (the next request starts another)."""
         loop = asyncio.get_running_loop()
         with self._ready:
             mine = [a for a in self._pending if a.loop is loop]
             for ask in mine:
                 self._pending.remove(ask)
                 self._pending_texts -= len(ask.texts)
+            if not self._pending:
+                self._closing = True
+                self._ready.notify_all()
         _fail(mine, Overloaded("closed", "the API is shutting down"))
 
     async def _watch(self, ask: _Ask, receive: Receive) -> None:
         """Drop the ask the moment its client disconnects. Once the body is read, an ASGI server's receive returns
         only then (or when the response is complete, by which time this watcher is cancelled)."""
-        message = await receive()
+        try:
+            message = await receive()
+        except Exception:  # the server's receive failed: no disconnect to act on (the response will tell)
+            return
         if message.get("type") == "http.disconnect" and not ask.taken:
             self._drop(ask, "gone", "the client disconnected")
 
@@ -258,23 +267,30 @@ class QueryBatcher:
     # The model thread --------------------------------------------------------------------------------------
 
     def _serve(self) -> None:
-        while True:
-            asks = self._next()
-            outcomes: list[_Outcome] = []
-            try:
-                self._pass(asks, outcomes)
-            except Exception as exc:  # never let the thread die, nor leave an ask without an answer
-                log.exception("query batch failed")
-                answered = {id(o[0]) for o in outcomes}
-                outcomes += [(a, None, exc, "") for a in asks if id(a) not in answered]
-            self._hand_back(outcomes)
+        try:
+            while (asks := self._next()) is not None:
+                outcomes: list[_Outcome] = []
+                try:
+                    self._pass(asks, outcomes)
+                except Exception as exc:  # never let the thread die, nor leave an ask without an answer
+                    log.exception("query batch failed")
+                    answered = {id(o[0]) for o in outcomes}
+                    outcomes += [(a, None, exc, "") for a in asks if id(a) not in answered]
+                self._hand_back(outcomes)
+        finally:
+            with self._ready:
+                if self._thread is threading.current_thread():  # died: the next request starts another
+                    self._thread = None
 
-    def _next(self) -> list[_Ask]:
+    def _next(self) -> list[_Ask] | None:
         """The oldest asks up to max_texts texts (at least one ask, however many texts it has); waits for one, and
-        when the model was idle, `window_s` more for concurrent queries to join it."""
+        when the model was idle, `window_s` more for concurrent queries to join it. None: closed, stop."""
         with self._ready:
             idle = False
             while not self._pending:
+                if self._closing:
+                    self._thread = None  # under the lock: a request from now on starts another thread
+                    return None
                 idle = True
                 self._ready.wait()
             if idle and self.window_s > 0:
