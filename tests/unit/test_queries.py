@@ -140,6 +140,14 @@ def blocking_wait(condition: Callable[[], bool], timeout_s: float) -> bool:
     return condition()
 
 
+async def busy_model(b: QueryBatcher, enc: CountingEncoder, text: str) -> asyncio.Task[Vectors]:
+    """A first request whose pass holds the model (until the test sets `enc.hold`), once it is in that pass."""
+    enc.hold.clear()
+    first = asyncio.create_task(b.embed(enc, [text]))
+    await asyncio.to_thread(enc.entered.wait, 5)
+    return first
+
+
 def test_the_model_thread_takes_its_next_pass_without_the_event_loop() -> None:
     """The vectors of one pass go back to the loop while the next pass already runs: the model never waits for the
     loop to collect its next batch (under load it did, 40% of the time)."""
@@ -147,9 +155,7 @@ def test_the_model_thread_takes_its_next_pass_without_the_event_loop() -> None:
     b, _ = batcher()
 
     async def main() -> bool:
-        enc.hold.clear()
-        first = asyncio.create_task(b.embed(enc, ["first"]))
-        await asyncio.to_thread(enc.entered.wait, 5)
+        first = await busy_model(b, enc, "first")
         second = asyncio.create_task(b.embed(enc, ["second"]))
         await asyncio.sleep(0.05)  # queued behind the first pass
         enc.hold.set()
@@ -168,9 +174,7 @@ def test_a_client_that_leaves_while_its_pass_waits_is_not_computed() -> None:
     b, metrics = batcher()
 
     async def main() -> Any:
-        enc.hold.clear()
-        first = asyncio.create_task(b.embed(enc, ["busy"]))
-        await asyncio.to_thread(enc.entered.wait, 5)
+        first = await busy_model(b, enc, "busy")
         leaves = asyncio.Event()
 
         async def receive() -> dict[str, Any]:
