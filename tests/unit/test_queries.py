@@ -182,9 +182,10 @@ def test_a_client_that_leaves_while_its_pass_waits_is_not_computed() -> None:
             return {"type": "http.disconnect"}
 
         left = asyncio.create_task(b.embed(enc, ["left"], receive=receive))
-        await asyncio.sleep(0.05)  # queued (and, before, already checked) while the model is busy
+        await asyncio.sleep(0.05)  # queued while the model is busy
         leaves.set()
         await asyncio.sleep(0.05)
+        assert left.done(), "answered as its client left, while the model is still busy"
         enc.hold.set()
         out = await asyncio.gather(first, left, return_exceptions=True)
         await b.close()
@@ -193,6 +194,49 @@ def test_a_client_that_leaves_while_its_pass_waits_is_not_computed() -> None:
     left = asyncio.run(main())
     assert isinstance(left, Overloaded) and left.reason == "gone"
     assert enc.passes == [["busy"]] and shed(metrics, "gone") == 1
+
+
+def test_requests_whose_clients_left_take_no_room_in_the_next_batch() -> None:
+    """After an overload the queue holds requests whose clients have gone: they leave it as their clients do, so the
+    next pass is full of live queries, not cut short by dead ones."""
+    enc = CountingEncoder()
+    b, metrics = batcher(max_texts=4)
+
+    async def gone() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def main() -> None:
+        first = await busy_model(b, enc, "busy")
+        dead = [asyncio.create_task(b.embed(enc, [f"dead {i}"], receive=gone)) for i in range(3)]
+        live = [asyncio.create_task(b.embed(enc, [f"live {i}"])) for i in range(4)]
+        await asyncio.sleep(0.05)
+        enc.hold.set()
+        await asyncio.gather(first, *dead, *live, return_exceptions=True)
+        await b.close()
+
+    asyncio.run(main())
+    assert enc.passes == [["busy"], [f"live {i}" for i in range(4)]]
+    assert shed(metrics, "gone") == 3
+
+
+def test_the_model_thread_stops_when_the_api_closes_and_the_next_request_starts_another() -> None:
+    enc = CountingEncoder()
+    b, _ = batcher()
+
+    async def one(text: str) -> Vectors:
+        out = await b.embed(enc, [text])
+        await b.close()
+        return out
+
+    def model_threads() -> int:
+        return sum(t.name == "query-model" and t.is_alive() for t in threading.enumerate())
+
+    before = model_threads()
+    asyncio.run(one("first"))
+    assert blocking_wait(lambda: model_threads() == before, 5)
+    second = asyncio.run(one("second"))  # another loop, as a new app instance's
+    np.testing.assert_allclose(second, HashEncoder().encode(["second"]), rtol=1e-6)
+    assert blocking_wait(lambda: model_threads() == before, 5)
 
 
 def test_a_failing_pass_fails_its_requests_and_the_next_pass_works() -> None:

@@ -8,8 +8,9 @@
   `api.queue_timeout_s` after it arrived.
 - **Micro-batching** (`QueryBatcher`): query texts that arrive while the model is busy, or within
   `api.query_batch_window_ms` of an idle model, share one forward pass of at most `api.query_batch` texts. A
-  request whose client disconnects is dropped (503) the moment it leaves, one past its deadline just before its
-  pass: neither is computed, so after an overload the model works only for clients still waiting.
+  request whose client disconnects while it is queued is dropped (503) the moment it leaves, one past its
+  deadline just before its pass: neither is computed, so after an overload the model works only for clients
+  still waiting.
 
 Every request turned away is counted in `ragtide_http_shed_total{reason}`: full, deadline, gone.
 """
@@ -177,7 +178,7 @@ class _Ask:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Vectors]
     deadline: float | None
-    taken: bool = False  # by the model thread, for a pass: computed now whoever waits for it
+    queued: bool = True  # False once out of the queue: taken for a pass (computed now), or withdrawn
 
 
 # What the model thread hands back to an ask's loop: (ask, vectors, error, shed reason or "").
@@ -190,9 +191,9 @@ class QueryBatcher:
 
     The model thread takes its next batch itself the moment a pass ends: the model never waits for the event loop
     to hand back vectors and collect the next batch (at 32 connections it did, 40% of the time). Requests are
-    queued from any event loop and answered on their own loop. A client that disconnects is noticed as it happens
-    (a watcher on its ASGI `receive`), so the model thread skips it however long it waited; one past its deadline
-    is dropped by the model thread just before the pass."""
+    queued from any event loop and answered on their own loop. A queued request whose client disconnects is
+    dropped as it leaves (a watcher on its ASGI `receive`) and takes no room in a batch; one past its deadline is
+    dropped by the model thread just before the pass."""
 
     def __init__(self, max_texts: int, window_s: float, metrics: QueryMetrics) -> None:
         self.max_texts = max_texts
@@ -226,6 +227,9 @@ class QueryBatcher:
             self._pending.append(ask)
             self._pending_texts += len(ask.texts)
             self._ready.notify()
+        # Answered while still queued (its client gone, the request cancelled, closed): out of the queue at once,
+        # so it takes no room in a batch.
+        ask.future.add_done_callback(lambda _: self._withdraw(ask))
         if receive is None:
             return await ask.future
         watcher = loop.create_task(self._watch(ask, receive))
@@ -235,27 +239,41 @@ class QueryBatcher:
             watcher.cancel()
 
     async def close(self) -> None:
-        """Turn away this loop's waiting requests (Overloaded): the API is shutting down. With none of another
-        loop's left, the model thread stops (the next request starts another)."""
+        """Turn away this loop's queued requests (Overloaded): the API is shutting down; one already in a pass gets
+        its vectors if its loop still runs. Once the queue is empty the model thread stops (the next request starts
+        another)."""
         loop = asyncio.get_running_loop()
         with self._ready:
             mine = [a for a in self._pending if a.loop is loop]
             for ask in mine:
-                self._pending.remove(ask)
-                self._pending_texts -= len(ask.texts)
-            if not self._pending:
-                self._closing = True
-                self._ready.notify_all()
+                self._unqueue(ask)
+            self._closing = True
+            self._ready.notify_all()
         _fail(mine, Overloaded("closed", "the API is shutting down"))
 
+    def _unqueue(self, ask: _Ask) -> None:
+        """Under the lock: take a queued ask out of the queue."""
+        self._pending.remove(ask)
+        self._pending_texts -= len(ask.texts)
+        ask.queued = False
+
+    def _withdraw(self, ask: _Ask) -> bool:
+        """Take the ask out of the queue unless the model thread has taken it; whether it was still queued."""
+        with self._ready:
+            if not ask.queued:
+                return False
+            self._unqueue(ask)
+            return True
+
     async def _watch(self, ask: _Ask, receive: Receive) -> None:
-        """Drop the ask the moment its client disconnects. Once the body is read, an ASGI server's receive returns
-        only then (or when the response is complete, by which time this watcher is cancelled)."""
+        """Drop the ask the moment its client disconnects, if it is still queued (once in a pass it is computed).
+        Called once the request's body is read: an ASGI server's receive then returns only on a disconnect (or when
+        the response is complete, by which time this watcher is cancelled)."""
         try:
             message = await receive()
         except Exception:  # the server's receive failed: no disconnect to act on (the response will tell)
             return
-        if message.get("type") == "http.disconnect" and not ask.taken:
+        if message.get("type") == "http.disconnect" and self._withdraw(ask):
             self._drop(ask, "gone", "the client disconnected")
 
     def _drop(self, ask: _Ask, reason: str, detail: str) -> None:
@@ -274,13 +292,19 @@ class QueryBatcher:
                     self._pass(asks, outcomes)
                 except Exception as exc:  # never let the thread die, nor leave an ask without an answer
                     log.exception("query batch failed")
-                    answered = {id(o[0]) for o in outcomes}
-                    outcomes += [(a, None, exc, "") for a in asks if id(a) not in answered]
+                    self._hand_back(_unanswered(asks, outcomes, exc))
+                    continue
+                except BaseException:  # dying after all (interpreter exit): answer its asks first
+                    self._hand_back(_unanswered(asks, outcomes, Overloaded("closed", "the query model stopped")))
+                    raise
                 self._hand_back(outcomes)
         finally:
             with self._ready:
-                if self._thread is threading.current_thread():  # died: the next request starts another
+                if self._thread is threading.current_thread():  # died: another serves what is queued
                     self._thread = None
+                    if self._pending:
+                        self._thread = threading.Thread(target=self._serve, name="query-model", daemon=True)
+                        self._thread.start()
 
     def _next(self) -> list[_Ask] | None:
         """The oldest asks up to max_texts texts (at least one ask, however many texts it has); waits for one, and
@@ -301,7 +325,7 @@ class QueryBatcher:
             n = 0
             while self._pending and (not taken or n + len(self._pending[0].texts) <= self.max_texts):
                 ask = self._pending.popleft()
-                ask.taken = True
+                ask.queued = False
                 taken.append(ask)
                 n += len(ask.texts)
             self._pending_texts -= n
@@ -362,6 +386,12 @@ class QueryBatcher:
                 ask.future.set_exception(error)
             else:
                 ask.future.set_result(vectors)  # type: ignore[arg-type]
+
+
+def _unanswered(asks: Sequence[_Ask], outcomes: list[_Outcome], exc: BaseException) -> list[_Outcome]:
+    """The outcomes so far, and `exc` for every ask without one."""
+    answered = {id(o[0]) for o in outcomes}
+    return outcomes + [(a, None, exc, "") for a in asks if id(a) not in answered]
 
 
 def _fail(asks: Sequence[_Ask], exc: BaseException) -> None:
