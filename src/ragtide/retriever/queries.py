@@ -222,8 +222,7 @@ class QueryBatcher:
         with self._ready:
             self._closing = False
             if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name="query-model", daemon=True)
-                self._thread.start()
+                self._start_thread()
             self._pending.append(ask)
             self._pending_texts += len(ask.texts)
             self._ready.notify()
@@ -250,6 +249,11 @@ class QueryBatcher:
             self._closing = True
             self._ready.notify_all()
         _fail(mine, Overloaded("closed", "the API is shutting down"))
+
+    def _start_thread(self) -> None:
+        """Under the lock: start the model thread."""
+        self._thread = threading.Thread(target=self._serve, name="query-model", daemon=True)
+        self._thread.start()
 
     def _unqueue(self, ask: _Ask) -> None:
         """Under the lock: take a queued ask out of the queue."""
@@ -303,8 +307,7 @@ class QueryBatcher:
                 if self._thread is threading.current_thread():  # died: another serves what is queued
                     self._thread = None
                     if self._pending:
-                        self._thread = threading.Thread(target=self._serve, name="query-model", daemon=True)
-                        self._thread.start()
+                        self._start_thread()
 
     def _next(self) -> list[_Ask] | None:
         """The oldest asks up to max_texts texts (at least one ask, however many texts it has); waits for one, and
@@ -324,11 +327,10 @@ class QueryBatcher:
             taken: list[_Ask] = []
             n = 0
             while self._pending and (not taken or n + len(self._pending[0].texts) <= self.max_texts):
-                ask = self._pending.popleft()
-                ask.queued = False
+                ask = self._pending[0]
+                self._unqueue(ask)
                 taken.append(ask)
                 n += len(ask.texts)
-            self._pending_texts -= n
             return taken
 
     def _pass(self, asks: list[_Ask], outcomes: list[_Outcome]) -> None:
