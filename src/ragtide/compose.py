@@ -131,12 +131,13 @@ def build_encoder(
     engine = EmbeddingEngine(
         path or default_model_path(),
         device,
-        e.dtype,
+        "int8" if int8 else e.query_dtype if queries else e.dtype,
         e.token_budget,
         tokenizer=e.tokenizer,
         precision=precision,
         nice=nice,
         threads=threads,
+        queries=queries,
     )
     log.info(
         "embedding engine loaded",

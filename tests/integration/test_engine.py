@@ -329,6 +329,7 @@ def test_an_engine_with_its_own_thread_count_runs_its_passes_with_that_team_and_
     node = node_query_encoder(load_settings(RagtideSettings), CollectorRegistry())  # the node's, by default
     try:
         assert isinstance(node, EmbeddingEngine) and node._on_forward(torch.get_num_threads) == 1
+        assert node.dtype_name == "fp32" and node.precision == "float"  # encoder.query_dtype auto, on CPU
     finally:
         node.close()
 

@@ -48,6 +48,25 @@ def test_the_precision_follows_cpu_configuration_and_generation(
     assert chosen == want and why
 
 
+@pytest.mark.parametrize(
+    ("cpu", "requested", "cuda", "precision", "want"),
+    [
+        (BF16, "auto", False, None, "fp32"),  # short query passes: fp32 beats bf16 even where bf16 is native
+        (BF16, "auto", False, "float", "fp32"),
+        (AVX2, "auto", False, None, "fp32"),
+        (BF16, "auto", True, "float", "fp16"),
+        (BF16, "auto", False, "int8", "int8"),  # an int8 generation's queries are int8
+        (BF16, "bf16", False, "float", "bf16"),  # encoder.query_dtype, set
+    ],
+)
+def test_search_queries_run_in_fp32_on_cpu_unless_configured_or_int8(
+    features: list[str], cpu: list[str], requested: engine.DType, cuda: bool, precision: str | None, want: str
+) -> None:
+    features.extend(cpu)
+    chosen, why = engine.choose_dtype(requested, cuda, precision, queries=True)
+    assert chosen == want and why
+
+
 class Int8Hash(HashEncoder):
     """The same model's name, int8 vectors (here: another vector for the same text)."""
 

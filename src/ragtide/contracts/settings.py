@@ -428,6 +428,12 @@ class EncoderSettings(_Section):
         "Runtime; ~1.4x fp32 on AVX2, top-10 overlap with fp32 ~0.91) only when set; int8 vectors are a generation "
         "of their own (a change is a blue/green rebuild)",
     )
+    query_dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto",
+        description="engine: the precision search's queries are embedded in, where the generation's vectors are "
+        "float (an int8 generation's queries are int8); auto: fp32 on CPU (a few short queries per pass run "
+        "faster in fp32 than in bf16, even on CPUs with native bf16), fp16 on CUDA",
+    )
     token_budget: int | None = Field(None, ge=256, le=1_048_576, description="engine: padded tokens per batch")
     query_prefix: str | None = Field(
         None,
