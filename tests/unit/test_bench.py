@@ -6,8 +6,10 @@ import json
 import random
 import shutil
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -111,3 +113,24 @@ def test_bench_serve_sends_no_query_text_twice_across_levels() -> None:
     assert all(lv.ok > 0 for lv in levels) and len(bodies) >= sum(lv.ok for lv in levels)
     texts = [json.loads(b)["query"] for b in bodies]
     assert len(set(texts)) == len(texts)
+
+
+def test_bench_serve_measures_contenders_in_turns_on_fresh_nodes_and_keeps_each_ones_best_round() -> None:
+    """this, baseline, this, baseline: each measured on a node started just before it, so neither contender gets
+    all of the machine's quieter minutes; each keeps its best round, with every round's figure beside it."""
+    from ragtide.bench.load import alternate
+
+    calls: list[str] = []
+    figures = iter([40.0, 20.0, 55.0, 18.0])  # this, baseline, this, baseline
+
+    def node(name: str) -> tuple[str, Callable[[], None]]:
+        return name, lambda: calls.append(f"start {name}")
+
+    def measure() -> dict[str, Any]:
+        calls.append("measure")
+        return {"best_qps_p99_200ms": next(figures), "levels": [len(calls)]}
+
+    got = alternate(2, [node("this"), node("baseline x")], measure, lambda _: None)
+    assert calls == ["start this", "measure", "start baseline x", "measure"] * 2
+    assert got["this"] == {"best_qps_p99_200ms": 55.0, "levels": [6], "round": 2, "rounds_best_qps": [40.0, 55.0]}
+    assert got["baseline x"]["round"] == 1 and got["baseline x"]["rounds_best_qps"] == [20.0, 18.0]

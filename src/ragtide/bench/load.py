@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -196,30 +196,60 @@ def levels(api: str, connections: list[int], seconds: float, key: str | None, pa
     return out
 
 
+Contender = tuple[str, Callable[[], None]]  # (its name, start(): the node runs its code, freshly started)
+
+
 @contextlib.contextmanager
-def baseline_node(settings: RagtideSettings, rev: str, repo: Path) -> Iterator[str]:
-    """While inside: the node runs the code of git revision `rev` (a worktree of `repo`) over the same data, then
-    this checkout's node again. Yields the revision's short hash."""
+def contenders(settings: RagtideSettings, baseline: str | None, repo: Path) -> Iterator[list[Contender]]:
+    """This checkout's node and, with `baseline`, the node of that git revision (a worktree of `repo`) over the same
+    data, each with a `start` that (re)starts the node with its code. This checkout's node runs again afterwards."""
     from ragtide.stack.stack import Stack
 
     stack = Stack(settings)
+
+    def starter(code: Path | None) -> Callable[[], None]:
+        def start() -> None:
+            stack.daemon("node").stop(timeout=60)
+            stack.start_node(code=code)
+            stack.wait_ready()
+
+        return start
+
+    if baseline is None:
+        yield [("this", starter(None))]
+        return
     short = subprocess.run(
-        ["git", "-C", str(repo), "rev-parse", "--short", rev], capture_output=True, text=True, check=True
+        ["git", "-C", str(repo), "rev-parse", "--short", baseline], capture_output=True, text=True, check=True
     ).stdout.strip()
     tree = Path(tempfile.mkdtemp(prefix=f"ragtide-baseline-{short}-"))
     subprocess.run(
-        ["git", "-C", str(repo), "worktree", "add", "--detach", str(tree), rev], capture_output=True, check=True
+        ["git", "-C", str(repo), "worktree", "add", "--detach", str(tree), baseline], capture_output=True, check=True
     )
     try:
-        stack.daemon("node").stop(timeout=60)
-        stack.start_node(code=tree / "src")
-        stack.wait_ready()
-        yield short
+        yield [("this", starter(None)), (f"baseline {short}", starter(tree / "src"))]
     finally:
-        stack.daemon("node").stop(timeout=60)
         subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)], capture_output=True)
-        stack.start_node()
-        stack.wait_ready()
+        starter(None)()
+
+
+def alternate(
+    rounds: int, nodes: list[Contender], measure: Callable[[], dict[str, Any]], status: Callable[[str], None]
+) -> dict[str, dict[str, Any]]:
+    """Each contender measured `rounds` times, in turn (this, baseline, this, baseline…), each time on a freshly
+    started node, so neither gets the quieter minutes of the machine (after a backfill Postgres vacuums and
+    checkpoints for a while) or a warmer process. Per contender: its best round (by the highest QPS at p99 ≤ 200
+    ms, as benchmarks take the best of repeats against noise), with every round's figure beside it."""
+    measured: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in nodes}
+    for r in range(rounds):
+        for name, start in nodes:
+            status(f"round {r + 1} of {rounds}: {name}: starting its node, then wrk…")
+            start()
+            measured[name].append(measure())
+    out = {}
+    for name, runs in measured.items():
+        best = max(range(len(runs)), key=lambda i: runs[i]["best_qps_p99_200ms"])
+        out[name] = {**runs[best], "round": best + 1, "rounds_best_qps": [m["best_qps_p99_200ms"] for m in runs]}
+    return out
 
 
 def measure(api: str, connections: list[int], sweep: list[int], seconds: float, key: str | None) -> dict[str, Any]:

@@ -285,6 +285,7 @@ class ServePlan:
     backfill_to: int | None = None  # search with 1 client while a backfill grows the index to this many
     level_s: float = 15.0  # per wrk level
     baseline: str | None = None  # also the node of this git revision, side by side
+    rounds: int = 1  # wrk's levels per contender, in turn, each on a freshly started node; the best counts
     load: bool = True  # the wrk levels
     connections: list[int] = field(default_factory=lambda: [64, 256, 1024])
     sweep: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
@@ -323,12 +324,11 @@ def run(
     result.machine = cpu_info()
     if plan.load:
         levels, swept = plan.connections, plan.sweep
-        status(f"wrk: {swept}, then {levels} connections and 1 right after, {plan.level_s:g}s each…")
-        result.load["this"] = wrk.measure(api, levels, swept, plan.level_s, plan.key)
-        if plan.baseline:
-            status(f"the node of {plan.baseline}, then wrk against it…")
-            with wrk.baseline_node(settings, plan.baseline, wrk.git_toplevel()) as short:
-                result.load[f"baseline {short}"] = wrk.measure(api, levels, swept, plan.level_s, plan.key)
+        repo = wrk.git_toplevel() if plan.baseline else Path.cwd()
+        with wrk.contenders(settings, plan.baseline, repo) as nodes:
+            result.load = wrk.alternate(
+                plan.rounds, nodes, lambda: wrk.measure(api, levels, swept, plan.level_s, plan.key), status
+            )
         status("limits still apply: a key of 10 requests/s under 16 connections…")
         result.limits = wrk.limits_apply(settings, api)
     return result
