@@ -131,7 +131,7 @@ def build_encoder(
     engine = EmbeddingEngine(
         path or default_model_path(),
         device,
-        "int8" if int8 else e.query_dtype if queries else e.dtype,
+        "int8" if int8 else e.query_dtype if queries and e.query_dtype != "auto" else e.dtype,
         e.token_budget,
         tokenizer=e.tokenizer,
         precision=precision,

@@ -21,6 +21,7 @@ from ragtide.bench.embed import corpus, cosine_deviation
 from ragtide.compose import build_encoder, desired_generation, node_query_encoder, prompts
 from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
 from ragtide.contracts.settings import RagtideSettings, load_settings
+from ragtide.embedder import engine as engine_module
 from ragtide.embedder.chunking import Chunker
 from ragtide.embedder.encoder import SentenceTransformerEncoder, default_model_path, with_query_prefix
 from ragtide.embedder.engine import EmbeddingEngine, model_window, plan_batches
@@ -305,7 +306,7 @@ def thread_nices() -> dict[int, int]:
 
 
 def test_an_engine_with_its_own_thread_count_runs_its_passes_with_that_team_and_leaves_the_process_its_own(
-    engine: EmbeddingEngine, texts: list[str]
+    engine: EmbeddingEngine, texts: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The node's search engine (encoder.query_threads: 1): its forward passes run with a team of one, so they never
     wait at an op's barrier for a thread the writer's engine preempted; the caller, and threads started later (the
@@ -326,7 +327,9 @@ def test_an_engine_with_its_own_thread_count_runs_its_passes_with_that_team_and_
         assert cosine_deviation(alone.encode(texts[:80]), engine.encode(texts[:80])) < 1e-6
     finally:
         alone.close()
-    node = node_query_encoder(load_settings(RagtideSettings), CollectorRegistry())  # the node's, by default
+    # The node's, by default, on a CPU with native bf16 (where the writer's engine runs bf16): queries in fp32.
+    monkeypatch.setattr(engine_module, "cpu_info", lambda: {"model": "test", "cpus": 2, "features": ["avx512_bf16"]})
+    node = node_query_encoder(load_settings(RagtideSettings), CollectorRegistry())
     try:
         assert isinstance(node, EmbeddingEngine) and node._on_forward(torch.get_num_threads) == 1
         assert node.dtype_name == "fp32" and node.precision == "float"  # encoder.query_dtype auto, on CPU

@@ -134,3 +134,84 @@ def test_bench_serve_measures_contenders_in_turns_on_fresh_nodes_and_keeps_each_
     assert calls == ["start this", "measure", "start baseline x", "measure"] * 2
     assert got["this"] == {"best_qps_p99_200ms": 55.0, "levels": [6], "round": 2, "rounds_best_qps": [40.0, 55.0]}
     assert got["baseline x"]["round"] == 1 and got["baseline x"]["rounds_best_qps"] == [20.0, 18.0]
+
+
+def test_bench_serve_no_load_runs_no_wrk_and_one_round_keeps_the_running_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI's options reach the plan by name (a field added to the plan once shifted --no-load into the rounds),
+    and one round of this code alone restarts nothing: it measures the node as it runs."""
+    from typer.testing import CliRunner
+
+    from ragtide.bench import load, serve
+    from ragtide.cli import app
+
+    plans: list[serve.ServePlan] = []
+
+    def capture(settings: Any, api: str, plan: serve.ServePlan, status: Any = None) -> Any:
+        plans.append(plan)
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(serve, "run", capture)
+    env = {"RAGTIDE_DATA_DIR": str(tmp_path)}
+    CliRunner().invoke(app, ["bench", "serve", "--no-load", "--level-s", "7"], env=env)
+    CliRunner().invoke(app, ["bench", "serve", "--baseline", "HEAD"], env=env)
+    assert [(p.load, p.rounds, p.level_s, p.baseline) for p in plans] == [
+        (False, 1, 7.0, None),
+        (True, 2, 15.0, "HEAD"),
+    ]
+    with load.contenders(serve.RagtideSettings(), None, tmp_path, rounds=1) as nodes:
+        assert [name for name, _ in nodes] == ["this"]
+        nodes[0][1]()  # starts nothing (no Stack is even made)
+
+
+def test_bench_serve_stops_the_baseline_node_before_removing_its_worktree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The baseline's node imports from its worktree until it stops: stop, then remove the worktree, then start
+    this checkout's node again."""
+    import subprocess
+    import tempfile
+
+    from ragtide.bench import load
+    from ragtide.contracts.settings import RagtideSettings
+    from ragtide.stack import stack
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (repo / "src").mkdir()
+    (repo / "src" / "x.py").write_text("")
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    events: list[tuple[str, bool]] = []  # (what, whether a baseline worktree exists then)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the worktree goes
+
+    def trees() -> bool:
+        return any(scratch.glob("ragtide-baseline-*/src/x.py"))
+
+    class Daemon:
+        def stop(self, timeout: float) -> None:
+            events.append(("stop", trees()))
+
+    class FakeStack:
+        def __init__(self, settings: Any) -> None:
+            pass
+
+        def daemon(self, name: str) -> Daemon:
+            return Daemon()
+
+        def start_node(self, code: Path | None = None) -> None:
+            events.append((f"start {'baseline' if code else 'this'}", trees()))
+
+        def wait_ready(self) -> None:
+            pass
+
+    monkeypatch.setattr(stack, "Stack", FakeStack)
+    with load.contenders(RagtideSettings(), "HEAD", repo) as nodes:
+        assert nodes[0][0] == "this" and nodes[1][0].startswith("baseline ")
+        nodes[1][1]()
+    assert events == [("stop", True), ("start baseline", True), ("stop", True), ("stop", False), ("start this", False)]

@@ -56,7 +56,9 @@ def test_the_precision_follows_cpu_configuration_and_generation(
         (AVX2, "auto", False, None, "fp32"),
         (BF16, "auto", True, "float", "fp16"),
         (BF16, "auto", False, "int8", "int8"),  # an int8 generation's queries are int8
-        (BF16, "bf16", False, "float", "bf16"),  # encoder.query_dtype, set
+        (BF16, "bf16", False, "float", "bf16"),  # encoder.query_dtype (or encoder.dtype), set
+        (BF16, "int8", False, "float", "fp32"),  # encoder.dtype int8, a float generation still live
+        (AVX2, "int8", False, None, "int8"),  # encoder.dtype int8, the new generation's queries
     ],
 )
 def test_search_queries_run_in_fp32_on_cpu_unless_configured_or_int8(

@@ -200,11 +200,17 @@ Contender = tuple[str, Callable[[], None]]  # (its name, start(): the node runs 
 
 
 @contextlib.contextmanager
-def contenders(settings: RagtideSettings, baseline: str | None, repo: Path) -> Iterator[list[Contender]]:
+def contenders(
+    settings: RagtideSettings, baseline: str | None, repo: Path, rounds: int = 1
+) -> Iterator[list[Contender]]:
     """This checkout's node and, with `baseline`, the node of that git revision (a worktree of `repo`) over the same
-    data, each with a `start` that (re)starts the node with its code. This checkout's node runs again afterwards."""
+    data, each with a `start` that (re)starts the node with its code; this checkout's node runs again afterwards.
+    One round of this checkout alone measures the node as it runs (however it was started)."""
     from ragtide.stack.stack import Stack
 
+    if baseline is None and rounds == 1:
+        yield [("this", lambda: None)]
+        return
     stack = Stack(settings)
 
     def starter(code: Path | None) -> Callable[[], None]:
@@ -228,8 +234,11 @@ def contenders(settings: RagtideSettings, baseline: str | None, repo: Path) -> I
     try:
         yield [("this", starter(None)), (f"baseline {short}", starter(tree / "src"))]
     finally:
-        subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)], capture_output=True)
-        starter(None)()
+        try:
+            stack.daemon("node").stop(timeout=60)  # the baseline's node imports from the worktree until it stops
+        finally:
+            subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)], capture_output=True)
+            starter(None)()
 
 
 def alternate(

@@ -325,7 +325,7 @@ def run(
     if plan.load:
         levels, swept = plan.connections, plan.sweep
         repo = wrk.git_toplevel() if plan.baseline else Path.cwd()
-        with wrk.contenders(settings, plan.baseline, repo) as nodes:
+        with wrk.contenders(settings, plan.baseline, repo, plan.rounds) as nodes:
             result.load = wrk.alternate(
                 plan.rounds, nodes, lambda: wrk.measure(api, levels, swept, plan.level_s, plan.key), status
             )

@@ -185,9 +185,20 @@ def bench_serve(
     from ragtide.bench.serve import ServePlan, run
 
     s = current_settings()
-    plan = ServePlan(duration, clients, answers, max_tokens, key, grow_to, backfill_to, level_s, baseline, load)
+    plan = ServePlan(
+        duration_s=duration,
+        clients=clients,
+        answers=answers,
+        max_tokens=max_tokens,
+        key=key,
+        grow_to=grow_to,
+        backfill_to=backfill_to,
+        level_s=level_s,
+        baseline=baseline,
+        rounds=rounds or (2 if baseline else 1),
+        load=load,
+    )
     plan.connections, plan.sweep = connections or plan.connections, sweep or plan.sweep
-    plan.rounds = rounds or (2 if baseline else 1)
     with console.status("") as status:
         result = run(s, loopback_api(s), plan, status.update)
     phases = result.phases

@@ -430,9 +430,10 @@ class EncoderSettings(_Section):
     )
     query_dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto",
-        description="engine: the precision search's queries are embedded in, where the generation's vectors are "
-        "float (an int8 generation's queries are int8); auto: fp32 on CPU (a few short queries per pass run "
-        "faster in fp32 than in bf16, even on CPUs with native bf16), fp16 on CUDA",
+        description="engine: the precision search's engine embeds in (queries, and /v1/embeddings, which shares "
+        "its micro-batches), where the generation's vectors are float (an int8 generation's queries are int8); "
+        "auto: encoder.dtype where set, else fp32 on CPU (a few short queries per pass run faster in fp32 than in "
+        "bf16, even on CPUs with native bf16) and fp16 on CUDA",
     )
     token_budget: int | None = Field(None, ge=256, le=1_048_576, description="engine: padded tokens per batch")
     query_prefix: str | None = Field(

@@ -132,14 +132,14 @@ def choose_dtype(
     one thread, AVX512_BF16), the same float vectors."""
     if precision == "int8":
         return "int8", "the generation's vectors are int8"
-    if queries and requested == "auto" and not cuda:
+    if queries and not cuda and (requested == "auto" or (requested == "int8" and precision == "float")):
         return "fp32", "search's queries: short passes run faster in fp32 than in bf16 on CPU"
     if precision == "float" and requested in ("int8", "auto"):
         if cuda:
             return "fp16", "CUDA; the generation's vectors are float"
         return ("bf16" if cpu_has_native_bf16() else "fp32"), "the generation's vectors are float"
     if requested != "auto":
-        return requested, "configured (encoder.dtype)"
+        return requested, f"configured (encoder.{'query_dtype or encoder.dtype' if queries else 'dtype'})"
     if cuda:
         return "fp16", "CUDA"
     if cpu_has_native_bf16():
