@@ -160,9 +160,15 @@ def test_bench_serve_no_load_runs_no_wrk_and_one_round_keeps_the_running_node(
         (False, 1, 7.0, None),
         (True, 2, 15.0, "HEAD"),
     ]
+    from ragtide.stack import stack
+
+    def no_stack(settings: Any) -> None:
+        raise AssertionError("one round of this code alone must not touch the stack")
+
+    monkeypatch.setattr(stack, "Stack", no_stack)
     with load.contenders(serve.RagtideSettings(), None, tmp_path, rounds=1) as nodes:
         assert [name for name, _ in nodes] == ["this"]
-        nodes[0][1]()  # starts nothing (no Stack is even made)
+        nodes[0][1]()  # starts nothing
 
 
 def test_bench_serve_stops_the_baseline_node_before_removing_its_worktree(
