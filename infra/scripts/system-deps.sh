@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# System packages the native stack needs: Java 17+, Maven, PostgreSQL 15 server, npm, Chromium, wrk. Installs what is missing
+# System packages the native stack needs: Rust (cargo), Java 17+, Maven, PostgreSQL 15 server, npm, Chromium, wrk. Installs what is missing
 # when run as root on Debian; otherwise says what to install.
 set -euo pipefail
 missing=()
@@ -14,6 +14,11 @@ command -v npm >/dev/null || missing+=(npm)
 command -v chromium >/dev/null || missing+=(chromium)
 # The HTTP load generator of `ragtide bench serve` (Debian's wrk; its Lua scripts give every request its own query).
 command -v wrk >/dev/null || missing+=(wrk)
+# Our binding of the embedded Qdrant engine (native/ragtide-edge) is built from crates.io: Rust 1.85+ (edition 2024).
+if ! command -v cargo >/dev/null; then
+  echo "please install Rust 1.85 or newer with cargo (https://rustup.rs): it builds native/ragtide-edge" >&2
+  exit 1
+fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "installing system packages: ${missing[*]}"

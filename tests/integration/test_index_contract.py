@@ -9,10 +9,11 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 from qdrant_client import QdrantClient
 
@@ -84,15 +85,17 @@ def index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[VectorInde
     idx.close()
 
 
+def seed_points() -> list[IndexPoint]:
+    return [
+        point("1", 0, vec(0), category="a"),
+        point("1", 1, vec(0, 1), category="a"),
+        point("2", 0, vec(2), category="b", tenant="t1"),
+        point("3", 0, vec(3), table="public.other", category="a"),
+    ]
+
+
 def seed(index: VectorIndex) -> None:
-    index.upsert(
-        [
-            point("1", 0, vec(0), category="a"),
-            point("1", 1, vec(0, 1), category="a"),
-            point("2", 0, vec(2), category="b", tenant="t1"),
-            point("3", 0, vec(3), table="public.other", category="a"),
-        ]
-    )
+    index.upsert(seed_points())
 
 
 def test_upsert_is_idempotent_by_id(index: VectorIndex) -> None:
@@ -237,7 +240,7 @@ def test_optimize_builds_hnsw_on_a_corpus_past_the_indexing_threshold(tmp_path: 
                 for i in range(start, start + 1_000)
             ]
         )
-    assert idx.shard.info().indexed_vectors_count == 0  # plain segments until asked
+    assert idx.shard.info()["indexed_vectors_count"] == 0  # plain segments until asked
     report = idx.optimize()
     assert report["points"] == 8_000 and report["indexed_vectors"] > 0, report
     assert idx.search(vectors[123], 1)[0].payload["row_key"] == "t:123"
@@ -284,3 +287,70 @@ def test_a_lowered_indexing_threshold_builds_hnsw_on_a_small_index(
 
     assert indexed(None) == 0
     assert indexed(100) > 0
+
+
+def test_a_shard_written_by_the_qdrant_edge_py_wheel_opens_here_and_back(tmp_path: Path) -> None:
+    """Our binding (native/ragtide-edge) and the upstream wheel run the same qdrant-edge 0.9.0 engine: an index
+    written before the switch opens with every point, payload, filter and ranking, and the wheel reads ours."""
+    import qdrant_edge as qe
+
+    shard = qe.EdgeShard.create(
+        str(tmp_path / "old"), qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=DIM, distance=qe.Distance.Cosine))
+    )
+    shard.update(qe.UpdateOperation.create_field_index("table", qe.PayloadSchemaType.Keyword))
+    written = seed_points()
+    shard.update(
+        qe.UpdateOperation.upsert_points([qe.Point(p.id, p.vector.tolist(), dict(p.payload)) for p in written])
+    )
+    shard.flush()
+    shard.close()
+
+    ours = EdgeIndex(tmp_path, "old")
+    ours.ensure_collection(DIM)  # adds the indexes the old shard lacks
+    assert {p.id: p.payload for p in ours.scroll()} == {p.id: p.payload for p in written}
+    assert [h.payload["text"] for h in ours.search(vec(0), 2)] == ["1-0", "1-1"]
+    assert [h.payload["text"] for h in ours.search(vec(0), 5, {"metadata.category": "b"})] == ["2-0"]
+    assert ours.count({"table": "public.other"}) == 1
+    ours.upsert([point("5", 0, vec(4), category="c")])
+    ours.close()
+
+    back = qe.EdgeShard.load(str(tmp_path / "old"))
+    assert back.count(qe.CountRequest(exact=True)) == 5
+    assert set(back.info().payload_schema) == {"table", "row_key", "chunk_no", "tenant"}
+    back.close()
+
+
+def test_an_upsert_leaves_the_gil_to_other_threads(tmp_path: Path) -> None:
+    """The engine parses and writes a batch with the GIL released: a Python thread spinning beside one large
+    upsert call keeps a good part of its solo rate. (The qdrant-edge-py wheel's `update` held the GIL for the whole
+    call: the same spinner beside it got 0-2% of its solo rate.)"""
+    idx = EdgeIndex(tmp_path, "gil")
+    idx.ensure_collection(384)
+    rng = np.random.default_rng(3)
+    n = 20_000
+    ids = [point_id("t", str(i), 0) for i in range(n)]
+    vectors = rng.standard_normal((n, 384)).astype(np.float32)
+    payloads = orjson.dumps([{"row_key": f"t:{i}", "table": "t", "text": "x" * 200} for i in range(n)])
+    ticks = [0]
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            ticks[0] += 1
+
+    def rate(call: Callable[[], object]) -> float:
+        before, t0 = ticks[0], time.perf_counter()
+        call()
+        return (ticks[0] - before) / (time.perf_counter() - t0)
+
+    spinner = threading.Thread(target=spin, daemon=True)
+    spinner.start()
+    try:
+        solo = rate(lambda: time.sleep(0.5))
+        during = rate(lambda: idx.shard.upsert(ids, vectors, payloads))
+    finally:
+        stop.set()
+        spinner.join()
+    assert idx.count() == n
+    idx.close()
+    assert during > 0.2 * solo, f"spinner ran at {during / solo:.1%} of its solo rate during the upsert"

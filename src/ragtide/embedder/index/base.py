@@ -177,6 +177,21 @@ def normalise_filter(flt: Filter | None) -> list[tuple[str, NormalValue]]:
     return out
 
 
+def qdrant_filter(flt: Filter | None) -> dict[str, Any] | None:
+    """Our dict filter as Qdrant's REST JSON filter (`must` of match / match-any / range conditions); None when
+    empty. Both backends speak it: the embedded engine as JSON, the server through qdrant-client's model of it."""
+    conds: list[dict[str, Any]] = []
+    for key, value in normalise_filter(flt):
+        if isinstance(value, Range):
+            bounds = {"gte": value.gte, "lt": value.lt}
+            conds.append({"key": key, "range": {k: v for k, v in bounds.items() if v is not None}})
+        elif isinstance(value, list):
+            conds.append({"key": key, "match": {"any": value}})
+        else:
+            conds.append({"key": key, "match": {"value": value}})
+    return {"must": conds} if conds else None
+
+
 @runtime_checkable
 class ActiveIndex(Protocol):
     """What search reads: the live collection and the encoder its vectors came from, always as a pair (a

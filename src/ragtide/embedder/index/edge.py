@@ -1,6 +1,11 @@
 """The embedded Qdrant engine (qdrant-edge): in-process, persisted under the data folder, WAL-backed.
 
 One process owns a shard directory: the node process, which runs the embedder and the retrieval API.
+
+The engine is reached through `ragtide_edge` (native/ragtide-edge), our binding of the qdrant-edge crate (the same
+engine and on-disk format as the qdrant-edge-py wheel): a batch crosses as one float32 array and one JSON array of
+payloads, and the engine parses and writes it with the GIL released. The wheel converted each payload field by
+field from Python objects under the GIL, which capped the write path (docs/embedding.md).
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import qdrant_edge as qe
+import orjson
+from ragtide_edge import Shard
 
 from ragtide.contracts.errors import StoreUnavailable
 from ragtide.embedder.index.base import (
@@ -26,11 +32,9 @@ from ragtide.embedder.index.base import (
     Guarded,
     Hit,
     IndexPoint,
-    Range,
     StoredPoint,
-    normalise_filter,
+    qdrant_filter,
     scroll_pages,
-    vector_lists,
 )
 
 # The only errors of the embedded engine that mean "unavailable right now": its disk cannot take the write. Freeing
@@ -51,16 +55,15 @@ def edge_unavailable(exc: BaseException) -> str | None:
     return None
 
 
-def to_edge_filter(flt: Filter | None) -> qe.Filter | None:
-    """Our dict filter as a qdrant-edge Filter."""
-    conds: list[Any] = []
-    for key, value in normalise_filter(flt):
-        if isinstance(value, Range):
-            conds.append(qe.FieldCondition(key=key, range=qe.RangeFloat(gte=value.gte, lt=value.lt)))
-            continue
-        match = qe.MatchAny(value) if isinstance(value, list) else qe.MatchValue(value)  # type: ignore[arg-type]
-        conds.append(qe.FieldCondition(key=key, match=match))
-    return qe.Filter(must=conds) if conds else None
+def to_edge_filter(flt: Filter | None) -> str | None:
+    """Our dict filter as the engine's (Qdrant's REST JSON)."""
+    rest = qdrant_filter(flt)
+    return None if rest is None else orjson.dumps(rest).decode()
+
+
+def _payload(raw: str) -> dict[str, Any]:
+    out: dict[str, Any] = orjson.loads(raw)
+    return out
 
 
 def check_free_space(directory: Path, min_free_bytes: int) -> None:
@@ -107,80 +110,66 @@ class EdgeIndex:
             if self._shard is not None:
                 return
             if (self.dir / "edge_config.json").exists() or any(self.dir.glob("*")):
-                shard = qe.EdgeShard.load(str(self.dir))
+                shard = Shard.load(self.dir)
             else:
                 self.dir.mkdir(parents=True, exist_ok=True)
-                vectors = qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine)
-                if self.indexing_threshold_kb is None:
-                    cfg = qe.EdgeConfig(vectors=vectors)
-                else:
-                    optimizers = qe.EdgeOptimizersConfig(indexing_threshold=self.indexing_threshold_kb)
-                    cfg = qe.EdgeConfig(vectors=vectors, optimizers=optimizers)
-                shard = qe.EdgeShard.create(str(self.dir), cfg)
-            have = set(shard.info().payload_schema)  # a shard from an older version gets the indexes it lacks
-            for field in KEYWORD_FIELDS:
+                config: dict[str, Any] = {"vectors": {"": {"size": dim, "distance": "Cosine"}}}
+                if self.indexing_threshold_kb is not None:
+                    config["optimizers"] = {"indexing_threshold": self.indexing_threshold_kb}
+                shard = Shard.create(self.dir, orjson.dumps(config).decode())
+            have = set(shard.info()["payload_schema"])  # a shard from an older version gets the indexes it lacks
+            schemas = {
+                **dict.fromkeys(KEYWORD_FIELDS, '"keyword"'),
+                **dict.fromkeys(INTEGER_FIELDS, '"integer"'),
+                TENANT_FIELD: '{"type": "keyword", "is_tenant": true}',
+            }
+            for field, schema in schemas.items():
                 if field not in have:
-                    shard.update(qe.UpdateOperation.create_field_index(field, qe.PayloadSchemaType.Keyword))
-            for field in INTEGER_FIELDS:
-                if field not in have:
-                    shard.update(qe.UpdateOperation.create_field_index(field, qe.PayloadSchemaType.Integer))
-            if TENANT_FIELD not in have:
-                shard.update(qe.UpdateOperation.create_field_index(TENANT_FIELD, qe.KeywordIndexParams(is_tenant=True)))
+                    shard.create_field_index(field, schema)
             self._shard = Guarded(shard, f"embedded index at {self.dir}", edge_unavailable)
 
     def upsert(self, points: Sequence[IndexPoint]) -> None:
-        """Insert or replace points."""
+        """Insert or replace points: one array of vectors, one JSON array of payloads."""
         if points:
-            vectors = vector_lists(points)
-            self._writable().update(
-                qe.UpdateOperation.upsert_points(
-                    [qe.Point(p.id, v, dict(p.payload)) for p, v in zip(points, vectors, strict=True)]
-                )
-            )
+            vectors = np.asarray([p.vector for p in points], dtype=np.float32)
+            payloads = orjson.dumps([p.payload if type(p.payload) is dict else dict(p.payload) for p in points])
+            self._writable().upsert([p.id for p in points], vectors, payloads)
 
     def set_payload(self, ids: Sequence[str], payload: Mapping[str, Any]) -> None:
         """Set payload fields on existing points."""
         if ids:
-            self._writable().update(qe.UpdateOperation.set_payload(list(ids), dict(payload)))
+            self._writable().set_payload(list(ids), orjson.dumps(dict(payload)).decode())
 
     def delete(self, ids: Sequence[str]) -> None:
         """Delete by id."""
         if ids:
-            self._writable().update(qe.UpdateOperation.delete_points(list(ids)))
+            self._writable().delete(list(ids))
 
     def delete_where(self, flt: Filter) -> None:
         """Delete everything matching the filter."""
         edge_filter = to_edge_filter(flt)
         if edge_filter is None:
             raise ValueError("refusing to delete with an empty filter")
-        self._writable().update(qe.UpdateOperation.delete_points_by_filter(edge_filter))
+        self._writable().delete_where(edge_filter)
 
     def scroll(self, flt: Filter | None = None, limit: int = 10_000) -> list[StoredPoint]:
         """Matching points without vectors."""
         edge_filter = to_edge_filter(flt)
-        return scroll_pages(
-            lambda offset, size: self.shard.scroll(
-                qe.ScrollRequest(offset=offset, limit=size, filter=edge_filter, with_payload=True, with_vector=False)
-            ),
-            limit,
-        )
+
+        def page(offset: str | None, size: int) -> tuple[list[StoredPoint], str | None]:
+            records, next_offset = self.shard.scroll(edge_filter, offset, size)
+            return [StoredPoint(pid, _payload(raw)) for pid, raw in records], next_offset
+
+        return scroll_pages(page, limit)
 
     def search(self, vector: npt.NDArray[np.float32], k: int, flt: Filter | None = None) -> list[Hit]:
         """Nearest neighbours by cosine."""
-        res = self.shard.search(
-            qe.SearchRequest(
-                query=qe.Query.Nearest(vector.astype(np.float32).tolist()),
-                limit=k,
-                filter=to_edge_filter(flt),
-                with_payload=True,
-                with_vector=False,
-            )
-        )
-        return [Hit(str(p.id), float(p.score), dict(p.payload or {})) for p in res]
+        res = self.shard.search(np.ascontiguousarray(vector, dtype=np.float32), k, to_edge_filter(flt))
+        return [Hit(pid, float(score), _payload(raw)) for pid, score, raw in res]
 
     def count(self, flt: Filter | None = None) -> int:
         """Exact count."""
-        return int(self.shard.count(qe.CountRequest(exact=True, filter=to_edge_filter(flt))))
+        return int(self.shard.count(to_edge_filter(flt)))
 
     def close(self) -> None:
         """Flush and close the shard."""
@@ -191,16 +180,16 @@ class EdgeIndex:
                 self._shard = None
 
     def optimize(self) -> dict[str, Any]:
-        """Merge segments and build HNSW. qdrant-edge has no background optimizer, and this call holds the GIL
-        (the whole process pauses: about 0.5 s per 1,000 points on 2 cores), so it runs only when asked. It writes
-        new segments: the free-space reserve applies."""
+        """Merge segments and build HNSW. qdrant-edge has no background optimizer, so it runs only when asked
+        (about 0.5 s per 1,000 points on 2 cores, with the GIL released: search keeps answering). It writes new
+        segments: the free-space reserve applies."""
         optimized = bool(self._writable().optimize())
         info = self.shard.info()
         return {
             "optimized": optimized,
-            "points": info.points_count,
-            "indexed_vectors": info.indexed_vectors_count,
-            "segments": info.segments_count,
+            "points": info["points_count"],
+            "indexed_vectors": info["indexed_vectors_count"],
+            "segments": info["segments_count"],
         }
 
     def drop(self) -> None:

@@ -21,9 +21,8 @@ from ragtide.embedder.index.base import (
     Guarded,
     Hit,
     IndexPoint,
-    Range,
     StoredPoint,
-    normalise_filter,
+    qdrant_filter,
     scroll_pages,
     vector_lists,
 )
@@ -31,16 +30,8 @@ from ragtide.embedder.index.base import (
 
 def to_client_filter(flt: Filter | None) -> models.Filter | None:
     """Our dict filter as a qdrant-client Filter."""
-    conds: list[models.Condition] = []
-    for key, value in normalise_filter(flt):
-        if isinstance(value, Range):
-            conds.append(models.FieldCondition(key=key, range=models.Range(gte=value.gte, lt=value.lt)))
-            continue
-        match: models.MatchAny | models.MatchValue = (
-            models.MatchAny(any=list(value)) if isinstance(value, list) else models.MatchValue(value=value)
-        )
-        conds.append(models.FieldCondition(key=key, match=match))
-    return models.Filter(must=conds) if conds else None
+    rest = qdrant_filter(flt)
+    return None if rest is None else models.Filter.model_validate(rest)
 
 
 # HTTP answers of a Qdrant server that mean "not now": overloaded, restarting, behind a proxy that lost it.
