@@ -381,6 +381,44 @@ def test_a_large_batch_written_in_pipelined_slices_is_what_one_pass_writes(monke
     assert len(calls) == 3  # the slices after the failing one were never written
 
 
+def test_a_pipelined_slice_is_written_while_the_next_is_embedded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With `pipeline`, a slice's writes run on the writer's write thread while this thread embeds the next slice
+    (the embedded engine writes with the GIL released): the first slice's upsert here waits until the second
+    slice has been embedded, which a writer that writes in line never lets happen. The batch still returns only
+    once every write has landed."""
+    import threading
+
+    from ragtide.embedder import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "PIPELINE_ROWS", 16)
+    index, encoder, feed = MemoryIndex(), HashEncoder(), Feed()
+    index.ensure_collection(encoder.dim)
+    second_embedded = threading.Event()
+    encodes = []
+    encode = encoder.encode
+
+    def counting_encode(texts: Any) -> Any:
+        encodes.append(len(texts))
+        if len(encodes) == 2:
+            second_embedded.set()
+        return encode(texts)
+
+    upserts = []
+
+    def upsert(points: Any) -> None:
+        if not upserts:
+            assert second_embedded.wait(10), "the next slice was not embedded while this one was being written"
+        upserts.append(threading.current_thread().name)
+        MemoryIndex.upsert(index, points)
+
+    monkeypatch.setattr(encoder, "encode", counting_encode)
+    monkeypatch.setattr(index, "upsert", upsert)
+    w = IndexWriter(index, encoder, word_chunker(8, 2), SOURCES, pipeline=True)
+    stats = w.apply([feed.ev(Op.CREATE, i, "T", LONG) for i in range(64)])
+    assert len(upserts) == 4 and all(name.startswith("ragtide-write") for name in upserts)
+    assert index.count() == stats.embedded == 64 * N_LONG  # every write landed before apply returned
+
+
 def test_without_pipeline_a_large_batch_stays_on_the_callers_thread(env: Any) -> None:
     writer, index, _encoder, feed = env  # the default: a CPU encoder keeps its cores
     writer.apply([feed.ev(Op.CREATE, i, "T", LONG) for i in range(200)])

@@ -9,11 +9,17 @@ from typing import Any, TypedDict
 
 # Fixed namespace: the same (table, key, chunk_no) maps to the same point id in every process, forever.
 POINT_NAMESPACE = uuid.UUID("5b1f7c2e-3d4a-4f6b-9a8e-7c6d5e4f3a2b")
+_NAMESPACE_BYTES = POINT_NAMESPACE.bytes
 
 
 def point_id(table: str, row_id: str, chunk_no: int) -> str:
-    """Invariant 1: uuid5(namespace, "table:primary key:chunk_no")."""
-    return str(uuid.uuid5(POINT_NAMESPACE, f"{table}:{row_id}:{chunk_no}"))
+    """Invariant 1: uuid5(namespace, "table:primary key:chunk_no"), as `str(uuid.uuid5(...))` spells it. Computed
+    here without the UUID object (a third of the cost on the write path; the same string, tested)."""
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + f"{table}:{row_id}:{chunk_no}".encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def content_hash(text: str) -> str:

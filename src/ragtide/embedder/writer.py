@@ -11,7 +11,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, cast
@@ -167,6 +167,9 @@ class IndexWriter:
         self._deleted: dict[str, SourcePosition] = {}
         self._tomb_lock = threading.Lock()
         self._chunking: ThreadPoolExecutor | None = None  # chunks a batch's next slice (`_planned`)
+        self._writing: ThreadPoolExecutor | None = None  # writes a slice while the next is planned (`_index_write`)
+        self._pending: list[Future[None]] = []
+        self._write_failed = False
 
     @contextmanager
     def remembering_deletes(self) -> Iterator[None]:
@@ -296,8 +299,43 @@ class IndexWriter:
             stats.applied.append(ev)
         if deletes:
             self.index.delete_where({"row_key": deletes})
-        for plans in self._planned(rows, texts):
-            self._write_plans(plans, stored, stats)
+        try:
+            for plans in self._planned(rows, texts):
+                self._write_plans(plans, stored, stats)
+        except BaseException:
+            self._writes_done(raise_error=False)
+            raise
+        self._writes_done()
+
+    def _index_write(self, call: Callable[..., None], *args: Any) -> None:
+        """One of the batch's index writes. Pipelined, it runs on the write thread, in order, while this thread
+        plans and embeds the next slice (the embedded engine and HTTP release the GIL); `_writes_done` waits for
+        them before the batch is acknowledged. After a write fails, the batch's later writes are skipped: the
+        batch fails whole and is applied again."""
+        if not self.pipeline:
+            call(*args)
+            return
+        if self._writing is None:
+            self._writing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragtide-write")
+
+        def write() -> None:
+            if self._write_failed:
+                return
+            try:
+                call(*args)
+            except BaseException:
+                self._write_failed = True
+                raise
+
+        self._pending.append(self._writing.submit(write))
+
+    def _writes_done(self, raise_error: bool = True) -> None:
+        """Wait for the batch's writes on the write thread; raise the first one's error."""
+        pending, self._pending = self._pending, []
+        errors = [exc for f in pending if (exc := f.exception()) is not None]
+        self._write_failed = False
+        if errors and raise_error:
+            raise errors[0]
 
     def _planned(
         self, rows: list[tuple[ChangeEvent, SourceTable, dict[str, Any], SourcePosition]], texts: list[str]
@@ -329,11 +367,12 @@ class IndexWriter:
                 ev,
                 source,
                 row,
-                [Chunk(ev.table, ev.row_id, i, p.text) for i, p in enumerate(pieces)],
+                [Chunk(ev.table, rid, i, p.text) for i, p in enumerate(pieces)],
                 [p.ids for p in pieces],
                 position,
             )
             for (ev, source, row, position), pieces in zip(rows, chunked, strict=True)
+            for rid in (ev.row_id,)  # computed once per row, not once per chunk
         ]
 
     def _chunk(self, texts: list[str]) -> list[list[Piece]]:
@@ -362,7 +401,9 @@ class IndexWriter:
         surplus: list[str] = []
         for plan in plans:
             ev, src, row = plan.event, plan.source, plan.row
-            rk = row_key(ev.table, ev.row_id)
+            rid = ev.row_id
+            rk = row_key(ev.table, rid)
+            reembed = ev.extra.get("reembed")
             have = {int(p.payload.get("chunk_no", -1)): p for p in stored.get(rk, [])}
             unchanged: list[str] = []
             # The fields that describe the row version, identical for every chunk of the row.
@@ -378,30 +419,31 @@ class IndexWriter:
                 "indexed_at_ms": now_ms,
             }
             for chunk, ids in zip(plan.chunks, plan.ids, strict=True):
+                digest = chunk.hash
                 payload = cast(
                     PointPayload,
                     {
                         "table": ev.table,
                         "row_key": rk,
-                        "row_id": ev.row_id,
+                        "row_id": rid,
                         "chunk_no": chunk.chunk_no,
                         "text": chunk.text,
-                        "hash": chunk.hash,
+                        "hash": digest,
                         **row_fields,
                     },
                 )
                 old = have.get(chunk.chunk_no)
-                if old is not None and old.payload.get("hash") == chunk.hash and not ev.extra.get("reembed"):
+                if old is not None and old.payload.get("hash") == digest and not reembed:
                     unchanged.append(chunk.id)
                 else:
                     to_embed.append((chunk, payload, ids))
             if unchanged:
                 # Invariant 4: same text, no embedding; refresh the row-level fields in place.
-                self.index.set_payload(unchanged, row_fields)
+                self._index_write(self.index.set_payload, unchanged, row_fields)
                 stats.skipped += len(unchanged)
                 stats.skipped_by_table[ev.table] += len(unchanged)
                 stats.payload_updates += len(unchanged)
-            surplus += [point_id(ev.table, ev.row_id, n) for n in have if n >= len(plan.chunks)]
+            surplus += [point_id(ev.table, rid, n) for n in have if n >= len(plan.chunks)]
             stats.rows_written += 1
 
         if to_embed:
@@ -409,7 +451,7 @@ class IndexWriter:
             stats.embedded_from_ids += from_ids
             stats.embedded_ms = int(self.clock() * 1000)
             points = [IndexPoint(c.id, vec, p) for (c, p, _), vec in zip(to_embed, vectors, strict=True)]
-            self.index.upsert(points)
+            self._index_write(self.index.upsert, points)
             stats.embedded += len(points)
             stats.embedded_by_table.update(c.table for c, _, _ in to_embed)
             prompt = len(self._document_prefix_ids())
@@ -421,7 +463,7 @@ class IndexWriter:
                 if self.nano_usd_per_token:
                     stats.nano_usd_by_table[c.table] += round(tokens * self.nano_usd_per_token)
         if surplus:
-            self.index.delete(surplus)
+            self._index_write(self.index.delete, surplus)
             stats.deleted_points += len(surplus)
 
     def _embed(self, to_embed: Sequence[tuple[Chunk, PointPayload, list[int] | None]]) -> tuple[Vectors, int]:
