@@ -20,6 +20,7 @@ from ragtide.embedder.tokenize import OffsetsTokenizer, TextTokenizer, probe_tex
 
 AWKWARD = [
     "[SEP] x [sep] y [MASK] [cls] [Unk]",
+    "a " + "y" * 150 + " word: WordPiece makes one unknown token of a word over 100 characters",
     "A\x00B\x07c and \x1b[31m colour",
     "Tab\tnew\nline\r\nEnd  ",
     "café Ünïcode naïve — “quoted” 🚀",
@@ -45,7 +46,12 @@ def rust(hf: Any) -> Any:
 
 def texts(n: int = 400) -> list[str]:
     rows = corpus(n)  # the write benchmark's: every seventh row several windows long
-    return [*probe_texts(1500, seed=3), *AWKWARD, *(f"{r['title']}\n\n{r['body']}" for r in rows)]
+    probes = probe_texts(1500, seed=3)
+    # several windows long: runs of probe texts, with the awkward ones in the middle
+    long = [" ".join(probes[i : i + 40]) for i in range(0, 400, 40)] + [
+        f"{probes[0]} {a} {probes[1]} " * 30 for a in AWKWARD
+    ]
+    return [*probes, *AWKWARD, *long, *(f"{r['title']}\n\n{r['body']}" for r in rows)]
 
 
 def test_the_offsets_tokenizer_equals_the_models_tokenizer(hf: Any, rust: Any) -> None:
@@ -98,6 +104,29 @@ def test_pieces_are_those_of_cutting_every_text_by_offsets(hf: Any, rust: Any, m
     assert all(chunker(t) == [p.text for p in pieces] for t, pieces in zip(sample[:200], got, strict=False))
     rust_only = Chunker(hf, max_tokens, overlap, "rust")  # encoder.tokenizer: rust keeps flash out of chunking
     assert rust_only.pieces_many(sample) == want and rust_only._ids is not None and rust_only._ids.flash is None
+
+
+def test_spans_from_flash_ids_are_the_rust_tokenizers_offsets_or_none(hf: Any, rust: Any) -> None:
+    """Long ASCII text: flash-tokenizer's ids with spans found by walking the words are exactly the Rust
+    tokenizer's ids, offsets and words; text where they could differ (control characters, a word WordPiece makes
+    [UNK] of, other scripts, special-token strings) gets None and is cut by the Rust tokenizer's offsets."""
+    tok = TextTokenizer(hf.backend_tokenizer.to_str(), 256)
+    sample = [t.strip() for t in texts(300) if t.strip()]
+    got = tok.spans(sample)
+    served = 0
+    for text, spans in zip(sample, got, strict=True):
+        if spans is None:
+            continue
+        served += 1
+        want = rust.encode(text, add_special_tokens=False)
+        assert spans.ids == want.ids, text[:60]
+        assert [tuple(o) for o in spans.offsets.tolist()] == [tuple(o) for o in want.offsets], text[:60]
+        assert spans.word_ids.tolist() == want.word_ids, text[:60]
+    assert served > 1000
+    assert None not in tok.spans([f"{r['title']}\n\n{r['body']}" for r in corpus(50)])  # plain text: all served
+    refused = ["A\x00B\x07c and colour " * 40, "a " + "y" * 150 + " b", "café " * 300, "[SEP] x " * 200]
+    assert tok.spans(refused) == [None] * 4
+    assert tok.content_ids(["a " + "y" * 150 + " b"], 200) == [None]  # flash-tokenizer splits such a word
 
 
 def test_content_ids_refuse_a_window_too_small_and_tell_apart_fitting_texts(hf: Any) -> None:

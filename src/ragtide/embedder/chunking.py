@@ -127,7 +127,12 @@ class Chunker:
             return [[Piece(c, None) for c in self(t)] for t in stripped]
         fitting = self._fitting(stripped)
         rest = [i for i, (t, ids) in enumerate(zip(stripped, fitting, strict=True)) if t and ids is None]
-        encodings = dict(zip(rest, self._backend.encode_batch([stripped[i] for i in rest]), strict=True))
+        encodings: dict[int, Any] = {}
+        if rest and self._ids is not None:  # long ASCII text: flash-tokenizer's ids, spans found by its words
+            spans = self._ids.spans([stripped[i] for i in rest])
+            encodings = {i: enc for i, enc in zip(rest, spans, strict=True) if enc is not None}
+            rest = [i for i in rest if i not in encodings]
+        encodings.update(zip(rest, self._backend.encode_batch([stripped[i] for i in rest]), strict=True))
         out: list[list[Piece]] = []
         for i, text in enumerate(stripped):
             ids = fitting[i]

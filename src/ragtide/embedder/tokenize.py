@@ -7,6 +7,9 @@
 - `OffsetsTokenizer`: ids with each token's character span and word, for cutting a long text into windows
   (chunking.py). The model's Rust tokenizer; ASCII text without control characters skips its normaliser (which
   costs half its time) when that normaliser only lowercases such text: same ids, same spans.
+- `TextTokenizer.spans`: the same for long ASCII text from flash-tokenizer's ids, each token's span found by
+  walking the text's words (a fifth of the Rust tokenizer's CPU); a text whose words and tokens do not line up
+  exactly goes to `OffsetsTokenizer`.
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +172,64 @@ def flash_contexts(ch: str) -> str:
     return f"{ch} a{ch}b {ch}word word{ch} It{ch}s {ch}{ch} x {ch}. ({ch}) {ch}1 2{ch}"
 
 
+class Spans(NamedTuple):
+    """A text's tokens without the special ones: ids, (start, end) character spans, and the word of each."""
+
+    ids: list[int]
+    offsets: npt.NDArray[np.int64]
+    word_ids: npt.NDArray[np.int64]
+
+
+# ASCII characters for BERT's pre-tokenizer: 0 whitespace, 1 letter or digit (runs of them make a word), 2
+# punctuation (a word of its own), 3 a control character (the normaliser drops it: spans would shift).
+_ASCII_CLASS = np.zeros(128, dtype=np.int8)
+for _c in range(128):
+    _ch = chr(_c)
+    _ASCII_CLASS[_c] = 0 if _ch in " \t\n\r" else 3 if _c < 32 or _c == 127 else 1 if _ch.isalnum() else 2
+
+
+class WordPieceSpans:
+    """Character spans of WordPiece ids of lowercased ASCII text: each word's tokens spell it out in order (a
+    continuation token "##ab" adds two characters, [UNK] stands for a whole word). Checked per text: every word
+    must be spelled out exactly by its tokens, else None (the caller tokenizes with offsets instead)."""
+
+    def __init__(self, vocab: dict[str, int], unk: str, max_word: int) -> None:
+        size = max(vocab.values()) + 1
+        self.length = np.zeros(size, dtype=np.int64)
+        self.continues = np.zeros(size, dtype=bool)
+        for token, i in vocab.items():
+            self.continues[i] = token.startswith("##")
+            self.length[i] = len(token) - 2 if self.continues[i] else len(token)
+        self.unk = vocab.get(unk, -1)
+        self.max_word = max_word
+
+    def __call__(self, text: str, ids: list[int]) -> Spans | None:
+        """Spans of `ids` (no special tokens) in `text` (ASCII), or None where they do not line up."""
+        kind = _ASCII_CLASS[np.frombuffer(text.encode("ascii"), dtype=np.uint8)]
+        if kind.size == 0 or (kind == 3).any():
+            return None
+        before = np.concatenate(([0], kind[:-1]))
+        after = np.concatenate((kind[1:], [0]))
+        starts = np.flatnonzero((kind == 2) | ((kind == 1) & (before != 1)))
+        ends = np.flatnonzero((kind == 2) | ((kind == 1) & (after != 1))) + 1
+        lengths = ends - starts
+        tokens = np.asarray(ids, dtype=np.int64)
+        if tokens.size == 0 or (lengths > self.max_word).any() or tokens.max() >= self.length.size:
+            return None
+        first = ~self.continues[tokens]
+        if int(first.sum()) != starts.size or not first[0]:
+            return None
+        word = np.cumsum(first) - 1
+        size = self.length[tokens]
+        unk = tokens == self.unk
+        size[unk] = lengths[word[unk]]
+        into = np.cumsum(size) - size  # characters before each token, over the whole text
+        start = starts[word] + into - into[first][word]
+        if not np.array_equal(np.bincount(word, weights=size, minlength=starts.size).astype(np.int64), lengths):
+            return None
+        return Spans(list(ids), np.stack([start, start + size], axis=1), word)
+
+
 class TextTokenizer:
     """Text -> ids with [CLS]/[SEP], cut to the model's window as sentence-transformers cuts (the final [SEP]
     kept), counting what was cut. Identical ids from either backend: flash-tokenizer serves text made of ASCII
@@ -196,10 +260,19 @@ class TextTokenizer:
         # Special-token strings in raw text ("[SEP]") are matched as the token by the Rust tokenizer (and the
         # chunker, and sentence-transformers); flash-tokenizer splits them as words: such text goes to Rust.
         self.special = added_tokens_pattern(self.rust)
+        self._spans: WordPieceSpans | None = None
+        self.long_word: re.Pattern[str] | None = None  # a word WordPiece makes [UNK] of, and flash-tokenizer not
         if choice != "rust":
-            self.flash, self.why_not_flash = self._load_flash(json.loads(spec), vocab)
+            parsed = json.loads(spec)
+            self.flash, self.why_not_flash = self._load_flash(parsed, vocab)
             if self.flash is None and choice == "flash":
                 raise RuntimeError(f"tokenizer=flash: {self.why_not_flash}")
+            if self.flash is not None:
+                model, norm = parsed["model"], parsed.get("normalizer") or {}
+                max_word = int(model.get("max_input_chars_per_word", 100))
+                self.long_word = re.compile(f"[^\\s!-/:-@\\[-`{{-~]{{{max_word + 1},}}")
+                if norm.get("type") == "BertNormalizer" and norm.get("lowercase", True):
+                    self._spans = WordPieceSpans(model["vocab"], model.get("unk_token", "[UNK]"), max_word)
         self.backend = "flash+rust" if self.flash is not None else "rust"
 
     @classmethod
@@ -270,6 +343,8 @@ class TextTokenizer:
         """Whether flash-tokenizer serves `text` (loaded, its characters, no special-token string)."""
         if self.flash is None or (not text.isascii() and self.other.search(text)):
             return False
+        if self.long_word is not None and self.long_word.search(text):
+            return False
         return self.special is None or self.special.search(text) is None
 
     def __call__(self, texts: Sequence[str]) -> tuple[list[list[int]], int]:
@@ -292,6 +367,22 @@ class TextTokenizer:
                 out[i] = s
             total += cut
         return out, total
+
+    def spans(self, texts: Sequence[str]) -> list[Spans | None]:
+        """For the chunker's long texts: each ASCII text's tokens with their spans, from flash-tokenizer's ids;
+        None for the texts it does not serve or whose tokens do not line up with their words."""
+        out: list[Spans | None] = [None] * len(texts)
+        if self._spans is None:
+            return out
+        rows = [i for i, t in enumerate(texts) if t.isascii() and self._for_flash(t)]
+        if not rows:
+            return out
+        longest = max(len(texts[i]) for i in rows) + 2  # never more tokens than characters, plus the specials
+        with self._flash_lock:
+            seqs = self.flash.tokenizer.batch_encode([texts[i] for i in rows], "longest", longest, self.threads)
+        for i, seq in zip(rows, seqs, strict=True):
+            out[i] = self._spans(texts[i], _unpad(seq)[1:-1])
+        return out
 
     def content_ids(self, texts: Sequence[str], max_tokens: int) -> list[list[int] | None]:
         """For the chunker: each text's ids without the special tokens where flash-tokenizer serves the text and
