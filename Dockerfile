@@ -11,6 +11,14 @@ WORKDIR /dashboard
 COPY infra/dashboard/package.json infra/dashboard/package-lock.json ./
 RUN npm ci --no-audit --no-fund --loglevel=error
 
+# Our binding of the embedded Qdrant engine (native/ragtide-edge: the qdrant-edge crate from crates.io), built to
+# a wheel here so the image needs no Rust toolchain. It needs Rust 1.95 or newer.
+FROM rust:1.95-slim AS edge
+RUN pip --version >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq --no-install-recommends python3-pip >/dev/null)
+COPY native/ragtide-edge /build/ragtide-edge
+RUN pip install --break-system-packages -q "maturin>=1.7,<2" \
+    && cd /build/ragtide-edge && maturin build --release --compatibility linux -o /wheels
+
 FROM python:3.11-slim
 ARG TORCH_INDEX_URL=
 ENV PYTHONUNBUFFERED=1 \
@@ -22,7 +30,10 @@ ENV PYTHONUNBUFFERED=1 \
     RAGTIDE_DATA_DIR=/var/lib/ragtide
 WORKDIR /app
 
-# Dependencies first, pinned by constraints.txt, in a layer that outlives source edits.
+# Dependencies first, pinned by constraints.txt, in a layer that outlives source edits; ragtide-edge from the
+# wheel built above (it is not on PyPI).
+COPY --from=edge /wheels /tmp/wheels
+RUN pip install /tmp/wheels/ragtide_edge-*.whl && rm -r /tmp/wheels
 COPY pyproject.toml constraints.txt README.md ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \

@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 EDGE   := $(VENV)/.edge-installed
-EDGE_SRC := $(wildcard native/ragtide-edge/src/*.rs native/ragtide-edge/python/ragtide_edge/*) native/ragtide-edge/Cargo.toml native/ragtide-edge/Cargo.lock native/ragtide-edge/pyproject.toml
+EDGE_SRC := $(wildcard native/ragtide-edge/src/*.rs native/ragtide-edge/python/ragtide_edge/*) $(addprefix native/ragtide-edge/,Cargo.toml Cargo.lock pyproject.toml rustc-wrapper.sh .cargo/config.toml)
 JARS   := .cache/stack/.resolved
 DASH   := .cache/dashboard/node_modules/uplot/dist/uPlot.iife.min.js
 PYTEST_ARGS ?=
@@ -30,9 +30,11 @@ $(PY):
 	$(BIN)/pip install -q --upgrade pip
 
 # Our binding of the embedded Qdrant engine (native/ragtide-edge): the qdrant-edge crate from crates.io, built by
-# cargo through maturin (about 10 minutes on 2 cores the first time; `target/` in that folder keeps the build).
+# cargo through maturin (about 9 minutes on 2 cores the first time; `target/` in that folder keeps the build).
+# A RUSTC_WRAPPER of your own (sccache) would replace the one the engine's crate needs (rustc-wrapper.sh).
 $(EDGE): $(EDGE_SRC) | $(PY)
-	$(BIN)/pip install -q ./native/ragtide-edge
+	@bash infra/scripts/system-deps.sh
+	env -u RUSTC_WRAPPER $(BIN)/pip install -q ./native/ragtide-edge
 	@touch $(EDGE)
 
 $(STAMP): pyproject.toml constraints.txt | $(EDGE)

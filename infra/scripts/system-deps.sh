@@ -14,9 +14,11 @@ command -v npm >/dev/null || missing+=(npm)
 command -v chromium >/dev/null || missing+=(chromium)
 # The HTTP load generator of `ragtide bench serve` (Debian's wrk; its Lua scripts give every request its own query).
 command -v wrk >/dev/null || missing+=(wrk)
-# Our binding of the embedded Qdrant engine (native/ragtide-edge) is built from crates.io: Rust 1.85+ (edition 2024).
-if ! command -v cargo >/dev/null; then
-  echo "please install Rust 1.85 or newer with cargo (https://rustup.rs): it builds native/ragtide-edge" >&2
+# Our binding of the embedded Qdrant engine (native/ragtide-edge) is built from crates.io: Rust 1.95 or newer
+# (the engine's crate uses a library path that older releases lack).
+rust_minor=$(rustc --version 2>/dev/null | sed -n 's/^rustc 1\.\([0-9]*\).*/\1/p')
+if ! command -v cargo >/dev/null || [ -z "$rust_minor" ] || [ "$rust_minor" -lt 95 ]; then
+  echo "please install Rust 1.95 or newer with cargo (https://rustup.rs; found: $(rustc --version 2>/dev/null || echo none)): it builds native/ragtide-edge" >&2
   exit 1
 fi
 [ ${#missing[@]} -eq 0 ] && exit 0

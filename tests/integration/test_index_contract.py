@@ -354,3 +354,51 @@ def test_an_upsert_leaves_the_gil_to_other_threads(tmp_path: Path) -> None:
     assert idx.count() == n
     idx.close()
     assert during > 0.2 * solo, f"spinner ran at {during / solo:.1%} of its solo rate during the upsert"
+
+
+def test_payload_values_come_back_exactly(index: VectorIndex) -> None:
+    """Floats to the last bit, integers at the 64-bit edges, unicode, nesting, booleans and nulls: `verify`
+    compares stored metadata with the source exactly, so any change here would be drift."""
+    rng = np.random.default_rng(11)
+    floats = [float(x) for x in rng.standard_normal(50)] + [1e-300, 1.7976931348623157e308, 0.1, -0.0]
+    meta = {"floats": floats, "big": 2**63 - 1, "small": -(2**63), "text": 'naïve ☃ "q" \\ \n', "flag": True}
+    meta["nested"] = {"none": None, "list": [1, "two", 3.5]}
+    p = point("9", 0, vec(5), **meta)
+    index.upsert([p])
+    (stored,) = index.scroll({"row_id": "9"})
+    assert stored.payload == dict(p.payload)
+    assert [h.payload for h in index.search(vec(5), 1)] == [dict(p.payload)]
+
+
+def test_edge_stores_a_decimal_as_a_float_and_refuses_what_json_cannot_hold(tmp_path: Path) -> None:
+    from decimal import Decimal
+
+    idx = EdgeIndex(tmp_path, "types")
+    idx.ensure_collection(DIM)
+    idx.upsert([point("1", 0, vec(0), price=Decimal("12.50"))])
+    assert idx.scroll()[0].payload["metadata"] == {"price": 12.5}
+    with pytest.raises(TypeError, match="cannot be stored"):
+        idx.upsert([point("2", 0, vec(1), when=object())])
+    idx.close()
+
+
+def test_edge_close_waits_for_a_write_in_flight(tmp_path: Path) -> None:
+    """The engine writes with the GIL released, so a write can still be running on another thread when the index
+    is closed (or dropped): close returns only after it, and the shard reopens with every point."""
+    idx = EdgeIndex(tmp_path, "closing")
+    idx.ensure_collection(DIM)
+    n = 150_000
+    ids = [point_id("t", str(i), 0) for i in range(n)]
+    vectors = np.random.default_rng(2).standard_normal((n, DIM)).astype(np.float32)
+    payloads = orjson.dumps([{"row_key": f"t:{i}", "table": "t"} for i in range(n)])
+    writer = threading.Thread(target=idx.shard.upsert, args=(ids, vectors, payloads))
+    writer.start()
+    time.sleep(0.05)  # the upsert of 150,000 points takes seconds: it is in the engine now
+    idx.close()
+    alive = writer.is_alive()
+    writer.join()
+    assert not alive, "close returned while a write was still in flight"
+    again = EdgeIndex(tmp_path, "closing")
+    again.ensure_collection(DIM)
+    assert again.count() == n
+    again.close()

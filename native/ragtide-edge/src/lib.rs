@@ -26,7 +26,7 @@ use qdrant_edge::{
     UpdateOperation, VectorStructPersisted, WithPayloadInterface, WithVector,
 };
 
-create_exception!(_native, EdgeError, PyException, "An error of the embedded Qdrant engine.");
+create_exception!(ragtide_edge._native, EdgeError, PyException, "An error of the embedded Qdrant engine.");
 
 fn engine_error(err: OperationError) -> PyErr {
     EdgeError::new_err(err.to_string())
@@ -294,7 +294,8 @@ impl Shard {
         py.allow_threads(move || shard.flush()).map_err(engine_error)
     }
 
-    /// Flush and release the shard (its files stay). Idempotent.
+    /// Flush and release the shard (its files stay), once the calls in flight on other threads have returned
+    /// (each holds a reference to it). Idempotent.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         let taken = self
             .inner
@@ -303,9 +304,11 @@ impl Shard {
             .take();
         if let Some(shard) = taken {
             py.allow_threads(move || -> PyResult<()> {
+                while Arc::strong_count(&shard) > 1 {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
                 shard.flush().map_err(engine_error)?;
-                // Calls still in flight hold clones; the last one drops (and flushes) the shard.
-                drop(shard);
+                drop(shard); // the engine's files are released here, before close returns
                 Ok(())
             })?;
         }

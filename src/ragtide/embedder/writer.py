@@ -301,6 +301,8 @@ class IndexWriter:
             self.index.delete_where({"row_key": deletes})
         try:
             for plans in self._planned(rows, texts):
+                if self._write_failed:
+                    break  # the batch fails whole: embedding its other slices would be work thrown away
                 self._write_plans(plans, stored, stats)
         except BaseException:
             self._writes_done(raise_error=False)
@@ -336,6 +338,8 @@ class IndexWriter:
         self._write_failed = False
         if errors and raise_error:
             raise errors[0]
+        if errors:  # the batch already fails with another error: say what the write thread met too
+            log.warning("an index write of the failed batch failed too", exc_info=errors[0])
 
     def _planned(
         self, rows: list[tuple[ChangeEvent, SourceTable, dict[str, Any], SourcePosition]], texts: list[str]

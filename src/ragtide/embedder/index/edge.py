@@ -15,6 +15,7 @@ import os
 import shutil
 import threading
 from collections.abc import Mapping, Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,22 @@ def to_edge_filter(flt: Filter | None) -> str | None:
     """Our dict filter as the engine's (Qdrant's REST JSON)."""
     rest = qdrant_filter(flt)
     return None if rest is None else orjson.dumps(rest).decode()
+
+
+def _json_default(value: Any) -> Any:
+    """Values orjson does not know: a Decimal (a numeric column read by psycopg) as a float, as before."""
+    if isinstance(value, Decimal):
+        return float(value)
+    raise TypeError(type(value).__name__)
+
+
+def _json(value: Any) -> bytes:
+    """A payload (or a list of them) as JSON; a value JSON cannot hold is a TypeError that names it (a poison row,
+    never retried). Integers past 64 bits are refused too; NaN and infinities are stored as null."""
+    try:
+        return orjson.dumps(value, default=_json_default)
+    except orjson.JSONEncodeError as exc:
+        raise TypeError(f"payload cannot be stored as JSON: {exc}") from exc
 
 
 def _payload(raw: str) -> dict[str, Any]:
@@ -132,13 +149,13 @@ class EdgeIndex:
         """Insert or replace points: one array of vectors, one JSON array of payloads."""
         if points:
             vectors = np.asarray([p.vector for p in points], dtype=np.float32)
-            payloads = orjson.dumps([p.payload if type(p.payload) is dict else dict(p.payload) for p in points])
+            payloads = _json([p.payload if type(p.payload) is dict else dict(p.payload) for p in points])
             self._writable().upsert([p.id for p in points], vectors, payloads)
 
     def set_payload(self, ids: Sequence[str], payload: Mapping[str, Any]) -> None:
         """Set payload fields on existing points."""
         if ids:
-            self._writable().set_payload(list(ids), orjson.dumps(dict(payload)).decode())
+            self._writable().set_payload(list(ids), _json(dict(payload)).decode())
 
     def delete(self, ids: Sequence[str]) -> None:
         """Delete by id."""
