@@ -25,13 +25,13 @@ help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-17s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(PY):
-	@bash infra/scripts/system-deps.sh
 	python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
 # Our binding of the embedded Qdrant engine (native/ragtide-edge): the qdrant-edge crate from crates.io, built by
 # cargo through maturin (about 9 minutes on 2 cores the first time; `target/` in that folder keeps the build).
 # A RUSTC_WRAPPER of your own (sccache) would replace the one the engine's crate needs (rustc-wrapper.sh).
+# It runs first on a fresh machine, so it checks the system packages (and Rust) for the whole install.
 $(EDGE): $(EDGE_SRC) | $(PY)
 	@bash infra/scripts/system-deps.sh
 	env -u RUSTC_WRAPPER $(BIN)/pip install -q ./native/ragtide-edge

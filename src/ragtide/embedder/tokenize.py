@@ -318,11 +318,12 @@ class TextTokenizer:
         got = self._cut(self._flash_ids(flash, probes))[0]
         return sum(1 for a, b in zip(want, got, strict=True) if a != b)
 
-    def _flash_ids(self, flash: Any, texts: list[str]) -> list[list[int]]:
+    def _flash_ids(self, flash: Any, texts: list[str], max_len: int | None = None) -> list[list[int]]:
         # Unpadded lists; any trailing zeros are padding ([PAD] = 0 and every sequence ends with [SEP]). One call
-        # at a time: the writer's chunking thread and verify may share this tokenizer.
+        # at a time: the writer's chunking thread and verify may share this tokenizer. Cut past `max_len` ids
+        # (default: one past the window, so that a cut text is told apart).
         with self._flash_lock:
-            out = flash.tokenizer.batch_encode(texts, "longest", self.max_seq + 1, self.threads)
+            out = flash.tokenizer.batch_encode(texts, "longest", max_len or self.max_seq + 1, self.threads)
         return [_unpad(s) for s in out]
 
     def window(self, ids: Sequence[int]) -> list[int]:
@@ -378,10 +379,8 @@ class TextTokenizer:
         if not rows:
             return out
         longest = max(len(texts[i]) for i in rows) + 2  # never more tokens than characters, plus the specials
-        with self._flash_lock:
-            seqs = self.flash.tokenizer.batch_encode([texts[i] for i in rows], "longest", longest, self.threads)
-        for i, seq in zip(rows, seqs, strict=True):
-            out[i] = self._spans(texts[i], _unpad(seq)[1:-1])
+        for i, seq in zip(rows, self._flash_ids(self.flash, [texts[i] for i in rows], longest), strict=True):
+            out[i] = self._spans(texts[i], seq[1:-1])
         return out
 
     def content_ids(self, texts: Sequence[str], max_tokens: int) -> list[list[int] | None]:

@@ -148,14 +148,15 @@ class Guarded:
         return guarded
 
 
-def scroll_pages(fetch_page: Callable[[Any, int], tuple[Sequence[Any], Any]], limit: int) -> list[StoredPoint]:
-    """Follow a backend's scroll pages (`fetch_page(offset, page_size) -> (records, next_offset)`) up to `limit`."""
+def scroll_pages(fetch_page: Callable[[Any, int], tuple[Sequence[StoredPoint], Any]], limit: int) -> list[StoredPoint]:
+    """Follow a backend's scroll pages (`fetch_page(offset, page_size) -> (points, next_offset)`, each backend
+    making its records `StoredPoint`s) up to `limit`."""
     out: list[StoredPoint] = []
     offset: Any = None
     while len(out) < limit:
-        records, offset = fetch_page(offset, min(1000, limit - len(out)))
-        out.extend(StoredPoint(str(r.id), dict(r.payload or {})) for r in records)
-        if offset is None or not records:
+        points, offset = fetch_page(offset, min(1000, limit - len(out)))
+        out.extend(points)
+        if offset is None or not points:
             break
     return out
 

@@ -206,17 +206,19 @@ class QdrantClientIndex:
     def scroll(self, flt: Filter | None = None, limit: int = 10_000) -> list[StoredPoint]:
         """Matching points without vectors."""
         client_filter = to_client_filter(flt)
-        return scroll_pages(
-            lambda offset, size: self.client.scroll(
+
+        def page(offset: Any, size: int) -> tuple[list[StoredPoint], Any]:
+            records, next_offset = self.client.scroll(
                 self.collection,
                 scroll_filter=client_filter,
                 limit=size,
                 offset=offset,
                 with_payload=True,
                 with_vectors=False,
-            ),
-            limit,
-        )
+            )
+            return [StoredPoint(str(r.id), dict(r.payload or {})) for r in records], next_offset
+
+        return scroll_pages(page, limit)
 
     def search(self, vector: npt.NDArray[np.float32], k: int, flt: Filter | None = None) -> list[Hit]:
         """Nearest neighbours by cosine."""
