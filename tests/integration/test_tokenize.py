@@ -127,6 +127,10 @@ def test_spans_from_flash_ids_are_the_rust_tokenizers_offsets_or_none(hf: Any, r
     refused = ["A\x00B\x07c and colour " * 40, "a " + "y" * 150 + " b", "café " * 300, "[SEP] x " * 200]
     assert tok.spans(refused) == [None] * 4
     assert tok.content_ids(["a " + "y" * 150 + " b"], 200) == [None]  # flash-tokenizer splits such a word
+    # the long-word check runs once per batch: a batch with one such word refuses that text alone
+    mixed = ["plain words " * 30, "a " + "y" * 101 + " b", "z" * 100, "café " + "é" * 90]
+    assert [s is None for s in tok.spans(mixed)] == [False, True, False, True]  # the last: not ASCII
+    assert [i is None for i in tok.content_ids(mixed, 200)] == [False, True, False, False]
 
 
 def test_content_ids_refuse_a_window_too_small_and_tell_apart_fitting_texts(hf: Any) -> None:

@@ -68,3 +68,24 @@ def test_windows_hand_over_ids_only_where_they_equal_the_windows_own_tokenizatio
     for p in pieces:
         if p.ids is not None:
             assert p.ids == hf(p.text, add_special_tokens=False)["input_ids"], p
+
+
+def test_the_batch_long_word_check_never_misses_a_word_the_exact_pattern_finds() -> None:
+    """`may_hold_long_word` lets a batch skip the per-text pattern; it may say "maybe" wrongly (non-ASCII letters
+    count in bytes), never "no" wrongly: random texts of word characters, punctuation, spaces and non-ASCII."""
+    import random
+
+    from ragtide.embedder.tokenize import _WORD_CHAR, may_hold_long_word
+
+    exact = re.compile(f"{_WORD_CHAR}{{11,}}")
+    rng = random.Random(5)
+    alphabet = ["x", "7", "_", " ", "\t", "-", ".", "'", "é", "\u00a0", "\u4e2d", "\x1f", "\x00"]
+    said_no = 0
+    for _ in range(3000):
+        texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(rng.randint(1, 4))]
+        if not may_hold_long_word(texts, 10):
+            said_no += 1
+            assert not any(exact.search(t) for t in texts), texts
+    assert said_no > 300  # it does clear batches, or it would save nothing
+    assert not may_hold_long_word(["x" * 10, "y" * 10], 10)  # texts are separated: two runs of 10, not one of 20
+    assert may_hold_long_word(["a " + "x" * 11], 10) and not may_hold_long_word([], 10)

@@ -54,11 +54,17 @@ class ChangeEvent:
     partition: int = -1
     offset: int = -1
     extra: dict[str, Any] = field(default_factory=dict)
+    _row_id: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def row_id(self) -> str:
-        """Stable textual id of the row: the key values in key-column order, joined by '|'."""
-        return row_id(self.key)
+        """Stable textual id of the row: the key values in key-column order, joined by '|'. Rendered once (the
+        write path reads it several times per event); `key` is never changed after decoding."""
+        rid = self._row_id
+        if rid is None:
+            rid = row_id(self.key)
+            object.__setattr__(self, "_row_id", rid)
+        return rid
 
 
 def row_id(key: dict[str, Any]) -> str:

@@ -188,6 +188,25 @@ for _c in range(128):
     _ASCII_CLASS[_c] = 0 if _ch in " \t\n\r" else 3 if _c < 32 or _c == 127 else 1 if _ch.isalnum() else 2
 
 
+# A character WordPiece counts into a word's length (not whitespace, not ASCII punctuation): a run of more than the
+# model's `max_input_chars_per_word` of them is a word it makes [UNK] of, and flash-tokenizer does not.
+_WORD_CHAR = r"[^\s!-/:-@\[-`{-~]"
+# Per UTF-8 byte, whether it can be part of such a run: the ASCII word characters and every byte of a non-ASCII
+# character (more bytes than characters: a run is never shorter in bytes).
+_WORD_BYTE = np.array([c > 127 or re.fullmatch(_WORD_CHAR, chr(c)) is not None for c in range(256)], dtype=bool)
+
+
+def may_hold_long_word(texts: Sequence[str], max_word: int) -> bool:
+    """False when no text has a run of more than `max_word` word characters; True when one may (then each text
+    is checked with the exact pattern). One vectorised pass over the batch instead of a regex scan per text."""
+    if not texts:
+        return False
+    data = _WORD_BYTE[np.frombuffer(" ".join(texts).encode("utf-8", "surrogatepass"), dtype=np.uint8)]
+    breaks = np.flatnonzero(~data)
+    runs = np.diff(breaks, prepend=-1, append=data.size) - 1
+    return bool(runs.max() > max_word)
+
+
 class WordPieceSpans:
     """Character spans of WordPiece ids of lowercased ASCII text: each word's tokens spell it out in order (a
     continuation token "##ab" adds two characters, [UNK] stands for a whole word). Checked per text: every word
@@ -262,6 +281,7 @@ class TextTokenizer:
         self.special = added_tokens_pattern(self.rust)
         self._spans: WordPieceSpans | None = None
         self.long_word: re.Pattern[str] | None = None  # a word WordPiece makes [UNK] of, and flash-tokenizer not
+        self.max_word = 0
         if choice != "rust":
             parsed = json.loads(spec)
             self.flash, self.why_not_flash = self._load_flash(parsed, vocab)
@@ -270,7 +290,8 @@ class TextTokenizer:
             if self.flash is not None:
                 model, norm = parsed["model"], parsed.get("normalizer") or {}
                 max_word = int(model.get("max_input_chars_per_word", 100))
-                self.long_word = re.compile(f"[^\\s!-/:-@\\[-`{{-~]{{{max_word + 1},}}")
+                self.long_word = re.compile(f"{_WORD_CHAR}{{{max_word + 1},}}")
+                self.max_word = max_word
                 if norm.get("type") == "BertNormalizer" and norm.get("lowercase", True):
                     self._spans = WordPieceSpans(model["vocab"], model.get("unk_token", "[UNK]"), max_word)
         self.backend = "flash+rust" if self.flash is not None else "rust"
@@ -340,18 +361,25 @@ class TextTokenizer:
         encs = self.rust.encode_batch(list(texts))
         return [e.ids for e in encs], sum(1 for e in encs if e.overflowing)
 
-    def _for_flash(self, text: str) -> bool:
-        """Whether flash-tokenizer serves `text` (loaded, its characters, no special-token string)."""
-        if self.flash is None or (not text.isascii() and self.other.search(text)):
-            return False
-        if self.long_word is not None and self.long_word.search(text):
-            return False
-        return self.special is None or self.special.search(text) is None
+    def _for_flash(self, texts: Sequence[str]) -> list[bool]:
+        """Whether flash-tokenizer serves each text (loaded, its characters, no special-token string, no word too
+        long for WordPiece). The long-word pattern runs only where one pass over the batch found a long run."""
+        if self.flash is None:
+            return [False] * len(texts)
+        long_word = self.long_word
+        if long_word is not None and not may_hold_long_word(texts, self.max_word):
+            long_word = None
+        return [
+            (text.isascii() or self.other.search(text) is None)
+            and (long_word is None or long_word.search(text) is None)
+            and (self.special is None or self.special.search(text) is None)
+            for text in texts
+        ]
 
     def __call__(self, texts: Sequence[str]) -> tuple[list[list[int]], int]:
         """Ids per text, and how many texts were cut to the window."""
         texts = list(texts)
-        rust_rows = [i for i, t in enumerate(texts) if not self._for_flash(t)]
+        rust_rows = [i for i, ok in enumerate(self._for_flash(texts)) if not ok]
         if len(rust_rows) == len(texts):
             return self.rust_ids(texts)
         if not rust_rows:
@@ -375,7 +403,7 @@ class TextTokenizer:
         out: list[Spans | None] = [None] * len(texts)
         if self._spans is None:
             return out
-        rows = [i for i, t in enumerate(texts) if t.isascii() and self._for_flash(t)]
+        rows = [i for i, ok in enumerate(self._for_flash(texts)) if ok and texts[i].isascii()]
         if not rows:
             return out
         longest = max(len(texts[i]) for i in rows) + 2  # never more tokens than characters, plus the specials
@@ -391,7 +419,7 @@ class TextTokenizer:
         if max_tokens + 2 > self.max_seq:
             raise ValueError(f"max_tokens {max_tokens} does not fit a window of {self.max_seq} with its specials")
         out: list[list[int] | None] = [None] * len(texts)
-        rows = [i for i, t in enumerate(texts) if self._for_flash(t)]
+        rows = [i for i, ok in enumerate(self._for_flash(texts)) if ok]
         if not rows:
             return out
         for i, seq in zip(rows, self._flash_ids(self.flash, [texts[i] for i in rows]), strict=True):

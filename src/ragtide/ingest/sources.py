@@ -7,6 +7,7 @@ import re
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +53,9 @@ class SourceTable(BaseModel):
                 raise ValueError(f"'{{{f}}}' is not a plain column name")
         return value
 
-    @property
+    @cached_property
     def text_columns(self) -> tuple[str, ...]:
-        """The columns the text template reads."""
+        """The columns the text template reads (parsed once: read per row on the write path)."""
         return tuple(f for _, f, _, _ in string.Formatter().parse(self.text) if f)
 
     def render_text(self, row: dict[str, Any]) -> str:
@@ -134,7 +135,12 @@ class SourcesConfig(BaseModel):
 
     def get(self, table: str) -> SourceTable | None:
         """The source config of the table with this identity ('schema.table', or '<db>.schema.table'), if indexed."""
-        return next((s for s in self.all if s.id == table), None)
+        return self._by_id.get(table)
+
+    @cached_property
+    def _by_id(self) -> dict[str, SourceTable]:
+        """Every table by identity, built once (`get` runs per event on the write path)."""
+        return {s.id: s for s in self.all}
 
     @property
     def tables(self) -> list[str]:
