@@ -225,6 +225,34 @@ def test_unavailable_toast_value_keeps_the_stored_text(env: Any) -> None:
     assert UNAVAILABLE not in str(index.scroll()[0].payload)
 
 
+class ReversedScrollIndex(MemoryIndex):
+    """Scrolls in reverse order: a real engine returns a row's points by point id, not by chunk number."""
+
+    def scroll(self, flt: Any = None, limit: int = 10_000) -> list[Any]:
+        return list(reversed(super().scroll(flt, limit)))
+
+
+def test_the_text_columns_live_on_the_first_chunk_and_follow_an_edit_of_a_later_one() -> None:
+    """The text columns' values (for Debezium's unchanged-TOAST placeholder) are stored on chunk 0 only. An edit
+    that changes only a later chunk leaves chunk 0's text alone but must still refresh its columns: a later update
+    with the body TOASTed and unchanged then renders the edited body, not the one before it."""
+    index, encoder = ReversedScrollIndex(), HashEncoder()
+    index.ensure_collection(encoder.dim)
+    writer, feed = IndexWriter(index, encoder, word_chunker(8, 2), SOURCES), Feed()
+    writer.apply([feed.ev(Op.CREATE, 1, "Title", LONG)])
+    by_chunk = {p.payload["chunk_no"]: p.payload for p in index.scroll()}
+    assert by_chunk[0]["columns"] == {"title": "Title", "body": LONG}
+    assert all("columns" not in by_chunk[n] for n in range(1, N_LONG))
+    edited = LONG.replace("word19", "edited")
+    stats = writer.apply([feed.ev(Op.UPDATE, 1, "Title", edited)])
+    assert stats.embedded == 1 and stats.skipped == N_LONG - 1  # only the last chunk changed
+    before, after = encoder.encoded, texts_of(index, "1")
+    stats = writer.apply([feed.ev(Op.UPDATE, 1, "Title", UNAVAILABLE, category="z")])
+    assert texts_of(index, "1") == after and "edited" in after[-1]
+    assert encoder.encoded == before and stats.skipped == N_LONG
+    assert index.count({"metadata.category": "z"}) == N_LONG
+
+
 def test_unknown_tables_are_ignored(env: Any) -> None:
     writer, index, _, _feed = env
     ev = ChangeEvent("public.other", Op.CREATE, {"id": 1}, {"id": 1}, SourcePosition(1, 1))

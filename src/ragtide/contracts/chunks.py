@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 # Fixed namespace: the same (table, key, chunk_no) maps to the same point id in every process, forever.
 POINT_NAMESPACE = uuid.UUID("5b1f7c2e-3d4a-4f6b-9a8e-7c6d5e4f3a2b")
@@ -60,7 +60,9 @@ class PointPayload(TypedDict):
     hash: str
     tenant: str
     metadata: dict[str, Any]
-    columns: dict[str, Any]  # the text columns' values, to fill Debezium's unchanged-TOAST placeholder later
+    # The text columns' values, to fill Debezium's unchanged-TOAST placeholder later: on the row's first chunk
+    # (chunk_no 0) only.
+    columns: NotRequired[dict[str, Any]]
     lsn: int
     source_ts_ms: int
     indexed_at_ms: int

@@ -393,7 +393,9 @@ class IndexWriter:
         missing = [c for c, v in row.items() if v == UNAVAILABLE]
         if not missing:
             return row
-        payload = have[0].payload if have else {}
+        # the text columns are stored on the row's first chunk only; metadata and tenant on every chunk
+        head = next((p for p in have if p.payload.get("chunk_no") == 0), have[0] if have else None)
+        payload = head.payload if head is not None else {}
         stored: dict[str, Any] = {**dict(payload.get("metadata", {})), **dict(payload.get("columns", {}))}
         if source.tenant_column and have:
             stored[source.tenant_column] = payload.get("tenant")
@@ -417,11 +419,14 @@ class IndexWriter:
                 "chunk_count": len(plan.chunks),
                 "tenant": src.tenant_of(row),
                 "metadata": src.render_metadata(row),
-                "columns": {c: row.get(c) for c in src.text_columns},
                 "lsn": plan.position.lsn,
                 "source_ts_ms": plan.position.ts_ms,
                 "indexed_at_ms": now_ms,
             }
+            # The text columns' values (to fill Debezium's unchanged-TOAST placeholder later) go on the first chunk
+            # only: on every chunk they were more than half the bytes the engine stored.
+            head_fields = {**row_fields, "columns": {c: row.get(c) for c in src.text_columns}}
+            head_unchanged = False
             for chunk, ids in zip(plan.chunks, plan.ids, strict=True):
                 digest = chunk.hash
                 payload = cast(
@@ -433,20 +438,27 @@ class IndexWriter:
                         "chunk_no": chunk.chunk_no,
                         "text": chunk.text,
                         "hash": digest,
-                        **row_fields,
+                        **(row_fields if chunk.chunk_no else head_fields),
                     },
                 )
                 old = have.get(chunk.chunk_no)
                 if old is not None and old.payload.get("hash") == digest and not reembed:
-                    unchanged.append(chunk.id)
+                    if chunk.chunk_no:
+                        unchanged.append(chunk.id)
+                    else:
+                        head_unchanged = True
                 else:
                     to_embed.append((chunk, payload, ids))
-            if unchanged:
+            if head_unchanged:
                 # Invariant 4: same text, no embedding; refresh the row-level fields in place.
+                self._index_write(self.index.set_payload, [point_id(ev.table, rid, 0)], head_fields)
+            if unchanged:
                 self._index_write(self.index.set_payload, unchanged, row_fields)
-                stats.skipped += len(unchanged)
-                stats.skipped_by_table[ev.table] += len(unchanged)
-                stats.payload_updates += len(unchanged)
+            if unchanged or head_unchanged:
+                unchanged_n = len(unchanged) + head_unchanged
+                stats.skipped += unchanged_n
+                stats.skipped_by_table[ev.table] += unchanged_n
+                stats.payload_updates += unchanged_n
             surplus += [point_id(ev.table, rid, n) for n in have if n >= len(plan.chunks)]
             stats.rows_written += 1
 
