@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from ragtide.embedder.tokenize import OffsetsTokenizer, TextTokenizer, TokenizerChoice
 
@@ -32,10 +31,10 @@ def token_offsets(tokenizer: Tokenizer, text: str) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in offsets]
 
 
-@dataclass(frozen=True)
-class Piece:
+class Piece(NamedTuple):
     """One chunk's text and, where they equal the text's own tokenization, its content ids (no special tokens):
-    the embedding engine takes those and never tokenizes the chunk a second time."""
+    the embedding engine takes those and never tokenizes the chunk a second time. (A tuple: the write path makes
+    one per chunk.)"""
 
     text: str
     ids: list[int] | None

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, cast
 
-from ragtide.contracts.chunks import Chunk, PointPayload, content_hash, point_id, row_key
+from ragtide.contracts.chunks import PointPayload, content_hash, point_id, row_key
 from ragtide.contracts.events import ChangeEvent, Op, SourcePosition
 from ragtide.embedder.chunking import Piece, PieceChunker
 from ragtide.embedder.encoder import Encoder, IdsEncoder, Vectors
@@ -90,9 +90,13 @@ class _RowPlan:
     event: ChangeEvent
     source: SourceTable
     row: dict[str, Any]  # the new row state, TOAST placeholders filled from the stored version
-    chunks: list[Chunk]
-    ids: list[list[int] | None]  # per chunk, the chunker's token ids where they are exact (never re-tokenized)
+    # chunk n's text and the chunker's token ids where they are exact (never re-tokenized)
+    pieces: list[Piece]
     position: SourcePosition  # what the points record as their version
+
+
+# A chunk to embed: its point id, payload (with its text), and the chunker's token ids where exact.
+_ToEmbed = tuple[str, PointPayload, list[int] | None]
 
 
 def coalesce(events: Sequence[ChangeEvent]) -> list[list[ChangeEvent] | ChangeEvent]:
@@ -354,29 +358,22 @@ class IndexWriter:
             return
         if self._chunking is None:
             self._chunking = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragtide-chunk")
-        pending = self._chunking.submit(self._chunk, texts[: bounds[0][1]])
-        for k, (a, b) in enumerate(bounds):
-            pieces = pending.result()
-            if k + 1 < len(bounds):
-                c, d = bounds[k + 1]
-                pending = self._chunking.submit(self._chunk, texts[c:d])
-            yield self._plans(rows[a:b], pieces)
+        # Every slice is queued at once: the chunking thread runs ahead without waiting for this one to come back.
+        pending = [self._chunking.submit(self._chunk, texts[a:b]) for a, b in bounds]
+        try:
+            for (a, b), chunked in zip(bounds, pending, strict=True):
+                yield self._plans(rows[a:b], chunked.result())
+        finally:
+            for later in pending:
+                later.cancel()  # the batch failed or stopped early: no work for slices it will not write
 
     @staticmethod
     def _plans(
         rows: Sequence[tuple[ChangeEvent, SourceTable, dict[str, Any], SourcePosition]], chunked: list[list[Piece]]
     ) -> list[_RowPlan]:
         return [
-            _RowPlan(
-                ev,
-                source,
-                row,
-                [Chunk(ev.table, rid, i, p.text) for i, p in enumerate(pieces)],
-                [p.ids for p in pieces],
-                position,
-            )
+            _RowPlan(ev, source, row, pieces, position)
             for (ev, source, row, position), pieces in zip(rows, chunked, strict=True)
-            for rid in (ev.row_id,)  # computed once per row, not once per chunk
         ]
 
     def _chunk(self, texts: list[str]) -> list[list[Piece]]:
@@ -403,12 +400,16 @@ class IndexWriter:
 
     def _write_plans(self, plans: Sequence[_RowPlan], stored: dict[str, list[StoredPoint]], stats: ApplyStats) -> None:
         now_ms = int(self.clock() * 1000)
-        to_embed: list[tuple[Chunk, PointPayload, list[int] | None]] = []
+        to_embed: list[_ToEmbed] = []
+        embedded_by_table: Counter[str] = Counter()
+        tokens_by_table: Counter[str] = Counter()
+        nano_usd_by_table: Counter[str] = Counter()
+        prompt = len(self._document_prefix_ids())
         surplus: list[str] = []
         for plan in plans:
-            ev, src, row = plan.event, plan.source, plan.row
-            rid = ev.row_id
-            rk = row_key(ev.table, rid)
+            ev, src, row, pieces = plan.event, plan.source, plan.row, plan.pieces
+            table, rid = ev.table, ev.row_id
+            rk = row_key(table, rid)
             reembed = ev.extra.get("reembed")
             have = {int(p.payload.get("chunk_no", -1)): p for p in stored.get(rk, [])}
             unchanged: list[str] = []
@@ -416,7 +417,7 @@ class IndexWriter:
             row_fields: dict[str, Any] = {
                 "key": ev.key,
                 "offset": [ev.partition, ev.offset],  # topic order, for events that carry no LSN
-                "chunk_count": len(plan.chunks),
+                "chunk_count": len(pieces),
                 "tenant": src.tenant_of(row),
                 "metadata": src.render_metadata(row),
                 "lsn": plan.position.lsn,
@@ -427,71 +428,76 @@ class IndexWriter:
             # only: on every chunk they were more than half the bytes the engine stored.
             head_fields = {**row_fields, "columns": {c: row.get(c) for c in src.text_columns}}
             head_unchanged = False
-            for chunk, ids in zip(plan.chunks, plan.ids, strict=True):
-                digest = chunk.hash
+            embedded = tokens = 0
+            for n, (text, ids) in enumerate(pieces):
+                digest = content_hash(text)
+                old = have.get(n)
+                if old is not None and old.payload.get("hash") == digest and not reembed:
+                    if n:
+                        unchanged.append(point_id(table, rid, n))
+                    else:
+                        head_unchanged = True
+                    continue
                 payload = cast(
                     PointPayload,
                     {
-                        "table": ev.table,
+                        "table": table,
                         "row_key": rk,
                         "row_id": rid,
-                        "chunk_no": chunk.chunk_no,
-                        "text": chunk.text,
+                        "chunk_no": n,
+                        "text": text,
                         "hash": digest,
-                        **(row_fields if chunk.chunk_no else head_fields),
+                        **(row_fields if n else head_fields),
                     },
                 )
-                old = have.get(chunk.chunk_no)
-                if old is not None and old.payload.get("hash") == digest and not reembed:
-                    if chunk.chunk_no:
-                        unchanged.append(chunk.id)
-                    else:
-                        head_unchanged = True
-                else:
-                    to_embed.append((chunk, payload, ids))
+                to_embed.append((point_id(table, rid, n), payload, ids))
+                # Exact for the chunks the chunker tokenized (a row that fits one window); about 4 characters a
+                # token for the windows of a longer row. With the document prompt's tokens.
+                chunk_tokens = prompt + (len(ids) if ids is not None else max(1, len(text) // 4))
+                tokens += chunk_tokens
+                embedded += 1
+                if self.nano_usd_per_token:
+                    nano_usd_by_table[table] += round(chunk_tokens * self.nano_usd_per_token)
+            if embedded:
+                embedded_by_table[table] += embedded
+                tokens_by_table[table] += tokens
             if head_unchanged:
                 # Invariant 4: same text, no embedding; refresh the row-level fields in place.
-                self._index_write(self.index.set_payload, [point_id(ev.table, rid, 0)], head_fields)
+                self._index_write(self.index.set_payload, [point_id(table, rid, 0)], head_fields)
             if unchanged:
                 self._index_write(self.index.set_payload, unchanged, row_fields)
             if unchanged or head_unchanged:
                 unchanged_n = len(unchanged) + head_unchanged
                 stats.skipped += unchanged_n
-                stats.skipped_by_table[ev.table] += unchanged_n
+                stats.skipped_by_table[table] += unchanged_n
                 stats.payload_updates += unchanged_n
-            surplus += [point_id(ev.table, rid, n) for n in have if n >= len(plan.chunks)]
+            surplus += [point_id(table, rid, n) for n in have if n >= len(pieces)]
             stats.rows_written += 1
 
         if to_embed:
             vectors, from_ids = self._embed(to_embed)
             stats.embedded_from_ids += from_ids
             stats.embedded_ms = int(self.clock() * 1000)
-            points = [IndexPoint(c.id, vec, p) for (c, p, _), vec in zip(to_embed, vectors, strict=True)]
+            points = [IndexPoint(pid, vec, p) for (pid, p, _), vec in zip(to_embed, vectors, strict=True)]
             self._index_write(self.index.upsert, points)
             stats.embedded += len(points)
-            stats.embedded_by_table.update(c.table for c, _, _ in to_embed)
-            prompt = len(self._document_prefix_ids())
-            for c, _, ids in to_embed:
-                # Exact for the chunks the chunker tokenized (a row that fits one window); about 4 characters a
-                # token for the windows of a longer row. With the document prompt's tokens.
-                tokens = prompt + (len(ids) if ids is not None else max(1, len(c.text) // 4))
-                stats.tokens_by_table[c.table] += tokens
-                if self.nano_usd_per_token:
-                    stats.nano_usd_by_table[c.table] += round(tokens * self.nano_usd_per_token)
+            stats.embedded_by_table.update(embedded_by_table)
+            stats.tokens_by_table.update(tokens_by_table)
+            stats.nano_usd_by_table.update(nano_usd_by_table)
         if surplus:
             self._index_write(self.index.delete, surplus)
             stats.deleted_points += len(surplus)
 
-    def _embed(self, to_embed: Sequence[tuple[Chunk, PointPayload, list[int] | None]]) -> tuple[Vectors, int]:
+    def _embed(self, to_embed: Sequence[_ToEmbed]) -> tuple[Vectors, int]:
         """Chunks with exact ids go to the engine as ids (tokenized once, by the chunker), the rest as text;
         returns the vectors and how many chunks went in as ids."""
         from_ids = sum(1 for _, _, ids in to_embed if ids is not None)
         prefix = self.document_prefix
         if isinstance(self.encoder, IdsEncoder) and from_ids and self._prefix_joins():
             head = self._document_prefix_ids()
-            items = [prefix + c.text if ids is None else [*head, *ids] for c, _, ids in to_embed]
+            items = [prefix + p["text"] if ids is None else [*head, *ids] for _, p, ids in to_embed]
             return self.encoder.encode_mixed(items), from_ids
-        return self.encoder.encode([prefix + c.text for c, _, _ in to_embed]), 0
+        return self.encoder.encode([prefix + p["text"] for _, p, _ in to_embed]), 0
 
     def _prefix_joins(self) -> bool:
         """Whether the prompt's ids followed by a chunk's ids are the ids of prompt + chunk text (WordPiece cuts at
