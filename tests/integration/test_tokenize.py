@@ -123,6 +123,14 @@ def test_spans_from_flash_ids_are_the_rust_tokenizers_offsets_or_none(hf: Any, r
         assert [tuple(o) for o in spans.offsets.tolist()] == [tuple(o) for o in want.offsets], text[:60]
         assert spans.word_ids.tolist() == want.word_ids, text[:60]
     assert served > 1000
+    # the batch is one vectorised pass: each text's result is the one it gets alone
+    assert tok._spans is not None
+    seqs = [tok.spans([t])[0] for t in sample[:400]]
+    for alone, together in zip(seqs, got[:400], strict=True):
+        assert (alone is None) == (together is None)
+        if alone is not None and together is not None:
+            assert alone.ids == together.ids and alone.offsets.tolist() == together.offsets.tolist()
+            assert alone.word_ids.tolist() == together.word_ids.tolist()
     assert None not in tok.spans([f"{r['title']}\n\n{r['body']}" for r in corpus(50)])  # plain text: all served
     refused = ["A\x00B\x07c and colour " * 40, "a " + "y" * 150 + " b", "café " * 300, "[SEP] x " * 200]
     assert tok.spans(refused) == [None] * 4

@@ -224,29 +224,60 @@ class WordPieceSpans:
 
     def __call__(self, text: str, ids: list[int]) -> Spans | None:
         """Spans of `ids` (no special tokens) in `text` (ASCII), or None where they do not line up."""
-        kind = _ASCII_CLASS[np.frombuffer(text.encode("ascii"), dtype=np.uint8)]
-        if kind.size == 0 or (kind == 3).any():
-            return None
+        return self.many([text], [ids])[0]
+
+    def many(self, texts: Sequence[str], ids: Sequence[list[int]]) -> list[Spans | None]:
+        """`__call__` for many texts in one vectorised pass: the texts are joined by spaces (which end words), each
+        text's words and tokens are numbered within it, and a text whose tokens do not spell its words is None."""
+        out: list[Spans | None] = [None] * len(texts)
+        rows = [i for i, t in enumerate(texts) if t and ids[i]]
+        if not rows:
+            return out
+        kind = _ASCII_CLASS[np.frombuffer(" ".join(texts[i] for i in rows).encode("ascii"), dtype=np.uint8)]
+        text_len = np.array([len(texts[i]) for i in rows], dtype=np.int64)
+        text_at = np.cumsum(text_len + 1) - text_len - 1  # where each text starts in the joined string
         before = np.concatenate(([0], kind[:-1]))
         after = np.concatenate((kind[1:], [0]))
         starts = np.flatnonzero((kind == 2) | ((kind == 1) & (before != 1)))
         ends = np.flatnonzero((kind == 2) | ((kind == 1) & (after != 1))) + 1
         lengths = ends - starts
-        tokens = np.asarray(ids, dtype=np.int64)
-        if tokens.size == 0 or (lengths > self.max_word).any() or tokens.max() >= self.length.size:
-            return None
+        m = len(rows)
+        word_text = np.searchsorted(text_at, starts, side="right") - 1  # the text of each word
+        n_words = np.bincount(word_text, minlength=m)
+        tokens = np.concatenate([np.asarray(ids[i], dtype=np.int64) for i in rows])
+        n_tokens = np.array([len(ids[i]) for i in rows], dtype=np.int64)
+        token_at = np.cumsum(n_tokens) - n_tokens  # each text's first token
+        token_text = np.repeat(np.arange(m), n_tokens)
+        known = tokens < self.length.size
+        tokens = np.where(known, tokens, 0)
         first = ~self.continues[tokens]
-        if int(first.sum()) != starts.size or not first[0]:
-            return None
-        word = np.cumsum(first) - 1
+        n_first = np.bincount(token_text, weights=first, minlength=m).astype(np.int64)
+        bad = (n_first != n_words) | ~first[token_at]
+        bad |= np.bincount(token_text, weights=~known, minlength=m) > 0
+        bad |= np.bincount(word_text, weights=lengths > self.max_word, minlength=m) > 0
+        controls = np.flatnonzero(kind == 3)
+        bad[np.searchsorted(text_at, controls, side="right") - 1] = True
+        # Each token's word, numbered within its text and offset by the words of the texts before it.
+        word_at = np.cumsum(n_words) - n_words
+        first_before = np.cumsum(n_first) - n_first
+        word = np.cumsum(first) - 1 - first_before[token_text] + word_at[token_text]
+        word = np.clip(word, 0, max(0, starts.size - 1))
         size = self.length[tokens]
         unk = tokens == self.unk
         size[unk] = lengths[word[unk]]
-        into = np.cumsum(size) - size  # characters before each token, over the whole text
-        start = starts[word] + into - into[first][word]
-        if not np.array_equal(np.bincount(word, weights=size, minlength=starts.size).astype(np.int64), lengths):
-            return None
-        return Spans(list(ids), np.stack([start, start + size], axis=1), word)
+        into = np.cumsum(size) - size  # characters before each token, over all the texts
+        lead = np.maximum.accumulate(np.where(first, np.arange(tokens.size), 0))  # the first token of its word
+        start = starts[word] + into - into[lead]
+        # a text already refused adds nothing: its tokens may be numbered into another text's words
+        spelled = np.bincount(word, weights=np.where(bad[token_text], 0, size), minlength=starts.size).astype(np.int64)
+        bad |= np.bincount(word_text, weights=spelled != lengths, minlength=m) > 0
+        for k, i in enumerate(rows):
+            if bad[k]:
+                continue
+            a, b = token_at[k], token_at[k] + n_tokens[k]
+            local = start[a:b] - text_at[k]
+            out[i] = Spans(list(ids[i]), np.stack([local, local + size[a:b]], axis=1), word[a:b] - word_at[k])
+        return out
 
 
 class TextTokenizer:
@@ -407,8 +438,9 @@ class TextTokenizer:
         if not rows:
             return out
         longest = max(len(texts[i]) for i in rows) + 2  # never more tokens than characters, plus the specials
-        for i, seq in zip(rows, self._flash_ids(self.flash, [texts[i] for i in rows], longest), strict=True):
-            out[i] = self._spans(texts[i], seq[1:-1])
+        seqs = self._flash_ids(self.flash, [texts[i] for i in rows], longest)
+        for i, spans in zip(rows, self._spans.many([texts[i] for i in rows], [q[1:-1] for q in seqs]), strict=True):
+            out[i] = spans
         return out
 
     def content_ids(self, texts: Sequence[str], max_tokens: int) -> list[list[int] | None]:
