@@ -94,13 +94,17 @@ def test_pieces_are_those_of_cutting_every_text_by_offsets(hf: Any, rust: Any, m
     sample = texts(300)
     # at the window's edge: exactly max_tokens tokens fit one window, one more does not
     edge = " ".join(["harbor"] * (max_tokens - 1))
-    sample += [edge, edge + " harbor", edge + " harbor harbor"]
+    # more than 4 characters a token yet one window: tokenized in full for spans, still one piece with its ids
+    wordy = " ".join(["internationalization"] * (max_tokens // 4))
+    assert len(wordy) > 4 * max_tokens
+    sample += [wordy, edge, edge + " harbor", edge + " harbor harbor"]
     got = chunker.pieces_many(sample)
     assert chunker._ids is not None and chunker._ids.flash is not None  # the fast path was on
     want = [reference_pieces(rust, t, max_tokens, overlap) for t in sample]
     bad = [t[:60] for t, a, b in zip(sample, want, got, strict=True) if a != b]
     assert bad == []
     assert [len(p) for p in got[-3:]] == [1, 1, 2]
+    assert len(got[-4]) == 1 and got[-4][0].ids is not None
     assert all(chunker(t) == [p.text for p in pieces] for t, pieces in zip(sample[:200], got, strict=False))
     rust_only = Chunker(hf, max_tokens, overlap, "rust")  # encoder.tokenizer: rust keeps flash out of chunking
     assert rust_only.pieces_many(sample) == want and rust_only._ids is not None and rust_only._ids.flash is None

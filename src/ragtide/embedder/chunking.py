@@ -124,7 +124,13 @@ class Chunker:
         stripped = [t.strip() for t in texts]
         if self._backend is None:
             return [[Piece(c, None) for c in self(t)] for t in stripped]
-        fitting = self._fitting(stripped)
+        # ASCII text of more than 4 characters a token is all but sure to need several windows: it is tokenized
+        # once, in full, for its spans (which still give one piece with its ids if it fits after all), not first
+        # for the one-window check too (flash-tokenizer tokenizes a whole text even when it cuts the ids).
+        check = [i for i, t in enumerate(stripped) if len(t) <= 4 * self.max_tokens or not t.isascii()]
+        fitting: list[list[int] | None] = [None] * len(stripped)
+        for i, ids in zip(check, self._fitting([stripped[i] for i in check]), strict=True):
+            fitting[i] = ids
         rest = [i for i, (t, ids) in enumerate(zip(stripped, fitting, strict=True)) if t and ids is None]
         encodings: dict[int, Any] = {}
         if rest and self._ids is not None:  # long ASCII text: flash-tokenizer's ids, spans found by its words

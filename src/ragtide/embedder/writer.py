@@ -411,7 +411,8 @@ class IndexWriter:
             table, rid = ev.table, ev.row_id
             rk = row_key(table, rid)
             reembed = ev.extra.get("reembed")
-            have = {int(p.payload.get("chunk_no", -1)): p for p in stored.get(rk, [])}
+            kept = stored.get(rk)
+            have = {int(p.payload.get("chunk_no", -1)): p for p in kept} if kept else {}
             unchanged: list[str] = []
             # The fields that describe the row version, identical for every chunk of the row.
             row_fields: dict[str, Any] = {

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -49,9 +49,8 @@ INTEGER_FIELDS = ("chunk_no",)
 TENANT_FIELD = "tenant"
 
 
-@dataclass(frozen=True, slots=True)
-class IndexPoint:
-    """A point to write."""
+class IndexPoint(NamedTuple):
+    """A point to write. (A tuple: the write path makes one per chunk.)"""
 
     id: str
     vector: npt.NDArray[np.float32]
