@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from ragtide.contracts.chunks import Chunk, content_hash, point_id, row_key
+from ragtide.contracts.chunks import content_hash, point_id, row_key
 
 
 def test_point_id_is_uuid5_of_table_key_chunk() -> None:
@@ -20,8 +20,6 @@ def test_point_ids_differ_by_table_key_and_chunk() -> None:
     assert len(ids) == 2 * 3 * 3
 
 
-def test_chunk_id_and_hash() -> None:
-    c = Chunk("public.docs", "7", 0, "hello")
-    assert c.id == point_id("public.docs", "7", 0)
-    assert c.hash == content_hash("hello") != content_hash("hello!")
+def test_content_hash_and_row_key() -> None:
+    assert content_hash("hello") == content_hash("hello") != content_hash("hello!")
     assert row_key("public.docs", "7") == "public.docs:7"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from dataclasses import dataclass
 from typing import Any, NotRequired, TypedDict
 
 # Fixed namespace: the same (table, key, chunk_no) maps to the same point id in every process, forever.
@@ -25,26 +24,6 @@ def point_id(table: str, row_id: str, chunk_no: int) -> str:
 def content_hash(text: str) -> str:
     """Fingerprint of a chunk's text; equal hash means no re-embedding."""
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
-
-
-@dataclass(frozen=True, slots=True)
-class Chunk:
-    """One embeddable piece of a row's text."""
-
-    table: str
-    row_id: str
-    chunk_no: int
-    text: str
-
-    @property
-    def id(self) -> str:
-        """The chunk's deterministic point id."""
-        return point_id(self.table, self.row_id, self.chunk_no)
-
-    @property
-    def hash(self) -> str:
-        """The chunk's content fingerprint."""
-        return content_hash(self.text)
 
 
 class PointPayload(TypedDict):

@@ -252,9 +252,10 @@ class IndexWriter:
         return before
 
     def _apply_rows(self, events: Sequence[ChangeEvent], stats: ApplyStats) -> None:
+        tables = {t: self.sources.get(t) for t in {ev.table for ev in events}}  # looked up once per batch
         known = []
         for ev in events:
-            if self.sources.get(ev.table) is None:
+            if tables[ev.table] is None:
                 stats.unknown_table += 1
                 log.warning("event for a table not in the sources config", extra={"table": ev.table})
             else:
@@ -292,7 +293,7 @@ class IndexWriter:
                 stats.rows_deleted += 1
                 stats.applied.append(ev)
                 continue
-            source = self.sources.get(ev.table)
+            source = tables[ev.table]
             assert source is not None
             row = self._fill_unavailable(ev.row, have, source)
             texts.append(source.render_text(row))

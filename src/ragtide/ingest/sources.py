@@ -7,7 +7,7 @@ import re
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +53,10 @@ class SourceTable(BaseModel):
                 raise ValueError(f"'{{{f}}}' is not a plain column name")
         return value
 
-    @cached_property
+    @property
     def text_columns(self) -> tuple[str, ...]:
-        """The columns the text template reads (parsed once: read per row on the write path)."""
-        return tuple(f for _, f, _, _ in string.Formatter().parse(self.text) if f)
+        """The columns the text template reads."""
+        return _template_columns(self.text)
 
     def render_text(self, row: dict[str, Any]) -> str:
         """The row's indexed text; NULL and missing columns render as empty."""
@@ -135,12 +135,7 @@ class SourcesConfig(BaseModel):
 
     def get(self, table: str) -> SourceTable | None:
         """The source config of the table with this identity ('schema.table', or '<db>.schema.table'), if indexed."""
-        return self._by_id.get(table)
-
-    @cached_property
-    def _by_id(self) -> dict[str, SourceTable]:
-        """Every table by identity, built once (`get` runs per event on the write path)."""
-        return {s.id: s for s in self.all}
+        return next((s for s in self.all if s.id == table), None)
 
     @property
     def tables(self) -> list[str]:
@@ -163,6 +158,12 @@ class SourcesConfig(BaseModel):
             return self
         canary = SourceTable(table=CANARY_TABLE, key=("id",), text="{body}")
         return self.model_copy(update={"sources": (*self.sources, canary)})
+
+
+@lru_cache(maxsize=256)
+def _template_columns(template: str) -> tuple[str, ...]:
+    """The columns a text template reads, parsed once per template (the write path asks per row)."""
+    return tuple(f for _, f, _, _ in string.Formatter().parse(template) if f)
 
 
 def _with_database(table: Any, name: str) -> Any:
