@@ -129,6 +129,7 @@ def test_spans_from_flash_ids_are_the_rust_tokenizers_offsets_or_none(hf: Any, r
     assert served > 1000
     # the batch is one vectorised pass: each text's result is the one it gets alone
     assert tok._spans is not None
+    assert tok._spans.many(["\x00", "\x07\x07"], [[100], [100, 100]]) == [None, None]  # ids and no word at all
     seqs = [tok.spans([t])[0] for t in sample[:400]]
     for alone, together in zip(seqs, got[:400], strict=True):
         assert (alone is None) == (together is None)

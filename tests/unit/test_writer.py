@@ -253,6 +253,48 @@ def test_the_text_columns_live_on_the_first_chunk_and_follow_an_edit_of_a_later_
     assert index.count({"metadata.category": "z"}) == N_LONG
 
 
+def test_a_row_written_before_columns_moved_to_chunk_0_fills_a_toasted_column_from_chunk_0() -> None:
+    """Points written by an earlier version carry the text columns on every chunk; after an edit, the later
+    chunks' copies may be stale (payload updates merge). The placeholder is filled from chunk 0, whatever order the
+    engine scrolls in."""
+    index, encoder = ReversedScrollIndex(), HashEncoder()
+    index.ensure_collection(encoder.dim)
+    writer, feed = IndexWriter(index, encoder, word_chunker(8, 2), SOURCES), Feed()
+    writer.apply([feed.ev(Op.CREATE, 1, "Title", LONG)])
+    # as an earlier version left it: columns on every chunk, the later ones stale
+    for p in index.scroll():
+        stale = {"title": "Title", "body": "an older body"}
+        index.set_payload([p.id], {"columns": p.payload.get("columns") or stale})
+    before = encoder.encoded
+    writer.apply([feed.ev(Op.UPDATE, 1, "Title", UNAVAILABLE, category="z")])
+    assert encoder.encoded == before and " ".join(texts_of(index, "1")).count("older") == 0
+    assert index.count({"metadata.category": "z"}) == N_LONG
+
+
+def test_a_pipelined_batch_whose_chunking_fails_writes_nothing_after_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slice's chunking that raises fails the batch: its slices after it are never written, and apply raises."""
+    from ragtide.embedder import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "PIPELINE_ROWS", 16)
+    index, encoder, feed = MemoryIndex(), HashEncoder(), Feed()
+    index.ensure_collection(encoder.dim)
+    w = IndexWriter(index, encoder, word_chunker(8, 2), SOURCES, pipeline=True)
+    real = w._chunk
+    slices: list[int] = []
+
+    def chunk(texts: list[str]) -> Any:
+        slices.append(len(texts))
+        if len(slices) == 2:
+            raise ValueError("tokenizer broke")
+        return real(texts)
+
+    monkeypatch.setattr(w, "_chunk", chunk)
+    with pytest.raises(ValueError, match="tokenizer broke"):
+        w.apply([feed.ev(Op.CREATE, i, "T", LONG) for i in range(100)])
+    written = {p.payload["row_id"] for p in index.scroll(limit=10_000)}
+    assert written == {str(i) for i in range(25)}  # the first slice only: 100 rows in 4 slices of 25
+
+
 def test_unknown_tables_are_ignored(env: Any) -> None:
     writer, index, _, _feed = env
     ev = ChangeEvent("public.other", Op.CREATE, {"id": 1}, {"id": 1}, SourcePosition(1, 1))

@@ -241,6 +241,8 @@ class WordPieceSpans:
         starts = np.flatnonzero((kind == 2) | ((kind == 1) & (before != 1)))
         ends = np.flatnonzero((kind == 2) | ((kind == 1) & (after != 1))) + 1
         lengths = ends - starts
+        if not starts.size:
+            return out  # ids but not one word (control characters only): nothing they could spell
         m = len(rows)
         word_text = np.searchsorted(text_at, starts, side="right") - 1  # the text of each word
         n_words = np.bincount(word_text, minlength=m)
