@@ -222,13 +222,10 @@ class WordPieceSpans:
         self.unk = vocab.get(unk, -1)
         self.max_word = max_word
 
-    def __call__(self, text: str, ids: list[int]) -> Spans | None:
-        """Spans of `ids` (no special tokens) in `text` (ASCII), or None where they do not line up."""
-        return self.many([text], [ids])[0]
-
     def many(self, texts: Sequence[str], ids: Sequence[list[int]]) -> list[Spans | None]:
-        """`__call__` for many texts in one vectorised pass: the texts are joined by spaces (which end words), each
-        text's words and tokens are numbered within it, and a text whose tokens do not spell its words is None."""
+        """Spans of each text's `ids` (no special tokens) in the text (ASCII), or None where they do not line up; in
+        one vectorised pass: the texts are joined by spaces (which end words), and each text's words and tokens are
+        numbered within it."""
         out: list[Spans | None] = [None] * len(texts)
         rows = [i for i, t in enumerate(texts) if t and ids[i]]
         if not rows:
