@@ -7,7 +7,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import httpx
 import psycopg
@@ -135,7 +136,12 @@ def check_replication(kafka: KafkaSettings) -> None:
 
 
 def register(settings: RagtideSettings, sources: SourcesConfig, timeout: float = 120.0) -> list[str]:
-    """Create or update the connector (PUT is idempotent) and wait until its task runs.
+    """Create or update the connector and wait until its task runs with this config.
+
+    An unchanged config is left as it is: a PUT restarts the task, a pause in the stream for nothing. A changed one
+    is applied with the connector stopped (stop, PUT, resume): Connect restarts a running connector some moments
+    after a PUT, so a status read in between still shows the old task RUNNING, and `up` returned while the old
+    config ran and the task was about to restart. Once it was STOPPED, every RUNNING seen is the new config's.
 
     Tables added to an existing connector get their existing rows through an incremental snapshot (a signal
     row in Debezium's signal table) while the stream goes on. Returns those tables.
@@ -147,10 +153,24 @@ def register(settings: RagtideSettings, sources: SourcesConfig, timeout: float =
     config = connector_config(settings, sources, "disabled" if covered else "filtered")
     with httpx.Client(timeout=30.0) as http:
         current = http.get(f"{url}/config")
-        before = set(current.json().get("table.include.list", "").split(",")) if current.is_success else None
-        resp = http.put(f"{url}/config", json=config)
-        if resp.status_code >= 400:
-            raise StackError(f"Connect rejected the connector config ({resp.status_code}): {resp.text}")
+        existing: dict[str, str] | None = current.json() if current.is_success else None
+        if existing is None:
+            _put_config(http, url, config)
+        else:
+            status = http.get(f"{url}/status")
+            if status.is_success and status.json()["connector"]["state"] == "STOPPED":
+                raise StackError(
+                    f"connector {settings.connect.connector_name} is stopped (a `ragtide resync` that did not finish, "
+                    f"or a PUT {url}/stop): run `ragtide resync`, which takes it up again from the source as it is "
+                    f"now; if it was stopped on purpose and its position still holds, resume it: curl -X PUT "
+                    f"{url}/resume"
+                )
+            if {k: v for k, v in existing.items() if k != "name"} != config:
+                stop(http, url)
+                try:
+                    _put_config(http, url, config)
+                finally:  # a rejected config leaves the connector running as it was
+                    http.put(f"{url}/resume").raise_for_status()
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
@@ -161,6 +181,7 @@ def register(settings: RagtideSettings, sources: SourcesConfig, timeout: float =
                 states = [body["connector"]["state"], *(t["state"] for t in tasks)]
                 last = json.dumps(body)[:2000]
                 if tasks and all(s == "RUNNING" for s in states):
+                    before = set(existing.get("table.include.list", "").split(",")) if existing else None
                     added = [] if before is None else [t for t in sources.pg_tables if t not in before]
                     if added and settings.postgres.source_writes:  # read-only: Stack.apply_sources reads them
                         snapshot_until_started(settings, added)
@@ -169,6 +190,40 @@ def register(settings: RagtideSettings, sources: SourcesConfig, timeout: float =
                     raise StackError(f"connector failed: {last}")
             time.sleep(0.5)
     raise StackError(f"connector not running after {timeout:.0f}s: {last}")
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float) -> None:
+    """Poll `check` every half second (an HTTP error counts as not yet: Connect answers 409 while it rebalances);
+    StackError after `timeout`. (stack.process has the native stack's own, which reads daemons' logs; ingest
+    stays below stack.)"""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.5)
+    raise StackError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last!r})")
+
+
+def _put_config(http: httpx.Client, url: str, config: dict[str, str]) -> None:
+    resp = http.put(f"{url}/config", json=config)
+    if resp.status_code >= 400:
+        raise StackError(f"Connect rejected the connector config ({resp.status_code}): {resp.text}")
+
+
+def connector_state(http: httpx.Client, url: str) -> tuple[str, list[str]]:
+    """The state of the connector at `url` (Connect's /connectors/<name>) and of each of its tasks."""
+    body = http.get(f"{url}/status").raise_for_status().json()
+    return body["connector"]["state"], [t["state"] for t in body.get("tasks", [])]
+
+
+def stop(http: httpx.Client, url: str, timeout: float = 120.0) -> None:
+    """Stop the connector (`PUT <url>/stop`: its tasks end, its config and offsets stay) and wait until it is."""
+    http.put(f"{url}/stop").raise_for_status()
+    wait_until(lambda: connector_state(http, url)[0] == "STOPPED", "the connector to stop", timeout)
 
 
 def signal_snapshots(settings: RagtideSettings, sources: SourcesConfig, tables: list[str]) -> None:

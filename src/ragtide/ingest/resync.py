@@ -20,34 +20,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
 import httpx
 import psycopg
 
 from ragtide.contracts.errors import StackError
 from ragtide.contracts.settings import RagtideSettings
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout: float) -> None:
-    """Poll `check` every half second (an HTTP error counts as not yet: Connect answers 409 while it rebalances);
-    StackError after `timeout`. (stack.process has the native stack's own, which reads daemons' logs; ingest
-    stays below stack.)"""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except httpx.HTTPError as exc:
-            last = exc
-        time.sleep(0.5)
-    raise StackError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last!r})")
-
-
-def _state(http: httpx.Client, url: str) -> tuple[str, list[str]]:
-    body = http.get(f"{url}/status").raise_for_status().json()
-    return body["connector"]["state"], [t["state"] for t in body.get("tasks", [])]
+from ragtide.ingest.connector import connector_state, stop, wait_until
 
 
 def drop_slot(dsn: str, slot: str) -> bool:
@@ -80,8 +59,7 @@ def _forget_position(http: httpx.Client, url: str, settings: RagtideSettings, pr
     """Steps 1-3: stop the connector, drop its slot, delete its offsets; True when a slot was dropped."""
     c = settings.connect
     progress("stopping the connector")
-    http.put(f"{url}/stop").raise_for_status()
-    wait_until(lambda: _state(http, url)[0] == "STOPPED", "the connector to stop", 120)
+    stop(http, url)
     progress(f"dropping replication slot {c.slot_name}")
     dropped = drop_slot(settings.postgres.dsn(), c.slot_name)
     progress("deleting the connector's offsets")
@@ -100,7 +78,7 @@ def resync_source(
             _forget_position(http, url, settings, progress)
             progress("resuming: Debezium snapshots every table into a new slot")
             http.put(f"{url}/resume").raise_for_status()
-            wait_until(lambda: _state(http, url) == ("RUNNING", ["RUNNING"]), "the connector to run", 120)
+            wait_until(lambda: connector_state(http, url) == ("RUNNING", ["RUNNING"]), "the connector to run", 120)
         except (httpx.HTTPError, psycopg.Error, StackError) as exc:
             state = http.get(f"{url}/status").text[:500] if not isinstance(exc, httpx.TransportError) else "?"
             raise StackError(
