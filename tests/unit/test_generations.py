@@ -3,6 +3,7 @@ the switch, encoder and collection switched together, catalog kept, builds resum
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -31,7 +32,7 @@ from ragtide.embedder.index.memory import MemoryIndex
 from ragtide.embedder.lease import LocalLease, LocalLeases
 from ragtide.embedder.verify import TableDrift, verify_table
 from ragtide.embedder.worker import is_transient
-from ragtide.embedder.writer import IndexWriter
+from ragtide.embedder.writer import PIPELINE_ROWS, IndexWriter
 from ragtide.ingest.sources import SourcesConfig
 from tests.doubles import HashEncoder, word_chunker
 
@@ -53,7 +54,8 @@ class OtherModel(HashEncoder):
 class Store:
     """Collections by name, like one Qdrant store, and a factory of generations over it."""
 
-    def __init__(self) -> None:
+    def __init__(self, pipeline: bool = False) -> None:
+        self.pipeline = pipeline  # writers with chunking and write threads (an encoder that spares the CPU)
         self.collections: dict[str, MemoryIndex] = {}
         self.encoders: dict[str, HashEncoder] = {"hash-bow": HashEncoder(), "other-model": OtherModel()}
 
@@ -62,7 +64,8 @@ class Store:
 
     def factory(self, spec: GenerationSpec) -> Generation:
         index, enc = self.index(spec.collection("chunks")), self.encoders[spec.model]
-        writer = IndexWriter(index, enc, word_chunker(spec.max_tokens, spec.overlap), SOURCES)
+        chunker = word_chunker(spec.max_tokens, spec.overlap)
+        writer = IndexWriter(index, enc, chunker, SOURCES, pipeline=self.pipeline)
         return Generation(spec, index, enc, writer)
 
     def generations(self) -> Generations:
@@ -677,3 +680,29 @@ def test_reap_never_drops_the_live_generation_even_if_the_catalog_lists_it_as_re
     again.converge(spec())
     assert again.reap(now=time.monotonic() + again.grace_s) == 0
     assert store.index(spec().collection("chunks")).count() > 0
+
+
+def writer_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith(("ragtide-write", "ragtide-chunk"))}
+
+
+def test_a_generation_this_process_is_done_with_lets_its_writers_threads_go() -> None:
+    store = Store(pipeline=True)
+    gens = store.generations()
+    gens.converge(spec(max_tokens=8))
+    before = writer_threads()
+    rows = [ev(10 + i, i, f"row {i} says {TEXT}", Op.CREATE) for i in range(3 * PIPELINE_ROWS)]
+    gens.apply(rows)
+    blue = writer_threads() - before
+    assert len(blue) == 2  # a slice chunked while another is written
+    gens.converge(spec(max_tokens=12))
+    gens.apply(rows)
+    green = writer_threads() - before - blue
+    assert len(green) == 2 and all(t.is_alive() for t in blue)  # the stream goes to both during the build
+    gens.promote()
+    assert gens.reap(now=time.monotonic() + gens.grace_s) == 1
+    assert not any(t.is_alive() for t in blue)  # the retired generation's writer stopped its threads
+    assert all(t.is_alive() for t in green)
+    gens.apply(rows[:1])  # the live one writes on
+    gens.close()
+    assert not any(t.is_alive() for t in green)

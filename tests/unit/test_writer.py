@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections import Counter
 from typing import Any
 
@@ -293,6 +294,25 @@ def test_a_pipelined_batch_whose_chunking_fails_writes_nothing_after_it(monkeypa
         w.apply([feed.ev(Op.CREATE, i, "T", LONG) for i in range(100)])
     written = {p.payload["row_id"] for p in index.scroll(limit=10_000)}
     assert written == {str(i) for i in range(25)}  # the first slice only: 100 rows in 4 slices of 25
+
+
+def test_a_closed_pipelined_writer_has_no_threads_and_starts_them_again_when_used() -> None:
+    index, encoder, feed = MemoryIndex(), HashEncoder(), Feed()
+    index.ensure_collection(encoder.dim)
+    w = IndexWriter(index, encoder, word_chunker(8, 2), SOURCES, pipeline=True)
+
+    def threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith(("ragtide-write", "ragtide-chunk"))]
+
+    before = set(threads())
+    w.apply([feed.ev(Op.CREATE, i, "T", LONG) for i in range(200)])
+    started = set(threads()) - before
+    assert len(started) == 2
+    w.close()
+    assert not any(t.is_alive() for t in started)
+    w.apply([feed.ev(Op.UPDATE, i, "T", LONG + " more") for i in range(200)])
+    assert texts_of(index, "199")[-1].endswith("more")
+    w.close()
 
 
 def test_unknown_tables_are_ignored(env: Any) -> None:

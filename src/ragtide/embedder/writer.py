@@ -175,6 +175,14 @@ class IndexWriter:
         self._pending: list[Future[None]] = []
         self._write_failed = False
 
+    def close(self) -> None:
+        """Let the chunking and write threads go, once the writes in flight are done (a writer used again starts
+        them again)."""
+        for pool in (self._chunking, self._writing):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._chunking = self._writing = None
+
     @contextmanager
     def remembering_deletes(self) -> Iterator[None]:
         """Hold tombstones from before a repair reads its snapshot until its writes are done.

@@ -188,7 +188,7 @@ class Generations:
         kept = {id(self._live), id(self.building)}
         for gen in opened:
             if id(gen) not in kept:
-                gen.index.close()  # the leader drops it; this process will not write it again
+                gen.close()  # the leader drops it; this process will not write it again
         return before != (self._fingerprint(self._live), self._fingerprint(self.building))
 
     @staticmethod
@@ -248,7 +248,7 @@ class Generations:
     def _drop_building(self, spec: GenerationSpec) -> None:
         self._fenced("drop a build")
         if self.building is not None and self.building.spec.fingerprint == spec.fingerprint:
-            self.building.index.close()
+            self.building.close()
             self.building = None
         self.drop_collection(spec)
 
@@ -286,7 +286,7 @@ class Generations:
             self._publish()
         except Exception:  # the catalog does not name it: neither does this process
             if self.building not in (self._live, before[0]):  # opened for this start: let its index go
-                self.building.index.close()  # (its collection only a leader may drop: that needs the lease)
+                self.building.close()  # (its collection only a leader may drop: that needs the lease)
             self.building, self.progress = before
             raise
         self._building.set(1)
@@ -372,6 +372,7 @@ class Generations:
             self._retired = kept
         for _, gen, spec in due:
             if gen is not None:
+                gen.writer.close()
                 gen.index.drop()
             else:
                 self.drop_collection(spec)
@@ -393,7 +394,7 @@ class Generations:
         """Close every open collection."""
         for gen in (self._live, self.building):
             if gen is not None:
-                gen.index.close()
+                gen.close()
         self.catalog.index.close()
 
 

@@ -120,6 +120,12 @@ class Generation:
     encoder: Encoder
     writer: IndexWriter
 
+    def close(self) -> None:
+        """This process is done with it: its writer's threads end (after the writes in flight), its collection is
+        closed."""
+        self.writer.close()
+        self.index.close()
+
 
 GenerationFactory = Callable[[GenerationSpec], Generation]
 
