@@ -686,6 +686,35 @@ def writer_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name.startswith(("ragtide-write", "ragtide-chunk"))}
 
 
+def test_a_retired_generations_writer_is_closed_while_no_repair_can_be_writing_to_it() -> None:
+    """A repair writes to the generation it started on through apply_to, under the generations' lock; reap closes
+    that writer under the same lock, so it never shuts the write threads under a write half way through."""
+    store = Store(pipeline=True)
+    gens = store.generations()
+    gens.converge(spec(max_tokens=8))
+    gens.converge(spec(max_tokens=12))
+    gens.promote()
+    retired = next(gen for _, gen, _ in gens._retired if gen is not None)
+    held: list[bool] = []
+    close = retired.writer.close
+
+    def try_the_lock() -> None:
+        got = gens._lock.acquire(blocking=False)
+        held.append(not got)
+        if got:
+            gens._lock.release()
+
+    def closing() -> None:
+        probe = threading.Thread(target=try_the_lock)
+        probe.start()
+        probe.join()
+        close()
+
+    retired.writer.close = closing  # type: ignore[method-assign]
+    assert gens.reap(now=time.monotonic() + gens.grace_s) == 1
+    assert held == [True]
+
+
 def test_a_generation_this_process_is_done_with_lets_its_writers_threads_go() -> None:
     store = Store(pipeline=True)
     gens = store.generations()

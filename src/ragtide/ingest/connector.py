@@ -8,7 +8,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import psycopg
@@ -20,6 +20,7 @@ from ragtide.ingest import pgsetup
 from ragtide.ingest.sources import SourcesConfig, source_dbs
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def connector_config(
@@ -138,11 +139,6 @@ def check_replication(kafka: KafkaSettings) -> None:
 def register(settings: RagtideSettings, sources: SourcesConfig, timeout: float = 120.0) -> list[str]:
     """Create or update the connector and wait until its task runs with this config.
 
-    An unchanged config is left as it is: a PUT restarts the task, a pause in the stream for nothing. A changed one
-    is applied with the connector stopped (stop, PUT, resume): Connect restarts a running connector some moments
-    after a PUT, so a status read in between still shows the old task RUNNING, and `up` returned while the old
-    config ran and the task was about to restart. Once it was STOPPED, every RUNNING seen is the new config's.
-
     Tables added to an existing connector get their existing rows through an incremental snapshot (a signal
     row in Debezium's signal table) while the stream goes on. Returns those tables.
     """
@@ -152,43 +148,90 @@ def register(settings: RagtideSettings, sources: SourcesConfig, timeout: float =
     )
     config = connector_config(settings, sources, "disabled" if covered else "filtered")
     with httpx.Client(timeout=30.0) as http:
-        current = http.get(f"{url}/config")
-        existing: dict[str, str] | None = current.json() if current.is_success else None
-        if existing is None:
-            _put_config(http, url, config)
-        else:
-            status = http.get(f"{url}/status")
-            if status.is_success and status.json()["connector"]["state"] == "STOPPED":
-                raise StackError(
-                    f"connector {settings.connect.connector_name} is stopped (a `ragtide resync` that did not finish, "
-                    f"or a PUT {url}/stop): run `ragtide resync`, which takes it up again from the source as it is "
-                    f"now; if it was stopped on purpose and its position still holds, resume it: curl -X PUT "
-                    f"{url}/resume"
-                )
-            if {k: v for k, v in existing.items() if k != "name"} != config:
-                stop(http, url)
-                try:
-                    _put_config(http, url, config)
-                finally:  # a rejected config leaves the connector running as it was
-                    http.put(f"{url}/resume").raise_for_status()
-        deadline = time.monotonic() + timeout
-        last = ""
-        while time.monotonic() < deadline:
-            st = http.get(f"{url}/status")
-            if st.is_success:
-                body = st.json()
-                tasks = body.get("tasks", [])
-                states = [body["connector"]["state"], *(t["state"] for t in tasks)]
-                last = json.dumps(body)[:2000]
-                if tasks and all(s == "RUNNING" for s in states):
-                    before = set(existing.get("table.include.list", "").split(",")) if existing else None
-                    added = [] if before is None else [t for t in sources.pg_tables if t not in before]
-                    if added and settings.postgres.source_writes:  # read-only: Stack.apply_sources reads them
-                        snapshot_until_started(settings, added)
-                    return added
-                if "FAILED" in states:
-                    raise StackError(f"connector failed: {last}")
-            time.sleep(0.5)
+        existing = apply_config(http, url, config, timeout)
+        wait_running(http, url, timeout)
+    if existing is None:
+        return []
+    before = set(existing.get("table.include.list", "").split(","))
+    added = [t for t in sources.pg_tables if t not in before]
+    if added and settings.postgres.source_writes:  # read-only: Stack.apply_sources reads them
+        snapshot_until_started(settings, added)
+    return added
+
+
+def apply_config(http: httpx.Client, url: str, config: dict[str, str], timeout: float) -> dict[str, str] | None:
+    """Make the connector at `url` run `config`; returns the config it had (None: it did not exist).
+
+    An unchanged config is left as it is: a PUT restarts the task, a pause in the stream for nothing. A changed one
+    is applied with the connector stopped (stop, PUT, resume): Connect restarts a running connector some moments
+    after a PUT, so a status read in between still shows the old task RUNNING, and `up` returned while the old
+    config ran and the task was about to restart. Once it was STOPPED with no tasks, every RUNNING seen is the new
+    config's. It is resumed whatever happened in between: a stop that timed out or a rejected config leaves it
+    running as it was, never stopped.
+    """
+    existing = current_config(http, url, timeout)
+    if existing is None:
+        _put_config(http, url, config, timeout)
+        return None
+    if _retrying(lambda: connector_state(http, url)[0], "the connector's status", timeout) == "STOPPED":
+        raise StackError(
+            f"connector {url.rsplit('/', 1)[-1]} is stopped (a `ragtide resync` that did not finish, or a PUT "
+            f"{url}/stop): run `ragtide resync`, which takes it up again from the source as it is now; if it was "
+            f"stopped on purpose and its position still holds, resume it: curl -X PUT {url}/resume"
+        )
+    if not config_changed(existing, config):
+        return existing
+    try:
+        stop(http, url, timeout)
+        _put_config(http, url, config, timeout)
+    finally:
+        resume(http, url, timeout)
+    return existing
+
+
+def config_changed(existing: dict[str, str], desired: dict[str, str]) -> bool:
+    """Whether the connector's config (as Connect returns it: with its "name") differs from `desired`. A
+    publication created by Debezium ("filtered") that now covers the tables is rendered "disabled": the same
+    stream, so no change."""
+    have = {k: v for k, v in existing.items() if k != "name"}
+    mode = "publication.autocreate.mode"
+    if have.get(mode) == "filtered" and desired.get(mode) == "disabled":
+        have[mode] = "disabled"
+    return have != desired
+
+
+def current_config(http: httpx.Client, url: str, timeout: float) -> dict[str, str] | None:
+    """The connector's config; None only when Connect says there is no such connector (404). Any other answer (a
+    409 while Connect rebalances, a 5xx) is asked again until `timeout`: taken for "absent", it would PUT a
+    running connector's config without stopping it."""
+
+    def read() -> dict[str, str] | None:
+        resp = http.get(f"{url}/config")
+        if resp.status_code == 404:
+            return None
+        config: dict[str, str] = resp.raise_for_status().json()
+        return config
+
+    return _retrying(read, "the connector's config", timeout)
+
+
+def wait_running(http: httpx.Client, url: str, timeout: float) -> None:
+    """Wait until the connector and each of its tasks (at least one) run; StackError on a FAILED one or after
+    `timeout`."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        st = http.get(f"{url}/status")
+        if st.is_success:
+            body = st.json()
+            tasks = body.get("tasks", [])
+            states = [body["connector"]["state"], *(t["state"] for t in tasks)]
+            last = json.dumps(body)[:2000]
+            if tasks and all(s == "RUNNING" for s in states):
+                return
+            if "FAILED" in states:
+                raise StackError(f"connector failed: {last}")
+        time.sleep(0.5)
     raise StackError(f"connector not running after {timeout:.0f}s: {last}")
 
 
@@ -208,10 +251,35 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float) -> None:
     raise StackError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last!r})")
 
 
-def _put_config(http: httpx.Client, url: str, config: dict[str, str]) -> None:
-    resp = http.put(f"{url}/config", json=config)
-    if resp.status_code >= 400:
-        raise StackError(f"Connect rejected the connector config ({resp.status_code}): {resp.text}")
+def _retrying(read: Callable[[], T], what: str, timeout: float) -> T:
+    """`read()`'s value, asked again while it raises an HTTP error (see wait_until)."""
+    got: list[T] = []
+
+    def once() -> bool:
+        got.append(read())
+        return True
+
+    wait_until(once, what, timeout)
+    return got[0]
+
+
+def _put_config(http: httpx.Client, url: str, config: dict[str, str], timeout: float = 120.0) -> None:
+    _put(http, f"{url}/config", "the connector config", timeout, config)
+
+
+def _put(http: httpx.Client, url: str, what: str, timeout: float, body: dict[str, str] | None = None) -> None:
+    """PUT to Connect; a 409 (Connect rebalancing, as it does right after a stop) or a connection error is tried
+    again until `timeout`, any other error is a StackError naming `what`."""
+
+    def put() -> bool:
+        resp = http.put(url, json=body)
+        if resp.status_code == 409:
+            return False
+        if resp.status_code >= 400:
+            raise StackError(f"Connect rejected {what} ({resp.status_code}): {resp.text}")
+        return True
+
+    wait_until(put, f"Connect to take {what}", timeout)
 
 
 def connector_state(http: httpx.Client, url: str) -> tuple[str, list[str]]:
@@ -221,9 +289,15 @@ def connector_state(http: httpx.Client, url: str) -> tuple[str, list[str]]:
 
 
 def stop(http: httpx.Client, url: str, timeout: float = 120.0) -> None:
-    """Stop the connector (`PUT <url>/stop`: its tasks end, its config and offsets stay) and wait until it is."""
-    http.put(f"{url}/stop").raise_for_status()
-    wait_until(lambda: connector_state(http, url)[0] == "STOPPED", "the connector to stop", timeout)
+    """Stop the connector (`PUT <url>/stop`: its tasks end, its config and offsets stay) and wait until it is
+    STOPPED with no tasks (a task's status can still read RUNNING a moment after the connector's reads STOPPED)."""
+    _put(http, f"{url}/stop", "the stop", timeout)
+    wait_until(lambda: connector_state(http, url) == ("STOPPED", []), "the connector to stop", timeout)
+
+
+def resume(http: httpx.Client, url: str, timeout: float = 120.0) -> None:
+    """Resume a stopped or paused connector (`PUT <url>/resume`), asked again while Connect rebalances."""
+    _put(http, f"{url}/resume", "the resume", timeout)
 
 
 def signal_snapshots(settings: RagtideSettings, sources: SourcesConfig, tables: list[str]) -> None:

@@ -26,7 +26,7 @@ import psycopg
 
 from ragtide.contracts.errors import StackError
 from ragtide.contracts.settings import RagtideSettings
-from ragtide.ingest.connector import connector_state, stop, wait_until
+from ragtide.ingest.connector import connector_state, resume, stop, wait_until
 
 
 def drop_slot(dsn: str, slot: str) -> bool:
@@ -77,7 +77,7 @@ def resync_source(
         try:
             _forget_position(http, url, settings, progress)
             progress("resuming: Debezium snapshots every table into a new slot")
-            http.put(f"{url}/resume").raise_for_status()
+            resume(http, url)
             wait_until(lambda: connector_state(http, url) == ("RUNNING", ["RUNNING"]), "the connector to run", 120)
         except (httpx.HTTPError, psycopg.Error, StackError) as exc:
             state = http.get(f"{url}/status").text[:500] if not isinstance(exc, httpx.TransportError) else "?"

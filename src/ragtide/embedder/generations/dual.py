@@ -370,9 +370,11 @@ class Generations:
             due = [r for r in due if r[2].fingerprint not in in_use]  # never the live one, nor the build
             self._publish(retired=kept)  # forgotten only once the catalog no longer names them
             self._retired = kept
+            for _, gen, _ in due:  # under the lock: a repair's write to it (apply_to) is not half way through
+                if gen is not None:
+                    gen.writer.close()
         for _, gen, spec in due:
             if gen is not None:
-                gen.writer.close()
                 gen.index.drop()
             else:
                 self.drop_collection(spec)
