@@ -124,7 +124,7 @@ def choose_dtype(
 ) -> tuple[DType, str]:
     """The engine's precision and why: fp16 on CUDA; on CPU bf16 where the CPU has native bf16 dot products, else
     fp32. A requested precision is kept. int8 is never chosen for you: it runs ~1.4x fp32 on AVX2 and meets the
-    vector gate (mean cosine to fp32 >= 0.99), but not yet the search gate (top-10 overlap with fp32 0.90, below
+    vector gate (mean cosine to fp32 >= 0.99), but not yet the search gate (top-10 overlap with fp32 0.91, below
     0.95). `precision` ("int8" or "float") is an existing generation's, which wins: its vectors must stay
     comparable. `queries`: search's own engine, whose passes are a few short queries: on CPU it runs fp32 even
     where bf16 is native (torch lays a bf16 weight out anew at every matmul, which a pass of a few dozen tokens
