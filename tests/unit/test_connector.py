@@ -23,17 +23,17 @@ CONFIG = {
 
 @dataclass
 class FakeConnect:
-    """Connect's answers for one connector. `busy`: how many requests to answer 409 first (a rebalance);
-    `stops_after`: status reads before a stop shows (after that it shows STOPPED with no tasks);
-    `stale_task_reads`: status reads after the connector is STOPPED that still list the old task RUNNING;
-    `busy_once`: requests ("PUT /config") answered 409 the first time each is made."""
+    """Connect's answers for one connector. `stops_after`: status reads before a stop shows (after that it shows
+    STOPPED with no tasks); `stale_task_reads`: status reads after the connector is STOPPED that still list the old
+    task RUNNING; `forced`: status codes to answer a request ("PUT /config") with, first to last, before answering
+    it as Connect would; `always`: a status code a request always gets."""
 
     config: dict[str, str] | None = None
     state: str = "RUNNING"
-    busy: int = 0
     stops_after: int | None = 0
     stale_task_reads: int = 0
-    busy_once: set[str] = field(default_factory=set)
+    forced: dict[str, list[int]] = field(default_factory=dict)
+    always: dict[str, int] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
     _stopping: int | None = None
 
@@ -41,10 +41,9 @@ class FakeConnect:
         path = request.url.path.removeprefix("/connectors/ragtide") or "/"
         call = f"{request.method} {path}"
         self.calls.append(call)
-        if self.busy or call in self.busy_once:
-            self.busy = max(0, self.busy - 1)
-            self.busy_once.discard(call)
-            return httpx.Response(409, json={"message": "rebalance in progress"})
+        code = self.always.get(call) or (self.forced[call].pop(0) if self.forced.get(call) else None)
+        if code is not None:
+            return httpx.Response(code, json={"message": f"answered {code}"})
         if self.config is None and path != "/config":
             return httpx.Response(404, json={"message": "no such connector"})
         if request.method == "GET" and path == "/config":
@@ -135,7 +134,7 @@ def test_a_stop_that_never_shows_still_resumes_the_connector() -> None:
 def test_a_rebalancing_connect_is_asked_again_not_taken_for_no_connector() -> None:
     """A 409 on GET /config is Connect rebalancing: read as "absent", the changed config would be PUT on the
     running connector without stopping it."""
-    fake = FakeConnect(config=dict(CONFIG), busy=2)
+    fake = FakeConnect(config=dict(CONFIG), forced={"GET /config": [409, 409]})
     with fake.client() as http:
         connector.apply_config(http, URL, {**CONFIG, "slot.name": "other"}, timeout=5)
     assert fake.calls[:3] == ["GET /config", "GET /config", "GET /config"]
@@ -143,7 +142,7 @@ def test_a_rebalancing_connect_is_asked_again_not_taken_for_no_connector() -> No
 
 
 def test_a_config_put_refused_during_a_rebalance_is_tried_again_and_a_rejected_one_named() -> None:
-    fake = FakeConnect(config=dict(CONFIG), busy_once={"PUT /config"})
+    fake = FakeConnect(config=dict(CONFIG), forced={"PUT /config": [409]})
     with fake.client() as http:
         connector.apply_config(http, URL, {**CONFIG, "slot.name": "other"}, timeout=5)
     assert fake.config == {**CONFIG, "slot.name": "other"}
@@ -162,3 +161,33 @@ def test_a_stopped_connector_is_refused_with_what_to_run() -> None:
         connector.apply_config(http, URL, {**CONFIG, "slot.name": "other"}, timeout=5)
     assert f"curl -X PUT {URL}/resume" in str(err.value)
     assert [c for c in fake.calls if c.startswith("PUT")] == []
+
+
+def test_a_stop_and_a_resume_that_both_fail_say_both_and_how_to_resume() -> None:
+    fake = FakeConnect(config=dict(CONFIG), stops_after=None, always={"PUT /resume": 500})
+    with fake.client() as http, pytest.raises(StackError) as err:
+        connector.apply_config(http, URL, {**CONFIG, "slot.name": "other"}, timeout=1)
+    said = str(err.value)
+    assert "the connector to stop" in said and "resuming the connector failed too" in said
+    assert f"curl -X PUT {URL}/resume" in said
+
+
+def test_an_answer_that_will_not_change_fails_at_once() -> None:
+    """A 401 (credentials) or a 404 on a path that should exist is not waited out for two minutes."""
+    fake = FakeConnect(config=dict(CONFIG), always={"GET /config": 401})
+    with fake.client() as http, pytest.raises(StackError, match="401"):
+        connector.apply_config(http, URL, CONFIG, timeout=60)
+    assert fake.calls == ["GET /config"]
+
+
+def test_a_connector_with_a_config_and_no_status_yet_is_not_taken_for_stopped() -> None:
+    fake = FakeConnect(config=dict(CONFIG), forced={"GET /status": [404]})
+    with fake.client() as http:
+        connector.apply_config(http, URL, CONFIG, timeout=5)
+    assert fake.calls == ["GET /config", "GET /status"]
+
+
+def test_a_put_that_keeps_meeting_a_rebalance_times_out_naming_it() -> None:
+    fake = FakeConnect(always={"PUT /config": 409})
+    with fake.client() as http, pytest.raises(StackError, match="409"):
+        connector.apply_config(http, URL, CONFIG, timeout=1)

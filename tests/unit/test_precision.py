@@ -110,3 +110,25 @@ def test_the_int8_calibration_texts_do_not_depend_on_what_the_process_imported_b
         return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env).stdout
 
     assert texts_hash(probe) == texts_hash(first + probe)
+
+
+@pytest.mark.parametrize(
+    ("machine", "cpu", "want"),
+    [
+        ("x86_64", AVX2, False),  # vpmaddubsw's int16 sums saturate: 7-bit weights
+        ("x86_64", [*AVX2, "avx_vnni"], True),
+        ("x86_64", [*AVX2, "avx512f", "avx512_vnni"], True),
+        ("AMD64", AVX2, False),
+        ("aarch64", [], True),  # no x86 flags to read, and no vpmaddubsw: 8-bit weights
+        ("arm64", [], True),
+    ],
+)
+def test_int8_weights_lose_a_bit_only_where_x86_sums_would_saturate(
+    monkeypatch: pytest.MonkeyPatch, machine: str, cpu: list[str], want: bool
+) -> None:
+    from ragtide.contracts import machine as machine_info
+    from ragtide.embedder import quantized
+
+    monkeypatch.setattr(quantized.platform, "machine", lambda: machine)
+    monkeypatch.setattr(machine_info, "cpu_info", lambda: {"model": "test", "cpus": 2, "features": cpu})
+    assert quantized.cpu_has_int8_dot() is want

@@ -76,9 +76,12 @@ def cache_root() -> Path:
 
 
 def cpu_has_int8_dot() -> bool:
-    """The CPU adds u8 x s8 products into int32 without saturating (AVX512-VNNI, AVX-VNNI or AMX)."""
+    """The CPU's int8 products do not saturate: an x86 CPU with AVX512-VNNI, AVX-VNNI or AMX, or any other CPU
+    (the saturating int16 sum is x86's `vpmaddubsw`; /proc/cpuinfo's flags are x86's)."""
     from ragtide.contracts.machine import cpu_info
 
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
     return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_info()["features"]))
 
 

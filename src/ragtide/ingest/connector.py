@@ -173,7 +173,7 @@ def apply_config(http: httpx.Client, url: str, config: dict[str, str], timeout: 
     if existing is None:
         _put_config(http, url, config, timeout)
         return None
-    if _retrying(lambda: connector_state(http, url)[0], "the connector's status", timeout) == "STOPPED":
+    if _retrying(lambda: _stopped(http, url), "the connector's status", timeout):
         raise StackError(
             f"connector {url.rsplit('/', 1)[-1]} is stopped (a `ragtide resync` that did not finish, or a PUT "
             f"{url}/stop): run `ragtide resync`, which takes it up again from the source as it is now; if it was "
@@ -184,9 +184,24 @@ def apply_config(http: httpx.Client, url: str, config: dict[str, str], timeout: 
     try:
         stop(http, url, timeout)
         _put_config(http, url, config, timeout)
-    finally:
-        resume(http, url, timeout)
+    except BaseException as exc:
+        try:
+            resume(http, url, timeout)
+        except Exception as again:  # both said: the first is why, the second that it may be left stopped
+            raise StackError(
+                f"{exc}; resuming the connector failed too ({again}), so it may be stopped: once Connect answers, "
+                f"curl -X PUT {url}/resume"
+            ) from exc
+        raise
+    resume(http, url, timeout)
     return existing
+
+
+def _stopped(http: httpx.Client, url: str) -> bool:
+    resp = http.get(f"{url}/status")
+    if resp.status_code == 404:  # a connector just created has a config before it has a status: not stopped
+        return False
+    return bool(resp.raise_for_status().json()["connector"]["state"] == "STOPPED")
 
 
 def config_changed(existing: dict[str, str], desired: dict[str, str]) -> bool:
@@ -201,9 +216,9 @@ def config_changed(existing: dict[str, str], desired: dict[str, str]) -> bool:
 
 
 def current_config(http: httpx.Client, url: str, timeout: float) -> dict[str, str] | None:
-    """The connector's config; None only when Connect says there is no such connector (404). Any other answer (a
-    409 while Connect rebalances, a 5xx) is asked again until `timeout`: taken for "absent", it would PUT a
-    running connector's config without stopping it."""
+    """The connector's config; None only when Connect says there is no such connector (404). A 409 (Connect
+    rebalancing), a 5xx or a connection error is asked again until `timeout` (taken for "absent", it would PUT a
+    running connector's config without stopping it); any other status is a StackError at once."""
 
     def read() -> dict[str, str] | None:
         resp = http.get(f"{url}/config")
@@ -236,15 +251,24 @@ def wait_running(http: httpx.Client, url: str, timeout: float) -> None:
 
 
 def wait_until(check: Callable[[], bool], what: str, timeout: float) -> None:
-    """Poll `check` every half second (an HTTP error counts as not yet: Connect answers 409 while it rebalances);
-    StackError after `timeout`. (stack.process has the native stack's own, which reads daemons' logs; ingest
-    stays below stack.)"""
+    """Poll `check` every half second; StackError after `timeout`. An error that may pass counts as not yet: a
+    409 (Connect rebalancing), a 5xx, a connection error. Any other HTTP status (a wrong URL, credentials) is a
+    StackError at once. (stack.process has the native stack's own, which reads daemons' logs; ingest stays below
+    stack.)"""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
         try:
             if check():
                 return
+        except httpx.HTTPStatusError as exc:
+            code = exc.response.status_code
+            if code != 409 and code < 500:
+                raise StackError(
+                    f"Connect answered {code} to {exc.request.method} {exc.request.url} while waiting for {what}: "
+                    f"{exc.response.text[:500]}"
+                ) from exc
+            last = exc
         except httpx.HTTPError as exc:
             last = exc
         time.sleep(0.5)
@@ -252,7 +276,7 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float) -> None:
 
 
 def _retrying(read: Callable[[], T], what: str, timeout: float) -> T:
-    """`read()`'s value, asked again while it raises an HTTP error (see wait_until)."""
+    """`read()`'s value, asked again while it raises an HTTP error that may pass (see wait_until)."""
     got: list[T] = []
 
     def once() -> bool:
@@ -274,7 +298,7 @@ def _put(http: httpx.Client, url: str, what: str, timeout: float, body: dict[str
     def put() -> bool:
         resp = http.put(url, json=body)
         if resp.status_code == 409:
-            return False
+            resp.raise_for_status()  # tried again, and named if it times out
         if resp.status_code >= 400:
             raise StackError(f"Connect rejected {what} ({resp.status_code}): {resp.text}")
         return True
