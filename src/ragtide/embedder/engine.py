@@ -123,12 +123,13 @@ def choose_dtype(
     requested: DType, cuda: bool, precision: str | None = None, queries: bool = False
 ) -> tuple[DType, str]:
     """The engine's precision and why: fp16 on CUDA; on CPU bf16 where the CPU has native bf16 dot products, else
-    fp32. A requested precision is kept. int8 is never chosen for you: it runs ~1.4x fp32 on AVX2 and meets the
-    vector gate (mean cosine to fp32 >= 0.99), but not yet the search gate (top-10 overlap with fp32 0.91, below
-    0.95). `precision` ("int8" or "float") is an existing generation's, which wins: its vectors must stay
-    comparable. `queries`: search's own engine, whose passes are a few short queries: on CPU it runs fp32 even
-    where bf16 is native (torch lays a bf16 weight out anew at every matmul, which a pass of a few dozen tokens
-    does not amortise: per query 4.1-4.9 ms in fp32 against 5.8-6.8 in bf16, batches of 8-32 queries of 16 tokens,
+    fp32. A requested precision is kept. int8 is not chosen for you yet: it runs 1.2-1.3x fp32 on AVX2 and meets
+    both gates (mean cosine to fp32 0.998, top-10 overlap 0.953), but has not run the e2e and fault suites as a
+    default, and making it one rebuilds every AVX2 deployment's index on upgrade (docs/embedding.md).
+    `precision` ("int8" or "float") is an existing generation's, which wins: its vectors must stay comparable.
+    `queries`: search's own engine, whose passes are a few short queries: on CPU it runs fp32 even where bf16 is
+    native (torch lays a bf16 weight out anew at every matmul, which a pass of a few dozen tokens does not
+    amortise: per query 4.1-4.9 ms in fp32 against 5.8-6.8 in bf16, batches of 8-32 queries of 16 tokens,
     one thread, AVX512_BF16), the same float vectors."""
     if precision == "int8":
         return "int8", "the generation's vectors are int8"
@@ -144,7 +145,7 @@ def choose_dtype(
         return "fp16", "CUDA"
     if cpu_has_native_bf16():
         return "bf16", "the CPU has native bf16 dot products (avx512_bf16 or amx_bf16)"
-    return "fp32", "no native bf16 on this CPU (encoder.dtype=int8 trades some search quality for ~1.4x)"
+    return "fp32", "no native bf16 on this CPU (encoder.dtype=int8 runs 1.2-1.3x, within the quality gates)"
 
 
 def model_window(model_dir: Path) -> int:
