@@ -143,7 +143,7 @@ def artifact(model_dir: Path, root: Path | None = None, bits: int | None = None)
     return target
 
 
-def build(model_dir: Path, target: Path, bits: int = 8) -> None:
+def build(model_dir: Path, target: Path, bits: int) -> None:
     """Export, fuse, smooth, scale per token and quantize `model_dir` into `target` (written atomically), with 8-
     or 7-bit weights."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
