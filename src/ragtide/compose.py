@@ -78,6 +78,7 @@ def build_encoder(
     queries: bool = False,
     nice: int = 0,
     threads: int | None = None,
+    precision: str | None = None,
 ) -> Encoder:
     """The configured encoder, or the one an older generation `spec` needs: its model, precision and provider
     ("local": a model in this process, whatever encoder.backend now says; else the embeddings API at the URL it
@@ -85,10 +86,11 @@ def build_encoder(
     encoder for search alone, so a provider's faults get one quick retry, never a long wait (a search waiting on
     Retry-After would hold the query path; it answers 503 with Retry-After instead). `nice`: the local engine's
     threads run at that nice value (see encoder.ingest_nice); `threads`: its forward passes' intra-op team (see
-    encoder.query_threads)."""
+    encoder.query_threads); `precision`: the configured encoder's, where the index decides it (`kept_precision`).
+    """
     e = settings.encoder
     path = (Path(spec.model_path) if spec.model_path else default_model_path()) if spec else e.model_path
-    precision = spec.precision if spec else None
+    precision = spec.precision if spec else precision
     backend = e.backend
     if spec is not None:
         backend = "openai" if spec.provider != "local" else "engine" if backend == "openai" else backend
@@ -121,16 +123,16 @@ def build_encoder(
         return SentenceTransformerEncoder(path, e.device, e.batch_size)
     if backend == "random-unit":
         return RandomUnitEncoder(path)
-    from ragtide.embedder.engine import EmbeddingEngine, choose_dtype
+    from ragtide.embedder.engine import EmbeddingEngine, choose_dtype, resolve_device
 
     # int8 runs on the CPU (ONNX Runtime's kernels): an int8 generation is served there on a GPU machine too.
-    # The engine's own choice decides (the generation's precision wins over the configured dtype); the device does
-    # not enter into whether it is int8.
-    int8 = choose_dtype(e.dtype, cuda=False, precision=precision)[0] == "int8"
-    device = "cpu" if int8 else e.device
+    # The generation's precision, the configured dtype and the device decide whether it is int8 (auto picks int8
+    # only on a CPU-only machine); an int8 engine then runs on the CPU, whatever encoder.device says.
+    chosen, why = choose_dtype(e.dtype, resolve_device(e.device) == "cuda", precision)
+    int8 = chosen == "int8"
     engine = EmbeddingEngine(
         path or default_model_path(),
-        device,
+        "cpu" if int8 else e.device,
         "int8" if int8 else e.query_dtype if queries and e.query_dtype != "auto" else e.dtype,
         e.token_budget,
         tokenizer=e.tokenizer,
@@ -145,7 +147,7 @@ def build_encoder(
             "model": engine.model_name,
             "device": str(engine.device),
             "dtype": engine.dtype_name,
-            "dtype_why": engine.dtype_why,
+            "dtype_why": why if int8 else engine.dtype_why,
             "window": engine.max_seq,
             "token_budget": engine.token_budget,
             "threads": threads or "torch's default",
@@ -198,11 +200,31 @@ def provider_requests(settings: RagtideSettings) -> dict[str, Any]:
 
 
 def node_query_encoder(
-    settings: RagtideSettings, registry: CollectorRegistry, spec: GenerationSpec | None = None
+    settings: RagtideSettings,
+    registry: CollectorRegistry,
+    spec: GenerationSpec | None = None,
+    precision: str | None = None,
 ) -> Encoder:
     """Search's own encoder in the node, beside the writer's: its engine's passes run with a team of
-    encoder.query_threads."""
-    return build_encoder(settings, spec, registry, queries=True, threads=settings.encoder.query_threads)
+    encoder.query_threads. `precision`: the writer's, for the configured model (its queries must match)."""
+    return build_encoder(
+        settings, spec, registry, queries=True, threads=settings.encoder.query_threads, precision=precision
+    )
+
+
+def auto_precision(settings: RagtideSettings) -> bool:
+    """Whether the index decides the local engine's precision: encoder.dtype is auto (`kept_precision`)."""
+    return settings.encoder.dtype == "auto" and settings.encoder.backend == "engine"
+
+
+def kept_precision(settings: RagtideSettings, catalog: Catalog) -> str | None:
+    """The precision the configured engine takes from the index where encoder.dtype is auto: the live
+    generation's, when it is the local engine's (auto's pick differs by CPU; a leader keeps it too:
+    `Generations(keep_precision=...)`). None: a new index, or a precision configured (the engine's own choice)."""
+    if not auto_precision(settings):
+        return None
+    live = catalog.read().live
+    return live.precision if live is not None and live.provider == "local" else None
 
 
 def spares_the_cpu(encoder: Encoder) -> bool:
@@ -272,15 +294,16 @@ def open_generations(
     registry: CollectorRegistry,
     query_encoder: Encoder | None = None,
     nice: int = 0,
+    catalog: Catalog | None = None,
 ) -> Generations:
     """The generations as the catalog names them, followed (nothing written): the process leads only once it holds
     the lease (`build_lifecycle`), and then converges them on the configuration. `query_encoder`: search's own
     instance of the configured model (the node's); a generation of another model (a migration) gets one of its own
     too, loaded once when search first reads it: never the writer's, whose lock holds whole batches and whose
-    threads run at `nice`."""
+    threads run at `nice`. `catalog`: the one the root already opened (`kept_precision`)."""
     base = settings.index.collection
     gens = Generations(
-        open_catalog(settings),
+        catalog or open_catalog(settings),
         generation_factory(
             settings, encoder, sources, PostgresTruncateLog(settings.postgres.state()), registry, nice=nice
         ),
@@ -290,6 +313,7 @@ def open_generations(
         query_encoder=None
         if query_encoder is None
         else SearchEncoders(query_encoder, lambda spec: node_query_encoder(settings, registry, spec)),
+        keep_precision=auto_precision(settings),
     )
     gens.leading = False
     gens.follow(desired_generation(settings, encoder))
@@ -376,10 +400,11 @@ def create_node_app(settings: RagtideSettings) -> FastAPI:
     # CUDA) under its lock, and a query queued behind it waited for all of it. On shared cores the writer's threads
     # run at a lower priority (encoder.ingest_nice), so a query's pass goes first during a backfill.
     nice = settings.encoder.ingest_nice
-    encoder = build_encoder(settings, registry=registry, nice=nice)
-    queries = node_query_encoder(settings, registry)
+    catalog = open_catalog(settings)
+    encoder = build_encoder(settings, registry=registry, nice=nice, precision=kept_precision(settings, catalog))
+    queries = node_query_encoder(settings, registry, precision=encoder.precision)
     tracker = FreshnessTracker(registry)
-    generations = open_generations(settings, encoder, sources, registry, queries, nice)
+    generations = open_generations(settings, encoder, sources, registry, queries, nice, catalog)
     cache = build_cache(settings, registry, encoder.dim)
     worker, watchdog = build_embedder(settings, generations, sources, registry, tracker, cache)
     lease = LocalLease(LocalLeases(), "node", settings.api.url)  # the node is the only writer of its embedded index
@@ -418,9 +443,11 @@ def create_retriever_app(settings: RagtideSettings) -> FastAPI:
         )
     sources = sources_of(settings)
     registry = CollectorRegistry()
-    encoder = build_encoder(settings, registry=registry, queries=True)  # a reader: it only embeds queries
+    catalog = open_catalog(settings)
+    # A reader: it only embeds queries.
+    encoder = build_encoder(settings, registry=registry, queries=True, precision=kept_precision(settings, catalog))
     follower = CatalogFollower(
-        open_catalog(settings),
+        catalog,
         generation_factory(settings, encoder, sources, registry=registry, queries=True),
         desired_generation(settings, encoder),
         failures=BackgroundFailures.of(registry),
@@ -468,8 +495,9 @@ def create_embedder(settings: RagtideSettings) -> tuple[faust.App, FastAPI]:
     sources = sources_of(settings)
     registry = CollectorRegistry()
     tracker = FreshnessTracker(registry)
-    encoder = build_encoder(settings, registry=registry)
-    generations = open_generations(settings, encoder, sources, registry)
+    catalog = open_catalog(settings)
+    encoder = build_encoder(settings, registry=registry, precision=kept_precision(settings, catalog))
+    generations = open_generations(settings, encoder, sources, registry, catalog=catalog)
     cache = build_cache(settings, registry, encoder.dim, sole_writer=False)  # the retrievers store, we invalidate
     worker, watchdog = build_embedder(settings, generations, sources, registry, tracker, cache)
     lease = embedder_lease(settings)

@@ -255,6 +255,27 @@ def test_precision_is_part_of_the_identity_and_float_keeps_the_old_fingerprints(
     assert GenerationSpec.from_dict(old) == a
 
 
+def test_a_leader_with_auto_precision_keeps_the_live_generations_and_a_configured_one_rebuilds() -> None:
+    """encoder.dtype auto (`keep_precision`): a leader whose CPU would pick other vectors (int8 on AVX2, float on a
+    bf16 CPU) keeps the live generation's precision, also when it rebuilds for a chunking change; a configured
+    precision rebuilds."""
+    store = Store()
+    store.generations().converge(spec())  # a float index
+    int8 = replace(spec(), precision="int8")
+
+    def leader(keep: bool) -> Generations:
+        return Generations(Catalog(store.index("chunks-catalog")), store.factory, keep_precision=keep)
+
+    kept = leader(keep=True)
+    assert kept.converge(int8) is False and kept.building is None and kept.live.spec == spec()
+    rechunked = leader(keep=True)
+    assert rechunked.converge(replace(int8, max_tokens=12)) is True
+    assert rechunked.building is not None and rechunked.building.spec.precision == "float"
+    configured = leader(keep=False)
+    assert configured.converge(int8) is True
+    assert configured.building is not None and configured.building.spec.precision == "int8"
+
+
 def test_catalog_is_empty_on_a_new_store() -> None:
     catalog = Catalog(MemoryIndex())
     assert catalog.read().live is None

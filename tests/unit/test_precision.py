@@ -1,5 +1,5 @@
 """Which precision the engine runs in, and why: chosen by CPU features, overridden by configuration, and held by
-an existing generation (whose vectors must stay comparable). No model is loaded."""
+an existing generation (whose vectors must stay comparable), which auto keeps. No model is loaded."""
 
 from __future__ import annotations
 
@@ -8,9 +8,13 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
+from ragtide.compose import kept_precision
+from ragtide.contracts.settings import RagtideSettings
 from ragtide.embedder import engine
 from ragtide.embedder.encoder import QueryVectors, Vectors
-from ragtide.embedder.generations import GenerationSpec
+from ragtide.embedder.generations import Catalog, GenerationSpec
+from ragtide.embedder.generations.catalog import CatalogState
+from ragtide.embedder.index.memory import MemoryIndex
 from tests.doubles import HashEncoder
 
 AVX2 = ["avx2", "fma"]
@@ -28,8 +32,10 @@ def features(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     ("cpu", "requested", "cuda", "precision", "want"),
     [
         (BF16, "auto", False, None, "bf16"),
-        (AVX2, "auto", False, None, "fp32"),  # int8 is never chosen for you (its search gate is not met yet)
-        ([], "auto", False, None, "fp32"),
+        (AVX2, "auto", False, None, "int8"),  # AVX2 without native bf16: int8 (both quality gates met)
+        ([*AVX2, "avx512f", "avx512_vnni"], "auto", False, None, "int8"),
+        ([], "auto", False, None, "fp32"),  # no AVX2 (or not x86): no int8 kernel worth its loss
+        (AVX2, "auto", False, "float", "fp32"),  # auto on a float index: it stays float
         (AVX2, "auto", True, None, "fp16"),
         (AVX2, "int8", False, None, "int8"),
         (BF16, "fp32", False, None, "fp32"),
@@ -53,7 +59,8 @@ def test_the_precision_follows_cpu_configuration_and_generation(
     [
         (BF16, "auto", False, None, "fp32"),  # short query passes: fp32 beats bf16 even where bf16 is native
         (BF16, "auto", False, "float", "fp32"),
-        (AVX2, "auto", False, None, "fp32"),
+        (AVX2, "auto", False, None, "int8"),  # auto makes a new index int8 here: its queries too
+        (AVX2, "auto", False, "float", "fp32"),
         (BF16, "auto", True, "float", "fp16"),
         (BF16, "auto", False, "int8", "int8"),  # an int8 generation's queries are int8
         (BF16, "bf16", False, "float", "bf16"),  # encoder.query_dtype (or encoder.dtype), set
@@ -67,6 +74,29 @@ def test_search_queries_run_in_fp32_on_cpu_unless_configured_or_int8(
     features.extend(cpu)
     chosen, why = engine.choose_dtype(requested, cuda, precision, queries=True)
     assert chosen == want and why
+
+
+def test_auto_picks_fp32_where_onnx_runtime_is_missing(features: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    features.extend(AVX2)
+    monkeypatch.setattr(engine.quantized, "available", lambda: False)
+    assert engine.choose_dtype("auto", False)[0] == "fp32"
+    assert engine.choose_dtype("auto", False, queries=True)[0] == "fp32"
+
+
+def test_auto_keeps_the_live_generations_precision_and_a_configured_dtype_does_not() -> None:
+    """auto's pick differs by CPU: an index made int8 on an AVX2 machine stays int8 when a process on a bf16 CPU (or
+    an upgrade that changes the pick) starts on it, and a float index stays float; encoder.dtype set decides."""
+    catalog = Catalog(MemoryIndex())
+    auto = RagtideSettings()
+    assert auto.encoder.dtype == "auto" and kept_precision(auto, catalog) is None  # a new index: the CPU's pick
+    live = GenerationSpec(model="m", dim=4, max_tokens=8, overlap=2, precision="int8")
+    catalog.write(CatalogState(live=live))
+    assert kept_precision(auto, catalog) == "int8"
+    catalog.write(CatalogState(live=GenerationSpec(model="m", dim=4, max_tokens=8, overlap=2)))
+    assert kept_precision(auto, catalog) == "float"
+    for field, value in (("dtype", "int8"), ("dtype", "fp32"), ("backend", "sentence-transformers")):
+        configured = auto.model_copy(update={"encoder": auto.encoder.model_copy(update={field: value})})
+        assert kept_precision(configured, catalog) is None
 
 
 class Int8Hash(HashEncoder):

@@ -164,8 +164,8 @@ def live_generation(settings: RagtideSettings) -> dict[str, Any] | None:
 def node_with_dtype(settings: RagtideSettings, dtype: str, timeout: float = 1800.0) -> Iterator[RagtideSettings]:
     """While inside: the node runs with `encoder.dtype` = `dtype`, its index in that precision (a change of
     precision rebuilds it blue/green: this waits until the rebuilt generation is live); afterwards the node as
-    configured again (a rebuild back, if any, goes on in the background). Not while `up --supervise` runs: its
-    supervisor would start the node as configured in between."""
+    configured again (a rebuild back, if a precision is set, goes on in the background; auto keeps this one).
+    Not while `up --supervise` runs: its supervisor would start the node as configured in between."""
     want = "int8" if dtype == "int8" else "float"
     encoder = settings.encoder.model_copy(update={"dtype": dtype})
     with node_with_encoder(settings, encoder, lambda live: live["precision"] == want, f"the index in {want}", timeout):

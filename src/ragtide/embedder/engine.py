@@ -16,8 +16,8 @@ What it does differently from `SentenceTransformer.encode`:
   attention mask (transformers' own mask building checks `mask.all()`, a device->host sync per batch), results
   scattered on the device and copied back once per macro-batch behind an event, so the launch queue stays full.
 - fp16 (or bf16) weights on CUDA, pooling in fp32. On CPU: bf16 where the CPU has native bf16 dot products
-  (AVX512_BF16 / AMX), else fp32; int8 when configured (`quantized`: ONNX Runtime's int8 kernels over a cached
-  artifact); a 4,096-token budget (larger padded batches are slower on CPU caches).
+  (AVX512_BF16 / AMX), int8 on other AVX2 CPUs (`quantized`: ONNX Runtime's int8 kernels over a cached
+  artifact), else fp32; a 4,096-token budget (larger padded batches are slower on CPU caches).
 
 Vectors are L2-normalised mean pools of the last hidden state, the same as the model's sentence-transformers
 pipeline (Transformer -> Pooling(mean) -> Normalize); a parity test holds cosine >= 0.999 against it.
@@ -119,21 +119,29 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in features or "amx_bf16" in features
 
 
+def cpu_runs_int8() -> bool:
+    """x86 CPUs with AVX2 (VNNI or not) and no native bf16, where ONNX Runtime's int8 kernels are installed: int8
+    runs 1.2-1.3x fp32 there within both quality gates (docs/embedding.md); elsewhere bf16 or fp32 is the pick."""
+    features = cpu_info()["features"]
+    return "avx2" in features and not cpu_has_native_bf16() and quantized.available()
+
+
 def choose_dtype(
     requested: DType, cuda: bool, precision: str | None = None, queries: bool = False
 ) -> tuple[DType, str]:
-    """The engine's precision and why: fp16 on CUDA; on CPU bf16 where the CPU has native bf16 dot products, else
-    fp32. A requested precision is kept. int8 is not chosen for you yet: it runs 1.2-1.3x fp32 on AVX2 and meets
-    both gates (mean cosine to fp32 0.998, top-10 overlap 0.953), but has not run the e2e and fault suites as a
-    default, and making it one rebuilds every AVX2 deployment's index on upgrade (docs/embedding.md).
+    """The engine's precision and why: fp16 on CUDA; on CPU bf16 where the CPU has native bf16 dot products, int8
+    on other x86 CPUs with AVX2 (`cpu_runs_int8`), else fp32. A requested precision is kept.
     `precision` ("int8" or "float") is an existing generation's, which wins: its vectors must stay comparable.
     `queries`: search's own engine, whose passes are a few short queries: on CPU it runs fp32 even where bf16 is
     native (torch lays a bf16 weight out anew at every matmul, which a pass of a few dozen tokens does not
     amortise: per query 4.1-4.9 ms in fp32 against 5.8-6.8 in bf16, batches of 8-32 queries of 16 tokens,
-    one thread, AVX512_BF16), the same float vectors."""
+    one thread, AVX512_BF16), the same float vectors; the queries of an int8 generation, or of one that auto
+    makes int8 (`precision` None), are int8."""
     if precision == "int8":
         return "int8", "the generation's vectors are int8"
     if queries and not cuda and (requested == "auto" or (requested == "int8" and precision == "float")):
+        if precision is None and requested == "auto" and cpu_runs_int8():
+            return "int8", "auto makes the generation's vectors int8 on this CPU (AVX2, no native bf16)"
         return "fp32", "search's queries: short passes run faster in fp32 than in bf16 on CPU"
     if precision == "float" and requested in ("int8", "auto"):
         if cuda:
@@ -145,7 +153,18 @@ def choose_dtype(
         return "fp16", "CUDA"
     if cpu_has_native_bf16():
         return "bf16", "the CPU has native bf16 dot products (avx512_bf16 or amx_bf16)"
-    return "fp32", "no native bf16 on this CPU (encoder.dtype=int8 runs 1.2-1.3x, within the quality gates)"
+    if cpu_runs_int8():
+        return "int8", "AVX2 without native bf16: int8 runs 1.2-1.3x fp32 there, within the quality gates"
+    return "fp32", "neither native bf16 nor AVX2 on this CPU (or no ONNX Runtime for int8)"
+
+
+def resolve_device(device: str) -> str:
+    """cuda or cpu for `auto`: CUDA where torch sees a GPU."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def model_window(model_dir: Path) -> int:
@@ -200,9 +219,7 @@ class EmbeddingEngine:
         self.torch = torch
         self.model_dir = Path(model_dir)
         self._name = model_name_of(self.model_dir)  # read once: it is on every query's path
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = torch.device(resolve_device(device))
         self.cuda = self.device.type == "cuda"
         self.dtype_name, self.dtype_why = choose_dtype(dtype, self.cuda, precision, queries)
         if self.dtype_name == "int8" and self.cuda:

@@ -80,10 +80,15 @@ class Generations:
         drop_collection: Callable[[GenerationSpec], None] | None = None,
         grace_s: float = 30.0,
         query_encoder: Callable[[Generation], Encoder] | None = None,
+        keep_precision: bool = False,
     ) -> None:
         """`query_encoder`: the encoder search embeds queries with for a generation (default: its writer's; the
-        node gives search an engine of its own, so that a query never waits behind a batch's forward passes)."""
+        node gives search an engine of its own, so that a query never waits behind a batch's forward passes).
+        `keep_precision`: the precision was not configured (encoder.dtype auto), so a leader keeps the live
+        generation's: auto's pick differs by CPU (int8 on AVX2, float elsewhere), and neither a leader on another
+        kind of CPU nor an upgrade that changes the pick rebuilds the index."""
         self.catalog = catalog
+        self.keep_precision = keep_precision
         self.query_encoder = query_encoder or (lambda gen: gen.encoder)
         self.factory = factory
         # Dropping a collection must not load its model (it may be gone): the node passes a plain index opener.
@@ -141,6 +146,8 @@ class Generations:
                 self._write(CatalogState(live=desired))
                 return False
             live, building = state.live, state.building
+            if self.keep_precision and live.provider == desired.provider == "local":
+                desired = replace(desired, precision=live.precision)
             # What this process had open as a follower may be older than the catalog (a switch it never saw):
             # the catalog's live generation and build, and nothing else, from here on.
             self._adopt(live, building)
