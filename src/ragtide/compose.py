@@ -123,12 +123,13 @@ def build_encoder(
         return SentenceTransformerEncoder(path, e.device, e.batch_size)
     if backend == "random-unit":
         return RandomUnitEncoder(path)
-    from ragtide.embedder.engine import EmbeddingEngine, choose_dtype, resolve_device
+    from ragtide.embedder.engine import EmbeddingEngine, choose_dtype, int8_gated, resolve_device
 
     # int8 runs on the CPU (ONNX Runtime's kernels): an int8 generation is served there on a GPU machine too.
-    # The generation's precision, the configured dtype and the device decide whether it is int8 (auto picks int8
-    # only on a CPU-only machine); an int8 engine then runs on the CPU, whatever encoder.device says.
-    chosen, why = choose_dtype(e.dtype, resolve_device(e.device) == "cuda", precision)
+    # The generation's precision, the configured dtype, the device and the model decide whether it is int8 (auto
+    # picks int8 only on a CPU-only machine, for the packaged model); an int8 engine then runs on the CPU, whatever
+    # encoder.device says.
+    chosen, why = choose_dtype(e.dtype, resolve_device(e.device) == "cuda", precision, gated=int8_gated(path))
     int8 = chosen == "int8"
     engine = EmbeddingEngine(
         path or default_model_path(),
@@ -217,14 +218,18 @@ def auto_precision(settings: RagtideSettings) -> bool:
     return settings.encoder.dtype == "auto" and settings.encoder.backend == "engine"
 
 
-def kept_precision(settings: RagtideSettings, catalog: Catalog) -> str | None:
+def kept_precision(settings: RagtideSettings, catalog: Catalog, new: str | None = None) -> str | None:
     """The precision the configured engine takes from the index where encoder.dtype is auto: the live
     generation's, when it is the local engine's (auto's pick differs by CPU; a leader keeps it too:
-    `Generations(keep_precision=...)`). None: a new index, or a precision configured (the engine's own choice)."""
+    `Generations(keep_precision=...)`); `new` for a new index (None: the CPU's pick, where one process makes and
+    reads the index: the node; "float" where processes on several machines may each pick, before any of them
+    wrote the catalog). None too where a precision is configured (the engine's own choice)."""
     if not auto_precision(settings):
         return None
     live = catalog.read().live
-    return live.precision if live is not None and live.provider == "local" else None
+    if live is None:
+        return new
+    return live.precision if live.provider == "local" else None
 
 
 def spares_the_cpu(encoder: Encoder) -> bool:
@@ -445,7 +450,8 @@ def create_retriever_app(settings: RagtideSettings) -> FastAPI:
     registry = CollectorRegistry()
     catalog = open_catalog(settings)
     # A reader: it only embeds queries.
-    encoder = build_encoder(settings, registry=registry, queries=True, precision=kept_precision(settings, catalog))
+    new = "float"  # on a new index: the embedders' pick, whatever this machine's CPU is (`kept_precision`)
+    encoder = build_encoder(settings, registry=registry, queries=True, precision=kept_precision(settings, catalog, new))
     follower = CatalogFollower(
         catalog,
         generation_factory(settings, encoder, sources, registry=registry, queries=True),
@@ -465,7 +471,9 @@ def create_embeddings_app(settings: RagtideSettings) -> FastAPI:
     from ragtide.embedder.index.edge import EdgeIndex
 
     registry = CollectorRegistry()
-    encoder = build_encoder(settings, registry=registry)
+    # Its vectors go into other deployments' float generations (a provider's are float): auto keeps them float.
+    float_ = "float" if auto_precision(settings) else None
+    encoder = build_encoder(settings, registry=registry, precision=float_)
     if encoder.provider != "local":
         raise ConfigError("encoder.backend: serve-embeddings serves a model of this machine, not another provider")
     index = EdgeIndex(settings.data_dir / "embeddings-server", "embeddings", settings.index.min_free_mb << 20)
@@ -496,7 +504,8 @@ def create_embedder(settings: RagtideSettings) -> tuple[faust.App, FastAPI]:
     registry = CollectorRegistry()
     tracker = FreshnessTracker(registry)
     catalog = open_catalog(settings)
-    encoder = build_encoder(settings, registry=registry, precision=kept_precision(settings, catalog))
+    # One of N, maybe on other CPUs: a new index is float under auto (`kept_precision`), not each one's own pick.
+    encoder = build_encoder(settings, registry=registry, precision=kept_precision(settings, catalog, "float"))
     generations = open_generations(settings, encoder, sources, registry, catalog=catalog)
     cache = build_cache(settings, registry, encoder.dim, sole_writer=False)  # the retrievers store, we invalidate
     worker, watchdog = build_embedder(settings, generations, sources, registry, tracker, cache)

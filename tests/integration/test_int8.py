@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ragtide.bench.embed import corpus
+from ragtide.bench.embed import corpus, matmul_rates
 from ragtide.compose import desired_generation, generation_factory
 from ragtide.contracts.settings import RagtideSettings
 from ragtide.embedder import quantized
@@ -211,3 +211,10 @@ def test_each_generation_is_served_in_its_own_precision(
     finally:
         for gen in (live, other):
             gen.index.close()
+
+
+def test_the_embed_bench_times_int8_against_fp32_matmul_alone() -> None:
+    """`bench embed` reports what int8 buys ONNX Runtime's MatMul alone on the CPU it ran on, beside the model."""
+    m = matmul_rates(512, 128, 256, bits=quantized.weight_bits(), threads=1, repeats=2)
+    assert m["shape"] == [512, 128, 256] and m["threads"] == 1
+    assert m["int8_over_fp32"] == pytest.approx(m["int8_gflops"] / m["fp32_gflops"], rel=0.05)

@@ -4,6 +4,7 @@ an existing generation (whose vectors must stay comparable), which auto keeps. N
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,6 +98,59 @@ def test_auto_keeps_the_live_generations_precision_and_a_configured_dtype_does_n
     for field, value in (("dtype", "int8"), ("dtype", "fp32"), ("backend", "sentence-transformers")):
         configured = auto.model_copy(update={"encoder": auto.encoder.model_copy(update={field: value})})
         assert kept_precision(configured, catalog) is None
+
+
+def test_auto_picks_int8_only_for_the_model_its_gates_were_measured_on(features: list[str], tmp_path: Path) -> None:
+    features.extend(AVX2)
+    assert engine.int8_gated(None) and engine.int8_gated(engine.default_model_path())
+    assert not engine.int8_gated(tmp_path)  # another model: its int8 never passed the gates
+    assert engine.choose_dtype("auto", False, gated=False)[0] == "fp32"
+    assert engine.choose_dtype("auto", False, queries=True, gated=False)[0] == "fp32"
+    assert engine.choose_dtype("int8", False, gated=False)[0] == "int8"  # set: any BERT-like model
+
+
+def test_a_new_index_of_several_processes_is_float_under_auto_and_the_nodes_is_the_cpus_pick() -> None:
+    """Standalone embedders and retrievers may run on other CPUs, each of which would pick its own precision before
+    any of them wrote the catalog: they make a new index float. The node, one process, takes its CPU's pick."""
+    catalog = Catalog(MemoryIndex())
+    assert kept_precision(RagtideSettings(), catalog, "float") == "float"
+    assert kept_precision(RagtideSettings(), catalog) is None
+    catalog.write(CatalogState(live=GenerationSpec(model="m", dim=4, max_tokens=8, overlap=2, precision="int8")))
+    assert kept_precision(RagtideSettings(), catalog, "float") == "int8"
+
+
+def test_serve_embeddings_keeps_its_vectors_float_under_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its vectors land in other deployments' float generations: a CPU that auto would run in int8 must not change
+    them under those generations."""
+    from ragtide import compose
+
+    asked: dict[str, object] = {}
+
+    def build(settings: RagtideSettings, **kw: object) -> None:
+        asked.update(kw)
+        raise LookupError("stop here")
+
+    monkeypatch.setattr(compose, "build_encoder", build)
+    with pytest.raises(LookupError):
+        compose.create_embeddings_app(RagtideSettings())
+    assert asked["precision"] == "float"
+    with pytest.raises(LookupError):
+        compose.create_embeddings_app(RagtideSettings(encoder={"dtype": "int8"}))
+    assert asked["precision"] is None
+
+
+def test_a_serving_bench_against_a_baseline_pins_an_int8_index_so_neither_node_rebuilds_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ragtide.bench import freshness, load
+
+    live: dict[str, dict[str, str]] = {"live": {"precision": "int8"}}
+    monkeypatch.setattr(freshness, "live_generation", lambda settings: live)
+    assert load.same_precision(RagtideSettings()).encoder.dtype == "int8"
+    set_ = RagtideSettings(encoder={"dtype": "fp32"})
+    assert load.same_precision(set_) is set_
+    live["live"]["precision"] = "float"
+    assert load.same_precision(RagtideSettings()).encoder.dtype == "auto"
 
 
 class Int8Hash(HashEncoder):

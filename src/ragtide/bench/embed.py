@@ -15,6 +15,7 @@ Runs with only torch, transformers, sentence-transformers and numpy installed (t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import random
@@ -117,6 +118,57 @@ def tokenizer_rates(engine: EmbeddingEngine, texts: list[str]) -> dict[str, floa
     return rates
 
 
+def matmul_rates(rows: int, inner: int, outer: int, bits: int, threads: int, repeats: int = 5) -> dict[str, Any]:
+    """ONNX Runtime's fp32 MatMul against its dynamic int8 one (MLAS: `vpmaddubsw` on AVX2, VNNI where the CPU has
+    it), each alone, at one of the model's shapes (rows x inner @ inner x outer), timed alternately, best of
+    `repeats`: GFLOP/s (int8's in fp32's FLOPs) and their ratio. int8 makes only the MatMuls faster, so this ratio
+    bounds what int8 buys the whole model on this CPU. `bits`: the int8 weights' (`quantized.weight_bits`)."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((inner, outer)) * 0.05).astype(np.float32)
+    x = rng.standard_normal((rows, inner)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, inner])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, outer])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the engine's own sessions
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(fp32))
+        quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8, per_channel=True, reduce_range=bits == 7)
+        sessions = {
+            name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            for name, path in (("fp32", fp32), ("int8", int8))
+        }
+    best = dict.fromkeys(sessions, float("inf"))
+    for s in sessions.values():
+        s.run(None, {"x": x})  # warm-up
+    for _ in range(repeats):
+        for k, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, {"x": x})
+            best[k] = min(best[k], time.perf_counter() - t0)
+    gflops = {k: round(2 * rows * inner * outer / t / 1e9, 1) for k, t in best.items()}
+    return {
+        "shape": [rows, inner, outer],
+        "threads": threads,
+        "fp32_gflops": gflops["fp32"],
+        "int8_gflops": gflops["int8"],
+        "int8_over_fp32": round(best["fp32"] / best["int8"], 2),
+    }
+
+
 def run(
     model_dir: Path,
     device: str,
@@ -213,6 +265,13 @@ def run(
                 c.peak_gib = max(c.peak_gib, torch.cuda.max_memory_allocated() / 2**30)
             log(f"  run {r + 1}/{repeats}: {c.name}: {len(texts) / c.runs[-1]:,.0f} chunks/s")
 
+    matmul = None
+    if variants and not engine.cuda and quantized.available():  # the bound on what int8 buys on this CPU
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        shape = (engine.token_budget, int(config["hidden_size"]), int(config["intermediate_size"]))
+        matmul = matmul_rates(*shape, bits=quantized.weight_bits(), threads=torch.get_num_threads())
+        log(f"  MatMul alone at the FFN's shape: {matmul}")
+
     best_naive = min(naive_all, key=lambda c: min(c.runs))
     for c in (best_naive, eng):
         rng = random.Random(11)
@@ -271,6 +330,7 @@ def run(
         "engine": eng_row,
         "other_engines": [row(c) for c in others],
         "variant_errors": errors,
+        "matmul": matmul,
         "speedup": round(min(best_naive.runs) / min(eng.runs), 2),
         "other_speedups": {c.name: round(min(best_naive.runs) / min(c.runs), 2) for c in others},
         "peak_gpu_gib": round(eng.peak_gib, 2) if engine.cuda else None,
@@ -326,6 +386,14 @@ def render(result: dict[str, Any]) -> str:
         f"max 1-cosine vs fp32 reference: engine {dev['engine']:.2e}, ids path {dev['engine_ids']:.2e}, "
         f"naive {dev['naive']:.2e}"
     )
+    m = result.get("matmul")
+    if m:
+        rows, inner, outer = m["shape"]
+        lines.append(
+            f"ONNX Runtime's MatMul alone at the FFN's shape ({rows}x{inner} @ {inner}x{outer}, {m['threads']} "
+            f"threads): fp32 {m['fp32_gflops']:,.0f} GFLOP/s, int8 {m['int8_gflops']:,.0f} "
+            f"({m['int8_over_fp32']:.2f}x fp32: what int8 buys the MatMuls, most of the model's time, on this CPU)"
+        )
     rates = result.get("tokenizer_chunks_per_s", {})
     if rates:
         lines.append("tokenization alone: " + ", ".join(f"{k} {v:,.0f} chunks/s" for k, v in rates.items()))

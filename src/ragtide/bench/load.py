@@ -199,6 +199,17 @@ def levels(api: str, connections: list[int], seconds: float, key: str | None, pa
 Contender = tuple[str, Callable[[], None]]  # (its name, start(): the node runs its code, freshly started)
 
 
+def same_precision(settings: RagtideSettings) -> RagtideSettings:
+    """`settings` with the live index's precision pinned where auto runs an int8 index: a baseline from before auto
+    picked int8 (or kept an index's precision) would rebuild it as float at every turn, and this node back."""
+    from ragtide.bench.freshness import live_generation
+
+    live = live_generation(settings)
+    if settings.encoder.dtype != "auto" or live is None or live["live"]["precision"] != "int8":
+        return settings
+    return settings.model_copy(update={"encoder": settings.encoder.model_copy(update={"dtype": "int8"})})
+
+
 @contextlib.contextmanager
 def contenders(
     settings: RagtideSettings, baseline: str | None, repo: Path, rounds: int = 1
@@ -211,6 +222,8 @@ def contenders(
     if baseline is None and rounds == 1:
         yield [("this", lambda: None)]
         return
+    if baseline is not None:
+        settings = same_precision(settings)
     stack = Stack(settings)
 
     def starter(code: Path | None) -> Callable[[], None]:

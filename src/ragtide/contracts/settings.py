@@ -424,10 +424,11 @@ class EncoderSettings(_Section):
     api: ProviderSettings = ProviderSettings()
     dtype: Literal["auto", "fp32", "fp16", "bf16", "int8"] = Field(
         "auto",
-        description="engine precision; auto: fp16 on CUDA, bf16 on CPUs with native bf16, int8 on other x86 CPUs "
-        "with AVX2 (ONNX Runtime; 1.2-1.3x fp32, top-10 overlap with fp32 0.95), else fp32, for a new index; on an "
-        "index that has vectors, auto keeps their precision (int8 or float). int8 vectors are a generation of their "
-        "own: setting a precision that differs from the index's is a blue/green rebuild",
+        description="engine precision; auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32; a node's new "
+        "index of the packaged model is int8 on x86 CPUs with AVX2 and no native bf16 (ONNX Runtime; 1.2-1.3x fp32, "
+        "top-10 overlap with fp32 0.95); on an index that has vectors, auto keeps their precision (int8 or float). "
+        "int8 vectors are a generation of their own: setting a precision other than the index's rebuilds it "
+        "blue/green; set int8 on every process to run it with standalone embedders and retrievers",
     )
     query_dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto",

@@ -41,7 +41,7 @@ import numpy.typing as npt
 
 from ragtide.contracts.machine import cpu_info
 from ragtide.embedder import quantized
-from ragtide.embedder.encoder import model_name_of
+from ragtide.embedder.encoder import default_model_path, model_name_of
 from ragtide.embedder.quantized import Int8Model
 from ragtide.embedder.tokenize import TextTokenizer, TokenizerChoice
 
@@ -126,11 +126,18 @@ def cpu_runs_int8() -> bool:
     return "avx2" in features and not cpu_has_native_bf16() and quantized.available()
 
 
+def int8_gated(model_dir: Path | None) -> bool:
+    """Whether int8's quality gates were measured on this model: the packaged all-MiniLM-L6-v2 (None: the default).
+    auto picks int8 for no other model; `encoder.dtype: int8` runs any BERT-like one."""
+    return model_dir is None or Path(model_dir).resolve() == default_model_path().resolve()
+
+
 def choose_dtype(
-    requested: DType, cuda: bool, precision: str | None = None, queries: bool = False
+    requested: DType, cuda: bool, precision: str | None = None, queries: bool = False, gated: bool = True
 ) -> tuple[DType, str]:
     """The engine's precision and why: fp16 on CUDA; on CPU bf16 where the CPU has native bf16 dot products, int8
-    on other x86 CPUs with AVX2 (`cpu_runs_int8`), else fp32. A requested precision is kept.
+    on other x86 CPUs with AVX2 (`cpu_runs_int8`) for a model whose int8 passed the quality gates (`gated`:
+    `int8_gated`), else fp32. A requested precision is kept.
     `precision` ("int8" or "float") is an existing generation's, which wins: its vectors must stay comparable.
     `queries`: search's own engine, whose passes are a few short queries: on CPU it runs fp32 even where bf16 is
     native (torch lays a bf16 weight out anew at every matmul, which a pass of a few dozen tokens does not
@@ -140,7 +147,7 @@ def choose_dtype(
     if precision == "int8":
         return "int8", "the generation's vectors are int8"
     if queries and not cuda and (requested == "auto" or (requested == "int8" and precision == "float")):
-        if precision is None and requested == "auto" and cpu_runs_int8():
+        if precision is None and requested == "auto" and gated and cpu_runs_int8():
             return "int8", "auto makes the generation's vectors int8 on this CPU (AVX2, no native bf16)"
         return "fp32", "search's queries: short passes run faster in fp32 than in bf16 on CPU"
     if precision == "float" and requested in ("int8", "auto"):
@@ -153,8 +160,10 @@ def choose_dtype(
         return "fp16", "CUDA"
     if cpu_has_native_bf16():
         return "bf16", "the CPU has native bf16 dot products (avx512_bf16 or amx_bf16)"
-    if cpu_runs_int8():
+    if gated and cpu_runs_int8():
         return "int8", "AVX2 without native bf16: int8 runs 1.2-1.3x fp32 there, within the quality gates"
+    if not gated:
+        return "fp32", "no native bf16 on this CPU (int8's quality gates were measured on the packaged model only)"
     return "fp32", "neither native bf16 nor AVX2 on this CPU (or no ONNX Runtime for int8)"
 
 
@@ -221,7 +230,7 @@ class EmbeddingEngine:
         self._name = model_name_of(self.model_dir)  # read once: it is on every query's path
         self.device = torch.device(resolve_device(device))
         self.cuda = self.device.type == "cuda"
-        self.dtype_name, self.dtype_why = choose_dtype(dtype, self.cuda, precision, queries)
+        self.dtype_name, self.dtype_why = choose_dtype(dtype, self.cuda, precision, queries, int8_gated(model_dir))
         if self.dtype_name == "int8" and self.cuda:
             raise ValueError("encoder.dtype int8 runs on CPU only (ONNX Runtime's int8 kernels); use fp16 on CUDA")
         # int8: the weights are ONNX Runtime's; pooling and everything around the transformer stays fp32.
