@@ -36,7 +36,9 @@ from ragtide.embedder.encoder import (
     RandomUnitEncoder,
     SentenceTransformerEncoder,
     default_model_path,
+    model_name_of,
     model_prompts,
+    resolve_device,
     with_query_prefix,
 )
 from ragtide.embedder.generations import (
@@ -123,7 +125,7 @@ def build_encoder(
         return SentenceTransformerEncoder(path, e.device, e.batch_size)
     if backend == "random-unit":
         return RandomUnitEncoder(path)
-    from ragtide.embedder.engine import EmbeddingEngine, choose_dtype, int8_gated, resolve_device
+    from ragtide.embedder.engine import EmbeddingEngine, choose_dtype, int8_gated
 
     # int8 runs on the CPU (ONNX Runtime's kernels): an int8 generation is served there on a GPU machine too.
     # The generation's precision, the configured dtype, the device and the model decide whether it is int8 (auto
@@ -227,9 +229,14 @@ def kept_precision(settings: RagtideSettings, catalog: Catalog, new: str | None 
     if not auto_precision(settings):
         return None
     live = catalog.read().live
-    if live is None:
-        return new
-    return live.precision if live.provider == "local" else None
+    if live is None or live.provider != "local" or live.model != model_name_of(configured_model(settings)):
+        return new  # a new index, or one of another model (its precision was decided for that model)
+    return live.precision
+
+
+def configured_model(settings: RagtideSettings) -> Path:
+    """The local model folder encoder.model_path names, else the packaged one."""
+    return settings.encoder.model_path or default_model_path()
 
 
 def spares_the_cpu(encoder: Encoder) -> bool:

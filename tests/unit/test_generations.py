@@ -274,6 +274,13 @@ def test_a_leader_with_auto_precision_keeps_the_live_generations_and_a_configure
     configured = leader(keep=False)
     assert configured.converge(int8) is True
     assert configured.building is not None and configured.building.spec.precision == "int8"
+    # Another model under auto: its own precision (its int8 never passed the gates), not the live int8 one's.
+    int8_store = Store()
+    int8_store.generations().converge(int8)
+    migrated = Generations(Catalog(int8_store.index("chunks-catalog")), int8_store.factory, keep_precision=True)
+    other = GenerationSpec(model="other-model", dim=16, max_tokens=8, overlap=2)
+    assert migrated.converge(other) is True and migrated.building is not None
+    assert migrated.building.spec.precision == "float" and migrated.live.spec.precision == "int8"
 
 
 def test_catalog_is_empty_on_a_new_store() -> None:

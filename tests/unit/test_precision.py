@@ -4,6 +4,7 @@ an existing generation (whose vectors must stay comparable), which auto keeps. N
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -90,14 +91,23 @@ def test_auto_keeps_the_live_generations_precision_and_a_configured_dtype_does_n
     catalog = Catalog(MemoryIndex())
     auto = RagtideSettings()
     assert auto.encoder.dtype == "auto" and kept_precision(auto, catalog) is None  # a new index: the CPU's pick
-    live = GenerationSpec(model="m", dim=4, max_tokens=8, overlap=2, precision="int8")
-    catalog.write(CatalogState(live=live))
+    catalog.write(CatalogState(live=replace(MINILM, precision="int8")))
     assert kept_precision(auto, catalog) == "int8"
-    catalog.write(CatalogState(live=GenerationSpec(model="m", dim=4, max_tokens=8, overlap=2)))
+    catalog.write(CatalogState(live=MINILM))
     assert kept_precision(auto, catalog) == "float"
     for field, value in (("dtype", "int8"), ("dtype", "fp32"), ("backend", "sentence-transformers")):
         configured = auto.model_copy(update={"encoder": auto.encoder.model_copy(update={field: value})})
         assert kept_precision(configured, catalog) is None
+
+
+def test_auto_does_not_carry_an_int8_index_over_to_another_model(tmp_path: Path) -> None:
+    """The int8 of the packaged model passed the gates; a model folder set under auto gets its own precision."""
+    catalog = Catalog(MemoryIndex())
+    catalog.write(CatalogState(live=replace(MINILM, precision="int8")))
+    other = tmp_path / "e5-small"
+    other.mkdir()
+    assert kept_precision(RagtideSettings(encoder={"model_path": str(other)}), catalog) is None
+    assert kept_precision(RagtideSettings(encoder={"model_path": str(other)}), catalog, "float") == "float"
 
 
 def test_auto_picks_int8_only_for_the_model_its_gates_were_measured_on(features: list[str], tmp_path: Path) -> None:
@@ -115,8 +125,46 @@ def test_a_new_index_of_several_processes_is_float_under_auto_and_the_nodes_is_t
     catalog = Catalog(MemoryIndex())
     assert kept_precision(RagtideSettings(), catalog, "float") == "float"
     assert kept_precision(RagtideSettings(), catalog) is None
-    catalog.write(CatalogState(live=GenerationSpec(model="m", dim=4, max_tokens=8, overlap=2, precision="int8")))
+    catalog.write(CatalogState(live=replace(MINILM, precision="int8")))
     assert kept_precision(RagtideSettings(), catalog, "float") == "int8"
+
+
+@pytest.mark.parametrize("root", ["create_embedder", "create_retriever_app"])
+def test_standalone_embedders_and_retrievers_open_a_new_index_as_float_under_auto(
+    monkeypatch: pytest.MonkeyPatch, root: str
+) -> None:
+    from ragtide import compose
+
+    asked: dict[str, object] = {}
+
+    def build(settings: RagtideSettings, **kw: object) -> None:
+        asked.update(kw)
+        raise LookupError("stop here")
+
+    monkeypatch.setattr(compose, "build_encoder", build)
+    monkeypatch.setattr(compose, "open_catalog", lambda settings: Catalog(MemoryIndex()))
+    with pytest.raises(LookupError):
+        getattr(compose, root)(RagtideSettings(qdrant_url="http://127.0.0.1:1"))
+    assert asked["precision"] == "float"
+
+
+def test_the_engine_builder_asks_for_int8_under_auto_only_for_the_packaged_model(
+    features: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from ragtide import compose
+
+    features.extend(AVX2)
+    asked: list[tuple[object, ...]] = []
+
+    def engine_of(path: Path, device: str, dtype: str, *args: object, **kw: object) -> None:
+        asked.append((device, dtype))
+        raise LookupError("stop here")
+
+    monkeypatch.setattr(engine, "EmbeddingEngine", engine_of)
+    for model_path in (None, tmp_path):
+        with pytest.raises(LookupError):
+            compose.build_encoder(RagtideSettings(encoder={"model_path": model_path}))
+    assert asked == [("cpu", "int8"), ("cpu", "auto")]
 
 
 def test_serve_embeddings_keeps_its_vectors_float_under_auto(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -151,6 +199,9 @@ def test_a_serving_bench_against_a_baseline_pins_an_int8_index_so_neither_node_r
     assert load.same_precision(set_) is set_
     live["live"]["precision"] = "float"
     assert load.same_precision(RagtideSettings()).encoder.dtype == "auto"
+
+
+MINILM = GenerationSpec(model="all-MiniLM-L6-v2", dim=384, max_tokens=128, overlap=16)
 
 
 class Int8Hash(HashEncoder):

@@ -267,10 +267,14 @@ def run(
 
     matmul = None
     if variants and not engine.cuda and quantized.available():  # the bound on what int8 buys on this CPU
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-        shape = (engine.token_budget, int(config["hidden_size"]), int(config["intermediate_size"]))
-        matmul = matmul_rates(*shape, bits=quantized.weight_bits(), threads=torch.get_num_threads())
-        log(f"  MatMul alone at the FFN's shape: {matmul}")
+        try:
+            config = json.loads((Path(model_dir) / "config.json").read_text())
+            shape = (engine.token_budget, int(config["hidden_size"]), int(config["intermediate_size"]))
+            matmul = matmul_rates(*shape, bits=quantized.weight_bits(), threads=torch.get_num_threads())
+            log(f"  MatMul alone at the FFN's shape: {matmul}")
+        except Exception as exc:  # a model without BERT's config keys, or a kernel that cannot run here
+            errors["matmul"] = f"{type(exc).__name__}: {exc}"
+            log(f"  MatMul alone skipped: {errors['matmul']}")
 
     best_naive = min(naive_all, key=lambda c: min(c.runs))
     for c in (best_naive, eng):

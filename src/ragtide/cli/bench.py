@@ -25,8 +25,8 @@ def bench_embed(
     dtype: Annotated[
         str,
         typer.Option(
-            help="engine precision: auto (fp16 on CUDA; bf16, int8 or fp32 by CPU features), "
-            "fp32, fp16, bf16, int8 (CPU)"
+            help="engine precision: auto (fp16 on CUDA; bf16, int8 (the packaged model) or fp32 by CPU "
+            "features), fp32, fp16, bf16, int8 (CPU)"
         ),
     ] = "auto",
     model: Annotated[Path | None, typer.Option(help="model folder (default: the packaged all-MiniLM-L6-v2)")] = None,

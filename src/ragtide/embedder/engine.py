@@ -16,8 +16,9 @@ What it does differently from `SentenceTransformer.encode`:
   attention mask (transformers' own mask building checks `mask.all()`, a device->host sync per batch), results
   scattered on the device and copied back once per macro-batch behind an event, so the launch queue stays full.
 - fp16 (or bf16) weights on CUDA, pooling in fp32. On CPU: bf16 where the CPU has native bf16 dot products
-  (AVX512_BF16 / AMX), int8 on other AVX2 CPUs (`quantized`: ONNX Runtime's int8 kernels over a cached
-  artifact), else fp32; a 4,096-token budget (larger padded batches are slower on CPU caches).
+  (AVX512_BF16 / AMX), int8 on other AVX2 CPUs for the packaged model (`quantized`: ONNX Runtime's int8 kernels
+  over a cached artifact; the node's roots decide when an index takes it: `compose.kept_precision`), else fp32; a
+  4,096-token budget (larger padded batches are slower on CPU caches).
 
 Vectors are L2-normalised mean pools of the last hidden state, the same as the model's sentence-transformers
 pipeline (Transformer -> Pooling(mean) -> Normalize); a parity test holds cosine >= 0.999 against it.
@@ -41,7 +42,7 @@ import numpy.typing as npt
 
 from ragtide.contracts.machine import cpu_info
 from ragtide.embedder import quantized
-from ragtide.embedder.encoder import default_model_path, model_name_of
+from ragtide.embedder.encoder import default_model_path, model_name_of, resolve_device
 from ragtide.embedder.quantized import Int8Model
 from ragtide.embedder.tokenize import TextTokenizer, TokenizerChoice
 
@@ -129,7 +130,12 @@ def cpu_runs_int8() -> bool:
 def int8_gated(model_dir: Path | None) -> bool:
     """Whether int8's quality gates were measured on this model: the packaged all-MiniLM-L6-v2 (None: the default).
     auto picks int8 for no other model; `encoder.dtype: int8` runs any BERT-like one."""
-    return model_dir is None or Path(model_dir).resolve() == default_model_path().resolve()
+    if model_dir is None:
+        return True
+    try:
+        return Path(model_dir).resolve() == default_model_path().resolve()
+    except ImportError:  # the packaged model is not installed: this folder is another
+        return False
 
 
 def choose_dtype(
@@ -165,15 +171,6 @@ def choose_dtype(
     if not gated:
         return "fp32", "no native bf16 on this CPU (int8's quality gates were measured on the packaged model only)"
     return "fp32", "neither native bf16 nor AVX2 on this CPU (or no ONNX Runtime for int8)"
-
-
-def resolve_device(device: str) -> str:
-    """cuda or cpu for `auto`: CUDA where torch sees a GPU."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def model_window(model_dir: Path) -> int:

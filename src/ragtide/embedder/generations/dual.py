@@ -85,8 +85,9 @@ class Generations:
         """`query_encoder`: the encoder search embeds queries with for a generation (default: its writer's; the
         node gives search an engine of its own, so that a query never waits behind a batch's forward passes).
         `keep_precision`: the precision was not configured (encoder.dtype auto), so a leader keeps the live
-        generation's: auto's pick differs by CPU (int8 on AVX2, float elsewhere), and neither a leader on another
-        kind of CPU nor an upgrade that changes the pick rebuilds the index."""
+        generation's for the same model: auto's pick differs by CPU (int8 on AVX2, float elsewhere), and neither a
+        leader on another kind of CPU nor an upgrade that changes the pick rebuilds the index (a new model's
+        generation takes the configured encoder's own precision)."""
         self.catalog = catalog
         self.keep_precision = keep_precision
         self.query_encoder = query_encoder or (lambda gen: gen.encoder)
@@ -146,7 +147,7 @@ class Generations:
                 self._write(CatalogState(live=desired))
                 return False
             live, building = state.live, state.building
-            if self.keep_precision and live.provider == desired.provider == "local":
+            if self.keep_precision and live.provider == desired.provider == "local" and live.model == desired.model:
                 desired = replace(desired, precision=live.precision)
             # What this process had open as a follower may be older than the catalog (a switch it never saw):
             # the catalog's live generation and build, and nothing else, from here on.
