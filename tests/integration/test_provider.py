@@ -67,7 +67,8 @@ def rows(first: int, n: int, what: str) -> list[ChangeEvent]:
 def test_faults_are_retried_and_the_vectors_are_the_models(proxy: FaultProxy) -> None:
     registry = CollectorRegistry()
     enc = provider(proxy, registry, retries=5)
-    local = build_encoder(load_settings(RagtideSettings))  # the same model, in this process
+    # The same model, in this process, in the precision serve-embeddings runs it in under auto (float, on any CPU).
+    local = build_encoder(load_settings(RagtideSettings), precision="float")
     assert enc.dim == local.dim == 384 and enc.provider == f"openai:{proxy.url.split('/')[2]}"
     proxy.faults = ["429", "500", "slow", "short"]
     got = enc.encode(TEXTS)  # three requests of at most 16 texts: the faults land on them in turn
