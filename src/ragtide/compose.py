@@ -167,7 +167,7 @@ def prompts(settings: RagtideSettings, encoder: Encoder) -> tuple[str, str]:
     e = settings.encoder
     folder = ("", "")
     if encoder.provider == "local" and (e.query_prefix is None or e.document_prefix is None):
-        folder = model_prompts(e.model_path or default_model_path())
+        folder = model_prompts(configured_model(settings))
     query = e.query_prefix if e.query_prefix is not None else folder[0]
     document = e.document_prefix if e.document_prefix is not None else folder[1]
     return query, document

@@ -140,9 +140,7 @@ def matmul_rates(rows: int, inner: int, outer: int, bits: int, threads: int, rep
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, outer])],
         [numpy_helper.from_array(weight, "w")],
     )
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the engine's own sessions
+    options = quantized.session_options(threads)  # as the engine's own sessions
     with tempfile.TemporaryDirectory() as tmp:
         fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(fp32))

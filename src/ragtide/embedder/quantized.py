@@ -355,19 +355,27 @@ def channel_peaks(model: Any, batches: list[dict[str, npt.NDArray[np.int64]]], n
     return peak
 
 
+def session_options(threads: int) -> Any:
+    """ONNX Runtime's options for the int8 model's session (and for `bench embed`'s MatMul timing): an intra-op team
+    of `threads`, one inter-op thread."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # Idle threads sleep instead of spinning: on a small machine the cores are shared with Kafka and Postgres.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 class Int8Model:
     """The int8 transformer: (ids, mask) as int64 arrays (rows, tokens) -> last hidden state (rows, tokens, dim)."""
 
     def __init__(self, path: Path, threads: int) -> None:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # Idle threads sleep instead of spinning: on a small machine the cores are shared with Kafka and Postgres.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = path
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
 
     def __call__(self, ids: npt.NDArray[np.int64], mask: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
         out: npt.NDArray[np.float32] = self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
